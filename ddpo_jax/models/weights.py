@@ -1,0 +1,156 @@
+"""Mapping between PyTorch (diffusers / transformers) state dicts and Flax parameter trees.
+
+The Flax modules in this package name their submodules after the PyTorch modules they port
+(`down_blocks_0/resnets_1/conv1/kernel` <-> `down_blocks.0.resnets.1.conv1.weight`), so the
+key table of each model is short: a set of *list names* (the PyTorch `ModuleList`s whose Flax
+counterparts are named `NAME_INDEX`), optional renames of legacy PyTorch keys, and the leaf
+rules below, which are the same for every model:
+
+| Flax leaf          | PyTorch key suffix | transform                          |
+|--------------------|--------------------|------------------------------------|
+| `kernel` (4-D)     | `weight`           | (O, I, kh, kw) -> (kh, kw, I, O)    |
+| `kernel` (2-D)     | `weight`           | (out, in) -> (in, out); a (out, in, 1, 1) conv weight loads into a Dense kernel too |
+| `scale`            | `weight`           | none (LayerNorm / GroupNorm)        |
+| `embedding`        | `weight`           | none (nn.Embedding)                 |
+| anything else      | same name          | none (`bias`, `class_embedding`, ...) |
+
+`torch_to_flax` checks every key and every shape against the Flax tree and raises
+`WeightLoadingError` naming the file and the offending keys before anything is compiled.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+
+class WeightLoadingError(ValueError):
+  """A checkpoint does not match the model it is loaded into (missing/unexpected key, shape)."""
+
+
+_INDEXED = re.compile(r"^(?P<name>.+)_(?P<index>\d+)$")
+
+
+def flax_path_to_torch_key(path: tuple[str, ...], list_names: Iterable[str]) -> str:
+  """Returns the PyTorch state-dict key of a Flax parameter path.
+
+  Args:
+    path: the Flax path, e.g. ("down_blocks_0", "resnets_1", "conv1", "kernel").
+    list_names: PyTorch `ModuleList` attribute names; a Flax component `NAME_I` with NAME in
+      this set becomes `NAME.I`.
+  """
+  list_names = frozenset(list_names)
+  parts = []
+  for component in path[:-1]:
+    match = _INDEXED.match(component)
+    if match and match["name"] in list_names:
+      parts += [match["name"], match["index"]]
+    else:
+      parts.append(component)
+  leaf = path[-1]
+  parts.append("weight" if leaf in ("kernel", "scale", "embedding") else leaf)
+  return ".".join(parts)
+
+
+def _to_flax_layout(leaf: str, array: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
+  if leaf == "kernel":
+    if array.ndim == 4 and len(target_shape) == 4:
+      return array.transpose(2, 3, 1, 0)
+    if array.ndim == 4 and len(target_shape) == 2 and array.shape[2:] == (1, 1):
+      array = array[:, :, 0, 0]
+    if array.ndim == 2:
+      return array.T
+  return array
+
+
+def _to_torch_layout(leaf: str, array: np.ndarray) -> np.ndarray:
+  if leaf == "kernel":
+    if array.ndim == 4:
+      return array.transpose(3, 2, 0, 1)
+    if array.ndim == 2:
+      return array.T
+  return array
+
+
+def torch_to_flax(
+    state_dict: Mapping[str, Any],
+    abstract_params: Any,
+    list_names: Iterable[str],
+    *,
+    renames: Iterable[tuple[str, str]] = (),
+    ignore: Iterable[str] = (),
+    source: str = "<state dict>",
+    dtype: Any = jnp.float32,
+) -> dict:
+  """Converts a PyTorch state dict into a Flax parameter tree, checking keys and shapes.
+
+  Args:
+    state_dict: key -> array (NumPy or anything `np.asarray` accepts).
+    abstract_params: the Flax parameter tree (arrays or `jax.ShapeDtypeStruct`s, e.g. from
+      `jax.eval_shape(model.init, ...)`), giving every expected path and shape.
+    list_names: see `flax_path_to_torch_key`.
+    renames: (regex, replacement) pairs applied to the incoming keys first (legacy names).
+    ignore: regexes of incoming keys that are not parameters (buffers such as `position_ids`).
+    source: what the state dict was read from, for error messages.
+    dtype: dtype of the returned parameters.
+
+  Raises:
+    WeightLoadingError: on missing or unexpected keys or a shape mismatch; the message names
+      `source` and the keys.
+  """
+  renames = [(re.compile(pattern), repl) for pattern, repl in renames]
+  ignore = [re.compile(pattern) for pattern in ignore]
+  incoming = {}
+  for key, value in state_dict.items():
+    if any(p.search(key) for p in ignore):
+      continue
+    for pattern, repl in renames:
+      key = pattern.sub(repl, key)
+    incoming[key] = value
+
+  flat = traverse_util.flatten_dict(_unfreeze(abstract_params))
+  wanted = {flax_path_to_torch_key(path, list_names): path for path in flat}
+  missing = sorted(set(wanted) - set(incoming))
+  unexpected = sorted(set(incoming) - set(wanted))
+  if missing or unexpected:
+    raise WeightLoadingError(
+        f"{source}: state dict does not match the model: "
+        f"{len(missing)} missing keys {_preview(missing)}, "
+        f"{len(unexpected)} unexpected keys {_preview(unexpected)}")
+
+  out, bad_shapes = {}, []
+  for key, path in wanted.items():
+    target_shape = tuple(flat[path].shape)
+    array = _to_flax_layout(path[-1], np.asarray(incoming[key]), target_shape)
+    if tuple(array.shape) != target_shape:
+      bad_shapes.append(f"{key}: checkpoint {tuple(np.shape(incoming[key]))}, "
+                        f"model expects {target_shape} (Flax layout)")
+      continue
+    out[path] = jnp.asarray(array, dtype=dtype)
+  if bad_shapes:
+    raise WeightLoadingError(f"{source}: shape mismatch for {len(bad_shapes)} keys: "
+                             + "; ".join(bad_shapes[:10]))
+  return traverse_util.unflatten_dict(out)
+
+
+def flax_to_torch(params: Any, list_names: Iterable[str], dtype=np.float32) -> dict[str, np.ndarray]:
+  """Converts a Flax parameter tree into a PyTorch-layout state dict of NumPy arrays."""
+  flat = traverse_util.flatten_dict(_unfreeze(params))
+  return {
+      flax_path_to_torch_key(path, list_names):
+          np.ascontiguousarray(_to_torch_layout(path[-1], np.asarray(jax.device_get(v), dtype=dtype)))
+      for path, v in flat.items()
+  }
+
+
+def _unfreeze(tree):
+  return tree.unfreeze() if hasattr(tree, "unfreeze") else dict(tree)
+
+
+def _preview(keys: list[str], n: int = 8) -> str:
+  shown = ", ".join(keys[:n])
+  return f"[{shown}{', ...' if len(keys) > n else ''}]"

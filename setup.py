@@ -1,0 +1,37 @@
+"""ddpo_jax: reinforcement-learning fine-tuning of diffusion models in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="ddpo_jax",
+    version="0.1.0",
+    description="DDPO and CTRL fine-tuning of diffusion models in JAX/Flax (TPU, GPU, CPU).",
+    packages=find_packages(include=["ddpo_jax", "ddpo_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7,<0.11",
+        "flax>=0.10,<0.13",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11,<0.13",
+        "ml-collections>=1.0",
+        "absl-py>=2.0",
+        "safetensors>=0.4",
+        "transformers>=4.40",  # only the (framework-free) CLIP tokenizer is used at run time
+        "numpy>=1.26",
+        "pillow>=10",
+        "scikit-learn>=1.3",  # the built-in digits data set
+        "tqdm>=4.60",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        # PyTorch is a test-only dependency: parity oracles for the model stack.
+        "test": [
+            "pytest>=8",
+            "torch==2.13.0",
+            "diffusers>=0.40",
+            "nbformat>=5.9",
+            "nbclient>=0.10",
+            "ipykernel>=6.29",
+            "matplotlib>=3.8",
+        ],
+    },
+)
