@@ -1,0 +1,57 @@
+"""The full DDPO config with the PyTorch reference's names and defaults; configs/ override it.
+
+Names follow kvablack/ddpo-pytorch so configs carry over. Differences: batch sizes are GLOBAL
+(all devices together), and `per_prompt_stat_tracking.enabled` switches tracking on/off.
+"""
+import ml_collections
+
+
+def ddpo_base() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.mode = "ddpo"  # "ddpo": fine-tune; "pretrain": only (re)build the pre-trained model
+  config.seed = 42
+  config.num_epochs = 100
+  config.save_freq = 20  # epochs between checkpoints (the last epoch is always saved)
+  config.keep_checkpoints = 0  # keep step 0 and this many latest steps; 0 keeps all
+  config.log_image_freq = 5  # epochs between image grids in WORKDIR/samples and TensorBoard
+  config.progress = True  # tqdm progress bars
+
+  config.model = ml_collections.ConfigDict()
+  config.model.kind = "digits"
+
+  sample = config.sample = ml_collections.ConfigDict()
+  sample.num_steps = 50
+  sample.eta = 1.0
+  sample.guidance_scale = 5.0
+  sample.batch_size = 8
+  sample.num_batches_per_epoch = 2
+
+  train = config.train = ml_collections.ConfigDict()
+  train.algorithm = "ppo"  # "ppo" (DDPO-IS), "sf" (DDPO-SF), "rwr", "rwr_sparse"
+  train.batch_size = 4
+  train.learning_rate = 3e-4
+  train.adam_beta1 = 0.9
+  train.adam_beta2 = 0.999
+  train.adam_weight_decay = 1e-4
+  train.adam_epsilon = 1e-8
+  train.max_grad_norm = 1.0
+  train.gradient_accumulation_steps = 1
+  train.num_inner_epochs = 1
+  train.cfg = True
+  train.adv_clip_max = 5.0
+  train.clip_range = 1e-4
+  train.timestep_fraction = 1.0
+  train.kl_coef = 0.0  # > 0: penalty on ||mean_θ − mean_pretrained||² / (2 std²) per step
+  train.rwr_beta = 1.0  # RWR weights ∝ exp(reward / beta)
+  train.rwr_quantile = 0.9  # RWR-sparse trains on samples with reward ≥ this batch quantile
+
+  tracking = config.per_prompt_stat_tracking = ml_collections.ConfigDict()
+  tracking.enabled = True
+  tracking.buffer_size = 16
+  tracking.min_count = 16
+
+  reward = config.reward = ml_collections.ConfigDict()
+  reward.weights = ml_collections.ConfigDict({"jpeg_compressibility": 1.0})
+  reward.metrics = ()  # reward terms computed and logged but not trained on
+  reward.classifier_seed = 0
+  return config

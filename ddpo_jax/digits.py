@@ -1,0 +1,263 @@
+"""The built-in digits task: scikit-learn's 8×8 handwritten digits, no downloads.
+
+A small class-conditional pixel-space diffusion model (the project's `UNet2DConditionModel`
+with a learned prompt-embedding table in place of CLIP) is pre-trained on the digits training
+split; prompts are the class names ("a handwritten 3"), the empty prompt "" is the
+unconditional branch for classifier-free guidance. Images are NHWC float32 in [0, 1]
+(pixel value / 16); the diffusion variable is the image scaled to [-1, 1], shape (8, 8, 1).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ddpo_jax import diffusion
+from ddpo_jax.models.unet import UNet2DConditionModel, UNetConfig
+from ddpo_jax.policy import Policy
+
+NUM_CLASSES = 10
+PROMPTS = ("",) + tuple(f"a handwritten {d}" for d in range(NUM_CLASSES))
+_PROMPT_IDS = {p: i for i, p in enumerate(PROMPTS)}
+IMAGE_SHAPE = (8, 8, 1)
+HELD_OUT_FRACTION = 0.2
+
+
+def load_digits_split(split: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (images (N,8,8,1) float32 in [0,1], labels (N,) int32) of a fixed split.
+
+  `split` is "train" (80%, used for pre-training and the reward classifier), "heldout" (20%,
+  used only for evaluation classifiers) or "all".
+  """
+  from sklearn.datasets import load_digits
+  data = load_digits()
+  images = (data.images / 16.0).astype(np.float32)[..., None]
+  labels = data.target.astype(np.int32)
+  if split == "all":
+    return images, labels
+  perm = np.random.default_rng(seed).permutation(len(labels))
+  n_held = int(round(HELD_OUT_FRACTION * len(labels)))
+  idx = {"heldout": perm[:n_held], "train": perm[n_held:]}.get(split)
+  if idx is None:
+    raise ValueError(f"unknown digits split {split!r}; use 'train', 'heldout' or 'all'")
+  return images[idx], labels[idx]
+
+
+def tokenize(prompts: Sequence[str]) -> np.ndarray:
+  """Prompts -> ids (N, 1) int32 into `PROMPTS`; raises on a prompt the model does not know."""
+  unknown = sorted({p for p in prompts if p not in _PROMPT_IDS})
+  if unknown:
+    raise ValueError(f"digits model does not know prompts {unknown}; known: {list(PROMPTS)}")
+  return np.asarray([[_PROMPT_IDS[p]] for p in prompts], np.int32)
+
+
+def prompt_fn(rng: np.random.Generator, n: int) -> list[str]:
+  """Draws n prompts uniformly over the 10 classes."""
+  return [PROMPTS[l + 1] for l in rng.integers(0, NUM_CLASSES, size=n)]
+
+
+def prompt_metadata(prompts: Sequence[str]) -> dict[str, np.ndarray]:
+  """{"class_label": (n,) int32}: the class each prompt asks for (−1 for the empty prompt)."""
+  return {"class_label": tokenize(prompts)[:, 0] - 1}
+
+
+class PromptEmbedding(nn.Module):
+  """The digits model's "text encoder": ids (N, L) -> context (N, L, dim)."""
+  dim: int
+
+  @nn.compact
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return nn.Embed(len(PROMPTS), self.dim, name="token_embedding")(ids)
+
+
+def unet_config(model_config: ml_collections.ConfigDict) -> UNetConfig:
+  """The digits UNet: two resolutions (8×8, 4×4), cross-attention at 8×8 and in the middle."""
+  channels = tuple(model_config.channels)
+  return UNetConfig.from_dict({
+      "sample_size": IMAGE_SHAPE[0],
+      "in_channels": IMAGE_SHAPE[2],
+      "out_channels": IMAGE_SHAPE[2],
+      "block_out_channels": list(channels),
+      "layers_per_block": model_config.layers_per_block,
+      "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+      "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+      "attention_head_dim": model_config.attention_heads,
+      "cross_attention_dim": model_config.context_dim,
+      "norm_num_groups": model_config.norm_num_groups,
+  })
+
+
+def scheduler_config(model_config) -> dict:
+  return {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
+          "num_train_timesteps": 1000, "steps_offset": 1, "set_alpha_to_one": False,
+          "prediction_type": "epsilon"}
+
+
+def _modules(model_config):
+  unet = UNet2DConditionModel(config=unet_config(model_config))
+  return unet, PromptEmbedding(dim=model_config.context_dim)
+
+
+def init_params(model_config, key: jax.Array) -> dict:
+  unet, enc = _modules(model_config)
+  k1, k2 = jax.random.split(key)
+  ctx = enc.init(k2, jnp.zeros((1, 1), jnp.int32))["params"]
+  x = jnp.zeros((1,) + IMAGE_SHAPE)
+  u = unet.init(k1, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1, model_config.context_dim)))
+  return {"unet": u["params"], "text_encoder": ctx}
+
+
+def pretrain(model_config, seed: int, log=print) -> dict:
+  """Pre-trains the class-conditional digits model by denoising score matching.
+
+  Classifier-free: a prompt is replaced by "" with probability `pretrain.uncond_prob`.
+  Returns the EMA parameters {"unet", "text_encoder"}.
+  """
+  cfg = model_config.pretrain
+  unet, enc = _modules(model_config)
+  images, labels = load_digits_split("train")
+  x_all = jnp.asarray(images * 2.0 - 1.0)
+  y_all = jnp.asarray(labels)
+  alphas_cumprod = diffusion.NoiseSchedule.from_config(scheduler_config(model_config)).alphas_cumprod
+  key = jax.random.PRNGKey(seed)
+  params = init_params(model_config, key)
+  tx = optax.chain(
+      optax.clip_by_global_norm(1.0),
+      optax.adamw(optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, 100, cfg.steps,
+                                                     cfg.learning_rate * 0.05),
+                  weight_decay=1e-4))
+  opt_state = tx.init(params)
+
+  def eps_fn(p_unet, x, t, context, class_labels):
+    return unet.apply({"params": p_unet}, x, t, context)
+
+  @jax.jit
+  def step(params, ema, opt_state, key):
+    k_idx, k_drop, k_loss = jax.random.split(key, 3)
+    idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, x_all.shape[0])
+    ids = y_all[idx] + 1
+    ids = jnp.where(jax.random.uniform(k_drop, ids.shape) < cfg.uncond_prob, 0, ids)
+
+    def loss_fn(p):
+      context = enc.apply({"params": p["text_encoder"]}, ids[:, None])
+      return diffusion.denoising_loss_terms(eps_fn, p["unet"], k_loss, x_all[idx], context,
+                                            None, alphas_cumprod).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1 - cfg.ema_decay) * p, ema, params)
+    return params, ema, opt_state, loss
+
+  ema = params
+  losses = []
+  for i in range(cfg.steps):
+    params, ema, opt_state, loss = step(params, ema, opt_state, jax.random.fold_in(key, i))
+    if (i + 1) % max(1, cfg.steps // 10) == 0:
+      losses.append(float(loss))
+      log(f"pretrain step {i + 1}/{cfg.steps}: loss {losses[-1]:.4f}")
+  return ema
+
+
+def _cache_dir(model_config, seed: int) -> str:
+  if model_config.pretrained_dir:
+    return os.path.abspath(os.path.expanduser(model_config.pretrained_dir))
+  spec = json.dumps({"model": model_config.to_dict(), "seed": seed}, sort_keys=True, default=str)
+  digest = hashlib.sha256(spec.encode()).hexdigest()[:12]
+  root = os.environ.get("DDPO_JAX_CACHE", os.path.expanduser("~/.cache/ddpo_jax"))
+  return os.path.join(root, f"digits_pretrained_{digest}")
+
+
+def load_or_pretrain(model_config, seed: int, log=print) -> dict:
+  """Loads the pre-trained digits params from the cache, pre-training them first if absent."""
+  import orbax.checkpoint as ocp
+  path = _cache_dir(model_config, seed)
+  abstract = jax.eval_shape(functools.partial(init_params, model_config), jax.random.PRNGKey(0))
+  ckptr = ocp.StandardCheckpointer()
+  if os.path.isdir(os.path.join(path, "params")):
+    log(f"loading pre-trained digits model from {path}")
+    return ckptr.restore(os.path.join(path, "params"), abstract)
+  log(f"no pre-trained digits model at {path}: pre-training one ({model_config.pretrain.steps} steps)")
+  params = pretrain(model_config, seed, log=log)
+  os.makedirs(path, exist_ok=True)
+  # Orbax writes to a temporary directory and renames it on success: an interrupted save
+  # leaves no `params` directory, so the next run pre-trains again instead of loading junk.
+  ckptr.save(os.path.join(path, "params"), params)
+  ckptr.wait_until_finished()
+  return params
+
+
+def make_policy(config) -> Policy:
+  model_config = config.model
+  unet, enc = _modules(model_config)
+  params = load_or_pretrain(model_config, model_config.pretrain.seed)
+
+  def eps_fn(p_unet, x, t, context, class_labels=None):
+    return unet.apply({"params": p_unet}, x, t, context, class_labels)
+
+  def encode_prompts(p, ids):
+    return enc.apply({"params": p["text_encoder"]}, ids)
+
+  def decode(p, x0):
+    return jnp.clip(x0 / 2.0 + 0.5, 0.0, 1.0)
+
+  return Policy(params=params, eps_fn=eps_fn, tokenize=tokenize, encode_prompts=encode_prompts,
+                decode=decode, latent_shape=IMAGE_SHAPE,
+                scheduler_config=scheduler_config(model_config), prompt_fn=prompt_fn,
+                prompt_metadata=prompt_metadata, metadata={"prompts": PROMPTS})
+
+
+def model_config_defaults() -> ml_collections.ConfigDict:
+  """Defaults of `config.model` for the digits model (used by the digits configs)."""
+  m = ml_collections.ConfigDict()
+  m.kind = "digits"
+  m.channels = (32, 64)
+  m.layers_per_block = 1
+  m.attention_heads = 4
+  m.context_dim = 32
+  m.norm_num_groups = 8
+  m.pretrained_dir = ""  # "" = a cache directory keyed by the model config and seed
+  m.pretrain = ml_collections.ConfigDict()
+  m.pretrain.seed = 0
+  m.pretrain.steps = 3000
+  m.pretrain.batch_size = 128
+  m.pretrain.learning_rate = 2e-3
+  m.pretrain.uncond_prob = 0.1
+  m.pretrain.ema_decay = 0.995
+  return m
+
+
+@functools.lru_cache(maxsize=4)
+def reward_classifier(seed: int = 0):
+  """The digit classifier of the reward: a SmallCNN trained on the training split."""
+  from ddpo_jax import classifier
+  images, labels = load_digits_split("train")
+  return classifier.train_classifier(images, labels, NUM_CLASSES, seed=seed, augment_noise=0.05)
+
+
+@functools.lru_cache(maxsize=1)
+def heldout_classifier():
+  """An independent judge: scikit-learn SVC trained on the held-out split only."""
+  from sklearn.svm import SVC
+  images, labels = load_digits_split("heldout")
+  return SVC(C=10.0, gamma="scale").fit(images.reshape(len(images), -1), labels)
+
+
+def heldout_accuracy_metric():
+  """Host metric: 1 where the held-out SVC's prediction equals the prompted class."""
+  judge = heldout_classifier()
+
+  def fn(images_uint8, prompts, metadata):
+    x = images_uint8.reshape(len(images_uint8), -1).astype(np.float32) / 255.0
+    correct = (judge.predict(x) == metadata["class_label"]).astype(np.float32)
+    return correct, {}
+  return fn

@@ -1,0 +1,52 @@
+"""The diffusion policy that DDPO fine-tunes: a denoiser, a frozen prompt encoder, a decoder.
+
+A `Policy` hides which model family is underneath (the built-in digits model, a Stable
+Diffusion pipeline) behind pure functions, so the sampler, the update and the CLIs are written
+once. Only `params["unet"]` is trained; every other entry of `params` is frozen.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """A conditional diffusion model seen as a policy over denoising trajectories.
+
+  Attributes:
+    params: {"unet": trainable denoiser params, ...frozen params ("text_encoder", "vae")}.
+    eps_fn: (params_unet, x (N,H,W,C), t (N,) int32, context (N,L,D), class_labels (N,)|None)
+      -> predicted noise (N,H,W,C) float32.
+    tokenize: host function, prompts (list of str) -> token ids (N, L) int32 NumPy.
+    encode_prompts: (params, ids (N,L) int32) -> context (N,L',D); `params` is the whole dict.
+    decode: (params, x0 (N,H,W,C)) -> images (N,h,w,c) float32 in [0, 1].
+    latent_shape: (H, W, C) of the diffusion variable.
+    scheduler_config: diffusers-style scheduler config (beta schedule etc.).
+    prompt_fn: host function, (np.random.Generator, n) -> n training prompts (list of str).
+    prompt_metadata: host function, prompts -> dict of (n,) NumPy arrays that rewards read
+      (e.g. the digit class a prompt asks for); the same for drawn and user-given prompts.
+    metadata: anything else a task wants to carry (e.g. the class names of the digits task).
+  """
+  params: dict
+  eps_fn: Callable[..., jax.Array]
+  tokenize: Callable[[Sequence[str]], np.ndarray]
+  encode_prompts: Callable[[dict, jax.Array], jax.Array]
+  decode: Callable[[dict, jax.Array], jax.Array]
+  latent_shape: tuple[int, int, int]
+  scheduler_config: dict
+  prompt_fn: Callable[[np.random.Generator, int], list[str]]
+  prompt_metadata: Callable[[Sequence[str]], dict[str, np.ndarray]]
+  metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def build_policy(config, workdir: str) -> Policy:
+  """Builds the policy named by `config.model.kind` (pre-training it first where needed)."""
+  kind = config.model.kind
+  if kind == "digits":
+    from ddpo_jax import digits
+    return digits.make_policy(config)
+  raise ValueError(f"config.model.kind={kind!r} is not a known model family; known: 'digits'")

@@ -1,0 +1,91 @@
+r"""Samples from a checkpoint: `python -m ddpo_jax.sample --workdir=DIR --num=K --out=FILE.npz`.
+
+Loads the run's config from its checkpoint, the params of `--step` (default: the latest; step 0
+is the pre-trained model before fine-tuning) and writes `images` (uint8, NHWC) and `prompts` to
+the npz (and PNGs to --png_dir if given). Deterministic for a given --seed.
+"""
+import os
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by ddpo_jax.main.", required=True)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest; 0 = pre-trained).")
+_NUM = flags.DEFINE_integer("num", 16, "Number of images.")
+_OUT = flags.DEFINE_string("out", "samples.npz", "Output .npz path.")
+_PROMPTS = flags.DEFINE_list("prompts", None, "Prompts, cycled over --num (default: drawn by the task).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Images per compiled sampling call.")
+_PNG_DIR = flags.DEFINE_string("png_dir", None, "Also write one PNG per image here.")
+
+
+def sample_from_checkpoint(workdir: str, num: int, step=None, prompts=None, seed: int = 0,
+                           batch_size: int = 64):
+  """Returns (images uint8 (num,H,W,C), prompts list[str], step) from a run's checkpoint."""
+  from ddpo_jax import checkpoints, parallel, train
+  from ddpo_jax.policy import build_policy
+  from ddpo_jax.rewards import to_uint8
+
+  if not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
+    raise FileNotFoundError(f"no checkpoints in {checkpoints.checkpoint_dir(workdir)}")
+  mngr = checkpoints.manager(workdir, read_only=True)
+  steps = mngr.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"{checkpoints.checkpoint_dir(workdir)} holds no complete checkpoint")
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise ValueError(f"no checkpoint step {step} in {workdir}; available: {sorted(steps)}")
+  import orbax.checkpoint as ocp
+  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  config = ml_collections.ConfigDict(__import__("json").loads(meta["config"]))
+  policy = build_policy(config, workdir)
+  mesh = parallel.make_mesh()
+  optimizer = train.make_optimizer(config.train)
+  template = train.TrainState(step=jnp.zeros((), jnp.int32), params=policy.params["unet"],
+                              opt_state=optimizer.init(policy.params["unet"]),
+                              rng=jax.random.PRNGKey(0))
+  state, _ = checkpoints.restore(mngr, step, template)
+  frozen = {k: v for k, v in policy.params.items() if k != "unet"}
+  n_dev = len(jax.devices())
+  bs = max(n_dev, min(batch_size, num) // n_dev * n_dev)  # a multiple of the device count
+  sample_fn = train.make_sample_fn(policy, config, [], mesh)
+  data = parallel.data_sharding(mesh)
+  out_images, out_prompts = [], []
+  rng = np.random.default_rng(seed)
+  for b in range(-(-num // bs)):
+    if prompts:
+      batch_prompts = [prompts[(b * bs + i) % len(prompts)] for i in range(bs)]
+    else:
+      batch_prompts = policy.prompt_fn(rng, bs)
+    meta_b = policy.prompt_metadata(batch_prompts)
+    ids = jax.device_put(policy.tokenize(batch_prompts), data)
+    meta_dev = jax.device_put({k: np.asarray(v) for k, v in meta_b.items()}, data)
+    _, images, _ = sample_fn(state.params, frozen, jax.random.fold_in(jax.random.PRNGKey(seed), b),
+                             ids, meta_dev)
+    out_images.append(to_uint8(jax.device_get(images)))
+    out_prompts += batch_prompts
+  mngr.close()
+  return np.concatenate(out_images)[:num], out_prompts[:num], step
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  images, prompts, step = sample_from_checkpoint(_WORKDIR.value, _NUM.value, _STEP.value,
+                                                 _PROMPTS.value, _SEED.value, _BATCH.value)
+  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+  np.savez(_OUT.value, images=images, prompts=np.asarray(prompts), step=step)
+  if _PNG_DIR.value:
+    from PIL import Image
+    os.makedirs(_PNG_DIR.value, exist_ok=True)
+    for i, img in enumerate(images):
+      Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(
+          os.path.join(_PNG_DIR.value, f"{i:05d}.png"))
+  print(f"wrote {len(images)} images from step {step} to {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,422 @@
+"""DDPO training: sample trajectories, reward them, update with PPO (or SF / RWR), checkpoint.
+
+One epoch = `sample.num_batches_per_epoch` calls of the compiled sampling program (prompt
+encoding, the DDIM chain with log-probs, decoding and device rewards), host rewards on a thread
+pool overlapping with sampling, advantages from the per-prompt stat tracker, then
+`train.num_inner_epochs` calls of the compiled update program (shuffle, per-sample timestep
+subsampling, gradient accumulation over K timesteps × `gradient_accumulation_steps`
+minibatches, one optimizer step per group). Both programs run under one device mesh with
+explicit shardings; the train state is donated to the update.
+
+Batch sizes are global (all devices together); the PyTorch reference's are per GPU.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from ddpo_jax import checkpoints, diffusion, parallel, rl
+from ddpo_jax.policy import Policy, build_policy
+from ddpo_jax.rewards import Reward, make_rewards, to_uint8
+
+ALGORITHMS = ("ppo", "sf", "rwr", "rwr_sparse")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # optimizer steps taken, int32 scalar
+  params: Any  # the trainable denoiser params
+  opt_state: Any
+  rng: jax.Array  # base PRNG key of the run; epoch e uses fold_in(rng, e)
+
+
+def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
+  """Raises ValueError for impossible values, before anything is compiled."""
+  s, t = config.sample, config.train
+  if not s.eta > 0:
+    raise ValueError(f"sample.eta={s.eta}: DDPO needs eta > 0 (the log-probability of a "
+                     "deterministic DDIM step is undefined)")
+  if not 0 < t.timestep_fraction <= 1:
+    raise ValueError(f"train.timestep_fraction={t.timestep_fraction} must lie in (0, 1]")
+  if t.algorithm not in ALGORITHMS:
+    raise ValueError(f"train.algorithm={t.algorithm!r}; choose one of {ALGORITHMS}")
+  for name, value in [("sample.batch_size", s.batch_size), ("train.batch_size", t.batch_size),
+                      ("sample.num_batches_per_epoch", s.num_batches_per_epoch),
+                      ("sample.num_steps", s.num_steps), ("num_epochs", config.num_epochs),
+                      ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
+                      ("train.num_inner_epochs", t.num_inner_epochs), ("save_freq", config.save_freq)]:
+    if int(value) < 1:
+      raise ValueError(f"{name}={value} must be a positive integer")
+  parallel.check_divisible("sample.batch_size", s.batch_size, mesh)
+  parallel.check_divisible("train.batch_size", t.batch_size, mesh)
+  total = s.batch_size * s.num_batches_per_epoch
+  group = t.batch_size * t.gradient_accumulation_steps
+  if total % group:
+    raise ValueError(
+        f"samples per epoch (sample.batch_size*sample.num_batches_per_epoch={total}) must be a "
+        f"multiple of train.batch_size*train.gradient_accumulation_steps={group}")
+  if int(s.num_steps * t.timestep_fraction) < 1:
+    raise ValueError("sample.num_steps * train.timestep_fraction must be at least 1")
+
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(train_config.max_grad_norm),
+      optax.adamw(train_config.learning_rate, b1=train_config.adam_beta1,
+                  b2=train_config.adam_beta2, eps=train_config.adam_epsilon,
+                  weight_decay=train_config.adam_weight_decay))
+
+
+def _schedule(policy: Policy, num_steps: int):
+  sched = diffusion.NoiseSchedule.from_config(policy.scheduler_config)
+  timesteps = diffusion.ddim_timesteps(num_steps, sched.num_train_timesteps,
+                                       policy.scheduler_config.get("steps_offset", 0))
+  prev = timesteps - sched.num_train_timesteps // num_steps
+  return sched.alphas_cumprod, timesteps, prev
+
+
+def make_sample_fn(policy: Policy, config, device_rewards: list[tuple[float, Reward]], mesh):
+  """Compiles `sample(unet_params, frozen, key, prompt_ids, metadata) -> (Trajectory, images, rewards)`.
+
+  `images` are (B,h,w,c) float32 in [0, 1]; `rewards` maps each device reward's name to
+  (rewards (B,), info). Prompt ids / metadata come sharded over the data axis.
+  """
+  alphas_cumprod, timesteps, prev = _schedule(policy, config.sample.num_steps)
+  uncond_ids = jnp.asarray(policy.tokenize([""]))
+  guidance = float(config.sample.guidance_scale)
+
+  def sample(unet_params, frozen, key, prompt_ids, metadata):
+    params = {**frozen, "unet": unet_params}
+    context = policy.encode_prompts(params, prompt_ids)
+    uncond = policy.encode_prompts(params, uncond_ids)
+    traj = diffusion.sample_trajectory(
+        policy.eps_fn, unet_params, key, context, uncond, alphas_cumprod=alphas_cumprod,
+        timesteps=timesteps, prev_timesteps=prev, latent_shape=policy.latent_shape,
+        eta=config.sample.eta, guidance_scale=guidance,
+        class_labels=metadata.get("control_label"))
+    images = policy.decode(params, traj.next_latents[:, -1])
+    rewards = {r.name: r.fn(images, prompt_ids, metadata) for _, r in device_rewards}
+    return traj, images, rewards
+
+  data, repl = parallel.data_sharding(mesh), parallel.replicated(mesh)
+  return jax.jit(sample, in_shardings=(repl, repl, repl, data, data), out_shardings=data)
+
+
+def make_update_fn(policy: Policy, config, optimizer, mesh):
+  """Compiles `update(state, frozen, traj, advantages, rewards, key) -> (state, metrics)`.
+
+  One call is one inner epoch over the whole batch of N trajectories: shuffle; per sample an
+  independent permutation of its T timesteps of which the first K = int(T·timestep_fraction)
+  are trained on; minibatches of `train.batch_size`; gradients averaged over K timesteps ×
+  `gradient_accumulation_steps` minibatches, then one optimizer step. `state` is donated.
+  """
+  tc = config.train
+  alphas_cumprod, _, _ = _schedule(policy, config.sample.num_steps)
+  uncond_ids = jnp.asarray(policy.tokenize([""]))
+  T = config.sample.num_steps
+  K = int(T * tc.timestep_fraction)
+  accum, mb = tc.gradient_accumulation_steps, tc.batch_size
+  guidance = float(config.sample.guidance_scale) if tc.cfg else 1.0
+  eta = config.sample.eta
+  use_kl = tc.kl_coef > 0
+  reference_unet = policy.params["unet"]
+
+  def micro_loss(unet_params, frozen, uncond, batch, key):
+    """Loss of one minibatch at one chosen timestep per sample. Returns (loss, metrics)."""
+    metrics = {}
+    if tc.algorithm in ("rwr", "rwr_sparse"):
+      per_sample = diffusion.denoising_loss_terms(
+          policy.eps_fn, unet_params, key, batch["x0"], batch["context"],
+          batch["class_labels"], alphas_cumprod)
+      loss = jnp.mean(batch["weights"] * per_sample)
+      return loss, {"loss": loss}
+    log_prob, mean, std = diffusion.step_log_prob(
+        policy.eps_fn, unet_params, batch["latents"], batch["timesteps"],
+        batch["prev_timesteps"], batch["next_latents"], batch["context"], uncond,
+        alphas_cumprod=alphas_cumprod, eta=eta, guidance_scale=guidance,
+        class_labels=batch["class_labels"])
+    if tc.algorithm == "ppo":
+      loss, info = rl.ppo_clipped_loss(log_prob, batch["log_probs"], batch["advantages"],
+                                       tc.clip_range, tc.adv_clip_max)
+      metrics.update(approx_kl=info["approx_kl"], clipfrac=info["clipfrac"])
+    else:  # "sf"
+      loss = rl.score_function_loss(log_prob, batch["advantages"], tc.adv_clip_max)
+      diff = log_prob - batch["log_probs"]
+      metrics.update(approx_kl=0.5 * jnp.mean(diff ** 2), clipfrac=jnp.zeros(()))
+    if use_kl:
+      _, ref_mean, _ = diffusion.step_log_prob(
+          policy.eps_fn, reference_unet, batch["latents"], batch["timesteps"],
+          batch["prev_timesteps"], batch["next_latents"], batch["context"], uncond,
+          alphas_cumprod=alphas_cumprod, eta=eta, guidance_scale=guidance,
+          class_labels=batch["class_labels"])
+      ref_mean = jax.lax.stop_gradient(ref_mean)
+      kl = jnp.mean((mean - ref_mean) ** 2 / (2 * std ** 2), axis=tuple(range(1, mean.ndim)))
+      metrics["kl_to_pretrained"] = jnp.mean(kl)
+      loss = loss + tc.kl_coef * jnp.mean(kl)
+    metrics["loss"] = loss
+    return loss, metrics
+
+  grad_fn = jax.grad(micro_loss, has_aux=True)
+
+  def update(state: TrainState, frozen, traj: diffusion.Trajectory, advantages, rewards, key):
+    n = traj.log_probs.shape[0]
+    k_perm, k_time, k_loss = jax.random.split(key, 3)
+    perm = jax.random.permutation(k_perm, n)
+    per_sample = {
+        "latents": traj.latents, "next_latents": traj.next_latents,
+        "timesteps": traj.timesteps, "prev_timesteps": traj.prev_timesteps,
+        "log_probs": traj.log_probs,
+    }
+    shared = {"context": traj.context, "advantages": advantages,
+              "class_labels": traj.class_labels, "x0": traj.next_latents[:, -1]}
+    if tc.algorithm == "rwr":
+      shared["weights"] = rl.rwr_weights(rewards, tc.rwr_beta)
+    elif tc.algorithm == "rwr_sparse":
+      shared["weights"] = rl.rwr_sparse_weights(rewards, tc.rwr_quantile)
+    per_sample = jax.tree.map(lambda x: x[perm], per_sample)
+    shared = jax.tree.map(lambda x: x[perm], shared)
+    # Per sample, an independent permutation of its T timesteps; keep the first K.
+    t_idx = jax.vmap(lambda k: jax.random.permutation(k, T)[:K])(jax.random.split(k_time, n))
+
+    def take_time(x):  # (N, T, ...) -> (N, K, ...)
+      idx = t_idx.reshape(t_idx.shape + (1,) * (x.ndim - 2))
+      return jnp.take_along_axis(x, idx, axis=1)
+    per_sample = jax.tree.map(take_time, per_sample)
+
+    steps = n // (mb * accum)
+    data_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, parallel.DATA_AXIS))
+
+    def to_micro(x, per_time):  # -> (steps, accum*K, mb, ...)
+      if per_time:  # (N, K, ...) -> (steps, accum, mb, K, ...) -> (steps, accum, K, mb, ...)
+        x = x.reshape((steps, accum, mb, K) + x.shape[2:])
+        x = jnp.moveaxis(x, 3, 2)
+      else:  # (N, ...) -> (steps, accum, K, mb, ...) by broadcasting over K
+        x = x.reshape((steps, accum, 1, mb) + x.shape[1:])
+        x = jnp.broadcast_to(x, (steps, accum, K, mb) + x.shape[4:])
+      x = x.reshape((steps, accum * K, mb) + x.shape[4:])
+      return jax.lax.with_sharding_constraint(x, data_spec)
+
+    batches = {**jax.tree.map(lambda x: to_micro(x, True), per_sample),
+               **jax.tree.map(lambda x: to_micro(x, False), shared)}
+    uncond = policy.encode_prompts({**frozen, "unet": state.params}, uncond_ids)
+
+    def opt_step(carry, xs):
+      state = carry
+      step_batches, step_key = xs
+
+      def micro(acc, inp):
+        batch, k = inp
+        grads, metrics = grad_fn(state.params, frozen, uncond, batch, k)
+        return jax.tree.map(jnp.add, acc, (grads, metrics)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      zero_metrics = jax.eval_shape(lambda: micro_loss(state.params, frozen, uncond,
+                                                       jax.tree.map(lambda x: x[0], step_batches),
+                                                       step_key)[1])
+      zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics)
+      keys = jax.random.split(step_key, accum * K)
+      (grads, metrics), _ = jax.lax.scan(micro, (zeros, zero_metrics), (step_batches, keys))
+      scale = 1.0 / (accum * K)
+      grads = jax.tree.map(lambda g: g * scale, grads)
+      metrics = jax.tree.map(lambda m: m * scale, metrics)
+      metrics["grad_norm"] = optax.global_norm(grads)
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+      return state, metrics
+
+    state, metrics = jax.lax.scan(opt_step, state, (batches, jax.random.split(k_loss, steps)))
+    return state, jax.tree.map(jnp.mean, metrics)
+
+  data, repl = parallel.data_sharding(mesh), parallel.replicated(mesh)
+  return jax.jit(update, in_shardings=(repl, repl, data, data, data, repl),
+                 out_shardings=(repl, repl), donate_argnums=(0,))
+
+
+class MetricsWriter:
+  """WORKDIR/metrics.jsonl (one object per epoch) plus TensorBoard summaries."""
+
+  def __init__(self, workdir: str, resume_epoch: int):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    # Drop rows of epochs after the checkpoint we resume from: they are recomputed.
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        rows = [json.loads(l) for l in f if l.strip()]
+      with open(self.path, "w") as f:
+        for row in rows:
+          if row["epoch"] < resume_epoch:
+            f.write(json.dumps(row) + "\n")
+    from tensorboardX import SummaryWriter
+    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, epoch: int, metrics: dict) -> None:
+    row = {"epoch": epoch, **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    for k, v in row.items():
+      if k != "epoch":
+        self.tb.add_scalar(k, v, epoch)
+    self.tb.flush()
+
+  def images(self, epoch: int, images_uint8: np.ndarray, workdir: str) -> str:
+    grid = image_grid(images_uint8[:64])
+    path = os.path.join(workdir, "samples", f"epoch_{epoch:05d}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    from PIL import Image
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).resize(
+        (grid.shape[1] * max(1, 256 // grid.shape[1]), grid.shape[0] * max(1, 256 // grid.shape[1])),
+        Image.NEAREST).save(path)
+    self.tb.add_image("samples", grid, epoch, dataformats="HWC")
+    return path
+
+
+def image_grid(images: np.ndarray, pad: int = 1) -> np.ndarray:
+  """(N,H,W,C) uint8 -> one (rows*(H+pad), cols*(W+pad), C) uint8 grid."""
+  n, h, w, c = images.shape
+  cols = int(np.ceil(np.sqrt(n)))
+  rows = int(np.ceil(n / cols))
+  grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
+  for i, img in enumerate(images):
+    r, q = divmod(i, cols)
+    grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = img
+  return grid
+
+
+def _host_reward(reward: Reward, images, prompts, metadata):
+  rewards, info = reward.fn(to_uint8(images), prompts, metadata)
+  return np.asarray(rewards, np.float32), {k: np.asarray(v) for k, v in info.items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
+  """Runs (or resumes) DDPO training in `workdir`; returns the last epoch's metrics."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh()
+  validate_config(config, mesh)
+  policy = build_policy(config, workdir)
+  terms = make_rewards(config, policy)
+  device_terms = [(w, r) for w, r in terms if r.on_device]
+  host_terms = [(w, r) for w, r in terms if not r.on_device]
+  optimizer = make_optimizer(config.train)
+  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+
+  frozen = jax.device_put({k: v for k, v in policy.params.items() if k != "unet"}, repl)
+  unet0 = jax.device_put(policy.params["unet"], repl)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=unet0,
+                     opt_state=jax.jit(optimizer.init, out_shardings=repl)(unet0),
+                     rng=jax.random.PRNGKey(config.seed))
+  state = jax.device_put(state, repl)
+  tracker = rl.PerPromptStatTracker(config.per_prompt_stat_tracking.buffer_size,
+                                    config.per_prompt_stat_tracking.min_count)
+
+  mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
+  start_epoch = 0
+  latest = mngr.latest_step()
+  if latest is None:
+    checkpoints.save(mngr, 0, state, {"epoch": 0, "stat_tracker": tracker.state_dict(),
+                                      "config": config.to_json()})
+    log(f"saved the pre-trained starting point as step 0 in {checkpoints.checkpoint_dir(workdir)}")
+  else:
+    state, meta = checkpoints.restore(mngr, latest, state)
+    tracker.load_state_dict(meta["stat_tracker"])
+    start_epoch = int(meta["epoch"])
+    log(f"resuming from checkpoint step {latest} (epoch {start_epoch})")
+  writer = MetricsWriter(workdir, start_epoch)
+
+  sample_fn = make_sample_fn(policy, config, device_terms, mesh)
+  update_fn = make_update_fn(policy, config, optimizer, mesh)
+  B, nb = config.sample.batch_size, config.sample.num_batches_per_epoch
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+  last = {}
+  for epoch in range(start_epoch, config.num_epochs):
+    t0 = time.time()
+    epoch_key = jax.random.fold_in(state.rng, epoch)
+    trajs, futures, all_prompts, dev_rewards, images_list = [], [], [], [], []
+    for b in tqdm.trange(nb, desc=f"epoch {epoch} sampling", leave=False, disable=not config.progress):
+      prompts = policy.prompt_fn(np.random.default_rng([config.seed, epoch, b]), B)
+      meta = policy.prompt_metadata(prompts)
+      ids = jax.device_put(policy.tokenize(prompts), data)
+      meta_dev = jax.device_put({k: np.asarray(v) for k, v in meta.items()}, data)
+      traj, images, rewards = sample_fn(state.params, frozen, jax.random.fold_in(epoch_key, b),
+                                        ids, meta_dev)
+      # Host rewards run on the pool; the device keeps sampling the next batch meanwhile.
+      futures.append({r.name: pool.submit(_host_reward, r, images, prompts, meta)
+                      for _, r in host_terms})
+      trajs.append(traj)
+      all_prompts.extend(prompts)
+      dev_rewards.append(rewards)
+      images_list.append(images)
+    traj = jax.tree.map(lambda *xs: jnp.concatenate(xs), *trajs)
+    t_sample = time.time() - t0
+
+    total = np.zeros(B * nb, np.float32)
+    epoch_metrics = {}
+    for w, r in terms:
+      if r.on_device:
+        parts = [jax.device_get(d[r.name]) for d in dev_rewards]
+      else:
+        parts = [fs[r.name].result() for fs in futures]
+      values = np.concatenate([p[0] for p in parts]).astype(np.float32)
+      if not np.all(np.isfinite(values)):
+        raise FloatingPointError(f"epoch {epoch}: reward {r.name!r} returned NaN/inf; "
+                                 "stopping without saving this epoch")
+      total += w * values
+      epoch_metrics[f"{r.name}_mean"] = values.mean()
+      for k in parts[0][1]:
+        epoch_metrics[f"{r.name}_{k}_mean"] = np.concatenate([np.asarray(p[1][k]).reshape(-1) for p in parts]).mean()
+
+    if config.per_prompt_stat_tracking.enabled:
+      advantages = tracker.update(all_prompts, total)
+    else:
+      advantages = rl.normalize_advantages(total)
+    adv_dev = jax.device_put(advantages.astype(np.float32), data)
+    rew_dev = jax.device_put(total, data)
+
+    t1 = time.time()
+    for inner in range(config.train.num_inner_epochs):
+      key = jax.random.fold_in(jax.random.fold_in(epoch_key, 10_000), inner)
+      state, metrics = update_fn(state, frozen, traj, adv_dev, rew_dev, key)
+    metrics = jax.device_get(metrics)
+    t_train = time.time() - t1
+    if not all(np.isfinite(v) for v in metrics.values()) or not _params_finite(state.params):
+      raise FloatingPointError(f"epoch {epoch}: non-finite loss or parameters ({metrics}); "
+                               "stopping without saving this epoch")
+    n = B * nb
+    last = {"reward_mean": total.mean(), "reward_std": total.std(),
+            "reward_stderr": total.std() / np.sqrt(n), **epoch_metrics,
+            **{k: v for k, v in metrics.items()},
+            "samples_per_s": n / (time.time() - t0), "sample_time_s": t_sample,
+            "train_time_s": t_train, "optimizer_step": int(state.step)}
+    for k in ("approx_kl", "clipfrac"):
+      last.setdefault(k, 0.0)
+    writer.write(epoch, last)
+    log(f"epoch {epoch}: reward {last['reward_mean']:.4f} ± {last['reward_stderr']:.4f}  "
+        f"loss {last['loss']:.4g}  approx_kl {last['approx_kl']:.3g}  clipfrac {last['clipfrac']:.3f}"
+        f"  {last['samples_per_s']:.1f} samples/s")
+    if config.log_image_freq and (epoch % config.log_image_freq == 0 or epoch + 1 == config.num_epochs):
+      writer.images(epoch, to_uint8(jax.device_get(images_list[0])), workdir)
+    if (epoch + 1) % config.save_freq == 0 or epoch + 1 == config.num_epochs:
+      checkpoints.save(mngr, epoch + 1, state, {"epoch": epoch + 1,
+                                                "stat_tracker": tracker.state_dict(),
+                                                "config": config.to_json()})
+  mngr.wait_until_finished()
+  mngr.close()
+  pool.shutdown()
+  return {k: float(v) for k, v in last.items()}
+
+
+def _params_finite(params) -> bool:
+  return bool(jax.device_get(jax.tree.reduce(
+      lambda a, b: a & b, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), params))))

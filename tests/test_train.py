@@ -1,0 +1,199 @@
+"""End-to-end DDPO on the tiny digits config: train, resume after kill -9, devices, CLIs, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import REPO
+
+from ddpo_jax import checkpoints, parallel, train
+
+
+def _config(**overrides):
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  import default
+  config = default.get_config("runlocal")
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _cli_overrides(**overrides):
+  return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def _run_main(workdir, *args, env=None, wait=True):
+  cmd = [sys.executable, "-m", "ddpo_jax.main", f"--config={REPO}/configs/default.py:runlocal",
+         f"--workdir={workdir}", *args]
+  full_env = {**os.environ, **(env or {})}
+  if not wait:
+    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+  return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+def _final_params(workdir):
+  mngr = checkpoints.manager(workdir, read_only=True)
+  step = mngr.latest_step()
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  mngr.close()
+  return step, jax.tree.map(np.asarray, restored["state"]["params"])
+
+
+def test_train_and_evaluate_one_run(digits_cache, tmp_path):
+  """Two epochs: metrics rows, checkpoints 0..2, the sample CLI from step 0 and the latest."""
+  workdir = str(tmp_path / "run")
+  metrics = train.train_and_evaluate(_config(), workdir)
+  for key in ("reward_mean", "reward_std", "approx_kl", "clipfrac", "loss", "samples_per_s"):
+    assert np.isfinite(metrics[key]), key
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["epoch"] for r in rows] == [0, 1]
+  assert {"digits_heldout_accuracy_mean", "digit_class_logprob_mean"} <= set(rows[0])
+  mngr = checkpoints.manager(workdir, read_only=True)
+  assert sorted(mngr.all_steps()) == [0, 1, 2]
+  assert os.listdir(os.path.join(workdir, "samples"))
+
+  out = tmp_path / "s.npz"
+  result = subprocess.run(
+      [sys.executable, "-m", "ddpo_jax.sample", f"--workdir={workdir}", "--num=6",
+       f"--out={out}", "--prompts=a handwritten 3,a handwritten 7", "--seed=1",
+       f"--png_dir={tmp_path / 'png'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  data = np.load(out)
+  assert data["images"].dtype == np.uint8 and data["images"].shape == (6, 8, 8, 1)
+  assert list(data["prompts"]) == ["a handwritten 3", "a handwritten 7"] * 3
+  assert len(os.listdir(tmp_path / "png")) == 6
+
+  from ddpo_jax.sample import sample_from_checkpoint
+  again, _, step = sample_from_checkpoint(workdir, 6, prompts=["a handwritten 3", "a handwritten 7"], seed=1)
+  np.testing.assert_array_equal(again, data["images"])  # deterministic for a seed
+  assert step == 2
+  before, _, step0 = sample_from_checkpoint(workdir, 6, step=0, prompts=["a handwritten 3"], seed=1)
+  assert step0 == 0 and before.shape == (6, 8, 8, 1)
+  with pytest.raises(ValueError, match="no checkpoint step 7"):
+    sample_from_checkpoint(workdir, 2, step=7)
+
+
+def test_update_at_unchanged_params_has_ratio_one(digits_cache):
+  """Log-probs from the sampler equal those the update recomputes (same params, CFG in both)."""
+  from ddpo_jax import rl
+  from ddpo_jax.policy import build_policy
+  config = _config(**{"train.learning_rate": 0.0, "sample.batch_size": 8})
+  mesh = parallel.make_mesh()
+  policy = build_policy(config, "")
+  opt = train.make_optimizer(config.train)
+  sample_fn = train.make_sample_fn(policy, config, [], mesh)
+  update_fn = train.make_update_fn(policy, config, opt, mesh)
+  frozen = {"text_encoder": policy.params["text_encoder"]}
+  prompts = policy.prompt_fn(np.random.default_rng(0), 8)
+  traj, images, _ = sample_fn(policy.params["unet"], frozen, jax.random.PRNGKey(0),
+                              jnp.asarray(policy.tokenize(prompts)),
+                              {k: jnp.asarray(v) for k, v in policy.prompt_metadata(prompts).items()})
+  assert traj.log_probs.shape == (8, config.sample.num_steps)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=policy.params["unet"],
+                           opt_state=opt.init(policy.params["unet"]), rng=jax.random.PRNGKey(0))
+  adv = jnp.asarray(rl.normalize_advantages(np.arange(8.0)), jnp.float32)
+  _, metrics = update_fn(state, frozen, traj, adv, jnp.zeros(8), jax.random.PRNGKey(1))
+  assert float(metrics["approx_kl"]) < 1e-10
+  assert float(metrics["clipfrac"]) == 0.0
+
+
+def test_resume_after_kill_equals_uninterrupted(digits_cache, tmp_path):
+  """kill -9 while the first checkpoint after step 0 is being written, restart: identical params."""
+  overrides = _cli_overrides(num_epochs=3, save_freq=1)
+  ref = tmp_path / "ref"
+  result = _run_main(ref, *overrides)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+  killed = tmp_path / "killed"
+  proc = _run_main(killed, *overrides, wait=False)
+  ckpt_dir = killed / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    entries = os.listdir(ckpt_dir) if ckpt_dir.exists() else []
+    if any(not e.startswith("0") and e[0].isdigit() for e in entries):
+      break  # the save of step 1 has started (possibly still a temporary directory)
+    time.sleep(0.01)
+  assert proc.poll() is None, "the run finished before it could be killed"
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  result = _run_main(killed, *overrides)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert "resuming from checkpoint step" in result.stdout + result.stderr
+
+  step_a, params_a = _final_params(ref)
+  step_b, params_b = _final_params(killed)
+  assert step_a == step_b == 3
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  rows = [json.loads(l)["epoch"] for l in open(killed / "metrics.jsonl")]
+  assert rows == [0, 1, 2]
+
+
+def test_four_devices_equal_one_device(digits_cache, tmp_path):
+  """The same global batch on 4 fake CPU devices gives the params of a 1-device run."""
+  overrides = _cli_overrides(num_epochs=1)
+  one = _run_main(tmp_path / "one", *overrides)
+  assert one.returncode == 0, one.stderr[-3000:]
+  four = _run_main(tmp_path / "four", *overrides,
+                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert four.returncode == 0, four.stderr[-3000:]
+  _, a = _final_params(tmp_path / "one")
+  _, b = _final_params(tmp_path / "four")
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+class _FakeMesh:
+  shape = {parallel.DATA_AXIS: 4}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"sample.eta": 0.0}, "eta > 0"),
+    ({"train.timestep_fraction": 1.5}, "timestep_fraction"),
+    ({"train.timestep_fraction": 0.0}, "timestep_fraction"),
+    ({"sample.batch_size": 6}, "not divisible by the 4 devices"),
+    ({"train.batch_size": 3, "sample.batch_size": 8}, "not divisible by the 4 devices"),
+    ({"train.algorithm": "trpo"}, "train.algorithm"),
+    ({"sample.batch_size": 8, "train.batch_size": 4, "train.gradient_accumulation_steps": 3},
+     "multiple of"),
+])
+def test_bad_config_values(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    train.validate_config(_config(**overrides), _FakeMesh())
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+  result = _run_main(tmp_path / "w", "--config.train.learning_rat=1e-3")
+  assert result.returncode != 0
+  assert "learning_rat" in result.stderr
+
+
+def test_nan_reward_stops_without_saving(digits_cache, tmp_path, monkeypatch):
+  from ddpo_jax import rewards
+  real = rewards.jpeg_compressibility
+  monkeypatch.setattr(rewards, "jpeg_compressibility",
+                      lambda *a: (np.full(len(a[0]), np.nan, np.float32), {}))
+  workdir = str(tmp_path / "nan")
+  config = _config(**{"reward.weights": {"jpeg_compressibility": 1.0}, "reward.metrics": ()})
+  with pytest.raises(FloatingPointError, match="NaN"):
+    train.train_and_evaluate(config, workdir)
+  assert checkpoints.manager(workdir, read_only=True).all_steps() == [0]
+  assert real is not rewards.jpeg_compressibility
+
+
+def test_sample_without_checkpoint_fails_clearly(tmp_path):
+  from ddpo_jax.sample import sample_from_checkpoint
+  with pytest.raises(FileNotFoundError, match="no checkpoints"):
+    sample_from_checkpoint(str(tmp_path), 2)
