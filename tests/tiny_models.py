@@ -1,0 +1,213 @@
+"""Tiny random PyTorch diffusers / transformers models and a tiny SD pipeline directory.
+
+Test-only helpers (they import torch, diffusers and transformers). Everything is built locally
+from random weights: nothing is downloaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+TINY_MAX_LENGTH = 16
+
+
+def _seeded(seed):
+  torch.manual_seed(seed)
+
+
+def _randomize_(model: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:
+  """Fills every parameter with N(0, std^2) noise (norm scales around 1) so that no branch of the
+  model is a trivial zero/identity (diffusers zero-initialises nothing, but e.g. GroupNorm
+  weights are all ones): parity tests then exercise every parameter."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=g) * std
+      if name.endswith("weight") and p.ndim == 1:  # norm scales
+        p.copy_(1.0 + noise)
+      else:
+        p.copy_(noise)
+  return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# UNets
+# ----------------------------------------------------------------------------------------------
+def unet_sd1_kwargs(**overrides) -> dict:
+  """SD-1-style tiny UNet: conv 1x1 projections, one head count for every block."""
+  kw = dict(
+      sample_size=8, in_channels=4, out_channels=4,
+      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+      block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=32,
+      attention_head_dim=2, norm_num_groups=8)
+  kw.update(overrides)
+  return kw
+
+
+def unet_sd2_kwargs(**overrides) -> dict:
+  """SD-2-style tiny UNet: linear projections, per-block `attention_head_dim` (= head counts),
+  upcast_attention, three resolutions."""
+  kw = dict(
+      sample_size=8, in_channels=4, out_channels=4,
+      down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+      block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=24,
+      attention_head_dim=(2, 4, 8), use_linear_projection=True, upcast_attention=True,
+      norm_num_groups=16, flip_sin_to_cos=True, freq_shift=0)
+  kw.update(overrides)
+  return kw
+
+
+def unet_pixel_class_kwargs(**overrides) -> dict:
+  """Tiny pixel-space UNet (1 channel, 8x8) with class conditioning (`num_class_embeds`)."""
+  kw = dict(
+      sample_size=8, in_channels=1, out_channels=1,
+      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+      block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=16,
+      attention_head_dim=4, norm_num_groups=8, num_class_embeds=10,
+      flip_sin_to_cos=False, freq_shift=1)
+  kw.update(overrides)
+  return kw
+
+
+def make_torch_unet(kwargs: dict, seed: int = 0):
+  """A random `diffusers.UNet2DConditionModel` in eval mode."""
+  from diffusers import UNet2DConditionModel
+  _seeded(seed)
+  return _randomize_(UNet2DConditionModel(**kwargs), seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# VAE
+# ----------------------------------------------------------------------------------------------
+def vae_kwargs(**overrides) -> dict:
+  kw = dict(
+      in_channels=3, out_channels=3,
+      down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+      up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+      block_out_channels=(16, 32), layers_per_block=1, latent_channels=4,
+      norm_num_groups=8, sample_size=16)
+  kw.update(overrides)
+  return kw
+
+
+def make_torch_vae(kwargs: dict | None = None, seed: int = 1):
+  """A random `diffusers.AutoencoderKL` in eval mode."""
+  from diffusers import AutoencoderKL
+  _seeded(seed)
+  return _randomize_(AutoencoderKL(**(kwargs or vae_kwargs())), seed, std=0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP text encoder and tokenizer
+# ----------------------------------------------------------------------------------------------
+def text_config_kwargs(**overrides) -> dict:
+  kw = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=TINY_MAX_LENGTH, projection_dim=32,
+            hidden_act="quick_gelu", layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2,
+            pad_token_id=1)
+  kw.update(overrides)
+  return kw
+
+
+def make_torch_text_encoder(kwargs: dict | None = None, seed: int = 2):
+  """A random `transformers.CLIPTextModel` in eval mode."""
+  from transformers import CLIPTextConfig, CLIPTextModel
+  _seeded(seed)
+  model = CLIPTextModel(CLIPTextConfig(**(kwargs or text_config_kwargs())))
+  return _randomize_(model, seed, std=0.1)
+
+
+def _bytes_to_unicode() -> list[str]:
+  """GPT-2 / CLIP byte -> printable unicode table (256 characters)."""
+  bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1)))
+  cs = bs[:]
+  n = 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return [chr(c) for c in cs]
+
+
+def write_tiny_tokenizer_files(directory: str) -> tuple[str, str]:
+  """Writes a minimal CLIP byte-level BPE vocab.json / merges.txt (a few merges) to `directory`."""
+  os.makedirs(directory, exist_ok=True)
+  chars = _bytes_to_unicode()
+  vocab_list = chars + [c + "</w>" for c in chars]
+  merges = [("a", "t</w>"), ("c", "at</w>"), ("d", "o"), ("do", "g</w>"), ("t", "h"),
+            ("th", "e</w>")]
+  vocab_list += [a + b for a, b in merges]
+  vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+  vocab = {tok: i for i, tok in enumerate(vocab_list)}
+  vocab_path = os.path.join(directory, "vocab.json")
+  merges_path = os.path.join(directory, "merges.txt")
+  with open(vocab_path, "w", encoding="utf-8") as f:
+    json.dump(vocab, f, ensure_ascii=False)
+  with open(merges_path, "w", encoding="utf-8") as f:
+    f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+  return vocab_path, merges_path
+
+
+def make_tiny_tokenizer(directory: str, max_length: int = TINY_MAX_LENGTH):
+  """A `transformers.CLIPTokenizer` over the tiny vocabulary (~520 tokens)."""
+  from transformers import CLIPTokenizer
+  vocab_path, merges_path = write_tiny_tokenizer_files(directory)
+  return CLIPTokenizer(vocab_file=vocab_path, merges_file=merges_path,
+                       model_max_length=max_length)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scheduler and the whole pipeline
+# ----------------------------------------------------------------------------------------------
+SD_DDIM_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                      beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                      steps_offset=1)
+
+
+def make_ddim_scheduler():
+  from diffusers import DDIMScheduler
+  return DDIMScheduler(**SD_DDIM_CONFIG)
+
+
+def make_torch_pipeline(tmp_dir: str, *, unet_kwargs: dict | None = None, seed: int = 0):
+  """A tiny random `diffusers.StableDiffusionPipeline` (no safety checker)."""
+  from diffusers import StableDiffusionPipeline
+  tokenizer = make_tiny_tokenizer(os.path.join(tmp_dir, "_tokenizer_src"))
+  text_kwargs = text_config_kwargs(vocab_size=len(tokenizer))
+  unet_kwargs = unet_kwargs or unet_sd1_kwargs(cross_attention_dim=text_kwargs["hidden_size"])
+  return StableDiffusionPipeline(
+      vae=make_torch_vae(seed=seed + 1),
+      text_encoder=make_torch_text_encoder(text_kwargs, seed=seed + 2),
+      tokenizer=tokenizer,
+      unet=make_torch_unet(unet_kwargs, seed=seed),
+      scheduler=make_ddim_scheduler(),
+      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def save_tiny_pipeline(directory: str, *, seed: int = 0, **kwargs) -> str:
+  """Writes a tiny diffusers SD pipeline (safetensors) to `directory`; returns the directory.
+
+  Layout: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/.
+  """
+  os.makedirs(directory, exist_ok=True)
+  scratch = os.path.join(directory + ".src")
+  os.makedirs(scratch, exist_ok=True)
+  pipe = make_torch_pipeline(scratch, seed=seed, **kwargs)
+  pipe.save_pretrained(directory, safe_serialization=True)
+  return directory
+
+
+def to_nchw(x) -> torch.Tensor:
+  return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+
+
+def to_nhwc(t: torch.Tensor) -> np.ndarray:
+  return t.detach().numpy().transpose(0, 2, 3, 1)
