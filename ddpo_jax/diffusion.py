@@ -1,0 +1,529 @@
+"""DDIM sampling with per-step log-probabilities, the core of DDPO (SPEC section 1).
+
+A denoising trajectory x_T -> x_{T-1} -> ... -> x_0 of DDIM with eta > 0 is a Markov chain of
+Gaussian steps, so every step has a log-probability under the current denoiser. This module
+provides, all as pure `jax.numpy` functions that can be jitted and sharded on a data axis:
+
+* `NoiseSchedule`: alphas_cumprod of a diffusers scheduler config (Stable Diffusion's default).
+* `ddim_timesteps`: diffusers' DDIM "leading" timestep spacing.
+* `ddim_step_mean_std`, `gaussian_log_prob`, `ddim_step_with_logprob`: one DDIM step.
+* `Trajectory`, `sample_trajectory`: a whole batch of trajectories in one `lax.scan`.
+* `step_log_prob`: re-scores one stored step under (new) parameters (the PPO update).
+* `gaussian_kl_shared_std`: KL between two Gaussian steps with the same std (CTRL's penalty).
+* `denoising_loss_terms`: the ordinary epsilon-prediction loss (pre-training, RWR).
+
+Conventions: latents are channels-last (B, H, W, C); a timestep `t` is an integer in
+[0, num_train_timesteps); `prev_t < 0` marks the last step, whose alpha_prev is the schedule's
+"final" alpha_cumprod (alphas_cumprod[0] for Stable Diffusion, `set_alpha_to_one=False`).
+All step arithmetic is done in float32 (or wider, if the inputs are wider) whatever the dtype
+of the denoiser output.
+
+`eps_fn` everywhere has the signature
+`eps_fn(params, x (N,H,W,C), t (N,) int32, context (N,L,D), class_labels (N,) int32 | None)
+-> eps (N,H,W,C)`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+Array = jax.Array
+EpsFn = Callable[..., Array]
+
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+_MIN_STD = 1e-6
+
+
+# ----------------------------------------------------------------------------- noise schedule
+
+
+def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
+  """Betas of the "squaredcos_cap_v2" (Glide cosine) schedule, float64 (N,)."""
+
+  def alpha_bar(t):
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+  n = num_train_timesteps
+  return np.array([min(1.0 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta)
+                   for i in range(n)], dtype=np.float64)
+
+
+@struct.dataclass
+class NoiseSchedule:
+  """Discrete-time variance-preserving noise schedule (diffusers DDPM/DDIM conventions).
+
+  Attributes:
+    alphas_cumprod: (num_train_timesteps,) float32, alpha_bar_t = prod_{s<=t} (1 - beta_s).
+    num_train_timesteps: number of training timesteps (static).
+    steps_offset: offset added to the DDIM inference timesteps (static; 1 for SD).
+    set_alpha_to_one: if True the last DDIM step uses alpha_prev = 1, else alphas_cumprod[0]
+      (static; False for SD).
+    prediction_type: what the denoiser predicts; only "epsilon" is supported (static).
+  """
+  alphas_cumprod: Array
+  num_train_timesteps: int = struct.field(pytree_node=False, default=1000)
+  steps_offset: int = struct.field(pytree_node=False, default=1)
+  set_alpha_to_one: bool = struct.field(pytree_node=False, default=False)
+  prediction_type: str = struct.field(pytree_node=False, default="epsilon")
+
+  @classmethod
+  def from_config(cls, scheduler_config: Mapping[str, Any]) -> "NoiseSchedule":
+    """Builds the schedule from a diffusers scheduler config (e.g. `scheduler_config.json`).
+
+    Reads `beta_schedule` ("scaled_linear" | "linear" | "squaredcos_cap_v2"), `beta_start`,
+    `beta_end`, `num_train_timesteps`, `trained_betas`, `steps_offset`, `set_alpha_to_one` and
+    `prediction_type`; missing keys take `diffusers.DDIMScheduler`'s defaults. Betas and their
+    cumulative product are computed in float64 and stored as float32.
+
+    Raises:
+      ValueError: unsupported `beta_schedule`, `prediction_type` other than "epsilon",
+        `timestep_spacing` other than "leading", or `rescale_betas_zero_snr` / `thresholding`.
+    """
+    cfg = dict(scheduler_config)
+    prediction_type = cfg.get("prediction_type", "epsilon")
+    if prediction_type != "epsilon":
+      raise ValueError(
+          f"prediction_type={prediction_type!r} is not supported: ddpo_jax's DDIM step with "
+          "log-probabilities only implements epsilon prediction.")
+    spacing = cfg.get("timestep_spacing", "leading")
+    if spacing != "leading":
+      raise ValueError(f"timestep_spacing={spacing!r} is not supported (only 'leading').")
+    for flag in ("rescale_betas_zero_snr", "thresholding"):
+      if cfg.get(flag, False):
+        raise ValueError(f"scheduler option {flag}=True is not supported.")
+    n = int(cfg.get("num_train_timesteps", 1000))
+    trained = cfg.get("trained_betas", None)
+    if trained is not None:
+      betas = np.asarray(trained, dtype=np.float64)
+      if betas.shape != (n,):
+        raise ValueError(f"trained_betas has shape {betas.shape}, expected ({n},).")
+    else:
+      schedule = cfg.get("beta_schedule", "linear")
+      b0 = float(cfg.get("beta_start", 0.0001))
+      b1 = float(cfg.get("beta_end", 0.02))
+      if schedule == "linear":
+        betas = np.linspace(b0, b1, n, dtype=np.float64)
+      elif schedule == "scaled_linear":
+        betas = np.linspace(b0 ** 0.5, b1 ** 0.5, n, dtype=np.float64) ** 2
+      elif schedule == "squaredcos_cap_v2":
+        betas = _cosine_betas(n)
+      else:
+        raise ValueError(
+            f"beta_schedule={schedule!r} is not supported; use 'scaled_linear', 'linear' or "
+            "'squaredcos_cap_v2'.")
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    return cls(alphas_cumprod=jnp.asarray(alphas_cumprod, dtype=jnp.float32),
+               num_train_timesteps=n,
+               steps_offset=int(cfg.get("steps_offset", 0)),
+               set_alpha_to_one=bool(cfg.get("set_alpha_to_one", True)),
+               prediction_type=prediction_type)
+
+  @classmethod
+  def sd(cls) -> "NoiseSchedule":
+    """Stable Diffusion v1's schedule: scaled_linear 0.00085 -> 0.012, 1000 steps,
+    steps_offset 1, set_alpha_to_one False, epsilon prediction."""
+    return cls.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                            "beta_end": 0.012, "num_train_timesteps": 1000,
+                            "steps_offset": 1, "set_alpha_to_one": False,
+                            "prediction_type": "epsilon"})
+
+  @property
+  def final_alpha_cumprod(self) -> Array:
+    """alpha_prev of the last DDIM step (prev_t < 0): 1.0 or alphas_cumprod[0], float32 ()."""
+    if self.set_alpha_to_one:
+      return jnp.ones((), self.alphas_cumprod.dtype)
+    return self.alphas_cumprod[0]
+
+  def ddim_timesteps(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, prev_timesteps), both int32 NumPy (num_inference_steps,), for this schedule."""
+    ts = ddim_timesteps(num_inference_steps, self.num_train_timesteps, self.steps_offset)
+    return ts, ddim_prev_timesteps(ts, num_inference_steps, self.num_train_timesteps)
+
+
+def ddim_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000,
+                   steps_offset: int = 1) -> np.ndarray:
+  """DDIM inference timesteps with diffusers' "leading" spacing, descending.
+
+  t_i = (num_inference_steps - 1 - i) * (num_train_timesteps // num_inference_steps)
+  + steps_offset; for SD (1000, offset 1) and 50 steps: 981, 961, ..., 21, 1.
+
+  Returns:
+    int32 NumPy array (num_inference_steps,).
+  """
+  if not 1 <= num_inference_steps <= num_train_timesteps:
+    raise ValueError(f"num_inference_steps={num_inference_steps} must lie in "
+                     f"[1, num_train_timesteps={num_train_timesteps}].")
+  step_ratio = num_train_timesteps // num_inference_steps
+  ts = (np.arange(num_inference_steps) * step_ratio).round()[::-1] + steps_offset
+  if ts.max() >= num_train_timesteps:
+    raise ValueError(f"steps_offset={steps_offset} pushes timestep {int(ts.max())} past "
+                     f"num_train_timesteps={num_train_timesteps}.")
+  return ts.astype(np.int32)
+
+
+def ddim_prev_timesteps(timesteps: np.ndarray, num_inference_steps: int,
+                        num_train_timesteps: int = 1000) -> np.ndarray:
+  """prev_t = t - num_train_timesteps // num_inference_steps (negative on the last step).
+
+  Returns:
+    int32 NumPy array with the shape of `timesteps`.
+  """
+  step = num_train_timesteps // num_inference_steps
+  return (np.asarray(timesteps) - step).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- one DDIM step
+
+
+def _check_eta(eta) -> None:
+  if isinstance(eta, (int, float)) and not isinstance(eta, bool) and eta <= 0:
+    raise ValueError(
+        f"eta={eta}: the DDIM step is deterministic for eta <= 0, so its log-probability is "
+        "undefined; DDPO needs a stochastic sampler (eta > 0, the paper uses 1.0).")
+
+
+def _compute_dtype(*xs) -> jnp.dtype:
+  return jnp.result_type(jnp.float32, *[x.dtype for x in xs])
+
+
+def _batch_view(v: Array, ndim: int) -> Array:
+  """(B,) -> (B, 1, ..., 1) with `ndim` dims in total."""
+  return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def _alpha_prev(alphas_cumprod: Array, prev_t: Array, final_alpha_cumprod) -> Array:
+  final = alphas_cumprod[0] if final_alpha_cumprod is None else final_alpha_cumprod
+  final = jnp.asarray(final, alphas_cumprod.dtype)
+  return jnp.where(prev_t >= 0, alphas_cumprod[jnp.clip(prev_t, 0, None)], final)
+
+
+def ddim_step_mean_std(alphas_cumprod: Array, eps: Array, t: Array, prev_t: Array, x_t: Array,
+                       eta, *, final_alpha_cumprod=None) -> tuple[Array, Array]:
+  """Mean and std of the Gaussian DDIM step p(x_prev | x_t) (SPEC section 1).
+
+      x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)                        (no clipping)
+      std    = eta sqrt((1 - a_prev) / (1 - a_t) (1 - a_t / a_prev))
+      mean   = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - std^2) eps
+
+  Args:
+    alphas_cumprod: (N_train,) float32.
+    eps: (B, H, W, C) predicted noise (any float dtype; promoted to >= float32).
+    t: (B,) int, current timesteps in [0, N_train).
+    prev_t: (B,) int, previous timesteps; prev_t < 0 means the last step, where
+      a_prev = `final_alpha_cumprod` (default alphas_cumprod[0], i.e. set_alpha_to_one=False).
+    x_t: (B, H, W, C) current latents.
+    eta: DDIM stochasticity (Python float or scalar array); eta = 0 gives std = 0.
+    final_alpha_cumprod: optional scalar alpha_prev of the last step (1.0 for
+      set_alpha_to_one=True schedules; see `NoiseSchedule.final_alpha_cumprod`).
+
+  Returns:
+    mean: (B, H, W, C) float32; std: (B, 1, 1, 1) float32 (unclipped).
+  """
+  dtype = _compute_dtype(x_t, eps, alphas_cumprod)
+  ac = alphas_cumprod.astype(dtype)
+  t = jnp.asarray(t)
+  prev_t = jnp.asarray(prev_t)
+  a_t = _batch_view(ac[t], x_t.ndim)
+  a_prev = _batch_view(_alpha_prev(ac, prev_t, final_alpha_cumprod), x_t.ndim)
+  x_t = x_t.astype(dtype)
+  eps = eps.astype(dtype)
+  # (1 - a_t / a_prev) written as (a_prev - a_t) / a_prev: both differences are exact in
+  # floating point (Sterbenz), whereas 1 - a_t / a_prev loses ~4 digits near t = 0 in float32.
+  variance = (1.0 - a_prev) / (1.0 - a_t) * ((a_prev - a_t) / a_prev)
+  std = jnp.asarray(eta, dtype) * jnp.sqrt(variance)
+  # mean = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - std^2) eps, with
+  # x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), folded into per-sample coefficients
+  # (fewer elementwise roundings: the mean is compared with std ~ 0.01 near t = 0).
+  # 1 - a_prev - std^2 >= 0 mathematically for eta <= 1; the maximum guards rounding.
+  c_x = jnp.sqrt(a_prev / a_t)
+  c_eps = (jnp.sqrt(jnp.maximum(1.0 - a_prev - std ** 2, 0.0))
+           - jnp.sqrt(a_prev * (1.0 - a_t) / a_t))
+  mean = c_x * x_t + c_eps * eps
+  return mean, std
+
+
+def gaussian_log_prob(x: Array, mean: Array, std: Array) -> Array:
+  """Per-sample log-density of x under N(mean, std^2 I), MEAN-reduced over non-batch dims.
+
+      log p = mean_{h,w,c} [ -(sg(x) - mean)^2 / (2 std^2) - log std - log sqrt(2 pi) ]
+
+  `std` is clipped to >= 1e-6 and `x` is wrapped in `stop_gradient` (gradients flow only
+  through `mean` and `std`), as in the DDPO reference code.
+
+  Args:
+    x: (B, ...) sample. mean: (B, ...). std: broadcastable to mean, e.g. (B, 1, 1, 1).
+
+  Returns:
+    (B,) float32 (or wider if the inputs are).
+  """
+  dtype = _compute_dtype(x, mean, std)
+  x = jax.lax.stop_gradient(x).astype(dtype)
+  mean = mean.astype(dtype)
+  std = jnp.maximum(jnp.asarray(std, dtype), _MIN_STD)
+  lp = -((x - mean) ** 2) / (2.0 * std ** 2) - jnp.log(std) - _LOG_SQRT_2PI
+  return jnp.mean(lp, axis=tuple(range(1, lp.ndim)))
+
+
+def gaussian_kl_shared_std(mean_p: Array, mean_q: Array, std: Array,
+                           reduction: str = "mean") -> Array:
+  """KL(N(mean_p, std^2) || N(mean_q, std^2)) per sample = ||mean_p - mean_q||^2 / (2 std^2).
+
+  Gradients flow through both means. `std` is clipped to >= 1e-6 like in `gaussian_log_prob`.
+
+  Args:
+    mean_p, mean_q: (B, ...). std: broadcastable, e.g. (B, 1, 1, 1).
+    reduction: "mean" over non-batch dims (the reference code's, consistent with
+      `gaussian_log_prob`) or "sum" (the exact KL of the whole step).
+
+  Returns:
+    (B,) float32.
+  """
+  dtype = _compute_dtype(mean_p, mean_q, std)
+  std = jnp.maximum(jnp.asarray(std, dtype), _MIN_STD)
+  kl = (mean_p.astype(dtype) - mean_q.astype(dtype)) ** 2 / (2.0 * std ** 2)
+  axes = tuple(range(1, kl.ndim))
+  if reduction == "mean":
+    return jnp.mean(kl, axis=axes)
+  if reduction == "sum":
+    return jnp.sum(kl, axis=axes)
+  raise ValueError(f"reduction={reduction!r}, expected 'mean' or 'sum'.")
+
+
+def ddim_step_with_logprob(alphas_cumprod: Array, eps: Array, t: Array, prev_t: Array,
+                           x_t: Array, eta, key: Optional[Array] = None,
+                           prev_sample: Optional[Array] = None, *,
+                           final_alpha_cumprod=None) -> tuple[Array, Array]:
+  """One stochastic DDIM step and the log-probability of its output.
+
+  With `prev_sample=None` draws x_prev = mean + std * z with z = jax.random.normal(key,
+  x_t.shape, float32); otherwise scores the given `prev_sample` (and returns it unchanged).
+
+  Args:
+    alphas_cumprod: (N_train,) float32.
+    eps: (B, H, W, C) predicted noise.
+    t, prev_t: (B,) int; prev_t < 0 means the last step (see `ddim_step_mean_std`).
+    x_t: (B, H, W, C).
+    eta: > 0 (a Python float <= 0 raises ValueError: the log-prob is undefined).
+    key: PRNG key, required when `prev_sample` is None.
+    prev_sample: optional (B, H, W, C) sample to score.
+    final_alpha_cumprod: optional alpha_prev of the last step (default alphas_cumprod[0]).
+
+  Returns:
+    prev_sample: (B, H, W, C) float32; log_prob: (B,) float32, mean-reduced over H, W, C
+    (`gaussian_log_prob`: std clipped >= 1e-6, stop_gradient on prev_sample).
+  """
+  _check_eta(eta)
+  mean, std = ddim_step_mean_std(alphas_cumprod, eps, t, prev_t, x_t, eta,
+                                 final_alpha_cumprod=final_alpha_cumprod)
+  if prev_sample is None:
+    if key is None:
+      raise ValueError("ddim_step_with_logprob needs `key` to sample, or `prev_sample` to score.")
+    z = jax.random.normal(key, x_t.shape, jnp.float32).astype(mean.dtype)
+    prev_sample = mean + std * z
+  else:
+    prev_sample = prev_sample.astype(mean.dtype)
+  return prev_sample, gaussian_log_prob(prev_sample, mean, std)
+
+
+# ----------------------------------------------------------------------------- guided eps
+
+
+def guided_eps(eps_fn: EpsFn, params: Any, x: Array, t: Array, context: Array,
+               uncond_context: Optional[Array], guidance_scale: float,
+               class_labels: Optional[Array] = None) -> Array:
+  """Noise prediction with classifier-free guidance on the prompt.
+
+  If `guidance_scale == 1.0` (a static Python float) calls `eps_fn(params, x, t, context,
+  class_labels)`. Otherwise calls `eps_fn` ONCE on the 2B batch [uncond; cond] and returns
+  eps_u + w (eps_c - eps_u); the class labels (if any) are the same in both halves.
+
+  Args:
+    x: (B, H, W, C). t: (B,) int32. context: (B, L, D). uncond_context: (1, L, D) or (B, L, D)
+      (unused when guidance_scale == 1). class_labels: (B,) int32 or None.
+
+  Returns:
+    (B, H, W, C) float32 (or the dtype of `x` if wider).
+  """
+  dtype = _compute_dtype(x)
+  if guidance_scale == 1.0:
+    return eps_fn(params, x, t, context, class_labels).astype(dtype)
+  if uncond_context is None:
+    raise ValueError("guidance_scale != 1 needs an uncond_context.")
+  b = x.shape[0]
+  uncond = jnp.broadcast_to(uncond_context.astype(context.dtype),
+                            (b,) + tuple(uncond_context.shape[1:]))
+  x2 = jnp.concatenate([x, x], axis=0)
+  t2 = jnp.concatenate([t, t], axis=0)
+  c2 = jnp.concatenate([uncond, context], axis=0)
+  y2 = None if class_labels is None else jnp.concatenate([class_labels, class_labels], axis=0)
+  eps = eps_fn(params, x2, t2, c2, y2).astype(dtype)
+  eps_u, eps_c = eps[:b], eps[b:]
+  return eps_u + guidance_scale * (eps_c - eps_u)
+
+
+# ----------------------------------------------------------------------------- trajectories
+
+
+@struct.dataclass
+class Trajectory:
+  """A batch of denoising trajectories, batch-major (axis 0 = sample; shards on a data axis).
+
+  Attributes:
+    latents: (B, T, H, W, C) float32, the input x_t of each step (x_T, ..., x_1).
+    next_latents: (B, T, H, W, C) float32, the output of each step; next_latents[:, -1] is x_0.
+    log_probs: (B, T) float32, log p(next_latents | latents) under the sampling params.
+    timesteps: (B, T) int32, t of each step.
+    prev_timesteps: (B, T) int32, prev_t of each step (< 0 on the last one).
+    context: (B, L, D) prompt embedding.
+    class_labels: (B,) int32 or None.
+  """
+  latents: Array
+  next_latents: Array
+  log_probs: Array
+  timesteps: Array
+  prev_timesteps: Array
+  context: Array
+  class_labels: Optional[Array] = None
+
+  @property
+  def num_steps(self) -> int:
+    return self.log_probs.shape[1]
+
+  @property
+  def final_latents(self) -> Array:
+    """x_0, (B, H, W, C)."""
+    return self.next_latents[:, -1]
+
+
+def _step(eps_fn, params, x, t, prev_t, context, uncond_context, class_labels, alphas_cumprod,
+          eta, guidance_scale, final_alpha_cumprod):
+  """Shared by the sampler and `step_log_prob`: (mean, std) of one guided DDIM step."""
+  eps = guided_eps(eps_fn, params, x, t, context, uncond_context, guidance_scale, class_labels)
+  return ddim_step_mean_std(alphas_cumprod, eps, t, prev_t, x, eta,
+                            final_alpha_cumprod=final_alpha_cumprod)
+
+
+def sample_trajectory(eps_fn: EpsFn, params: Any, key: Array, context: Array,
+                      uncond_context: Optional[Array], *, alphas_cumprod: Array,
+                      timesteps, prev_timesteps, latent_shape: tuple[int, int, int], eta,
+                      guidance_scale: float, class_labels: Optional[Array] = None,
+                      initial_latents: Optional[Array] = None,
+                      final_alpha_cumprod=None) -> Trajectory:
+  """Samples B trajectories of DDIM (eta > 0) with log-probabilities, in one `lax.scan`.
+
+  Keys: `key` is split into (init, steps); x_T ~ N(0, I) from `init` (unless
+  `initial_latents` is given) and the step key is split once per step inside the scan.
+
+  Args:
+    eps_fn: (params, x (N,H,W,C), t (N,), context (N,L,D), class_labels (N,)|None) -> eps.
+    params: denoiser params passed to eps_fn.
+    key: PRNG key.
+    context: (B, L, D) prompt embeddings.
+    uncond_context: (1, L, D) or (B, L, D) embedding of "" (needed iff guidance_scale != 1).
+    alphas_cumprod: (N_train,) float32.
+    timesteps, prev_timesteps: int arrays (T,) (e.g. from `NoiseSchedule.ddim_timesteps`).
+    latent_shape: (H, W, C).
+    eta: > 0.
+    guidance_scale: static Python float; CFG is applied iff != 1.0.
+    class_labels: optional (B,) int32, passed to eps_fn (both CFG halves).
+    initial_latents: optional (B, H, W, C) x_T.
+    final_alpha_cumprod: optional alpha_prev of the last step (default alphas_cumprod[0]).
+
+  Returns:
+    A `Trajectory` with T steps.
+  """
+  _check_eta(eta)
+  b = context.shape[0]
+  key_init, key_steps = jax.random.split(key)
+  if initial_latents is None:
+    x_init = jax.random.normal(key_init, (b,) + tuple(latent_shape), jnp.float32)
+  else:
+    x_init = initial_latents.astype(_compute_dtype(initial_latents))
+  ts = jnp.asarray(timesteps, jnp.int32)
+  pts = jnp.asarray(prev_timesteps, jnp.int32)
+  if ts.ndim != 1 or ts.shape != pts.shape:
+    raise ValueError(f"timesteps {ts.shape} and prev_timesteps {pts.shape} must be (T,).")
+
+  def body(carry, tp):
+    x, k = carry
+    k, k_step = jax.random.split(k)
+    t = jnp.full((b,), tp[0], jnp.int32)
+    prev_t = jnp.full((b,), tp[1], jnp.int32)
+    mean, std = _step(eps_fn, params, x, t, prev_t, context, uncond_context, class_labels,
+                      alphas_cumprod, eta, guidance_scale, final_alpha_cumprod)
+    z = jax.random.normal(k_step, x.shape, jnp.float32).astype(mean.dtype)
+    x_prev = mean + std * z
+    lp = gaussian_log_prob(x_prev, mean, std)
+    return (x_prev, k), (x, x_prev, lp)
+
+  _, (xs, xs_prev, lps) = jax.lax.scan(body, (x_init, key_steps), (ts, pts))
+  n_steps = ts.shape[0]
+  return Trajectory(
+      latents=jnp.swapaxes(xs, 0, 1),
+      next_latents=jnp.swapaxes(xs_prev, 0, 1),
+      log_probs=jnp.swapaxes(lps, 0, 1),
+      timesteps=jnp.broadcast_to(ts[None], (b, n_steps)),
+      prev_timesteps=jnp.broadcast_to(pts[None], (b, n_steps)),
+      context=context,
+      class_labels=class_labels,
+  )
+
+
+def step_log_prob(eps_fn: EpsFn, params: Any, latents: Array, timesteps: Array,
+                  prev_timesteps: Array, next_latents: Array, context: Array,
+                  uncond_context: Optional[Array], *, alphas_cumprod: Array, eta,
+                  guidance_scale: float, class_labels: Optional[Array] = None,
+                  final_alpha_cumprod=None) -> tuple[Array, Array, Array]:
+  """Re-scores one step of stored trajectories under `params` (the PPO / SF update).
+
+  Same guided eps and DDIM step as `sample_trajectory`, so with the sampling params it
+  reproduces `Trajectory.log_probs`.
+
+  Args:
+    latents: (B, H, W, C) x_t. timesteps, prev_timesteps: (B,) int32.
+    next_latents: (B, H, W, C) stored x_prev (not differentiated).
+    context: (B, L, D). uncond_context: (1|B, L, D) or None. class_labels: (B,) or None.
+    eta, guidance_scale, alphas_cumprod, final_alpha_cumprod: as in `sample_trajectory`.
+
+  Returns:
+    log_prob (B,) float32, mean (B, H, W, C) float32, std (B, 1, 1, 1) float32 (unclipped).
+  """
+  _check_eta(eta)
+  mean, std = _step(eps_fn, params, latents, jnp.asarray(timesteps, jnp.int32),
+                    jnp.asarray(prev_timesteps, jnp.int32), context, uncond_context,
+                    class_labels, alphas_cumprod, eta, guidance_scale, final_alpha_cumprod)
+  return gaussian_log_prob(next_latents, mean, std), mean, std
+
+
+# ----------------------------------------------------------------------------- training loss
+
+
+def denoising_loss_terms(eps_fn: EpsFn, params: Any, key: Array, x0: Array, context: Array,
+                         class_labels: Optional[Array], alphas_cumprod: Array) -> Array:
+  """Per-sample epsilon-prediction loss (pre-training, reward-weighted regression).
+
+  t ~ Uniform{0, ..., N_train - 1}, eps ~ N(0, I), x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps,
+  loss = mean_{h,w,c} (eps_fn(params, x_t, t, context, class_labels) - eps)^2.
+
+  Args:
+    key: PRNG key (split into a timestep key and a noise key).
+    x0: (B, H, W, C) clean samples. context: (B, L, D). class_labels: (B,) int32 or None.
+    alphas_cumprod: (N_train,) float32.
+
+  Returns:
+    (B,) float32 MSE (weight and average it as the method requires).
+  """
+  b = x0.shape[0]
+  k_t, k_eps = jax.random.split(key)
+  dtype = _compute_dtype(x0)
+  t = jax.random.randint(k_t, (b,), 0, alphas_cumprod.shape[0], jnp.int32)
+  noise = jax.random.normal(k_eps, x0.shape, dtype)
+  a_t = _batch_view(alphas_cumprod.astype(dtype)[t], x0.ndim)
+  x_t = jnp.sqrt(a_t) * x0.astype(dtype) + jnp.sqrt(1.0 - a_t) * noise
+  pred = eps_fn(params, x_t, t, context, class_labels).astype(dtype)
+  return jnp.mean((pred - noise) ** 2, axis=tuple(range(1, x0.ndim)))
