@@ -160,8 +160,7 @@ def make_tiny_tokenizer(directory: str, max_length: int = TINY_MAX_LENGTH):
   """A `transformers.CLIPTokenizer` over the tiny vocabulary (~520 tokens)."""
   from transformers import CLIPTokenizer
   vocab_path, merges_path = write_tiny_tokenizer_files(directory)
-  return CLIPTokenizer(vocab_file=vocab_path, merges_file=merges_path,
-                       model_max_length=max_length)
+  return CLIPTokenizer(vocab=vocab_path, merges=merges_path, model_max_length=max_length)
 
 
 # ----------------------------------------------------------------------------------------------

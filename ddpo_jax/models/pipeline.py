@@ -1,0 +1,480 @@
+"""Stable Diffusion pipelines in diffusers format: load, save, random init.
+
+A `Pipeline` bundles the parameters of the three networks, their configs, the scheduler config,
+the tokenizer and pure, jit-able functions (closures over the Flax modules; parameters are
+always passed explicitly):
+
+  unet_apply(params_unet, latents (B,h,w,4), timesteps (B,) or scalar, context (B,L,D),
+             class_labels=None) -> eps (B,h,w,4) float32
+  vae_encode(params_vae, images (B,H,W,3) in [-1,1]) -> DIFFUSION latents (B,H/8,W/8,4) float32
+      = posterior mean * scaling_factor (minus shift_factor first, if the VAE has one)
+  vae_decode(params_vae, latents (B,h,w,4)) -> images (B,8h,8w,3) float32, nominally in [-1,1]
+      (not clipped); takes DIFFUSION latents, i.e. divides by scaling_factor first
+  encode_prompt(params_text, input_ids (B,L) int32) -> (B,L,D) float32 last hidden state
+
+Directory layout (what `diffusers.StableDiffusionPipeline.save_pretrained` writes):
+
+  model_index.json
+  unet/config.json, unet/diffusion_pytorch_model.safetensors   (or .fp16 / sharded index)
+  vae/config.json, vae/diffusion_pytorch_model.safetensors
+  text_encoder/config.json, text_encoder/model.safetensors
+  tokenizer/ (vocab.json + merges.txt or tokenizer.json, tokenizer_config.json)   optional
+  scheduler/scheduler_config.json
+
+Only safetensors weights are read (no pickle). Every error about the directory (not a pipeline,
+a missing component, an unsupported config, a key or shape mismatch) is raised while loading,
+before anything is compiled: `jax.eval_shape` gives the expected parameter shapes without
+allocating or compiling.
+
+Dtype policy: `dtype` is the parameter dtype (float32, or bfloat16 to halve memory);
+`compute_dtype` (default: `dtype`) is the activation dtype of the modules, e.g. bfloat16 mixed
+precision with float32 master weights. The bundle functions return float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpo_jax.models import clip as clip_lib
+from ddpo_jax.models.unet import (UNet2DConditionModel, UNetConfig, init_unet_params,
+                                  unet_from_torch, unet_to_torch)
+from ddpo_jax.models.vae import (AutoencoderKL, VAEConfig, init_vae_params, vae_from_torch,
+                                 vae_to_torch)
+from ddpo_jax.models.weights import WeightLoadingError
+
+Dtype = Any
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_REQUIRED = ("unet", "vae", "text_encoder", "scheduler")
+_CLASSES = {
+    "unet": ("diffusers", "UNet2DConditionModel"),
+    "vae": ("diffusers", "AutoencoderKL"),
+    "text_encoder": ("transformers", "CLIPTextModel"),
+    "tokenizer": ("transformers", "CLIPTokenizer"),
+}
+_WEIGHT_BASENAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
+                     "text_encoder": "model"}
+
+# SD's DDIM configuration (the sampler DDPO uses).
+SD_DDIM_SCHEDULER_CONFIG = {
+    "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+    "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
+    "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon",
+    "timestep_spacing": "leading", "trained_betas": None,
+}
+
+
+class PipelineLoadError(ValueError):
+  """The path is not a (supported) diffusers Stable Diffusion pipeline."""
+
+
+# ================================================================================================
+# The bundle.
+# ================================================================================================
+@dataclasses.dataclass(eq=False)
+class Pipeline:
+  """A Stable Diffusion pipeline: params, configs, tokenizer and pure functions.
+
+  Attributes:
+    params: {"unet": ..., "vae": ..., "text_encoder": ...} parameter trees (`dtype` arrays).
+    unet_config / vae_config / text_config: the architectures.
+    scheduler_config: scheduler/scheduler_config.json as a dict.
+    tokenizer: a `transformers.CLIPTokenizer`, or None.
+    dtype: parameter dtype. compute_dtype: activation dtype (None: `dtype`).
+    attention_implementation: "auto" | "xla" | "cudnn". remat: gradient checkpointing of the
+      UNet blocks.
+    model_index: the model_index.json dict it was loaded from (kept on save), or None.
+
+  The functions `unet_apply`, `vae_encode`, `vae_decode`, `encode_prompt` (see the module
+  docstring) are built from the configs; `dataclasses.replace(pipe, params=new)` keeps them valid.
+  """
+  params: dict
+  unet_config: UNetConfig
+  vae_config: VAEConfig
+  text_config: Any  # clip.CLIPTextConfig
+  scheduler_config: dict
+  tokenizer: Any = None
+  dtype: Dtype = jnp.float32
+  compute_dtype: Dtype = None
+  attention_implementation: str = "auto"
+  remat: bool = False
+  model_index: dict | None = None
+
+  unet: UNet2DConditionModel = dataclasses.field(init=False, repr=False)
+  vae: AutoencoderKL = dataclasses.field(init=False, repr=False)
+  text_encoder: Any = dataclasses.field(init=False, repr=False)
+  unet_apply: Callable = dataclasses.field(init=False, repr=False)
+  vae_encode: Callable = dataclasses.field(init=False, repr=False)
+  vae_decode: Callable = dataclasses.field(init=False, repr=False)
+  encode_prompt: Callable = dataclasses.field(init=False, repr=False)
+
+  def __post_init__(self):
+    compute = self.compute_dtype or self.dtype
+    self.unet = UNet2DConditionModel(self.unet_config, dtype=compute, param_dtype=self.dtype,
+                                     attention_implementation=self.attention_implementation,
+                                     remat=self.remat)
+    self.vae = AutoencoderKL(self.vae_config, dtype=compute, param_dtype=self.dtype,
+                             attention_implementation=self.attention_implementation)
+    self.text_encoder = clip_lib.CLIPTextModel(self.text_config, dtype=compute,
+                                               param_dtype=self.dtype)
+    (self.unet_apply, self.vae_encode, self.vae_decode,
+     self.encode_prompt) = _make_functions(self.unet, self.vae, self.text_encoder,
+                                           self.vae_config)
+
+  @property
+  def max_length(self) -> int:
+    """Token sequence length fed to the text encoder."""
+    length = self.text_config.max_position_embeddings
+    if self.tokenizer is not None:
+      length = min(length, int(self.tokenizer.model_max_length))
+    return length
+
+  def tokenize(self, prompts: str | list[str]) -> np.ndarray:
+    """Prompts -> (B, max_length) int32 ids, padded and truncated like diffusers."""
+    if self.tokenizer is None:
+      raise ValueError("this pipeline has no tokenizer")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
+                         truncation=True, return_tensors="np").input_ids
+    return np.asarray(ids, np.int32)
+
+
+def _make_functions(unet, vae, text_encoder, vae_config: VAEConfig):
+  scale = float(vae_config.scaling_factor)
+  shift = float(vae_config.shift_factor or 0.0)
+
+  def unet_apply(params_unet, latents, timesteps, context, class_labels=None):
+    """eps (B,h,w,C) float32 from latents (B,h,w,C), timesteps (B,) / scalar, context (B,L,D)."""
+    out = unet.apply({"params": params_unet}, latents, timesteps, context, class_labels)
+    return out.astype(jnp.float32)
+
+  def vae_encode(params_vae, images):
+    """images (B,H,W,3) in [-1,1] -> diffusion latents (mean - shift) * scaling_factor."""
+    mean, _ = vae.apply({"params": params_vae}, images, method=AutoencoderKL.encode)
+    return ((mean.astype(jnp.float32) - shift) * scale)
+
+  def vae_decode(params_vae, latents):
+    """diffusion latents -> images (B,H,W,3) float32, nominally in [-1,1] (not clipped)."""
+    z = latents.astype(jnp.float32) / scale + shift
+    out = vae.apply({"params": params_vae}, z, method=AutoencoderKL.decode)
+    return out.astype(jnp.float32)
+
+  def encode_prompt(params_text, input_ids):
+    """input_ids (B,L) int32 -> last hidden state (B,L,D) float32."""
+    hidden, _ = text_encoder.apply({"params": params_text}, input_ids)
+    return hidden.astype(jnp.float32)
+
+  return unet_apply, vae_encode, vae_decode, encode_prompt
+
+
+# ================================================================================================
+# Configs of SD 1.5 (for param counting / benchmarks without weights).
+# ================================================================================================
+SD15_UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                         "DownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
+    "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+    "out_channels": 4, "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                       "CrossAttnUpBlock2D"],
+}
+SD15_VAE_CONFIG = {
+    "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3, "latent_channels": 4,
+    "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 512,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+SD15_TEXT_CONFIG = {
+    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+    "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0, "eos_token_id": 2,
+    "hidden_act": "quick_gelu", "hidden_size": 768, "initializer_factor": 1.0,
+    "initializer_range": 0.02, "intermediate_size": 3072, "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77, "num_attention_heads": 12, "num_hidden_layers": 12,
+    "pad_token_id": 1, "projection_dim": 768, "vocab_size": 49408,
+}
+
+
+def sd15_configs():
+  """(UNetConfig, VAEConfig, CLIPTextConfig) of Stable Diffusion 1.5 (runwayml/...-v1-5)."""
+  return (UNetConfig.from_dict(SD15_UNET_CONFIG), VAEConfig.from_dict(SD15_VAE_CONFIG),
+          clip_lib.CLIPTextConfig.from_dict(SD15_TEXT_CONFIG))
+
+
+def abstract_pipeline_params(unet_config, vae_config, text_config, dtype=jnp.float32) -> dict:
+  """{"unet","vae","text_encoder"} parameter trees of `jax.ShapeDtypeStruct` (no allocation)."""
+  key = jax.random.PRNGKey(0)
+  return jax.eval_shape(lambda k: _init_all(unet_config, vae_config, text_config, k, dtype), key)
+
+
+def _init_all(unet_config, vae_config, text_config, key, dtype):
+  ku, kv, kt = jax.random.split(key, 3)
+  return {"unet": init_unet_params(unet_config, ku, dtype),
+          "vae": init_vae_params(vae_config, kv, dtype),
+          "text_encoder": clip_lib.init_clip_text_params(text_config, kt, dtype)}
+
+
+def init_pipeline(unet_config: UNetConfig, vae_config: VAEConfig, text_config, key: jax.Array,
+                  dtype: Dtype = jnp.float32, tokenizer=None, scheduler_config: dict | None = None,
+                  *, compute_dtype: Dtype = None, attention_implementation: str = "auto",
+                  remat: bool = False) -> Pipeline:
+  """A randomly initialised pipeline (no files), e.g. to benchmark full-size architectures."""
+  params = jax.jit(lambda k: _init_all(unet_config, vae_config, text_config, k, dtype))(key)
+  return Pipeline(params=params, unet_config=unet_config, vae_config=vae_config,
+                  text_config=text_config,
+                  scheduler_config=dict(scheduler_config or SD_DDIM_SCHEDULER_CONFIG),
+                  tokenizer=tokenizer, dtype=dtype, compute_dtype=compute_dtype,
+                  attention_implementation=attention_implementation, remat=remat)
+
+
+# ================================================================================================
+# Loading.
+# ================================================================================================
+_HUB_PATTERNS = [
+    "model_index.json", "scheduler/*.json", "tokenizer/*",
+    "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_pytorch_model.safetensors.index.json", "unet/diffusion_pytorch_model-*.safetensors",
+    "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/config.json", "text_encoder/model.safetensors",
+    "text_encoder/model.safetensors.index.json", "text_encoder/model-*.safetensors",
+]
+
+
+def _resolve(path) -> str:
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    return path
+  if os.path.exists(path):
+    raise PipelineLoadError(f"{path}: not a directory (expected a diffusers pipeline directory "
+                            "with model_index.json)")
+  if path.startswith((".", "/", "~")) or path.count("/") != 1:
+    raise PipelineLoadError(f"{path}: no such directory (expected a diffusers pipeline directory "
+                            "with model_index.json, or a Hugging Face Hub id 'owner/name')")
+  try:
+    from huggingface_hub import snapshot_download
+    return snapshot_download(path, allow_patterns=_HUB_PATTERNS)
+  except Exception as e:  # offline, unknown repo, gated repo, no huggingface_hub...
+    raise PipelineLoadError(
+        f"{path!r} is not a local directory and could not be downloaded from the Hugging Face "
+        f"Hub ({type(e).__name__}: {e}). Pass a local diffusers pipeline directory.") from e
+
+
+def _read_json(path: str, what: str) -> dict:
+  if not os.path.isfile(path):
+    raise PipelineLoadError(f"{path}: missing ({what})")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise PipelineLoadError(f"{path}: cannot read JSON ({e})") from e
+
+
+def _weight_files(directory: str, component: str) -> list[str]:
+  base = os.path.join(directory, _WEIGHT_BASENAMES[component])
+  for variant in ("", ".fp16"):
+    single = f"{base}{variant}.safetensors"
+    if os.path.isfile(single):
+      return [single]
+    index = f"{single}.index.json"
+    if os.path.isfile(index):
+      weight_map = _read_json(index, "sharded checkpoint index").get("weight_map", {})
+      files = [os.path.join(directory, s) for s in sorted(set(weight_map.values()))]
+      for file in files:
+        if not os.path.isfile(file):
+          raise PipelineLoadError(f"{file}: shard listed in {index} is missing")
+      return files
+  others = sorted(n for n in os.listdir(directory) if n.endswith((".bin", ".ckpt", ".pt")))
+  hint = (f" (found {others}: only safetensors are supported; re-save with "
+          "save_pretrained(safe_serialization=True))") if others else ""
+  raise PipelineLoadError(f"component '{component}': no {os.path.basename(base)}.safetensors "
+                          f"in {directory}{hint}")
+
+
+def _read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
+  from safetensors.numpy import load_file
+  out = {}
+  for file in files:
+    try:
+      out.update(load_file(file))
+    except Exception as e:
+      raise WeightLoadingError(f"{file}: cannot read safetensors ({type(e).__name__}: {e})") from e
+  return out
+
+
+def load_pipeline(path, dtype: Dtype = jnp.float32, *, attention_implementation: str = "auto",
+                  remat: bool = False, compute_dtype: Dtype = None) -> Pipeline:
+  """Loads a diffusers-format Stable Diffusion pipeline (local directory or Hub id).
+
+  Args:
+    path: a local directory written by `StableDiffusionPipeline.save_pretrained` (or
+      `save_pipeline`), or a Hugging Face Hub id (downloaded with `snapshot_download`, only the
+      files needed, if `path` is not an existing directory).
+    dtype: parameter dtype (float32 or bfloat16); fp16 checkpoints are cast.
+    attention_implementation: "auto" | "xla" | "cudnn".
+    remat: gradient checkpointing of the UNet blocks.
+    compute_dtype: activation dtype (default `dtype`).
+
+  Raises:
+    PipelineLoadError: not a directory / no model_index.json / a missing component / an
+      unsupported or inconsistent config (the message names the file and the key).
+    WeightLoadingError: missing/unexpected weight keys or shape mismatches (names file and keys).
+  """
+  root = _resolve(path)
+  index_path = os.path.join(root, "model_index.json")
+  if not os.path.isfile(index_path):
+    raise PipelineLoadError(f"{root}: not a diffusers pipeline (no model_index.json)")
+  model_index = _read_json(index_path, "pipeline index")
+
+  dirs = {}
+  for name in COMPONENTS:
+    entry = model_index.get(name)
+    directory = os.path.join(root, name)
+    if name in _REQUIRED:
+      if not entry or entry[0] is None or not os.path.isdir(directory):
+        raise PipelineLoadError(
+            f"{root}: component '{name}' is missing ("
+            + ("no entry in model_index.json" if not entry or entry[0] is None
+               else f"no directory {directory}") + ")")
+    elif not entry or entry[0] is None or not os.path.isdir(directory):
+      continue
+    if name in _CLASSES and entry[1] != _CLASSES[name][1]:
+      raise PipelineLoadError(f"{index_path}: component '{name}' has class {entry[1]!r}; "
+                              f"only {_CLASSES[name][1]!r} is supported")
+    dirs[name] = directory
+
+  # 1. All configs (cheap, catches unsupported architectures before reading weights).
+  def parse(name, filename, from_dict):
+    file = os.path.join(dirs[name], filename)
+    raw = _read_json(file, f"{name} config")
+    try:
+      return from_dict(raw)
+    except (ValueError, TypeError) as e:
+      raise PipelineLoadError(f"{file}: {e}") from e
+
+  unet_config = parse("unet", "config.json", UNetConfig.from_dict)
+  vae_config = parse("vae", "config.json", VAEConfig.from_dict)
+  text_config = parse("text_encoder", "config.json", clip_lib.CLIPTextConfig.from_dict)
+  scheduler_config = _read_json(os.path.join(dirs["scheduler"], "scheduler_config.json"),
+                                "scheduler config")
+  if unet_config.context_dim != text_config.hidden_size:
+    raise PipelineLoadError(
+        f"{os.path.join(dirs['unet'], 'config.json')}: cross_attention_dim="
+        f"{unet_config.context_dim} does not match the text encoder's hidden_size="
+        f"{text_config.hidden_size}")
+  if unet_config.in_channels != vae_config.latent_channels:
+    raise PipelineLoadError(
+        f"{os.path.join(dirs['unet'], 'config.json')}: in_channels={unet_config.in_channels} "
+        f"does not match the VAE's latent_channels={vae_config.latent_channels}")
+
+  # 2. Weights, converted one component at a time (keys and shapes checked).
+  files = {name: _weight_files(dirs[name], name) for name in ("unet", "vae", "text_encoder")}
+  converters = {"unet": (unet_from_torch, unet_config), "vae": (vae_from_torch, vae_config),
+                "text_encoder": (clip_lib.clip_text_from_torch, text_config)}
+  params = {}
+  for name, (convert, config) in converters.items():
+    state_dict = _read_safetensors(files[name])
+    source = files[name][0] if len(files[name]) == 1 else os.path.join(dirs[name], "*.safetensors")
+    params[name] = convert(state_dict, config, source, dtype)
+    del state_dict
+
+  # 3. Tokenizer (optional).
+  tokenizer = None
+  if "tokenizer" in dirs:
+    try:
+      from transformers import CLIPTokenizer
+      tokenizer = CLIPTokenizer.from_pretrained(dirs["tokenizer"])
+    except Exception as e:
+      raise PipelineLoadError(f"{dirs['tokenizer']}: cannot load the CLIP tokenizer "
+                              f"({type(e).__name__}: {e})") from e
+
+  return Pipeline(params=params, unet_config=unet_config, vae_config=vae_config,
+                  text_config=text_config, scheduler_config=scheduler_config, tokenizer=tokenizer,
+                  dtype=dtype, compute_dtype=compute_dtype,
+                  attention_implementation=attention_implementation, remat=remat,
+                  model_index=model_index)
+
+
+# ================================================================================================
+# Saving.
+# ================================================================================================
+def _save_safetensors(state_dict: dict[str, np.ndarray], path: str):
+  from safetensors.numpy import save_file
+  save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path,
+            metadata={"format": "pt"})
+
+
+def _write_json(obj, path):
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
+def save_pipeline(pipe: Pipeline, path) -> str:
+  """Writes `pipe` in diffusers format (loadable by `StableDiffusionPipeline.from_pretrained`).
+
+  Weights are written as float32 safetensors (PyTorch layout). The output is assembled in a
+  temporary directory next to `path` and renamed into place at the end, so `path` never holds a
+  half-written pipeline; an existing `path` is replaced.
+
+  Returns:
+    `path`.
+  """
+  path = os.path.abspath(os.fspath(path))
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+  try:
+    index = dict(pipe.model_index or {"_class_name": "StableDiffusionPipeline",
+                                      "_diffusers_version": "0.30.0",
+                                      "feature_extractor": [None, None],
+                                      "requires_safety_checker": False,
+                                      "safety_checker": [None, None]})
+    for name, cls in _CLASSES.items():
+      index[name] = list(cls)
+    if pipe.tokenizer is None:
+      index["tokenizer"] = [None, None]
+    scheduler_config = dict(pipe.scheduler_config)
+    scheduler_config.setdefault("_class_name", "DDIMScheduler")
+    index["scheduler"] = ["diffusers", scheduler_config["_class_name"]]
+    _write_json(index, os.path.join(tmp, "model_index.json"))
+
+    components = {
+        "unet": (pipe.unet_config.to_dict(), unet_to_torch(pipe.params["unet"], pipe.unet_config)),
+        "vae": (pipe.vae_config.to_dict(), vae_to_torch(pipe.params["vae"], pipe.vae_config)),
+        "text_encoder": (pipe.text_config.to_dict(),
+                         clip_lib.clip_text_to_torch(pipe.params["text_encoder"],
+                                                     pipe.text_config)),
+    }
+    for name, (config, state_dict) in components.items():
+      os.makedirs(os.path.join(tmp, name))
+      _write_json(config, os.path.join(tmp, name, "config.json"))
+      _save_safetensors(state_dict, os.path.join(tmp, name,
+                                                 _WEIGHT_BASENAMES[name] + ".safetensors"))
+      del state_dict
+    os.makedirs(os.path.join(tmp, "scheduler"))
+    _write_json(scheduler_config, os.path.join(tmp, "scheduler", "scheduler_config.json"))
+    if pipe.tokenizer is not None:
+      pipe.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+
+    if os.path.exists(path):
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+      os.rename(path, os.path.join(old, "x"))
+      os.rename(tmp, path)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return path
