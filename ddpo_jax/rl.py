@@ -1,0 +1,191 @@
+"""Advantages and policy-gradient losses of DDPO (SPEC section 2).
+
+* `PerPromptStatTracker`: per-prompt reward normalisation (host-side NumPy, checkpointable).
+* `normalize_advantages`: whole-batch normalisation (no tracking).
+* `ppo_clipped_loss` (DDPO-IS), `score_function_loss` (DDPO-SF): pure `jax.numpy`, per chosen
+  timestep, on (B,) arrays.
+* `rwr_weights`, `rwr_sparse_weights`: reward-weighted-regression baselines' sample weights,
+  to multiply `diffusion.denoising_loss_terms`.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+class PerPromptStatTracker:
+  """Normalises rewards with running per-prompt statistics (kvablack/ddpo-pytorch semantics).
+
+  For each unique prompt of a batch its rewards are appended (in batch order) to a deque of the
+  last `buffer_size` rewards of that prompt. If the deque then holds fewer than `min_count`
+  rewards the prompt's advantages use the WHOLE BATCH's mean/std, otherwise the deque's:
+  A = (r - mean) / (std + 1e-6), std being the population std (`np.std`, ddof=0).
+
+  In a multi-host run call `update` with the globally gathered prompts and rewards (same on
+  every host) so that every host keeps the same state.
+
+  Rewards are stored as Python floats (float64), so `state_dict` / `load_state_dict` round-trip
+  exactly and advantages are computed in float64.
+  """
+
+  def __init__(self, buffer_size: int, min_count: int):
+    if buffer_size < 1 or min_count < 0:
+      raise ValueError(f"buffer_size={buffer_size} must be >= 1 and min_count={min_count} >= 0.")
+    self.buffer_size = int(buffer_size)
+    self.min_count = int(min_count)
+    self.stats: dict[str, collections.deque] = {}
+
+  def update(self, prompts: Sequence[str], rewards: np.ndarray) -> np.ndarray:
+    """Adds a batch of rewards and returns its advantages.
+
+    Args:
+      prompts: B prompt strings (keys are `str(prompt)`).
+      rewards: (B,) rewards.
+
+    Returns:
+      (B,) float64 advantages.
+    """
+    prompts = np.asarray([str(p) for p in prompts])
+    rewards = np.asarray(rewards, dtype=np.float64)
+    if rewards.ndim != 1 or rewards.shape[0] != prompts.shape[0]:
+      raise ValueError(f"rewards {rewards.shape} must be (B,) with B = {len(prompts)} prompts.")
+    advantages = np.empty_like(rewards)
+    batch_mean, batch_std = np.mean(rewards), np.std(rewards)
+    for prompt in np.unique(prompts):
+      mask = prompts == prompt
+      buf = self.stats.setdefault(str(prompt), collections.deque(maxlen=self.buffer_size))
+      buf.extend(float(r) for r in rewards[mask])
+      if len(buf) < self.min_count:
+        mean, std = batch_mean, batch_std
+      else:
+        values = np.asarray(buf, dtype=np.float64)
+        mean, std = np.mean(values), np.std(values)
+      advantages[mask] = (rewards[mask] - mean) / (std + 1e-6)
+    return advantages
+
+  def get_stats(self) -> dict[str, dict[str, float]]:
+    """{prompt: {"mean", "std", "count"}} of each prompt's buffer."""
+    out = {}
+    for k, v in self.stats.items():
+      values = np.asarray(v, dtype=np.float64)
+      out[k] = {"mean": float(np.mean(values)), "std": float(np.std(values)),
+                "count": len(values)}
+    return out
+
+  def clear(self) -> None:
+    self.stats = {}
+
+  def state_dict(self) -> dict[str, Any]:
+    """JSON-serialisable state: {"buffer_size", "min_count", "stats": {prompt: [floats]}}."""
+    return {"buffer_size": self.buffer_size, "min_count": self.min_count,
+            "stats": {k: [float(x) for x in v] for k, v in self.stats.items()}}
+
+  def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    """Restores `state_dict()`'s output. The buffers keep this tracker's `buffer_size` (if the
+    saved buffers are longer, their most recent `buffer_size` rewards are kept)."""
+    self.stats = {}
+    for k, v in state["stats"].items():
+      self.stats[str(k)] = collections.deque((float(x) for x in v), maxlen=self.buffer_size)
+
+
+def normalize_advantages(rewards):
+  """Whole-batch normalisation without per-prompt tracking: (r - mean) / (std + 1e-8).
+
+  Population std. NumPy in -> float64 NumPy out; a jax.Array in -> jax.Array out (jittable).
+
+  Args:
+    rewards: (B,).
+
+  Returns:
+    (B,) advantages.
+  """
+  if isinstance(rewards, jax.Array):
+    r = rewards.astype(jnp.result_type(rewards.dtype, jnp.float32))
+    return (r - jnp.mean(r)) / (jnp.std(r) + 1e-8)
+  r = np.asarray(rewards, dtype=np.float64)
+  return (r - np.mean(r)) / (np.std(r) + 1e-8)
+
+
+def ppo_clipped_loss(log_prob: Array, old_log_prob: Array, advantages: Array,
+                     clip_range: float, adv_clip_max: float) -> tuple[Array, dict[str, Array]]:
+  """DDPO-IS clipped surrogate for one chosen timestep per sample (SPEC section 2).
+
+      A_c   = clip(A, -adv_clip_max, adv_clip_max)
+      ratio = exp(log_prob - old_log_prob)
+      L     = mean(max(-A_c * ratio, -A_c * clip(ratio, 1 - clip_range, 1 + clip_range)))
+
+  Args:
+    log_prob: (B,) log-probs under the current params (differentiable).
+    old_log_prob: (B,) log-probs stored at sampling time (treated as constants).
+    advantages: (B,) advantages (treated as constants).
+    clip_range: epsilon (1e-4 in DDPO).
+    adv_clip_max: advantage clip (5 torch port / 10 JAX original).
+
+  Returns:
+    loss: float32 scalar; info: {"approx_kl": 0.5 mean((lp - old)^2), "clipfrac":
+    mean(|ratio - 1| > clip_range), "ratio": mean(ratio)}, float32 scalars without gradient.
+  """
+  old_log_prob = jax.lax.stop_gradient(old_log_prob)
+  adv = jnp.clip(jax.lax.stop_gradient(advantages), -adv_clip_max, adv_clip_max)
+  diff = log_prob - old_log_prob
+  ratio = jnp.exp(diff)
+  unclipped = -adv * ratio
+  clipped = -adv * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
+  loss = jnp.mean(jnp.maximum(unclipped, clipped))
+  info = jax.lax.stop_gradient({
+      "approx_kl": 0.5 * jnp.mean(diff ** 2),
+      "clipfrac": jnp.mean((jnp.abs(ratio - 1.0) > clip_range).astype(jnp.float32)),
+      "ratio": jnp.mean(ratio),
+  })
+  return loss, info
+
+
+def score_function_loss(log_prob: Array, advantages: Array, adv_clip_max: float) -> Array:
+  """DDPO-SF (REINFORCE) loss: -mean(clip(A, -adv_clip_max, adv_clip_max) * log_prob).
+
+  Args:
+    log_prob: (B,) differentiable log-probs. advantages: (B,) (constants).
+
+  Returns:
+    float32 scalar.
+  """
+  adv = jnp.clip(jax.lax.stop_gradient(advantages), -adv_clip_max, adv_clip_max)
+  return -jnp.mean(adv * log_prob)
+
+
+def rwr_weights(rewards: Array, beta: float) -> Array:
+  """Reward-weighted-regression weights: w_i = B * exp(r_i / beta) / sum_j exp(r_j / beta).
+
+  Normalised over the batch (a softmax, numerically stable) and scaled by the batch size B so
+  that the weights average to 1: `mean(w * denoising_loss_terms)` equals the reference's
+  `sum(softmax(r / beta) * loss)`.
+
+  Args:
+    rewards: (B,). beta: temperature > 0.
+
+  Returns:
+    (B,) float32 weights (constants: no gradient).
+  """
+  r = jax.lax.stop_gradient(jnp.asarray(rewards, jnp.float32))
+  return r.shape[0] * jax.nn.softmax(r / beta)
+
+
+def rwr_sparse_weights(rewards: Array, quantile: float) -> Array:
+  """Sparse RWR / filtered fine-tuning weights: 1 where r >= the batch's `quantile` (linear
+  interpolation, `jnp.quantile`'s default), else 0.
+
+  Args:
+    rewards: (B,). quantile: in [0, 1] (e.g. 0.9 keeps roughly the top 10%).
+
+  Returns:
+    (B,) float32 weights in {0, 1}.
+  """
+  r = jax.lax.stop_gradient(jnp.asarray(rewards, jnp.float32))
+  threshold = jnp.quantile(r, quantile)
+  return (r >= threshold).astype(jnp.float32)

@@ -1,0 +1,147 @@
+"""Tests of ddpo_jax.rl on hand-computed cases (SPEC section 2)."""
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpo_jax import rl
+
+# ----------------------------------------------------------------------------- stat tracker
+
+
+def test_stat_tracker_hand_computed():
+  tr = rl.PerPromptStatTracker(buffer_size=3, min_count=2)
+  # Batch 1: "a" has 2 rewards (>= min_count: its own stats, mean 2, std 1);
+  # "b" has 1 (< min_count: whole-batch stats, mean 3, std sqrt(8/3)).
+  adv = tr.update(["a", "a", "b"], np.array([1.0, 3.0, 5.0]))
+  np.testing.assert_allclose(adv, [-1 / (1 + 1e-6), 1 / (1 + 1e-6),
+                                   2 / (math.sqrt(8 / 3) + 1e-6)], rtol=1e-12)
+  # Batch 2: b = [5, 7] -> mean 6, std 1; a = [1, 3, 9] -> mean 13/3, std sqrt(312/27).
+  adv = tr.update(["b", "a"], np.array([7.0, 9.0]))
+  np.testing.assert_allclose(adv, [1 / (1 + 1e-6), (9 - 13 / 3) / (math.sqrt(312 / 27) + 1e-6)],
+                             rtol=1e-12)
+  # Batch 3: eviction at buffer_size 3: a = [3, 9, 0] -> mean 4, std sqrt(14).
+  adv = tr.update(["a"], np.array([0.0]))
+  np.testing.assert_allclose(adv, [-4 / (math.sqrt(14) + 1e-6)], rtol=1e-12)
+  assert list(tr.stats["a"]) == [3.0, 9.0, 0.0]
+  stats = tr.get_stats()
+  assert stats["a"] == {"mean": 4.0, "std": pytest.approx(math.sqrt(14)), "count": 3}
+  assert stats["b"]["count"] == 2 and stats["b"]["mean"] == 6.0
+
+
+def test_stat_tracker_batch_stats_until_min_count():
+  tr = rl.PerPromptStatTracker(buffer_size=16, min_count=16)
+  prompts = ["x", "y", "x", "z"]
+  r = np.array([1.0, 2.0, 4.0, 9.0], np.float32)
+  adv = tr.update(prompts, r)
+  # All buffers below min_count: every advantage uses the batch's mean 4, std sqrt(9.5).
+  np.testing.assert_allclose(adv, (r.astype(np.float64) - 4.0) / (math.sqrt(9.5) + 1e-6),
+                             rtol=1e-12)
+  assert adv.dtype == np.float64
+
+
+def test_stat_tracker_state_dict_round_trip():
+  rng = np.random.default_rng(0)
+  prompts = ["cat", "dog", "a cat", "dog"]
+  tr = rl.PerPromptStatTracker(buffer_size=5, min_count=3)
+  for _ in range(3):
+    tr.update(prompts, rng.standard_normal(4).astype(np.float32))
+  state = json.loads(json.dumps(tr.state_dict()))
+  tr2 = rl.PerPromptStatTracker(buffer_size=5, min_count=3)
+  tr2.load_state_dict(state)
+  assert tr2.state_dict() == tr.state_dict()
+  assert tr2.get_stats() == tr.get_stats()
+  for _ in range(3):
+    r = rng.standard_normal(4).astype(np.float32)
+    np.testing.assert_array_equal(tr.update(prompts, r), tr2.update(prompts, r))
+  assert tr2.state_dict() == tr.state_dict()
+
+
+def test_normalize_advantages():
+  r = np.array([1.0, 2.0, 3.0, 4.0])
+  expected = (r - 2.5) / (math.sqrt(1.25) + 1e-8)
+  np.testing.assert_allclose(rl.normalize_advantages(r), expected, rtol=1e-12)
+  np.testing.assert_allclose(rl.normalize_advantages(jnp.asarray(r, jnp.float32)), expected,
+                             rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- losses
+
+# ratios and advantages of six hand-computed cases (clip_range 0.2, adv_clip_max 2)
+RATIOS = np.array([1.1, 1.5, 1.5, 0.5, 0.5, 0.9])
+ADVS = np.array([1.0, 1.0, -1.0, -1.0, 3.0, -5.0])
+# per-sample max(-A_c r, -A_c clip(r, 0.8, 1.2)):
+#  1.1, A 1:  max(-1.1, -1.1) = -1.1   (inside the clip range)
+#  1.5, A 1:  max(-1.5, -1.2) = -1.2   (clipped, positive advantage)
+#  1.5, A -1: max( 1.5,  1.2) =  1.5   (ratio above range, negative advantage: not clipped)
+#  0.5, A -1: max( 0.5,  0.8) =  0.8   (clipped, negative advantage)
+#  0.5, A 3 -> 2: max(-1.0, -1.6) = -1.0 (ratio below range, positive adv: not clipped)
+#  0.9, A -5 -> -2: max(1.8, 1.8) = 1.8 (advantage clipping)
+PER_SAMPLE = np.array([-1.1, -1.2, 1.5, 0.8, -1.0, 1.8])
+# d(per-sample)/d(log_prob) = -A_c * ratio where the unclipped branch is active, else 0
+GRAD = np.array([-1.1, 0.0, 1.5, 0.0, -1.0, 1.8]) / 6
+
+
+def test_ppo_clipped_loss_hand_computed():
+  old = jnp.asarray([-1.0, -2.0, 0.5, -0.3, 1.0, -4.0], jnp.float32)
+  lp = old + jnp.log(jnp.asarray(RATIOS, jnp.float32))
+  loss, info = rl.ppo_clipped_loss(lp, old, jnp.asarray(ADVS, jnp.float32), 0.2, 2.0)
+  assert loss.shape == ()
+  np.testing.assert_allclose(loss, PER_SAMPLE.mean(), rtol=1e-5)
+  np.testing.assert_allclose(info["clipfrac"], 4 / 6, rtol=1e-6)
+  np.testing.assert_allclose(info["approx_kl"], 0.5 * np.mean(np.log(RATIOS) ** 2), rtol=1e-5)
+  np.testing.assert_allclose(info["ratio"], RATIOS.mean(), rtol=1e-5)
+  g = jax.grad(lambda l: rl.ppo_clipped_loss(l, old, jnp.asarray(ADVS), 0.2, 2.0)[0])(lp)
+  np.testing.assert_allclose(g, GRAD, rtol=1e-5, atol=1e-7)
+
+
+def test_ppo_loss_at_ratio_one_is_minus_mean_advantage():
+  lp = jnp.array([0.1, -0.2, 0.3])
+  adv = jnp.array([1.0, -20.0, 0.5])
+  loss, info = rl.ppo_clipped_loss(lp, lp, adv, 1e-4, 5.0)
+  np.testing.assert_allclose(loss, -(1.0 - 5.0 + 0.5) / 3, rtol=1e-6)
+  assert float(info["approx_kl"]) == 0.0 and float(info["clipfrac"]) == 0.0
+  # the gradient at ratio 1 is the score-function gradient -A_c / B
+  g = jax.grad(lambda l: rl.ppo_clipped_loss(l, lp, adv, 1e-4, 5.0)[0])(lp)
+  np.testing.assert_allclose(g, -np.array([1.0, -5.0, 0.5]) / 3, rtol=1e-5)
+
+
+def test_score_function_loss():
+  lp = jnp.array([-1.0, 2.0, 0.5, 3.0])
+  adv = jnp.array([1.0, -2.0, 12.0, -0.5])
+  a_c = np.array([1.0, -2.0, 10.0, -0.5])
+  loss = rl.score_function_loss(lp, adv, 10.0)
+  np.testing.assert_allclose(loss, -np.mean(a_c * np.asarray(lp)), rtol=1e-6)
+  g = jax.grad(lambda l: rl.score_function_loss(l, adv, 10.0))(lp)
+  np.testing.assert_allclose(g, -a_c / 4, rtol=1e-6)
+
+
+def test_rwr_weights():
+  r = jnp.array([0.0, 1.0, 2.0])
+  w = rl.rwr_weights(r, 0.5)
+  e = np.exp(np.array([0.0, 2.0, 4.0]))
+  np.testing.assert_allclose(w, 3 * e / e.sum(), rtol=1e-6)
+  np.testing.assert_allclose(float(w.sum()), 3.0, rtol=1e-6)
+  # numerically stable for large rewards
+  w = rl.rwr_weights(jnp.array([1000.0, 1000.0, 990.0]), 1.0)
+  assert np.isfinite(np.asarray(w)).all()
+  np.testing.assert_allclose(w[0], w[1], rtol=1e-6)
+
+
+def test_rwr_sparse_weights():
+  r = jnp.array([5.0, 1.0, 4.0, 2.0, 3.0])
+  np.testing.assert_array_equal(rl.rwr_sparse_weights(r, 0.6), [1, 0, 1, 0, 0])  # q = 3.4
+  np.testing.assert_array_equal(rl.rwr_sparse_weights(r, 0.5), [1, 0, 1, 0, 1])  # q = 3
+  np.testing.assert_array_equal(rl.rwr_sparse_weights(r, 0.0), [1, 1, 1, 1, 1])
+
+
+def test_ppo_clipfrac_with_ddpo_clip_range():
+  ratios = np.array([1.00005, 1.0002, 0.9998, 0.99995, 1.0, 1.3])
+  old = jnp.zeros(6)
+  _, info = rl.ppo_clipped_loss(jnp.log(jnp.asarray(ratios, jnp.float32)), old, jnp.ones(6),
+                                1e-4, 5.0)
+  np.testing.assert_allclose(info["clipfrac"], 3 / 6, rtol=1e-6)
+  np.testing.assert_allclose(info["ratio"], ratios.mean(), rtol=1e-6)
