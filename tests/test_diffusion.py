@@ -1,6 +1,5 @@
 """Tests of ddpo_jax.diffusion against NumPy float64 formulas (SPEC section 1) and diffusers."""
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
