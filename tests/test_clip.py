@@ -1,6 +1,5 @@
 """Parity of the Flax CLIP towers with transformers (PyTorch, test-only oracle), CPU, fp32."""
 import json
-import os
 
 import jax
 import jax.numpy as jnp

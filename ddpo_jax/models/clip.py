@@ -94,7 +94,7 @@ def _pick_fields(cls, d: Mapping[str, Any]) -> dict:
 
 
 def _sub_config(d: Mapping[str, Any], name: str) -> dict:
-  """`d[name]` of a `CLIPModel` config, overridden by the legacy `name + '_dict'` (as transformers)."""
+  """`d[name]` of a `CLIPModel` config, overridden by the legacy `name + '_dict'`."""
   sub = dict(d.get(name) or {})
   sub.update(d.get(name + "_dict") or {})
   return sub
@@ -208,7 +208,7 @@ class CLIPVisionConfig:
     return cls(**_pick_fields(cls, d))
 
   def to_dict(self) -> dict:
-    """A `config.json` dict that `transformers.CLIPVisionModelWithProjection.from_pretrained` loads."""
+    """A `config.json` dict loadable by `transformers.CLIPVisionModelWithProjection`."""
     return {"architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model",
             **dataclasses.asdict(self)}
 
@@ -445,15 +445,17 @@ def _cast(params, dtype):
   return jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
 
 
-def init_clip_text_params(config: CLIPTextConfig, key: jax.Array, dtype: Dtype = jnp.float32) -> Params:
-  """Random text-encoder parameters (a "params" tree of `dtype` arrays); works under `jax.eval_shape`."""
+def init_clip_text_params(config: CLIPTextConfig, key: jax.Array,
+                          dtype: Dtype = jnp.float32) -> Params:
+  """Random text-encoder "params" tree of `dtype` arrays; works under `jax.eval_shape`."""
   model = CLIPTextModel(config, param_dtype=dtype)
   ids = jnp.zeros((1, config.max_position_embeddings), jnp.int32)
   return model.init(key, ids)["params"]
 
 
-def init_clip_vision_params(config: CLIPVisionConfig, key: jax.Array, dtype: Dtype = jnp.float32) -> Params:
-  """Random vision-tower parameters (a "params" tree of `dtype` arrays); works under `jax.eval_shape`."""
+def init_clip_vision_params(config: CLIPVisionConfig, key: jax.Array,
+                            dtype: Dtype = jnp.float32) -> Params:
+  """Random vision-tower "params" tree of `dtype` arrays; works under `jax.eval_shape`."""
   model = CLIPVisionModelWithProjection(config, param_dtype=dtype)
   x = jnp.zeros((1, config.image_size, config.image_size, config.num_channels), jnp.float32)
   return model.init(key, x)["params"]
@@ -673,7 +675,8 @@ def load_clip_vision(path: str | os.PathLike, dtype: Dtype = jnp.float32) -> Cli
   return ClipVision(config, params, dtype)
 
 
-def load_clip_text(path: str | os.PathLike, dtype: Dtype = jnp.float32) -> tuple[CLIPTextConfig, Params]:
+def load_clip_text(path: str | os.PathLike,
+                   dtype: Dtype = jnp.float32) -> tuple[CLIPTextConfig, Params]:
   """Loads a CLIP text encoder (`CLIPTextModel` directory, e.g. SD's `text_encoder/`, or a full
   `CLIPModel` directory, whose vision keys are skipped) -> (config, params)."""
   directory = _resolve(path)
