@@ -382,8 +382,12 @@ def load_pipeline(path, dtype: Dtype = jnp.float32, *, attention_implementation:
   converters = {"unet": (unet_from_torch, unet_config), "vae": (vae_from_torch, vae_config),
                 "text_encoder": (clip_lib.clip_text_from_torch, text_config)}
   params = {}
+  target = np.dtype(dtype)
   for name, (convert, config) in converters.items():
     state_dict = _read_safetensors(files[name])
+    for key, value in state_dict.items():  # cast in NumPy: no per-shape XLA convert kernels
+      if value.dtype != target and jnp.issubdtype(value.dtype, jnp.floating):
+        state_dict[key] = value.astype(target)
     source = files[name][0] if len(files[name]) == 1 else os.path.join(dirs[name], "*.safetensors")
     params[name] = convert(state_dict, config, source, dtype)
     del state_dict

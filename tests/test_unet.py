@@ -1,0 +1,207 @@
+"""Parity of the Flax UNet with diffusers' UNet2DConditionModel (tiny random models, CPU)."""
+import functools
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import tiny_models as tm  # noqa: E402
+from ddpo_jax.models import attention  # noqa: E402
+from ddpo_jax.models import unet as U  # noqa: E402
+from ddpo_jax.models.weights import WeightLoadingError, flax_path_to_torch_key  # noqa: E402
+from flax import traverse_util  # noqa: E402
+
+TOL = 1e-4
+# Tests only: XLA's CPU backend optimisations double compile times of these tiny models.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+SD15_UNET_PARAMS = 859_520_964
+
+
+def _state_dict(model):
+  return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def _inputs(kw, batch=2, seq=5, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((batch, 8, 8, kw["in_channels"])).astype(np.float32)
+  ctx = rng.standard_normal((batch, seq, kw["cross_attention_dim"])).astype(np.float32)
+  t = np.array([3, 917])[:batch]
+  labels = np.array([1, 7])[:batch] if kw.get("num_class_embeds") else None
+  return x, t, ctx, labels
+
+
+_KWARGS = {"sd1": tm.unet_sd1_kwargs, "sd2_linear_per_block_heads": tm.unet_sd2_kwargs,
+           "pixel_class_labels": tm.unet_pixel_class_kwargs}
+
+
+@functools.lru_cache(maxsize=None)
+def _models(name):
+  """(diffusers model, kwargs, UNetConfig, Flax params) of a tiny UNet, built once."""
+  kw = _KWARGS[name]()
+  model = tm.make_torch_unet(kw)
+  config = U.UNetConfig.from_dict(dict(model.config))
+  return model, kw, config, U.unet_from_torch(_state_dict(model), config, source=name)
+
+
+def _torch_eps(model, x, t, ctx, labels=None):
+  with torch.no_grad():
+    out = model(tm.to_nchw(x), torch.as_tensor(t), torch.from_numpy(ctx),
+                class_labels=None if labels is None else torch.as_tensor(labels)).sample
+  return tm.to_nhwc(out)
+
+
+# ------------------------------------------------------------------------------------------------
+def test_attention_implementations_agree_on_cpu():
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((2, 7, 3, 16)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((2, 5, 3, 16)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((2, 5, 3, 16)), jnp.float32)
+  ref = jax.nn.dot_product_attention(q, k, v)
+  for impl in ("auto", "xla"):
+    out = attention.dot_product_attention(q, k, v, implementation=impl)
+    assert out.shape == (2, 7, 3, 16)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+  # bf16 inputs: softmax in fp32, output in bf16.
+  out16 = attention.dot_product_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
+                                          v.astype(jnp.bfloat16))
+  assert out16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out16, np.float32), ref, atol=5e-2)
+  with pytest.raises(ValueError, match="implementation"):
+    attention.dot_product_attention(q, k, v, implementation="flash")
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2_linear_per_block_heads", "pixel_class_labels"])
+def test_unet_parity_with_diffusers(name):
+  model, kw, config, params = _models(name)
+  x, t, ctx, labels = _inputs(kw)
+  ref = _torch_eps(model, x, t, ctx, labels)
+  out = U.UNet2DConditionModel(config).apply({"params": params}, x, t, ctx, labels)
+  err = float(np.abs(np.asarray(out) - ref).max())
+  print(f"{name}: max abs error {err:.3g} (|eps| max {np.abs(ref).max():.3g})")
+  assert out.shape == ref.shape and err <= TOL
+
+
+def test_scalar_and_float_timesteps_broadcast():
+  model, kw, config, params = _models("sd1")
+  x, _, ctx, _ = _inputs(kw)
+  apply = U.UNet2DConditionModel(config).apply
+  ref = _torch_eps(model, x, torch.tensor(321.5), ctx)
+  out = apply({"params": params}, x, jnp.float32(321.5), ctx)
+  assert float(np.abs(np.asarray(out) - ref).max()) <= TOL
+  np.testing.assert_allclose(out, apply({"params": params}, x, jnp.full((2,), 321.5), ctx),
+                             atol=1e-6)
+
+
+def test_to_torch_round_trip_and_diffusers_config():
+  from diffusers import UNet2DConditionModel as TorchUNet
+  model, _, config, params = _models("sd2_linear_per_block_heads")
+  back = U.unet_to_torch(params, config)
+  ref = _state_dict(model)
+  assert set(back) == set(ref)
+  for key in ref:
+    np.testing.assert_array_equal(back[key], ref[key], err_msg=key)
+  # to_dict() is a diffusers-loadable config of the same architecture.
+  rebuilt = TorchUNet.from_config(config.to_dict())
+  rebuilt.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in back.items()}, strict=True)
+  assert U.UNetConfig.from_dict(config.to_dict()) == config
+
+
+def test_init_and_bad_state_dicts():
+  model, _, config, _ = _models("pixel_class_labels")
+  # init_unet_params gives the tree that the converter fills (checked abstractly: no compile).
+  abstract = jax.eval_shape(lambda k: U.init_unet_params(config, k), jax.random.PRNGKey(0))
+  assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(
+      U.abstract_unet_params(config))
+  ref = _state_dict(model)
+  bad = dict(ref)
+  bad["down_blocks.0.attentions.0.proj_in.weight"] = np.zeros((3, 3, 1, 1), np.float32)
+  with pytest.raises(WeightLoadingError, match=r"down_blocks\.0\.attentions\.0\.proj_in\.weight"):
+    U.unet_from_torch(bad, config, source="bad.safetensors")
+  missing = {k: v for k, v in ref.items() if k != "class_embedding.weight"}
+  with pytest.raises(WeightLoadingError, match="class_embedding.weight"):
+    U.unet_from_torch(missing, config)
+
+
+def test_config_semantics_and_errors():
+  base = dict(tm.make_torch_unet(tm.unet_sd1_kwargs()).config)
+  config = U.UNetConfig.from_dict(base)  # _class_name, _diffusers_version, ... ignored
+  assert config.heads_per_block == (2, 2)  # attention_head_dim is the number of heads
+  sd2 = U.UNetConfig.from_dict(tm.unet_sd2_kwargs())
+  assert sd2.heads_per_block == (2, 4, 8)
+  with pytest.raises(ValueError, match=r"down_block_types\[1\]='SimpleCrossAttnDownBlock2D'"):
+    U.UNetConfig.from_dict({**base, "down_block_types": ["CrossAttnDownBlock2D",
+                                                         "SimpleCrossAttnDownBlock2D"]})
+  with pytest.raises(ValueError, match="up_block_types"):
+    U.UNetConfig.from_dict({**base, "up_block_types": ["AttnUpBlock2D", "CrossAttnUpBlock2D"]})
+  with pytest.raises(ValueError, match="class_embed_type='timestep'"):
+    U.UNetConfig.from_dict({**base, "class_embed_type": "timestep"})
+  with pytest.raises(ValueError, match="addition_embed_type='text_time'"):
+    U.UNetConfig.from_dict({**base, "addition_embed_type": "text_time"})
+  with pytest.raises(ValueError, match="_class_name"):
+    U.UNetConfig.from_dict({**base, "_class_name": "UNet2DModel"})
+  with pytest.warns(UserWarning, match="some_new_key"):
+    U.UNetConfig.from_dict({**base, "some_new_key": 1})
+
+
+def test_remat_identical_and_bf16_runs():
+  _, kw, config, params = _models("pixel_class_labels")
+  x, t, ctx, labels = _inputs(kw)
+
+  def loss(p, module):
+    return jnp.mean(module.apply({"params": p}, x, t, ctx, labels) ** 2)
+
+  plain = U.UNet2DConditionModel(config)
+  remat = U.UNet2DConditionModel(config, remat=True)
+  fwd = lambda m: jax.jit(m.apply, compiler_options=FAST_COMPILE)(
+      {"params": params}, x, t, ctx, labels)
+  out_plain = fwd(plain)
+  np.testing.assert_array_equal(out_plain, fwd(remat))  # bitwise identical forward
+  grad_fn = jax.jit(jax.grad(loss), static_argnums=1, compiler_options=FAST_COMPILE)
+  g_plain, g_remat = grad_fn(params, plain), grad_fn(params, remat)
+  for a, b in zip(jax.tree_util.tree_leaves(g_plain), jax.tree_util.tree_leaves(g_remat)):
+    # Same gradients up to fp32 reassociation (XLA fuses the recomputed forward differently).
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(np.abs(a).max()) + 1e-9)
+
+  # bf16 compute (and bf16 params): runs, close to fp32.
+  bf16 = U.UNet2DConditionModel(config, dtype=jnp.bfloat16)
+  params16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
+  out_bf16 = jax.jit(bf16.apply, compiler_options=FAST_COMPILE)(
+      {"params": params16}, x, t, ctx, labels)
+  assert out_bf16.dtype == jnp.bfloat16
+  out_bf16 = np.asarray(out_bf16, np.float32)
+  assert np.isfinite(out_bf16).all()
+  rel = np.abs(out_bf16 - np.asarray(out_plain)).max() / np.abs(np.asarray(out_plain)).max()
+  print(f"bf16 vs fp32: max abs error / max |eps| = {rel:.3g}")
+  assert rel < 0.1, rel
+
+
+def test_sd15_param_count_matches_diffusers():
+  from diffusers import UNet2DConditionModel as TorchUNet
+  from ddpo_jax.models.pipeline import SD15_UNET_CONFIG, sd15_configs
+  unet_config = sd15_configs()[0]
+  abstract = U.abstract_unet_params(unet_config)
+  with torch.device("meta"):
+    ref = TorchUNet.from_config(SD15_UNET_CONFIG)
+  assert U.count_params(abstract) == SD15_UNET_PARAMS
+  assert sum(p.numel() for p in ref.parameters()) == SD15_UNET_PARAMS
+  # Every diffusers key exists with the same shape (in PyTorch layout).
+  shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+  ours = {}
+  for path, leaf in traverse_util.flatten_dict(abstract).items():
+    shape = tuple(leaf.shape)
+    if path[-1] == "kernel":
+      shape = shape[::-1] if len(shape) == 2 else (shape[3], shape[2], shape[0], shape[1])
+    ours[flax_path_to_torch_key(path, U.UNET_LIST_NAMES)] = shape
+  assert ours == shapes
+
+
+def test_sample_size_must_be_divisible():
+  config = U.UNetConfig.from_dict(tm.unet_sd2_kwargs())
+  with pytest.raises(ValueError, match="divisible by 4"):
+    jax.eval_shape(U.UNet2DConditionModel(config).init, jax.random.PRNGKey(0),
+                   jnp.zeros((1, 6, 6, 4)), jnp.zeros((1,)), jnp.zeros((1, 3, 24)))
