@@ -1,0 +1,285 @@
+"""Client of the reward server (`ddpo_jax.rewards.server`): host rewards computed over HTTP.
+
+Protocol (msgpack bodies, binary-safe):
+
+  POST /score  {"images": [JPEG bytes, ...], "prompts": [str, ...], "metadata": {...}}
+     200 -> {"rewards": [float, ...] (one per image), "info": {name: [...], ...}}
+     400 -> {"error": "..."}  malformed request (not retried)
+     500 -> {"error": "...", "traceback": "..."}  the scorer raised (retried)
+  GET /health -> 200 {"status": "ok", "scorer": NAME}
+
+As the reference (kvablack/ddpo-pytorch `llava_bertscore`): images are JPEG-encoded at quality
+80 and sent in batches of 16, each POST with a 120 s timeout, retried on server errors. Unlike
+the reference (1000 retries), retries are bounded and end in a `RewardServerError` that names
+the server and the last error, and every response is validated.
+"""
+from __future__ import annotations
+
+import http.client
+import io
+import socket
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+JPEG_QUALITY = 80
+CONTENT_TYPE = "application/msgpack"
+
+
+class RewardServerError(RuntimeError):
+  """The reward server could not be reached, failed, or answered something invalid."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding shared with the server
+# ----------------------------------------------------------------------------------------------
+
+def encode_jpeg(image: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
+  """(H, W, 3) or (H, W, 1) / (H, W) uint8 -> JPEG bytes (PIL, `quality`)."""
+  image = np.asarray(image)
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = image[..., 0]
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+  return buf.getvalue()
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+  """JPEG bytes -> (H, W, 3) uint8 RGB (grayscale JPEGs are converted to RGB).
+
+  Raises:
+    ValueError: `data` is not a readable JPEG.
+  """
+  try:
+    with Image.open(io.BytesIO(data), formats=["JPEG"]) as img:
+      return np.asarray(img.convert("RGB"))
+  except Exception as e:
+    raise ValueError(f"not a readable JPEG image ({type(e).__name__}: {e})") from e
+
+
+def to_builtin(obj: Any) -> Any:
+  """NumPy arrays/scalars (nested in dicts, lists, tuples) -> Python lists/numbers for msgpack."""
+  if isinstance(obj, np.ndarray):
+    return obj.tolist()
+  if isinstance(obj, np.generic):
+    return obj.item()
+  if isinstance(obj, Mapping):
+    return {str(k): to_builtin(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [to_builtin(v) for v in obj]
+  if hasattr(obj, "__array__") and not isinstance(obj, (str, bytes)):  # jax.Array, ...
+    return np.asarray(obj).tolist()
+  return obj
+
+
+def _slice_metadata(metadata: Mapping[str, Any] | None, start: int, stop: int,
+                    total: int) -> dict:
+  """Per-sample entries (sequences of length `total`) sliced to [start, stop); others whole."""
+  out = {}
+  for key, value in (metadata or {}).items():
+    if isinstance(value, (np.ndarray, list, tuple)) and np.ndim(value) > 0 and \
+        len(value) == total:
+      value = value[start:stop]
+    out[str(key)] = to_builtin(value)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Client
+# ----------------------------------------------------------------------------------------------
+
+class RewardClient:
+  """Scores images with a reward server: `client(images, prompts, metadata)`.
+
+  Args:
+    url: the server's base URL, e.g. "http://127.0.0.1:8085" (a trailing "/score" is accepted).
+    batch_size: images per POST (16, as the reference).
+    timeout: seconds for one POST (connect + response).
+    retries: attempts per batch (>= 1), on connection errors, timeouts and HTTP 5xx; a 4xx or an
+      invalid response is not retried.
+    backoff: seconds before the 2nd attempt, doubled for each further one, capped at
+      `max_backoff`.
+    jpeg_quality: JPEG quality of the uploaded images (80, as the reference).
+    use_env_proxy: honour http_proxy/no_proxy environment variables (default: connect directly).
+
+  Attributes:
+    last_attempts: attempts made for the last batch sent (for tests and logging).
+  """
+
+  def __init__(self, url: str, batch_size: int = 16, timeout: float = 120.0, retries: int = 3,
+               backoff: float = 1.0, max_backoff: float = 30.0,
+               jpeg_quality: int = JPEG_QUALITY, use_env_proxy: bool = False):
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+      raise ValueError(f"RewardClient: url must start with http:// or https://, got {url!r}")
+    if batch_size < 1 or retries < 1 or timeout <= 0 or backoff < 0 or max_backoff < 0:
+      raise ValueError(f"RewardClient: need batch_size >= 1, retries >= 1, timeout > 0, "
+                       f"backoff >= 0 (got {batch_size}, {retries}, {timeout}, {backoff})")
+    url = url.rstrip("/")
+    if url.endswith("/score"):
+      url = url[:-len("/score")]
+    self.url = url
+    self.batch_size = int(batch_size)
+    self.timeout = float(timeout)
+    self.retries = int(retries)
+    self.backoff = float(backoff)
+    self.max_backoff = float(max_backoff)
+    self.jpeg_quality = int(jpeg_quality)
+    handlers = [] if use_env_proxy else [urllib.request.ProxyHandler({})]
+    self._opener = urllib.request.build_opener(*handlers)
+    self.last_attempts = 0
+
+  def __repr__(self):
+    return f"RewardClient({self.url!r}, batch_size={self.batch_size}, retries={self.retries})"
+
+  # -- HTTP -------------------------------------------------------------------------------------
+
+  def health(self) -> dict:
+    """GET /health (one try) -> the decoded answer. Raises RewardServerError if unreachable."""
+    import msgpack
+    try:
+      with self._opener.open(self.url + "/health", timeout=self.timeout) as resp:
+        return msgpack.unpackb(resp.read(), raw=False)
+    except Exception as e:
+      raise RewardServerError(f"reward server at {self.url} is not healthy: "
+                              f"{type(e).__name__}: {e}") from e
+
+  def _post(self, body: bytes) -> bytes:
+    """POSTs to /score with bounded retries; returns the body of a 200 answer."""
+    last_error, reachable = "no attempt", False
+    self.last_attempts = 0
+    for attempt in range(self.retries):
+      if attempt:
+        time.sleep(min(self.backoff * 2 ** (attempt - 1), self.max_backoff))
+      self.last_attempts = attempt + 1
+      request = urllib.request.Request(self.url + "/score", data=body, method="POST",
+                                       headers={"Content-Type": CONTENT_TYPE})
+      try:
+        with self._opener.open(request, timeout=self.timeout) as resp:
+          return resp.read()
+      except urllib.error.HTTPError as e:
+        reachable = True
+        message = _error_message(e.read())
+        if e.code < 500:
+          raise RewardServerError(f"reward server at {self.url} rejected the request "
+                                  f"(HTTP {e.code}): {message}") from None
+        last_error = f"HTTP {e.code}: {message}"
+      except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
+              socket.timeout, TimeoutError, OSError) as e:
+        reason = getattr(e, "reason", None) or e
+        last_error = f"{type(reason).__name__}: {reason}"
+    what = "failed" if reachable else "is not reachable"
+    raise RewardServerError(f"reward server at {self.url} {what} after {self.retries} tries: "
+                            f"{last_error}")
+
+  # -- scoring ----------------------------------------------------------------------------------
+
+  def score_batch(self, images: np.ndarray, prompts: Sequence[str],
+                  metadata: Mapping[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+    """One POST (with retries) of all of `images` (n, H, W, C) uint8 -> (rewards (n,), info)."""
+    import msgpack
+    body = msgpack.packb({
+        "images": [encode_jpeg(img, self.jpeg_quality) for img in images],
+        "prompts": list(prompts),
+        "metadata": dict(metadata or {}),
+    }, use_bin_type=True)
+    return self._parse(self._post(body), len(images), prompts)
+
+  def _parse(self, data: bytes, n: int, prompts: Sequence[str]) -> tuple[np.ndarray, dict]:
+    import msgpack
+    bad = f"reward server at {self.url} returned an invalid response"
+    try:
+      answer = msgpack.unpackb(data, raw=False)
+    except Exception as e:
+      raise RewardServerError(f"{bad}: not msgpack ({type(e).__name__}: {e}; first bytes "
+                              f"{data[:40]!r})") from None
+    if not isinstance(answer, dict):
+      raise RewardServerError(f"{bad}: expected a map, got {type(answer).__name__}")
+    if "error" in answer:
+      raise RewardServerError(f"reward server at {self.url} answered an error: "
+                              f"{answer['error']}")
+    rewards = answer.get("rewards")
+    if not isinstance(rewards, (list, tuple)):
+      raise RewardServerError(f"{bad}: 'rewards' must be a list, got {type(rewards).__name__}")
+    if len(rewards) != n:
+      raise RewardServerError(f"{bad}: {len(rewards)} rewards for a batch of {n} images")
+    try:
+      rewards = np.asarray(rewards, np.float32)
+    except (TypeError, ValueError) as e:
+      raise RewardServerError(f"{bad}: rewards are not numbers ({e})") from None
+    if rewards.shape != (n,):
+      raise RewardServerError(f"{bad}: rewards of shape {rewards.shape}, expected ({n},)")
+    nonfinite = np.flatnonzero(~np.isfinite(rewards))
+    if nonfinite.size:
+      shown = [(int(i), prompts[i]) for i in nonfinite[:4]]
+      raise RewardServerError(f"reward server at {self.url} returned non-finite rewards "
+                              f"{rewards[nonfinite[:4]].tolist()} at (index, prompt) {shown}")
+    info = answer.get("info", {})
+    if not isinstance(info, dict):
+      raise RewardServerError(f"{bad}: 'info' must be a map, got {type(info).__name__}")
+    return rewards, info
+
+  def __call__(self, images, prompts: Sequence[str],
+               metadata: Mapping[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+    """Scores uint8 images (B, H, W, C), C in {1, 3}, with their prompts.
+
+    Returns:
+      rewards: (B,) float32.
+      info: {name: np.ndarray}; per-sample entries (a list of one value per image in every
+        batch) are concatenated to (B, ...); other entries are stacked per batch.
+
+    Raises:
+      ValueError / TypeError: bad images or prompts.
+      RewardServerError: the server is unreachable, keeps failing, or answers invalid data.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+      raise TypeError(f"RewardClient: images must be uint8 (use rewards.to_uint8), got "
+                      f"{images.dtype}")
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+      raise ValueError(f"RewardClient: images must be (B, H, W, 1 or 3), got {images.shape}")
+    if isinstance(prompts, str):
+      raise TypeError("RewardClient: prompts must be a list of strings, not one string")
+    prompts = [str(p) for p in prompts]
+    total = images.shape[0]
+    if len(prompts) != total:
+      raise ValueError(f"RewardClient: {total} images but {len(prompts)} prompts")
+    rewards, infos, sizes = [], [], []
+    for start in range(0, total, self.batch_size):
+      stop = min(start + self.batch_size, total)
+      r, info = self.score_batch(images[start:stop], prompts[start:stop],
+                                 _slice_metadata(metadata, start, stop, total))
+      rewards.append(r)
+      infos.append(info)
+      sizes.append(stop - start)
+    merged = {}
+    for key in {k for info in infos for k in info}:
+      values = [info.get(key) for info in infos]
+      per_sample = all(isinstance(v, (list, tuple)) and len(v) == n
+                       for v, n in zip(values, sizes))
+      merged[key] = np.asarray([x for v in values for x in v] if per_sample else values)
+    out = np.concatenate(rewards) if rewards else np.zeros((0,), np.float32)
+    return out, merged
+
+
+def _error_message(data: bytes) -> str:
+  """The "error" of a msgpack error answer, else the (truncated) raw body."""
+  try:
+    import msgpack
+    answer = msgpack.unpackb(data, raw=False)
+    if isinstance(answer, dict) and "error" in answer:
+      return str(answer["error"])
+  except Exception:
+    pass
+  text = data[:300].decode("utf-8", "replace")
+  return text + ("..." if len(data) > 300 else "")
+
+
+def remote_reward(url: str, **kwargs):
+  """A HOST reward `fn(images uint8 (B,H,W,C), prompts, metadata) -> (rewards (B,), info)`
+  computed by the reward server at `url`; `kwargs` go to `RewardClient`."""
+  return RewardClient(url, **kwargs)
+

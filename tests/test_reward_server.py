@@ -1,0 +1,452 @@
+"""Reward server (a real subprocess on 127.0.0.1) and client: scores, errors, retries, validation.
+
+Loopback only; every server is stopped by its fixture. Retries use millisecond backoffs.
+"""
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import msgpack
+import numpy as np
+import pytest
+
+from conftest import REPO
+from ddpo_jax.rewards import client as C
+from ddpo_jax.rewards import scorers as S
+from ddpo_jax.rewards import server as srv
+
+TRIGGER = "BOOM"
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _start_server(log_path, *args, timeout=60.0):
+  """Starts `python -m ddpo_jax.rewards.server --port=0 ARGS`; returns (process, url)."""
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             JAX_PLATFORMS="cpu")
+  log = open(log_path, "w")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "ddpo_jax.rewards.server", "--host=127.0.0.1", "--port=0", *args],
+      stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True, cwd=REPO, env=env)
+  log.close()
+  deadline = time.monotonic() + timeout
+  line = ""
+  while time.monotonic() < deadline:
+    ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+    if ready:
+      line = proc.stdout.readline()
+      break
+    if proc.poll() is not None:
+      break
+  if "listening on " not in line:
+    _stop(proc)
+    with open(log_path) as f:
+      raise RuntimeError(f"reward server did not start ({line!r}):\n{f.read()[-3000:]}")
+  url = line.rsplit("listening on ", 1)[1].strip()
+  while time.monotonic() < deadline:  # the socket is bound before the line is printed
+    try:
+      with _NO_PROXY.open(url + "/health", timeout=2) as resp:
+        assert msgpack.unpackb(resp.read())["status"] == "ok"
+        return proc, url
+    except (urllib.error.URLError, ConnectionError):
+      time.sleep(0.05)
+  _stop(proc)
+  raise RuntimeError("reward server never became healthy")
+
+
+def _stop(proc):
+  if proc.poll() is None:
+    proc.terminate()
+    try:
+      proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait(timeout=10)
+  proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+  """fail_on_prompt (brightness unless a prompt is BOOM), at most 3 images per scorer call."""
+  log = tmp_path_factory.mktemp("server") / "server.log"
+  proc, url = _start_server(log, "--scorer=fail_on_prompt",
+                            '--scorer_kwargs={"trigger": "%s"}' % TRIGGER, "--batch_size=3")
+  try:
+    yield url
+  finally:
+    _stop(proc)
+  assert proc.returncode == 0, log.read_text()  # SIGTERM -> clean shutdown
+
+
+def _images(n=5, h=24, w=32, c=3, seed=0):
+  rng = np.random.RandomState(seed)
+  base = rng.randint(0, 256, (n, 1, 1, c))  # different mean brightness per image
+  return np.clip(base + rng.randint(-40, 40, (n, h, w, c)), 0, 255).astype(np.uint8)
+
+
+def _post_raw(url, body, path="/score"):
+  req = urllib.request.Request(url + path, data=body, method="POST")
+  try:
+    with _NO_PROXY.open(req, timeout=10) as resp:
+      return resp.status, msgpack.unpackb(resp.read())
+  except urllib.error.HTTPError as e:
+    return e.code, msgpack.unpackb(e.read())
+
+
+# ------------------------------------------------------------------------------------------
+# A real server process
+# ------------------------------------------------------------------------------------------
+
+
+def test_scores_equal_local_scorer_on_decoded_jpegs(server):
+  images = _images(7)
+  prompts = [f"prompt {i}" + "!" * i for i in range(7)]
+  client = C.RewardClient(server, batch_size=2, timeout=10)
+  rewards, info = client(images, prompts, {"step": np.arange(7), "epoch": 3})
+  assert rewards.shape == (7,) and rewards.dtype == np.float32
+  decoded = np.stack([C.decode_jpeg(C.encode_jpeg(im, 80)) for im in images])
+  want, want_info = S.brightness(decoded, prompts, {})
+  np.testing.assert_array_equal(rewards, np.asarray(want, np.float32))
+  np.testing.assert_array_equal(info["prompt_length"], want_info["prompt_length"])
+  assert np.abs(rewards - images.mean((1, 2, 3)) / 255).max() < 0.02  # JPEG q80 is close
+  assert client.last_attempts == 1
+  # Grayscale images are sent as grayscale JPEGs and scored as RGB.
+  gray = _images(3, c=1, seed=1)
+  r_gray, _ = client(gray, ["a", "b", "c"])
+  want_gray, _ = S.brightness(np.stack([C.decode_jpeg(C.encode_jpeg(g)) for g in gray]),
+                              ["a", "b", "c"], {})
+  np.testing.assert_array_equal(r_gray, np.asarray(want_gray, np.float32))
+  # The host reward function (trainer convention) and an empty batch (no request).
+  fn = C.remote_reward(server, batch_size=16, timeout=10)
+  r2, _ = fn(images, prompts, {})
+  np.testing.assert_array_equal(r2, rewards)
+  r0, info0 = fn(images[:0], [], {})
+  assert r0.shape == (0,) and info0 == {}
+
+
+def test_scorer_exception_is_500_and_server_keeps_serving(server):
+  client = C.RewardClient(server, batch_size=8, timeout=10, retries=2, backoff=0.01)
+  prompts = ["ok"] * 4 + [TRIGGER]
+  with pytest.raises(C.RewardServerError,
+                     match=rf"reward server at {server} failed after 2 tries: HTTP 500: "
+                           rf"scorer fail_on_prompt raised RuntimeError: .*'{TRIGGER}'"):
+    client(_images(5), prompts)
+  assert client.last_attempts == 2
+  status, answer = _post_raw(server, msgpack.packb(
+      {"images": [C.encode_jpeg(im) for im in _images(2)], "prompts": ["x", TRIGGER]}))
+  assert status == 500 and "RuntimeError" in answer["error"] and "Traceback" in \
+      answer["traceback"]
+  rewards, _ = client(_images(5), ["ok"] * 5)  # still serving
+  assert rewards.shape == (5,) and client.last_attempts == 1
+
+
+def test_malformed_requests_are_400(server):
+  jpeg = C.encode_jpeg(_images(1)[0])
+  cases = [
+      (b"\xc1 not msgpack", "not msgpack"),
+      (msgpack.packb([1, 2]), "must be a map"),
+      (msgpack.packb({"images": [jpeg], "prompts": ["a", "b"]}), "1 images but 2 prompts"),
+      (msgpack.packb({"images": ["str"], "prompts": ["a"]}), "JPEG byte strings"),
+      (msgpack.packb({"images": [jpeg], "prompts": [3]}), "list of strings"),
+      (msgpack.packb({"images": [b"\xff\xd8junk"], "prompts": ["a"]}), "image 0: not a readable"),
+      (msgpack.packb({"images": [jpeg], "prompts": ["a"], "metadata": [1]}), "'metadata'"),
+  ]
+  for body, message in cases:
+    status, answer = _post_raw(server, body)
+    assert status == 400 and "malformed request" in answer["error"], (message, answer)
+    assert message in answer["error"], (message, answer)
+  assert _post_raw(server, b"", path="/nope")[0] == 404
+  with _NO_PROXY.open(server + "/health", timeout=5) as resp:
+    assert resp.status == 200 and msgpack.unpackb(resp.read())["scorer"] == "fail_on_prompt"
+
+
+def test_client_bad_inputs(server):
+  client = C.RewardClient(server, timeout=10)
+  with pytest.raises(TypeError, match="uint8"):
+    client(_images(2).astype(np.float32), ["a", "b"])
+  with pytest.raises(ValueError, match=r"\(B, H, W, 1 or 3\)"):
+    client(_images(2)[0], ["a", "b"])
+  with pytest.raises(ValueError, match="2 images but 3 prompts"):
+    client(_images(2), ["a", "b", "c"])
+  with pytest.raises(TypeError, match="list of strings"):
+    client(_images(1), "a")
+  for kwargs in ({"url": "127.0.0.1:1"}, {"url": server, "retries": 0},
+                 {"url": server, "batch_size": 0}):
+    with pytest.raises(ValueError):
+      C.RewardClient(**kwargs)
+
+
+def test_server_bad_scorer_exits_with_message(tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  for args, message in ((["--scorer=nope"], "unknown scorer 'nope'"),
+                        (["--scorer=no_such_module_x:f"], "cannot import 'no_such_module_x'"),
+                        (["--scorer=brightness", "--scorer_kwargs=[1]"], "JSON object")):
+    out = subprocess.run([sys.executable, "-m", "ddpo_jax.rewards.server", "--port=0", *args],
+                         capture_output=True, text=True, timeout=60, cwd=REPO, env=env,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+
+
+def test_resolve_scorer():
+  assert srv.resolve_scorer("ddpo_jax.rewards.scorers:brightness") is S.brightness
+  fail = srv.resolve_scorer("ddpo_jax.rewards.scorers:make_fail_on_prompt", {"trigger": "t"})
+  with pytest.raises(RuntimeError, match="'t'"):
+    fail(_images(1), ["t"], {})
+  with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+    srv.resolve_scorer("ddpo_jax.rewards.scorers:nope")
+
+
+# ------------------------------------------------------------------------------------------
+# Retries and response validation against scripted in-process servers
+# ------------------------------------------------------------------------------------------
+
+
+class _Scripted(BaseHTTPRequestHandler):
+  def log_message(self, *args):
+    pass
+
+  def do_POST(self):
+    body = self.rfile.read(int(self.headers["Content-Length"]))
+    request = msgpack.unpackb(body)
+    self.server.requests.append(request)
+    status, payload = self.server.answer(request)
+    self.send_response(status)
+    self.send_header("Content-Length", str(len(payload)))
+    self.end_headers()
+    self.wfile.write(payload)
+
+
+@pytest.fixture
+def scripted():
+  """An in-process server answering `server.answer(request) -> (status, body bytes)`."""
+  httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
+  httpd.daemon_threads = True
+  httpd.requests = []
+  thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                            daemon=True)
+  thread.start()
+  try:
+    yield httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+  finally:
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(5)
+
+
+def _ok(request, rewards=None, **extra):
+  n = len(request["images"])
+  return 200, msgpack.packb({"rewards": list(range(n)) if rewards is None else rewards, **extra})
+
+
+def test_retries_on_500_then_fails_clearly(scripted):
+  httpd, url = scripted
+  httpd.answer = lambda req: (500, msgpack.packb({"error": "GPU on fire"}))
+  client = C.RewardClient(url, retries=3, backoff=0.01, timeout=5)
+  t0 = time.monotonic()
+  with pytest.raises(C.RewardServerError,
+                     match=rf"reward server at {url} failed after 3 tries: HTTP 500: GPU on fire"):
+    client(_images(2), ["a", "b"])
+  assert len(httpd.requests) == 3 and client.last_attempts == 3
+  assert time.monotonic() - t0 < 3  # backoff 0.01 + 0.02
+  # A transient failure is retried and then succeeds.
+  httpd.requests.clear()
+  httpd.answer = lambda req: (503, b"busy") if len(httpd.requests) < 3 else _ok(req)
+  rewards, _ = client(_images(2), ["a", "b"])
+  np.testing.assert_array_equal(rewards, [0, 1])
+  assert client.last_attempts == 3
+  # 4xx is not retried.
+  httpd.requests.clear()
+  httpd.answer = lambda req: (400, msgpack.packb({"error": "malformed request: x"}))
+  with pytest.raises(C.RewardServerError, match=r"rejected the request \(HTTP 400\): malformed"):
+    client(_images(1), ["a"])
+  assert len(httpd.requests) == 1
+
+
+def test_unreachable_server():
+  with socket.socket() as s:  # a port nobody listens on
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  client = C.RewardClient(f"http://127.0.0.1:{port}", retries=3, backoff=0.01, timeout=1)
+  with pytest.raises(C.RewardServerError,
+                     match=rf"reward server at http://127.0.0.1:{port} is not reachable after 3 "
+                           r"tries: ConnectionRefusedError"):
+    client(_images(1), ["a"])
+  assert client.last_attempts == 3
+  with pytest.raises(C.RewardServerError, match="not healthy"):
+    client.health()
+
+
+def test_timeout_is_retried(scripted):
+  httpd, url = scripted
+
+  def slow(req):
+    time.sleep(0.5)
+    return _ok(req)
+  httpd.answer = slow
+  client = C.RewardClient(url, retries=2, backoff=0.0, timeout=0.1)
+  with pytest.raises(C.RewardServerError, match="not reachable after 2 tries: .*timed out"):
+    client(_images(1), ["a"])
+  assert len(httpd.requests) == 2
+
+
+@pytest.mark.parametrize("answer, message", [
+    (lambda req: (200, b"\xc1garbage"), "invalid response: not msgpack"),
+    (lambda req: (200, msgpack.packb([1.0])), "expected a map, got list"),
+    (lambda req: (200, msgpack.packb({"info": {}})), "'rewards' must be a list"),
+    (lambda req: _ok(req, rewards=[1.0]), "1 rewards for a batch of 3 images"),
+    (lambda req: _ok(req, rewards=[1.0, "x", 2.0]), "rewards are not numbers"),
+    (lambda req: _ok(req, rewards=[[1.0], [2.0], [3.0]]), r"shape \(3, 1\)"),
+    (lambda req: _ok(req, rewards=[1.0, float("nan"), 2.0]),
+     r"non-finite rewards \[nan\] at \(index, prompt\) \[\(1, 'b'\)\]"),
+    (lambda req: _ok(req, info=[1]), "'info' must be a map"),
+    (lambda req: (200, msgpack.packb({"error": "oops"})), "answered an error: oops"),
+])
+def test_invalid_responses(scripted, answer, message):
+  httpd, url = scripted
+  httpd.answer = answer
+  client = C.RewardClient(url, retries=3, backoff=0.0, timeout=5)
+  with pytest.raises(C.RewardServerError, match=message):
+    client(_images(3), ["a", "b", "c"])
+  assert len(httpd.requests) == 1  # invalid data is not retried
+
+
+def test_request_format_and_info_merge(scripted):
+  httpd, url = scripted
+  httpd.answer = lambda req: _ok(req, info={
+      "answers": [f"ans {p}" for p in req["prompts"]], "batch_note": "x"})
+  client = C.RewardClient(url, batch_size=2, timeout=5)
+  images = _images(3)
+  rewards, info = client(images, ["p0", "p1", "p2"],
+                         {"ids": np.array([10, 11, 12]), "epoch": np.int64(4)})
+  assert [len(r["images"]) for r in httpd.requests] == [2, 1]
+  assert httpd.requests[0]["prompts"] == ["p0", "p1"]
+  assert httpd.requests[1]["metadata"] == {"ids": [12], "epoch": 4}  # per-sample entries sliced
+  assert httpd.requests[0]["images"][0] == C.encode_jpeg(images[0], quality=80)
+  np.testing.assert_array_equal(rewards, [0, 1, 0])
+  assert info["answers"].tolist() == ["ans p0", "ans p1", "ans p2"]
+  assert info["batch_note"].tolist() == ["x", "x"]  # not per-sample: one per batch
+
+
+# ------------------------------------------------------------------------------------------
+# Scorers
+# ------------------------------------------------------------------------------------------
+
+
+def test_greedy_cosine():
+  e = np.eye(4)[None]  # tokens: [CLS] w1 w2 [SEP], orthogonal
+  mask = np.ones((1, 4))
+  weight = np.array([[0, 1, 1, 0]])
+  p, r, f = S.greedy_cosine(e, mask, weight, e, mask, weight)
+  np.testing.assert_allclose([p[0], r[0], f[0]], 1.0)
+  # candidate "[CLS] w1 [SEP] pad" vs reference "[CLS] w1 w2 [SEP]": P = 1, R = 1/2
+  cand = np.stack([e[0, 0], e[0, 1], e[0, 3], np.zeros(4)])[None]
+  p, r, f = S.greedy_cosine(cand, np.array([[1, 1, 1, 0]]), np.array([[0, 1, 0, 0]]),
+                            e, mask, weight)
+  np.testing.assert_allclose([p[0], r[0], f[0]], [1.0, 0.5, 2 / 3])
+  # a sentence of special tokens only scores 0
+  p, r, f = S.greedy_cosine(e, mask, np.zeros((1, 4)), e, mask, weight)
+  assert p[0] == r[0] == f[0] == 0
+
+
+def _save_tiny_llava(directory, transformers):
+  """A random LLaVA (CLIP 32x32 tower + 2-layer Llama) and its processor, word-level vocab."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  words = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "USER:", "ASSISTANT:", "Answer",
+           "concisely:", "what", "is", "going", "on", "in", "this", "image?", "a", "cat"]
+  backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+  backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tokenizer = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+      eos_token="</s>", additional_special_tokens=["<image>"])
+  template = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+              "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}"
+              "{% endfor %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+  processor = transformers.LlavaProcessor(
+      image_processor=transformers.CLIPImageProcessor(
+          size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+      tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+      chat_template=template, image_token="<image>", num_additional_image_tokens=1)
+  config = transformers.LlavaConfig(
+      vision_config=dict(model_type="clip_vision_model", image_size=32, patch_size=8,
+                         hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, projection_dim=16),
+      text_config=dict(model_type="llama", vocab_size=len(words), hidden_size=16,
+                       intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+                       bos_token_id=2, eos_token_id=3),
+      image_token_index=4, vision_feature_layer=-2, vision_feature_select_strategy="default")
+  transformers.LlavaForConditionalGeneration(config).save_pretrained(directory)
+  processor.save_pretrained(directory)
+
+
+def test_llava_bertscore_arguments_and_composition(tmp_path):
+  with pytest.raises(ValueError, match="`model`.*is required"):
+    S.LlavaBertScore()
+  with pytest.raises(ValueError, match="must contain '{prompt}'"):
+    S.LlavaBertScore("some/model", answer_template="The image contains")
+  with pytest.raises(ValueError, match="batch_size"):
+    S.LlavaBertScore("some/model", batch_size=0)
+  with pytest.raises(ValueError, match="dtype"):
+    S.VlmAnswerer("some/model", dtype="int8")
+  with pytest.raises(ValueError, match="`model`"):
+    S.BertScore("")
+  # The scorer's plumbing with a fake VLM and BERTScore on a tiny random BERT (no weights here).
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "image", "contains", "a",
+           "cat", "dog", "riding", "bike", "an", "ant"]
+  tok = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+  torch.manual_seed(0)
+  bert = transformers.BertModel(transformers.BertConfig(
+      vocab_size=len(words), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+      intermediate_size=32, max_position_embeddings=32))
+  bert_dir = str(tmp_path / "bert")
+  bert.save_pretrained(bert_dir)
+  tok.save_pretrained(bert_dir)
+  bertscore = S.BertScore(bert_dir, num_layers=1, device="cpu")
+  assert bertscore.num_layers == 1 and bertscore.max_length == 32
+  questions = []
+
+  def answerer(images, question):
+    questions.append((len(images), question))
+    return ["The image contains a cat riding a bike", "a dog", ""][:len(images)]
+  scorer = S.BUILTIN["llava_bertscore"](answerer=answerer, bertscore=bertscore, batch_size=3)
+  rewards, info = scorer(_images(3), ["a cat riding a bike", "an ant", "a dog"], {})
+  assert questions == [(3, S.QUESTION)]
+  assert info["answers"] == ["The image contains a cat riding a bike", "a dog", ""]
+  assert abs(rewards[0] - 1.0) < 1e-6 and abs(info["precision"][0] - 1.0) < 1e-6
+  assert 0 < rewards[1] < 1 and rewards[2] == 0.0  # an empty answer scores 0
+  p, r, f = bertscore(["the cat"], ["the image contains a cat"])
+  assert p[0] > r[0]  # every candidate token is in the reference, not the reverse
+
+
+def test_llava_bertscore_tiny_random_models(tmp_path):
+  """The real code path (AutoProcessor + AutoModelForImageTextToText.generate + BERTScore) on
+  tiny random models saved locally: runs, shapes and types only (the answers are noise)."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  pytest.importorskip("tokenizers")
+  llava_dir, bert_dir = str(tmp_path / "llava"), str(tmp_path / "bert")
+  torch.manual_seed(0)
+  _save_tiny_llava(llava_dir, transformers)
+  words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "image", "contains", "a", "cat"]
+  transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(bert_dir)
+  transformers.BertModel(transformers.BertConfig(
+      vocab_size=len(words), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+      intermediate_size=32, max_position_embeddings=32)).save_pretrained(bert_dir)
+  scorer = S.LlavaBertScore(llava_dir, bert_model=bert_dir, bert_layer=2, device="cpu",
+                            dtype="float32", max_new_tokens=4, batch_size=2)
+  images = _images(3, h=40, w=48)
+  rewards, info = scorer(images, ["a cat", "a dog", "a cat"], {})
+  assert len(rewards) == 3 and all(np.isfinite(rewards))
+  assert set(info) == {"precision", "f1", "answers"}
+  assert all(isinstance(a, str) for a in info["answers"])
+  # Batched (left-padded) generation answers as one image at a time.
+  single = [scorer.answerer(images[i:i + 1], S.QUESTION)[0] for i in range(3)]
+  assert single == info["answers"]
