@@ -108,8 +108,8 @@ class BertScore:
     num_layers: the hidden-state layer; None = `BERTSCORE_LAYERS[model]` if known, else the last.
     device: torch device ("cuda", "cpu"); None = cuda if available.
     batch_size: sentences per forward pass.
-    add_prefix_space: encode with a leading space (`bert_score` does so for GPT-2/RoBERTa
-      tokenizers).
+    add_prefix_space: encode with a leading space (`bert_score` does so for the slow GPT-2 /
+      RoBERTa tokenizer classes only; LLaVA-server's fast DeBERTa tokenizer gets none).
   """
 
   def __init__(self, model: str, num_layers: int | None = None, device: str | None = None,
