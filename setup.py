@@ -21,6 +21,7 @@ setup(
         "scikit-learn>=1.3",  # the built-in digits data set
         "tqdm>=4.60",
         "tensorboardX>=2.6",
+        "msgpack>=1.0",  # reward-server protocol
     ],
     extras_require={
         # PyTorch is a test-only dependency: parity oracles for the model stack.

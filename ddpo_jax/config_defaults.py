@@ -42,6 +42,7 @@ def ddpo_base() -> ml_collections.ConfigDict:
   train.clip_range = 1e-4
   train.timestep_fraction = 1.0
   train.kl_coef = 0.0  # > 0: penalty on ||mean_θ − mean_pretrained||² / (2 std²) per step
+  train.kl_reduction = "mean"  # over latent dims: "mean" (like the log-prob) or "sum" (exact KL)
   train.rwr_beta = 1.0  # RWR weights ∝ exp(reward / beta)
   train.rwr_quantile = 0.9  # RWR-sparse trains on samples with reward ≥ this batch quantile
 
@@ -53,5 +54,8 @@ def ddpo_base() -> ml_collections.ConfigDict:
   reward = config.reward = ml_collections.ConfigDict()
   reward.weights = ml_collections.ConfigDict({"jpeg_compressibility": 1.0})
   reward.metrics = ()  # reward terms computed and logged but not trained on
-  reward.classifier_seed = 0
+  reward.classifier_seed = 0  # digits: seed of the reward classifier
+  reward.clip_path = "openai/clip-vit-large-patch14"  # aesthetic: CLIP vision dir or hub id
+  reward.aesthetic_mlp_path = ""  # aesthetic: sac+logos+ava1-l14-linearMSE.pth
+  reward.server_url = "http://127.0.0.1:8000"  # remote: a `python -m ddpo_jax.rewards.server`
   return config

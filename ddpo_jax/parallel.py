@@ -14,7 +14,9 @@ DATA_AXIS = "data"
 
 def make_mesh(devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
-  return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices)
+  # Auto axes: XLA propagates shardings from the explicit in/out shardings of each jit.
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

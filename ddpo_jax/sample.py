@@ -48,7 +48,7 @@ def sample_from_checkpoint(workdir: str, num: int, step=None, prompts=None, seed
                               opt_state=optimizer.init(policy.params["unet"]),
                               rng=jax.random.PRNGKey(0))
   state, _ = checkpoints.restore(mngr, step, template)
-  frozen = {k: v for k, v in policy.params.items() if k != "unet"}
+  frozen = train.frozen_params(policy, config)
   n_dev = len(jax.devices())
   bs = max(n_dev, min(batch_size, num) // n_dev * n_dev)  # a multiple of the device count
   sample_fn = train.make_sample_fn(policy, config, [], mesh)

@@ -80,11 +80,9 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
 
 
 def _schedule(policy: Policy, num_steps: int):
+  """(NoiseSchedule, DDIM timesteps (T,), previous timesteps (T,)) of the policy."""
   sched = diffusion.NoiseSchedule.from_config(policy.scheduler_config)
-  timesteps = diffusion.ddim_timesteps(num_steps, sched.num_train_timesteps,
-                                       policy.scheduler_config.get("steps_offset", 0))
-  prev = timesteps - sched.num_train_timesteps // num_steps
-  return sched.alphas_cumprod, timesteps, prev
+  return (sched, *sched.ddim_timesteps(num_steps))
 
 
 def make_sample_fn(policy: Policy, config, device_rewards: list[tuple[float, Reward]], mesh):
@@ -93,7 +91,7 @@ def make_sample_fn(policy: Policy, config, device_rewards: list[tuple[float, Rew
   `images` are (B,h,w,c) float32 in [0, 1]; `rewards` maps each device reward's name to
   (rewards (B,), info). Prompt ids / metadata come sharded over the data axis.
   """
-  alphas_cumprod, timesteps, prev = _schedule(policy, config.sample.num_steps)
+  sched, timesteps, prev = _schedule(policy, config.sample.num_steps)
   uncond_ids = jnp.asarray(policy.tokenize([""]))
   guidance = float(config.sample.guidance_scale)
 
@@ -102,10 +100,11 @@ def make_sample_fn(policy: Policy, config, device_rewards: list[tuple[float, Rew
     context = policy.encode_prompts(params, prompt_ids)
     uncond = policy.encode_prompts(params, uncond_ids)
     traj = diffusion.sample_trajectory(
-        policy.eps_fn, unet_params, key, context, uncond, alphas_cumprod=alphas_cumprod,
+        policy.eps_fn, unet_params, key, context, uncond, alphas_cumprod=sched.alphas_cumprod,
         timesteps=timesteps, prev_timesteps=prev, latent_shape=policy.latent_shape,
         eta=config.sample.eta, guidance_scale=guidance,
-        class_labels=metadata.get("control_label"))
+        class_labels=metadata.get("control_label"),
+        final_alpha_cumprod=sched.final_alpha_cumprod)
     images = policy.decode(params, traj.next_latents[:, -1])
     rewards = {r.name: r.fn(images, prompt_ids, metadata) for _, r in device_rewards}
     return traj, images, rewards
@@ -117,21 +116,24 @@ def make_sample_fn(policy: Policy, config, device_rewards: list[tuple[float, Rew
 def make_update_fn(policy: Policy, config, optimizer, mesh):
   """Compiles `update(state, frozen, traj, advantages, rewards, key) -> (state, metrics)`.
 
+  `frozen` holds the non-trained params (and `reference_unet`, the pre-trained denoiser, when
+  `train.kl_coef > 0`; see `frozen_params`).
+
   One call is one inner epoch over the whole batch of N trajectories: shuffle; per sample an
   independent permutation of its T timesteps of which the first K = int(T·timestep_fraction)
   are trained on; minibatches of `train.batch_size`; gradients averaged over K timesteps ×
   `gradient_accumulation_steps` minibatches, then one optimizer step. `state` is donated.
   """
   tc = config.train
-  alphas_cumprod, _, _ = _schedule(policy, config.sample.num_steps)
+  sched, _, _ = _schedule(policy, config.sample.num_steps)
+  step_kw = dict(alphas_cumprod=sched.alphas_cumprod, final_alpha_cumprod=sched.final_alpha_cumprod,
+                 eta=config.sample.eta)
   uncond_ids = jnp.asarray(policy.tokenize([""]))
   T = config.sample.num_steps
   K = int(T * tc.timestep_fraction)
   accum, mb = tc.gradient_accumulation_steps, tc.batch_size
   guidance = float(config.sample.guidance_scale) if tc.cfg else 1.0
-  eta = config.sample.eta
   use_kl = tc.kl_coef > 0
-  reference_unet = policy.params["unet"]
 
   def micro_loss(unet_params, frozen, uncond, batch, key):
     """Loss of one minibatch at one chosen timestep per sample. Returns (loss, metrics)."""
@@ -139,14 +141,13 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
     if tc.algorithm in ("rwr", "rwr_sparse"):
       per_sample = diffusion.denoising_loss_terms(
           policy.eps_fn, unet_params, key, batch["x0"], batch["context"],
-          batch["class_labels"], alphas_cumprod)
+          batch["class_labels"], sched.alphas_cumprod)
       loss = jnp.mean(batch["weights"] * per_sample)
       return loss, {"loss": loss}
     log_prob, mean, std = diffusion.step_log_prob(
         policy.eps_fn, unet_params, batch["latents"], batch["timesteps"],
         batch["prev_timesteps"], batch["next_latents"], batch["context"], uncond,
-        alphas_cumprod=alphas_cumprod, eta=eta, guidance_scale=guidance,
-        class_labels=batch["class_labels"])
+        guidance_scale=guidance, class_labels=batch["class_labels"], **step_kw)
     if tc.algorithm == "ppo":
       loss, info = rl.ppo_clipped_loss(log_prob, batch["log_probs"], batch["advantages"],
                                        tc.clip_range, tc.adv_clip_max)
@@ -157,12 +158,11 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
       metrics.update(approx_kl=0.5 * jnp.mean(diff ** 2), clipfrac=jnp.zeros(()))
     if use_kl:
       _, ref_mean, _ = diffusion.step_log_prob(
-          policy.eps_fn, reference_unet, batch["latents"], batch["timesteps"],
+          policy.eps_fn, frozen["reference_unet"], batch["latents"], batch["timesteps"],
           batch["prev_timesteps"], batch["next_latents"], batch["context"], uncond,
-          alphas_cumprod=alphas_cumprod, eta=eta, guidance_scale=guidance,
-          class_labels=batch["class_labels"])
-      ref_mean = jax.lax.stop_gradient(ref_mean)
-      kl = jnp.mean((mean - ref_mean) ** 2 / (2 * std ** 2), axis=tuple(range(1, mean.ndim)))
+          guidance_scale=guidance, class_labels=batch["class_labels"], **step_kw)
+      kl = diffusion.gaussian_kl_shared_std(mean, jax.lax.stop_gradient(ref_mean), std,
+                                            reduction=tc.kl_reduction)
       metrics["kl_to_pretrained"] = jnp.mean(kl)
       loss = loss + tc.kl_coef * jnp.mean(kl)
     metrics["loss"] = loss
@@ -245,6 +245,14 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
                  out_shardings=(repl, repl), donate_argnums=(0,))
 
 
+def frozen_params(policy: Policy, config) -> dict:
+  """The params the update reads but never trains (+ the pre-trained UNet for the KL penalty)."""
+  frozen = {k: v for k, v in policy.params.items() if k != "unet"}
+  if config.train.kl_coef > 0:
+    frozen["reference_unet"] = policy.params["unet"]
+  return frozen
+
+
 class MetricsWriter:
   """WORKDIR/metrics.jsonl (one object per epoch) plus TensorBoard summaries."""
 
@@ -296,7 +304,10 @@ def image_grid(images: np.ndarray, pad: int = 1) -> np.ndarray:
 
 def _host_reward(reward: Reward, images, prompts, metadata):
   rewards, info = reward.fn(to_uint8(images), prompts, metadata)
-  return np.asarray(rewards, np.float32), {k: np.asarray(v) for k, v in info.items()}
+  numeric = {k: np.asarray(v) for k, v in info.items()}
+  # Only numeric info is logged (a remote scorer may also return e.g. the VLM's answers).
+  return np.asarray(rewards, np.float32), {k: v for k, v in numeric.items()
+                                           if np.issubdtype(v.dtype, np.number)}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
@@ -312,8 +323,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   optimizer = make_optimizer(config.train)
   repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
 
-  frozen = jax.device_put({k: v for k, v in policy.params.items() if k != "unet"}, repl)
-  unet0 = jax.device_put(policy.params["unet"], repl)
+  frozen = jax.device_put(frozen_params(policy, config), repl)
+  # A copy: the train state is donated to the update, the pre-trained params must survive it.
+  unet0 = jax.device_put(jax.tree.map(jnp.copy, policy.params["unet"]), repl)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=unet0,
                      opt_state=jax.jit(optimizer.init, out_shardings=repl)(unet0),
                      rng=jax.random.PRNGKey(config.seed))

@@ -86,28 +86,53 @@ def test_train_and_evaluate_one_run(digits_cache, tmp_path):
     sample_from_checkpoint(workdir, 2, step=7)
 
 
-def test_update_at_unchanged_params_has_ratio_one(digits_cache):
-  """Log-probs from the sampler equal those the update recomputes (same params, CFG in both)."""
+def _one_update(config, lr_zero=True):
   from ddpo_jax import rl
   from ddpo_jax.policy import build_policy
-  config = _config(**{"train.learning_rate": 0.0, "sample.batch_size": 8})
+  if lr_zero:
+    config.train.learning_rate = 0.0
   mesh = parallel.make_mesh()
   policy = build_policy(config, "")
   opt = train.make_optimizer(config.train)
   sample_fn = train.make_sample_fn(policy, config, [], mesh)
   update_fn = train.make_update_fn(policy, config, opt, mesh)
-  frozen = {"text_encoder": policy.params["text_encoder"]}
-  prompts = policy.prompt_fn(np.random.default_rng(0), 8)
+  frozen = train.frozen_params(policy, config)
+  n = config.sample.batch_size
+  prompts = policy.prompt_fn(np.random.default_rng(0), n)
   traj, images, _ = sample_fn(policy.params["unet"], frozen, jax.random.PRNGKey(0),
                               jnp.asarray(policy.tokenize(prompts)),
                               {k: jnp.asarray(v) for k, v in policy.prompt_metadata(prompts).items()})
-  assert traj.log_probs.shape == (8, config.sample.num_steps)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=policy.params["unet"],
-                           opt_state=opt.init(policy.params["unet"]), rng=jax.random.PRNGKey(0))
-  adv = jnp.asarray(rl.normalize_advantages(np.arange(8.0)), jnp.float32)
-  _, metrics = update_fn(state, frozen, traj, adv, jnp.zeros(8), jax.random.PRNGKey(1))
-  assert float(metrics["approx_kl"]) < 1e-10
-  assert float(metrics["clipfrac"]) == 0.0
+  assert traj.log_probs.shape == (n, config.sample.num_steps)
+  assert images.shape == (n, 8, 8, 1)
+  unet = jax.tree.map(jnp.copy, policy.params["unet"])  # the state is donated
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=unet,
+                           opt_state=opt.init(unet), rng=jax.random.PRNGKey(0))
+  rewards = jnp.arange(n, dtype=jnp.float32)
+  adv = jnp.asarray(rl.normalize_advantages(np.arange(n, dtype=np.float32)), jnp.float32)
+  new_state, metrics = update_fn(state, frozen, traj, adv, rewards, jax.random.PRNGKey(1))
+  return policy, new_state, jax.device_get(metrics)
+
+
+def test_update_at_unchanged_params_has_ratio_one(digits_cache):
+  """Log-probs from the sampler equal those the update recomputes (same params, CFG in both),
+  and the KL-to-pre-trained penalty is exactly zero at the pre-trained params."""
+  config = _config(**{"sample.batch_size": 8, "train.kl_coef": 0.1})
+  _, _, metrics = _one_update(config)
+  assert metrics["approx_kl"] < 1e-10
+  assert metrics["clipfrac"] == 0.0
+  assert metrics["kl_to_pretrained"] == 0.0
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "sf", "rwr", "rwr_sparse"])
+def test_each_algorithm_takes_finite_steps(digits_cache, algorithm):
+  config = _config(**{"sample.batch_size": 8, "train.algorithm": algorithm,
+                      "train.gradient_accumulation_steps": 2, "train.timestep_fraction": 0.5})
+  policy, state, metrics = _one_update(config, lr_zero=False)
+  assert all(np.isfinite(v) for v in metrics.values()), metrics
+  assert int(state.step) == 1  # 8 samples / (4 per minibatch * 2 accumulated) = 1 step
+  changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                         policy.params["unet"], state.params)
+  assert any(jax.tree.leaves(changed))
 
 
 def test_resume_after_kill_equals_uninterrupted(digits_cache, tmp_path):

@@ -98,5 +98,16 @@ def _build(name: str, config, policy) -> Reward:
       clf = digits.reward_classifier(config.reward.classifier_seed)
       return Reward(name, classifier_log_prob_reward(clf.log_probs, "class_label"), True)
     return Reward(name, digits.heldout_accuracy_metric(), on_device=False)
-  raise ValueError(f"unknown reward {name!r}; known: jpeg_compressibility, "
-                   "jpeg_incompressibility, digit_class_logprob, digits_heldout_accuracy")
+  if name == "aesthetic":
+    from ddpo_jax.rewards.aesthetic import make_aesthetic_reward
+    return Reward(name, make_aesthetic_reward(config.reward.clip_path,
+                                              config.reward.aesthetic_mlp_path), on_device=True)
+  if name == "remote":
+    from ddpo_jax.rewards.client import remote_reward
+    return Reward(name, remote_reward(config.reward.server_url, batch_size=16, timeout=120.0,
+                                      retries=3, backoff=1.0), on_device=False)
+  raise ValueError(f"unknown reward {name!r}; known: {', '.join(KNOWN_REWARDS)}")
+
+
+KNOWN_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility", "digit_class_logprob",
+                 "digits_heldout_accuracy", "aesthetic", "remote")
