@@ -113,10 +113,17 @@ def test_to_torch_round_trip_and_diffusers_config():
 
 def test_init_and_bad_state_dicts():
   model, _, config, _ = _models("pixel_class_labels")
-  # init_unet_params gives the tree that the converter fills (checked abstractly: no compile).
-  abstract = jax.eval_shape(lambda k: U.init_unet_params(config, k), jax.random.PRNGKey(0))
-  assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(
-      U.abstract_unet_params(config))
+  # init_unet_params gives the tree that the converter fills, with Flax's init distributions.
+  init = U.init_unet_params(config, jax.random.PRNGKey(0))
+  abstract = U.abstract_unet_params(config)
+  assert (jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), init)
+          == jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), abstract))
+  kernel = np.asarray(init["down_blocks_0"]["resnets_0"]["conv1"]["kernel"])  # (3, 3, 32, 32)
+  assert abs(kernel.std() * np.sqrt(3 * 3 * 32) - 1.0) < 0.1 and np.abs(kernel).max() <= 2 / np.sqrt(288) / 0.8796 + 1e-6
+  assert np.all(np.asarray(init["conv_norm_out"]["scale"]) == 1.0)
+  assert np.all(np.asarray(init["conv_norm_out"]["bias"]) == 0.0)
+  init16 = U.init_unet_params(config, jax.random.PRNGKey(1), jnp.bfloat16)
+  assert all(a.dtype == jnp.bfloat16 for a in jax.tree_util.tree_leaves(init16))
   ref = _state_dict(model)
   bad = dict(ref)
   bad["down_blocks.0.attentions.0.proj_in.weight"] = np.zeros((3, 3, 1, 1), np.float32)

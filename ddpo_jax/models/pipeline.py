@@ -44,10 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpo_jax.models import clip as clip_lib
-from ddpo_jax.models.unet import (UNet2DConditionModel, UNetConfig, init_unet_params,
-                                  unet_from_torch, unet_to_torch)
-from ddpo_jax.models.vae import (AutoencoderKL, VAEConfig, init_vae_params, vae_from_torch,
-                                 vae_to_torch)
+from ddpo_jax.models.unet import (UNet2DConditionModel, UNetConfig, abstract_unet_params,
+                                  init_unet_params, unet_from_torch, unet_to_torch)
+from ddpo_jax.models.vae import (AutoencoderKL, VAEConfig, abstract_vae_params, init_vae_params,
+                                 vae_from_torch, vae_to_torch)
 from ddpo_jax.models.weights import WeightLoadingError
 
 Dtype = Any
@@ -215,22 +215,26 @@ def sd15_configs():
 def abstract_pipeline_params(unet_config, vae_config, text_config, dtype=jnp.float32) -> dict:
   """{"unet","vae","text_encoder"} parameter trees of `jax.ShapeDtypeStruct` (no allocation)."""
   key = jax.random.PRNGKey(0)
-  return jax.eval_shape(lambda k: _init_all(unet_config, vae_config, text_config, k, dtype), key)
-
-
-def _init_all(unet_config, vae_config, text_config, key, dtype):
-  ku, kv, kt = jax.random.split(key, 3)
-  return {"unet": init_unet_params(unet_config, ku, dtype),
-          "vae": init_vae_params(vae_config, kv, dtype),
-          "text_encoder": clip_lib.init_clip_text_params(text_config, kt, dtype)}
+  return {"unet": abstract_unet_params(unet_config, dtype),
+          "vae": abstract_vae_params(vae_config, dtype),
+          "text_encoder": jax.eval_shape(
+              lambda k: clip_lib.init_clip_text_params(text_config, k, dtype), key)}
 
 
 def init_pipeline(unet_config: UNetConfig, vae_config: VAEConfig, text_config, key: jax.Array,
                   dtype: Dtype = jnp.float32, tokenizer=None, scheduler_config: dict | None = None,
                   *, compute_dtype: Dtype = None, attention_implementation: str = "auto",
                   remat: bool = False) -> Pipeline:
-  """A randomly initialised pipeline (no files), e.g. to benchmark full-size architectures."""
-  params = jax.jit(lambda k: _init_all(unet_config, vae_config, text_config, k, dtype))(key)
+  """A randomly initialised pipeline (no files), e.g. to benchmark full-size architectures.
+
+  UNet and VAE parameters are drawn on the host (`unet.host_random_params`, no compilation);
+  the text encoder uses `clip.init_clip_text_params` under jit.
+  """
+  ku, kv, kt = jax.random.split(key, 3)
+  params = {"unet": init_unet_params(unet_config, ku, dtype),
+            "vae": init_vae_params(vae_config, kv, dtype),
+            "text_encoder": jax.jit(clip_lib.init_clip_text_params, static_argnums=(0, 2))(
+                text_config, kt, dtype)}
   return Pipeline(params=params, unet_config=unet_config, vae_config=vae_config,
                   text_config=text_config,
                   scheduler_config=dict(scheduler_config or SD_DDIM_SCHEDULER_CONFIG),

@@ -21,7 +21,7 @@ import numpy as np
 from ddpo_jax.models import weights
 from ddpo_jax.models.attention import dot_product_attention
 from ddpo_jax.models.unet import (Downsample2D, ResnetBlock2D, Upsample2D, _conv, _group_norm,
-                                  _tuple)
+                                  _tuple, host_random_params)
 
 Dtype = Any
 
@@ -296,9 +296,9 @@ def abstract_vae_params(config: VAEConfig, dtype: Dtype = jnp.float32) -> dict:
 
 
 def init_vae_params(config: VAEConfig, key: jax.Array, dtype: Dtype = jnp.float32) -> dict:
-  """Randomly initialised parameters (Flax default initialisers) in `dtype`."""
-  model = AutoencoderKL(config, param_dtype=dtype)
-  return jax.jit(lambda k: model.init(k, _dummy_images(config))["params"])(key)
+  """Randomly initialised parameters in `dtype` (Flax default initialiser distributions, drawn
+  on the host by `unet.host_random_params`: no compilation)."""
+  return host_random_params(abstract_vae_params(config), key, dtype)
 
 
 def vae_from_torch(state_dict, config: VAEConfig, source: str = "<state dict>",
