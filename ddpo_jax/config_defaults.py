@@ -34,6 +34,7 @@ def ddpo_base() -> ml_collections.ConfigDict:
   train.adam_beta2 = 0.999
   train.adam_weight_decay = 1e-4
   train.adam_epsilon = 1e-8
+  train.adam_mu_dtype = ""  # Adam's first moment dtype: "" = the params' dtype, or "bfloat16"
   train.max_grad_norm = 1.0
   train.gradient_accumulation_steps = 1
   train.num_inner_epochs = 1

@@ -30,6 +30,10 @@ class Policy:
     prompt_metadata: host function, prompts -> dict of (n,) NumPy arrays that rewards read
       (e.g. the digit class a prompt asks for); the same for drawn and user-given prompts.
     metadata: anything else a task wants to carry (e.g. the class names of the digits task).
+    assemble_unet: (trainable, frozen) -> the denoiser params `eps_fn` takes, from the trained
+      tree (`params["unet"]`, e.g. LoRA factors) and the frozen dict (`params` without "unet",
+      e.g. holding the base UNet). Default: the trainable tree itself. The trainer calls it
+      (inside its compiled programs) wherever it passes trainable params to `eps_fn`.
   """
   params: dict
   eps_fn: Callable[..., jax.Array]
@@ -41,6 +45,7 @@ class Policy:
   prompt_fn: Callable[[np.random.Generator, int], list[str]]
   prompt_metadata: Callable[[Sequence[str]], dict[str, np.ndarray]]
   metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+  assemble_unet: Callable[[Any, dict], Any] = lambda trainable, frozen: trainable
 
 
 def build_policy(config, workdir: str) -> Policy:
@@ -49,4 +54,7 @@ def build_policy(config, workdir: str) -> Policy:
   if kind == "digits":
     from ddpo_jax import digits
     return digits.make_policy(config)
-  raise ValueError(f"config.model.kind={kind!r} is not a known model family; known: 'digits'")
+  if kind == "sd":
+    from ddpo_jax import sd
+    return sd.make_policy(config)
+  raise ValueError(f"config.model.kind={kind!r} is not a known model family; known: 'digits', 'sd'")

@@ -76,7 +76,8 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
       optax.clip_by_global_norm(train_config.max_grad_norm),
       optax.adamw(train_config.learning_rate, b1=train_config.adam_beta1,
                   b2=train_config.adam_beta2, eps=train_config.adam_epsilon,
-                  weight_decay=train_config.adam_weight_decay))
+                  weight_decay=train_config.adam_weight_decay,
+                  mu_dtype=train_config.get("adam_mu_dtype") or None))
 
 
 def _schedule(policy: Policy, num_steps: int):
@@ -100,7 +101,8 @@ def make_sample_fn(policy: Policy, config, device_rewards: list[tuple[float, Rew
     context = policy.encode_prompts(params, prompt_ids)
     uncond = policy.encode_prompts(params, uncond_ids)
     traj = diffusion.sample_trajectory(
-        policy.eps_fn, unet_params, key, context, uncond, alphas_cumprod=sched.alphas_cumprod,
+        policy.eps_fn, policy.assemble_unet(unet_params, frozen), key, context, uncond,
+        alphas_cumprod=sched.alphas_cumprod,
         timesteps=timesteps, prev_timesteps=prev, latent_shape=policy.latent_shape,
         eta=config.sample.eta, guidance_scale=guidance,
         class_labels=metadata.get("control_label"),
@@ -138,6 +140,7 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   def micro_loss(unet_params, frozen, uncond, batch, key):
     """Loss of one minibatch at one chosen timestep per sample. Returns (loss, metrics)."""
     metrics = {}
+    unet_params = policy.assemble_unet(unet_params, frozen)  # e.g. LoRA merged into the base
     if tc.algorithm in ("rwr", "rwr_sparse"):
       per_sample = diffusion.denoising_loss_terms(
           policy.eps_fn, unet_params, key, batch["x0"], batch["context"],
@@ -158,7 +161,8 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
       metrics.update(approx_kl=0.5 * jnp.mean(diff ** 2), clipfrac=jnp.zeros(()))
     if use_kl:
       _, ref_mean, _ = diffusion.step_log_prob(
-          policy.eps_fn, frozen["reference_unet"], batch["latents"], batch["timesteps"],
+          policy.eps_fn, policy.assemble_unet(frozen["reference_unet"], frozen),
+          batch["latents"], batch["timesteps"],
           batch["prev_timesteps"], batch["next_latents"], batch["context"], uncond,
           guidance_scale=guidance, class_labels=batch["class_labels"], **step_kw)
       kl = diffusion.gaussian_kl_shared_std(mean, jax.lax.stop_gradient(ref_mean), std,
