@@ -1,5 +1,6 @@
 """Loading / saving diffusers-format SD pipelines (tiny random pipeline written by diffusers)."""
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -51,8 +52,9 @@ def _errors(pipe, params, tp, prompts=("a cat", "the dog the dog")):
   """Max abs errors of the JAX bundle `pipe` with `params` vs the torch pipeline `tp`."""
   latents, images, t = _inputs()
   ids = pipe.tokenize(list(prompts))
-  ref_ids = tp.tokenizer(list(prompts), padding="max_length", max_length=tp.tokenizer.model_max_length,
-                         truncation=True, return_tensors="np").input_ids
+  ref_ids = tp.tokenizer(list(prompts), padding="max_length",
+                         max_length=tp.tokenizer.model_max_length, truncation=True,
+                         return_tensors="np").input_ids
   np.testing.assert_array_equal(ids, ref_ids)
   context = pipe.encode_prompt(params["text_encoder"], ids)
   eps = pipe.unet_apply(params["unet"], latents, t, context)
@@ -86,7 +88,15 @@ def test_load_parity(pipe, torch_pipe):
 def test_save_round_trip(pipe, tmp_path):
   out = str(tmp_path / "saved")
   P.save_pipeline(pipe, out)
-  P.save_pipeline(pipe, out)  # replacing an existing pipeline works too
+  # Replacing an existing pipeline works too; components that are not saved (an SD 1.5 safety
+  # checker listed in the model_index.json it was loaded from) are written as null.
+  index = {**pipe.model_index, "requires_safety_checker": True,
+           "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"]}
+  P.save_pipeline(dataclasses.replace(pipe, model_index=index), out)
+  with open(os.path.join(out, "model_index.json")) as f:
+    saved_index = json.load(f)
+  assert saved_index["safety_checker"] == [None, None]
+  assert saved_index["unet"] == ["diffusers", "UNet2DConditionModel"]
   assert sorted(os.listdir(tmp_path)) == ["saved"]  # no temporary directories left
   assert os.path.isfile(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
   assert os.path.isfile(os.path.join(out, "text_encoder", "model.safetensors"))
@@ -96,7 +106,8 @@ def test_save_round_trip(pipe, tmp_path):
   print("save_pipeline -> diffusers:", {k: f"{v:.3g}" for k, v in errs.items()})
   assert max(errs.values()) <= TOL, errs
   reloaded = P.load_pipeline(out)
-  for a, b in zip(jax.tree_util.tree_leaves(pipe.params), jax.tree_util.tree_leaves(reloaded.params)):
+  leaves = jax.tree_util.tree_leaves
+  for a, b in zip(leaves(pipe.params), leaves(reloaded.params)):
     np.testing.assert_array_equal(a, b)
   assert reloaded.unet_config == pipe.unet_config and reloaded.vae_config == pipe.vae_config
   assert reloaded.text_config == pipe.text_config

@@ -36,7 +36,7 @@ def _inputs(kw, batch=2, seq=5, seed=0):
 
 
 _KWARGS = {"sd1": tm.unet_sd1_kwargs, "sd2_linear_per_block_heads": tm.unet_sd2_kwargs,
-           "pixel_class_labels": tm.unet_pixel_class_kwargs}
+           "pixel_class_labels": tm.unet_pixel_class_kwargs, "variants": tm.unet_variants_kwargs}
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,7 +75,8 @@ def test_attention_implementations_agree_on_cpu():
     attention.dot_product_attention(q, k, v, implementation="flash")
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd2_linear_per_block_heads", "pixel_class_labels"])
+@pytest.mark.parametrize("name", ["sd1", "sd2_linear_per_block_heads", "pixel_class_labels",
+                                  "variants"])
 def test_unet_parity_with_diffusers(name):
   model, kw, config, params = _models(name)
   x, t, ctx, labels = _inputs(kw)
@@ -119,7 +120,9 @@ def test_init_and_bad_state_dicts():
   assert (jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), init)
           == jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), abstract))
   kernel = np.asarray(init["down_blocks_0"]["resnets_0"]["conv1"]["kernel"])  # (3, 3, 32, 32)
-  assert abs(kernel.std() * np.sqrt(3 * 3 * 32) - 1.0) < 0.1 and np.abs(kernel).max() <= 2 / np.sqrt(288) / 0.8796 + 1e-6
+  fan_in = 3 * 3 * 32
+  assert abs(kernel.std() * np.sqrt(fan_in) - 1.0) < 0.1  # lecun_normal
+  assert np.abs(kernel).max() <= 2 / np.sqrt(fan_in) / 0.8796 + 1e-6  # truncated at 2 sigma
   assert np.all(np.asarray(init["conv_norm_out"]["scale"]) == 1.0)
   assert np.all(np.asarray(init["conv_norm_out"]["bias"]) == 0.0)
   init16 = U.init_unet_params(config, jax.random.PRNGKey(1), jnp.bfloat16)

@@ -75,6 +75,16 @@ def unet_pixel_class_kwargs(**overrides) -> dict:
   return kw
 
 
+def unet_variants_kwargs(**overrides) -> dict:
+  """Less common options: per-block only_cross_attention / layers_per_block, two transformer
+  layers per block, mid_block_scale_factor, center_input_sample, time_embedding_dim."""
+  kw = unet_sd1_kwargs(only_cross_attention=(True, False), layers_per_block=(1, 2),
+                       transformer_layers_per_block=2, mid_block_scale_factor=1.5,
+                       center_input_sample=True, time_embedding_dim=48)
+  kw.update(overrides)
+  return kw
+
+
 def make_torch_unet(kwargs: dict, seed: int = 0):
   """A random `diffusers.UNet2DConditionModel` in eval mode."""
   from diffusers import UNet2DConditionModel

@@ -214,7 +214,7 @@ def sd15_configs():
 
 def abstract_pipeline_params(unet_config, vae_config, text_config, dtype=jnp.float32) -> dict:
   """{"unet","vae","text_encoder"} parameter trees of `jax.ShapeDtypeStruct` (no allocation)."""
-  key = jax.random.PRNGKey(0)
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   return {"unet": abstract_unet_params(unet_config, dtype),
           "vae": abstract_vae_params(vae_config, dtype),
           "text_encoder": jax.eval_shape(
@@ -248,7 +248,8 @@ def init_pipeline(unet_config: UNetConfig, vae_config: VAEConfig, text_config, k
 _HUB_PATTERNS = [
     "model_index.json", "scheduler/*.json", "tokenizer/*",
     "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-    "unet/diffusion_pytorch_model.safetensors.index.json", "unet/diffusion_pytorch_model-*.safetensors",
+    "unet/diffusion_pytorch_model.safetensors.index.json",
+    "unet/diffusion_pytorch_model-*.safetensors",
     "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/config.json", "text_encoder/model.safetensors",
     "text_encoder/model.safetensors.index.json", "text_encoder/model-*.safetensors",
@@ -431,7 +432,9 @@ def _write_json(obj, path):
 def save_pipeline(pipe: Pipeline, path) -> str:
   """Writes `pipe` in diffusers format (loadable by `StableDiffusionPipeline.from_pretrained`).
 
-  Weights are written as float32 safetensors (PyTorch layout). The output is assembled in a
+  Weights are written as float32 safetensors (PyTorch layout). Only unet, vae, text_encoder,
+  tokenizer and scheduler are written: other model_index.json components (e.g. SD 1.5's
+  safety_checker, feature_extractor) are set to null. The output is assembled in a
   temporary directory next to `path` and renamed into place at the end, so `path` never holds a
   half-written pipeline; an existing `path` is replaced.
 
@@ -448,6 +451,11 @@ def save_pipeline(pipe: Pipeline, path) -> str:
                                       "feature_extractor": [None, None],
                                       "requires_safety_checker": False,
                                       "safety_checker": [None, None]})
+    for name, value in list(index.items()):  # components not written (safety checker, ...)
+      if (not name.startswith("_") and isinstance(value, list) and len(value) == 2
+          and name not in COMPONENTS):
+        index[name] = [None, None]
+    index["requires_safety_checker"] = False
     for name, cls in _CLASSES.items():
       index[name] = list(cls)
     if pipe.tokenizer is None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -43,8 +43,8 @@ UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
 
 # Bookkeeping keys of diffusers config.json files that carry no architecture information.
-_BOOKKEEPING = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values",
-                          "addition_embed_type_num_heads"})
+_BOOKKEEPING = frozenset({"_class_name", "_diffusers_version", "_name_or_path",
+                          "_use_default_values", "addition_embed_type_num_heads"})
 
 # diffusers features this port does not implement: key -> allowed value(s).
 _UNSUPPORTED_UNLESS = {
@@ -180,8 +180,8 @@ class UNetConfig:
                        f"{self.cross_attention_dim!r} is not supported")
     for c, heads in zip(self.block_out_channels, self.heads_per_block):
       if heads is None or heads <= 0 or c % heads:
-        raise ValueError(f"UNet config: {c} channels are not divisible into "
-                         f"{heads} attention heads (attention_head_dim={self.attention_head_dim!r})")
+        raise ValueError(f"UNet config: {c} channels are not divisible into {heads} attention "
+                         f"heads (attention_head_dim={self.attention_head_dim!r})")
 
   # Resolved per-block quantities (diffusers semantics). -------------------------------------
   @property
@@ -693,8 +693,8 @@ def _dummy_inputs(config: UNetConfig, batch: int = 1):
 def abstract_unet_params(config: UNetConfig, dtype: Dtype = jnp.float32) -> dict:
   """The parameter tree as `jax.ShapeDtypeStruct`s (no allocation, no compilation)."""
   model = UNet2DConditionModel(config, param_dtype=dtype)
-  return jax.eval_shape(lambda k: model.init(k, *_dummy_inputs(config)),
-                        jax.random.PRNGKey(0))["params"]
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)  # not PRNGKey(0): that would run (compile) ops
+  return jax.eval_shape(lambda k: model.init(k, *_dummy_inputs(config)), key)["params"]
 
 
 def host_random_params(abstract, key: jax.Array, dtype: Dtype = jnp.float32) -> dict:
