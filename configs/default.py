@@ -18,7 +18,7 @@ def get_config(arg=None):
   config.save_freq = 4
   config.log_image_freq = 4
   config.sample.num_steps = 20
-  config.sample.guidance_scale = 2.0
+  config.sample.guidance_scale = 1.0  # DDPO aligns the conditional model without guidance
   config.sample.batch_size = 256
   config.sample.num_batches_per_epoch = 1
   config.train.batch_size = 64
@@ -44,6 +44,7 @@ def runlocal(config):
   config.model.pretrain.steps = 20
   config.model.pretrain.batch_size = 16
   config.sample.num_steps = 4
+  config.sample.guidance_scale = 2.0  # exercise the CFG path
   config.sample.batch_size = 8
   config.train.batch_size = 4
   config.train.timestep_fraction = 1.0

@@ -220,7 +220,7 @@ def model_config_defaults() -> ml_collections.ConfigDict:
   """Defaults of `config.model` for the digits model (used by the digits configs)."""
   m = ml_collections.ConfigDict()
   m.kind = "digits"
-  m.channels = (32, 64)
+  m.channels = (16, 32)
   m.layers_per_block = 1
   m.attention_heads = 4
   m.context_dim = 32
@@ -228,8 +228,8 @@ def model_config_defaults() -> ml_collections.ConfigDict:
   m.pretrained_dir = ""  # "" = a cache directory keyed by the model config and seed
   m.pretrain = ml_collections.ConfigDict()
   m.pretrain.seed = 0
-  m.pretrain.steps = 3000
-  m.pretrain.batch_size = 128
+  m.pretrain.steps = 600  # deliberately short: an imperfect start leaves DDPO work to do
+  m.pretrain.batch_size = 64
   m.pretrain.learning_rate = 2e-3
   m.pretrain.uncond_prob = 0.1
   m.pretrain.ema_decay = 0.995

@@ -1,0 +1,25 @@
+"""Stable-Diffusion-compatible models in Flax, loaded from diffusers/transformers checkpoints.
+
+Conventions at this public interface:
+- Every image and latent tensor is NHWC (channels last): UNet input/output (B, H, W, C),
+  VAE images (B, H, W, 3) in [-1, 1] and latents (B, H/8, W/8, 4), CLIP pixels (B, 224, 224, 3).
+- A "params" tree is the inner Flax dict (`module.apply({"params": params}, ...)`).
+- Parameters load from the standard diffusers directory layout (model_index.json, unet/, vae/,
+  text_encoder/, tokenizer/, scheduler/) or a transformers CLIP directory, through one key
+  table per model (`weights.py`); no PyTorch is needed at run time.
+
+Main entry points: `load_pipeline`, `save_pipeline`, `init_pipeline`, `load_clip_vision`.
+"""
+from ddpo_jax.models.attention import dot_product_attention
+from ddpo_jax.models.clip import (
+    CLIP_MEAN, CLIP_STD, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
+    CLIPVisionModelWithProjection, ClipVision, clip_preprocess, clip_text_from_torch,
+    clip_text_to_torch, clip_vision_from_torch, clip_vision_to_torch, init_clip_text_params,
+    init_clip_vision_params, load_clip_text, load_clip_vision)
+from ddpo_jax.models.pipeline import (
+    Pipeline, PipelineLoadError, init_pipeline, load_pipeline, save_pipeline, sd15_configs)
+from ddpo_jax.models.unet import (
+    UNet2DConditionModel, UNetConfig, init_unet_params, unet_from_torch, unet_to_torch)
+from ddpo_jax.models.vae import (
+    AutoencoderKL, VAEConfig, init_vae_params, vae_from_torch, vae_to_torch)
+from ddpo_jax.models.weights import WeightLoadingError
