@@ -1,0 +1,34 @@
+r"""Stable Diffusion DDPO, LAION aesthetic score (paper §6.1; the torch port's `aesthetic`).
+
+Reward: the LAION aesthetic MLP (`sac+logos+ava1-l14-linearMSE.pth`) on the L2-normalised CLIP
+ViT-L/14 image embedding, computed on the device in the sampling program; prompts: the 45
+simple animals (`simple_animals.txt`). 200 epochs × 256 samples; optimizer steps of 128 samples
+(8 × 16 accumulated, as the torch port's 8 GPUs × 4 × 4), 2 per epoch; stat tracking buffer 32,
+min 16. Otherwise as configs/sd_compressibility.py (LoRA rank 4, lr 3e-4, 50 steps, CFG 5).
+
+  DDPO_JAX_ASSETS=/path/to/assets python -m ddpo_jax.main \
+      --config=configs/sd_aesthetic.py --workdir=/tmp/sd_aesthetic \
+      --config.reward.aesthetic_mlp_path=/path/to/sac+logos+ava1-l14-linearMSE.pth
+
+(`reward.clip_path` defaults to the Hub id openai/clip-vit-large-patch14; a local directory
+works too.) Variants: `:full`, `:runlocal` (the latter also needs --config.reward.clip_path=DIR
+of a CLIP vision tower with projection_dim 768).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import sd_compressibility  # noqa: E402
+
+from ddpo_jax import sd  # noqa: E402
+
+
+def get_config(arg=None):
+  config = sd_compressibility.get_config()
+  config.num_epochs = 200
+  config.prompt_fn = "simple_animals"
+  config.reward.weights = {"aesthetic": 1.0}
+  config.train.gradient_accumulation_steps = 16
+  config.per_prompt_stat_tracking.buffer_size = 32
+  config.per_prompt_stat_tracking.min_count = 16
+  return sd.apply_variants(config, arg)

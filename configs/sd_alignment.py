@@ -1,0 +1,38 @@
+r"""Stable Diffusion DDPO, prompt-image alignment (paper §6.1; the torch port's
+`prompt_image_alignment`).
+
+Prompts "a(n) ANIMAL ACTIVITY" (45 simple animals × the activities of `activities.txt`); reward
+from a reward server (`python -m ddpo_jax.rewards.server --scorer=llava_bertscore ...`, LLaVA's
+answer to "what is going on in this image?" scored by BERTScore recall against "The image
+contains PROMPT") at `reward.server_url`, queried by a thread pool while the device keeps
+sampling. 200 epochs × 288 samples (32 × 9); optimizer steps of 144 samples (8 × 18
+accumulated, as the torch port's 6 GPUs × 4 × 6), 2 per epoch; stat tracking buffer 32, min 16.
+
+  python -m ddpo_jax.rewards.server --scorer=llava_bertscore --port=8000 &   # on a GPU host
+  DDPO_JAX_ASSETS=/path/to/assets python -m ddpo_jax.main \
+      --config=configs/sd_alignment.py --workdir=/tmp/sd_alignment \
+      --config.reward.server_url=http://127.0.0.1:8000
+
+Variants: `:full`, `:runlocal` (the tests run the latter against a `--scorer=brightness` server).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import sd_compressibility  # noqa: E402
+
+from ddpo_jax import sd  # noqa: E402
+
+
+def get_config(arg=None):
+  config = sd_compressibility.get_config()
+  config.num_epochs = 200
+  config.prompt_fn = "simple_animals_activities"
+  config.reward.weights = {"remote": 1.0}
+  config.sample.batch_size = 32
+  config.sample.num_batches_per_epoch = 9
+  config.train.batch_size = 8
+  config.train.gradient_accumulation_steps = 18
+  config.per_prompt_stat_tracking.buffer_size = 32
+  config.per_prompt_stat_tracking.min_count = 16
+  return sd.apply_variants(config, arg)

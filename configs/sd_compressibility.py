@@ -1,0 +1,33 @@
+r"""Stable Diffusion DDPO, JPEG compressibility (paper §6.1; the PyTorch port's `compressibility`).
+
+Reward −JPEG size in kB (PIL quality 95) of 512×512 samples; prompts: the 398 ImageNet animal
+classes (`imagenet_classes.txt`, read from $DDPO_JAX_ASSETS or --config.prompt_fn_kwargs.path).
+LoRA (rank 4) on the UNet's attention projections, lr 3e-4; 100 epochs × 256 samples (32 per
+sampling call × 8 calls), 50 DDIM steps, eta 1, CFG 5; optimizer steps of 64 samples
+(train.batch_size 8 × 8 accumulated minibatches, as the torch port's 8 GPUs × 4 × 2), i.e. 4
+per epoch; per-prompt stat tracking (buffer 16, min 16). Batch sizes are global.
+
+  DDPO_JAX_ASSETS=/path/to/assets python -m ddpo_jax.main \
+      --config=configs/sd_compressibility.py --workdir=/tmp/sd_compressibility
+
+Variants: `--config=configs/sd_compressibility.py:full` (full UNet, lr 1e-5, fp32 master
+weights, bf16 compute, Adam first moment in bf16: the JAX original), `:runlocal` (seconds on a
+CPU; add --config.model.pretrained_path=TINY_PIPELINE_DIR). Export the fine-tuned model:
+`python -m ddpo_jax.export --workdir=/tmp/sd_compressibility --out=/tmp/sd_compressed`.
+"""
+import ml_collections
+
+from ddpo_jax import sd
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  config = sd.sd_config("imagenet_animals", {"jpeg_compressibility": 1.0})
+  config.num_epochs = 100
+  config.sample.batch_size = 32
+  config.sample.num_batches_per_epoch = 8
+  config.train.batch_size = 8
+  config.train.gradient_accumulation_steps = 8
+  config.per_prompt_stat_tracking.enabled = True
+  config.per_prompt_stat_tracking.buffer_size = 16
+  config.per_prompt_stat_tracking.min_count = 16
+  return sd.apply_variants(config, arg)
