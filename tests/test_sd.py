@@ -28,9 +28,13 @@ CONFIGS = ("sd_compressibility", "sd_incompressibility", "sd_aesthetic", "sd_ali
 # ------------------------------------------------------------------------------------------
 # Fixtures (also imported by test_lora.py)
 # ------------------------------------------------------------------------------------------
+# Session-wide paths under the base temp directory (not `mktemp`): test_lora.py imports these
+# fixtures, which makes them separate fixtures there; a fixed path lets both modules share them.
 @pytest.fixture(scope="session")
 def sd_cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("sd_jax_cache"))
+  path = tmp_path_factory.getbasetemp() / "sd_shared" / "jax_cache"
+  path.mkdir(parents=True, exist_ok=True)
+  return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +61,11 @@ def compile_cache(sd_cache_dir):
 def tiny_sd(tmp_path_factory):
   """A tiny random diffusers SD pipeline directory (16×16 images, 8×8×4 latents)."""
   import tiny_models
-  path = str(tmp_path_factory.mktemp("tiny_sd") / "pipe")
-  return tiny_models.save_tiny_pipeline(
-      path, unet_kwargs=tiny_models.unet_sd1_kwargs(layers_per_block=1))
+  path = tmp_path_factory.getbasetemp() / "sd_shared" / "tiny_sd"
+  if not (path / "model_index.json").exists():
+    tiny_models.save_tiny_pipeline(str(path),
+                                   unet_kwargs=tiny_models.unet_sd1_kwargs(layers_per_block=1))
+  return str(path)
 
 
 def load_config(name, variant="runlocal", **overrides):

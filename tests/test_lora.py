@@ -1,0 +1,161 @@
+"""LoRA: exact identity at init, target selection and errors, only LoRA factors train (the base
+UNet stays bit-identical), and the merged export loads in diffusers with the same UNet output."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO
+from ddpo_jax import lora
+from test_sd import (compile_cache, load_config, one_update, sd_cache_dir,  # noqa: F401
+                     sd_overrides, subprocess_env, tiny_sd)
+
+PROJECTIONS = ("to_q", "to_k", "to_v", "to_out_0")
+
+
+@pytest.fixture(scope="module")
+def lora_policy(tiny_sd):
+  from ddpo_jax import sd
+  return sd.make_policy(load_config("sd_compressibility", **sd_overrides(tiny_sd)))
+
+
+def _eps_inputs(policy, n=2, seed=0):
+  rng = np.random.RandomState(seed)
+  x = jnp.asarray(rng.randn(n, *policy.latent_shape).astype(np.float32))
+  t = jnp.asarray([999, 1][:n], jnp.int32)
+  ids = jnp.asarray(policy.tokenize(["a cat", "a dog"][:n]))
+  return x, t, policy.encode_prompts(policy.params, ids)
+
+
+def test_init_targets_and_exact_identity(lora_policy):
+  policy = lora_policy
+  base, lora_params = policy.params["base_unet"], policy.params["unet"]
+  adapted = lora.module_paths(lora_params_as_modules(lora_params))
+  attention = [p for p in lora.module_paths(base) if p.rsplit("/", 1)[-1] in PROJECTIONS]
+  assert adapted == attention and len(adapted) == 4 * 2 * 4  # 4 transformers x attn1/attn2
+  for leaf_path, leaf in jax.tree_util.tree_leaves_with_path(lora_params):
+    name = leaf_path[-1].key
+    assert leaf.dtype == jnp.float32
+    if name == "b":
+      assert not np.any(np.asarray(leaf)) and leaf.shape[0] == 2  # rank 2 in runlocal
+    else:
+      assert np.std(np.asarray(leaf)) > 0.1 and leaf.shape[1] == 2  # std 1/rank
+
+  frozen = {k: v for k, v in policy.params.items() if k != "unet"}
+  merged = jax.jit(policy.assemble_unet)(lora_params, frozen)
+  jax.tree.map(np.testing.assert_array_equal, merged, base)  # bit for bit
+  x, t, ctx = _eps_inputs(policy)
+  eps_fn = jax.jit(policy.eps_fn)
+  np.testing.assert_array_equal(eps_fn(merged, x, t, ctx), eps_fn(base, x, t, ctx))
+  eps_lora = jax.jit(lambda p, f: policy.eps_fn(policy.assemble_unet(p, f), x, t, ctx))
+  np.testing.assert_array_equal(eps_lora(lora_params, frozen), eps_fn(base, x, t, ctx))
+
+
+def lora_params_as_modules(tree):
+  """{"a", "b"} leaves renamed to "kernel" so that `module_paths` lists the adapted modules."""
+  from flax import traverse_util
+  flat = traverse_util.flatten_dict(tree)
+  return traverse_util.unflatten_dict({k[:-1] + ("kernel",): v for k, v in flat.items()
+                                       if k[-1] == "a"})
+
+
+def test_merge_formula_dense_and_conv():
+  key = jax.random.PRNGKey(0)
+  base = {"blk": {"to_q": {"kernel": jax.random.normal(key, (6, 5)), "bias": jnp.ones(5)},
+                  "proj_in": {"kernel": jax.random.normal(key, (1, 1, 6, 4))},
+                  "norm": {"scale": jnp.ones(6)}}}
+  cfg = lora.LoraConfig(rank=3, alpha=6.0, targets=(r"to_q$", r"proj_in$"))
+  params = lora.init_lora(base, cfg, key)
+  assert params["blk"]["proj_in"]["a"].shape == (6, 3)
+  assert params["blk"]["to_q"]["b"].shape == (3, 5)
+  params = jax.tree.map(lambda x: x + 0.5, params)  # a non-zero B
+  merged = lora.merge_lora(base, params, cfg.scale)
+  q = params["blk"]["to_q"]
+  np.testing.assert_allclose(merged["blk"]["to_q"]["kernel"],
+                             base["blk"]["to_q"]["kernel"] + 2.0 * q["a"] @ q["b"], rtol=1e-6)
+  c = params["blk"]["proj_in"]
+  np.testing.assert_allclose(merged["blk"]["proj_in"]["kernel"],
+                             base["blk"]["proj_in"]["kernel"] + 2.0 * (c["a"] @ c["b"]).reshape(1, 1, 6, 4),
+                             rtol=1e-6)
+  assert merged["blk"]["to_q"]["bias"] is base["blk"]["to_q"]["bias"]  # untouched leaves
+  assert merged["blk"]["norm"]["scale"] is base["blk"]["norm"]["scale"]
+  # bf16 base weights: merged kernels are float32 so that small updates survive.
+  bf = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
+  assert lora.merge_lora(bf, params, 1.0)["blk"]["to_q"]["kernel"].dtype == jnp.float32
+
+
+def test_target_errors():
+  base = {"blk": {"attn1": {"to_q": {"kernel": jnp.ones((4, 4))}}, "norm": {"kernel": jnp.ones(4)}}}
+  with pytest.raises(lora.LoraTargetError, match=r"'to_z' matches no layer .*'blk/attn1/to_q'"):
+    lora.init_lora(base, lora.LoraConfig(targets=("to_q", "to_z")), jax.random.PRNGKey(0))
+  with pytest.raises(lora.LoraTargetError, match="not a valid regular expression"):
+    lora.select_targets(base, ["to_q["])
+  with pytest.raises(lora.LoraTargetError, match="at least one target"):
+    lora.select_targets(base, [])
+  with pytest.raises(lora.LoraTargetError, match="need rank"):
+    lora.select_targets(base, ["norm"])
+  with pytest.raises(ValueError, match="rank must be"):
+    lora.init_lora(base, lora.LoraConfig(rank=0), jax.random.PRNGKey(0))
+
+
+def test_update_trains_only_lora_base_bit_identical(tiny_sd, compile_cache):
+  config = load_config("sd_compressibility", **sd_overrides(tiny_sd))
+  from ddpo_jax import sd
+  before = jax.tree.map(np.array, sd.make_policy(config).params["base_unet"])
+  policy, frozen, state, metrics = one_update(config)
+  assert all(np.isfinite(v) for v in metrics.values()), metrics
+  assert int(state.step) == 1
+  # The trainable state is the LoRA tree only (no base weight is in the optimizer).
+  assert (jax.tree.structure(state.params) == jax.tree.structure(policy.params["unet"]))
+  assert lora.num_params(state.params) < lora.num_params(before) / 5
+  jax.tree.map(np.testing.assert_array_equal, frozen["base_unet"], before)
+  jax.tree.map(np.testing.assert_array_equal, policy.params["base_unet"], before)
+  bs = [np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state.params)
+        if p[-1].key == "b"]
+  assert all(np.any(b != 0) for b in bs)  # every B left zero
+
+
+def test_export_merged_loads_in_diffusers_and_matches(tiny_sd, compile_cache, tmp_path):
+  """One epoch of LoRA training, `python -m ddpo_jax.export`, diffusers UNet == merged UNet."""
+  import torch
+  from diffusers import StableDiffusionPipeline
+  from ddpo_jax import export, train
+  import tiny_models
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "exported")
+  config = load_config("sd_compressibility", **sd_overrides(tiny_sd, num_epochs=1))
+  train.train_and_evaluate(config, workdir)
+  result = subprocess.run([sys.executable, "-m", "ddpo_jax.export", f"--workdir={workdir}",
+                           f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=subprocess_env(compile_cache))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path)) == ["exported", "run"]  # no temporary directory left
+
+  _, policy, trained, step = export.restore_run(workdir)
+  assert step == 1
+  frozen = train.frozen_params(policy, config)
+  merged = jax.jit(policy.assemble_unet)(trained, frozen)
+  x, t, ctx = _eps_inputs(policy)
+  ours = np.asarray(jax.jit(policy.eps_fn)(merged, x, t, ctx))
+
+  pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+  base_pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+  with torch.no_grad():
+    theirs = pipe.unet(tiny_models.to_nchw(x), torch.from_numpy(np.array(t)).long(),
+                       encoder_hidden_states=torch.from_numpy(np.asarray(ctx))).sample
+  np.testing.assert_allclose(tiny_models.to_nhwc(theirs), ours, atol=1e-4)
+  new_sd, base_sd = pipe.unet.state_dict(), base_pipe.unet.state_dict()
+  for key in new_sd:
+    same = torch.equal(new_sd[key], base_sd[key])
+    adapted = key.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v") or key.endswith("to_out.0.weight")
+    assert same != adapted, key  # exactly the adapted kernels changed
+  for name in ("text_encoder", "vae"):
+    a, b = getattr(pipe, name).state_dict(), getattr(base_pipe, name).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b), name
+  assert pipe.tokenizer("a cat").input_ids == base_pipe.tokenizer("a cat").input_ids
+
+  with pytest.raises(FileNotFoundError, match="no checkpoints"):
+    export.export_pipeline(str(tmp_path / "nothing"), out)
