@@ -19,6 +19,10 @@ from flax import traverse_util  # noqa: E402
 TOL = 1e-4
 # Tests only: XLA's CPU backend optimisations double compile times of these tiny models.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def _jit(fn, **kwargs):
+  return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)
 SD15_UNET_PARAMS = 859_520_964
 
 
@@ -81,7 +85,7 @@ def test_unet_parity_with_diffusers(name):
   model, kw, config, params = _models(name)
   x, t, ctx, labels = _inputs(kw)
   ref = _torch_eps(model, x, t, ctx, labels)
-  out = U.UNet2DConditionModel(config).apply({"params": params}, x, t, ctx, labels)
+  out = _jit(U.UNet2DConditionModel(config).apply)({"params": params}, x, t, ctx, labels)
   err = float(np.abs(np.asarray(out) - ref).max())
   print(f"{name}: max abs error {err:.3g} (|eps| max {np.abs(ref).max():.3g})")
   assert out.shape == ref.shape and err <= TOL
@@ -90,7 +94,7 @@ def test_unet_parity_with_diffusers(name):
 def test_scalar_and_float_timesteps_broadcast():
   model, kw, config, params = _models("sd1")
   x, _, ctx, _ = _inputs(kw)
-  apply = U.UNet2DConditionModel(config).apply
+  apply = _jit(U.UNet2DConditionModel(config).apply)
   ref = _torch_eps(model, x, torch.tensor(321.5), ctx)
   out = apply({"params": params}, x, jnp.float32(321.5), ctx)
   assert float(np.abs(np.asarray(out) - ref).max()) <= TOL
@@ -159,7 +163,13 @@ def test_config_semantics_and_errors():
 
 
 def test_remat_identical_and_bf16_runs():
-  _, kw, config, params = _models("pixel_class_labels")
+  # A one-level UNet (CrossAttnDownBlock2D, mid block, CrossAttnUpBlock2D): compiling two
+  # backward passes on CPU is the slow part of this file. (DownBlock2D / UpBlock2D under remat:
+  # test_pipeline_io.py.)
+  kw = tm.unet_pixel_class_kwargs(block_out_channels=(32,), down_block_types=(
+      "CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
+  config = U.UNetConfig.from_dict(kw)
+  params = U.init_unet_params(config, jax.random.PRNGKey(0))
   x, t, ctx, labels = _inputs(kw)
 
   def loss(p, module):

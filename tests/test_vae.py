@@ -16,6 +16,7 @@ from ddpo_jax.models.weights import WeightLoadingError  # noqa: E402
 
 TOL = 1e-4
 SD15_VAE_PARAMS = 83_653_863
+FAST_COMPILE = {"xla_backend_optimization_level": 0}  # tests only: halves CPU compile times
 
 
 def _state_dict(model):
@@ -43,8 +44,12 @@ def _check_parity(model, config, params, label=""):
     posterior = model.encode(tm.to_nchw(x)).latent_dist
     decoded = model.decode(tm.to_nchw(z)).sample
   flax_model = V.AutoencoderKL(config)
-  mean, logvar = flax_model.apply({"params": params}, x, method=V.AutoencoderKL.encode)
-  images = flax_model.apply({"params": params}, z, method=V.AutoencoderKL.decode)
+  encode = jax.jit(lambda p, x: flax_model.apply({"params": p}, x, method=V.AutoencoderKL.encode),
+                   compiler_options=FAST_COMPILE)
+  decode = jax.jit(lambda p, z: flax_model.apply({"params": p}, z, method=V.AutoencoderKL.decode),
+                   compiler_options=FAST_COMPILE)
+  mean, logvar = encode(params, x)
+  images = decode(params, z)
   errs = {"mean": np.abs(np.asarray(mean) - tm.to_nhwc(posterior.mean)).max(),
           "logvar": np.abs(np.asarray(logvar) - tm.to_nhwc(posterior.logvar)).max(),
           "decode": np.abs(np.asarray(images) - tm.to_nhwc(decoded)).max()}
@@ -126,7 +131,7 @@ def test_bf16_compute_runs():
   model = V.AutoencoderKL(config, dtype=jnp.bfloat16)
   z = _latents()
   out = jax.jit(lambda p, z: model.apply({"params": p}, z, method=V.AutoencoderKL.decode),
-                compiler_options={"xla_backend_optimization_level": 0})(params, z)
+                compiler_options=FAST_COMPILE)(params, z)
   ref = V.AutoencoderKL(config).apply({"params": params}, z, method=V.AutoencoderKL.decode)
   assert out.dtype == jnp.bfloat16
   rel = np.abs(np.asarray(out, np.float32) - np.asarray(ref)).max() / np.abs(ref).max()

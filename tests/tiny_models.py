@@ -191,7 +191,8 @@ def make_torch_pipeline(tmp_dir: str, *, unet_kwargs: dict | None = None, seed: 
   from diffusers import StableDiffusionPipeline
   tokenizer = make_tiny_tokenizer(os.path.join(tmp_dir, "_tokenizer_src"))
   text_kwargs = text_config_kwargs(vocab_size=len(tokenizer))
-  unet_kwargs = unet_kwargs or unet_sd1_kwargs(cross_attention_dim=text_kwargs["hidden_size"])
+  unet_kwargs = unet_kwargs or unet_sd1_kwargs(cross_attention_dim=text_kwargs["hidden_size"],
+                                               layers_per_block=1)
   return StableDiffusionPipeline(
       vae=make_torch_vae(seed=seed + 1),
       text_encoder=make_torch_text_encoder(text_kwargs, seed=seed + 2),
