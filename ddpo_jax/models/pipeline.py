@@ -60,6 +60,9 @@ _CLASSES = {
     "text_encoder": ("transformers", "CLIPTextModel"),
     "tokenizer": ("transformers", "CLIPTokenizer"),
 }
+_ACCEPTED_CLASSES = {"unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",),
+                     "text_encoder": ("CLIPTextModel",),
+                     "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast")}
 _WEIGHT_BASENAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
                      "text_encoder": "model"}
 
@@ -353,9 +356,10 @@ def load_pipeline(path, dtype: Dtype = jnp.float32, *, attention_implementation:
                else f"no directory {directory}") + ")")
     elif not entry or entry[0] is None or not os.path.isdir(directory):
       continue
-    if name in _CLASSES and entry[1] != _CLASSES[name][1]:
+    allowed = _ACCEPTED_CLASSES.get(name)
+    if allowed and entry[1] not in allowed:
       raise PipelineLoadError(f"{index_path}: component '{name}' has class {entry[1]!r}; "
-                              f"only {_CLASSES[name][1]!r} is supported")
+                              f"supported: {', '.join(allowed)}")
     dirs[name] = directory
 
   # 1. All configs (cheap, catches unsupported architectures before reading weights).
