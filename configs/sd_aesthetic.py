@@ -14,21 +14,9 @@ min 16. Otherwise as configs/sd_compressibility.py (LoRA rank 4, lr 3e-4, 50 ste
 works too.) Variants: `:full`, `:runlocal` (the latter also needs --config.reward.clip_path=DIR
 of a CLIP vision tower with projection_dim 768).
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-import sd_compressibility  # noqa: E402
-
-from ddpo_jax import sd  # noqa: E402
+from ddpo_jax import sd
 
 
 def get_config(arg=None):
-  config = sd_compressibility.get_config()
-  config.num_epochs = 200
-  config.prompt_fn = "simple_animals"
-  config.reward.weights = {"aesthetic": 1.0}
-  config.train.gradient_accumulation_steps = 16
-  config.per_prompt_stat_tracking.buffer_size = 32
-  config.per_prompt_stat_tracking.min_count = 16
-  return sd.apply_variants(config, arg)
+  return sd.task_config("aesthetic", arg)

@@ -15,24 +15,9 @@ accumulated, as the torch port's 6 GPUs × 4 × 6), 2 per epoch; stat tracking b
 
 Variants: `:full`, `:runlocal` (the tests run the latter against a `--scorer=brightness` server).
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-import sd_compressibility  # noqa: E402
-
-from ddpo_jax import sd  # noqa: E402
+from ddpo_jax import sd
 
 
 def get_config(arg=None):
-  config = sd_compressibility.get_config()
-  config.num_epochs = 200
-  config.prompt_fn = "simple_animals_activities"
-  config.reward.weights = {"remote": 1.0}
-  config.sample.batch_size = 32
-  config.sample.num_batches_per_epoch = 9
-  config.train.batch_size = 8
-  config.train.gradient_accumulation_steps = 18
-  config.per_prompt_stat_tracking.buffer_size = 32
-  config.per_prompt_stat_tracking.min_count = 16
-  return sd.apply_variants(config, arg)
+  return sd.task_config("alignment", arg)

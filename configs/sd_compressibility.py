@@ -15,19 +15,9 @@ weights, bf16 compute, Adam first moment in bf16: the JAX original), `:runlocal`
 CPU; add --config.model.pretrained_path=TINY_PIPELINE_DIR). Export the fine-tuned model:
 `python -m ddpo_jax.export --workdir=/tmp/sd_compressibility --out=/tmp/sd_compressed`.
 """
-import ml_collections
 
 from ddpo_jax import sd
 
 
-def get_config(arg=None) -> ml_collections.ConfigDict:
-  config = sd.sd_config("imagenet_animals", {"jpeg_compressibility": 1.0})
-  config.num_epochs = 100
-  config.sample.batch_size = 32
-  config.sample.num_batches_per_epoch = 8
-  config.train.batch_size = 8
-  config.train.gradient_accumulation_steps = 8
-  config.per_prompt_stat_tracking.enabled = True
-  config.per_prompt_stat_tracking.buffer_size = 16
-  config.per_prompt_stat_tracking.min_count = 16
-  return sd.apply_variants(config, arg)
+def get_config(arg=None):
+  return sd.task_config("compressibility", arg)

@@ -7,16 +7,9 @@ As configs/sd_compressibility.py with reward +JPEG size in kB.
 
 Variants: `:full`, `:runlocal` (see configs/sd_compressibility.py).
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-import sd_compressibility  # noqa: E402
-
-from ddpo_jax import sd  # noqa: E402
+from ddpo_jax import sd
 
 
 def get_config(arg=None):
-  config = sd_compressibility.get_config()
-  config.reward.weights = {"jpeg_incompressibility": 1.0}
-  return sd.apply_variants(config, arg)
+  return sd.task_config("incompressibility", arg)

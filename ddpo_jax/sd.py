@@ -215,6 +215,49 @@ def sd_config(prompt_fn: str, reward_weights: dict) -> ml_collections.ConfigDict
   return config
 
 
+TASKS = ("compressibility", "incompressibility", "aesthetic", "alignment")
+
+
+def task_config(task: str, arg=None) -> ml_collections.ConfigDict:
+  """The paper task configs (what configs/sd_TASK.py return), with the PyTorch port's
+  hyperparameters translated to GLOBAL batch sizes; `arg` selects variants (`apply_variants`).
+
+  - compressibility / incompressibility: ±JPEG kB, 398 ImageNet animals, 100 epochs × 256
+    samples (32 per sampling call × 8), optimizer steps of 64 samples (8 × 8 accumulated; the
+    port's 8 GPUs × 4 × 2), 4 per epoch; stat tracking buffer 16, min 16.
+  - aesthetic: LAION aesthetic score, 45 simple animals, 200 epochs × 256, steps of 128 samples
+    (8 × 16; the port's 8 × 4 × 4), 2 per epoch; buffer 32, min 16.
+  - alignment: reward server ("remote"), "a(n) ANIMAL ACTIVITY", 200 epochs × 288 (32 × 9), steps
+    of 144 samples (8 × 18; the port's 6 GPUs × 4 × 6), 2 per epoch; buffer 32, min 16.
+  All: LoRA rank 4 on the attention projections, lr 3e-4, 50 DDIM steps, eta 1, CFG 5.
+  """
+  if task not in TASKS:
+    raise ValueError(f"unknown SD task {task!r}; known: {', '.join(TASKS)}")
+  prompt_set = {"aesthetic": "simple_animals",
+                "alignment": "simple_animals_activities"}.get(task, "imagenet_animals")
+  reward = {"compressibility": "jpeg_compressibility", "incompressibility": "jpeg_incompressibility",
+            "aesthetic": "aesthetic", "alignment": "remote"}[task]
+  config = sd_config(prompt_set, {reward: 1.0})
+  config.num_epochs = 100
+  config.sample.batch_size = 32
+  config.sample.num_batches_per_epoch = 8
+  config.train.batch_size = 8
+  config.train.gradient_accumulation_steps = 8
+  config.per_prompt_stat_tracking.enabled = True
+  config.per_prompt_stat_tracking.buffer_size = 16
+  config.per_prompt_stat_tracking.min_count = 16
+  if task == "aesthetic":
+    config.num_epochs = 200
+    config.train.gradient_accumulation_steps = 16
+    config.per_prompt_stat_tracking.buffer_size = 32
+  if task == "alignment":
+    config.num_epochs = 200
+    config.sample.num_batches_per_epoch = 9
+    config.train.gradient_accumulation_steps = 18
+    config.per_prompt_stat_tracking.buffer_size = 32
+  return apply_variants(config, arg)
+
+
 def apply_variants(config: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
   """Applies the comma-separated variants of `get_config(arg)`: "full" (full UNet fine-tuning
   as the JAX original: lr 1e-5, Adam first moment in bfloat16, fewer kept checkpoints) and
