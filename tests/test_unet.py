@@ -92,14 +92,14 @@ def test_unet_parity_with_diffusers(name):
 
 
 def test_scalar_and_float_timesteps_broadcast():
-  model, kw, config, params = _models("sd1")
-  x, _, ctx, _ = _inputs(kw)
+  model, kw, config, params = _models("pixel_class_labels")
+  x, _, ctx, labels = _inputs(kw)
   apply = _jit(U.UNet2DConditionModel(config).apply)
-  ref = _torch_eps(model, x, torch.tensor(321.5), ctx)
-  out = apply({"params": params}, x, jnp.float32(321.5), ctx)
+  ref = _torch_eps(model, x, torch.tensor(321.5), ctx, labels)
+  out = apply({"params": params}, x, jnp.float32(321.5), ctx, labels)
   assert float(np.abs(np.asarray(out) - ref).max()) <= TOL
-  np.testing.assert_allclose(out, apply({"params": params}, x, jnp.full((2,), 321.5), ctx),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      out, apply({"params": params}, x, jnp.full((2,), 321.5), ctx, labels), atol=1e-6)
 
 
 def test_to_torch_round_trip_and_diffusers_config():
