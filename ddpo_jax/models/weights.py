@@ -130,7 +130,8 @@ def torch_to_flax(
       bad_shapes.append(f"{key}: checkpoint {tuple(np.shape(incoming[key]))}, "
                         f"model expects {target_shape} (Flax layout)")
       continue
-    out[path] = jnp.asarray(array, dtype=dtype)
+    # Cast on the host: a device-side convert would compile one kernel per shape.
+    out[path] = jnp.asarray(np.asarray(array, dtype=np.dtype(dtype)))
   if bad_shapes:
     raise WeightLoadingError(f"{source}: shape mismatch for {len(bad_shapes)} keys: "
                              + "; ".join(bad_shapes[:10]))
