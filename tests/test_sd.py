@@ -59,12 +59,15 @@ def compile_cache(sd_cache_dir):
 
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
-  """A tiny random diffusers SD pipeline directory (16×16 images, 8×8×4 latents)."""
+  """A tiny random diffusers SD pipeline directory (16×16 images, 8×8×4 latents). The UNet has
+  one resolution level (a cross-attention down block, the mid block, a cross-attention up block:
+  4 transformer blocks), which halves XLA's compile time on a CPU."""
   import tiny_models
   path = tmp_path_factory.getbasetemp() / "sd_shared" / "tiny_sd"
   if not (path / "model_index.json").exists():
-    tiny_models.save_tiny_pipeline(str(path),
-                                   unet_kwargs=tiny_models.unet_sd1_kwargs(layers_per_block=1))
+    tiny_models.save_tiny_pipeline(str(path), unet_kwargs=tiny_models.unet_sd1_kwargs(
+        layers_per_block=1, block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",)))
   return str(path)
 
 
@@ -266,8 +269,10 @@ def test_runlocal_trains_resumes_and_samples(name, tiny_sd, compile_cache, reque
 # Full fine-tuning: fp32 master weights, bf16 compute, Adam first moment in bf16
 # ------------------------------------------------------------------------------------------
 def test_full_finetune_bf16_compute_fp32_master(tiny_sd, compile_cache):
-  config = load_config("sd_compressibility", "runlocal,full",
-                       **sd_overrides(tiny_sd, **{"model.compute_dtype": "bfloat16"}))
+  config = load_config("sd_compressibility", "runlocal,full", **sd_overrides(
+      tiny_sd, **{"model.compute_dtype": "bfloat16", "sample.num_steps": 2,
+                  "sample.batch_size": 2, "train.batch_size": 2,
+                  "train.gradient_accumulation_steps": 1}))  # bf16 is slow on a CPU
   assert not config.model.lora.enabled and config.train.adam_mu_dtype == "bfloat16"
   policy, frozen, state, metrics = one_update(config, lr=1e-3)
   assert "base_unet" not in frozen and "vae" in frozen
@@ -305,7 +310,7 @@ def test_bad_input_fails_before_anything_is_written(case, tiny_sd, tmp_path):
       "no_model_path": ({"model.pretrained_path": ""}, ValueError, "pretrained_path is empty"),
       "missing_model": ({"model.pretrained_path": str(tmp_path / "no_pipe")}, ValueError,
                         "no such directory"),
-      "resolution": ({"model.resolution": 18}, ValueError, "model.resolution=18"),
+      "resolution": ({"model.resolution": 17}, ValueError, "model.resolution=17"),
       "empty_list": ({"prompt_fn": "list"}, ValueError, "needs `prompts`"),
   }[case]
   config = load_config("sd_compressibility", **sd_overrides(tiny_sd, **overrides))
