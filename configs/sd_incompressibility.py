@@ -1,4 +1,5 @@
-r"""Stable Diffusion DDPO, JPEG incompressibility (paper §6.1; the torch port's `incompressibility`).
+r"""Stable Diffusion DDPO, JPEG incompressibility (paper §6.1; the torch port's
+`incompressibility`).
 
 As configs/sd_compressibility.py with reward +JPEG size in kB.
 

@@ -87,7 +87,8 @@ def select_targets(params: Params, targets: Sequence[str]) -> list[str]:
     try:
       rx = re.compile(pattern)
     except re.error as e:
-      raise LoraTargetError(f"LoRA target {pattern!r} is not a valid regular expression: {e}") from e
+      raise LoraTargetError(
+          f"LoRA target {pattern!r} is not a valid regular expression: {e}") from e
     hits = [p for p in paths if rx.search(p)]
     if not hits:
       examples = ", ".join(repr(p) for p in paths[:3] + [q for q in paths if "attn" in q][:3])
@@ -99,7 +100,8 @@ def select_targets(params: Params, targets: Sequence[str]) -> list[str]:
   for p in sorted(selected):
     kernel = flat[tuple(p.split("/")) + ("kernel",)]
     if kernel.ndim < 2:
-      raise LoraTargetError(f"LoRA target {p!r} has a kernel of shape {kernel.shape}; need rank ≥ 2")
+      raise LoraTargetError(
+          f"LoRA target {p!r} has a kernel of shape {kernel.shape}; need rank ≥ 2")
     out.append(p)
   return out
 

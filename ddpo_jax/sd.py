@@ -14,7 +14,8 @@ Two fine-tuning modes:
   optionally Adam's first moment in bfloat16 (`train.adam_mu_dtype`), as the JAX original.
 - LoRA (`model.lora.enabled = True`, the PyTorch port's default): `params["unet"]` holds only
   the LoRA factors (`ddpo_jax.lora`), the base UNet sits frozen in `params["base_unet"]`, and
-  `Policy.assemble_unet(lora, frozen)` merges them before every UNet call. At initialisation
+  `Policy.assemble_unet(lora, frozen)` merges them inside the compiled sampling and update
+  programs (once per call, not per denoising step; only the adapted kernels are copied). At init
   the merged UNet equals the base one exactly.
 
 Config (`config.model`, see `model_config_defaults`): pretrained_path, resolution, dtype,
@@ -153,10 +154,7 @@ def make_policy(config) -> Policy:
     lora_params = lora_lib.init_lora(pipe.params["unet"], lora_cfg,
                                      jax.random.PRNGKey(int(mc.lora.seed)))
     params = {**params, "unet": lora_params, "base_unet": pipe.params["unet"]}
-    scale = lora_cfg.scale
-
-    def assemble(trainable, frozen):
-      return lora_lib.merge_lora(frozen["base_unet"], trainable, scale)
+    assemble = functools.partial(_merge_lora_into_base, scale=lora_cfg.scale)
 
   def eps_fn(p_unet, x, t, context, class_labels=None):
     """eps (N,H,W,4) float32 of latents x (N,H,W,4) at timesteps t (N,), context (N,L,D)."""
@@ -184,6 +182,12 @@ def make_policy(config) -> Policy:
 def _identity_unet(trainable, frozen):
   del frozen
   return trainable
+
+
+def _merge_lora_into_base(trainable, frozen, scale: float):
+  """`Policy.assemble_unet` of a LoRA run: the base UNet (frozen["base_unet"]) with the LoRA
+  factors merged into its kernels."""
+  return lora_lib.merge_lora(frozen["base_unet"], trainable, scale)
 
 
 def prompt_metadata(prompts: Sequence[str]) -> dict[str, np.ndarray]:
@@ -232,10 +236,11 @@ def task_config(task: str, arg=None) -> ml_collections.ConfigDict:
   All: LoRA rank 4 on the attention projections, lr 3e-4, 50 DDIM steps, eta 1, CFG 5.
   """
   if task not in TASKS:
-    raise ValueError(f"unknown SD task {task!r}; known: {', '.join(TASKS)}")
+    raise ValueError(f"unknown SD task {task!r}; known: {TASKS}")
   prompt_set = {"aesthetic": "simple_animals",
                 "alignment": "simple_animals_activities"}.get(task, "imagenet_animals")
-  reward = {"compressibility": "jpeg_compressibility", "incompressibility": "jpeg_incompressibility",
+  reward = {"compressibility": "jpeg_compressibility",
+            "incompressibility": "jpeg_incompressibility",
             "aesthetic": "aesthetic", "alignment": "remote"}[task]
   config = sd_config(prompt_set, {reward: 1.0})
   config.num_epochs = 100

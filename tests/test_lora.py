@@ -77,9 +77,9 @@ def test_merge_formula_dense_and_conv():
   np.testing.assert_allclose(merged["blk"]["to_q"]["kernel"],
                              base["blk"]["to_q"]["kernel"] + 2.0 * q["a"] @ q["b"], rtol=1e-6)
   c = params["blk"]["proj_in"]
+  delta = (c["a"] @ c["b"]).reshape(1, 1, 6, 4)
   np.testing.assert_allclose(merged["blk"]["proj_in"]["kernel"],
-                             base["blk"]["proj_in"]["kernel"] + 2.0 * (c["a"] @ c["b"]).reshape(1, 1, 6, 4),
-                             rtol=1e-6)
+                             base["blk"]["proj_in"]["kernel"] + 2.0 * delta, rtol=1e-6)
   assert merged["blk"]["to_q"]["bias"] is base["blk"]["to_q"]["bias"]  # untouched leaves
   assert merged["blk"]["norm"]["scale"] is base["blk"]["norm"]["scale"]
   # bf16 base weights: merged kernels are float32 so that small updates survive.

@@ -36,5 +36,6 @@ def test_sd_colab_notebook_runs(tiny_sd, tiny_clip_768, compile_cache, tmp_path,
     assert (workdir / name).exists(), name
   assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2
   exported = sorted(os.listdir(workdir / "exported"))
-  assert {"model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= set(exported)
+  assert {"model_index.json", "unet", "vae", "text_encoder", "tokenizer",
+          "scheduler"} <= set(exported)
   assert not any(p.name.startswith(".") for p in workdir.iterdir())  # no half-written export
