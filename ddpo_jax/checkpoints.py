@@ -29,8 +29,9 @@ def manager(workdir: str, keep: int = 0, read_only: bool = False) -> ocp.Checkpo
   options = ocp.CheckpointManagerOptions(
       create=not read_only, read_only=read_only, preservation_policy=policy,
       cleanup_tmp_directories=not read_only, enable_async_checkpointing=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=("state", "meta"))
+  return ocp.CheckpointManager(
+      checkpoint_dir(workdir), options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
@@ -52,3 +53,22 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tupl
     raise ValueError(f"checkpoint step {step} in {mngr.directory} does not match this model/config "
                      f"(was it written by a different config?): {e}") from e
   return restored["state"], restored["meta"]
+
+
+def read_state(workdir: str, step: int | None = None) -> tuple[int, Any, dict]:
+  """Reads (step, state, meta) of a run onto the first local device, whatever topology wrote it.
+
+  For inspection and export: training resumes through `restore` with the run's own shardings.
+  The state comes back as a nested dict of arrays (the `TrainState` fields as keys).
+  """
+  mngr = manager(workdir, read_only=True)
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{checkpoint_dir(workdir)} holds no complete checkpoint")
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        mngr.item_metadata(step)["state"])
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  mngr.close()
+  return step, restored["state"], restored["meta"]

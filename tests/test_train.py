@@ -9,7 +9,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO
@@ -45,11 +44,8 @@ def _run_main(workdir, *args, env=None, wait=True):
 
 
 def _final_params(workdir):
-  mngr = checkpoints.manager(workdir, read_only=True)
-  step = mngr.latest_step()
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  mngr.close()
-  return step, jax.tree.map(np.asarray, restored["state"]["params"])
+  step, state, _ = checkpoints.read_state(str(workdir))
+  return step, jax.tree.map(np.asarray, state["params"])
 
 
 def test_train_and_evaluate_one_run(digits_cache, tmp_path):
