@@ -119,7 +119,10 @@ def init_params(model_config, key: jax.Array) -> dict:
 def pretrain(model_config, seed: int, log=print) -> dict:
   """Pre-trains the class-conditional digits model by denoising score matching.
 
-  Classifier-free: a prompt is replaced by "" with probability `pretrain.uncond_prob`.
+  Classifier-free: a prompt is replaced by "" with probability `pretrain.uncond_prob`. With
+  probability `pretrain.label_noise` a prompt names a random class instead of the true one
+  (noisy captions, as in web-scale data), so the pre-trained model follows its prompts only
+  partly: the gap DDPO's prompt-alignment reward closes.
   Returns the EMA parameters {"unet", "text_encoder"}.
   """
   cfg = model_config.pretrain
@@ -144,8 +147,12 @@ def pretrain(model_config, seed: int, log=print) -> dict:
   def step(params, ema, opt_state, key):
     k_idx, k_drop, k_loss = jax.random.split(key, 3)
     idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, x_all.shape[0])
-    ids = y_all[idx] + 1
-    ids = jnp.where(jax.random.uniform(k_drop, ids.shape) < cfg.uncond_prob, 0, ids)
+    k_drop, k_noise, k_label = jax.random.split(k_drop, 3)
+    labels = y_all[idx]
+    # Noisy captions (like web data): a fraction of prompts name a random class.
+    noisy = jax.random.uniform(k_noise, labels.shape) < cfg.label_noise
+    labels = jnp.where(noisy, jax.random.randint(k_label, labels.shape, 0, NUM_CLASSES), labels)
+    ids = jnp.where(jax.random.uniform(k_drop, labels.shape) < cfg.uncond_prob, 0, labels + 1)
 
     def loss_fn(p):
       context = enc.apply({"params": p["text_encoder"]}, ids[:, None])
@@ -228,8 +235,9 @@ def model_config_defaults() -> ml_collections.ConfigDict:
   m.pretrained_dir = ""  # "" = a cache directory keyed by the model config and seed
   m.pretrain = ml_collections.ConfigDict()
   m.pretrain.seed = 0
-  m.pretrain.steps = 600  # deliberately short: an imperfect start leaves DDPO work to do
+  m.pretrain.steps = 1500
   m.pretrain.batch_size = 64
+  m.pretrain.label_noise = 0.3
   m.pretrain.learning_rate = 2e-3
   m.pretrain.uncond_prob = 0.1
   m.pretrain.ema_decay = 0.995

@@ -350,6 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     start_epoch = int(meta["epoch"])
     log(f"resuming from checkpoint step {latest} (epoch {start_epoch})")
   writer = MetricsWriter(workdir, start_epoch)
+  log(f"training on {len(mesh.devices.flat)} devices ({jax.default_backend()})")
 
   sample_fn = make_sample_fn(policy, config, device_terms, mesh)
   update_fn = make_update_fn(policy, config, optimizer, mesh)

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs ddpo_jax.main on this machine (all local devices), resuming if WORKDIR has checkpoints.
+#   launch/local.sh WORKDIR [CONFIG] [--config.key=value ...]
+#   launch/local.sh /tmp/ddpo_digits configs/default.py --config.num_epochs=20
+# Multi-host launchers (TPU VM pods, SLURM) are not written yet.
+set -euo pipefail
+if [ $# -lt 1 ]; then
+  echo "usage: $0 WORKDIR [CONFIG] [--config.key=value ...]" >&2
+  exit 2
+fi
+workdir=$1; shift
+config=configs/default.py
+if [ $# -gt 0 ] && [[ $1 != --* ]]; then config=$1; shift; fi
+cd "$(dirname "$0")/.."
+exec python3 -m ddpo_jax.main --config="$config" --workdir="$workdir" "$@"
