@@ -13,7 +13,6 @@ Batch sizes are global (all devices together); the PyTorch reference's are per G
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import json
 import os
 import time
@@ -235,7 +234,7 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
       scale = 1.0 / (accum * K)
       grads = jax.tree.map(lambda g: g * scale, grads)
       metrics = jax.tree.map(lambda m: m * scale, metrics)
-      metrics["grad_norm"] = optax.global_norm(grads)
+      metrics["grad_norm"] = optax.tree.norm(grads)
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, SHARED_DATA
+from helpers import one_update  # noqa: F401  (test_lora imports it from here)
+from helpers import load_config as _load_config
 
 ASSETS = SHARED_DATA
 MLP_PATH = os.path.join(SHARED_DATA, "sac+logos+ava1-l14-linearMSE.pth")
@@ -72,17 +74,7 @@ def tiny_sd(tmp_path_factory):
 
 
 def load_config(name, variant="runlocal", **overrides):
-  """configs/NAME.py:variant with dotted-key overrides."""
-  sys.path.insert(0, os.path.join(REPO, "configs"))
-  module = __import__(name)
-  config = module.get_config(variant)
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return _load_config(name, variant, **overrides)
 
 
 def sd_overrides(tiny_sd, **extra):
@@ -92,33 +84,6 @@ def sd_overrides(tiny_sd, **extra):
 def subprocess_env(extra=None):
   return {**os.environ, "JAX_PLATFORMS": "cpu",
           "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra or {})}
-
-
-def one_update(config, lr=None):
-  """Samples one batch and takes one update; returns (policy, frozen, old state copy, new state,
-  metrics)."""
-  from ddpo_jax import parallel, rl, train
-  from ddpo_jax.policy import build_policy
-  if lr is not None:
-    config.train.learning_rate = lr
-  mesh = parallel.make_mesh()
-  policy = build_policy(config, "")
-  opt = train.make_optimizer(config.train)
-  sample_fn = train.make_sample_fn(policy, config, [], mesh)
-  update_fn = train.make_update_fn(policy, config, opt, mesh)
-  frozen = train.frozen_params(policy, config)
-  n = config.sample.batch_size
-  prompts = policy.prompt_fn(np.random.default_rng(0), n)
-  traj, images, _ = sample_fn(policy.params["unet"], frozen, jax.random.PRNGKey(0),
-                              jnp.asarray(policy.tokenize(prompts)), {})
-  assert images.shape == (n, 16, 16, 3)
-  trainable = jax.tree.map(jnp.copy, policy.params["unet"])  # the state is donated
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
-                           opt_state=opt.init(trainable), rng=jax.random.PRNGKey(0))
-  adv = jnp.asarray(rl.normalize_advantages(np.arange(n, dtype=np.float32)), jnp.float32)
-  new_state, metrics = update_fn(state, frozen, traj, adv, jnp.arange(n, dtype=jnp.float32),
-                                 jax.random.PRNGKey(1))
-  return policy, frozen, new_state, jax.device_get(metrics)
 
 
 # ------------------------------------------------------------------------------------------

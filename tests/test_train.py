@@ -7,26 +7,17 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import REPO
+from helpers import load_config, one_update
 
 from ddpo_jax import checkpoints, parallel, train
 
 
 def _config(**overrides):
-  sys.path.insert(0, os.path.join(REPO, "configs"))
-  import default
-  config = default.get_config("runlocal")
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return load_config("default", "runlocal", **overrides)
 
 
 def _cli_overrides(**overrides):
@@ -82,38 +73,11 @@ def test_train_and_evaluate_one_run(digits_cache, tmp_path):
     sample_from_checkpoint(workdir, 2, step=7)
 
 
-def _one_update(config, lr_zero=True):
-  from ddpo_jax import rl
-  from ddpo_jax.policy import build_policy
-  if lr_zero:
-    config.train.learning_rate = 0.0
-  mesh = parallel.make_mesh()
-  policy = build_policy(config, "")
-  opt = train.make_optimizer(config.train)
-  sample_fn = train.make_sample_fn(policy, config, [], mesh)
-  update_fn = train.make_update_fn(policy, config, opt, mesh)
-  frozen = train.frozen_params(policy, config)
-  n = config.sample.batch_size
-  prompts = policy.prompt_fn(np.random.default_rng(0), n)
-  traj, images, _ = sample_fn(policy.params["unet"], frozen, jax.random.PRNGKey(0),
-                              jnp.asarray(policy.tokenize(prompts)),
-                              {k: jnp.asarray(v) for k, v in policy.prompt_metadata(prompts).items()})
-  assert traj.log_probs.shape == (n, config.sample.num_steps)
-  assert images.shape == (n, 8, 8, 1)
-  unet = jax.tree.map(jnp.copy, policy.params["unet"])  # the state is donated
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=unet,
-                           opt_state=opt.init(unet), rng=jax.random.PRNGKey(0))
-  rewards = jnp.arange(n, dtype=jnp.float32)
-  adv = jnp.asarray(rl.normalize_advantages(np.arange(n, dtype=np.float32)), jnp.float32)
-  new_state, metrics = update_fn(state, frozen, traj, adv, rewards, jax.random.PRNGKey(1))
-  return policy, new_state, jax.device_get(metrics)
-
-
 def test_update_at_unchanged_params_has_ratio_one(digits_cache):
   """Log-probs from the sampler equal those the update recomputes (same params, CFG in both),
   and the KL-to-pre-trained penalty is exactly zero at the pre-trained params."""
   config = _config(**{"sample.batch_size": 8, "train.kl_coef": 0.1})
-  _, _, metrics = _one_update(config)
+  _, _, _, metrics = one_update(config, lr=0.0)
   assert metrics["approx_kl"] < 1e-10
   assert metrics["clipfrac"] == 0.0
   assert metrics["kl_to_pretrained"] == 0.0
@@ -123,7 +87,7 @@ def test_update_at_unchanged_params_has_ratio_one(digits_cache):
 def test_each_algorithm_takes_finite_steps(digits_cache, algorithm):
   config = _config(**{"sample.batch_size": 8, "train.algorithm": algorithm,
                       "train.gradient_accumulation_steps": 2, "train.timestep_fraction": 0.5})
-  policy, state, metrics = _one_update(config, lr_zero=False)
+  policy, _, state, metrics = one_update(config)
   assert all(np.isfinite(v) for v in metrics.values()), metrics
   assert int(state.step) == 1  # 8 samples / (4 per minibatch * 2 accumulated) = 1 step
   changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),

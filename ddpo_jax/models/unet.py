@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -29,6 +28,7 @@ from flax import traverse_util
 
 from ddpo_jax.models import weights
 from ddpo_jax.models.attention import dot_product_attention
+from ddpo_jax.models.config_io import config_from_dict, config_to_dict
 
 Dtype = Any
 
@@ -41,10 +41,6 @@ UNET_LIST_NAMES = frozenset({
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
-
-# Bookkeeping keys of diffusers config.json files that carry no architecture information.
-_BOOKKEEPING = frozenset({"_class_name", "_diffusers_version", "_name_or_path",
-                          "_use_default_values", "addition_embed_type_num_heads"})
 
 # diffusers features this port does not implement: key -> allowed value(s).
 _UNSUPPORTED_UNLESS = {
@@ -212,27 +208,11 @@ class UNetConfig:
     ignored with a warning; unknown block types and unsupported non-default features raise
     ValueError naming the key and value.
     """
-    d = dict(d)
-    class_name = d.get("_class_name", "UNet2DConditionModel")
-    if class_name != "UNet2DConditionModel":
-      raise ValueError(f"UNet config: unsupported _class_name={class_name!r} "
-                       "(expected 'UNet2DConditionModel')")
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in d.items():
-      if key in names:
-        kwargs[key] = value
-      elif key not in _BOOKKEEPING and not key.startswith("_"):
-        warnings.warn(f"UNet config: ignoring unknown key {key}={value!r}")
-    return cls(**kwargs)
+    return config_from_dict(cls, d, "UNet2DConditionModel", "UNet")
 
   def to_dict(self) -> dict:
     """A diffusers-loadable config.json dict."""
-    d = {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.30.0"}
-    for f in dataclasses.fields(self):
-      value = getattr(self, f.name)
-      d[f.name] = list(value) if isinstance(value, tuple) else value
-    return d
+    return config_to_dict(self, "UNet2DConditionModel")
 
 
 def _as_tuple(value, n):

@@ -10,7 +10,6 @@ Legacy checkpoints (diffusers < 0.14 conversions found on the Hub) name the mid-
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -20,6 +19,7 @@ import numpy as np
 
 from ddpo_jax.models import weights
 from ddpo_jax.models.attention import dot_product_attention
+from ddpo_jax.models.config_io import config_from_dict, config_to_dict
 from ddpo_jax.models.unet import (Downsample2D, ResnetBlock2D, Upsample2D, _conv, _group_norm,
                                   _tuple, host_random_params)
 
@@ -36,8 +36,6 @@ VAE_LEGACY_RENAMES = (
     (r"\.proj_attn\.", ".to_out.0."),
 )
 
-_BOOKKEEPING = frozenset({"_class_name", "_diffusers_version", "_name_or_path",
-                          "_use_default_values"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,25 +83,10 @@ class VAEConfig:
   @classmethod
   def from_dict(cls, d: dict) -> "VAEConfig":
     """From a diffusers config.json dict; bookkeeping keys ignored, unknown keys warned about."""
-    class_name = d.get("_class_name", "AutoencoderKL")
-    if class_name != "AutoencoderKL":
-      raise ValueError(f"VAE config: unsupported _class_name={class_name!r} "
-                       "(expected 'AutoencoderKL')")
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in d.items():
-      if key in names:
-        kwargs[key] = value
-      elif key not in _BOOKKEEPING and not key.startswith("_"):
-        warnings.warn(f"VAE config: ignoring unknown key {key}={value!r}")
-    return cls(**kwargs)
+    return config_from_dict(cls, d, "AutoencoderKL", "VAE")
 
   def to_dict(self) -> dict:
-    d = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0"}
-    for f in dataclasses.fields(self):
-      value = getattr(self, f.name)
-      d[f.name] = list(value) if isinstance(value, tuple) else value
-    return d
+    return config_to_dict(self, "AutoencoderKL")
 
   @property
   def downsample_factor(self) -> int:

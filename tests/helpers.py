@@ -1,0 +1,50 @@
+"""Helpers shared by the training tests: configs with overrides, one sample + update."""
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from conftest import REPO
+
+
+def load_config(name, variant=None, **overrides):
+  """configs/NAME.py's get_config(variant) with dotted-key overrides ("train.batch_size")."""
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  config = __import__(name).get_config(variant)
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def one_update(config, lr=None):
+  """Samples one batch of `sample.batch_size` and takes one update call with advantages
+  increasing with the sample index. Returns (policy, frozen, new state, metrics on the host)."""
+  from ddpo_jax import parallel, rl, train
+  from ddpo_jax.policy import build_policy
+  if lr is not None:
+    config.train.learning_rate = lr
+  mesh = parallel.make_mesh()
+  policy = build_policy(config, "")
+  opt = train.make_optimizer(config.train)
+  sample_fn = train.make_sample_fn(policy, config, [], mesh)
+  update_fn = train.make_update_fn(policy, config, opt, mesh)
+  frozen = train.frozen_params(policy, config)
+  n = config.sample.batch_size
+  prompts = policy.prompt_fn(np.random.default_rng(0), n)
+  metadata = {k: jnp.asarray(v) for k, v in policy.prompt_metadata(prompts).items()}
+  traj, _, _ = sample_fn(policy.params["unet"], frozen, jax.random.PRNGKey(0),
+                         jnp.asarray(policy.tokenize(prompts)), metadata)
+  assert traj.log_probs.shape == (n, config.sample.num_steps)
+  trainable = jax.tree.map(jnp.copy, policy.params["unet"])  # the state is donated
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                           opt_state=opt.init(trainable), rng=jax.random.PRNGKey(0))
+  adv = jnp.asarray(rl.normalize_advantages(np.arange(n, dtype=np.float32)), jnp.float32)
+  new_state, metrics = update_fn(state, frozen, traj, adv, jnp.arange(n, dtype=jnp.float32),
+                                 jax.random.PRNGKey(1))
+  return policy, frozen, new_state, jax.device_get(metrics)
