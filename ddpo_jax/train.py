@@ -293,10 +293,13 @@ class MetricsWriter:
     return path
 
 
-def image_grid(images: np.ndarray, pad: int = 1) -> np.ndarray:
-  """(N,H,W,C) uint8 -> one (rows*(H+pad), cols*(W+pad), C) uint8 grid."""
+def image_grid(images: np.ndarray, pad: int = 1, cols: int | None = None) -> np.ndarray:
+  """(N,H,W,C) uint8 -> one (rows*(H+pad), cols*(W+pad), C) uint8 grid, row-major.
+
+  `cols` defaults to ceil(sqrt(N)).
+  """
   n, h, w, c = images.shape
-  cols = int(np.ceil(np.sqrt(n)))
+  cols = int(np.ceil(np.sqrt(n))) if cols is None else cols
   rows = int(np.ceil(n / cols))
   grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
   for i, img in enumerate(images):
