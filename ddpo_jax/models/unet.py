@@ -313,20 +313,26 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, context=None):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    inner = self.heads * self.dim_head
-    context = x if context is None else context
-    b, lq, _ = x.shape
-    lk = context.shape[1]
-    q = nn.Dense(inner, use_bias=self.qkv_bias, name="to_q", **kw)(x)
-    k = nn.Dense(inner, use_bias=self.qkv_bias, name="to_k", **kw)(context)
-    v = nn.Dense(inner, use_bias=self.qkv_bias, name="to_v", **kw)(context)
-    q = q.reshape(b, lq, self.heads, self.dim_head)
-    k = k.reshape(b, lk, self.heads, self.dim_head)
-    v = v.reshape(b, lk, self.heads, self.dim_head)
-    out = dot_product_attention(q, k, v, implementation=self.attention_implementation)
-    out = out.reshape(b, lq, inner)
-    return nn.Dense(x.shape[-1], name="to_out_0", **kw)(out)
+    return attention_projections(x, x if context is None else context, self.heads, self.dim_head,
+                                 self.qkv_bias, self.attention_implementation,
+                                 dtype=self.dtype, param_dtype=self.param_dtype)
+
+
+def attention_projections(x, context, heads: int, dim_head: int, qkv_bias: bool,
+                          attention_implementation: str, **kw):
+  """q/k/v projections, multi-head attention and `to_out.0`, created in the CALLING module's
+  scope (so the UNet's and the VAE's attention keep diffusers' flat parameter names).
+
+  x: (B, Lq, Dq); context: (B, Lk, Dc) -> (B, Lq, Dq). `kw`: dtype / param_dtype of the Denses.
+  """
+  inner = heads * dim_head
+  b, lq, _ = x.shape
+  lk = context.shape[1]
+  q = nn.Dense(inner, use_bias=qkv_bias, name="to_q", **kw)(x).reshape(b, lq, heads, dim_head)
+  k = nn.Dense(inner, use_bias=qkv_bias, name="to_k", **kw)(context).reshape(b, lk, heads, dim_head)
+  v = nn.Dense(inner, use_bias=qkv_bias, name="to_v", **kw)(context).reshape(b, lk, heads, dim_head)
+  out = dot_product_attention(q, k, v, implementation=attention_implementation)
+  return nn.Dense(x.shape[-1], name="to_out_0", **kw)(out.reshape(b, lq, inner))
 
 
 class FeedForward(nn.Module):

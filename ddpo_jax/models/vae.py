@@ -18,10 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpo_jax.models import weights
-from ddpo_jax.models.attention import dot_product_attention
 from ddpo_jax.models.config_io import config_from_dict, config_to_dict
 from ddpo_jax.models.unet import (Downsample2D, ResnetBlock2D, Upsample2D, _conv, _group_norm,
-                                  _tuple, host_random_params)
+                                  _tuple, attention_projections, host_random_params)
 
 Dtype = Any
 
@@ -107,11 +106,7 @@ class VAEAttention(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, h, w, c = x.shape
     y = _group_norm(self.groups, self.eps, "group_norm", **kw)(x).reshape(b, h * w, c)
-    q = nn.Dense(c, name="to_q", **kw)(y).reshape(b, h * w, 1, c)
-    k = nn.Dense(c, name="to_k", **kw)(y).reshape(b, h * w, 1, c)
-    v = nn.Dense(c, name="to_v", **kw)(y).reshape(b, h * w, 1, c)
-    out = dot_product_attention(q, k, v, implementation=self.attention_implementation)
-    out = nn.Dense(c, name="to_out_0", **kw)(out.reshape(b, h * w, c))
+    out = attention_projections(y, y, 1, c, True, self.attention_implementation, **kw)
     return x + out.reshape(b, h, w, c)
 
 
