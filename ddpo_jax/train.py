@@ -362,7 +362,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   for epoch in range(start_epoch, config.num_epochs):
     t0 = time.time()
     epoch_key = jax.random.fold_in(state.rng, epoch)
-    trajs, futures, all_prompts, dev_rewards, images_list = [], [], [], [], []
+    trajs, futures, all_prompts, dev_rewards = [], [], [], []
+    grid_images = None  # the first batch's images, for the sample grid
     for b in tqdm.trange(nb, desc=f"epoch {epoch} sampling", leave=False, disable=not config.progress):
       prompts = policy.prompt_fn(np.random.default_rng([config.seed, epoch, b]), B)
       meta = policy.prompt_metadata(prompts)
@@ -376,7 +377,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
       trajs.append(traj)
       all_prompts.extend(prompts)
       dev_rewards.append(rewards)
-      images_list.append(images)
+      if grid_images is None:
+        grid_images = images
     traj = jax.tree.map(lambda *xs: jnp.concatenate(xs), *trajs)
     t_sample = time.time() - t0
 
@@ -425,7 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
         f"loss {last['loss']:.4g}  approx_kl {last['approx_kl']:.3g}  clipfrac {last['clipfrac']:.3f}"
         f"  {last['samples_per_s']:.1f} samples/s")
     if config.log_image_freq and (epoch % config.log_image_freq == 0 or epoch + 1 == config.num_epochs):
-      writer.images(epoch, to_uint8(jax.device_get(images_list[0])), workdir)
+      writer.images(epoch, to_uint8(jax.device_get(grid_images)), workdir)
     if (epoch + 1) % config.save_freq == 0 or epoch + 1 == config.num_epochs:
       checkpoints.save(mngr, epoch + 1, state, {"epoch": epoch + 1,
                                                 "stat_tracker": tracker.state_dict(),
