@@ -33,6 +33,11 @@ setup(
             "nbclient>=0.10",
             "ipykernel>=6.29",
             "matplotlib>=3.8",
+            # CTRL's tfds source is tested offline with tfds.testing.mock_data (no TensorFlow).
+            "tensorflow-datasets>=4.9.10",
         ],
+        # CTRL offline data from tensorflow-datasets: array_record data sets are read without
+        # TensorFlow; TFRecord-stored ones also need `pip install tensorflow-cpu`.
+        "tfds": ["tensorflow-datasets>=4.9.10"],
     },
 )

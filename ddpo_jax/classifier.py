@@ -1,11 +1,14 @@
 """Small image classifiers trained offline (digit rewards, CTRL's p̂(y | x), evaluation).
 
 Images are NHWC float32 in [0, 1]. The classifier is a small CNN; it is trained with Adam on
-cross-entropy and calibrated by temperature scaling on a validation split.
+cross-entropy and calibrated by temperature scaling on a validation split. With `input_size`
+set, the CNN first resizes its input to input_size × input_size (bilinear, antialiased), so one
+model serves 8×8 digits and 64–512 px images alike; the default (None) uses the input as is.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -15,15 +18,30 @@ import numpy as np
 import optax
 
 
+def resize_images(images: jax.Array, size: int | None) -> jax.Array:
+  """(B, H, W, C) -> (B, size, size, C) by antialiased bilinear resizing; identity when `size` is
+  None or the images already have that size. Works on NumPy or JAX arrays, inside jit too."""
+  if size is None or tuple(images.shape[1:3]) == (size, size):
+    return images
+  return jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "bilinear",
+                          antialias=True)
+
+
 class SmallCNN(nn.Module):
-  """Conv(32) -> Conv(64, stride 2) -> Dense(128) -> Dense(num_classes). Input (B,H,W,C) in [0,1]."""
+  """Conv(32) -> Conv(64, stride 2) -> Dense(128) -> Dense(num_classes).
+
+  Input (B, H, W, C) float in [0, 1]; output logits (B, num_classes) float32. `input_size`: if
+  set, images are first resized to (input_size, input_size) (see `resize_images`), which keeps
+  the Dense layer small for large images; None (the default) keeps the input size.
+  """
   num_classes: int
   features: Sequence[int] = (32, 64)
   hidden: int = 128
+  input_size: int | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
-    x = images * 2.0 - 1.0
+    x = resize_images(images, self.input_size) * 2.0 - 1.0
     for i, f in enumerate(self.features):
       x = nn.silu(nn.Conv(f, (3, 3), strides=(1, 1) if i == 0 else (2, 2))(x))
     x = x.reshape(x.shape[0], -1)
@@ -49,7 +67,7 @@ class Classifier:
 def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *,
                      seed: int = 0, steps: int = 600, batch_size: int = 128,
                      learning_rate: float = 2e-3, weight_decay: float = 1e-4,
-                     augment_noise: float = 0.0) -> Classifier:
+                     augment_noise: float = 0.0, input_size: int | None = None) -> Classifier:
   """Trains a `SmallCNN` by cross-entropy (AdamW, cosine decay); returns a `Classifier`.
 
   Args:
@@ -57,25 +75,33 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *
     labels: (N,) int in [0, num_classes).
     augment_noise: std of Gaussian pixel noise added during training (robustness to the
       slightly noisy images a diffusion model produces).
+    input_size: the `SmallCNN.input_size` (None: the images' own size). The training images
+      are resized once up front, so training runs at input_size whatever the data's size.
   """
   images = np.asarray(images, np.float32)
   labels = np.asarray(labels, np.int32)
   if images.ndim != 4 or len(images) != len(labels):
     raise ValueError(f"images must be (N,H,W,C) with one label each; got {images.shape} and "
                      f"{labels.shape}")
+  if len(labels) == 0:
+    raise ValueError("no training examples")
   if labels.min() < 0 or labels.max() >= num_classes:
     raise ValueError(f"labels must lie in [0, {num_classes}); got [{labels.min()}, {labels.max()}]")
-  module = SmallCNN(num_classes=num_classes)
+  module = SmallCNN(num_classes=num_classes, input_size=input_size)
+  if input_size is not None:
+    images = np.concatenate([np.asarray(resize_images(images[i:i + 256], input_size))
+                             for i in range(0, len(images), 256)])
   key = jax.random.PRNGKey(seed)
   params = module.init(key, jnp.zeros((1,) + images.shape[1:]))["params"]
   tx = optax.adamw(optax.cosine_decay_schedule(learning_rate, steps), weight_decay=weight_decay)
   opt_state = tx.init(params)
+  images_d, labels_d = jnp.asarray(images), jnp.asarray(labels)
 
   @jax.jit
-  def step(params, opt_state, key):
+  def step(params, opt_state, key, images, labels):
     k_idx, k_noise = jax.random.split(key)
     idx = jax.random.randint(k_idx, (batch_size,), 0, len(images))
-    x, y = jnp.asarray(images)[idx], jnp.asarray(labels)[idx]
+    x, y = images[idx], labels[idx]
     x = x + augment_noise * jax.random.normal(k_noise, x.shape)
 
     def loss_fn(p):
@@ -87,33 +113,63 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *
     return optax.apply_updates(params, updates), opt_state, loss
 
   for i in range(steps):
-    params, opt_state, _ = step(params, opt_state, jax.random.fold_in(key, i))
+    params, opt_state, _ = step(params, opt_state, jax.random.fold_in(key, i), images_d, labels_d)
   return Classifier(module=module, params=params)
 
 
-def calibrate_temperature(classifier: Classifier, images: np.ndarray, labels: np.ndarray) -> Classifier:
-  """Temperature scaling: picks T minimising validation NLL (grid search over log T)."""
-  logits = np.asarray(classifier.module.apply({"params": classifier.params}, jnp.asarray(images)))
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(module: nn.Module, params: dict, images: jax.Array) -> jax.Array:
+  return module.apply({"params": params}, images)
+
+
+def predict_logits(classifier: Classifier, images: np.ndarray, temperature: bool = True,
+                   batch_size: int = 512) -> np.ndarray:
+  """Logits (N, num_classes) float32 on the host, computed `batch_size` images at a time.
+
+  Args:
+    images: (N, H, W, C) float in [0, 1].
+    temperature: divide by the classifier's temperature (False: the raw network logits).
+  """
+  images = np.asarray(images, np.float32)
+  out = [np.asarray(_apply(classifier.module, classifier.params, images[i:i + batch_size]))
+         for i in range(0, len(images), batch_size)]
+  logits = np.concatenate(out) if out else np.zeros((0, classifier.module.num_classes), np.float32)
+  return logits / classifier.temperature if temperature else logits
+
+
+def nll(logits: np.ndarray, labels: np.ndarray) -> float:
+  """Mean negative log-likelihood (nats) of integer `labels` (N,) under `logits` (N, K)."""
+  z = np.asarray(logits, np.float64)
+  z = z - z.max(-1, keepdims=True)
   labels = np.asarray(labels)
-  best_t, best_nll = 1.0, np.inf
+  return float(-(z[np.arange(len(labels)), labels] - np.log(np.exp(z).sum(-1))).mean())
+
+
+def calibrate_temperature(classifier: Classifier, images: np.ndarray, labels: np.ndarray) -> Classifier:
+  """Temperature scaling: picks T minimising validation NLL (grid search over log T in
+  [0.05, 20], plus T = 1, so the validation NLL never rises)."""
+  logits = predict_logits(classifier, images, temperature=False)
+  labels = np.asarray(labels)
+  best_t, best_nll = 1.0, nll(logits, labels)
   for t in np.exp(np.linspace(np.log(0.05), np.log(20.0), 400)):
-    z = logits / t
-    z = z - z.max(-1, keepdims=True)
-    nll = -(z[np.arange(len(labels)), labels] - np.log(np.exp(z).sum(-1))).mean()
-    if nll < best_nll:
-      best_t, best_nll = float(t), nll
+    value = nll(logits / t, labels)
+    if value < best_nll:
+      best_t, best_nll = float(t), value
   return dataclasses.replace(classifier, temperature=best_t)
 
 
 def accuracy(classifier: Classifier, images: np.ndarray, labels: np.ndarray) -> float:
-  pred = np.asarray(jnp.argmax(classifier.logits(jnp.asarray(images, jnp.float32)), -1))
+  """Top-1 accuracy (fraction in [0, 1]) on images (N, H, W, C) in [0, 1], labels (N,)."""
+  pred = predict_logits(classifier, images).argmax(-1)
   return float((pred == np.asarray(labels)).mean())
 
 
 def expected_calibration_error(classifier: Classifier, images: np.ndarray, labels: np.ndarray,
                                num_bins: int = 10) -> float:
-  """ECE with equal-width confidence bins."""
-  probs = np.asarray(jnp.exp(classifier.log_probs(jnp.asarray(images, jnp.float32))))
+  """ECE with equal-width confidence bins (a fraction in [0, 1])."""
+  z = predict_logits(classifier, images).astype(np.float64)
+  probs = np.exp(z - z.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
   conf, pred = probs.max(-1), probs.argmax(-1)
   correct = pred == np.asarray(labels)
   bins = np.minimum((conf * num_bins).astype(int), num_bins - 1)
