@@ -208,8 +208,8 @@ def make_policy(config) -> Policy:
   unet, enc = _modules(model_config)
   params = load_or_pretrain(model_config, model_config.pretrain.seed)
 
-  def eps_fn(p_unet, x, t, context, class_labels=None):
-    return unet.apply({"params": p_unet}, x, t, context, class_labels)
+  def eps_fn(p_unet, x, t, context, class_labels=None, added_time_emb=None):
+    return unet.apply({"params": p_unet}, x, t, context, class_labels, added_time_emb)
 
   def encode_prompts(p, ids):
     return enc.apply({"params": p["text_encoder"]}, ids)
@@ -217,10 +217,14 @@ def make_policy(config) -> Policy:
   def decode(p, x0):
     return jnp.clip(x0 / 2.0 + 0.5, 0.0, 1.0)
 
+  def encode_images(p, images):
+    return images.astype(jnp.float32) * 2.0 - 1.0
+
   return Policy(params=params, eps_fn=eps_fn, tokenize=tokenize, encode_prompts=encode_prompts,
-                decode=decode, latent_shape=IMAGE_SHAPE,
+                decode=decode, encode_images=encode_images, latent_shape=IMAGE_SHAPE,
                 scheduler_config=scheduler_config(model_config), prompt_fn=prompt_fn,
-                prompt_metadata=prompt_metadata, metadata={"prompts": PROMPTS})
+                prompt_metadata=prompt_metadata, metadata={"prompts": PROMPTS},
+                time_embed_dim=unet.config.time_embed_dim)
 
 
 def model_config_defaults() -> ml_collections.ConfigDict:

@@ -19,8 +19,9 @@ class Policy:
 
   Attributes:
     params: {"unet": trainable denoiser params, ...frozen params ("text_encoder", "vae")}.
-    eps_fn: (params_unet, x (N,H,W,C), t (N,) int32, context (N,L,D), class_labels (N,)|None)
-      -> predicted noise (N,H,W,C) float32.
+    eps_fn: (params_unet, x (N,H,W,C), t (N,) int32, context (N,L,D), class_labels (N,)|None,
+      added_time_emb (N, time_embed_dim)|None = None) -> predicted noise (N,H,W,C) float32.
+      `added_time_emb` is added to the UNet's time embedding (CTRL's control embedding).
     tokenize: host function, prompts (list of str) -> token ids (N, L) int32 NumPy.
     encode_prompts: (params, ids (N,L) int32) -> context (N,L',D); `params` is the whole dict.
     decode: (params, x0 (N,H,W,C)) -> images (N,h,w,c) float32 in [0, 1].
@@ -34,6 +35,10 @@ class Policy:
       tree (`params["unet"]`, e.g. LoRA factors) and the frozen dict (`params` without "unet",
       e.g. holding the base UNet). Default: the trainable tree itself. The trainer calls it
       (inside its compiled programs) wherever it passes trainable params to `eps_fn`.
+    time_embed_dim: width of the denoiser's time embedding (the size of `added_time_emb`).
+    encode_images: (params, images (N,h,w,c) float32 in [0, 1]) -> diffusion variable
+      (N,H,W,C) float32, the inverse of `decode` (pixels scaled to [-1, 1], or VAE latents);
+      used by methods that train on offline images (CTRL's baselines).
   """
   params: dict
   eps_fn: Callable[..., jax.Array]
@@ -46,10 +51,22 @@ class Policy:
   prompt_metadata: Callable[[Sequence[str]], dict[str, np.ndarray]]
   metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
   assemble_unet: Callable[[Any, dict], Any] = lambda trainable, frozen: trainable
+  time_embed_dim: int = 0
+  encode_images: Callable[[dict, jax.Array], jax.Array] | None = None
 
 
 def build_policy(config, workdir: str) -> Policy:
-  """Builds the policy named by `config.model.kind` (pre-training it first where needed)."""
+  """Builds the policy of `config`: the model family of `config.model.kind`, wrapped in CTRL's
+  augmented model when the config has a `ctrl` section (pre-training / classifiers first where
+  needed)."""
+  if config.get("ctrl") is not None:
+    from ddpo_jax.ctrl import policy as ctrl_policy
+    return ctrl_policy.make_policy(config, workdir)
+  return build_base_policy(config)
+
+
+def build_base_policy(config) -> Policy:
+  """The policy of the model family `config.model.kind` alone."""
   kind = config.model.kind
   if kind == "digits":
     from ddpo_jax import digits

@@ -12,19 +12,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by ddpo_jax.main.", required=True)
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest; 0 = pre-trained).")
-_NUM = flags.DEFINE_integer("num", 16, "Number of images.")
-_OUT = flags.DEFINE_string("out", "samples.npz", "Output .npz path.")
-_PROMPTS = flags.DEFINE_list("prompts", None, "Prompts, cycled over --num (default: drawn by the task).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Images per compiled sampling call.")
-_PNG_DIR = flags.DEFINE_string("png_dir", None, "Also write one PNG per image here.")
-
-
 def sample_from_checkpoint(workdir: str, num: int, step=None, prompts=None, seed: int = 0,
-                           batch_size: int = 64):
-  """Returns (images uint8 (num,H,W,C), prompts list[str], step) from a run's checkpoint."""
+                           batch_size: int = 64, labels=None):
+  """Returns (images uint8 (num,H,W,C), prompts list[str], step) from a run's checkpoint.
+
+  For CTRL runs the returned prompts are contexts "PROMPT||y=LABELS"
+  (`ddpo_jax.ctrl.policy.parse_context` splits them); `labels` (label specs like "3" or "3:2")
+  are cycled over the samples, otherwise labels are drawn uniformly.
+  """
   from ddpo_jax import checkpoints, parallel, train
   from ddpo_jax.policy import build_policy
   from ddpo_jax.rewards import to_uint8
@@ -42,6 +37,12 @@ def sample_from_checkpoint(workdir: str, num: int, step=None, prompts=None, seed
   meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   config = ml_collections.ConfigDict(__import__("json").loads(meta["config"]))
   policy = build_policy(config, workdir)
+  label_tuples = None
+  if labels:
+    if "controls" not in policy.metadata:
+      raise ValueError(f"--labels: the run in {workdir} is not a CTRL run (it has no controls)")
+    from ddpo_jax.ctrl.policy import parse_label_spec
+    label_tuples = [parse_label_spec(l, policy.metadata["controls"]) for l in labels]
   mesh = parallel.make_mesh()
   optimizer = train.make_optimizer(config.train)
   template = train.TrainState(step=jnp.zeros((), jnp.int32), params=policy.params["unet"],
@@ -60,6 +61,8 @@ def sample_from_checkpoint(workdir: str, num: int, step=None, prompts=None, seed
       batch_prompts = [prompts[(b * bs + i) % len(prompts)] for i in range(bs)]
     else:
       batch_prompts = policy.prompt_fn(rng, bs)
+    if "controls" in policy.metadata:  # CTRL: contexts "PROMPT||y=LABELS"
+      batch_prompts = _ctrl_contexts(batch_prompts, label_tuples, b * bs, policy, rng)
     meta_b = policy.prompt_metadata(batch_prompts)
     ids = jax.device_put(policy.tokenize(batch_prompts), data)
     meta_dev = jax.device_put({k: np.asarray(v) for k, v in meta_b.items()}, data)
@@ -71,13 +74,54 @@ def sample_from_checkpoint(workdir: str, num: int, step=None, prompts=None, seed
   return np.concatenate(out_images)[:num], out_prompts[:num], step
 
 
+def _ctrl_contexts(prompts, label_tuples, offset, policy, rng):
+  """CTRL contexts for `prompts` (bare prompts or contexts): the given labels cycled from
+  `offset`, or (without labels) the context's own labels / uniformly drawn ones."""
+  from ddpo_jax.ctrl import policy as ctrl_policy
+  out = []
+  for i, p in enumerate(prompts):
+    prompt, own = ctrl_policy.parse_context(p) if "||y=" in p else (p, None)
+    if label_tuples:
+      labels = label_tuples[(offset + i) % len(label_tuples)]
+    elif own is not None:
+      labels = own
+    else:
+      labels = [int(rng.integers(0, c.num_classes)) for c in policy.metadata["controls"]]
+    out.append(ctrl_policy.format_context(prompt, labels))
+  return out
+
+
+def _define_flags():
+  """The CLI's flags (defined only when run as a program, so importing this module from
+  another absl program does not clash with its flags)."""
+  global _WORKDIR, _STEP, _NUM, _OUT, _PROMPTS, _SEED, _BATCH, _PNG_DIR, _LABELS
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by ddpo_jax.main.", required=True)
+  _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest; 0 = pre-trained).")
+  _NUM = flags.DEFINE_integer("num", 16, "Number of images.")
+  _OUT = flags.DEFINE_string("out", "samples.npz", "Output .npz path.")
+  _PROMPTS = flags.DEFINE_list("prompts", None, "Prompts, cycled over --num (default: drawn by the task).")
+  _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  _BATCH = flags.DEFINE_integer("batch_size", 64, "Images per compiled sampling call.")
+  _PNG_DIR = flags.DEFINE_string("png_dir", None, "Also write one PNG per image here.")
+  _LABELS = flags.DEFINE_list(
+      "labels", None, "CTRL runs: control labels cycled over --num, one per control joined by ':' "
+      "(e.g. 3 or 3:2; 'null' for a control's null label). Default: drawn uniformly.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   images, prompts, step = sample_from_checkpoint(_WORKDIR.value, _NUM.value, _STEP.value,
-                                                 _PROMPTS.value, _SEED.value, _BATCH.value)
+                                                 _PROMPTS.value, _SEED.value, _BATCH.value,
+                                                 _LABELS.value)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  np.savez(_OUT.value, images=images, prompts=np.asarray(prompts), step=step)
+  extra = {}
+  if prompts and "||y=" in prompts[0]:  # a CTRL run: split contexts into prompts and labels
+    from ddpo_jax.ctrl.policy import parse_context
+    pairs = [parse_context(p) for p in prompts]
+    prompts = [p for p, _ in pairs]
+    extra["labels"] = np.asarray([l for _, l in pairs], np.int32)
+  np.savez(_OUT.value, images=images, prompts=np.asarray(prompts), step=step, **extra)
   if _PNG_DIR.value:
     from PIL import Image
     os.makedirs(_PNG_DIR.value, exist_ok=True)
@@ -88,4 +132,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

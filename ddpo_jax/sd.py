@@ -156,10 +156,11 @@ def make_policy(config) -> Policy:
     params = {**params, "unet": lora_params, "base_unet": pipe.params["unet"]}
     assemble = functools.partial(_merge_lora_into_base, scale=lora_cfg.scale)
 
-  def eps_fn(p_unet, x, t, context, class_labels=None):
-    """eps (N,H,W,4) float32 of latents x (N,H,W,4) at timesteps t (N,), context (N,L,D)."""
+  def eps_fn(p_unet, x, t, context, class_labels=None, added_time_emb=None):
+    """eps (N,H,W,4) float32 of latents x (N,H,W,4) at timesteps t (N,), context (N,L,D);
+    `added_time_emb` (N, time_embed_dim) is CTRL's control embedding."""
     del class_labels  # SD has no class conditioning
-    return pipe.unet_apply(p_unet, x, t, context)
+    return pipe.unet_apply(p_unet, x, t, context, added_time_emb=added_time_emb)
 
   def encode_prompts(p, ids):
     """ids (N,L) int32 -> CLIP last hidden state (N,L,D) float32."""
@@ -169,14 +170,19 @@ def make_policy(config) -> Policy:
     """Diffusion latents (N,h,w,4) -> images (N,H,W,3) float32 in [0, 1]."""
     return jnp.clip(pipe.vae_decode(p["vae"], x0) / 2.0 + 0.5, 0.0, 1.0)
 
+  def encode_images(p, images):
+    """Images (N,H,W,3) float32 in [0, 1] -> diffusion latents (N,h,w,4) (VAE posterior mean)."""
+    return pipe.vae_encode(p["vae"], images * 2.0 - 1.0)
+
   def tokenize(prompts: Sequence[str]) -> np.ndarray:
     """Prompts -> (N, model_max_length) int32 ids, padded and truncated."""
     return pipe.tokenize(list(prompts))
 
   return Policy(params=params, eps_fn=eps_fn, tokenize=tokenize, encode_prompts=encode_prompts,
-                decode=decode, latent_shape=shape, scheduler_config=dict(pipe.scheduler_config),
+                decode=decode, encode_images=encode_images, latent_shape=shape, scheduler_config=dict(pipe.scheduler_config),
                 prompt_fn=prompt_fn, prompt_metadata=prompt_metadata,
-                metadata={"pipeline": pipe, "lora": lora_cfg}, assemble_unet=assemble)
+                metadata={"pipeline": pipe, "lora": lora_cfg}, assemble_unet=assemble,
+                time_embed_dim=pipe.unet_config.time_embed_dim)
 
 
 def _identity_unet(trainable, frozen):

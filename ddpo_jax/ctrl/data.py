@@ -634,7 +634,9 @@ def load_dataset(data_cfg) -> LabelledDataset:
   - "folder": `path`, optional `labels_file` ("labels.csv"), `image_size`, `name`;
   - "tfds": `name`, `data_dir`, optional `split` ("train"), `image_key` ("image"),
     `label_key` ("label"), `image_size`;
-  and optional `num_classes` (None/0: inferred), `num_labelled` (the label budget; None, 0 or
+  and optional `num_classes` (None/0: inferred), `num_parts` / `part` (keep only part `part` of
+  `num_parts` disjoint, fixed (seed 0) shares of the examples, e.g. two controls labelled on
+  different images), `num_labelled` (the label budget, drawn from that part; None, 0 or
   "all": every example) and `seed` (of the budget draw; default 0).
   Raises ValueError for an unknown source or a missing field.
   """
@@ -669,5 +671,12 @@ def load_dataset(data_cfg) -> LabelledDataset:
                    image_key=_field(data_cfg, "image_key", "image"),
                    label_key=_field(data_cfg, "label_key", "label"),
                    image_size=image_size, num_classes=num_classes)
+  num_parts = int(_field(data_cfg, "num_parts", 1))
+  if num_parts > 1:
+    part = int(_field(data_cfg, "part", 0))
+    if not 0 <= part < num_parts:
+      raise ValueError(f"data config: part={part} must lie in [0, num_parts={num_parts})")
+    order = np.random.default_rng(0).permutation(len(ds))
+    ds = ds.take(np.sort(order[part::num_parts]), name=f"{ds.name}[part {part}/{num_parts}]")
   return ds.subset(_optional_int(_field(data_cfg, "num_labelled")),
                    int(_field(data_cfg, "seed", 0)))

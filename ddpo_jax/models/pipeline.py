@@ -154,9 +154,12 @@ def _make_functions(unet, vae, text_encoder, vae_config: VAEConfig):
   scale = float(vae_config.scaling_factor)
   shift = float(vae_config.shift_factor or 0.0)
 
-  def unet_apply(params_unet, latents, timesteps, context, class_labels=None):
-    """eps (B,h,w,C) float32 from latents (B,h,w,C), timesteps (B,) / scalar, context (B,L,D)."""
-    out = unet.apply({"params": params_unet}, latents, timesteps, context, class_labels)
+  def unet_apply(params_unet, latents, timesteps, context, class_labels=None,
+                 added_time_emb=None):
+    """eps (B,h,w,C) float32 from latents (B,h,w,C), timesteps (B,) / scalar, context (B,L,D);
+    optional `added_time_emb` (B, time_embed_dim) is added to the time embedding."""
+    out = unet.apply({"params": params_unet}, latents, timesteps, context, class_labels,
+                     added_time_emb)
     return out.astype(jnp.float32)
 
   def vae_encode(params_vae, images):

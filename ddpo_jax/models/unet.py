@@ -579,7 +579,8 @@ class UNet2DConditionModel(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, sample, timesteps, encoder_hidden_states, class_labels=None):
+  def __call__(self, sample, timesteps, encoder_hidden_states, class_labels=None,
+               added_time_emb=None):
     """Predicts the noise.
 
     Args:
@@ -587,6 +588,8 @@ class UNet2DConditionModel(nn.Module):
       timesteps: (B,) or scalar, int or float.
       encoder_hidden_states: (B, L, cross_attention_dim).
       class_labels: (B,) int, required iff `config.num_class_embeds` is set.
+      added_time_emb: optional (B, time_embed_dim) float added to the time embedding after
+        the class embedding (CTRL's control embedding, `ddpo_jax.ctrl`); zeros = no effect.
 
     Returns:
       (B, H, W, out_channels) in `dtype`.
@@ -615,6 +618,11 @@ class UNet2DConditionModel(nn.Module):
       class_emb = nn.Embed(cfg.num_class_embeds, cfg.time_embed_dim, name="class_embedding",
                            **kw)(jnp.asarray(class_labels).astype(jnp.int32))
       emb = emb + class_emb.astype(self.dtype)
+    if added_time_emb is not None:
+      if added_time_emb.shape != emb.shape:
+        raise ValueError(f"UNet: added_time_emb has shape {added_time_emb.shape}; expected "
+                         f"{emb.shape} (batch, time_embed_dim)")
+      emb = emb + added_time_emb.astype(self.dtype)
 
     # 2. down
     heads = cfg.heads_per_block

@@ -88,6 +88,9 @@ def make_rewards(config, policy) -> list[tuple[float, Reward]]:
 
 
 def _build(name: str, config, policy) -> Reward:
+  task_rewards = policy.metadata.get("rewards", {})  # rewards a task defines (e.g. CTRL's)
+  if name in task_rewards:
+    return task_rewards[name]
   if name == "jpeg_compressibility":
     return Reward(name, jpeg_compressibility, on_device=False)
   if name == "jpeg_incompressibility":
@@ -106,7 +109,8 @@ def _build(name: str, config, policy) -> Reward:
     from ddpo_jax.rewards.client import remote_reward
     return Reward(name, remote_reward(config.reward.server_url, batch_size=16, timeout=120.0,
                                       retries=3, backoff=1.0), on_device=False)
-  raise ValueError(f"unknown reward {name!r}; known: {', '.join(KNOWN_REWARDS)}")
+  known = ", ".join(KNOWN_REWARDS + tuple(task_rewards))
+  raise ValueError(f"unknown reward {name!r}; known: {known}")
 
 
 KNOWN_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility", "digit_class_logprob",

@@ -1,0 +1,26 @@
+r"""CTRL on the digits: add y = digit class to the unconditional digits model (prompt "").
+
+The pre-trained digits model of the DDPO default (pre-trained first if it is not cached) is
+used through its unconditional branch (prompt ""); CTRL learns a class-embedding table (and
+fine-tunes the small UNet) by backpropagating log p̂(y | x_0) − α Σ_t KL_t through the 20-step
+DDIM chain, α = 1 with the exact (summed) KL, so the target is p(x | y). p̂ is a SmallCNN
+trained on the labelled subset of the digits training split and temperature-calibrated; the
+judge is an SVC trained on the held-out split.
+
+  python -m ddpo_jax.main --config=configs/ctrl_digits_class.py --workdir=/tmp/ctrl_class
+  python -m ddpo_jax.sample --workdir=/tmp/ctrl_class --labels=0,1,2,3,4,5,6,7,8,9 --num=40
+
+Variants (`--config=configs/ctrl_digits_class.py:VARIANT`, comma-separated): `n100` / `n300`
+(label budget), `cfg` / `cg` (the baselines on the same labelled data), `ddpo` (the PPO
+solver), `runlocal` (seconds, for tests).
+"""
+from ddpo_jax.ctrl.config_defaults import apply_variants, condition, ctrl_base, digits_ctrl_defaults
+
+
+def get_config(arg=None):
+  config = ctrl_base()
+  digits_ctrl_defaults(config)
+  config.ctrl.controls = ("digit",)
+  config.ctrl.conditions.digit = condition("digits_class", 10, split="train")
+  config.ctrl.prompts = ("",)
+  return apply_variants(config, arg)

@@ -1,0 +1,24 @@
+r"""CTRL on the digits: add y = stroke-thickness level to the class-conditional digits model.
+
+y ∈ {0 thin, 1, 2 thick} is the tertile of an image's mean intensity (8×8, on the data's 0–16
+scale), cut at the 33rd / 67th percentiles of that value over the whole scikit-learn digits set
+(`ddpo_jax.ctrl.data.thickness_level`), a rule anyone can recompute from pixels: it is the
+judge. Prompts c are the digit prompts ("a handwritten 3"), so sampling draws from
+p(x | c, y). Otherwise as configs/ctrl_digits_class.py (α = 1, summed KL, direct backprop).
+
+  python -m ddpo_jax.main --config=configs/ctrl_digits_thickness.py --workdir=/tmp/ctrl_thick
+  python -m ddpo_jax.sample --workdir=/tmp/ctrl_thick --labels=0,1,2 --num=30 \
+      --prompts="a handwritten 8"
+
+Variants: `n100`, `n300`, `cfg`, `cg`, `ddpo`, `runlocal` (see ddpo_jax/ctrl/config_defaults.py).
+"""
+from ddpo_jax.ctrl.config_defaults import apply_variants, condition, ctrl_base, digits_ctrl_defaults
+
+
+def get_config(arg=None):
+  config = ctrl_base()
+  digits_ctrl_defaults(config)
+  config.ctrl.controls = ("thickness",)
+  config.ctrl.conditions.thickness = condition("digits_thickness", 3, split="train")
+  config.ctrl.prompts = ()  # the digits task's prompts: one of the ten classes
+  return apply_variants(config, arg)

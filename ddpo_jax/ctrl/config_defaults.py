@@ -1,0 +1,139 @@
+"""Defaults of CTRL runs (`config.mode = "ctrl"`); configs/ctrl_*.py override them.
+
+`config.ctrl` holds the method, the solver and its weights; `config.ctrl.conditions.NAME` one
+control each (its labelled data, number of classes, reward weight and classifier training);
+`config.ctrl.controls` their order (the order of labels in "3:2"). The DDPO sections
+(`sample`, `train`, `reward`, `per_prompt_stat_tracking`) are reused: `sample` by every
+method, the rest by the "ddpo" solver, `train`'s optimizer fields by all.
+"""
+import ml_collections
+
+from ddpo_jax.config_defaults import ddpo_base
+
+
+def condition(source: str, num_classes: int, weight: float = 1.0, **data) -> ml_collections.ConfigDict:
+  """One control: labelled data from `source` (see `ddpo_jax.ctrl.data.load_dataset`)."""
+  c = ml_collections.ConfigDict()
+  c.num_classes = num_classes
+  c.weight = weight  # w_i in the reward Σ_i w_i log p̂_i(y_i | x_0)
+  c.data = ml_collections.ConfigDict({"source": source, "num_labelled": 0, "seed": 0, **data})
+  c.classifier = ml_collections.ConfigDict(dict(
+      steps=600, seed=0, val_fraction=0.2, augment_noise=0.05,
+      input_size=0))  # input_size: resize images to this side first (0 = as they are)
+  return c
+
+
+def ctrl_base() -> ml_collections.ConfigDict:
+  config = ddpo_base()
+  config.mode = "ctrl"
+  c = config.ctrl = ml_collections.ConfigDict()
+  c.method = "ctrl"  # "ctrl", or the baselines "cfg" / "classifier_guidance"
+  c.solver = "backprop"  # "backprop" (direct, the reference's) or "ddpo" (PPO, ddpo_jax.train)
+  c.controls = ()
+  c.conditions = ml_collections.ConfigDict()
+  c.prompts = ()  # fixed prompts c to draw from; () = the model task's prompt distribution
+  c.train_base = True  # also train the base model's trainable tree (LoRA factors / full UNet)
+  c.reward_weight = 1.0
+  c.kl_weight = 1.0  # α = kl_weight / reward_weight
+  c.kl_reduction = "sum"  # "sum" over latent dims: the exact KL; "mean": the reference code's
+  c.truncation = "random"  # "random" (reference), "fixed" (last truncation_steps), "none"
+  c.truncation_steps = 1
+  c.batch_size = 64  # chains per micro-batch (global)
+  c.gradient_accumulation_steps = 1
+  c.steps_per_epoch = 20  # optimizer steps per epoch
+  c.label_dropout = 0.1  # cfg baseline: probability of training on the null label
+  c.label_guidance_scale = 2.0  # cfg baseline: guidance weight on the labels at sampling
+  c.noisy_classifier_steps = 1500  # classifier_guidance baseline: training steps
+  c.classifier_guidance_scale = 1.0  # classifier_guidance baseline: weight of ∇ log p(y | x_t)
+  c.eval_num_samples = 300  # after training: samples for WORKDIR/eval.json (0: skip)
+  config.train.control_learning_rate = 1e-2  # the control-embedding tables
+  config.train.learning_rate = 1e-4  # the base model's trainable tree
+  config.train.max_grad_norm = 5.0
+  config.train.adam_weight_decay = 0.0
+  config.reward.weights = ml_collections.ConfigDict({"ctrl_log_likelihood": 1.0})
+  config.per_prompt_stat_tracking.enabled = False
+  return config
+
+
+def digits_ctrl_defaults(config) -> None:
+  """What the digits CTRL configs share: the DDPO default's pre-trained digits model, 20 DDIM
+  steps (eta 1, no prompt guidance), 6 epochs × 25 optimizer steps of 64 chains."""
+  from ddpo_jax import digits
+  config.model = digits.model_config_defaults()
+  config.num_epochs = 6
+  config.save_freq = 2
+  config.log_image_freq = 0
+  config.sample.num_steps = 20
+  config.sample.eta = 1.0
+  config.sample.guidance_scale = 1.0
+  config.ctrl.batch_size = 64
+  config.ctrl.steps_per_epoch = 25
+
+
+def apply_variants(config, arg) -> ml_collections.ConfigDict:
+  """`arg` = comma-separated variants of a CTRL config:
+  - `n100`, `n300`, ... : label budget (labelled examples per control; default all);
+  - `cfg`, `cg`: the classifier-free-guidance / classifier-guidance baselines;
+  - `ddpo`: the DDPO (PPO) solver instead of direct backpropagation;
+  - `runlocal`: a tiny model and a few steps (seconds on a CPU, for tests)."""
+  for v in [v for v in (arg or "").split(",") if v]:
+    if v.startswith("n") and v[1:].isdigit():
+      for name in config.ctrl.controls:
+        config.ctrl.conditions[name].data.num_labelled = int(v[1:])
+    elif v == "cfg":
+      config.ctrl.method = "cfg"
+      config.train.learning_rate = 3e-4
+    elif v == "cg":
+      config.ctrl.method = "classifier_guidance"
+    elif v == "ddpo":
+      use_ddpo_solver(config)
+    elif v == "runlocal":
+      runlocal(config)
+    else:
+      raise ValueError(f"unknown CTRL config variant {v!r}; known: nN, cfg, cg, ddpo, runlocal")
+  return config
+
+
+def use_ddpo_solver(config) -> None:
+  """The PPO route: contexts (c, y), terminal reward log p̂(y | x_0), per-step KL penalty
+  (train.kl_coef = α with the same reduction), stat tracking per (c, y)."""
+  c = config.ctrl
+  c.solver = "ddpo"
+  config.reward.weights = ml_collections.ConfigDict({"ctrl_log_likelihood": float(c.reward_weight)})
+  config.train.kl_coef = float(c.kl_weight)
+  config.train.kl_reduction = c.kl_reduction
+  config.train.clip_range = 0.2
+  config.train.learning_rate = 3e-4
+  config.train.timestep_fraction = 0.5
+  config.sample.batch_size = 256
+  config.sample.num_batches_per_epoch = 1
+  config.train.batch_size = 32
+  config.num_epochs = 14
+  config.per_prompt_stat_tracking.enabled = True
+  config.per_prompt_stat_tracking.buffer_size = 32
+  config.per_prompt_stat_tracking.min_count = 16
+
+
+def runlocal(config) -> None:
+  """Seconds on a CPU: the tiny digits model of configs/default.py:runlocal, few steps."""
+  config.num_epochs = 2
+  config.save_freq = 1
+  config.progress = False
+  if config.model.kind == "digits":
+    config.model.channels = (8, 16)
+    config.model.attention_heads = 2
+    config.model.context_dim = 8
+    config.model.norm_num_groups = 4
+    config.model.pretrain.steps = 20
+    config.model.pretrain.batch_size = 16
+  config.sample.num_steps = 4
+  config.sample.batch_size = 8
+  config.train.batch_size = 4
+  config.train.timestep_fraction = 1.0
+  config.per_prompt_stat_tracking.min_count = 2
+  config.ctrl.batch_size = 8
+  config.ctrl.steps_per_epoch = 2
+  config.ctrl.noisy_classifier_steps = 20
+  config.ctrl.eval_num_samples = 60  # ≥ 2 per label combination of the multi config
+  for name in config.ctrl.controls:
+    config.ctrl.conditions[name].classifier.steps = 30

@@ -1,0 +1,328 @@
+"""CTRL's augmented model, and the two baselines, as `Policy`s.
+
+A run controls M labels y = (y_1, ..., y_M); control i has K_i classes and a table E_i of
+shape (K_i + 1, time_embed_dim), zero-initialised, whose last row (label K_i) is the "null"
+label: it is multiplied by zero wherever the table is read, so its value and its gradient are
+zero. The denoiser becomes
+
+    eps_θ(x_t, t, c, y) = UNet(x_t, t, c; time embedding + Σ_i E_i[y_i]),
+
+so at initialisation it equals the pre-trained model exactly. `config.ctrl.method` picks:
+- "ctrl": trainable params {"control": {name: E_i}} (+ "base": the base model's trainable tree,
+  i.e. its LoRA factors or the full UNet, when `ctrl.train_base`);
+- "cfg" (baseline): the same augmented model trained by denoising on the labelled data with
+  label dropout; sampled with guidance on the labels,
+  eps = eps(∅) + w Σ_i (eps(y_i, others ∅) − eps(∅));
+- "classifier_guidance" (baseline): the pre-trained model plus noise-conditional classifiers
+  (trainable params {"classifiers": {name: params}}),
+  eps = eps_pre − w sqrt(1 − ā_t) ∇_x Σ_i log p_i(y_i | x_t, t).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ddpo_jax import diffusion
+from ddpo_jax.policy import Policy, build_base_policy
+from ddpo_jax.rewards import Reward
+
+METHODS = ("ctrl", "cfg", "classifier_guidance")
+_CONTEXT_RE = re.compile(r"^(?P<prompt>.*)\|\|y=(?P<labels>-?\d+(?::-?\d+)*)$", re.DOTALL)
+
+
+@dataclasses.dataclass(frozen=True)
+class Control:
+  """One control y_i: its name, K classes (label K is the null label) and reward weight w_i."""
+  name: str
+  num_classes: int
+  weight: float
+
+  @property
+  def null_label(self) -> int:
+    return self.num_classes
+
+
+def controls_from_config(config) -> list[Control]:
+  """The run's controls in the order labels are written ("3:2" = first:second)."""
+  names = tuple(config.ctrl.controls)
+  if not names:
+    raise ValueError("config.ctrl.controls is empty: name at least one control")
+  out = []
+  for name in names:
+    if name not in config.ctrl.conditions:
+      raise ValueError(f"config.ctrl.controls names {name!r} but config.ctrl.conditions has "
+                       f"only {sorted(config.ctrl.conditions.keys())}")
+    cond = config.ctrl.conditions[name]
+    if int(cond.num_classes) < 2:
+      raise ValueError(f"control {name!r}: num_classes={cond.num_classes} must be ≥ 2")
+    out.append(Control(name, int(cond.num_classes), float(cond.weight)))
+  return out
+
+
+# ----------------------------------------------------------------------------- contexts
+
+
+def format_context(prompt: str, labels: Sequence[int]) -> str:
+  """(prompt, labels) -> "PROMPT||y=3:2", the string key of a CTRL context."""
+  return f"{prompt}||y=" + ":".join(str(int(l)) for l in labels)
+
+
+def parse_context(context: str) -> tuple[str, tuple[int, ...]]:
+  """Inverse of `format_context`; raises ValueError on a string without labels."""
+  m = _CONTEXT_RE.match(context)
+  if m is None:
+    raise ValueError(f"{context!r} is not a CTRL context 'PROMPT||y=LABEL[:LABEL...]'")
+  return m.group("prompt"), tuple(int(l) for l in m.group("labels").split(":"))
+
+
+def parse_label_spec(spec: str, controls: Sequence[Control], allow_null: bool = True) -> tuple[int, ...]:
+  """A command-line label "3" or "3:2" (one per control, "null"/"-" for the null label)."""
+  parts = str(spec).strip().split(":")
+  if len(parts) != len(controls):
+    names = ":".join(c.name for c in controls)
+    raise ValueError(f"label {spec!r} has {len(parts)} part(s); this run has {len(controls)} "
+                     f"control(s), write labels as {names}")
+  labels = []
+  for part, c in zip(parts, controls):
+    if part in ("null", "-"):
+      labels.append(c.null_label)
+      continue
+    try:
+      labels.append(int(part))
+    except ValueError:
+      raise ValueError(f"label {spec!r}: {part!r} is not an integer label of control {c.name!r}")
+  check_labels(np.asarray([labels]), controls, allow_null=allow_null)
+  return tuple(labels)
+
+
+def check_labels(labels: np.ndarray, controls: Sequence[Control], allow_null: bool = True) -> None:
+  """Raises ValueError unless labels (N, M) index the controls' tables."""
+  labels = np.asarray(labels)
+  if labels.ndim != 2 or labels.shape[1] != len(controls):
+    raise ValueError(f"labels must be (N, {len(controls)}) (one per control); got {labels.shape}")
+  for i, c in enumerate(controls):
+    hi = c.num_classes + (1 if allow_null else 0)
+    bad = (labels[:, i] < 0) | (labels[:, i] >= hi)
+    if bad.any():
+      raise ValueError(f"control {c.name!r} has labels 0..{c.num_classes - 1}"
+                       f"{f' (and {c.null_label} = null)' if allow_null else ''}; got "
+                       f"{sorted(set(labels[bad, i].tolist()))}")
+
+
+# ----------------------------------------------------------------------------- the tables
+
+
+def init_control_tables(controls: Sequence[Control], dim: int) -> dict:
+  """{name: zeros (K_i + 1, dim) float32}: the augmented model starts as the pre-trained one."""
+  return {c.name: jnp.zeros((c.num_classes + 1, dim), jnp.float32) for c in controls}
+
+
+def control_embedding(tables: dict, labels: jax.Array, controls: Sequence[Control]) -> jax.Array:
+  """Σ_i E_i[y_i] with each table's null row masked to zero: (N, dim) float32.
+
+  Args:
+    tables: {name: (K_i + 1, dim)}.
+    labels: (N, M) int, column i in [0, K_i] (K_i = null).
+  """
+  out = 0.0
+  for i, c in enumerate(controls):
+    mask = (jnp.arange(c.num_classes + 1) < c.num_classes).astype(tables[c.name].dtype)
+    out = out + (tables[c.name] * mask[:, None])[labels[:, i]]
+  return out
+
+
+# ----------------------------------------------------------------------------- the policy
+
+
+def classifier_dir(workdir: str, name: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "classifiers", name)
+
+
+def load_controls(config, workdir: str, log=print):
+  """Loads each control's labelled data and trains (or loads) its calibrated classifier.
+
+  Returns (controls, {name: LabelledDataset}, {name: Classifier}). Classifiers are saved with
+  Orbax in WORKDIR/classifiers/NAME (with their accuracy / calibration report) and reused.
+  """
+  from ddpo_jax.ctrl import classifiers, data, sampled_data
+  controls = controls_from_config(config)
+  datasets, clfs = {}, {}
+  for c in controls:
+    cond = config.ctrl.conditions[c.name]
+    if sampled_data.is_sampled_source(cond.data.source):  # made by sampling the base model
+      ds, _ = sampled_data.load_or_sample(cond.data, config, workdir, c.num_classes, log=log)
+    else:
+      ds = data.load_dataset(cond.data)
+    if ds.num_classes != c.num_classes:
+      raise ValueError(f"control {c.name!r}: config says num_classes={c.num_classes} but its "
+                       f"dataset {ds.name!r} has {ds.num_classes} classes")
+    kw = dict(seed=int(cond.classifier.seed), steps=int(cond.classifier.steps),
+              val_fraction=float(cond.classifier.val_fraction),
+              augment_noise=float(cond.classifier.augment_noise),
+              input_size=int(cond.classifier.input_size) or None)
+    clf, report = classifiers.load_or_train_classifier(classifier_dir(workdir, c.name), ds, **kw)
+    if clf.module.num_classes != c.num_classes:
+      raise ValueError(f"control {c.name!r}: the classifier in {classifier_dir(workdir, c.name)} "
+                       f"has {clf.module.num_classes} classes but the embedding table has "
+                       f"{c.num_classes} (+1 null) rows")
+    log(f"control {c.name!r}: {len(ds)} labelled examples, classifier val accuracy "
+        f"{report['accuracy_val']:.3f}, ECE {report['ece_val_before']:.3f} -> "
+        f"{report['ece_val_after']:.3f} (T={report['temperature']:.2f})")
+    datasets[c.name], clfs[c.name] = ds, clf
+  return controls, datasets, clfs
+
+
+def log_likelihood_reward(controls: Sequence[Control], clfs: dict) -> Reward:
+  """Device reward Σ_i w_i log p̂_i(y_i | x_0) on decoded images; info: each classifier's
+  accuracy on the requested label."""
+  def fn(images, prompt_ids, metadata):
+    labels = metadata["control_label"]
+    total, info = 0.0, {}
+    for i, c in enumerate(controls):
+      lp = clfs[c.name].log_probs(images)
+      y = labels[:, i]
+      total = total + c.weight * jnp.take_along_axis(lp, y[:, None], axis=-1)[:, 0]
+      info[f"{c.name}_classifier_accuracy"] = (jnp.argmax(lp, -1) == y).astype(jnp.float32)
+    return total, info
+  return Reward("ctrl_log_likelihood", fn, on_device=True)
+
+
+def make_policy(config, workdir: str, log=print) -> Policy:
+  """The CTRL (or baseline) policy of `config` (see the module docstring)."""
+  method = config.ctrl.method
+  if method not in METHODS:
+    raise ValueError(f"config.ctrl.method={method!r}; choose one of {METHODS}")
+  base = build_base_policy(config)
+  if not base.time_embed_dim:
+    raise ValueError(f"model kind {config.model.kind!r} does not expose its time embedding")
+  controls, datasets, clfs = load_controls(config, workdir, log=log)
+  fixed_prompts = tuple(config.ctrl.prompts)
+  base_frozen = {k: v for k, v in base.params.items() if k != "unet"}
+
+  def prompt_fn(rng: np.random.Generator, n: int) -> list[str]:
+    """n contexts: prompts from `ctrl.prompts` (or the task's), labels uniform per control."""
+    if fixed_prompts:
+      prompts = [fixed_prompts[i] for i in rng.integers(0, len(fixed_prompts), n)]
+    else:
+      prompts = base.prompt_fn(rng, n)
+    labels = np.stack([rng.integers(0, c.num_classes, n) for c in controls], axis=1)
+    return [format_context(p, l) for p, l in zip(prompts, labels)]
+
+  def split(contexts):
+    pairs = [parse_context(s) for s in contexts]
+    labels = np.asarray([l for _, l in pairs], np.int32).reshape(len(pairs), len(controls))
+    check_labels(labels, controls)
+    return [p for p, _ in pairs], labels
+
+  def tokenize(contexts):  # contexts or bare prompts (e.g. "" for classifier-free guidance)
+    return base.tokenize([parse_context(s)[0] if "||y=" in s else s for s in contexts])
+
+  def prompt_metadata(contexts):
+    prompts, labels = split(contexts)
+    return {**base.prompt_metadata(prompts), "control_label": labels}
+
+  rewards = {"ctrl_log_likelihood": log_likelihood_reward(controls, clfs)}
+  from ddpo_jax.ctrl import evaluate
+  for c in controls:
+    judge = evaluate.make_judge(config.ctrl.conditions[c.name].data, config, workdir)
+    if judge is not None:
+      rewards[f"{c.name}_judge_accuracy"] = evaluate.judge_accuracy_reward(judge, controls.index(c),
+                                                                           f"{c.name}_judge_accuracy")
+  metadata = {**base.metadata, "rewards": rewards, "controls": controls, "datasets": datasets,
+              "classifiers": clfs, "base_policy": base, "method": method}
+  common = dict(tokenize=tokenize, encode_prompts=base.encode_prompts, decode=base.decode,
+                encode_images=base.encode_images,
+                latent_shape=base.latent_shape, scheduler_config=base.scheduler_config,
+                prompt_fn=prompt_fn, prompt_metadata=prompt_metadata, metadata=metadata,
+                time_embed_dim=base.time_embed_dim)
+
+  if method == "classifier_guidance":
+    return _classifier_guidance_policy(config, base, controls, datasets, base_frozen, common)
+
+  train_base = bool(config.ctrl.train_base) or method == "cfg"
+  tables = init_control_tables(controls, base.time_embed_dim)
+  if train_base:
+    trainable = {"control": tables, "base": base.params["unet"]}
+    frozen = base_frozen
+  else:
+    trainable = {"control": tables}
+    frozen = {**base_frozen, "ctrl_base": base.params["unet"]}
+
+  def assemble(tr, fr):
+    base_tr = tr["base"] if "base" in tr else fr["ctrl_base"]
+    return {"control": tr["control"], "base": base.assemble_unet(base_tr, fr)}
+
+  def conditional_eps(p, x, t, context, labels):
+    emb = control_embedding(p["control"], labels, controls)
+    return base.eps_fn(p["base"], x, t, context, None, emb)
+
+  metadata["conditional_eps"] = conditional_eps  # (p, x, t, context, labels) -> eps; no guidance
+  if method == "ctrl":
+    def eps_fn(p, x, t, context, class_labels, added_time_emb=None):
+      del added_time_emb
+      return conditional_eps(p, x, t, context, class_labels)
+  else:  # "cfg": guidance on the labels, composed over the controls
+    w = float(config.ctrl.label_guidance_scale)
+    nulls = np.asarray([c.null_label for c in controls], np.int32)
+
+    def eps_fn(p, x, t, context, class_labels, added_time_emb=None):
+      del added_time_emb
+      n, m = class_labels.shape
+      variants = [jnp.broadcast_to(jnp.asarray(nulls), (n, m))]
+      for i in range(m):  # labels with only control i set
+        variants.append(jnp.asarray(nulls)[None, :].repeat(n, 0).at[:, i].set(class_labels[:, i]))
+      k = m + 1
+      eps = conditional_eps(p, jnp.tile(x, (k, 1, 1, 1)), jnp.tile(t, k),
+                            jnp.tile(context, (k, 1, 1)), jnp.concatenate(variants))
+      eps = eps.reshape((k, n) + eps.shape[1:])
+      return eps[0] + w * jnp.sum(eps[1:] - eps[0], axis=0)
+
+  return Policy(params={**frozen, "unet": trainable}, eps_fn=eps_fn, assemble_unet=assemble,
+                **common)
+
+
+def _classifier_guidance_policy(config, base: Policy, controls, datasets, base_frozen, common):
+  """The classifier-guidance baseline: the pre-trained eps corrected by noisy classifiers."""
+  from ddpo_jax.ctrl import classifiers
+  sched = diffusion.NoiseSchedule.from_config(base.scheduler_config)
+  alphas_cumprod = sched.alphas_cumprod
+  w = float(config.ctrl.classifier_guidance_scale)
+  modules, init = {}, {}
+  for c in controls:
+    module = classifiers.NoisyClassifier(num_classes=c.num_classes)
+    shape = (1,) + tuple(base.latent_shape)
+    init[c.name] = module.init(jax.random.PRNGKey(0), jnp.zeros(shape),
+                               jnp.zeros((1,), jnp.int32))["params"]
+    modules[c.name] = module
+  frozen = {**base_frozen, "ctrl_base": base.params["unet"]}
+
+  def assemble(tr, fr):
+    return {"classifiers": tr["classifiers"], "base": base.assemble_unet(fr["ctrl_base"], fr)}
+
+  def eps_fn(p, x, t, context, class_labels, added_time_emb=None):
+    del added_time_emb
+    eps = base.eps_fn(p["base"], x, t, context, None)
+
+    def log_p(x_in):
+      total = 0.0
+      for i, c in enumerate(controls):
+        logits = modules[c.name].apply({"params": p["classifiers"][c.name]}, x_in, t)
+        lp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+        total = total + c.weight * jnp.take_along_axis(lp, class_labels[:, i:i + 1], -1).sum()
+      return total
+
+    grad = jax.grad(log_p)(x.astype(jnp.float32))
+    sigma = jnp.sqrt(1.0 - alphas_cumprod[t]).reshape((-1,) + (1,) * (x.ndim - 1))
+    return eps - w * sigma * grad
+
+  policy = Policy(params={**frozen, "unet": {"classifiers": init}}, eps_fn=eps_fn,
+                  assemble_unet=assemble, **common)
+  policy.metadata["noisy_classifier_modules"] = modules
+  return policy

@@ -1,0 +1,341 @@
+"""CTRL training: the two solvers of the KL-regularised objective, and the baselines.
+
+Objective (SPEC §4), for labels y ~ uniform per control and prompts c:
+
+    maximise  E[ r(x_0, y) ] − α · E[ Σ_t KL_t ],   r = Σ_i w_i log p̂_i(y_i | x_0),
+    KL_t = ‖mean_θ(x_t) − mean_pre(x_t)‖² / (2 std_t²)   (both at the same on-policy x_t),
+
+written as the loss `ctrl.reward_weight · (−r) + ctrl.kl_weight · Σ_t KL_t` (α = kl_weight /
+reward_weight); `ctrl.kl_reduction` "sum" over latent dims is the exact Gaussian KL, "mean"
+is the reference code's.
+
+Solvers (`ctrl.solver`):
+- "backprop": the whole DDIM chain (eta > 0, reparameterised noise) in one `lax.scan` with
+  `jax.checkpoint` per step; the reward's gradient flows through decoded images, the sampler
+  and the UNet. Truncation (`ctrl.truncation`): "random" (step i of T keeps its UNet gradient
+  with probability (i+1)/(T+1), the reference), "fixed" (only the last `ctrl.truncation_steps`
+  keep it) or "none". Gradients are accumulated over `ctrl.gradient_accumulation_steps`
+  batches, clipped to global norm `train.max_grad_norm`, AdamW with the control tables at
+  `train.control_learning_rate`.
+- "ddpo": DDPO's PPO update (ddpo_jax.train) on contexts (c, y) with terminal reward
+  `ctrl_log_likelihood` and the per-step KL penalty `train.kl_coef`.
+
+Baselines (`ctrl.method`): "cfg" trains the augmented model by denoising score matching on
+the labelled data with label dropout (`ctrl.label_dropout`); "classifier_guidance" trains one
+noise-conditional classifier per control on the labelled data. All methods write the same
+checkpoints (WORKDIR/checkpoints, a `TrainState` whose params are the policy's trainable
+tree), so `python -m ddpo_jax.sample --labels=...` samples any of them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ddpo_jax import checkpoints, diffusion, parallel, train
+from ddpo_jax.ctrl import policy as ctrl_policy
+from ddpo_jax.policy import Policy, build_policy
+
+SOLVERS = ("backprop", "ddpo")
+TRUNCATIONS = ("random", "fixed", "none")
+
+
+def validate_config(config, mesh) -> None:
+  """Raises ValueError for impossible CTRL settings, before anything is built or compiled."""
+  c = config.ctrl
+  if c.method not in ctrl_policy.METHODS:
+    raise ValueError(f"ctrl.method={c.method!r}; choose one of {ctrl_policy.METHODS}")
+  if c.solver not in SOLVERS:
+    raise ValueError(f"ctrl.solver={c.solver!r}; choose one of {SOLVERS}")
+  if c.truncation not in TRUNCATIONS:
+    raise ValueError(f"ctrl.truncation={c.truncation!r}; choose one of {TRUNCATIONS}")
+  if c.kl_reduction not in ("sum", "mean"):
+    raise ValueError(f"ctrl.kl_reduction={c.kl_reduction!r}; use 'sum' or 'mean'")
+  if c.method == "ctrl" and c.solver == "ddpo":
+    train.validate_config(config, mesh)
+    return
+  for name in ("batch_size", "steps_per_epoch", "gradient_accumulation_steps"):
+    if int(c[name]) < 1:
+      raise ValueError(f"ctrl.{name}={c[name]} must be a positive integer")
+  if c.truncation == "fixed" and not 1 <= int(c.truncation_steps) <= config.sample.num_steps:
+    raise ValueError(f"ctrl.truncation_steps={c.truncation_steps} must lie in "
+                     f"[1, sample.num_steps={config.sample.num_steps}]")
+  if not config.sample.eta > 0:
+    raise ValueError(f"sample.eta={config.sample.eta}: CTRL's KL needs stochastic steps (eta > 0)")
+  parallel.check_divisible("ctrl.batch_size", c.batch_size, mesh)
+
+
+def truncation_mask(key: jax.Array, num_steps: int, mode: str, fixed_steps: int) -> jax.Array:
+  """(T,) bool: which DDIM steps (0 = the first, from pure noise) keep their UNet gradient."""
+  i = jnp.arange(num_steps)
+  if mode == "none":
+    return jnp.ones((num_steps,), bool)
+  if mode == "fixed":
+    return i >= num_steps - fixed_steps
+  return jax.random.uniform(key, (num_steps,)) < (i + 1) / (num_steps + 1)
+
+
+def make_backprop_loss(policy: Policy, config, reward_fn):
+  """`loss(trainable, frozen, key, prompt_ids (B,L), labels (B,M)) -> (loss, metrics)`.
+
+  Samples B chains of `sample.num_steps` DDIM steps under the trainable params (gradients
+  flow through the chain), accumulating KL_t against `frozen["reference_unet"]` at the same
+  x_t, and scores the decoded x_0 with `reward_fn(images, ids, {"control_label": labels})`.
+  """
+  c = config.ctrl
+  sched = diffusion.NoiseSchedule.from_config(policy.scheduler_config)
+  timesteps, prev = sched.ddim_timesteps(config.sample.num_steps)
+  T = len(timesteps)
+  uncond_ids = jnp.asarray(policy.tokenize([ctrl_policy.format_context(
+      "", [0] * len(policy.metadata["controls"]))]))
+  guidance = float(config.sample.guidance_scale)
+  eta = float(config.sample.eta)
+  use_kl = float(c.kl_weight) > 0
+
+  def loss_fn(trainable, frozen, key, ids, labels):
+    params = {**frozen, "unet": trainable}
+    context = policy.encode_prompts(params, ids)
+    uncond = policy.encode_prompts(params, uncond_ids)
+    unet = policy.assemble_unet(trainable, frozen)
+    ref = policy.assemble_unet(frozen["reference_unet"], frozen) if use_kl else None
+    b = ids.shape[0]
+    k_init, k_steps, k_trunc = jax.random.split(key, 3)
+    x_init = jax.random.normal(k_init, (b,) + tuple(policy.latent_shape), jnp.float32)
+    keep = truncation_mask(k_trunc, T, c.truncation, int(c.truncation_steps))
+
+    def eps_at(p, x, t):
+      return diffusion.guided_eps(policy.eps_fn, p, x, t, context, uncond, guidance, labels)
+
+    def both_eps(x, tt):
+      """(eps_θ, eps_pre) at x; eps_pre is zeros without a KL term."""
+      eps = eps_at(unet, x, tt)
+      return eps, (eps_at(ref, x, tt) if use_kl else jnp.zeros_like(eps))
+
+    @jax.checkpoint
+    def body(x, inp):
+      t, pt, k, keep_i = inp
+      tt, ptt = jnp.full((b,), t, jnp.int32), jnp.full((b,), pt, jnp.int32)
+      # A truncated step runs both UNets without gradient: under `cond` the backward pass only
+      # differentiates the branch a step took, so truncation saves their backward passes.
+      # Kept steps differentiate eps_pre w.r.t. x_t too (the pathwise gradient of KL_t).
+      eps, ref_eps = jax.lax.cond(keep_i, lambda x: both_eps(x, tt),
+                                  lambda x: jax.lax.stop_gradient(both_eps(x, tt)), x)
+      step = lambda e: diffusion.ddim_step_mean_std(
+          sched.alphas_cumprod, e, tt, ptt, x, eta, final_alpha_cumprod=sched.final_alpha_cumprod)
+      mean, std = step(eps)
+      if use_kl:
+        kl = diffusion.gaussian_kl_shared_std(mean, step(ref_eps)[0], std, reduction=c.kl_reduction)
+      else:
+        kl = jnp.zeros((b,), jnp.float32)
+      x_next = mean + std * jax.random.normal(k, x.shape, jnp.float32)
+      return x_next, kl
+
+    x0, kls = jax.lax.scan(body, x_init, (jnp.asarray(timesteps), jnp.asarray(prev),
+                                          jax.random.split(k_steps, T), keep))
+    images = policy.decode(params, x0)
+    reward, info = reward_fn(images, ids, {"control_label": labels})
+    kl_total = jnp.sum(kls, axis=0)  # (B,) Σ_t KL_t
+    loss = float(c.reward_weight) * -jnp.mean(reward) + float(c.kl_weight) * jnp.mean(kl_total)
+    metrics = {"loss": loss, "reward_mean": jnp.mean(reward), "kl_to_pretrained": jnp.mean(kl_total),
+               **{k: jnp.mean(v) for k, v in info.items()}}
+    return loss, metrics
+
+  return loss_fn
+
+
+def make_cfg_loss(policy: Policy, config):
+  """`loss(trainable, frozen, key, images (B,h,w,c) in [0,1], labels (B,M)) -> (loss, metrics)`:
+  denoising score matching of the augmented model on labelled data; each label is replaced by
+  the null label with probability `ctrl.label_dropout`; the prompt is ""."""
+  sched = diffusion.NoiseSchedule.from_config(policy.scheduler_config)
+  controls = policy.metadata["controls"]
+  nulls = jnp.asarray([c.null_label for c in controls], jnp.int32)
+  uncond_ids = jnp.asarray(policy.tokenize([ctrl_policy.format_context("", [0] * len(controls))]))
+  p_drop = float(config.ctrl.label_dropout)
+  conditional_eps = policy.metadata["conditional_eps"]
+
+  def loss_fn(trainable, frozen, key, images, labels):
+    params = {**frozen, "unet": trainable}
+    unet = policy.assemble_unet(trainable, frozen)
+    k_drop, k_loss = jax.random.split(key)
+    drop = jax.random.uniform(k_drop, labels.shape) < p_drop
+    labels = jnp.where(drop, nulls[None, :], labels)
+    x0 = policy.encode_images(params, images)
+    context = jnp.broadcast_to(policy.encode_prompts(params, uncond_ids),
+                               (images.shape[0],) + policy.encode_prompts(params, uncond_ids).shape[1:])
+    per_sample = diffusion.denoising_loss_terms(
+        lambda p, x, t, ctx, y: conditional_eps(p, x, t, ctx, y), unet, k_loss, x0, context,
+        labels, sched.alphas_cumprod)
+    loss = jnp.mean(per_sample)
+    return loss, {"loss": loss}
+
+  return loss_fn
+
+
+def make_train_step(loss_fn, optimizer, mesh, accum: int):
+  """Compiles `step(state, frozen, batches) -> (state, metrics)`: `batches` is a pytree whose
+  leaves are (accum, B, ...) (plus per-micro-batch keys), gradients averaged over `accum`."""
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def step(state: train.TrainState, frozen, batches, keys):
+    def micro(acc, inp):
+      batch, k = inp
+      grads, metrics = grad_fn(state.params, frozen, k, *batch)
+      return jax.tree.map(jnp.add, acc, (grads, metrics)), None
+
+    shapes = jax.eval_shape(lambda: grad_fn(state.params, frozen, keys[0],
+                                            *jax.tree.map(lambda x: x[0], batches)))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (grads, metrics), _ = jax.lax.scan(micro, zeros, (batches, keys))
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    metrics = jax.tree.map(lambda m: m / accum, metrics)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                          opt_state=opt_state)
+    return state, metrics
+
+  repl = parallel.replicated(mesh)
+  batch_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
+  return jax.jit(step, in_shardings=(repl, repl, batch_spec, repl), out_shardings=(repl, repl),
+                 donate_argnums=(0,))
+
+
+def _labelled_batches(policy: Policy, rng: np.random.Generator, n: int):
+  """n labelled examples for the baselines: from each control's dataset in turn (its label in
+  its column, null elsewhere). Returns (images (n,h,w,c) float32, labels (n,M) int32)."""
+  controls, datasets = policy.metadata["controls"], policy.metadata["datasets"]
+  m = len(controls)
+  which = rng.integers(0, m, n)
+  images = np.zeros((n,) + datasets[controls[0].name].images.shape[1:], np.float32)
+  labels = np.tile(np.asarray([c.null_label for c in controls], np.int32), (n, 1))
+  for i, c in enumerate(controls):
+    sel = np.nonzero(which == i)[0]
+    ds = datasets[c.name]
+    idx = rng.integers(0, len(ds), len(sel))
+    images[sel] = ds.images[idx]
+    labels[sel, i] = ds.labels[idx]
+  return images, labels
+
+
+def _train_noisy_classifiers(policy: Policy, config, log) -> dict:
+  """The classifier-guidance baseline's training: one noise-conditional classifier per control
+  on its labelled data, in the diffusion variable's space. Returns {"classifiers": {...}}."""
+  from ddpo_jax.ctrl import classifiers
+  sched = diffusion.NoiseSchedule.from_config(policy.scheduler_config)
+  out = {}
+  for c in policy.metadata["controls"]:
+    ds = policy.metadata["datasets"][c.name]
+    x0 = np.asarray(jax.jit(policy.encode_images)(policy.params, jnp.asarray(ds.images)))
+    model = classifiers.train_noisy_classifier(
+        x0, ds.labels, c.num_classes, sched.alphas_cumprod, seed=int(config.seed),
+        steps=int(config.ctrl.noisy_classifier_steps), batch_size=int(config.ctrl.batch_size))
+    out[c.name] = model.params
+    log(f"control {c.name!r}: trained the noise-conditional classifier on {len(ds)} examples")
+  return {"classifiers": out}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
+  """Runs (or resumes) a CTRL / baseline run in `workdir`; returns the last epoch's metrics
+  (plus the final evaluation's, written to WORKDIR/eval.json)."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh()
+  validate_config(config, mesh)
+  c = config.ctrl
+  if c.method == "ctrl" and c.solver == "ddpo":
+    last = train.train_and_evaluate(config, workdir, log=log)
+  else:
+    last = _train_loop(config, workdir, mesh, log)
+  if int(c.eval_num_samples) > 0:
+    from ddpo_jax.ctrl import evaluate
+    result = evaluate.evaluate_run(workdir, num=int(c.eval_num_samples), seed=int(config.seed))
+    log("evaluation: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                     for k, v in result.items() if not isinstance(v, dict)}))
+    last = {**last, **{f"eval_{k}": v for k, v in result.items() if isinstance(v, float)}}
+  return last
+
+
+def _train_loop(config, workdir: str, mesh, log) -> dict:
+  c = config.ctrl
+  policy = build_policy(config, workdir)
+  repl = parallel.replicated(mesh)
+  frozen_host = {k: v for k, v in policy.params.items() if k != "unet"}
+  if c.method == "ctrl" and float(c.kl_weight) > 0:
+    frozen_host["reference_unet"] = policy.params["unet"]
+  frozen = jax.device_put(frozen_host, repl)
+  optimizer = train.make_optimizer(config.train)
+  unet0 = jax.device_put(jax.tree.map(jnp.copy, policy.params["unet"]), repl)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=unet0,
+                           opt_state=jax.jit(optimizer.init, out_shardings=repl)(unet0),
+                           rng=jax.random.PRNGKey(config.seed))
+  state = jax.device_put(state, repl)
+  mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
+  start_epoch = 0
+  if mngr.latest_step() is None:
+    checkpoints.save(mngr, 0, state, {"epoch": 0, "config": config.to_json()})
+  else:
+    state, meta = checkpoints.restore(mngr, mngr.latest_step(), state)
+    start_epoch = int(meta["epoch"])
+    log(f"resuming from checkpoint step {mngr.latest_step()} (epoch {start_epoch})")
+  num_epochs = 1 if c.method == "classifier_guidance" else int(config.num_epochs)
+  writer = train.MetricsWriter(workdir, start_epoch)
+  last = {}
+  if c.method == "classifier_guidance":
+    if start_epoch < 1:
+      t0 = time.time()
+      params = jax.device_put(_train_noisy_classifiers(policy, config, log), repl)
+      state = state.replace(params=params, step=state.step + 1)
+      last = {"train_time_s": time.time() - t0}
+      writer.write(0, last)
+      checkpoints.save(mngr, 1, state, {"epoch": 1, "config": config.to_json()})
+    mngr.wait_until_finished()
+    mngr.close()
+    return last
+
+  accum, B = int(c.gradient_accumulation_steps), int(c.batch_size)
+  data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
+  if c.method == "ctrl":
+    from ddpo_jax.rewards import make_rewards
+    reward = dict((r.name, r) for _, r in make_rewards(config, policy))["ctrl_log_likelihood"]
+    loss_fn = make_backprop_loss(policy, config, reward.fn)
+  else:
+    loss_fn = make_cfg_loss(policy, config)
+  step_fn = make_train_step(loss_fn, optimizer, mesh, accum)
+
+  def host_batch(rng):
+    if c.method == "ctrl":
+      contexts = policy.prompt_fn(rng, accum * B)
+      ids = policy.tokenize(contexts)
+      labels = policy.prompt_metadata(contexts)["control_label"]
+      return ids.reshape((accum, B) + ids.shape[1:]), labels.reshape(accum, B, -1)
+    images, labels = _labelled_batches(policy, rng, accum * B)
+    return images.reshape((accum, B) + images.shape[1:]), labels.reshape(accum, B, -1)
+
+  for epoch in range(start_epoch, num_epochs):
+    t0 = time.time()
+    epoch_key = jax.random.fold_in(state.rng, epoch)
+    sums = None
+    for s in range(int(c.steps_per_epoch)):
+      batch = jax.device_put(host_batch(np.random.default_rng([config.seed, epoch, s])), data)
+      keys = jax.random.split(jax.random.fold_in(epoch_key, s), accum)
+      state, metrics = step_fn(state, frozen, batch, keys)
+      sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+    metrics = {k: float(v) / int(c.steps_per_epoch) for k, v in jax.device_get(sums).items()}
+    if not all(np.isfinite(v) for v in metrics.values()) or not train._params_finite(state.params):
+      raise FloatingPointError(f"epoch {epoch}: non-finite loss or parameters ({metrics}); "
+                               "stopping without saving this epoch")
+    last = {**metrics, "epoch_time_s": time.time() - t0, "optimizer_step": int(state.step)}
+    writer.write(epoch, last)
+    log(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4g}" for k, v in last.items()))
+    if (epoch + 1) % config.save_freq == 0 or epoch + 1 == num_epochs:
+      checkpoints.save(mngr, epoch + 1, state, {"epoch": epoch + 1, "config": config.to_json()})
+  mngr.wait_until_finished()
+  mngr.close()
+  return last
