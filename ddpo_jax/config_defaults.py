@@ -15,6 +15,16 @@ def ddpo_base() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 0  # keep step 0 and this many latest steps; 0 keeps all
   config.log_image_freq = 5  # epochs between image grids in WORKDIR/samples and TensorBoard
   config.progress = True  # tqdm progress bars
+  # Persistent XLA compilation cache shared by runs ("" = off), e.g. "~/.cache/ddpo_jax/xla".
+  config.compilation_cache_dir = ""
+
+  # Device mesh (data, fsdp) over all devices of all processes; batches are split over both
+  # axes jointly. fsdp > 1 also splits parameters and optimizer state of at least
+  # fsdp_min_size elements over the fsdp axis (see ddpo_jax/parallel.py: PARAM_RULES).
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # -1: all devices not used by fsdp
+  config.mesh.fsdp = 1
+  config.mesh.fsdp_min_size = 2 ** 18
 
   config.model = ml_collections.ConfigDict()
   config.model.kind = "digits"

@@ -2,6 +2,11 @@ r"""Trains with DDPO: `python -m ddpo_jax.main --config=configs/NAME.py --workdi
 
 With no --config it uses configs/default.py (digits prompt alignment). Re-running the same
 command resumes from the latest checkpoint in DIR/checkpoints.
+
+Several processes (hosts): start one per host (or per GPU) with the same arguments; they find
+each other through SLURM's or a TPU VM pod's environment, or through
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (HOST:PORT of process 0).
+See launch/ and README.md ("Multi-host and launch").
 """
 import os
 
@@ -13,11 +18,26 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(_REPO, "configs", "default.py"), "ml_collections config file.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "Run directory (checkpoints, metrics).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "jax.distributed: 'auto' starts it when the coordinator flags are given or SLURM / Open MPI "
+    "/ JAX_COORDINATOR_ADDRESS / TPU_WORKER_HOSTNAMES name several processes; 'on' always (JAX "
+    "auto-detects the cluster, e.g. a TPU VM pod); 'off' never.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0 (with --num_processes, --process_id).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's index in [0, num_processes).")
+_DIST_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 300, "Seconds to wait for the coordinator and for all processes.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from ddpo_jax import parallel
+  parallel.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                                  _PROCESS_ID.value, _DIST_TIMEOUT.value)
   config = _CONFIG.value
   logging.set_verbosity(logging.WARNING)
   if config.mode == "pretrain":
@@ -26,8 +46,12 @@ def main(argv):
       raise ValueError("mode='pretrain' exists for the built-in digits model only")
     digits.load_or_pretrain(config.model, config.model.pretrain.seed)
     return
+  if config.mode == "ctrl":
+    from ddpo_jax.ctrl import trainer
+    trainer.train_and_evaluate(config, _WORKDIR.value)
+    return
   if config.mode != "ddpo":
-    raise ValueError(f"config.mode={config.mode!r}; use 'ddpo' or 'pretrain'")
+    raise ValueError(f"config.mode={config.mode!r}; use 'ddpo', 'ctrl' or 'pretrain'")
   from ddpo_jax import train
   train.train_and_evaluate(config, _WORKDIR.value)
 

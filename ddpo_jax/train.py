@@ -5,10 +5,15 @@ encoding, the DDIM chain with log-probs, decoding and device rewards), host rewa
 pool overlapping with sampling, advantages from the per-prompt stat tracker, then
 `train.num_inner_epochs` calls of the compiled update program (shuffle, per-sample timestep
 subsampling, gradient accumulation over K timesteps × `gradient_accumulation_steps`
-minibatches, one optimizer step per group). Both programs run under one device mesh with
-explicit shardings; the train state is donated to the update.
+minibatches, one optimizer step per group). Both programs run under one device mesh
+(`config.mesh`: data × fsdp) with explicit shardings, are compiled ahead of time before the
+first epoch, and the train state is donated to the update.
 
-Batch sizes are global (all devices together); the PyTorch reference's are per GPU.
+Multi-host: every process draws the same global prompts, samples and rewards its own rows
+(`parallel.process_rows`) and gathers all rewards, so the stat tracker and advantages are the
+same everywhere; the update is one program over all devices; checkpoints are written by Orbax
+from all processes. Batch sizes are global (all devices of all hosts together); the PyTorch
+reference's are per GPU.
 """
 from __future__ import annotations
 
@@ -71,12 +76,27 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
 
 
 def make_optimizer(train_config) -> optax.GradientTransformation:
-  return optax.chain(
-      optax.clip_by_global_norm(train_config.max_grad_norm),
-      optax.adamw(train_config.learning_rate, b1=train_config.adam_beta1,
-                  b2=train_config.adam_beta2, eps=train_config.adam_epsilon,
-                  weight_decay=train_config.adam_weight_decay,
-                  mu_dtype=train_config.get("adam_mu_dtype") or None))
+  """Global-norm clip, then AdamW.
+
+  With `train.control_learning_rate` > 0 (CTRL runs), the params' top-level "control" subtree
+  (the control-embedding tables) is trained at that rate and every other subtree at
+  `train.learning_rate`; otherwise one rate for all.
+  """
+  def adamw(lr):
+    return optax.adamw(lr, b1=train_config.adam_beta1, b2=train_config.adam_beta2,
+                       eps=train_config.adam_epsilon, weight_decay=train_config.adam_weight_decay,
+                       mu_dtype=train_config.get("adam_mu_dtype") or None)
+
+  control_lr = train_config.get("control_learning_rate", 0.0)
+  if not control_lr:
+    inner = adamw(train_config.learning_rate)
+  else:
+    def labels(params):
+      return {k: jax.tree.map(lambda _, k=k: "control" if k == "control" else "rest", v)
+              for k, v in params.items()}
+    inner = optax.multi_transform({"control": adamw(control_lr),
+                                   "rest": adamw(train_config.learning_rate)}, labels)
+  return optax.chain(optax.clip_by_global_norm(train_config.max_grad_norm), inner)
 
 
 def _schedule(policy: Policy, num_steps: int):
@@ -111,7 +131,31 @@ def make_sample_fn(policy: Policy, config, device_rewards: list[tuple[float, Rew
     return traj, images, rewards
 
   data, repl = parallel.data_sharding(mesh), parallel.replicated(mesh)
-  return jax.jit(sample, in_shardings=(repl, repl, repl, data, data), out_shardings=data)
+  params_sh, frozen_sh, _ = _model_shardings(policy, config, None, mesh)
+  return jax.jit(sample, in_shardings=(params_sh, frozen_sh, repl, data, data), out_shardings=data)
+
+
+def _model_shardings(policy: Policy, config, optimizer, mesh):
+  """(trainable params, frozen params, TrainState) shardings under `parallel.PARAM_RULES`.
+
+  With `mesh.fsdp` = 1 each is the replicated sharding (a pytree prefix that fits any tree);
+  with fsdp > 1 they are full pytrees of shardings built from `policy.params` (the state's
+  only when `optimizer` is given).
+  """
+  repl = parallel.replicated(mesh)
+  if mesh.shape.get(parallel.FSDP_AXIS, 1) == 1:
+    return repl, repl, repl
+  min_size = parallel.fsdp_min_size(config)
+  def shapes(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  unet, frozen = shapes(policy.params["unet"]), shapes(frozen_params(policy, config))
+  state = None
+  if optimizer is not None:
+    state = parallel.param_shardings(jax.eval_shape(
+        lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
+                             rng=jax.random.PRNGKey(0)), unet), mesh, min_size)
+  return (parallel.param_shardings(unet, mesh, min_size),
+          parallel.param_shardings(frozen, mesh, min_size), state)
 
 
 def make_update_fn(policy: Policy, config, optimizer, mesh):
@@ -135,6 +179,12 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   accum, mb = tc.gradient_accumulation_steps, tc.batch_size
   guidance = float(config.sample.guidance_scale) if tc.cfg else 1.0
   use_kl = tc.kl_coef > 0
+  _, frozen_sh, state_sh = _model_shardings(policy, config, optimizer, mesh)
+
+  def _constrain(grads):  # gradients laid out like the params (fsdp: reduce-scattered)
+    if not isinstance(state_sh, TrainState):
+      return grads
+    return jax.lax.with_sharding_constraint(grads, state_sh.params)
 
   def micro_loss(unet_params, frozen, uncond, batch, key):
     """Loss of one minibatch at one chosen timestep per sample. Returns (loss, metrics)."""
@@ -199,7 +249,8 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
     per_sample = jax.tree.map(take_time, per_sample)
 
     steps = n // (mb * accum)
-    data_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, parallel.DATA_AXIS))
+    data_spec = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, None, parallel.batch_spec(mesh)[0]))
 
     def to_micro(x, per_time):  # -> (steps, accum*K, mb, ...)
       if per_time:  # (N, K, ...) -> (steps, accum, mb, K, ...) -> (steps, accum, K, mb, ...)
@@ -224,7 +275,7 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
         grads, metrics = grad_fn(state.params, frozen, uncond, batch, k)
         return jax.tree.map(jnp.add, acc, (grads, metrics)), None
 
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      zeros = _constrain(jax.tree.map(jnp.zeros_like, state.params))
       zero_metrics = jax.eval_shape(lambda: micro_loss(state.params, frozen, uncond,
                                                        jax.tree.map(lambda x: x[0], step_batches),
                                                        step_key)[1])
@@ -232,7 +283,7 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
       keys = jax.random.split(step_key, accum * K)
       (grads, metrics), _ = jax.lax.scan(micro, (zeros, zero_metrics), (step_batches, keys))
       scale = 1.0 / (accum * K)
-      grads = jax.tree.map(lambda g: g * scale, grads)
+      grads = _constrain(jax.tree.map(lambda g: g * scale, grads))
       metrics = jax.tree.map(lambda m: m * scale, metrics)
       metrics["grad_norm"] = optax.tree.norm(grads)
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -244,8 +295,8 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
     return state, jax.tree.map(jnp.mean, metrics)
 
   data, repl = parallel.data_sharding(mesh), parallel.replicated(mesh)
-  return jax.jit(update, in_shardings=(repl, repl, data, data, data, repl),
-                 out_shardings=(repl, repl), donate_argnums=(0,))
+  return jax.jit(update, in_shardings=(state_sh, frozen_sh, data, data, data, repl),
+                 out_shardings=(state_sh, repl), donate_argnums=(0,))
 
 
 def frozen_params(policy: Policy, config) -> dict:
@@ -309,18 +360,45 @@ def image_grid(images: np.ndarray, pad: int = 1, cols: int | None = None) -> np.
 
 
 def _host_reward(reward: Reward, images, prompts, metadata):
-  rewards, info = reward.fn(to_uint8(images), prompts, metadata)
-  numeric = {k: np.asarray(v) for k, v in info.items()}
+  """A host reward of this process's rows; `images` is a global array (read locally here)."""
+  rewards, info = reward.fn(to_uint8(parallel.local_rows(images)), prompts, metadata)
+  numeric = {k: np.atleast_1d(np.asarray(v)) for k, v in info.items()}
   # Only numeric info is logged (a remote scorer may also return e.g. the VLM's answers).
   return np.asarray(rewards, np.float32), {k: v for k, v in numeric.items()
                                            if np.issubdtype(v.dtype, np.number)}
 
 
+def enable_compilation_cache(path: str, log=print) -> None:
+  """Turns on JAX's persistent compilation cache in `path` ("" = leave it off)."""
+  if not path:
+    return
+  path = os.path.abspath(os.path.expanduser(path))
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  log(f"persistent compilation cache: {path}")
+
+
+def _abstract(x, sharding=None, batch: int | None = None):
+  """ShapeDtypeStruct of an array (leading dim replaced by `batch` when given)."""
+  shape = tuple(x.shape) if batch is None else (batch,) + tuple(x.shape[1:])
+  return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding if sharding is not None else
+                              getattr(x, "sharding", None))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
-  """Runs (or resumes) DDPO training in `workdir`; returns the last epoch's metrics."""
+  """Runs (or resumes) DDPO training in `workdir`; returns the last epoch's metrics.
+
+  In a multi-process run every process calls this with the same config and workdir (on a
+  filesystem all hosts share); process 0 writes metrics, image grids and the log.
+  """
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  mesh = parallel.make_mesh()
+  main_process = parallel.is_main_process()
+  if not main_process:
+    log = lambda *a, **k: None  # noqa: E731
+  enable_compilation_cache(config.get("compilation_cache_dir", ""), log)
+  parallel.check_same_on_all_processes("config", config.to_json())
+  mesh = parallel.make_mesh(config.get("mesh"))
   validate_config(config, mesh)
   policy = build_policy(config, workdir)
   terms = make_rewards(config, policy)
@@ -328,14 +406,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   host_terms = [(w, r) for w, r in terms if not r.on_device]
   optimizer = make_optimizer(config.train)
   repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  params_sh, frozen_sh, state_sh = _model_shardings(policy, config, optimizer, mesh)
 
-  frozen = jax.device_put(frozen_params(policy, config), repl)
-  # A copy: the train state is donated to the update, the pre-trained params must survive it.
-  unet0 = jax.device_put(jax.tree.map(jnp.copy, policy.params["unet"]), repl)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=unet0,
-                     opt_state=jax.jit(optimizer.init, out_shardings=repl)(unet0),
-                     rng=jax.random.PRNGKey(config.seed))
-  state = jax.device_put(state, repl)
+  if isinstance(params_sh, jax.sharding.Sharding):
+    fsdp_note = ""
+  else:
+    leaves = list(zip(jax.tree.leaves(policy.params["unet"]), jax.tree.leaves(params_sh)))
+    split = [x.size for x, sh in leaves if parallel.FSDP_AXIS in jax.tree.leaves(tuple(sh.spec))]
+    fsdp_note = (f"; fsdp splits {len(split)} of {len(leaves)} trainable parameter arrays "
+                 f"({sum(split) / max(1, sum(x.size for x, _ in leaves)):.0%} of the elements)")
+  # `put` copies: the train state is donated to the update, the pre-trained params must survive.
+  frozen = parallel.put(frozen_params(policy, config), frozen_sh)
+  unet0 = parallel.put(policy.params["unet"], params_sh)
+  opt_sh = state_sh.opt_state if isinstance(state_sh, TrainState) else repl
+  state = TrainState(step=parallel.put(np.zeros((), np.int32), repl), params=unet0,
+                     opt_state=jax.jit(optimizer.init, out_shardings=opt_sh)(unet0),
+                     rng=parallel.put(jax.random.PRNGKey(config.seed), repl))
   tracker = rl.PerPromptStatTracker(config.per_prompt_stat_tracking.buffer_size,
                                     config.per_prompt_stat_tracking.min_count)
 
@@ -351,44 +437,81 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     tracker.load_state_dict(meta["stat_tracker"])
     start_epoch = int(meta["epoch"])
     log(f"resuming from checkpoint step {latest} (epoch {start_epoch})")
-  writer = MetricsWriter(workdir, start_epoch)
-  log(f"training on {len(mesh.devices.flat)} devices ({jax.default_backend()})")
+  writer = MetricsWriter(workdir, start_epoch) if main_process else None
+  data_shape = dict(mesh.shape)
+  log(f"training on {mesh.devices.size} devices ({jax.default_backend()}, "
+      f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}, mesh {data_shape})"
+      f"{fsdp_note}")
 
-  sample_fn = make_sample_fn(policy, config, device_terms, mesh)
-  update_fn = make_update_fn(policy, config, optimizer, mesh)
   B, nb = config.sample.batch_size, config.sample.num_batches_per_epoch
+  rows = parallel.process_rows(mesh, B)  # this process's rows of every sampled batch
+  rows_epoch = parallel.process_rows(mesh, B * nb)  # ... and of the epoch's concatenation
+  rng_host = np.asarray(parallel.to_host(state.rng))
+
+  def local_batch(epoch, b):
+    """(global prompts, this process's prompts, their metadata) of batch b of `epoch`."""
+    prompts = policy.prompt_fn(np.random.default_rng([config.seed, epoch, b]), B)
+    local = list(prompts[rows])
+    return prompts, local, {k: np.asarray(v) for k, v in policy.prompt_metadata(local).items()}
+
+  def put_key(*folds):
+    key = rng_host
+    for f in folds:
+      key = jax.random.fold_in(key, f)
+    return parallel.put(np.asarray(key), repl)
+
+  # Ahead-of-time compilation of both programs (shapes from the first batch's host data).
+  _, local0, meta0 = local_batch(start_epoch, 0)
+  ids0 = policy.tokenize(local0)
+  key_abs = _abstract(rng_host, repl)
+  t0 = time.time()
+  sample_fn = make_sample_fn(policy, config, device_terms, mesh).lower(
+      state.params, frozen, key_abs, _abstract(ids0, data, B),
+      {k: _abstract(v, data, B) for k, v in meta0.items()}).compile()
+  t_compile_sample = time.time() - t0
+  traj_abs = jax.tree.map(lambda x: _abstract(x, data, B * nb), sample_fn.out_info[0])
+  t0 = time.time()
+  update_fn = make_update_fn(policy, config, optimizer, mesh).lower(
+      state, frozen, traj_abs, jax.ShapeDtypeStruct((B * nb,), jnp.float32, sharding=data),
+      jax.ShapeDtypeStruct((B * nb,), jnp.float32, sharding=data), key_abs).compile()
+  t_compile_update = time.time() - t0
+  log(f"compiled the sample step in {t_compile_sample:.1f} s and the update step in "
+      f"{t_compile_update:.1f} s")
+  concat = jax.jit(lambda trajs: jax.tree.map(lambda *xs: jnp.concatenate(xs), *trajs),
+                   out_shardings=data)
+  finite = jax.jit(lambda p: jax.tree.reduce(
+      jnp.logical_and, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), p)), out_shardings=repl)
+
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
   last = {}
   for epoch in range(start_epoch, config.num_epochs):
     t0 = time.time()
-    epoch_key = jax.random.fold_in(state.rng, epoch)
     trajs, futures, all_prompts, dev_rewards = [], [], [], []
     grid_images = None  # the first batch's images, for the sample grid
-    for b in tqdm.trange(nb, desc=f"epoch {epoch} sampling", leave=False, disable=not config.progress):
-      prompts = policy.prompt_fn(np.random.default_rng([config.seed, epoch, b]), B)
-      meta = policy.prompt_metadata(prompts)
-      ids = jax.device_put(policy.tokenize(prompts), data)
-      meta_dev = jax.device_put({k: np.asarray(v) for k, v in meta.items()}, data)
-      traj, images, rewards = sample_fn(state.params, frozen, jax.random.fold_in(epoch_key, b),
-                                        ids, meta_dev)
-      # Host rewards run on the pool; the device keeps sampling the next batch meanwhile.
-      futures.append({r.name: pool.submit(_host_reward, r, images, prompts, meta)
+    for b in tqdm.trange(nb, desc=f"epoch {epoch} sampling", leave=False,
+                         disable=not (config.progress and main_process)):
+      prompts, local, meta = local_batch(epoch, b)
+      ids = parallel.to_global(policy.tokenize(local), mesh)
+      meta_dev = parallel.to_global(meta, mesh)
+      traj, images, rewards = sample_fn(state.params, frozen, put_key(epoch, b), ids, meta_dev)
+      # Host rewards of this process's rows run on the pool while the device samples on.
+      futures.append({r.name: pool.submit(_host_reward, r, images, local, meta)
                       for _, r in host_terms})
       trajs.append(traj)
       all_prompts.extend(prompts)
       dev_rewards.append(rewards)
       if grid_images is None:
         grid_images = images
-    traj = jax.tree.map(lambda *xs: jnp.concatenate(xs), *trajs)
+    traj = concat(trajs)
     t_sample = time.time() - t0
 
     total = np.zeros(B * nb, np.float32)
     epoch_metrics = {}
-    for w, r in terms:
+    for w, r in terms:  # every process gathers every reward, in the same order
       if r.on_device:
-        parts = [jax.device_get(d[r.name]) for d in dev_rewards]
+        parts = [parallel.to_host(d[r.name]) for d in dev_rewards]
       else:
-        parts = [fs[r.name].result() for fs in futures]
+        parts = [parallel.gather_rows(fs[r.name].result()) for fs in futures]
       values = np.concatenate([p[0] for p in parts]).astype(np.float32)
       if not np.all(np.isfinite(values)):
         raise FloatingPointError(f"epoch {epoch}: reward {r.name!r} returned NaN/inf; "
@@ -402,16 +525,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
       advantages = tracker.update(all_prompts, total)
     else:
       advantages = rl.normalize_advantages(total)
-    adv_dev = jax.device_put(advantages.astype(np.float32), data)
-    rew_dev = jax.device_put(total, data)
+    adv_dev = parallel.to_global(advantages.astype(np.float32)[rows_epoch], mesh)
+    rew_dev = parallel.to_global(total[rows_epoch], mesh)
 
     t1 = time.time()
     for inner in range(config.train.num_inner_epochs):
-      key = jax.random.fold_in(jax.random.fold_in(epoch_key, 10_000), inner)
-      state, metrics = update_fn(state, frozen, traj, adv_dev, rew_dev, key)
-    metrics = jax.device_get(metrics)
+      state, metrics = update_fn(state, frozen, traj, adv_dev, rew_dev,
+                                 put_key(epoch, 10_000, inner))
+    metrics = parallel.to_host(metrics)
     t_train = time.time() - t1
-    if not all(np.isfinite(v) for v in metrics.values()) or not _params_finite(state.params):
+    params_ok = bool(parallel.to_host(finite(state.params)))
+    if not all(np.isfinite(v) for v in metrics.values()) or not params_ok:
       raise FloatingPointError(f"epoch {epoch}: non-finite loss or parameters ({metrics}); "
                                "stopping without saving this epoch")
     n = B * nb
@@ -419,15 +543,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
             "reward_stderr": total.std() / np.sqrt(n), **epoch_metrics,
             **{k: v for k, v in metrics.items()},
             "samples_per_s": n / (time.time() - t0), "sample_time_s": t_sample,
-            "train_time_s": t_train, "optimizer_step": int(state.step)}
+            "train_time_s": t_train, "optimizer_step": int(parallel.to_host(state.step))}
     for k in ("approx_kl", "clipfrac"):
       last.setdefault(k, 0.0)
-    writer.write(epoch, last)
+    if main_process:
+      writer.write(epoch, last)
     log(f"epoch {epoch}: reward {last['reward_mean']:.4f} ± {last['reward_stderr']:.4f}  "
         f"loss {last['loss']:.4g}  approx_kl {last['approx_kl']:.3g}  clipfrac {last['clipfrac']:.3f}"
         f"  {last['samples_per_s']:.1f} samples/s")
-    if config.log_image_freq and (epoch % config.log_image_freq == 0 or epoch + 1 == config.num_epochs):
-      writer.images(epoch, to_uint8(jax.device_get(grid_images)), workdir)
+    if main_process and config.log_image_freq and (
+        epoch % config.log_image_freq == 0 or epoch + 1 == config.num_epochs):
+      writer.images(epoch, to_uint8(parallel.local_rows(grid_images)), workdir)
     if (epoch + 1) % config.save_freq == 0 or epoch + 1 == config.num_epochs:
       checkpoints.save(mngr, epoch + 1, state, {"epoch": epoch + 1,
                                                 "stat_tracker": tracker.state_dict(),
@@ -439,5 +565,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
 
 
 def _params_finite(params) -> bool:
-  return bool(jax.device_get(jax.tree.reduce(
+  """Whether every parameter is finite (a collective when `params` span several processes)."""
+  return bool(parallel.to_host(jax.tree.reduce(
       lambda a, b: a & b, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), params))))

@@ -2,7 +2,8 @@
 # Runs ddpo_jax.main on this machine (all local devices), resuming if WORKDIR has checkpoints.
 #   launch/local.sh WORKDIR [CONFIG] [--config.key=value ...]
 #   launch/local.sh /tmp/ddpo_digits configs/default.py --config.num_epochs=20
-# Multi-host launchers (TPU VM pods, SLURM) are not written yet.
+# Several processes: launch/local_multiprocess.sh (CPU, this machine), launch/tpu_vm.sh (TPU VM
+# pods), launch/slurm.sbatch (multi-node GPUs); see README.md "Multi-host and launch".
 set -euo pipefail
 if [ $# -lt 1 ]; then
   echo "usage: $0 WORKDIR [CONFIG] [--config.key=value ...]" >&2
