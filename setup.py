@@ -39,5 +39,13 @@ setup(
         # CTRL offline data from tensorflow-datasets: array_record data sets are read without
         # TensorFlow; TFRecord-stored ones also need `pip install tensorflow-cpu`.
         "tfds": ["tensorflow-datasets>=4.9.10"],
+        # benchmarks/vs_trl.py: TRL's DDPOTrainer (trl 0.23.1 is the last release shipping it).
+        "bench": [
+            "trl==0.23.1",
+            "peft>=0.17",
+            "accelerate>=1.4",
+            "torch==2.13.0",
+            "diffusers>=0.40",
+        ],
     },
 )
