@@ -56,18 +56,22 @@ def ctrl_base() -> ml_collections.ConfigDict:
 
 
 def digits_ctrl_defaults(config) -> None:
-  """What the digits CTRL configs share: the DDPO default's pre-trained digits model, 20 DDIM
-  steps (eta 1, no prompt guidance), 6 epochs × 25 optimizer steps of 64 chains."""
+  """What the digits CTRL configs share: the DDPO default's pre-trained digits model, 10 DDIM
+  steps (eta 1, no prompt guidance; 10 rather than 20 halves the cost of backpropagating
+  through the chain on a CPU), 6 epochs × 20 optimizer steps of 32 chains; baselines: CFG
+  fine-tuned for 300 steps of 64 labelled images, noisy classifiers for 1500 steps."""
   from ddpo_jax import digits
   config.model = digits.model_config_defaults()
   config.num_epochs = 6
   config.save_freq = 2
   config.log_image_freq = 0
-  config.sample.num_steps = 20
+  config.sample.num_steps = 10
   config.sample.eta = 1.0
   config.sample.guidance_scale = 1.0
-  config.ctrl.batch_size = 64
-  config.ctrl.steps_per_epoch = 25
+  config.ctrl.batch_size = 32
+  config.ctrl.steps_per_epoch = 20
+  config.train.control_learning_rate = 3e-2
+  config.train.learning_rate = 1e-4
 
 
 def apply_variants(config, arg) -> ml_collections.ConfigDict:
@@ -76,13 +80,17 @@ def apply_variants(config, arg) -> ml_collections.ConfigDict:
   - `cfg`, `cg`: the classifier-free-guidance / classifier-guidance baselines;
   - `ddpo`: the DDPO (PPO) solver instead of direct backpropagation;
   - `runlocal`: a tiny model and a few steps (seconds on a CPU, for tests)."""
-  for v in [v for v in (arg or "").split(",") if v]:
+  variants = [v for v in (arg or "").split(",") if v]
+  # runlocal last: it shrinks whatever the other variants set
+  for v in sorted(variants, key=lambda v: v == "runlocal"):
     if v.startswith("n") and v[1:].isdigit():
       for name in config.ctrl.controls:
         config.ctrl.conditions[name].data.num_labelled = int(v[1:])
     elif v == "cfg":
       config.ctrl.method = "cfg"
       config.train.learning_rate = 3e-4
+      config.ctrl.batch_size = 64
+      config.ctrl.steps_per_epoch = 50
     elif v == "cg":
       config.ctrl.method = "classifier_guidance"
     elif v == "ddpo":

@@ -187,12 +187,11 @@ def make_train_step(loss_fn, optimizer, mesh, accum: int):
     def micro(acc, inp):
       batch, k = inp
       grads, metrics = grad_fn(state.params, frozen, k, *batch)
-      return jax.tree.map(jnp.add, acc, (grads, metrics)), None
+      return jax.tree.map(jnp.add, acc, grads), metrics
 
-    shapes = jax.eval_shape(lambda: grad_fn(state.params, frozen, keys[0],
-                                            *jax.tree.map(lambda x: x[0], batches)))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    (grads, metrics), _ = jax.lax.scan(micro, zeros, (batches, keys))
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, metrics = jax.lax.scan(micro, zeros, (batches, keys))
+    metrics = jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
     grads = jax.tree.map(lambda g: g / accum, grads)
     metrics = jax.tree.map(lambda m: m / accum, metrics)
     metrics["grad_norm"] = optax.tree.norm(grads)
