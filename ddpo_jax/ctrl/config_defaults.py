@@ -145,3 +145,84 @@ def runlocal(config) -> None:
   config.ctrl.eval_num_samples = 60  # ≥ 2 per label combination of the multi config
   for name in config.ctrl.controls:
     config.ctrl.conditions[name].classifier.steps = 30
+
+
+def sd_ctrl_config(prompt_set: str):
+  """What configs/ctrl_sd_*.py share: `ctrl_base()` with Stable Diffusion (LoRA rank 4 on the
+  attention projections, gradient checkpointing) and the reference's direct-backprop recipe
+  (SPEC §4): AdamW with LoRA lr 1e-3 and control-table lr 1e-2, weight decay 0.1, grad-norm
+  clip 5, reward weight 0.1, KL weight 0.01 MEAN-reduced over latent dims, random truncation;
+  50 DDIM steps, eta 1, CFG 5 (as the SD DDPO tasks); chains of 4 × 8 accumulated per step."""
+  from ddpo_jax import sd
+  config = ctrl_base()
+  config.model = sd.model_config_defaults()
+  config.model.remat = True  # the backprop solver keeps one UNet step's activations at a time
+  sd.prompt_config_defaults(config, prompt_set)
+  config.num_epochs = 20
+  config.save_freq = 2
+  config.keep_checkpoints = 0
+  config.log_image_freq = 0
+  config.sample.num_steps = 50
+  config.sample.eta = 1.0
+  config.sample.guidance_scale = 5.0
+  config.sample.batch_size = 32  # also the batch of the offline-data sampler
+  config.train.learning_rate = 1e-3  # LoRA (the reference's other setting: 3e-4)
+  config.train.control_learning_rate = 1e-2
+  config.train.adam_weight_decay = 0.1
+  config.train.max_grad_norm = 5.0
+  c = config.ctrl
+  c.solver = "backprop"
+  c.truncation = "random"
+  c.train_base = True
+  c.reward_weight = 0.1
+  c.kl_weight = 0.01
+  c.kl_reduction = "mean"
+  c.batch_size = 4
+  c.gradient_accumulation_steps = 8
+  c.steps_per_epoch = 10
+  c.eval_num_samples = 256
+  return config
+
+
+def apply_sd_variants(config, arg, runlocal_eval_samples: int):
+  """`apply_variants` (nN, cfg, cg, ddpo, runlocal), then the SD sizes of
+  the `cfg` baseline (denoising fine-tune: 50 steps per epoch of 32 labelled images, 8 × 4
+  accumulated) and of the `ddpo` solver (the SD DDPO tasks' layout: 8 sampling calls of 32
+  per epoch, optimizer steps of 8 × 8 samples, 100 epochs), and `sd_ctrl_runlocal` last."""
+  variants = [v for v in (arg or "").split(",") if v]
+  config = apply_variants(config, ",".join(variants))
+  if "cfg" in variants:
+    config.ctrl.batch_size = 8
+    config.ctrl.gradient_accumulation_steps = 4
+    config.ctrl.steps_per_epoch = 50
+  if "ddpo" in variants:
+    config.num_epochs = 100
+    config.sample.batch_size = 32
+    config.sample.num_batches_per_epoch = 8
+    config.train.batch_size = 8
+    config.train.gradient_accumulation_steps = 8
+  if "runlocal" in variants:
+    sd_ctrl_runlocal(config, runlocal_eval_samples)
+  return config
+
+
+def sd_ctrl_runlocal(config, eval_num_samples: int) -> None:
+  """Seconds on a CPU after `runlocal`: a tiny pipeline (give
+  --config.model.pretrained_path=DIR), 16×16 images, 2 DDIM steps, 16 sampled images per
+  offline dataset, 20 classifier steps, 2 epochs × 2 steps of 4 chains."""
+  from ddpo_jax import sd
+  sd.runlocal(config)  # tiny resolution, float32 compute, LoRA rank 2, 2 epochs
+  config.model.remat = False
+  config.log_image_freq = 0
+  config.sample.num_steps = 2
+  config.sample.batch_size = 8
+  config.ctrl.batch_size = 4
+  config.ctrl.gradient_accumulation_steps = 1
+  config.ctrl.steps_per_epoch = 2
+  config.ctrl.eval_num_samples = eval_num_samples
+  for name in config.ctrl.controls:
+    cond = config.ctrl.conditions[name]
+    cond.data.num_images = 16
+    cond.data.batch_size = 8
+    cond.classifier.steps = 20
+    cond.classifier.input_size = 0
