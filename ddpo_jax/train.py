@@ -374,7 +374,10 @@ def enable_compilation_cache(path: str, log=print) -> None:
     return
   path = os.path.abspath(os.path.expanduser(path))
   os.makedirs(path, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", path)
+  if jax.config.jax_compilation_cache_dir != path:
+    from jax.experimental.compilation_cache import compilation_cache
+    jax.config.update("jax_compilation_cache_dir", path)
+    compilation_cache.reset_cache()  # takes effect even after earlier compilations
   log(f"persistent compilation cache: {path}")
 
 
