@@ -34,6 +34,10 @@ decoder and one PPO micro-step gradient, times how often each runs: XLA counts a
 once, so the whole programs' own counts are not used) give the model FLOP utilisation against
 the device's peak (printed, with the assumption on a CPU).
 
+On a CPU shared with other work, `--threads=1` (one thread per side) keeps PyTorch's OpenMP
+workers from thrashing on oversubscribed cores, which otherwise slows TRL by up to two orders of
+magnitude and makes the ratio meaningless; the 1-minute load average is printed per epoch.
+
 The LAST printed line is `ratio=R`: ddpo_jax samples/s ÷ TRL samples/s over whole epochs.
 """
 from __future__ import annotations
@@ -463,8 +467,9 @@ def model_flops(policy, config, s, frozen, lora_or_unet):
   return {"sample": sample, "train": train_f, "parts": parts, "compile_s": secs}
 
 
-def device_peak_flops(compute_dtype: str):
-  """(peak FLOP/s or None, description) of device 0 for `compute_dtype`."""
+def device_peak_flops(compute_dtype: str, threads: int = 0):
+  """(peak FLOP/s or None, description) of device 0 for `compute_dtype` (on a CPU, of
+  `threads` cores if > 0, else of all usable cores)."""
   import jax
   dev = jax.devices()[0]
   kind = getattr(dev, "device_kind", "") or ""
@@ -491,6 +496,7 @@ def device_peak_flops(compute_dtype: str):
   mhz = [float(l.split(":")[1]) for l in info.splitlines() if l.startswith("cpu MHz")]
   flags = next((l for l in info.splitlines() if l.startswith("flags")), "")
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  cores = min(cores, threads) if threads > 0 else cores
   per_cycle = 64 if " avx512f" in flags else (32 if " avx2" in flags else 16)
   if not mhz or compute_dtype != "float32":
     return None, "CPU: peak n/a"
@@ -674,7 +680,7 @@ class JaxSide:
                devices=len(jax.devices()), jax=jax.__version__)
     if not self.args.no_flops:
       fl = model_flops(self.policy, config, s, self.frozen, self.policy.params["unet"])
-      peak, peak_desc = device_peak_flops(config.model.compute_dtype)
+      peak, peak_desc = device_peak_flops(config.model.compute_dtype, self.args.threads)
       out.update(flops_sample=fl["sample"], flops_train=fl["train"], flops_parts=fl["parts"],
                  flops_compile_s=fl["compile_s"], peak_flops=peak, peak_desc=peak_desc)
       if peak:
@@ -724,6 +730,9 @@ def main(argv=None):
   p.add_argument("--no_flops", action="store_true", help="skip the FLOP count / MFU")
   p.add_argument("--skip_train_and_evaluate", action="store_true",
                  help="skip the cross-check that times train_and_evaluate's own epochs")
+  p.add_argument("--threads", type=int, default=0,
+                 help="CPU threads for both sides (torch.set_num_threads; 1 also makes XLA:CPU "
+                      "single-threaded); 0 = each library's default (all cores)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--cache_dir", default=None,
                  help="where the random pipeline is kept (default $DDPO_JAX_CACHE/bench or "
@@ -737,6 +746,12 @@ def main(argv=None):
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   if args.size == "tiny":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  if args.threads == 1:  # read when XLA's CPU client starts: before anything touches jax
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
+                               "false intra_op_parallelism_threads=1").strip()
+  if args.threads:
+    import torch
+    torch.set_num_threads(args.threads)
   import warnings
   warnings.filterwarnings("ignore")
 
