@@ -40,7 +40,8 @@ def _params(workdir):
 
 # The tiny digits config with host rewards only: each process scores its own rows (JPEG size,
 # held-out SVC) and the rows are gathered, the path a remote or NumPy reward takes on a
-# multi-host run; and no process spends time training the digits reward CNN.
+# multi-host run; and no process spends ~10 s training the digits reward CNN. (Device rewards
+# take `parallel.to_host`, covered by test_multiprocess_batch_helpers.)
 _HOST_REWARD_CONFIG = """
 import importlib.util
 spec = importlib.util.spec_from_file_location("default_config", "{repo}/configs/default.py")
@@ -52,6 +53,8 @@ def get_config(arg=None):
   config = default.get_config("runlocal")
   config.reward.weights = {{"jpeg_compressibility": 1.0}}
   config.reward.metrics = ("digits_heldout_accuracy",)
+  config.sample.guidance_scale = 1.0  # the digits default (runlocal exercises CFG elsewhere)
+  config.train.timestep_fraction = 0.5  # 2 of 4 steps: half the update's micro-steps
   return config
 """
 
