@@ -5,6 +5,10 @@ Each step N (= number of completed epochs; step 0 is the pre-trained starting po
 - `meta`: JSON with the epoch, the per-prompt stat tracker, and the run's config.
 Orbax writes each step into a temporary directory and renames it when complete, so a process
 killed during a save leaves the previous step as the latest one.
+
+Multi-host: every process calls `save` / `restore` with the same global arrays; Orbax writes
+each process's shards and process 0 the metadata, so WORKDIR must be a directory all hosts
+share. `restore` reshards onto the shardings of the given state (another mesh or host count).
 """
 from __future__ import annotations
 
