@@ -189,6 +189,10 @@ def load_or_pretrain(model_config, seed: int, log=print) -> dict:
   import orbax.checkpoint as ocp
   path = _cache_dir(model_config, seed)
   abstract = jax.eval_shape(functools.partial(init_params, model_config), jax.random.PRNGKey(0))
+  # Restore onto this process's first device (not the device that saved it: in a multi-process
+  # run that device may belong to another process).
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
   ckptr = ocp.StandardCheckpointer()
   if os.path.isdir(os.path.join(path, "params")):
     log(f"loading pre-trained digits model from {path}")
@@ -198,7 +202,7 @@ def load_or_pretrain(model_config, seed: int, log=print) -> dict:
   os.makedirs(path, exist_ok=True)
   # Orbax writes to a temporary directory and renames it on success: an interrupted save
   # leaves no `params` directory, so the next run pre-trains again instead of loading junk.
-  ckptr.save(os.path.join(path, "params"), params)
+  ckptr.save(os.path.join(path, "params"), jax.device_get(params))  # host arrays: any topology
   ckptr.wait_until_finished()
   return params
 
