@@ -326,6 +326,8 @@ class TrlSide:
     self.global_step = self.trainer.step(e, self.global_step)
     self.sync()
     dt = time.perf_counter() - t
+    if self.cuda:  # hand cached blocks back so XLA (same device, other epochs) can use them
+      self.torch.cuda.empty_cache()
     ph = dict(self.phases)
     self.rows.append(dict(epoch=e, time=dt, warmup=warmup, load=load_avg(), **ph))
     log(f"[trl] epoch {e}: {dt:.2f} s (sample {ph['sample']:.2f}, reward {ph['reward']:.3f}, "
@@ -598,9 +600,10 @@ class JaxSide:
       self.state, metrics = self.update_fn(self.state, self.frozen, traj, adv, rew, key)
     metrics = jax.device_get(metrics)
     t_train = time.perf_counter() - t1
-    if not all(np.isfinite(v) for v in metrics.values()) or not train._params_finite(self.state.params):
-      raise FloatingPointError(f"ddpo_jax epoch {e}: non-finite loss or params ({metrics})")
+    finite = all(np.isfinite(v) for v in metrics.values()) and train._params_finite(self.state.params)
     dt = time.perf_counter() - t0
+    if not finite:  # random weights: timings stay valid, train_and_evaluate would stop here
+      log(f"[ddpo_jax] WARNING epoch {e}: non-finite loss or params ({metrics})")
     self.rows.append(dict(epoch=e, time=dt, warmup=warmup, load=load_avg()))
     log(f"[ddpo_jax] epoch {e}: {dt:.2f} s (sampling dispatched {t_sample:.2f}, update "
         f"{t_train:.2f}; loss {float(metrics['loss']):.3g}, reward {rewards.mean():.3f}), load "
@@ -688,7 +691,10 @@ class JaxSide:
         out["mfu_train"] = fl["train"] / out["train_s"] / peak
         out["mfu_epoch"] = (fl["sample"] + fl["train"]) / epoch_s / peak
     if not self.args.skip_train_and_evaluate:
-      out.update(self.train_and_evaluate_check())
+      try:
+        out.update(self.train_and_evaluate_check())
+      except FloatingPointError as err:  # random weights can give NaN in low precision
+        log(f"[ddpo_jax] train_and_evaluate cross-check stopped: {err}")
     try:
       stats = jax.devices()[0].memory_stats() or {}
       if "peak_bytes_in_use" in stats:
