@@ -41,12 +41,7 @@ def runlocal(config):
   config.save_freq = 1
   config.log_image_freq = 1
   config.progress = False
-  config.model.channels = (8, 16)
-  config.model.attention_heads = 2
-  config.model.context_dim = 8
-  config.model.norm_num_groups = 4
-  config.model.pretrain.steps = 20
-  config.model.pretrain.batch_size = 16
+  digits.use_tiny_model(config.model)
   config.sample.num_steps = 4
   config.sample.guidance_scale = 2.0  # exercise the CFG path
   config.sample.batch_size = 8

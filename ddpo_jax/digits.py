@@ -252,6 +252,17 @@ def model_config_defaults() -> ml_collections.ConfigDict:
   return m
 
 
+def use_tiny_model(model_config) -> None:
+  """Shrinks `config.model` to the tiny digits model of the `runlocal` test configs (DDPO and
+  CTRL share it, so they share its pre-training cache): seconds on a CPU."""
+  model_config.channels = (8, 16)
+  model_config.attention_heads = 2
+  model_config.context_dim = 8
+  model_config.norm_num_groups = 4
+  model_config.pretrain.steps = 20
+  model_config.pretrain.batch_size = 16
+
+
 @functools.lru_cache(maxsize=4)
 def reward_classifier(seed: int = 0):
   """The digit classifier of the reward: a SmallCNN trained on the training split."""

@@ -128,12 +128,8 @@ def runlocal(config) -> None:
   config.save_freq = 1
   config.progress = False
   if config.model.kind == "digits":
-    config.model.channels = (8, 16)
-    config.model.attention_heads = 2
-    config.model.context_dim = 8
-    config.model.norm_num_groups = 4
-    config.model.pretrain.steps = 20
-    config.model.pretrain.batch_size = 16
+    from ddpo_jax import digits
+    digits.use_tiny_model(config.model)
   config.sample.num_steps = 4
   config.sample.batch_size = 8
   config.train.batch_size = 4

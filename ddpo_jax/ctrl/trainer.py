@@ -92,8 +92,7 @@ def make_backprop_loss(policy: Policy, config, reward_fn):
   sched = diffusion.NoiseSchedule.from_config(policy.scheduler_config)
   timesteps, prev = sched.ddim_timesteps(config.sample.num_steps)
   T = len(timesteps)
-  uncond_ids = jnp.asarray(policy.tokenize([ctrl_policy.format_context(
-      "", [0] * len(policy.metadata["controls"]))]))
+  uncond_ids = jnp.asarray(policy.tokenize([""]))
   guidance = float(config.sample.guidance_scale)
   eta = float(config.sample.eta)
   use_kl = float(c.kl_weight) > 0
@@ -156,7 +155,7 @@ def make_cfg_loss(policy: Policy, config):
   sched = diffusion.NoiseSchedule.from_config(policy.scheduler_config)
   controls = policy.metadata["controls"]
   nulls = jnp.asarray([c.null_label for c in controls], jnp.int32)
-  uncond_ids = jnp.asarray(policy.tokenize([ctrl_policy.format_context("", [0] * len(controls))]))
+  uncond_ids = jnp.asarray(policy.tokenize([""]))
   p_drop = float(config.ctrl.label_dropout)
   conditional_eps = policy.metadata["conditional_eps"]
 
@@ -167,8 +166,8 @@ def make_cfg_loss(policy: Policy, config):
     drop = jax.random.uniform(k_drop, labels.shape) < p_drop
     labels = jnp.where(drop, nulls[None, :], labels)
     x0 = policy.encode_images(params, images)
-    context = jnp.broadcast_to(policy.encode_prompts(params, uncond_ids),
-                               (images.shape[0],) + policy.encode_prompts(params, uncond_ids).shape[1:])
+    uncond = policy.encode_prompts(params, uncond_ids)  # (1, L, D)
+    context = jnp.broadcast_to(uncond, (images.shape[0],) + uncond.shape[1:])
     per_sample = diffusion.denoising_loss_terms(
         lambda p, x, t, ctx, y: conditional_eps(p, x, t, ctx, y), unet, k_loss, x0, context,
         labels, sched.alphas_cumprod)
