@@ -28,11 +28,16 @@ _log = logging.getLogger(__name__)
 
 
 def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  # Heads go before tokens, (B, H, L, D), so that both contractions are batched matrix products
+  # over (B, H) with the contracted dimension minor. Contracting the BLHD operands directly
+  # (heads between tokens and features) makes XLA:CPU run slow strided dots: 4.3x slower on
+  # the tiny benchmark UNet's self-attention (16 x 256 tokens, 8 heads x 4 dims: 57 -> 13 ms).
+  q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
   weights = jax.nn.softmax(logits * scale, axis=-1)
-  out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v,
+  out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
-  return out.astype(v.dtype)
+  return jnp.swapaxes(out, 1, 2).astype(v.dtype)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
