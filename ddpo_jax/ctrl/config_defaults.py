@@ -62,11 +62,12 @@ def digits_ctrl_defaults(config) -> None:
   fine-tuned for 300 steps of 64 labelled images, noisy classifiers for 1500 steps.
 
   CTRL trains the control tables only (`ctrl.train_base=False`, lr 0.1), with the reward
-  backpropagated through every step (`ctrl.truncation="none"`) and the KL MEAN-reduced over
-  the 64 pixels (the reference code's, α = 1/64 per pixel in the theory's terms). The exact
+  backpropagated through every step (`ctrl.truncation="none"`) and the reference code's KL:
+  MEAN-reduced over the 64 pixels, weight 0.1 per unit reward (the reference's 0.01 / 0.1),
+  i.e. α = 0.1 / 64 in the theory's terms (with weight 1: judge accuracy 0.40). The exact
   summed KL (α = 1) pins the tables at zero on this chain: the eta = 1 step from t = 101 to
   t = 1 has std 0.015, so a change of eps there costs 271 nats per unit squared change per
-  pixel (1-2 at the other steps), and a table added to the time embedding shifts eps at
+  pixel (0.6-2.3 at the other steps), and a table added to the time embedding shifts eps at
   every step; the class, decided at the early steps, is never learned (README, digits)."""
   from ddpo_jax import digits
   config.model = digits.model_config_defaults()
@@ -81,6 +82,7 @@ def digits_ctrl_defaults(config) -> None:
   config.ctrl.train_base = False
   config.ctrl.truncation = "none"
   config.ctrl.kl_reduction = "mean"
+  config.ctrl.kl_weight = 0.1
   config.train.control_learning_rate = 1e-1
   config.train.learning_rate = 1e-4  # the UNet, with --config.ctrl.train_base=True
 
