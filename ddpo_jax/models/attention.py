@@ -7,7 +7,10 @@ wants to) the CLIP port. Layout is "BLHD" (batch, length, heads, head_dim) like
 Implementations:
   * "xla": einsum -> softmax -> einsum. The logits are accumulated and the softmax is taken in
     float32 whatever the input dtype (this is diffusers' `upcast_attention` / `upcast_softmax`
-    behaviour), the result is cast back to the dtype of `v`. Runs everywhere.
+    behaviour), the result is cast back to the dtype of `v`. Runs everywhere. Memory-efficient:
+    computed in blocks of (batch, head) pairs of at most 2^20 logits each, and the backward pass
+    recomputes a block's softmax weights rather than keeping all (B, H, Lq, Lk) of them (a custom
+    VJP; gradients accumulate in float32).
   * "cudnn": `jax.nn.dot_product_attention(..., implementation="cudnn")` (flash attention). Only
     on NVIDIA GPUs and for fp16/bf16 inputs.
   * "auto": "cudnn" when the default backend is GPU and the inputs are fp16/bf16, falling back to
@@ -15,6 +18,7 @@ Implementations:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -27,17 +31,78 @@ _LOW_PRECISION = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 _log = logging.getLogger(__name__)
 
 
-def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
-  # Heads go before tokens, (B, H, L, D), so that both contractions are batched matrix products
-  # over (B, H) with the contracted dimension minor. Contracting the BLHD operands directly
-  # (heads between tokens and features) makes XLA:CPU run slow strided dots: 4.3x slower on
-  # the tiny benchmark UNet's self-attention (16 x 256 tokens, 8 heads x 4 dims: 57 -> 13 ms).
-  q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
-  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+# Work per block of the blocked XLA path: at most this many logits (f32) per block of
+# (batch, head) pairs, i.e. 4 MiB, about one core's L2 cache on the CPUs we run tests on.
+_BLOCK_LOGITS = 1 << 20
+
+
+def _num_blocks(n: int, lq: int, lk: int) -> int:
+  """How many blocks the n (batch, head) pairs are split into (a divisor of n)."""
+  per_block = max(1, min(n, _BLOCK_LOGITS // max(1, lq * lk)))
+  while n % per_block:
+    per_block -= 1
+  return n // per_block
+
+
+def _attention_block(q, k, v, scale):
+  """(n, Lq, D), (n, Lk, D), (n, Lk, D) -> out (n, Lq, D) in v's dtype, weights (n, Lq, Lk) f32."""
+  logits = jnp.einsum("nqd,nkd->nqk", q, k, preferred_element_type=jnp.float32)
   weights = jax.nn.softmax(logits * scale, axis=-1)
-  out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-  return jnp.swapaxes(out, 1, 2).astype(v.dtype)
+  out = jnp.einsum("nqk,nkd->nqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.astype(v.dtype), weights
+
+
+def _blocked(fn, blocks: int, *arrays):
+  """Applies `fn` to `blocks` consecutive slices of the leading axis, one after another."""
+  if blocks == 1:
+    return fn(*arrays)
+  split = lambda a: a.reshape((blocks, a.shape[0] // blocks) + a.shape[1:])
+  outs = jax.lax.map(lambda xs: fn(*xs), tuple(split(a) for a in arrays))
+  return jax.tree.map(lambda o: o.reshape((-1,) + o.shape[2:]), outs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _memory_efficient_attention(q, k, v, scale):
+  """Attention over (n, L, D) operands, computed in blocks of (batch, head) pairs; the backward
+  pass recomputes each block's weights instead of keeping the (n, Lq, Lk) weights."""
+  blocks = _num_blocks(q.shape[0], q.shape[1], k.shape[1])
+  return _blocked(lambda q, k, v: _attention_block(q, k, v, scale)[0], blocks, q, k, v)
+
+
+def _memory_efficient_attention_fwd(q, k, v, scale):
+  return _memory_efficient_attention(q, k, v, scale), (q, k, v)
+
+
+def _memory_efficient_attention_bwd(scale, residuals, d_out):
+  q, k, v = residuals
+
+  def block_grads(q, k, v, d_out):
+    _, w = _attention_block(q, k, v, scale)
+    f32 = dict(preferred_element_type=jnp.float32)
+    d_v = jnp.einsum("nqk,nqd->nkd", w.astype(d_out.dtype), d_out, **f32)
+    d_w = jnp.einsum("nqd,nkd->nqk", d_out, v, **f32)
+    d_logits = (w * (d_w - jnp.sum(d_w * w, axis=-1, keepdims=True)) * scale).astype(q.dtype)
+    d_q = jnp.einsum("nqk,nkd->nqd", d_logits, k, **f32)
+    d_k = jnp.einsum("nqk,nqd->nkd", d_logits, q, **f32)
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+
+  blocks = _num_blocks(q.shape[0], q.shape[1], k.shape[1])
+  return _blocked(block_grads, blocks, q, k, v, d_out)
+
+
+_memory_efficient_attention.defvjp(_memory_efficient_attention_fwd,
+                                   _memory_efficient_attention_bwd)
+
+
+def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+  """BLHD in and out. Heads go before tokens and are merged with the batch, (B·H, L, D), so that
+  both contractions are batched matrix products with the contracted dimension minor
+  (contracting the BLHD operands directly made XLA:CPU run slow strided dots: 4.3x slower on
+  the benchmark UNet's self-attention), then `_memory_efficient_attention`."""
+  b, lq, h, d = q.shape
+  merge = lambda a: jnp.swapaxes(a, 1, 2).reshape((b * h, a.shape[1], a.shape[3]))
+  out = _memory_efficient_attention(merge(q), merge(k), merge(v), scale)
+  return jnp.swapaxes(out.reshape((b, h, lq, v.shape[3])), 1, 2)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
