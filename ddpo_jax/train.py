@@ -168,6 +168,13 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   independent permutation of its T timesteps of which the first K = int(T·timestep_fraction)
   are trained on; minibatches of `train.batch_size`; gradients averaged over K timesteps ×
   `gradient_accumulation_steps` minibatches, then one optimizer step. `state` is donated.
+
+  Communication: with the params replicated (`mesh.fsdp` = 1) and S > 1 batch shards, each
+  shard accumulates the gradient of its own rows of every micro-batch (a `vmap` over a leading
+  shard axis laid out over the devices), and the S partial sums are reduced once per optimizer
+  step rather than once per micro-step (K × `gradient_accumulation_steps` times fewer
+  all-reduces). With fsdp > 1 the gradient is reduce-scattered per micro-step, as the sharded
+  accumulator needs. The RWR algorithms' denoising noise then depends on S (one key per shard).
   """
   tc = config.train
   sched, _, _ = _schedule(policy, config.sample.num_steps)
@@ -180,6 +187,9 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   guidance = float(config.sample.guidance_scale) if tc.cfg else 1.0
   use_kl = tc.kl_coef > 0
   _, frozen_sh, state_sh = _model_shardings(policy, config, optimizer, mesh)
+  shards = parallel.num_batch_shards(mesh)
+  per_shard = shards > 1 and mesh.shape.get(parallel.FSDP_AXIS, 1) == 1
+  shard_spec = jax.sharding.NamedSharding(mesh, parallel.batch_spec(mesh))
 
   def _constrain(grads):  # gradients laid out like the params (fsdp: reduce-scattered)
     if not isinstance(state_sh, TrainState):
@@ -221,7 +231,19 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
     metrics["loss"] = loss
     return loss, metrics
 
-  grad_fn = jax.grad(micro_loss, has_aux=True)
+  grad_fn = local_grad_fn = jax.grad(micro_loss, has_aux=True)
+  if per_shard:  # each device: the gradient of its own rows -> (S, ...) laid out over devices
+    batch_spec = parallel.batch_spec(mesh)
+    P = jax.sharding.PartitionSpec
+
+    def local_grads(params, frozen, uncond, batch, key):
+      return jax.tree.map(lambda x: x[None], local_grad_fn(params, frozen, uncond, batch, key[0]))
+
+    shard_grad_fn = jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), P(), P(), batch_spec, batch_spec),
+                                  out_specs=batch_spec, check_vma=False)
+
+    def grad_fn(params, frozen, uncond, batch, key):
+      return shard_grad_fn(params, frozen, uncond, batch, jax.random.split(key, shards))
 
   def update(state: TrainState, frozen, traj: diffusion.Trajectory, advantages, rewards, key):
     n = traj.log_probs.shape[0]
@@ -275,13 +297,16 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
         grads, metrics = grad_fn(state.params, frozen, uncond, batch, k)
         return jax.tree.map(jnp.add, acc, (grads, metrics)), None
 
-      zeros = _constrain(jax.tree.map(jnp.zeros_like, state.params))
-      zero_metrics = jax.eval_shape(lambda: micro_loss(state.params, frozen, uncond,
-                                                       jax.tree.map(lambda x: x[0], step_batches),
-                                                       step_key)[1])
-      zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics)
       keys = jax.random.split(step_key, accum * K)
-      (grads, metrics), _ = jax.lax.scan(micro, (zeros, zero_metrics), (step_batches, keys))
+      zeros = jax.eval_shape(grad_fn, state.params, frozen, uncond,
+                             jax.tree.map(lambda x: x[0], step_batches), keys[0])
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+      zeros = (jax.lax.with_sharding_constraint(zeros[0], shard_spec) if per_shard
+               else _constrain(zeros[0]), zeros[1])
+      (grads, metrics), _ = jax.lax.scan(micro, zeros, (step_batches, keys))
+      if per_shard:  # the one gradient all-reduce of this optimizer step
+        grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+        metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
       scale = 1.0 / (accum * K)
       grads = _constrain(jax.tree.map(lambda g: g * scale, grads))
       metrics = jax.tree.map(lambda m: m * scale, metrics)

@@ -142,8 +142,16 @@ def test_four_devices_equal_one_device(digits_cache, tmp_path):
   assert "4 devices" in four.stdout + four.stderr
   row_one = json.loads(open(tmp_path / "one" / "metrics.jsonl").readline())
   row_four = json.loads(open(tmp_path / "four" / "metrics.jsonl").readline())
-  for key in ("reward_mean", "loss", "grad_norm", "approx_kl"):
-    np.testing.assert_allclose(row_one[key], row_four[key], rtol=1e-4, atol=1e-7, err_msg=key)
+  # (rtol, atol) per metric. The PPO loss is a mean of ±|advantage|·ratio terms of size ~1 that
+  # nearly cancel (the advantages sum to 0): its error is that of the terms, not of the small
+  # mean. approx_kl = mean((log p_new − log p_old)²)/2 after the first optimizer step, where
+  # log-probs divide by the last steps' small variances: the 4-device gradient is summed in
+  # another order (per device, then across devices), and that rounding reaches approx_kl
+  # magnified (measured 1.1e-4 relative while the parameters agree to 2e-7 relative L2).
+  tolerances = {"reward_mean": (1e-4, 1e-7), "grad_norm": (1e-4, 1e-7), "loss": (1e-4, 1e-5),
+                "approx_kl": (1e-3, 1e-7)}
+  for key, (rtol, atol) in tolerances.items():
+    np.testing.assert_allclose(row_one[key], row_four[key], rtol=rtol, atol=atol, err_msg=key)
   _, a = _final_params(tmp_path / "one")
   _, b = _final_params(tmp_path / "four")
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -207,3 +215,59 @@ def test_sample_without_checkpoint_fails_clearly(tmp_path):
   from ddpo_jax.sample import sample_from_checkpoint
   with pytest.raises(FileNotFoundError, match="no checkpoints"):
     sample_from_checkpoint(str(tmp_path), 2)
+
+
+_COLLECTIVES_PER_LOOP = r"""
+import json, re, sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+import jax, jax.numpy as jnp, numpy as np
+from helpers import load_config
+from ddpo_jax import diffusion, parallel, train
+from ddpo_jax.policy import build_policy
+config = load_config("default", "runlocal", **{{"sample.num_steps": 10}})
+mesh = parallel.make_mesh()
+policy = build_policy(config, "")
+opt = train.make_optimizer(config.train)
+update = train.make_update_fn(policy, config, opt, mesh)
+spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+state = jax.eval_shape(lambda p: train.TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                       opt_state=opt.init(p), rng=jax.random.PRNGKey(0)), policy.params["unet"])
+n, T = config.sample.batch_size, config.sample.num_steps
+ids = jnp.asarray(policy.tokenize(policy.prompt_fn(np.random.default_rng(0), n)))
+lat = (n, T) + tuple(policy.latent_shape)
+f32 = lambda s, d=jnp.float32: jax.ShapeDtypeStruct(s, d)
+traj = diffusion.Trajectory(latents=f32(lat), next_latents=f32(lat), log_probs=f32((n, T)),
+                            timesteps=f32((n, T), jnp.int32), prev_timesteps=f32((n, T), jnp.int32),
+                            context=jax.eval_shape(policy.encode_prompts, policy.params, ids),
+                            class_labels=f32((n,), jnp.int32))
+hlo = update.lower(state, jax.tree.map(spec, train.frozen_params(policy, config)), traj,
+                   f32((n,)), f32((n,)), jax.random.PRNGKey(0)).compile().as_text()
+bodies = {{}}  # body computation name -> trip count
+for line in hlo.split("\n"):
+  if " while(" in line:
+    trips = re.search(r'known_trip_count":\{{"n":"(\d+)"', line)
+    bodies[re.search(r"body=(%[\w.\-]+)", line).group(1)] = int(trips.group(1)) if trips else -1
+out = []
+for comp in re.split(r"\n(?=\S)", hlo):
+  name = comp.split(" ", 1)[0]
+  if name in bodies:
+    out.append([bodies[name], len(re.findall(r" (?:all-reduce|all-gather|reduce-scatter|"
+                                             r"all-to-all|collective-permute)(?:-start)?\(", comp))])
+print("LOOPS", json.dumps(out))
+"""
+
+
+def test_gradient_is_reduced_once_per_optimizer_step(tmp_path):
+  """4 devices, mesh (data 4, fsdp 1), K = 10 timesteps per optimizer step: the compiled update's
+  micro-step loop (10 trips) holds no collective; the optimizer-step loop (2 trips) holds the
+  one gradient all-reduce."""
+  script = tmp_path / "loops.py"
+  script.write_text(_COLLECTIVES_PER_LOOP.format(repo=REPO, tests=os.path.join(REPO, "tests")))
+  run = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True,
+                       timeout=600, env={**os.environ,
+                                         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert run.returncode == 0, run.stderr[-3000:]
+  loops = json.loads(run.stdout.split("LOOPS", 1)[1])
+  micro = [c for trips, c in loops if trips == 10]
+  steps = [c for trips, c in loops if trips == 2]
+  assert micro == [0] and steps == [1], loops
