@@ -1,6 +1,7 @@
 """Multi-process DDPO on CPU (launch/local_multiprocess.sh), mesh and sharding rules, bad input."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -59,9 +60,10 @@ def get_config(arg=None):
 """
 
 
-def test_two_processes_equal_one_process_and_resume(digits_cache, tmp_path):
-  """2 processes × 2 CPU devices with mesh (data 2, fsdp 2), run as 1 epoch then resumed to 2,
-  end with the parameters of one uninterrupted 4-device process (mesh data 4).
+def test_two_processes_equal_one_process_after_kill_and_resume(digits_cache, tmp_path):
+  """2 processes × 2 CPU devices with mesh (data 2, fsdp 2), killed (SIGKILL to every process)
+  during epoch 1 and launched again, end with the parameters of one uninterrupted 4-device
+  process (mesh data 4).
 
   Adam's epsilon is 1e-4 for the reason given in test_train.test_four_devices_equal_one_device
   (with 1e-8, gradients of ~1e-8 flip a parameter by ±lr depending on the reduction order).
@@ -78,16 +80,27 @@ def test_two_processes_equal_one_process_and_resume(digits_cache, tmp_path):
   multi = [LAUNCHER, "2", f"--workdir={tmp_path / 'multi'}", *common, "--config.mesh.fsdp=2",
            "--config.mesh.fsdp_min_size=64", f"--config.compilation_cache_dir={tmp_path / 'xla'}"]
   env = {**os.environ, "XLA_FLAGS": FAST_XLA, "DEVICES_PER_PROCESS": "2"}
-  outputs = []
-  for epochs in (1, 2):  # the second launch resumes from the first one's checkpoint 1
-    run = subprocess.run(multi + [f"--config.num_epochs={epochs}"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
-    outputs.append(run.stdout + run.stderr)
-    assert run.returncode == 0, outputs[-1][-5000:]
-    assert sorted(checkpoints.manager(str(tmp_path / "multi"), read_only=True).all_steps()) == \
-        list(range(epochs + 1))
-  assert "2 processes, mesh {'data': 2, 'fsdp': 2}); fsdp splits" in outputs[0]
-  assert "resuming from checkpoint step 1 (epoch 1)" in outputs[1]
+  # First launch: killed, all processes at once, as soon as checkpoint 1 is committed (the run
+  # is then in epoch 1 of 2).
+  log = tmp_path / "killed.log"
+  with open(log, "w") as out:
+    proc = subprocess.Popen(multi, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    step1 = tmp_path / "multi" / "checkpoints" / "1"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not step1.exists():
+      time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed:\n" + log.read_text()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+  killed = log.read_text()
+  assert "2 processes, mesh {'data': 2, 'fsdp': 2}); fsdp splits" in killed
+  assert "epoch 1:" not in killed, killed[-3000:]
+  run = subprocess.run(multi, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+  assert "resuming from checkpoint step 1 (epoch 1)" in run.stdout + run.stderr
+  assert sorted(checkpoints.manager(str(tmp_path / "multi"), read_only=True).all_steps()) == \
+      [0, 1, 2]
   assert any(f.startswith("jit_update") for f in os.listdir(tmp_path / "xla"))
 
   step_one, a = _params(tmp_path / "one")
