@@ -564,7 +564,7 @@ class JaxSide:
     vec = jax.ShapeDtypeStruct((n,), jnp.float32, sharding=self.data)
     t = time.perf_counter()
     self.update_fn = train.make_update_fn(policy, config, optimizer, mesh).lower(
-        self.state, self.frozen, traj_a, vec, vec, self.state.rng).compile()
+        self.state, self.frozen, traj_a, vec, vec, vec, self.state.rng).compile()
     self.compile_update_s = time.perf_counter() - t
     self.rows = []
 
@@ -592,12 +592,13 @@ class JaxSide:
     traj = jax.tree.map(lambda *xs: jnp.concatenate(xs), *trajs)
     t_sample = time.perf_counter() - t0  # dispatch only: the device may still be sampling
     rewards = np.concatenate([np.asarray(f.result(), np.float32) for f in futures])
-    adv = jax.device_put(rl.normalize_advantages(rewards).astype(np.float32), self.data)
+    adv, scales = (jax.device_put(a.astype(np.float32), self.data)
+                   for a in rl.normalize_advantages(rewards, return_scale=True))
     rew = jax.device_put(rewards, self.data)
     t1 = time.perf_counter()
     for inner in range(s["inner_epochs"]):
       key = jax.random.fold_in(jax.random.fold_in(epoch_key, 10_000), inner)
-      self.state, metrics = self.update_fn(self.state, self.frozen, traj, adv, rew, key)
+      self.state, metrics = self.update_fn(self.state, self.frozen, traj, adv, scales, rew, key)
     metrics = jax.device_get(metrics)
     t_train = time.perf_counter() - t1
     finite = all(np.isfinite(v) for v in metrics.values()) and train._params_finite(self.state.params)
@@ -634,11 +635,12 @@ class JaxSide:
       t = time.perf_counter()
       rewards = np.concatenate([jpeg_reward_np(to_uint8(jax.device_get(o[1])))[0] for o in out])
       reward_ts.append(time.perf_counter() - t)
-      adv = jax.device_put(rl.normalize_advantages(rewards).astype(np.float32), self.data)
+      adv, scales = (jax.device_put(a.astype(np.float32), self.data)
+                     for a in rl.normalize_advantages(rewards, return_scale=True))
       rew = jax.device_put(rewards.astype(np.float32), self.data)
       t = time.perf_counter()
       for inner in range(s["inner_epochs"]):
-        self.state, metrics = self.update_fn(self.state, self.frozen, traj, adv, rew,
+        self.state, metrics = self.update_fn(self.state, self.frozen, traj, adv, scales, rew,
                                              jax.random.fold_in(key, 1000 * rep + inner))
       jax.block_until_ready((self.state, metrics))
       update_ts.append(time.perf_counter() - t)

@@ -52,7 +52,9 @@ def ddpo_base() -> ml_collections.ConfigDict:
   train.adv_clip_max = 5.0
   train.clip_range = 1e-4
   train.timestep_fraction = 1.0
-  train.kl_coef = 0.0  # > 0: penalty on ||mean_θ − mean_pretrained||² / (2 std²) per step
+  # α > 0 (ppo / sf): maximise E[r] − α E[Σ_t KL_t], KL_t = ||mean_θ − mean_pre||² / (2 std²)
+  # at the sampled x_t (SPEC §4); the sampler then also runs the pre-trained UNet per step
+  train.kl_coef = 0.0
   train.kl_reduction = "mean"  # over latent dims: "mean" (like the log-prob) or "sum" (exact KL)
   train.rwr_beta = 1.0  # RWR weights ∝ exp(reward / beta)
   train.rwr_quantile = 0.9  # RWR-sparse trains on samples with reward ≥ this batch quantile

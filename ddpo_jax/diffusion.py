@@ -381,6 +381,8 @@ class Trajectory:
     prev_timesteps: (B, T) int32, prev_t of each step (< 0 on the last one).
     context: (B, L, D) prompt embedding.
     class_labels: (B,) int32 or None.
+    kl: (B, T) float32 or None: KL_t of each step's Gaussian to the reference model's at the
+      same x_t (`gaussian_kl_shared_std`), when the sampler was given reference params.
   """
   latents: Array
   next_latents: Array
@@ -389,6 +391,7 @@ class Trajectory:
   prev_timesteps: Array
   context: Array
   class_labels: Optional[Array] = None
+  kl: Optional[Array] = None
 
   @property
   def num_steps(self) -> int:
@@ -413,7 +416,8 @@ def sample_trajectory(eps_fn: EpsFn, params: Any, key: Array, context: Array,
                       timesteps, prev_timesteps, latent_shape: tuple[int, int, int], eta,
                       guidance_scale: float, class_labels: Optional[Array] = None,
                       initial_latents: Optional[Array] = None,
-                      final_alpha_cumprod=None) -> Trajectory:
+                      final_alpha_cumprod=None, reference_params: Any = None,
+                      kl_reduction: str = "sum") -> Trajectory:
   """Samples B trajectories of DDIM (eta > 0) with log-probabilities, in one `lax.scan`.
 
   Keys: `key` is split into (init, steps); x_T ~ N(0, I) from `init` (unless
@@ -433,6 +437,11 @@ def sample_trajectory(eps_fn: EpsFn, params: Any, key: Array, context: Array,
     class_labels: optional (B,) int32, passed to eps_fn (both CFG halves).
     initial_latents: optional (B, H, W, C) x_T.
     final_alpha_cumprod: optional alpha_prev of the last step (default alphas_cumprod[0]).
+    reference_params: optional params of a reference denoiser (e.g. the pre-trained one); if
+      given, each step also runs it at the same x_t (same guidance) and the trajectory carries
+      KL_t = KL(step under params || step under reference_params), reduced over the latent
+      dims by `kl_reduction` ("sum": the exact KL; "mean"). Costs one more denoiser call per
+      step.
 
   Returns:
     A `Trajectory` with T steps.
@@ -459,9 +468,14 @@ def sample_trajectory(eps_fn: EpsFn, params: Any, key: Array, context: Array,
     z = jax.random.normal(k_step, x.shape, jnp.float32).astype(mean.dtype)
     x_prev = mean + std * z
     lp = gaussian_log_prob(x_prev, mean, std)
-    return (x_prev, k), (x, x_prev, lp)
+    if reference_params is None:
+      return (x_prev, k), (x, x_prev, lp, None)
+    ref_mean, _ = _step(eps_fn, reference_params, x, t, prev_t, context, uncond_context,
+                        class_labels, alphas_cumprod, eta, guidance_scale, final_alpha_cumprod)
+    kl = gaussian_kl_shared_std(mean, ref_mean, std, reduction=kl_reduction)
+    return (x_prev, k), (x, x_prev, lp, kl)
 
-  _, (xs, xs_prev, lps) = jax.lax.scan(body, (x_init, key_steps), (ts, pts))
+  _, (xs, xs_prev, lps, kls) = jax.lax.scan(body, (x_init, key_steps), (ts, pts))
   n_steps = ts.shape[0]
   return Trajectory(
       latents=jnp.swapaxes(xs, 0, 1),
@@ -471,6 +485,7 @@ def sample_trajectory(eps_fn: EpsFn, params: Any, key: Array, context: Array,
       prev_timesteps=jnp.broadcast_to(pts[None], (b, n_steps)),
       context=context,
       class_labels=class_labels,
+      kl=None if kls is None else jnp.swapaxes(kls, 0, 1),
   )
 
 

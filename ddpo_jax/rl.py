@@ -2,6 +2,7 @@
 
 * `PerPromptStatTracker`: per-prompt reward normalisation (host-side NumPy, checkpointable).
 * `normalize_advantages`: whole-batch normalisation (no tracking).
+* `kl_penalised_advantages`: per-step advantages of a return with a per-step KL penalty.
 * `ppo_clipped_loss` (DDPO-IS), `score_function_loss` (DDPO-SF): pure `jax.numpy`, per chosen
   timestep, on (B,) arrays.
 * `rwr_weights`, `rwr_sparse_weights`: reward-weighted-regression baselines' sample weights,
@@ -41,21 +42,23 @@ class PerPromptStatTracker:
     self.min_count = int(min_count)
     self.stats: dict[str, collections.deque] = {}
 
-  def update(self, prompts: Sequence[str], rewards: np.ndarray) -> np.ndarray:
+  def update(self, prompts: Sequence[str], rewards: np.ndarray, return_scale: bool = False):
     """Adds a batch of rewards and returns its advantages.
 
     Args:
       prompts: B prompt strings (keys are `str(prompt)`).
       rewards: (B,) rewards.
+      return_scale: also return each sample's normalisation factor 1 / (std + 1e-6).
 
     Returns:
-      (B,) float64 advantages.
+      (B,) float64 advantages, or (advantages, scales), both (B,) float64.
     """
     prompts = np.asarray([str(p) for p in prompts])
     rewards = np.asarray(rewards, dtype=np.float64)
     if rewards.ndim != 1 or rewards.shape[0] != prompts.shape[0]:
       raise ValueError(f"rewards {rewards.shape} must be (B,) with B = {len(prompts)} prompts.")
     advantages = np.empty_like(rewards)
+    scales = np.empty_like(rewards)
     batch_mean, batch_std = np.mean(rewards), np.std(rewards)
     for prompt in np.unique(prompts):
       mask = prompts == prompt
@@ -66,8 +69,9 @@ class PerPromptStatTracker:
       else:
         values = np.asarray(buf, dtype=np.float64)
         mean, std = np.mean(values), np.std(values)
+      scales[mask] = 1.0 / (std + 1e-6)
       advantages[mask] = (rewards[mask] - mean) / (std + 1e-6)
-    return advantages
+    return (advantages, scales) if return_scale else advantages
 
   def get_stats(self) -> dict[str, dict[str, float]]:
     """{prompt: {"mean", "std", "count"}} of each prompt's buffer."""
@@ -94,22 +98,49 @@ class PerPromptStatTracker:
       self.stats[str(k)] = collections.deque((float(x) for x in v), maxlen=self.buffer_size)
 
 
-def normalize_advantages(rewards):
+def normalize_advantages(rewards, return_scale: bool = False):
   """Whole-batch normalisation without per-prompt tracking: (r - mean) / (std + 1e-8).
 
   Population std. NumPy in -> float64 NumPy out; a jax.Array in -> jax.Array out (jittable).
 
   Args:
     rewards: (B,).
+    return_scale: also return the normalisation factor 1 / (std + 1e-8), broadcast to (B,).
 
   Returns:
-    (B,) advantages.
+    (B,) advantages, or (advantages, scales), both (B,).
   """
-  if isinstance(rewards, jax.Array):
+  xp = jnp if isinstance(rewards, jax.Array) else np
+  if xp is jnp:
     r = rewards.astype(jnp.result_type(rewards.dtype, jnp.float32))
-    return (r - jnp.mean(r)) / (jnp.std(r) + 1e-8)
-  r = np.asarray(rewards, dtype=np.float64)
-  return (r - np.mean(r)) / (np.std(r) + 1e-8)
+  else:
+    r = np.asarray(rewards, dtype=np.float64)
+  std = xp.std(r) + 1e-8
+  advantages = (r - xp.mean(r)) / std
+  return (advantages, xp.full_like(r, 1.0 / std)) if return_scale else advantages
+
+
+def kl_penalised_advantages(advantages: Array, scales: Array, kl: Array, alpha: float) -> Array:
+  """Per-step advantages of the return r(x_0) − α Σ_t KL_t (SPEC §4, a per-step penalty).
+
+  The action of step i (sampling x_{i+1} from x_i, steps in sampling order) changes the states
+  of the later steps only, so its return is r − α Σ_{j>i} KL_j; KL_i itself, a function of the
+  params at the already given x_i, enters the loss directly (`train.make_update_fn`). Both are
+  put on the advantages' scale: A_i = A − α · scale · Σ_{j>i} KL_j, the direct term weighted
+  α · scale. Subtracting the reward's baseline keeps the estimator unbiased.
+
+  Args:
+    advantages: (B,) normalised terminal advantages (r − baseline) · scale.
+    scales: (B,) the factor each sample's reward was scaled by (1 / std).
+    kl: (B, T) KL_t of each step, as sampled.
+    alpha: KL weight per unit of reward.
+
+  Returns:
+    (B, T) float32 advantages.
+  """
+  kl = jax.lax.stop_gradient(kl.astype(jnp.float32))
+  later = jnp.cumsum(kl[:, ::-1], axis=1)[:, ::-1] - kl  # Σ_{j>i} KL_j
+  return advantages[:, None] - alpha * scales[:, None] * later
 
 
 def ppo_clipped_loss(log_prob: Array, old_log_prob: Array, advantages: Array,

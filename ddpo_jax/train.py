@@ -71,6 +71,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     raise ValueError(
         f"samples per epoch (sample.batch_size*sample.num_batches_per_epoch={total}) must be a "
         f"multiple of train.batch_size*train.gradient_accumulation_steps={group}")
+  if t.kl_coef < 0 or (t.kl_coef > 0 and t.algorithm not in ("ppo", "sf")):
+    raise ValueError(f"train.kl_coef={t.kl_coef}: the KL penalty needs kl_coef >= 0 and "
+                     f"train.algorithm 'ppo' or 'sf' (got {t.algorithm!r})")
   if int(s.num_steps * t.timestep_fraction) < 1:
     raise ValueError("sample.num_steps * train.timestep_fraction must be at least 1")
 
@@ -109,11 +112,14 @@ def make_sample_fn(policy: Policy, config, device_rewards: list[tuple[float, Rew
   """Compiles `sample(unet_params, frozen, key, prompt_ids, metadata) -> (Trajectory, images, rewards)`.
 
   `images` are (B,h,w,c) float32 in [0, 1]; `rewards` maps each device reward's name to
-  (rewards (B,), info). Prompt ids / metadata come sharded over the data axis.
+  (rewards (B,), info). Prompt ids / metadata come sharded over the data axis. With
+  `train.kl_coef` > 0 the trajectory also carries each step's KL to the pre-trained model
+  (`frozen["reference_unet"]`), for the KL-penalised return (one more UNet call per step).
   """
   sched, timesteps, prev = _schedule(policy, config.sample.num_steps)
   uncond_ids = jnp.asarray(policy.tokenize([""]))
   guidance = float(config.sample.guidance_scale)
+  use_kl = config.train.kl_coef > 0
 
   def sample(unet_params, frozen, key, prompt_ids, metadata):
     params = {**frozen, "unet": unet_params}
@@ -125,7 +131,10 @@ def make_sample_fn(policy: Policy, config, device_rewards: list[tuple[float, Rew
         timesteps=timesteps, prev_timesteps=prev, latent_shape=policy.latent_shape,
         eta=config.sample.eta, guidance_scale=guidance,
         class_labels=metadata.get("control_label"),
-        final_alpha_cumprod=sched.final_alpha_cumprod)
+        final_alpha_cumprod=sched.final_alpha_cumprod,
+        reference_params=(policy.assemble_unet(frozen["reference_unet"], frozen)
+                          if use_kl else None),
+        kl_reduction=config.train.kl_reduction)
     images = policy.decode(params, traj.next_latents[:, -1])
     rewards = {r.name: r.fn(images, prompt_ids, metadata) for _, r in device_rewards}
     return traj, images, rewards
@@ -159,10 +168,22 @@ def _model_shardings(policy: Policy, config, optimizer, mesh):
 
 
 def make_update_fn(policy: Policy, config, optimizer, mesh):
-  """Compiles `update(state, frozen, traj, advantages, rewards, key) -> (state, metrics)`.
+  """Compiles `update(state, frozen, traj, advantages, adv_scales, rewards, key) -> (state, metrics)`.
 
   `frozen` holds the non-trained params (and `reference_unet`, the pre-trained denoiser, when
-  `train.kl_coef > 0`; see `frozen_params`).
+  `train.kl_coef > 0`; see `frozen_params`). `advantages` (N,) are the normalised terminal
+  advantages, `adv_scales` (N,) the factor each sample's reward was scaled by to get them
+  (`rl.normalize_advantages` / `PerPromptStatTracker.update` with `return_scale`), `rewards`
+  (N,) the raw rewards (RWR weights).
+
+  KL penalty (`train.kl_coef` = α > 0, PPO / SF): the objective is E[r] − α E[Σ_t KL_t], KL_t
+  between the policy's and the pre-trained model's step at the sampled x_t (SPEC §4). Its
+  gradient has two parts, both on the advantages' scale: the score-function part, with the
+  KL of the later steps in each step's return (`rl.kl_penalised_advantages`, from
+  `traj.kl` as sampled), and the direct part, α · scale · ∇KL_t / D at the given x_t (D =
+  latent dims: the log-prob is mean-reduced, so the score-function part carries 1/D too).
+  The update's gradient is then the exact gradient of the objective times scale / (T · D)
+  (tests/test_ctrl_gmm.py checks it against backpropagation through the chain).
 
   One call is one inner epoch over the whole batch of N trajectories: shuffle; per sample an
   independent permutation of its T timesteps of which the first K = int(T·timestep_fraction)
@@ -186,6 +207,7 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   accum, mb = tc.gradient_accumulation_steps, tc.batch_size
   guidance = float(config.sample.guidance_scale) if tc.cfg else 1.0
   use_kl = tc.kl_coef > 0
+  latent_dims = int(np.prod(policy.latent_shape))
   _, frozen_sh, state_sh = _model_shardings(policy, config, optimizer, mesh)
   shards = parallel.num_batch_shards(mesh)
   per_shard = shards > 1 and mesh.shape.get(parallel.FSDP_AXIS, 1) == 1
@@ -227,7 +249,7 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
       kl = diffusion.gaussian_kl_shared_std(mean, jax.lax.stop_gradient(ref_mean), std,
                                             reduction=tc.kl_reduction)
       metrics["kl_to_pretrained"] = jnp.mean(kl)
-      loss = loss + tc.kl_coef * jnp.mean(kl)
+      loss = loss + jnp.mean(batch["kl_weights"] * kl)
     metrics["loss"] = loss
     return loss, metrics
 
@@ -245,7 +267,8 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
     def grad_fn(params, frozen, uncond, batch, key):
       return shard_grad_fn(params, frozen, uncond, batch, jax.random.split(key, shards))
 
-  def update(state: TrainState, frozen, traj: diffusion.Trajectory, advantages, rewards, key):
+  def update(state: TrainState, frozen, traj: diffusion.Trajectory, advantages, adv_scales,
+             rewards, key):
     n = traj.log_probs.shape[0]
     k_perm, k_time, k_loss = jax.random.split(key, 3)
     perm = jax.random.permutation(k_perm, n)
@@ -254,8 +277,18 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
         "timesteps": traj.timesteps, "prev_timesteps": traj.prev_timesteps,
         "log_probs": traj.log_probs,
     }
-    shared = {"context": traj.context, "advantages": advantages,
-              "class_labels": traj.class_labels, "x0": traj.next_latents[:, -1]}
+    shared = {"context": traj.context, "class_labels": traj.class_labels,
+              "x0": traj.next_latents[:, -1]}
+    extra_metrics = {}
+    if use_kl:  # per-step advantages of r − α Σ KL, and the direct term's weight
+      per_sample["advantages"] = rl.kl_penalised_advantages(advantages, adv_scales, traj.kl,
+                                                            tc.kl_coef)
+      # `gaussian_log_prob` is mean-reduced over the D latent dims (DDPO's convention), so the
+      # score-function part is 1/D of the exact one; the direct part gets the same 1/D.
+      shared["kl_weights"] = tc.kl_coef * adv_scales / latent_dims
+      extra_metrics["path_kl"] = jnp.mean(jnp.sum(traj.kl, axis=1))
+    else:
+      shared["advantages"] = advantages
     if tc.algorithm == "rwr":
       shared["weights"] = rl.rwr_weights(rewards, tc.rwr_beta)
     elif tc.algorithm == "rwr_sparse":
@@ -317,10 +350,10 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
       return state, metrics
 
     state, metrics = jax.lax.scan(opt_step, state, (batches, jax.random.split(k_loss, steps)))
-    return state, jax.tree.map(jnp.mean, metrics)
+    return state, {**jax.tree.map(jnp.mean, metrics), **extra_metrics}
 
   data, repl = parallel.data_sharding(mesh), parallel.replicated(mesh)
-  return jax.jit(update, in_shardings=(state_sh, frozen_sh, data, data, data, repl),
+  return jax.jit(update, in_shardings=(state_sh, frozen_sh, data, data, data, data, repl),
                  out_shardings=(state_sh, repl), donate_argnums=(0,))
 
 
@@ -500,8 +533,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   traj_abs = jax.tree.map(lambda x: _abstract(x, data, B * nb), sample_fn.out_info[0])
   t0 = time.time()
   update_fn = make_update_fn(policy, config, optimizer, mesh).lower(
-      state, frozen, traj_abs, jax.ShapeDtypeStruct((B * nb,), jnp.float32, sharding=data),
-      jax.ShapeDtypeStruct((B * nb,), jnp.float32, sharding=data), key_abs).compile()
+      state, frozen, traj_abs, *[jax.ShapeDtypeStruct((B * nb,), jnp.float32, sharding=data)] * 3,
+      key_abs).compile()
   t_compile_update = time.time() - t0
   log(f"compiled the sample step in {t_compile_sample:.1f} s and the update step in "
       f"{t_compile_update:.1f} s")
@@ -550,15 +583,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
         epoch_metrics[f"{r.name}_{k}_mean"] = np.concatenate([np.asarray(p[1][k]).reshape(-1) for p in parts]).mean()
 
     if config.per_prompt_stat_tracking.enabled:
-      advantages = tracker.update(all_prompts, total)
+      advantages, scales = tracker.update(all_prompts, total, return_scale=True)
     else:
-      advantages = rl.normalize_advantages(total)
-    adv_dev = parallel.to_global(advantages.astype(np.float32)[rows_epoch], mesh)
+      advantages, scales = rl.normalize_advantages(total, return_scale=True)
+    adv_dev, scale_dev = (parallel.to_global(a.astype(np.float32)[rows_epoch], mesh)
+                          for a in (advantages, scales))
     rew_dev = parallel.to_global(total[rows_epoch], mesh)
 
     t1 = time.time()
     for inner in range(config.train.num_inner_epochs):
-      state, metrics = update_fn(state, frozen, traj, adv_dev, rew_dev,
+      state, metrics = update_fn(state, frozen, traj, adv_dev, scale_dev, rew_dev,
                                  put_key(epoch, 10_000, inner))
     metrics = parallel.to_host(metrics)
     t_train = time.time() - t1

@@ -44,7 +44,8 @@ def one_update(config, lr=None):
   trainable = jax.tree.map(jnp.copy, policy.params["unet"])  # the state is donated
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                            opt_state=opt.init(trainable), rng=jax.random.PRNGKey(0))
-  adv = jnp.asarray(rl.normalize_advantages(np.arange(n, dtype=np.float32)), jnp.float32)
-  new_state, metrics = update_fn(state, frozen, traj, adv, jnp.arange(n, dtype=jnp.float32),
-                                 jax.random.PRNGKey(1))
+  adv, scales = (jnp.asarray(a, jnp.float32) for a in
+                 rl.normalize_advantages(np.arange(n, dtype=np.float32), return_scale=True))
+  new_state, metrics = update_fn(state, frozen, traj, adv, scales,
+                                 jnp.arange(n, dtype=jnp.float32), jax.random.PRNGKey(1))
   return policy, frozen, new_state, jax.device_get(metrics)

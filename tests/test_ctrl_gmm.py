@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from ddpo_jax import diffusion, train
+from ddpo_jax import diffusion, parallel, rl, train
 from ddpo_jax.ctrl import config_defaults, trainer
 from ddpo_jax.ctrl import policy as ctrl_policy
 from ddpo_jax.policy import Policy
@@ -157,3 +157,66 @@ def test_alpha_one_matches_reweighted_pretrained_sampler(num_steps):
     print(f"y={y}: CTRL mean {x.mean(0)} std {x.std(0)}; reference mean {ref_mean} std {ref_std}")
     np.testing.assert_allclose(x.mean(0), ref_mean, atol=0.1)
     np.testing.assert_allclose(x.std(0), ref_std, rtol=0.12)
+
+
+def _flat(tree):
+  return jnp.concatenate([x.ravel() for x in jax.tree.leaves(tree)])
+
+
+def test_ppo_route_gradient_is_the_exact_kl_regularised_gradient():
+  """The DDPO (PPO) solver's KL penalty is exact: at the sampling params, the update's
+  gradient × T · D / scale equals the gradient of E[log p(y | x_0)] − α E[Σ_t KL_t] (α = 1,
+  summed KL) obtained by backpropagating through the whole chain (`make_backprop_loss`), within
+  2% relative L2 over all params (Monte Carlo: 131k chains per side; measured 0.3%). Without
+  the later steps' KL in each step's return (the direct term alone) it is off by > 5%
+  (measured 7.3%), so the check tells the two apart."""
+  T, n, reps = 10, 65536, 2
+  policy = gmm_policy()
+  p0 = policy.params["unet"]
+  k_net, k_tab = jax.random.split(jax.random.PRNGKey(5))
+  theta = jax.tree.map(jnp.copy, p0)  # a policy away from the pre-trained one
+  layers = theta["net"]["params"]
+  last = sorted(layers)[-1]  # the zero-initialised output layer
+  layers[last]["kernel"] = 0.05 * jax.random.normal(k_net, layers[last]["kernel"].shape)
+  theta["control"] = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(k_tab, x.shape),
+                                  theta["control"])
+  config = gmm_config(T)
+  ids = jnp.zeros((n, 1), jnp.int32)
+
+  def labels(key):
+    return jax.random.randint(jax.random.fold_in(key, 1), (n, 1), 0, 2)
+
+  grad_bp = jax.jit(jax.grad(trainer.make_backprop_loss(policy, config, reward_fn), has_aux=True))
+  exact = sum(_flat(grad_bp(theta, {"reference_unet": p0}, k, ids, labels(k))[0])
+              for k in jax.random.split(jax.random.PRNGKey(1000), reps)) / reps
+
+  tc = config.train
+  tc.algorithm, tc.kl_coef, tc.kl_reduction = "ppo", 1.0, "sum"
+  tc.timestep_fraction, tc.adv_clip_max, tc.clip_range, tc.cfg = 1.0, 1e9, 0.2, False
+  config.sample.batch_size = tc.batch_size = n
+  mesh = parallel.make_mesh()
+  sample_fn = train.make_sample_fn(policy, config, [], mesh)
+  sgd = optax.sgd(1.0)  # new params = params − gradient
+  update_fn = train.make_update_fn(policy, config, sgd, mesh)
+  frozen = train.frozen_params(policy, config)
+  dims = int(np.prod(policy.latent_shape))
+
+  def ppo_gradient(key, kl_in_return):
+    traj, images, _ = sample_fn(theta, frozen, key, ids, {"control_label": labels(key)})
+    if not kl_in_return:
+      traj = traj.replace(kl=jnp.zeros_like(traj.kl))
+    r = np.asarray(reward_fn(images, ids, {"control_label": labels(key)})[0])
+    adv, scales = (jnp.asarray(a, jnp.float32) for a in rl.normalize_advantages(r, return_scale=True))
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.copy, theta),
+                             opt_state=sgd.init(theta), rng=key)
+    new, _ = update_fn(state, frozen, traj, adv, scales, jnp.asarray(r), jax.random.fold_in(key, 2))
+    return (_flat(theta) - _flat(new.params)) * T * dims / scales[0]
+
+  keys = jax.random.split(jax.random.PRNGKey(50), reps)
+  errors = {}
+  for kl_in_return in (True, False):
+    estimate = sum(ppo_gradient(k, kl_in_return) for k in keys) / reps
+    errors[kl_in_return] = float(jnp.linalg.norm(estimate - exact) / jnp.linalg.norm(exact))
+  print(f"relative L2 error: exact estimator {errors[True]:.4f}, direct KL term only {errors[False]:.4f}")
+  assert errors[True] < 0.02
+  assert errors[False] > 0.05

@@ -41,6 +41,23 @@ def test_stat_tracker_batch_stats_until_min_count():
   np.testing.assert_allclose(adv, (r.astype(np.float64) - 4.0) / (math.sqrt(9.5) + 1e-6),
                              rtol=1e-12)
   assert adv.dtype == np.float64
+  # return_scale: the same advantages and each sample's factor 1 / (std + 1e-6); the tracker
+  # is fed the batch again, so the buffers ("x" now 4 rewards) still sit below min_count.
+  adv2, scales = tr.update(prompts, r, return_scale=True)
+  np.testing.assert_array_equal(adv2, adv)
+  np.testing.assert_allclose(scales, 1.0 / (math.sqrt(9.5) + 1e-6), rtol=1e-12)
+
+
+def test_kl_penalised_advantages_against_a_loop():
+  """A_i = A − α · scale · Σ_{j>i} KL_j, checked against a plain Python loop."""
+  rng = np.random.default_rng(1)
+  adv, scales, kl = rng.standard_normal(3), rng.uniform(0.5, 2, 3), rng.uniform(0, 1, (3, 5))
+  expected = np.array([[adv[b] - 0.7 * scales[b] * sum(kl[b, j] for j in range(i + 1, 5))
+                        for i in range(5)] for b in range(3)])
+  out = rl.kl_penalised_advantages(jnp.asarray(adv), jnp.asarray(scales), jnp.asarray(kl), 0.7)
+  assert out.shape == (3, 5) and out.dtype == jnp.float32
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out[:, -1], adv, rtol=1e-6)  # nothing follows the last step
 
 
 def test_stat_tracker_state_dict_round_trip():
@@ -66,6 +83,9 @@ def test_normalize_advantages():
   np.testing.assert_allclose(rl.normalize_advantages(r), expected, rtol=1e-12)
   np.testing.assert_allclose(rl.normalize_advantages(jnp.asarray(r, jnp.float32)), expected,
                              rtol=1e-6)
+  adv, scales = rl.normalize_advantages(r, return_scale=True)
+  np.testing.assert_array_equal(adv, rl.normalize_advantages(r))
+  np.testing.assert_allclose(scales, np.full(4, 1.0 / (math.sqrt(1.25) + 1e-8)), rtol=1e-12)
 
 
 # ----------------------------------------------------------------------------- losses

@@ -241,7 +241,7 @@ traj = diffusion.Trajectory(latents=f32(lat), next_latents=f32(lat), log_probs=f
                             context=jax.eval_shape(policy.encode_prompts, policy.params, ids),
                             class_labels=f32((n,), jnp.int32))
 hlo = update.lower(state, jax.tree.map(spec, train.frozen_params(policy, config)), traj,
-                   f32((n,)), f32((n,)), jax.random.PRNGKey(0)).compile().as_text()
+                   f32((n,)), f32((n,)), f32((n,)), jax.random.PRNGKey(0)).compile().as_text()
 bodies = {{}}  # body computation name -> trip count
 for line in hlo.split("\n"):
   if " while(" in line:

@@ -116,8 +116,9 @@ def apply_variants(config, arg) -> ml_collections.ConfigDict:
 
 
 def use_ddpo_solver(config) -> None:
-  """The PPO route: contexts (c, y), terminal reward log p̂(y | x_0), per-step KL penalty
-  (train.kl_coef = α with the same reduction), stat tracking per (c, y)."""
+  """The PPO route: contexts (c, y), terminal reward log p̂(y | x_0), per-step penalty
+  −α·KL_t (train.kl_coef = kl_weight, the same reduction; see `train.make_update_fn`), stat
+  tracking per (c, y)."""
   c = config.ctrl
   c.solver = "ddpo"
   config.reward.weights = ml_collections.ConfigDict({"ctrl_log_likelihood": float(c.reward_weight)})

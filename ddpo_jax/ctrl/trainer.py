@@ -18,7 +18,9 @@ Solvers (`ctrl.solver`):
   batches, clipped to global norm `train.max_grad_norm`, AdamW with the control tables at
   `train.control_learning_rate`.
 - "ddpo": DDPO's PPO update (ddpo_jax.train) on contexts (c, y) with terminal reward
-  `ctrl_log_likelihood` and the per-step KL penalty `train.kl_coef`.
+  `ctrl_log_likelihood` and the per-step penalty −α·KL_t (`train.kl_coef`): the later steps'
+  KL in each step's return plus the direct ∇KL_t term, the same gradient as "backprop" in
+  expectation (tests/test_ctrl_gmm.py).
 
 Baselines (`ctrl.method`): "cfg" trains the augmented model by denoising score matching on
 the labelled data with label dropout (`ctrl.label_dropout`); "classifier_guidance" trains one
