@@ -56,6 +56,7 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))  # tiny_models: the tests' tiny pipeline parts
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
@@ -78,6 +79,7 @@ SIZES = {
 LORA_RANK = 4  # TRL's DefaultDDPOStableDiffusionPipeline hard-codes r=4, alpha=4
 LEARNING_RATE = 3e-4
 PIPELINE_VERSION = 1  # bump when the generated pipelines change
+SD_MAX_LENGTH = 77  # CLIP's text length in SD
 
 
 def log(*args):
@@ -107,39 +109,6 @@ def load_avg() -> str:
 # ================================================================================================
 # The pipeline directory (random weights, diffusers format, created once).
 # ================================================================================================
-def _bytes_to_unicode() -> list[str]:
-  """GPT-2 / CLIP byte -> printable unicode table (256 characters)."""
-  bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1)))
-  cs = bs[:]
-  n = 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + n)
-      n += 1
-  return [chr(c) for c in cs]
-
-
-def make_tokenizer(directory: str):
-  """A CLIP byte-level BPE tokenizer over a tiny vocabulary (~520 tokens, a few merges),
-  `model_max_length` 77 like SD's (TRL pads prompts to the tokenizer's model_max_length)."""
-  from transformers import CLIPTokenizer
-  os.makedirs(directory, exist_ok=True)
-  chars = _bytes_to_unicode()
-  merges = [("a", "t</w>"), ("c", "at</w>"), ("d", "o"), ("do", "g</w>"), ("t", "h"),
-            ("th", "e</w>")]
-  vocab_list = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges]
-  vocab_list += ["<|startoftext|>", "<|endoftext|>"]
-  vocab_path = os.path.join(directory, "vocab.json")
-  merges_path = os.path.join(directory, "merges.txt")
-  with open(vocab_path, "w", encoding="utf-8") as f:
-    json.dump({tok: i for i, tok in enumerate(vocab_list)}, f, ensure_ascii=False)
-  with open(merges_path, "w", encoding="utf-8") as f:
-    f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-  return CLIPTokenizer(vocab=vocab_path, merges=merges_path, model_max_length=77)
-
-
 def _no_class(d: dict) -> dict:
   return {k: v for k, v in d.items() if not k.startswith("_")}
 
@@ -147,22 +116,13 @@ def _no_class(d: dict) -> dict:
 def pipeline_components(size: str, resolution: int, tokenizer):
   """(unet kwargs, vae kwargs, CLIPTextConfig kwargs) of the benchmark pipeline."""
   if size == "tiny":
-    # SD-1 layout at toy width: cross-attention down block + plain down block (2 resnets each),
-    # 8 heads, conv projections; a 2-level VAE (factor 2), a 2-layer CLIP text encoder.
-    latent = resolution // 2
-    unet = dict(sample_size=latent, in_channels=4, out_channels=4,
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=32,
-                attention_head_dim=8, norm_num_groups=8)
-    vae = dict(in_channels=3, out_channels=3,
-               down_block_types=("DownEncoderBlock2D",) * 2,
-               up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32),
-               layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=resolution)
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                projection_dim=32, hidden_act="quick_gelu", layer_norm_eps=1e-5, bos_token_id=0,
-                eos_token_id=2, pad_token_id=1)
+    # The tests' tiny SD-1 layout (tests/tiny_models.py) at 8 heads: cross-attention down block
+    # + plain down block (2 resnets each), conv projections; a 2-level VAE (factor 2), a 2-layer
+    # CLIP text encoder with SD's 77 positions.
+    from tiny_models import text_config_kwargs, unet_sd1_kwargs, vae_kwargs
+    unet = unet_sd1_kwargs(sample_size=resolution // 2, attention_head_dim=8)
+    vae = vae_kwargs(sample_size=resolution)
+    text = text_config_kwargs(vocab_size=len(tokenizer), max_position_embeddings=SD_MAX_LENGTH)
     return unet, vae, text
   from ddpo_jax.models.pipeline import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
   unet = {**_no_class(SD15_UNET_CONFIG), "sample_size": resolution // 8}
@@ -183,7 +143,9 @@ def ensure_pipeline(size: str, resolution: int, cache_dir: str) -> str:
   from ddpo_jax.models.pipeline import SD_DDIM_SCHEDULER_CONFIG
   t0 = time.time()
   scratch = tempfile.mkdtemp(prefix="ddpo_bench_")
-  tokenizer = make_tokenizer(os.path.join(scratch, "tok"))
+  from tiny_models import make_tiny_tokenizer
+  # TRL pads prompts to the tokenizer's model_max_length: SD's 77 on both sides.
+  tokenizer = make_tiny_tokenizer(os.path.join(scratch, "tok"), max_length=SD_MAX_LENGTH)
   unet_kw, vae_kw, text_kw = pipeline_components(size, resolution, tokenizer)
   torch.manual_seed(0)
   pipe = StableDiffusionPipeline(

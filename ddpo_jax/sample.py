@@ -13,12 +13,14 @@ import ml_collections
 import numpy as np
 
 def sample_from_checkpoint(workdir: str, num: int, step=None, prompts=None, seed: int = 0,
-                           batch_size: int = 64, labels=None):
+                           batch_size: int = 64, labels=None, policy=None):
   """Returns (images uint8 (num,H,W,C), prompts list[str], step) from a run's checkpoint.
 
   For CTRL runs the returned prompts are contexts "PROMPT||y=LABELS"
   (`ddpo_jax.ctrl.policy.parse_context` splits them); `labels` (label specs like "3" or "3:2")
-  are cycled over the samples, otherwise labels are drawn uniformly.
+  are cycled over the samples, otherwise labels are drawn uniformly. `policy`: the run's
+  policy if the caller has built it already (`build_policy` of the run's config), else built
+  here.
   """
   from ddpo_jax import checkpoints, parallel, train
   from ddpo_jax.policy import build_policy
@@ -36,7 +38,9 @@ def sample_from_checkpoint(workdir: str, num: int, step=None, prompts=None, seed
   import orbax.checkpoint as ocp
   meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   config = ml_collections.ConfigDict(__import__("json").loads(meta["config"]))
-  policy = build_policy(config, workdir)
+  config.train.kl_coef = 0.0  # only images are wanted: no KL to the pre-trained model
+  if policy is None:
+    policy = build_policy(config, workdir)
   label_tuples = None
   if labels:
     if "controls" not in policy.metadata:

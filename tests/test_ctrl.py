@@ -74,6 +74,29 @@ def test_augmented_model_equals_pretrained_at_init(digits_cache, tmp_path):
   assert float(metrics["kl_to_pretrained"]) == 0.0
 
 
+def test_control_min_timestep_gates_the_control(digits_cache, tmp_path):
+  """`ctrl.control_min_timestep`: with non-zero tables the model equals the pre-trained one
+  exactly at t < t_min and differs from it at t >= t_min."""
+  config = load_config("ctrl_digits_class", "runlocal", **{"ctrl.control_min_timestep": 500})
+  policy = build_policy(config, str(tmp_path))
+  base = build_base_policy(config)
+  frozen = {k: v for k, v in policy.params.items() if k != "unet"}
+  trainable = jax.tree.map(lambda x: x + 1.0, policy.params["unet"])  # non-zero tables
+  unet = policy.assemble_unet(trainable, frozen)
+  n = 4
+  x = jax.random.normal(jax.random.PRNGKey(0), (n,) + tuple(base.latent_shape))
+  ctx = base.encode_prompts(base.params, jnp.asarray(base.tokenize([""] * n)))
+  labels = jnp.arange(n)[:, None]
+  for t, gated in ((499, True), (500, False)):
+    tt = jnp.full((n,), t, jnp.int32)
+    a = np.asarray(policy.eps_fn(unet, x, tt, ctx, labels))
+    b = np.asarray(base.eps_fn(base.params["unet"], x, tt, ctx, None))
+    if gated:
+      np.testing.assert_array_equal(a, b)
+    else:
+      assert np.abs(a - b).max() > 1e-3
+
+
 def _run(args, timeout=600):
   result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=os.environ.copy())

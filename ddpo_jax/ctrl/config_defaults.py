@@ -36,6 +36,7 @@ def ctrl_base() -> ml_collections.ConfigDict:
   c.reward_weight = 1.0
   c.kl_weight = 1.0  # α = kl_weight / reward_weight
   c.kl_reduction = "sum"  # "sum" over latent dims: the exact KL; "mean": the reference code's
+  c.control_min_timestep = 0  # > 0: the control embedding acts only at timesteps t >= this
   c.truncation = "random"  # "random" (reference), "fixed" (last truncation_steps), "none"
   c.truncation_steps = 1
   c.batch_size = 64  # chains per micro-batch (global)

@@ -117,10 +117,11 @@ def evaluate_run(workdir: str, num: int, seed: int = 0, step: int | None = None,
   config = ml_collections.ConfigDict(json.loads(meta["config"]))
   controls = ctrl_policy.controls_from_config(config)
   specs = label_combinations(controls)
-  images, contexts, step_ = sample_from_checkpoint(workdir, num, step=step_, seed=seed,
-                                                   batch_size=batch_size, labels=specs)
-  labels = np.asarray([ctrl_policy.parse_context(c)[1] for c in contexts], np.int32)
   policy = build_policy(config, workdir)
+  images, contexts, step_ = sample_from_checkpoint(workdir, num, step=step_, seed=seed,
+                                                   batch_size=batch_size, labels=specs,
+                                                   policy=policy)
+  labels = np.asarray([ctrl_policy.parse_context(c)[1] for c in contexts], np.int32)
   result = {"step": int(step_), "num_samples": int(num), "method": config.ctrl.method,
             "solver": config.ctrl.solver if config.ctrl.method == "ctrl" else "",
             "num_labelled": {c.name: len(policy.metadata["datasets"][c.name]) for c in controls}}

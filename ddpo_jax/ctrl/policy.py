@@ -7,7 +7,10 @@ zero. The denoiser becomes
 
     eps_θ(x_t, t, c, y) = UNet(x_t, t, c; time embedding + Σ_i E_i[y_i]),
 
-so at initialisation it equals the pre-trained model exactly. `config.ctrl.method` picks:
+so at initialisation it equals the pre-trained model exactly. With `ctrl.control_min_timestep`
+= t_min > 0 the tables are read only at t ≥ t_min (below it the control embedding is zero):
+an option for chains whose last, low-noise steps are so narrow that any change of eps there
+dominates the KL (see the digits results in README.md). `config.ctrl.method` picks:
 - "ctrl": trainable params {"control": {name: E_i}} (+ "base": the base model's trainable tree,
   i.e. its LoRA factors or the full UNet, when `ctrl.train_base`);
 - "cfg" (baseline): the same augmented model trained by denoising on the labelled data with
@@ -258,8 +261,12 @@ def make_policy(config, workdir: str, log=print) -> Policy:
     base_tr = tr["base"] if "base" in tr else fr["ctrl_base"]
     return {"control": tr["control"], "base": base.assemble_unet(base_tr, fr)}
 
+  min_t = int(config.ctrl.get("control_min_timestep", 0))
+
   def conditional_eps(p, x, t, context, labels):
     emb = control_embedding(p["control"], labels, controls)
+    if min_t > 0:  # the control acts only at the noisier steps t >= min_t
+      emb = emb * (t >= min_t).astype(emb.dtype)[:, None]
     return base.eps_fn(p["base"], x, t, context, None, emb)
 
   metadata["conditional_eps"] = conditional_eps  # (p, x, t, context, labels) -> eps; no guidance

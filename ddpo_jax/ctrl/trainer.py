@@ -59,6 +59,9 @@ def validate_config(config, mesh) -> None:
     raise ValueError(f"ctrl.truncation={c.truncation!r}; choose one of {TRUNCATIONS}")
   if c.kl_reduction not in ("sum", "mean"):
     raise ValueError(f"ctrl.kl_reduction={c.kl_reduction!r}; use 'sum' or 'mean'")
+  if int(c.get("control_min_timestep", 0)) < 0:
+    raise ValueError(f"ctrl.control_min_timestep={c.control_min_timestep} must be >= 0 "
+                     "(0: the control acts at every step)")
   if c.method == "ctrl" and c.solver == "ddpo":
     train.validate_config(config, mesh)
     return
