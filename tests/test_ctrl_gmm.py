@@ -202,10 +202,11 @@ def test_ppo_route_gradient_is_the_exact_kl_regularised_gradient():
   dims = int(np.prod(policy.latent_shape))
 
   def ppo_gradient(key, kl_in_return):
-    traj, images, _ = sample_fn(theta, frozen, key, ids, {"control_label": labels(key)})
+    metadata = {"control_label": labels(key)}
+    traj, images, _ = sample_fn(theta, frozen, key, ids, metadata)
     if not kl_in_return:
       traj = traj.replace(kl=jnp.zeros_like(traj.kl))
-    r = np.asarray(reward_fn(images, ids, {"control_label": labels(key)})[0])
+    r = np.asarray(reward_fn(images, ids, metadata)[0])
     adv, scales = (jnp.asarray(a, jnp.float32) for a in rl.normalize_advantages(r, return_scale=True))
     state = train.TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.copy, theta),
                              opt_state=sgd.init(theta), rng=key)
