@@ -1,12 +1,12 @@
 r"""CTRL on the digits: add y = digit class to the unconditional digits model (prompt "").
 
 The pre-trained digits model of the DDPO default (pre-trained first if it is not cached) is
-used through its unconditional branch (prompt ""); CTRL learns a class-embedding table (the
-UNet stays pre-trained) by backpropagating log p̂(y | x_0) − 0.1 Σ_t KL_t through the whole
-10-step DDIM chain, the KL mean-reduced over the 64 pixels (the reference code's reduction and
-KL-to-reward ratio; α = 0.1 / 64 in the theory's terms, target p(x) p̂(y | x)^(1/α) / Z). The
-exact summed KL at α = 1 (target p(x | y); `--config.ctrl.kl_reduction=sum
---config.ctrl.kl_weight=1`) keeps the table at zero on this chain (see `digits_ctrl_defaults`).
+used through its unconditional branch (prompt ""); CTRL learns a class-embedding table and
+fine-tunes the UNet by backpropagating log p̂(y | x_0) − Σ_t KL_t through the whole 10-step DDIM
+chain, the KL mean-reduced over the 64 pixels (the reference code's reduction; α = 1 / 64 in
+the theory's terms, target p(x) p̂(y | x)^(1/α) / Z). The exact summed KL at α = 1 (target
+p(x | y); `--config.ctrl.kl_reduction=sum`) learns the class far less on this chain (see
+`digits_ctrl_defaults` and the README's digits results).
 p̂ is a SmallCNN trained on the labelled subset of the digits training split and
 temperature-calibrated; the judge is an SVC trained on the held-out split.
 

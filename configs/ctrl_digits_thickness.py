@@ -5,8 +5,8 @@ scale), cut at the 33rd / 67th percentiles of that value over the whole scikit-l
 (`ddpo_jax.ctrl.data.thickness_level`), a rule anyone can recompute from pixels: it is the
 judge. Prompts c are the digit prompts ("a handwritten 3"), so sampling targets
 p(x | c) p̂(y | x)^(1/α) / Z. Otherwise as configs/ctrl_digits_class.py (direct backprop, the
-table only, KL mean-reduced over pixels and weighted 0.1: α = 0.1 / 64;
-`--config.ctrl.kl_reduction=sum --config.ctrl.kl_weight=1`: α = 1, the target p(x | c, y)).
+table and the UNet trained, KL mean-reduced over pixels with weight 1: α = 1 / 64;
+`--config.ctrl.kl_reduction=sum`: α = 1, the target p(x | c, y)).
 
   python -m ddpo_jax.main --config=configs/ctrl_digits_thickness.py --workdir=/tmp/ctrl_thick
   python -m ddpo_jax.sample --workdir=/tmp/ctrl_thick --labels=0,1,2 --num=30 \

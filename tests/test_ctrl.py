@@ -77,11 +77,12 @@ def test_augmented_model_equals_pretrained_at_init(digits_cache, tmp_path):
 def test_control_min_timestep_gates_the_control(digits_cache, tmp_path):
   """`ctrl.control_min_timestep`: with non-zero tables the model equals the pre-trained one
   exactly at t < t_min and differs from it at t >= t_min."""
-  config = load_config("ctrl_digits_class", "runlocal", **{"ctrl.control_min_timestep": 500})
+  config = load_config("ctrl_digits_class", "runlocal", **{"ctrl.control_min_timestep": 500,
+                                                           "ctrl.train_base": False})
   policy = build_policy(config, str(tmp_path))
   base = build_base_policy(config)
   frozen = {k: v for k, v in policy.params.items() if k != "unet"}
-  trainable = jax.tree.map(lambda x: x + 1.0, policy.params["unet"])  # non-zero tables
+  trainable = jax.tree.map(lambda x: x + 1.0, policy.params["unet"])  # non-zero tables only
   unet = policy.assemble_unet(trainable, frozen)
   n = 4
   x = jax.random.normal(jax.random.PRNGKey(0), (n,) + tuple(base.latent_shape))
