@@ -145,17 +145,31 @@ def nll(logits: np.ndarray, labels: np.ndarray) -> float:
   return float(-(z[np.arange(len(labels)), labels] - np.log(np.exp(z).sum(-1))).mean())
 
 
-def calibrate_temperature(classifier: Classifier, images: np.ndarray, labels: np.ndarray) -> Classifier:
-  """Temperature scaling: picks T minimising validation NLL (grid search over log T in
-  [0.05, 20], plus T = 1, so the validation NLL never rises)."""
-  logits = predict_logits(classifier, images, temperature=False)
-  labels = np.asarray(labels)
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+  """The temperature T > 0 minimising the NLL of `labels` (N,) under `logits` (N, K) / T:
+  a grid search over log T in [0.05, 20], plus T = 1, so the NLL never rises.
+
+  If every example's label is the argmax of its logits, the NLL falls monotonically as T -> 0
+  (d log p_y / d(1/T) = z_y - E_p[z] >= 0 when z_y is the largest logit): there is no
+  minimiser, and the search would return its lower edge, an arbitrarily sharp classifier
+  (seen on a 20-image validation split, T = 0.05, whose log-probs then dominated a CTRL
+  reward). Such a validation set says nothing about the right sharpness, so T = 1 is kept.
+  """
+  logits, labels = np.asarray(logits, np.float64), np.asarray(labels)
+  if len(labels) == 0 or np.all(logits.argmax(-1) == labels):
+    return 1.0
   best_t, best_nll = 1.0, nll(logits, labels)
   for t in np.exp(np.linspace(np.log(0.05), np.log(20.0), 400)):
     value = nll(logits / t, labels)
     if value < best_nll:
       best_t, best_nll = float(t), value
-  return dataclasses.replace(classifier, temperature=best_t)
+  return best_t
+
+
+def calibrate_temperature(classifier: Classifier, images: np.ndarray, labels: np.ndarray) -> Classifier:
+  """Temperature scaling on a validation set (`fit_temperature` of the raw logits)."""
+  logits = predict_logits(classifier, images, temperature=False)
+  return dataclasses.replace(classifier, temperature=fit_temperature(logits, labels))
 
 
 def accuracy(classifier: Classifier, images: np.ndarray, labels: np.ndarray) -> float:

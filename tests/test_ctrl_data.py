@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ddpo_jax import classifier as clf_lib
 from ddpo_jax import diffusion, digits
 from ddpo_jax.ctrl import classifiers, data
 
@@ -304,6 +305,30 @@ def test_offline_classifier_accuracy_and_calibration(digits_300):
                          "nll_val_after", "temperature", "num_train", "num_val", "num_classes"}
   lp = jax.jit(clf.log_probs)(held.images[:4])
   assert lp.shape == (4, 10) and np.allclose(np.exp(lp).sum(-1), 1, atol=1e-5)
+
+
+def test_fit_temperature_against_scipy_and_on_a_separable_set():
+  """Temperature scaling minimises the validation NLL (checked against scipy's bounded scalar
+  minimiser on log T, to the grid's spacing); on a validation set with every label the argmax
+  the NLL has no minimiser (it falls as T -> 0) and T stays 1."""
+  from scipy.optimize import minimize_scalar
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 10, 200)
+  for scale, wrong in ((8.0, 0.3), (0.5, 0.1)):  # over-confident with errors; under-confident
+    logits = rng.normal(size=(200, 10))
+    flip = rng.random(200) < wrong
+    logits[np.arange(200), np.where(flip, (labels + 1) % 10, labels)] += 3.0
+    logits *= scale
+    t = clf_lib.fit_temperature(logits, labels)
+    ref = np.exp(minimize_scalar(lambda lt: clf_lib.nll(logits / np.exp(lt), labels),
+                                 bounds=(np.log(0.05), np.log(20.0)), method="bounded",
+                                 options={"xatol": 1e-8}).x)
+    assert abs(np.log(t) - np.log(ref)) < np.log(400) / 399, (t, ref)  # one grid step
+    assert (t > 1) if scale > 1 else (t < 1)
+  separable = np.eye(10)[labels] * 5.0 + 0.1 * rng.normal(size=(200, 10))
+  assert np.all(separable.argmax(-1) == labels)
+  assert clf_lib.fit_temperature(separable, labels) == 1.0
+  assert clf_lib.nll(separable / 0.05, labels) < clf_lib.nll(separable, labels)  # no minimiser
 
 
 def test_save_load_round_trip(digits_300, tmp_path, monkeypatch):
