@@ -383,6 +383,9 @@ class Trajectory:
     class_labels: (B,) int32 or None.
     kl: (B, T) float32 or None: KL_t of each step's Gaussian to the reference model's at the
       same x_t (`gaussian_kl_shared_std`), when the sampler was given reference params.
+    reference_means: (B, T, H, W, C) or None (with `kl`): the reference model's step mean at
+      each x_t, in the sampler's compute dtype; the KL-penalised update reuses it rather than
+      running the reference model again.
   """
   latents: Array
   next_latents: Array
@@ -392,6 +395,7 @@ class Trajectory:
   context: Array
   class_labels: Optional[Array] = None
   kl: Optional[Array] = None
+  reference_means: Optional[Array] = None
 
   @property
   def num_steps(self) -> int:
@@ -440,8 +444,9 @@ def sample_trajectory(eps_fn: EpsFn, params: Any, key: Array, context: Array,
     reference_params: optional params of a reference denoiser (e.g. the pre-trained one); if
       given, each step also runs it at the same x_t (same guidance) and the trajectory carries
       KL_t = KL(step under params || step under reference_params), reduced over the latent
-      dims by `kl_reduction` ("sum": the exact KL; "mean"). Costs one more denoiser call per
-      step.
+      dims by `kl_reduction` ("sum": the exact KL; "mean"), and the reference step means
+      (`Trajectory.reference_means`, as much memory as `latents`). Costs one more denoiser
+      call per step.
 
   Returns:
     A `Trajectory` with T steps.
@@ -469,13 +474,13 @@ def sample_trajectory(eps_fn: EpsFn, params: Any, key: Array, context: Array,
     x_prev = mean + std * z
     lp = gaussian_log_prob(x_prev, mean, std)
     if reference_params is None:
-      return (x_prev, k), (x, x_prev, lp, None)
+      return (x_prev, k), (x, x_prev, lp, None, None)
     ref_mean, _ = _step(eps_fn, reference_params, x, t, prev_t, context, uncond_context,
                         class_labels, alphas_cumprod, eta, guidance_scale, final_alpha_cumprod)
     kl = gaussian_kl_shared_std(mean, ref_mean, std, reduction=kl_reduction)
-    return (x_prev, k), (x, x_prev, lp, kl)
+    return (x_prev, k), (x, x_prev, lp, kl, ref_mean)
 
-  _, (xs, xs_prev, lps, kls) = jax.lax.scan(body, (x_init, key_steps), (ts, pts))
+  _, (xs, xs_prev, lps, kls, ref_means) = jax.lax.scan(body, (x_init, key_steps), (ts, pts))
   n_steps = ts.shape[0]
   return Trajectory(
       latents=jnp.swapaxes(xs, 0, 1),
@@ -486,6 +491,7 @@ def sample_trajectory(eps_fn: EpsFn, params: Any, key: Array, context: Array,
       context=context,
       class_labels=class_labels,
       kl=None if kls is None else jnp.swapaxes(kls, 0, 1),
+      reference_means=None if ref_means is None else jnp.swapaxes(ref_means, 0, 1),
   )
 
 

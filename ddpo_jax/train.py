@@ -74,6 +74,11 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
   if t.kl_coef < 0 or (t.kl_coef > 0 and t.algorithm not in ("ppo", "sf")):
     raise ValueError(f"train.kl_coef={t.kl_coef}: the KL penalty needs kl_coef >= 0 and "
                      f"train.algorithm 'ppo' or 'sf' (got {t.algorithm!r})")
+  if t.kl_coef > 0 and not t.cfg and float(s.guidance_scale) != 1.0:
+    raise ValueError(
+        f"train.kl_coef={t.kl_coef} with train.cfg=False and sample.guidance_scale="
+        f"{s.guidance_scale}: the KL penalty compares the sampled (guided) steps, so the update "
+        "must recompute them with guidance too (train.cfg=True), or sample without it")
   if int(s.num_steps * t.timestep_fraction) < 1:
     raise ValueError("sample.num_steps * train.timestep_fraction must be at least 1")
 
@@ -181,7 +186,9 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   gradient has two parts, both on the advantages' scale: the score-function part, with the
   KL of the later steps in each step's return (`rl.kl_penalised_advantages`, from
   `traj.kl` as sampled), and the direct part, α · scale · ∇KL_t / D at the given x_t (D =
-  latent dims: the log-prob is mean-reduced, so the score-function part carries 1/D too).
+  latent dims: the log-prob is mean-reduced, so the score-function part carries 1/D too),
+  against the reference step mean the sampler stored (`traj.reference_means`), so the update
+  never runs the pre-trained model.
   The update's gradient is then the exact gradient of the objective times scale / (T · D)
   (tests/test_ctrl_gmm.py checks it against backpropagation through the chain).
 
@@ -240,13 +247,8 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
       loss = rl.score_function_loss(log_prob, batch["advantages"], tc.adv_clip_max)
       diff = log_prob - batch["log_probs"]
       metrics.update(approx_kl=0.5 * jnp.mean(diff ** 2), clipfrac=jnp.zeros(()))
-    if use_kl:
-      _, ref_mean, _ = diffusion.step_log_prob(
-          policy.eps_fn, policy.assemble_unet(frozen["reference_unet"], frozen),
-          batch["latents"], batch["timesteps"],
-          batch["prev_timesteps"], batch["next_latents"], batch["context"], uncond,
-          guidance_scale=guidance, class_labels=batch["class_labels"], **step_kw)
-      kl = diffusion.gaussian_kl_shared_std(mean, jax.lax.stop_gradient(ref_mean), std,
+    if use_kl:  # the reference's step mean at this x_t, as the sampler computed it
+      kl = diffusion.gaussian_kl_shared_std(mean, batch["reference_means"], std,
                                             reduction=tc.kl_reduction)
       metrics["kl_to_pretrained"] = jnp.mean(kl)
       loss = loss + jnp.mean(batch["kl_weights"] * kl)
@@ -281,6 +283,7 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
               "x0": traj.next_latents[:, -1]}
     extra_metrics = {}
     if use_kl:  # per-step advantages of r − α Σ KL, and the direct term's weight
+      per_sample["reference_means"] = traj.reference_means
       per_sample["advantages"] = rl.kl_penalised_advantages(advantages, adv_scales, traj.kl,
                                                             tc.kl_coef)
       # `gaussian_log_prob` is mean-reduced over the D latent dims (DDPO's convention), so the

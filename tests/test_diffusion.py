@@ -323,6 +323,36 @@ def test_sample_trajectory_log_probs_and_cfg(guidance_scale):
     assert rel_err(m, mean) < 1e-5 and s.shape == (B, 1, 1, 1)
 
 
+def test_sample_trajectory_reference_means_and_kl():
+  """With reference params (CFG on), each step also carries the reference model's step mean at
+  the sampled x_t and the KL to it; both against NumPy float64 (the update reuses the means)."""
+  sched = diffusion.NoiseSchedule.sd()
+  ac, ac64 = sched.alphas_cumprod, np.asarray(sched.alphas_cumprod, np.float64)
+  ts, prev = sched.ddim_timesteps(4)
+  context, uncond, labels = _traj_setup()
+  eps_fn, g, w_ref = _make_eps_fn([]), 3.0, 0.4
+  traj = jax.jit(functools.partial(
+      diffusion.sample_trajectory, eps_fn, alphas_cumprod=ac, timesteps=ts, prev_timesteps=prev,
+      latent_shape=(H, W, C), eta=1.0, guidance_scale=g, kl_reduction="sum"))(
+          jnp.float32(0.1), jax.random.PRNGKey(0), context, uncond, class_labels=labels,
+          reference_params=jnp.float32(w_ref))
+  assert traj.reference_means.shape == traj.latents.shape and traj.kl.shape == (B, len(ts))
+  lab, ctx, unc = np.asarray(labels), np.asarray(context), np.broadcast_to(uncond, context.shape)
+
+  def np_mean_std(w, x, tt, i):
+    e_u, e_c = np_eps(w, x, tt, unc, lab), np_eps(w, x, tt, ctx, lab)
+    return np_step(ac64, e_u + g * (e_c - e_u), tt.reshape(-1), np.full((B,), prev[i]), x, 1.0)
+
+  for i in range(len(ts)):
+    x, tt = np.asarray(traj.latents[:, i], np.float64), np.full((B, 1, 1, 1), ts[i])
+    mean, std = np_mean_std(0.1, x, tt, i)
+    ref_mean, _ = np_mean_std(w_ref, x, tt, i)
+    assert rel_err(traj.reference_means[:, i], ref_mean) < 1e-5
+    kl = ((mean - ref_mean) ** 2 / (2 * std.reshape(B, 1, 1, 1) ** 2)).reshape(B, -1).sum(1)
+    np.testing.assert_allclose(traj.kl[:, i], kl, rtol=1e-4)
+    assert kl.min() > 0
+
+
 def test_sample_trajectory_initial_latents_and_no_labels():
   sched = diffusion.NoiseSchedule.sd()
   ts, prev = sched.ddim_timesteps(3)

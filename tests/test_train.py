@@ -75,12 +75,14 @@ def test_train_and_evaluate_one_run(digits_cache, tmp_path):
 
 def test_update_at_unchanged_params_has_ratio_one(digits_cache):
   """Log-probs from the sampler equal those the update recomputes (same params, CFG in both),
-  and the KL-to-pre-trained penalty is exactly zero at the pre-trained params."""
+  and the KL-to-pre-trained penalty is zero at the pre-trained params, to float rounding: the
+  update's policy means are recomputed by another program than the sampler's, which stored
+  the reference means (measured 1.7e-10 nats, mean-reduced)."""
   config = _config(**{"sample.batch_size": 8, "train.kl_coef": 0.1})
   _, _, _, metrics = one_update(config, lr=0.0)
   assert metrics["approx_kl"] < 1e-10
   assert metrics["clipfrac"] == 0.0
-  assert metrics["kl_to_pretrained"] == 0.0
+  assert metrics["kl_to_pretrained"] < 1e-8
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "sf", "rwr", "rwr_sparse"])
@@ -171,6 +173,8 @@ class _FakeMesh:
     ({"train.algorithm": "trpo"}, "train.algorithm"),
     ({"sample.batch_size": 8, "train.batch_size": 4, "train.gradient_accumulation_steps": 3},
      "multiple of"),
+    ({"train.kl_coef": 0.1, "train.algorithm": "rwr"}, "KL penalty needs"),
+    ({"train.kl_coef": 0.1, "train.cfg": False}, r"train.cfg=True\), or sample without it"),
 ])
 def test_bad_config_values(overrides, message):
   with pytest.raises(ValueError, match=message):
