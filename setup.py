@@ -27,6 +27,7 @@ setup(
         # PyTorch is a test-only dependency: parity oracles for the model stack.
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",  # the suite runs on two workers (README, .ci/run)
             "torch==2.13.0",
             "diffusers>=0.40",
             "nbformat>=5.9",
