@@ -119,7 +119,8 @@ def make_sample_fn(policy: Policy, config, device_rewards: list[tuple[float, Rew
   `images` are (B,h,w,c) float32 in [0, 1]; `rewards` maps each device reward's name to
   (rewards (B,), info). Prompt ids / metadata come sharded over the data axis. With
   `train.kl_coef` > 0 the trajectory also carries each step's KL to the pre-trained model
-  (`frozen["reference_unet"]`), for the KL-penalised return (one more UNet call per step).
+  (`frozen["reference_unet"]`) and that model's step means, for the KL-penalised update (one
+  more UNet call per step).
   """
   sched, timesteps, prev = _schedule(policy, config.sample.num_steps)
   uncond_ids = jnp.asarray(policy.tokenize([""]))
@@ -175,8 +176,8 @@ def _model_shardings(policy: Policy, config, optimizer, mesh):
 def make_update_fn(policy: Policy, config, optimizer, mesh):
   """Compiles `update(state, frozen, traj, advantages, adv_scales, rewards, key) -> (state, metrics)`.
 
-  `frozen` holds the non-trained params (and `reference_unet`, the pre-trained denoiser, when
-  `train.kl_coef > 0`; see `frozen_params`). `advantages` (N,) are the normalised terminal
+  `frozen` holds the non-trained params (`frozen_params`; its `reference_unet` is the
+  sampler's, unused here). `advantages` (N,) are the normalised terminal
   advantages, `adv_scales` (N,) the factor each sample's reward was scaled by to get them
   (`rl.normalize_advantages` / `PerPromptStatTracker.update` with `return_scale`), `rewards`
   (N,) the raw rewards (RWR weights).
