@@ -27,6 +27,22 @@ def resize_images(images: jax.Array, size: int | None) -> jax.Array:
                           antialias=True)
 
 
+def random_shift(key: jax.Array, images: jax.Array, max_shift: int, fill=0.0) -> jax.Array:
+  """Translates each image (B, H, W, C) by its own random offset of up to `max_shift` pixels
+  along each axis (uniform in [-max_shift, max_shift]); the uncovered border takes the value
+  `fill` (a scalar or (C,) per channel; 0 = black for images in [0, 1]): the "pad and random
+  crop" augmentation (torchvision's RandomCrop with padding and fill). Identity for 0."""
+  if max_shift <= 0:
+    return images
+  b, h, w, c = images.shape
+  pad = ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0))
+  frame = jnp.pad(jnp.ones((1, h, w, 1), images.dtype), pad)  # 1 inside, 0 on the border
+  padded = jnp.pad(images, pad) + (1 - frame) * jnp.asarray(fill, images.dtype)
+  offsets = jax.random.randint(key, (b, 2), 0, 2 * max_shift + 1)
+  return jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c)))(
+      padded, offsets)
+
+
 class SmallCNN(nn.Module):
   """Conv(32) -> Conv(64, stride 2) -> Dense(128) -> Dense(num_classes).
 
@@ -67,7 +83,8 @@ class Classifier:
 def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *,
                      seed: int = 0, steps: int = 600, batch_size: int = 128,
                      learning_rate: float = 2e-3, weight_decay: float = 1e-4,
-                     augment_noise: float = 0.0, input_size: int | None = None) -> Classifier:
+                     augment_noise: float = 0.0, augment_shift: int = 0,
+                     input_size: int | None = None) -> Classifier:
   """Trains a `SmallCNN` by cross-entropy (AdamW, cosine decay); returns a `Classifier`.
 
   Args:
@@ -75,6 +92,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *
     labels: (N,) int in [0, num_classes).
     augment_noise: std of Gaussian pixel noise added during training (robustness to the
       slightly noisy images a diffusion model produces).
+    augment_shift: random translation of each training image by up to this many pixels of
+      the (resized) input per axis (`random_shift`); 0: none.
     input_size: the `SmallCNN.input_size` (None: the images' own size). The training images
       are resized once up front, so training runs at input_size whatever the data's size.
   """
@@ -100,8 +119,9 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *
   @jax.jit
   def step(params, opt_state, key, images, labels):
     k_idx, k_noise = jax.random.split(key)
+    k_shift = jax.random.fold_in(key, 1)
     idx = jax.random.randint(k_idx, (batch_size,), 0, len(images))
-    x, y = images[idx], labels[idx]
+    x, y = random_shift(k_shift, images[idx], augment_shift), labels[idx]
     x = x + augment_noise * jax.random.normal(k_noise, x.shape)
 
     def loss_fn(p):

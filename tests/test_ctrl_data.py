@@ -307,6 +307,26 @@ def test_offline_classifier_accuracy_and_calibration(digits_300):
   assert lp.shape == (4, 10) and np.allclose(np.exp(lp).sum(-1), 1, atol=1e-5)
 
 
+def test_random_shift_is_an_edge_padded_translation():
+  """Each output image is its input translated by an integer (dy, dx) in [-s, s]², the
+  uncovered border filled with the per-channel fill value (np.pad as the reference); over many
+  images every offset occurs; s = 0 is the identity."""
+  s, n, fill = 2, 400, np.array([-1.0, 0.5], np.float32)
+  images = np.random.default_rng(0).random((n, 6, 5, 2)).astype(np.float32)
+  out = np.asarray(clf_lib.random_shift(jax.random.PRNGKey(0), jnp.asarray(images), s, fill))
+  padded = np.stack([np.pad(images[..., ch], ((0, 0), (s, s), (s, s)), constant_values=fill[ch])
+                     for ch in range(2)], -1)
+  seen = set()
+  for i in range(n):
+    matches = [(dy, dx) for dy in range(2 * s + 1) for dx in range(2 * s + 1)
+               if np.array_equal(out[i], padded[i, dy:dy + 6, dx:dx + 5])]
+    assert len(matches) == 1, i
+    seen.add(matches[0])
+  assert len(seen) == (2 * s + 1) ** 2
+  same = clf_lib.random_shift(jax.random.PRNGKey(0), jnp.asarray(images), 0)
+  np.testing.assert_array_equal(np.asarray(same), images)
+
+
 def test_fit_temperature_against_scipy_and_on_a_separable_set():
   """Temperature scaling minimises the validation NLL (checked against scipy's bounded scalar
   minimiser on log T, to the grid's spacing); on a validation set with every label the argmax

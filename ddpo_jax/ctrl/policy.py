@@ -168,6 +168,7 @@ def load_controls(config, workdir: str, log=print):
     kw = dict(seed=int(cond.classifier.seed), steps=int(cond.classifier.steps),
               val_fraction=float(cond.classifier.val_fraction),
               augment_noise=float(cond.classifier.augment_noise),
+              augment_shift=int(cond.classifier.augment_shift),
               input_size=int(cond.classifier.input_size) or None)
     clf, report = classifiers.load_or_train_classifier(classifier_dir(workdir, c.name), ds, **kw)
     if clf.module.num_classes != c.num_classes:
