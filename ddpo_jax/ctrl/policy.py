@@ -147,6 +147,15 @@ def classifier_dir(workdir: str, name: str) -> str:
   return os.path.join(os.path.abspath(workdir), "classifiers", name)
 
 
+def classifier_kwargs(classifier_cfg) -> dict:
+  """`classifiers.train_offline_classifier` keyword arguments from a condition's `classifier`
+  config section (`config_defaults.condition`)."""
+  c = classifier_cfg
+  return dict(seed=int(c.seed), steps=int(c.steps), val_fraction=float(c.val_fraction),
+              augment_noise=float(c.augment_noise), augment_shift=int(c.augment_shift),
+              input_size=int(c.input_size) or None)
+
+
 def load_controls(config, workdir: str, log=print):
   """Loads each control's labelled data and trains (or loads) its calibrated classifier.
 
@@ -165,12 +174,8 @@ def load_controls(config, workdir: str, log=print):
     if ds.num_classes != c.num_classes:
       raise ValueError(f"control {c.name!r}: config says num_classes={c.num_classes} but its "
                        f"dataset {ds.name!r} has {ds.num_classes} classes")
-    kw = dict(seed=int(cond.classifier.seed), steps=int(cond.classifier.steps),
-              val_fraction=float(cond.classifier.val_fraction),
-              augment_noise=float(cond.classifier.augment_noise),
-              augment_shift=int(cond.classifier.augment_shift),
-              input_size=int(cond.classifier.input_size) or None)
-    clf, report = classifiers.load_or_train_classifier(classifier_dir(workdir, c.name), ds, **kw)
+    clf, report = classifiers.load_or_train_classifier(classifier_dir(workdir, c.name), ds,
+                                                       **classifier_kwargs(cond.classifier))
     if clf.module.num_classes != c.num_classes:
       raise ValueError(f"control {c.name!r}: the classifier in {classifier_dir(workdir, c.name)} "
                        f"has {clf.module.num_classes} classes but the embedding table has "
