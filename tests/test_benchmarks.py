@@ -1,6 +1,8 @@
-"""benchmarks/vs_trl.py: the CLI parses and its settings checks hold (no TRL, no compilation).
+"""benchmarks/: vs_trl.py's CLI parses and its settings checks hold (no TRL, no compilation);
+ctrl_classifiers.py runs on one small case.
 
-The benchmark itself needs the `bench` extra (TRL) and minutes of CPU; CI installs only `.[test]`.
+The TRL benchmark itself needs the `bench` extra (TRL) and minutes of CPU; CI installs only
+`.[test]`.
 """
 import os
 import subprocess
@@ -42,3 +44,16 @@ def test_settings_match_trl_rules():
   args.sample_batch_size, args.train_batch_size = 8, 3  # TRL: sample batch % train batch == 0
   with pytest.raises(SystemExit, match="train_batch_size"):
     vs_trl.resolve_settings(args)
+
+
+def test_ctrl_classifier_table_runs():
+  """benchmarks/ctrl_classifiers.py trains the thickness config's 100-label classifier as the
+  config does and scores it on the held-out split: one table row, above chance (1/3)."""
+  script = os.path.join(REPO, "benchmarks", "ctrl_classifiers.py")
+  result = subprocess.run([sys.executable, script, "--tasks=thickness", "--budgets=100",
+                           "--shifts=1"], capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = [r for r in result.stdout.splitlines() if r.startswith("| thickness |")]
+  assert len(rows) == 1 and "| 100 (80/20) | 1 |" in rows[0], result.stdout
+  accuracy = float(rows[0].split("|")[5])
+  assert 0.6 < accuracy <= 1.0, rows[0]
