@@ -188,8 +188,7 @@ def noisy_accuracy(model: NoisyClassifierModel, x0: np.ndarray, labels: np.ndarr
 def train_noisy_classifier(x0: np.ndarray, labels: np.ndarray, num_classes: int,
                            alphas_cumprod: np.ndarray, *, seed: int = 0, steps: int = 2000,
                            batch_size: int = 128, learning_rate: float = 2e-3,
-                           weight_decay: float = 1e-4, augment_shift: int = 0,
-                           shift_fill=0.0, input_size: int | None = None, features: Sequence[int] = (32, 64), hidden: int = 128,
+                           weight_decay: float = 1e-4, input_size: int | None = None, features: Sequence[int] = (32, 64), hidden: int = 128,
                            time_dim: int = 64) -> NoisyClassifierModel:
   """Trains a `NoisyClassifier` by cross-entropy on noised data.
 
@@ -202,9 +201,6 @@ def train_noisy_classifier(x0: np.ndarray, labels: np.ndarray, num_classes: int,
     labels: (N,) int in [0, num_classes).
     alphas_cumprod: (T,) the noise schedule's cumulative alphas.
     seed / steps / batch_size / learning_rate / weight_decay: AdamW with cosine decay.
-    augment_shift: translate each clean x0 by up to this many pixels (of x0) per axis before
-      noising it (`ddpo_jax.classifier.random_shift`; 0: none), the border filled with
-      `shift_fill`: a scalar or (C,), e.g. the diffusion-space value of a black image.
   """
   x0 = np.asarray(x0, np.float32)
   labels = np.asarray(labels, np.int32)
@@ -216,7 +212,6 @@ def train_noisy_classifier(x0: np.ndarray, labels: np.ndarray, num_classes: int,
   if not np.isfinite(x0).all():
     raise ValueError("x0 has non-finite values")
   a = jnp.asarray(alphas_cumprod, jnp.float32)
-  fill = jnp.asarray(shift_fill, jnp.float32)
   module = NoisyClassifier(num_classes=num_classes, features=tuple(features), hidden=hidden,
                            time_dim=time_dim, input_size=input_size)
   key = jax.random.PRNGKey(seed)
@@ -228,8 +223,7 @@ def train_noisy_classifier(x0: np.ndarray, labels: np.ndarray, num_classes: int,
   def step(params, opt_state, key, x_all, y_all):
     k_idx, k_t, k_eps = jax.random.split(key, 3)
     idx = jax.random.randint(k_idx, (batch_size,), 0, x_all.shape[0])
-    x = clf_lib.random_shift(jax.random.fold_in(key, 1), x_all[idx], augment_shift, fill)
-    y = y_all[idx]
+    x, y = x_all[idx], y_all[idx]
     t = jax.random.randint(k_t, (batch_size,), 0, a.shape[0])
     ab = a[t][:, None, None, None]
     x_t = jnp.sqrt(ab) * x + jnp.sqrt(1.0 - ab) * jax.random.normal(k_eps, x.shape)

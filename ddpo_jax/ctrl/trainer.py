@@ -235,15 +235,10 @@ def _train_noisy_classifiers(policy: Policy, config, log) -> dict:
   out = {}
   for c in policy.metadata["controls"]:
     ds = policy.metadata["datasets"][c.name]
-    encode = jax.jit(policy.encode_images)
-    x0 = np.asarray(encode(policy.params, jnp.asarray(ds.images)))
-    # shifted-in borders: the diffusion-space value of black, as the offline classifier's
-    black = encode(policy.params, jnp.zeros((1,) + ds.images.shape[1:], jnp.float32))
+    x0 = np.asarray(jax.jit(policy.encode_images)(policy.params, jnp.asarray(ds.images)))
     model = classifiers.train_noisy_classifier(
         x0, ds.labels, c.num_classes, sched.alphas_cumprod, seed=int(config.seed),
-        steps=int(config.ctrl.noisy_classifier_steps), batch_size=int(config.ctrl.batch_size),
-        augment_shift=int(config.ctrl.conditions[c.name].classifier.augment_shift),
-        shift_fill=jnp.mean(black, axis=(0, 1, 2)))
+        steps=int(config.ctrl.noisy_classifier_steps), batch_size=int(config.ctrl.batch_size))
     out[c.name] = model.params
     log(f"control {c.name!r}: trained the noise-conditional classifier on {len(ds)} examples")
   return {"classifiers": out}
