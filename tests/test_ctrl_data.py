@@ -307,7 +307,7 @@ def test_offline_classifier_accuracy_and_calibration(digits_300):
   assert lp.shape == (4, 10) and np.allclose(np.exp(lp).sum(-1), 1, atol=1e-5)
 
 
-def test_random_shift_is_an_edge_padded_translation():
+def test_random_shift_is_a_padded_translation():
   """Each output image is its input translated by an integer (dy, dx) in [-s, s]², the
   uncovered border filled with the per-channel fill value (np.pad as the reference); over many
   images every offset occurs; s = 0 is the identity."""
