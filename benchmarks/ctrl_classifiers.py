@@ -16,14 +16,13 @@ import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path[:0] = [REPO, os.path.join(REPO, "configs")]
 
 from ddpo_jax.ctrl import classifiers, data  # noqa: E402
 from ddpo_jax.ctrl.policy import classifier_kwargs  # noqa: E402
 
 
 def load_config(task: str, budget: str):
-  sys.path.insert(0, os.path.join(REPO, "configs"))
   module = __import__(f"ctrl_digits_{task}")
   return module.get_config("" if budget == "all" else f"n{budget}")
 

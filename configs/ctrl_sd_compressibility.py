@@ -5,7 +5,7 @@ Offline data: 2048 images sampled from the pre-trained model itself (512×512, 5
 real JPEG size (kB, PIL quality 95) cut at the 25/50/75% quantiles: level 0 = the 25% most
 compressible, level 3 = the 25% largest files (`ddpo_jax.ctrl.sampled_data`; cached once in
 WORKDIR/offline_data/jpeg.npz with the cut points). p̂(y | x): a SmallCNN on 64×64 resized
-images (no noise or shift augmentation: both change JPEG size), temperature-calibrated. The judge of
+images (no noise augmentation: noise changes JPEG size), temperature-calibrated. The judge of
 `eval.json` is the real JPEG size of each new sample bucketed by the same cut points.
 
 Solver: the reference's direct backpropagation through the 50-step chain with random
@@ -38,5 +38,4 @@ def get_config(arg=None):
       batch_size=0, quality=95)
   jpeg.classifier.input_size = 64
   jpeg.classifier.augment_noise = 0.0
-  jpeg.classifier.augment_shift = 0  # the edge pixels it repeats change the JPEG size too
   return apply_sd_variants(config, arg, runlocal_eval_samples=8)  # 2 per level

@@ -42,6 +42,5 @@ def get_config(arg=None):
   for cond in (aesthetic, jpeg):
     cond.classifier.input_size = 64
   jpeg.classifier.augment_noise = 0.0  # pixel noise changes the JPEG size
-  jpeg.classifier.augment_shift = 0  # and so do the edge pixels a shift repeats
   # runlocal: 32 evaluation samples = 2 per label combination
   return apply_sd_variants(config, arg, runlocal_eval_samples=32)

@@ -119,7 +119,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *
   @jax.jit
   def step(params, opt_state, key, images, labels):
     k_idx, k_noise = jax.random.split(key)
-    k_shift = jax.random.fold_in(key, 1)
+    k_shift = jax.random.fold_in(key, 1)  # folded: k_idx / k_noise stay as without a shift
     idx = jax.random.randint(k_idx, (batch_size,), 0, len(images))
     x, y = random_shift(k_shift, images[idx], augment_shift), labels[idx]
     x = x + augment_noise * jax.random.normal(k_noise, x.shape)

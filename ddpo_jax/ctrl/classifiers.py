@@ -188,7 +188,8 @@ def noisy_accuracy(model: NoisyClassifierModel, x0: np.ndarray, labels: np.ndarr
 def train_noisy_classifier(x0: np.ndarray, labels: np.ndarray, num_classes: int,
                            alphas_cumprod: np.ndarray, *, seed: int = 0, steps: int = 2000,
                            batch_size: int = 128, learning_rate: float = 2e-3,
-                           weight_decay: float = 1e-4, input_size: int | None = None, features: Sequence[int] = (32, 64), hidden: int = 128,
+                           weight_decay: float = 1e-4, input_size: int | None = None,
+                           features: Sequence[int] = (32, 64), hidden: int = 128,
                            time_dim: int = 64) -> NoisyClassifierModel:
   """Trains a `NoisyClassifier` by cross-entropy on noised data.
 
