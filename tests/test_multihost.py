@@ -220,12 +220,18 @@ def test_mismatched_process_counts_fail_on_every_process(tmp_path, counts, messa
 
 
 def test_launcher_stops_the_others_when_one_fails(tmp_path):
-  """local_multiprocess.sh: process 1 exits with 3 while process 0 would run for minutes."""
+  """local_multiprocess.sh: process 1 exits with 3 while process 0 would run for minutes.
+
+  Process 1 fails only once process 0 has written its pid: otherwise, on a loaded machine, the
+  launcher may stop process 0 before it has started, and there is no pid to check.
+  """
   fake = tmp_path / "fake_python.sh"
   fake.write_text(f"""#!/usr/bin/env bash
 case "$*" in
-  *--process_id=1*) exit 3 ;;
-  *) echo $$ > {tmp_path}/sleeper.pid; exec sleep 300 ;;
+  *--process_id=1*) for _ in $(seq 300); do [ -s {tmp_path}/sleeper.pid ] && exit 3; sleep 0.1; done
+                    exit 4 ;;
+  *) echo $$ > {tmp_path}/sleeper.pid.tmp; mv {tmp_path}/sleeper.pid.tmp {tmp_path}/sleeper.pid
+     exec sleep 300 ;;
 esac
 """)
   fake.chmod(0o755)
