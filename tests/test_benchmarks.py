@@ -1,9 +1,11 @@
 """benchmarks/: vs_trl.py's CLI parses and its settings checks hold (no TRL, no compilation);
-ctrl_classifiers.py runs on one small case.
+ctrl_classifiers.py runs on one small case; ctrl_digits.py's replicates move every seed and its
+replicate table gives means and sample standard deviations.
 
 The TRL benchmark itself needs the `bench` extra (TRL) and minutes of CPU; CI installs only
 `.[test]`.
 """
+import importlib
 import os
 import subprocess
 import sys
@@ -15,13 +17,12 @@ from conftest import REPO
 SCRIPT = os.path.join(REPO, "benchmarks", "vs_trl.py")
 
 
-def _module():
+def _module(name="vs_trl"):
   sys.path.insert(0, os.path.join(REPO, "benchmarks"))
   try:
-    import vs_trl
+    return importlib.import_module(name)
   finally:
     sys.path.pop(0)
-  return vs_trl
 
 
 def test_help_runs_without_trl():
@@ -57,3 +58,35 @@ def test_ctrl_classifier_table_runs():
   assert len(rows) == 1 and "| 100 (80/20) | 1 |" in rows[0], result.stdout
   accuracy = float(rows[0].split("|")[5])
   assert 0.6 < accuracy <= 1.0, rows[0]
+
+
+@pytest.mark.parametrize("task", ["class", "thickness", "multi"])
+def test_ctrl_digits_replicate_moves_every_seed(task):
+  """Replicate r adds r to config.seed and to each control's data and classifier seed, through
+  flags whose paths exist in the task's config; replicate 0 is the config as it is."""
+  ctrl_digits = _module("ctrl_digits")
+  config = importlib.import_module(f"ctrl_digits_{task}").get_config()
+  assert ctrl_digits.replicate_flags(task, 0) == []
+  moved = {}
+  for flag in ctrl_digits.replicate_flags(task, 3):
+    path, value = flag.removeprefix("--config.").split("=")
+    node = config
+    for part in path.split("."):
+      node = node[part]
+    moved[path] = int(value) - node
+  expected = {"seed"} | {f"ctrl.conditions.{n}.{s}.seed" for n in config.ctrl.controls
+                         for s in ("data", "classifier")}
+  assert set(moved) == expected and set(moved.values()) == {3}, moved
+
+
+def test_ctrl_digits_replicate_table():
+  ctrl_digits = _module("ctrl_digits")
+  rows = [dict(task="multi", budget="100", method="ctrl", digit_accuracy=a, thickness_accuracy=b,
+               joint_accuracy=a * b, digit_classifier_accuracy=1.0, diversity=d)
+          for a, b, d in [(0.8, 0.5, 1.0), (0.9, 0.5, 1.5), (1.0, 0.5, 2.0)]]
+  rows.append(dict(task="class", budget="all", method="cfg", digit_accuracy=0.97, diversity=1.5))
+  lines = ctrl_digits.replicate_table(rows).splitlines()
+  assert len(lines) == 4, lines
+  assert lines[2] == ("| multi | 100 | CTRL (backprop) | 3 | digit 0.900 ± 0.100, "
+                      "thickness 0.500 ± 0.000 | 0.450 ± 0.050 | 1.500 ± 0.500 |"), lines[2]
+  assert lines[3] == ("| class | all | classifier-free guidance | 1 | digit 0.970 |  | 1.500 |"), lines[3]
