@@ -17,6 +17,11 @@ def ddpo_base() -> ml_collections.ConfigDict:
   config.progress = True  # tqdm progress bars
   # Persistent XLA compilation cache shared by runs ("" = off), e.g. "~/.cache/ddpo_jax/xla".
   config.compilation_cache_dir = ""
+  # CPU devices per process (`jax_num_cpu_devices`, set by ddpo_jax.main before JAX starts;
+  # 0 = JAX's own: one, or XLA_FLAGS' --xla_force_host_platform_device_count). N > 0 makes the
+  # CPU backend N devices that split each batch over the mesh's data axis, which uses a
+  # multi-core CPU better than one device does; accelerators are unaffected.
+  config.cpu_devices = 0
 
   # Device mesh (data, fsdp) over all devices of all processes; batches are split over both
   # axes jointly. fsdp > 1 also splits parameters and optimizer state of at least

@@ -32,13 +32,24 @@ _DIST_TIMEOUT = flags.DEFINE_integer(
     "distributed_timeout", 300, "Seconds to wait for the coordinator and for all processes.")
 
 
+def set_cpu_devices(num: int) -> None:
+  """Splits the CPU backend into `num` devices (`config.cpu_devices`; 0: leave JAX's default).
+  Must run before JAX starts a backend: a later call with a different count raises."""
+  if num < 0:
+    raise ValueError(f"config.cpu_devices={num} must be >= 0 (0: JAX's default)")
+  if num:
+    import jax
+    jax.config.update("jax_num_cpu_devices", num)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  set_cpu_devices(int(config.cpu_devices))
   from ddpo_jax import parallel
   parallel.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value, _DIST_TIMEOUT.value)
-  config = _CONFIG.value
   logging.set_verbosity(logging.WARNING)
   if config.mode == "pretrain":
     from ddpo_jax import digits

@@ -241,6 +241,13 @@ def make_mesh(mesh_config=None, devices: Sequence[jax.Device] | None = None) -> 
   return mesh
 
 
+def describe_mesh(mesh: Mesh) -> str:
+  """E.g. "2 devices (cpu, 1 process, mesh {'data': 2, 'fsdp': 1})", for the training logs."""
+  n = jax.process_count()
+  return (f"{mesh.devices.size} devices ({jax.default_backend()}, {n} "
+          f"process{'es' if n > 1 else ''}, mesh {dict(mesh.shape)})")
+
+
 def batch_axes(mesh) -> tuple[str, ...]:
   """The mesh axes the sample axis is split over (both axes; only `data` for a 1-D mesh)."""
   return tuple(a for a in BATCH_AXES if a in mesh.shape)

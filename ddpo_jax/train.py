@@ -503,10 +503,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     start_epoch = int(meta["epoch"])
     log(f"resuming from checkpoint step {latest} (epoch {start_epoch})")
   writer = MetricsWriter(workdir, start_epoch) if main_process else None
-  data_shape = dict(mesh.shape)
-  log(f"training on {mesh.devices.size} devices ({jax.default_backend()}, "
-      f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}, mesh {data_shape})"
-      f"{fsdp_note}")
+  log(f"training on {parallel.describe_mesh(mesh)}{fsdp_note}")
 
   B, nb = config.sample.batch_size, config.sample.num_batches_per_epoch
   rows = parallel.process_rows(mesh, B)  # this process's rows of every sampled batch

@@ -112,11 +112,12 @@ def _run(args, timeout=600):
     ("ctrl_digits_class", "runlocal,ddpo", "5"),
 ])
 def test_train_sample_evaluate_cli(digits_cache, tmp_path, config_name, variant, labels):
-  """`ddpo_jax.main` trains (and evaluates) each method; the sample CLI cycles --labels and
-  stores them in the npz."""
+  """`ddpo_jax.main` trains (and evaluates) each method on the digits configs' two CPU devices
+  (`cpu_devices`); the sample CLI cycles --labels and stores them in the npz."""
   workdir = tmp_path / "run"
-  _run(["-m", "ddpo_jax.main", f"--config={REPO}/configs/{config_name}.py:{variant}",
-        f"--workdir={workdir}"])
+  train_run = _run(["-m", "ddpo_jax.main", f"--config={REPO}/configs/{config_name}.py:{variant}",
+                    f"--workdir={workdir}"])
+  assert "training on 2 devices (cpu, 1 process, mesh {'data': 2, 'fsdp': 1})" in train_run.stdout
   assert checkpoints.manager(str(workdir), read_only=True).latest_step() >= 1
   result = json.load(open(workdir / "eval.json"))
   assert 0.0 <= result["diversity"] and result["num_samples"] == 60
@@ -169,3 +170,12 @@ def test_bad_input_errors_before_training(digits_cache, tmp_path):
                                  str(tmp_path / "c"))
   with pytest.raises(ValueError, match="unknown CTRL config variant"):
     load_config("ctrl_digits_class", "runlocal,bogus")
+
+
+def test_cpu_devices_must_not_be_negative(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "ddpo_jax.main",
+                           f"--config={REPO}/configs/ctrl_digits_class.py:runlocal",
+                           f"--workdir={tmp_path}", "--config.cpu_devices=-1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0 and "config.cpu_devices=-1 must be >= 0" in result.stderr, \
+      result.stderr[-2000:]

@@ -288,6 +288,7 @@ def _train_loop(config, workdir: str, mesh, log) -> dict:
     start_epoch = int(meta["epoch"])
     log(f"resuming from checkpoint step {mngr.latest_step()} (epoch {start_epoch})")
   num_epochs = 1 if c.method == "classifier_guidance" else int(config.num_epochs)
+  log(f"training on {parallel.describe_mesh(mesh)}")
   writer = train.MetricsWriter(workdir, start_epoch)
   last = {}
   if c.method == "classifier_guidance":
