@@ -18,9 +18,9 @@ deviations (and writes ROOT/results.md and ROOT/results.jsonl).
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
-import statistics
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
