@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ddpo_jax.models.conv import conv_general_dilated
+
 
 def resize_images(images: jax.Array, size: int | None) -> jax.Array:
   """(B, H, W, C) -> (B, size, size, C) by antialiased bilinear resizing; identity when `size` is
@@ -59,7 +61,8 @@ class SmallCNN(nn.Module):
   def __call__(self, images: jax.Array) -> jax.Array:
     x = resize_images(images, self.input_size) * 2.0 - 1.0
     for i, f in enumerate(self.features):
-      x = nn.silu(nn.Conv(f, (3, 3), strides=(1, 1) if i == 0 else (2, 2))(x))
+      x = nn.silu(nn.Conv(f, (3, 3), strides=(1, 1) if i == 0 else (2, 2),
+                          conv_general_dilated=conv_general_dilated)(x))
     x = x.reshape(x.shape[0], -1)
     x = nn.silu(nn.Dense(self.hidden)(x))
     return nn.Dense(self.num_classes)(x)

@@ -30,6 +30,7 @@ import optax
 from ddpo_jax import classifier as clf_lib
 from ddpo_jax.classifier import Classifier, SmallCNN, resize_images
 from ddpo_jax.ctrl.data import LabelledDataset
+from ddpo_jax.models.conv import conv_general_dilated
 
 FORMAT_VERSION = 1
 META_FILE = "classifier.json"
@@ -134,7 +135,8 @@ class NoisyClassifier(nn.Module):
     temb = nn.Dense(self.hidden, name="time_2")(nn.silu(temb))
     temb = nn.silu(temb)
     for i, f in enumerate(self.features):
-      x = nn.Conv(f, (3, 3), strides=(1, 1) if i == 0 else (2, 2), name=f"conv_{i}")(x)
+      x = nn.Conv(f, (3, 3), strides=(1, 1) if i == 0 else (2, 2), name=f"conv_{i}",
+                  conv_general_dilated=conv_general_dilated)(x)
       x = nn.silu(x + nn.Dense(f, name=f"time_proj_{i}")(temb)[:, None, None, :])
     x = x.reshape(x.shape[0], -1)
     x = nn.Dense(self.hidden, name="dense")(x)

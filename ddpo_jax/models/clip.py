@@ -45,6 +45,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
+from ddpo_jax.models.conv import conv_general_dilated
 from ddpo_jax.models.weights import WeightLoadingError, flax_to_torch, torch_to_flax
 
 Params = Any
@@ -374,7 +375,8 @@ class CLIPVisionEmbeddings(nn.Module):
     patches = nn.Conv(c.hidden_size, (c.patch_size, c.patch_size),
                       strides=(c.patch_size, c.patch_size), padding="VALID", use_bias=False,
                       dtype=self.dtype, param_dtype=self.param_dtype,
-                      name="patch_embedding")(pixel_values.astype(self.dtype))
+                      name="patch_embedding",
+                      conv_general_dilated=conv_general_dilated)(pixel_values.astype(self.dtype))
     patches = patches.reshape(b, -1, c.hidden_size)  # row-major (h, w), as torch's flatten(2)
     cls = jnp.broadcast_to(class_embedding.astype(self.dtype), (b, 1, c.hidden_size))
     positions = nn.Embed(c.num_positions, c.hidden_size, dtype=self.dtype,

@@ -29,6 +29,7 @@ from flax import traverse_util
 from ddpo_jax.models import weights
 from ddpo_jax.models.attention import dot_product_attention
 from ddpo_jax.models.config_io import config_from_dict, config_to_dict
+from ddpo_jax.models.conv import conv_general_dilated
 
 Dtype = Any
 
@@ -225,7 +226,8 @@ def _as_tuple(value, n):
 def _conv(features, name, dtype, param_dtype, kernel=3, stride=1, padding=1):
   pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad,
-                 dtype=dtype, param_dtype=param_dtype, name=name)
+                 dtype=dtype, param_dtype=param_dtype, name=name,
+                 conv_general_dilated=conv_general_dilated)
 
 
 def _group_norm(groups, eps, name, dtype, param_dtype):
