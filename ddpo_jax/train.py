@@ -565,7 +565,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
       if grid_images is None:
         grid_images = images
     traj = concat(trajs)
-    t_sample = time.time() - t0
+    # The sampling program runs asynchronously: its time ends when its results are ready.
+    jax.block_until_ready((traj, dev_rewards))
+    t_sampled = time.time()
 
     total = np.zeros(B * nb, np.float32)
     epoch_metrics = {}
@@ -591,13 +593,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
                           for a in (advantages, scales))
     rew_dev = parallel.to_global(total[rows_epoch], mesh)
 
-    t1 = time.time()
+    t_rewarded = time.time()  # host rewards (overlapping sampling until then), advantages
     for inner in range(config.train.num_inner_epochs):
       state, metrics = update_fn(state, frozen, traj, adv_dev, scale_dev, rew_dev,
                                  put_key(epoch, 10_000, inner))
     metrics = parallel.to_host(metrics)
-    t_train = time.time() - t1
     params_ok = bool(parallel.to_host(finite(state.params)))
+    t_updated = time.time()
     if not all(np.isfinite(v) for v in metrics.values()) or not params_ok:
       raise FloatingPointError(f"epoch {epoch}: non-finite loss or parameters ({metrics}); "
                                "stopping without saving this epoch")
@@ -605,8 +607,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     last = {"reward_mean": total.mean(), "reward_std": total.std(),
             "reward_stderr": total.std() / np.sqrt(n), **epoch_metrics,
             **{k: v for k, v in metrics.items()},
-            "samples_per_s": n / (time.time() - t0), "sample_time_s": t_sample,
-            "train_time_s": t_train, "optimizer_step": int(parallel.to_host(state.step))}
+            # Phase wall times (s); they add up to epoch_time_s (checkpointing and image
+            # grids come after it).
+            "samples_per_s": n / (t_updated - t0), "epoch_time_s": t_updated - t0,
+            "sample_time_s": t_sampled - t0, "reward_time_s": t_rewarded - t_sampled,
+            "train_time_s": t_updated - t_rewarded,
+            "optimizer_step": int(parallel.to_host(state.step))}
     for k in ("approx_kl", "clipfrac"):
       last.setdefault(k, 0.0)
     if main_process:

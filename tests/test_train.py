@@ -48,6 +48,11 @@ def test_train_and_evaluate_one_run(digits_cache, tmp_path):
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["epoch"] for r in rows] == [0, 1]
   assert {"digits_heldout_accuracy_mean", "digit_class_logprob_mean"} <= set(rows[0])
+  for r in rows:  # the phases' wall times add up to the epoch's (no unaccounted wait)
+    phases = [r["sample_time_s"], r["reward_time_s"], r["train_time_s"]]
+    assert min(phases) >= 0
+    np.testing.assert_allclose(sum(phases), r["epoch_time_s"], rtol=1e-9)
+    np.testing.assert_allclose(r["samples_per_s"] * r["epoch_time_s"], 8, rtol=1e-9)
   mngr = checkpoints.manager(workdir, read_only=True)
   assert sorted(mngr.all_steps()) == [0, 1, 2]
   assert os.listdir(os.path.join(workdir, "samples"))
