@@ -10,14 +10,23 @@ import pytest
 import torch
 import transformers
 
-from conftest import SHARED_DATA
+from conftest import LAION_MLP_PATH
 from ddpo_jax.models import clip as clip_lib
 from ddpo_jax.models.weights import WeightLoadingError
 from ddpo_jax.rewards import aesthetic as A
 
-MLP_PATH = os.path.join(SHARED_DATA, "sac+logos+ava1-l14-linearMSE.pth")
-needs_mlp = pytest.mark.skipif(not os.path.isfile(MLP_PATH), reason=f"{MLP_PATH} not present")
 ATOL = 1e-4
+
+
+@pytest.fixture(params=["random", "laion"])
+def mlp_path(request):
+  """A random LAION-shaped state dict saved with torch.save (always), or the real LAION weights
+  `sac+logos+ava1-l14-linearMSE.pth` from the shared assets (skipped if absent)."""
+  if request.param == "laion":
+    if not os.path.isfile(LAION_MLP_PATH):
+      pytest.skip(f"the real LAION aesthetic MLP weights: {LAION_MLP_PATH} not present")
+    return LAION_MLP_PATH
+  return request.getfixturevalue("random_aesthetic_mlp")
 
 
 class TorchMLP(torch.nn.Module):
@@ -70,10 +79,9 @@ def _images(seed=0, shape=(3, 40, 56, 3)):
 # ------------------------------------------------------------------------------------------
 
 
-@needs_mlp
-def test_real_pth_torch_and_numpy_readers_agree(monkeypatch):
-  with_torch = A.read_torch_state_dict(MLP_PATH, use_torch=True)
-  without = A.read_torch_state_dict_numpy(MLP_PATH)
+def test_pth_torch_and_numpy_readers_agree(mlp_path, monkeypatch):
+  with_torch = A.read_torch_state_dict(mlp_path, use_torch=True)
+  without = A.read_torch_state_dict_numpy(mlp_path)
   assert list(with_torch) == list(without) == [
       f"layers.{i}.{n}" for i in (0, 2, 4, 6, 7) for n in ("weight", "bias")]
   for k in with_torch:
@@ -83,9 +91,9 @@ def test_real_pth_torch_and_numpy_readers_agree(monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)
   with pytest.raises(ImportError):
     import torch as _  # noqa: F401
-  mlp_np = A.load_aesthetic_mlp(MLP_PATH)
+  mlp_np = A.load_aesthetic_mlp(mlp_path)
   monkeypatch.undo()
-  mlp_t = A.load_aesthetic_mlp(MLP_PATH, use_torch=True)
+  mlp_t = A.load_aesthetic_mlp(mlp_path, use_torch=True)
   for a, b in zip(jax.tree_util.tree_leaves(mlp_np.params), jax.tree_util.tree_leaves(
       mlp_t.params)):
     np.testing.assert_array_equal(a, b)
@@ -173,14 +181,13 @@ def _torch_scores(tmodel, state_dict, pixels_nhwc):
     return mlp(embeds).squeeze(1).numpy(), embeds.numpy()
 
 
-@needs_mlp
-def test_score_parity_with_torch(tiny_clip):
+def test_score_parity_with_torch(tiny_clip, mlp_path):
   tmodel, clip = tiny_clip
-  mlp = A.load_aesthetic_mlp(MLP_PATH)
+  mlp = A.load_aesthetic_mlp(mlp_path)
   images = _images()
   pixels = np.asarray(clip_lib.clip_preprocess(images, size=32))
   ref, ref_embeds = _torch_scores(
-      tmodel, torch.load(MLP_PATH, map_location="cpu", weights_only=True), pixels)
+      tmodel, torch.load(mlp_path, map_location="cpu", weights_only=True), pixels)
   got = jax.jit(lambda x: A.aesthetic_score(clip, mlp, x))(images)
   err = float(np.abs(np.asarray(got) - ref).max())
   embeds = jax.jit(lambda x: A.normalized_image_embeds(clip, x))(images)

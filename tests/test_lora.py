@@ -18,9 +18,9 @@ PROJECTIONS = ("to_q", "to_k", "to_v", "to_out_0")
 
 
 @pytest.fixture(scope="module")
-def lora_policy(tiny_sd):
+def lora_policy(tiny_sd, prompt_assets):
   from ddpo_jax import sd
-  return sd.make_policy(load_config("sd_compressibility", **sd_overrides(tiny_sd)))
+  return sd.make_policy(load_config("sd_compressibility", **sd_overrides(tiny_sd, prompt_assets)))
 
 
 def _eps_inputs(policy, n=2, seed=0):
@@ -101,8 +101,8 @@ def test_target_errors():
     lora.init_lora(base, lora.LoraConfig(rank=0), jax.random.PRNGKey(0))
 
 
-def test_update_trains_only_lora_base_bit_identical(tiny_sd, compile_cache):
-  config = load_config("sd_compressibility", **sd_overrides(tiny_sd))
+def test_update_trains_only_lora_base_bit_identical(tiny_sd, prompt_assets, compile_cache):
+  config = load_config("sd_compressibility", **sd_overrides(tiny_sd, prompt_assets))
   from ddpo_jax import sd
   before = jax.tree.map(np.array, sd.make_policy(config).params["base_unet"])
   policy, frozen, state, metrics = one_update(config)
@@ -118,14 +118,15 @@ def test_update_trains_only_lora_base_bit_identical(tiny_sd, compile_cache):
   assert all(np.any(b != 0) for b in bs)  # every B left zero
 
 
-def test_export_merged_loads_in_diffusers_and_matches(tiny_sd, compile_cache, tmp_path):
+def test_export_merged_loads_in_diffusers_and_matches(tiny_sd, prompt_assets, compile_cache,
+                                                      tmp_path):
   """One epoch of LoRA training, `python -m ddpo_jax.export`, diffusers UNet == merged UNet."""
   import torch
   from diffusers import StableDiffusionPipeline
   from ddpo_jax import export, train
   import tiny_models
   workdir, out = str(tmp_path / "run"), str(tmp_path / "exported")
-  config = load_config("sd_compressibility", **sd_overrides(tiny_sd, num_epochs=1))
+  config = load_config("sd_compressibility", **sd_overrides(tiny_sd, prompt_assets, num_epochs=1))
   train.train_and_evaluate(config, workdir)
   result = subprocess.run([sys.executable, "-m", "ddpo_jax.export", f"--workdir={workdir}",
                            f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=300,

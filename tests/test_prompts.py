@@ -1,54 +1,77 @@
-"""Prompt sets: the paper's files (shared assets, skipped if absent), user files and lists."""
+"""Prompt sets: the paper's files (shared assets, skipped if absent) and synthetic files in their
+format (always), user files and lists."""
 import os
 
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA as ASSETS
+from conftest import SHARED_DATA, SYNTHETIC_ACTIVITIES, SYNTHETIC_ANIMALS, SYNTHETIC_IMAGENET
 from ddpo_jax import prompts as P
 
-needs_assets = pytest.mark.skipif(not os.path.isdir(ASSETS), reason=f"{ASSETS} not present")
+# What each source's files hold: the first ImageNet class, two "a(n) ANIMAL ACTIVITY" prompts.
+EXPECTED = {
+    "synthetic": {"first_class": SYNTHETIC_IMAGENET[0],
+                  "activity_prompts": (f"a cat {SYNTHETIC_ACTIVITIES[0]}",
+                                       f"an ant {SYNTHETIC_ACTIVITIES[1]}")},
+    "paper": {"first_class": "tench, Tinca tinca",
+              "activity_prompts": ("a cat washing the dishes", "an ant riding a bike")},
+}
 
 
-@needs_assets
-def test_imagenet_animals():
-  fn = P.make_prompt_fn("imagenet_animals", ASSETS)
+@pytest.fixture(params=["synthetic", "paper"])
+def assets(request):
+  """(source, directory): synthetic files made for the test, or the paper's (skipped if absent)."""
+  if request.param == "paper":
+    if not os.path.isdir(SHARED_DATA):
+      pytest.skip(f"the paper's prompt files: {SHARED_DATA} not present")
+    return request.param, SHARED_DATA
+  return request.param, request.getfixturevalue("prompt_assets")
+
+
+def test_imagenet_animals(assets):
+  source, path = assets
+  fn = P.make_prompt_fn("imagenet_animals", path)
   assert len(fn.prompts) == 398
-  assert fn.prompts[0] == "tench, Tinca tinca"
-  with open(os.path.join(ASSETS, "imagenet_classes.txt")) as f:
-    lines = [line.strip() for line in f]
+  assert fn.prompts[0] == EXPECTED[source]["first_class"]
+  with open(os.path.join(path, "imagenet_classes.txt")) as f:
+    lines = [line.strip() for line in f if line.strip()]
+  assert len(lines) == 1000
   assert fn.prompts == tuple(lines[:398])
   assert lines[398] not in fn.prompts  # class 398 ("abacus") is not an animal
+  if source == "synthetic":  # padded lines stripped, the blank line skipped
+    assert lines == list(SYNTHETIC_IMAGENET)
   # The file path itself works as well as its directory.
-  assert P.make_prompt_fn("imagenet_animals", os.path.join(ASSETS, "imagenet_classes.txt"))\
+  assert P.make_prompt_fn("imagenet_animals", os.path.join(path, "imagenet_classes.txt"))\
       .prompts == fn.prompts
   drawn = fn(np.random.default_rng(0), 1000)
   assert len(drawn) == 1000 and set(drawn) <= set(fn.prompts)
   assert len(set(drawn)) > 300  # uniform over 398
 
 
-@needs_assets
-def test_simple_animals():
-  fn = P.make_prompt_fn("simple_animals", ASSETS)
+def test_simple_animals(assets):
+  source, path = assets
+  fn = P.make_prompt_fn("simple_animals", path)
   assert len(fn.prompts) == 45 and fn.prompts[:3] == ("cat", "dog", "horse")
+  if source == "synthetic":
+    assert fn.prompts == SYNTHETIC_ANIMALS
   a = fn(np.random.default_rng(1), 16)
   assert a == fn(np.random.default_rng(1), 16)  # deterministic given the generator
   assert a != fn(np.random.default_rng(2), 16)
   assert fn(np.random.default_rng(0), 0) == []
 
 
-@needs_assets
-def test_simple_animals_activities():
-  fn = P.make_prompt_fn("simple_animals_activities", ASSETS)
+def test_simple_animals_activities(assets):
+  source, path = assets
+  fn = P.make_prompt_fn("simple_animals_activities", path)
   assert len(fn.prompts) == 45 * 3
-  assert "a cat washing the dishes" in fn.prompts
-  assert "an ant riding a bike" in fn.prompts
+  for prompt in EXPECTED[source]["activity_prompts"]:
+    assert prompt in fn.prompts
   drawn = fn(np.random.default_rng(0), 2000)
   assert set(drawn) <= set(fn.prompts)
   assert len(set(drawn)) > 120  # animal and activity drawn independently
   # animals file + explicit activities file
-  fn2 = P.make_prompt_fn("simple_animals_activities", os.path.join(ASSETS, "simple_animals.txt"),
-                         activities_path=os.path.join(ASSETS, "activities.txt"))
+  fn2 = P.make_prompt_fn("simple_animals_activities", os.path.join(path, "simple_animals.txt"),
+                         activities_path=os.path.join(path, "activities.txt"))
   assert fn2.prompts == fn.prompts
 
 

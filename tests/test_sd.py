@@ -1,5 +1,7 @@
 """Stable Diffusion DDPO on a tiny random diffusers pipeline: the policy, each configs/sd_*.py
-`runlocal` variant (train, resume, sample CLI), full fine-tuning in bf16, bad inputs.
+`runlocal` variant (train, resume, sample CLI), full fine-tuning in bf16, bad inputs. Prompts come
+from synthetic files in the paper's format (the `prompt_assets` fixture), the aesthetic reward
+from a tiny CLIP tower and a random LAION-shaped MLP: nothing outside the checkout is needed.
 
 Compiled programs go to a persistent compilation cache private to these tests (restored at
 module teardown), so the resumed run and the sample CLI reuse the first run's executables.
@@ -18,12 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO
 from helpers import one_update  # noqa: F401  (test_lora imports it from here)
 from helpers import load_config as _load_config
 
-ASSETS = SHARED_DATA
-MLP_PATH = os.path.join(SHARED_DATA, "sac+logos+ava1-l14-linearMSE.pth")
 CONFIGS = ("sd_compressibility", "sd_incompressibility", "sd_aesthetic", "sd_alignment")
 
 
@@ -77,8 +77,9 @@ def load_config(name, variant="runlocal", **overrides):
   return _load_config(name, variant, **overrides)
 
 
-def sd_overrides(tiny_sd, **extra):
-  return {"model.pretrained_path": tiny_sd, "prompt_fn_kwargs.path": ASSETS, **extra}
+def sd_overrides(tiny_sd, prompt_assets, **extra):
+  """The tiny pipeline, prompts from the `prompt_assets` fixture's synthetic files."""
+  return {"model.pretrained_path": tiny_sd, "prompt_fn_kwargs.path": prompt_assets, **extra}
 
 
 def subprocess_env(extra=None):
@@ -89,12 +90,12 @@ def subprocess_env(extra=None):
 # ------------------------------------------------------------------------------------------
 # The policy
 # ------------------------------------------------------------------------------------------
-def test_policy_matches_diffusers_components(tiny_sd):
+def test_policy_matches_diffusers_components(tiny_sd, prompt_assets):
   """Tokenisation, prompt encoding and decoding equal the diffusers pipeline's."""
   import torch
   from diffusers import StableDiffusionPipeline
   from ddpo_jax import sd
-  config = load_config("sd_compressibility", **sd_overrides(tiny_sd))
+  config = load_config("sd_compressibility", **sd_overrides(tiny_sd, prompt_assets))
   policy = sd.make_policy(config)
   tpipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
   prompts = ["a cat", "the dog " * 20, ""]  # the second is truncated
@@ -181,14 +182,13 @@ def tiny_clip_768(tmp_path_factory):
 # Each config's runlocal variant: 2 epochs (1, then resumed for the 2nd), the sample CLI
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", CONFIGS)
-def test_runlocal_trains_resumes_and_samples(name, tiny_sd, compile_cache, request, tmp_path):
+def test_runlocal_trains_resumes_and_samples(name, tiny_sd, prompt_assets, compile_cache, request,
+                                             tmp_path):
   from ddpo_jax import checkpoints, train
   extra = {}
-  if name == "sd_aesthetic":
-    if not os.path.isfile(MLP_PATH):
-      pytest.skip(f"{MLP_PATH} not present")
+  if name == "sd_aesthetic":  # a tiny CLIP tower and a random LAION-shaped MLP
     extra = {"reward.clip_path": request.getfixturevalue("tiny_clip_768"),
-             "reward.aesthetic_mlp_path": MLP_PATH}
+             "reward.aesthetic_mlp_path": request.getfixturevalue("random_aesthetic_mlp")}
   if name == "sd_alignment":
     extra = {"reward.server_url": request.getfixturevalue("brightness_server")}
   workdir = str(tmp_path / "run")
@@ -196,14 +196,14 @@ def test_runlocal_trains_resumes_and_samples(name, tiny_sd, compile_cache, reque
                 "sd_incompressibility": "jpeg_incompressibility_mean",
                 "sd_aesthetic": "aesthetic_mean", "sd_alignment": "remote_mean"}[name]
 
-  config = load_config(name, **sd_overrides(tiny_sd, num_epochs=1, **extra))
+  config = load_config(name, **sd_overrides(tiny_sd, prompt_assets, num_epochs=1, **extra))
   assert config.model.kind == "sd" and config.model.lora.enabled
   train.train_and_evaluate(config, workdir)
   rows1 = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["epoch"] for r in rows1] == [0]
 
   logs = []
-  config = load_config(name, **sd_overrides(tiny_sd, **extra))
+  config = load_config(name, **sd_overrides(tiny_sd, prompt_assets, **extra))
   assert config.num_epochs == 2
   metrics = train.train_and_evaluate(config, workdir, log=logs.append)
   assert any("resuming from checkpoint step 1 (epoch 1)" in l for l in logs), logs
@@ -233,11 +233,11 @@ def test_runlocal_trains_resumes_and_samples(name, tiny_sd, compile_cache, reque
 # ------------------------------------------------------------------------------------------
 # Full fine-tuning: fp32 master weights, bf16 compute, Adam first moment in bf16
 # ------------------------------------------------------------------------------------------
-def test_full_finetune_bf16_compute_fp32_master(tiny_sd, compile_cache):
+def test_full_finetune_bf16_compute_fp32_master(tiny_sd, prompt_assets, compile_cache):
   config = load_config("sd_compressibility", "runlocal,full", **sd_overrides(
-      tiny_sd, **{"model.compute_dtype": "bfloat16", "sample.num_steps": 2,
-                  "sample.batch_size": 2, "train.batch_size": 2,
-                  "train.gradient_accumulation_steps": 1}))  # bf16 is slow on a CPU
+      tiny_sd, prompt_assets, **{"model.compute_dtype": "bfloat16", "sample.num_steps": 2,
+                                 "sample.batch_size": 2, "train.batch_size": 2,
+                                 "train.gradient_accumulation_steps": 1}))  # bf16 is slow on a CPU
   assert not config.model.lora.enabled and config.train.adam_mu_dtype == "bfloat16"
   policy, frozen, state, metrics = one_update(config, lr=1e-3)
   assert "base_unet" not in frozen and "vae" in frozen
@@ -258,7 +258,7 @@ def test_full_finetune_bf16_compute_fp32_master(tiny_sd, compile_cache):
 @pytest.mark.parametrize("case", ["empty_prompt_file", "missing_prompt_file", "lora_target",
                                   "lora_bad_regex", "no_model_path", "missing_model",
                                   "resolution", "empty_list"])
-def test_bad_input_fails_before_anything_is_written(case, tiny_sd, tmp_path):
+def test_bad_input_fails_before_anything_is_written(case, tiny_sd, prompt_assets, tmp_path):
   from ddpo_jax import lora, train
   empty = tmp_path / "empty.txt"
   empty.write_text("\n  \n")
@@ -278,7 +278,7 @@ def test_bad_input_fails_before_anything_is_written(case, tiny_sd, tmp_path):
       "resolution": ({"model.resolution": 17}, ValueError, "model.resolution=17"),
       "empty_list": ({"prompt_fn": "list"}, ValueError, "needs `prompts`"),
   }[case]
-  config = load_config("sd_compressibility", **sd_overrides(tiny_sd, **overrides))
+  config = load_config("sd_compressibility", **sd_overrides(tiny_sd, prompt_assets, **overrides))
   workdir = tmp_path / "w"
   with pytest.raises(error, match=match):
     train.train_and_evaluate(config, str(workdir))

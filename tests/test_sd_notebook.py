@@ -1,26 +1,25 @@
 """notebooks/sd_colab.ipynb executes top to bottom on a CPU against a tiny random pipeline.
 
 The parameter cell reads environment variables: the tiny diffusers pipeline in place of the
-Hub model, a tiny CLIP tower (projection_dim 768) with the real LAION MLP, local prompt files,
-the `runlocal` variant, and SD_NOTEBOOK_SKIP_INSTALL=1 to skip the pip cell.
+Hub model, a tiny CLIP tower (projection_dim 768) with a random LAION-shaped MLP, synthetic
+prompt files in the paper's format, the `runlocal` variant, and SD_NOTEBOOK_SKIP_INSTALL=1 to
+skip the pip cell.
 """
 import os
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 from conftest import REPO
-from test_sd import (ASSETS, MLP_PATH, compile_cache, sd_cache_dir, tiny_clip_768,  # noqa: F401
-                     tiny_sd)
+from test_sd import compile_cache, sd_cache_dir, tiny_clip_768, tiny_sd  # noqa: F401
 
 
-@pytest.mark.skipif(not os.path.isfile(MLP_PATH), reason=f"{MLP_PATH} not present")
-def test_sd_colab_notebook_runs(tiny_sd, tiny_clip_768, compile_cache, tmp_path, monkeypatch):
+def test_sd_colab_notebook_runs(tiny_sd, tiny_clip_768, random_aesthetic_mlp, prompt_assets,
+                                compile_cache, tmp_path, monkeypatch):
   workdir = tmp_path / "run"
   env = {"SD_NOTEBOOK_MODEL": tiny_sd, "SD_NOTEBOOK_SKIP_INSTALL": "1",
          "SD_NOTEBOOK_WORKDIR": str(workdir), "SD_NOTEBOOK_CLIP": tiny_clip_768,
-         "SD_NOTEBOOK_MLP": MLP_PATH, "SD_NOTEBOOK_ASSETS": ASSETS,
+         "SD_NOTEBOOK_MLP": random_aesthetic_mlp, "SD_NOTEBOOK_ASSETS": prompt_assets,
          "SD_NOTEBOOK_VARIANT": "runlocal", "SD_NOTEBOOK_EPOCHS": "2",
          "JAX_PLATFORMS": "cpu", **compile_cache}
   for k, v in env.items():
