@@ -2,8 +2,32 @@
 r"""ddpo_jax vs TRL's `DDPOTrainer`: one DDPO epoch (sampling + reward + PPO update), same work.
 
   pip install -e '.[bench]'
-  python benchmarks/vs_trl.py --size=tiny      # CPU, tiny random SD-architecture pipeline
+  python benchmarks/vs_trl.py --size=tiny      # CPU, tiny random SD-1-style pipeline, LoRA
+  python benchmarks/vs_trl.py --size=tiny --style=sd2 --full   # CPU, SD-2-style, full UNet
+  python benchmarks/vs_trl.py --size=tiny --rows=all           # CPU, sd1/sd2 x LoRA/full: 4 rows
   python benchmarks/vs_trl.py --size=sd15      # GPU, SD-1.5 architecture at 512 px, random weights
+
+Pipelines (`--style`, tiny only; sd15 is SD-1 style). Both tiny styles make 32 px images through
+the tests' 2-level VAE (tests/tiny_models.py `vae_kwargs`, downsampling factor 2: 16x16x4
+latents) and a 2-layer CLIP text encoder with SD's 77 positions, whose hidden size is the UNet's
+cross_attention_dim:
+  sd1: `unet_sd1_kwargs` at 8 heads: cross-attention down block + plain down block (2 resnets
+       each), conv 1x1 projections, one head count; text encoder 32 wide, quick_gelu.
+  sd2: `unet_sd2_kwargs` as the tests build it: three levels (32/64/64 channels, 1 resnet each,
+       cross-attention in the top two), linear projections, per-level head counts (2, 4, 8),
+       upcast_attention; text encoder 24 wide (= cross_attention_dim), gelu (SD-2's OpenCLIP).
+       Epsilon prediction and SD's DDIM schedule, as for sd1.
+Work per epoch (`SIZES` / `SD2_SIZES`, every knob overridable):
+  tiny sd1: 16 prompts in 2 sampling calls of 8, 20 DDIM steps, CFG 5, minibatch 4, all
+            timesteps, 4 AdamW steps (the settings of the earlier measurements in BENCHMARKS.md,
+            kept so that they stay comparable).
+  tiny sd2: the issue's reference measurement: 32 prompts in 4 sampling calls of 8, 20 DDIM
+            steps, CFG 5, minibatch 8, all timesteps, 4 AdamW steps (grad_accum 1).
+  sd15:     16 prompts in 2 calls of 8, 50 DDIM steps, CFG 5, minibatch 4 x 2 accumulated.
+`--rows=all` runs every (style, LoRA / full) row of the size (tiny: 4 rows) one after another,
+each in a fresh process (`python vs_trl.py --style=... [--full]` with the other flags passed
+on), then prints one table: per row, TRL and ddpo_jax s/epoch, the ratio, and each library's
+sampling / reward / update seconds per epoch.
 
 Both sides load ONE diffusers-format pipeline directory, created once with random weights and
 cached (`$DDPO_JAX_CACHE/bench/`, default ~/.cache/ddpo_jax/bench/): ddpo_jax through
@@ -26,9 +50,12 @@ Timing: each side first runs `--warmup_epochs` epochs (setup + XLA compilation f
 setup + first-call allocation for TRL), reported separately, then `--epochs` timed epochs.
 ddpo_jax's epochs are `ddpo_jax.train.train_and_evaluate` epochs (`samples_per_s` in
 metrics.jsonl: sampling, host reward, advantages, update); TRL's are `DDPOTrainer.step` calls,
-with CUDA synchronised around each. Afterwards ddpo_jax's compiled sampling and update programs
-(`make_sample_fn` / `make_update_fn`, compilation served from this run's persistent cache) are
-timed phase by phase with `block_until_ready`, and their model FLOPs (XLA
+with CUDA synchronised around each, and its phases are its own methods timed from the outside
+(synchronised): `_generate_samples` (sampling), `compute_rewards` (reward),
+`_train_batched_samples` (update; the shuffling before it is in the epoch only). Afterwards
+ddpo_jax's compiled sampling and update programs (`make_sample_fn` / `make_update_fn`,
+compilation served from this run's persistent cache) are timed phase by phase with
+`block_until_ready` (its sampling / reward / update split), and their model FLOPs (XLA
 `jit(...).lower(...).compile().cost_analysis()` of the text encoder, one guided DDIM step, the VAE
 decoder and one PPO micro-step gradient, times how often each runs: XLA counts a `scan` body
 once, so the whole programs' own counts are not used) give the model FLOP utilisation against
@@ -38,7 +65,8 @@ On a CPU shared with other work, `--threads=1` (one thread per side) keeps PyTor
 workers from thrashing on oversubscribed cores, which otherwise slows TRL by up to two orders of
 magnitude and makes the ratio meaningless; the 1-minute load average is printed per epoch.
 
-The LAST printed line is `ratio=R`: ddpo_jax samples/s ÷ TRL samples/s over whole epochs.
+The LAST printed line is `ratio=R`: ddpo_jax samples/s ÷ TRL samples/s over whole epochs
+(`--rows=all`: each row's `ratio[ROW]=R` above it, and the LAST line is the minimum over rows).
 """
 from __future__ import annotations
 
@@ -76,6 +104,14 @@ SIZES = {
                  train_batch_size=4, grad_accum=2, timestep_fraction=1.0, inner_epochs=1,
                  epochs=2, warmup_epochs=1, resolution=512),
 }
+# The SD-2-style pipeline (tiny only): the issue's reference measurement.
+SD2_SIZES = {
+    # 32 prompts (4 sampling calls of 8), 20 DDIM steps, CFG 5; 4 AdamW steps of 8 samples.
+    "tiny": dict(num_prompts=32, sample_batch_size=8, steps=20, guidance_scale=5.0,
+                 train_batch_size=8, grad_accum=1, timestep_fraction=1.0, inner_epochs=1,
+                 epochs=3, warmup_epochs=1, resolution=32),
+}
+STYLE_SIZES = {"sd1": SIZES, "sd2": SD2_SIZES}
 LORA_RANK = 4  # TRL's DefaultDDPOStableDiffusionPipeline hard-codes r=4, alpha=4
 LEARNING_RATE = 3e-4
 PIPELINE_VERSION = 1  # bump when the generated pipelines change
@@ -113,8 +149,22 @@ def _no_class(d: dict) -> dict:
   return {k: v for k, v in d.items() if not k.startswith("_")}
 
 
-def pipeline_components(size: str, resolution: int, tokenizer):
+def pipeline_components(size: str, resolution: int, tokenizer, style: str = "sd1"):
   """(unet kwargs, vae kwargs, CLIPTextConfig kwargs) of the benchmark pipeline."""
+  if size == "tiny" and style == "sd2":
+    # The tests' tiny SD-2 layout: three levels, linear projections, per-level head counts,
+    # upcast attention; the same 2-level VAE (factor 2); a gelu CLIP text encoder as wide as the
+    # UNet's cross-attention (SD-2's OpenCLIP text encoder is gelu, 1024 = cross_attention_dim).
+    from tiny_models import text_config_kwargs, unet_sd2_kwargs, vae_kwargs
+    unet = unet_sd2_kwargs(sample_size=resolution // 2)
+    vae = vae_kwargs(sample_size=resolution)
+    width = unet["cross_attention_dim"]
+    text = text_config_kwargs(vocab_size=len(tokenizer), max_position_embeddings=SD_MAX_LENGTH,
+                              hidden_size=width, intermediate_size=2 * width, projection_dim=width,
+                              hidden_act="gelu")
+    return unet, vae, text
+  if style != "sd1":
+    raise ValueError(f"style {style!r} exists for size 'tiny' only")
   if size == "tiny":
     # The tests' tiny SD-1 layout (tests/tiny_models.py) at 8 heads: cross-attention down block
     # + plain down block (2 resnets each), conv projections; a 2-level VAE (factor 2), a 2-layer
@@ -131,10 +181,14 @@ def pipeline_components(size: str, resolution: int, tokenizer):
   return unet, vae, text
 
 
-def ensure_pipeline(size: str, resolution: int, cache_dir: str) -> str:
-  """The cached pipeline directory for (size, resolution); created on first use (random
+def pipeline_dir_name(size: str, style: str, resolution: int) -> str:
+  return f"{size}-{style}_{resolution}px_v{PIPELINE_VERSION}"
+
+
+def ensure_pipeline(size: str, resolution: int, cache_dir: str, style: str = "sd1") -> str:
+  """The cached pipeline directory for (size, style, resolution); created on first use (random
   weights: torch.manual_seed(0) and the diffusers / transformers default initialisers)."""
-  path = os.path.join(cache_dir, f"{size}_{resolution}px_v{PIPELINE_VERSION}")
+  path = os.path.join(cache_dir, pipeline_dir_name(size, style, resolution))
   if os.path.exists(os.path.join(path, ".complete")):
     return path
   import torch
@@ -146,7 +200,7 @@ def ensure_pipeline(size: str, resolution: int, cache_dir: str) -> str:
   from tiny_models import make_tiny_tokenizer
   # TRL pads prompts to the tokenizer's model_max_length: SD's 77 on both sides.
   tokenizer = make_tiny_tokenizer(os.path.join(scratch, "tok"), max_length=SD_MAX_LENGTH)
-  unet_kw, vae_kw, text_kw = pipeline_components(size, resolution, tokenizer)
+  unet_kw, vae_kw, text_kw = pipeline_components(size, resolution, tokenizer, style)
   torch.manual_seed(0)
   pipe = StableDiffusionPipeline(
       vae=AutoencoderKL(**vae_kw).eval(), text_encoder=CLIPTextModel(CLIPTextConfig(**text_kw)).eval(),
@@ -161,7 +215,7 @@ def ensure_pipeline(size: str, resolution: int, cache_dir: str) -> str:
   os.replace(tmp_path, path)
   shutil.rmtree(scratch, ignore_errors=True)
   n_unet = sum(p.numel() for p in pipe.unet.parameters())
-  log(f"[setup] wrote {size} pipeline ({n_unet:,} UNet params, {resolution}px) to {path} "
+  log(f"[setup] wrote {size} {style} pipeline ({n_unet:,} UNet params, {resolution}px) to {path} "
       f"in {time.time() - t0:.1f} s")
   del pipe
   gc.collect()
@@ -172,12 +226,17 @@ def ensure_pipeline(size: str, resolution: int, cache_dir: str) -> str:
 # Settings shared by both sides.
 # ================================================================================================
 def resolve_settings(args) -> dict:
-  s = dict(SIZES[args.size])
+  style = getattr(args, "style", None) or "sd1"
+  table = STYLE_SIZES[style]
+  if args.size not in table:
+    raise SystemExit(f"--style={style} exists for --size={'/'.join(sorted(table))} only")
+  s = dict(table[args.size])
   for k in s:
     v = getattr(args, k, None)
     if v is not None:
       s[k] = v
   s["lora"] = not args.full
+  s["style"] = style
   n, b = s["num_prompts"], s["sample_batch_size"]
   if n % b:
     raise SystemExit(f"--num_prompts={n} must be a multiple of --sample_batch_size={b}")
@@ -194,10 +253,11 @@ def resolve_settings(args) -> dict:
 
 
 def describe(s: dict) -> str:
-  return (f"N={s['num_prompts']} prompts ({s['num_batches']} sampling calls of "
-          f"{s['sample_batch_size']}), T={s['steps']} DDIM steps, eta 1, CFG {s['guidance_scale']}, "
-          f"{s['resolution']}px; PPO: {s['inner_epochs']} inner epoch(s), minibatch "
-          f"{s['train_batch_size']} x {s['grad_accum']} accumulated, K={s['K']} timesteps/sample "
+  return (f"{s.get('style', 'sd1')} pipeline; N={s['num_prompts']} prompts ({s['num_batches']} "
+          f"sampling calls of {s['sample_batch_size']}), T={s['steps']} DDIM steps, eta 1, "
+          f"CFG {s['guidance_scale']}, {s['resolution']}px; PPO: {s['inner_epochs']} inner "
+          f"epoch(s), minibatch {s['train_batch_size']} x {s['grad_accum']} accumulated, "
+          f"K={s['K']} timesteps/sample "
           f"-> {s['optimizer_steps']} AdamW steps/epoch; "
           f"{'LoRA rank 4' if s['lora'] else 'full UNet'}; reward: JPEG compressibility")
 
@@ -678,19 +738,133 @@ def _fmt_mfu(r, key):
   return "n/a" if v is None else f"{100 * v:.2f}%"
 
 
-def main(argv=None):
+OVERRIDES = [("num_prompts", int), ("sample_batch_size", int), ("steps", int),
+             ("guidance_scale", float), ("train_batch_size", int), ("grad_accum", int),
+             ("timestep_fraction", float), ("inner_epochs", int), ("epochs", int),
+             ("warmup_epochs", int), ("resolution", int)]
+
+
+def all_rows(size: str) -> list[tuple[str, bool]]:
+  """(style, full) of every row of `--rows=all` for `size`: each style it has, LoRA then full."""
+  return [(style, full) for style, table in STYLE_SIZES.items() if size in table
+          for full in (False, True)]
+
+
+def row_label(style: str, full: bool) -> str:
+  return f"{style}-{'full' if full else 'lora'}"
+
+
+def row_argv(args, style: str, full: bool, json_out: str) -> list[str]:
+  """The command-line flags of one row's own run: `args` as given, less --rows / --json_out,
+  with the row's --style and --full."""
+  argv = [f"--size={args.size}", f"--style={style}", f"--only={args.only}",
+          f"--trl_precision={args.trl_precision}", f"--threads={args.threads}",
+          f"--seed={args.seed}", f"--json_out={json_out}"]
+  argv += [f"--{k}={getattr(args, k)}" for k, _ in OVERRIDES if getattr(args, k) is not None]
+  argv += [f"--{k}={getattr(args, k)}" for k in ("attention", "cache_dir")
+           if getattr(args, k) is not None]
+  argv += [f"--{k}" for k in ("no_flops", "skip_train_and_evaluate", "verbose") if getattr(args, k)]
+  return argv + (["--full"] if full else [])
+
+
+def row_ratio(results: dict | None):
+  """ddpo_jax samples/s / TRL samples/s of one row's results, or None."""
+  if not results or "trl" not in results or "ddpo_jax" not in results:
+    return None
+  return results["ddpo_jax"]["samples_per_s"] / results["trl"]["samples_per_s"]
+
+
+def summary_table(rows: list[dict]) -> list[str]:
+  """Markdown table lines, one row per {"label", "results" (or None), "error"}: s/epoch per side,
+  the ratio, and each side's sampling / reward / update seconds per epoch (median epochs; TRL:
+  its own methods timed within its epochs, ddpo_jax: the compiled programs, synchronised)."""
+  def secs(r, key, digits=2):
+    return f"{r[key]:.{digits}f}" if r and r.get(key) is not None else "n/a"
+
+  def phases(r):
+    return (f"{secs(r, 'sample_s')} / {secs(r, 'reward_s', 3)} / {secs(r, 'train_s')}"
+            if r else "n/a")
+
+  lines = ["| row | work per epoch | TRL s/epoch | ddpo_jax s/epoch | ratio | TRL sampling / "
+           "reward / update s | ddpo_jax sampling / reward / update s |",
+           "|---|---|---|---|---|---|---|"]
+  for row in rows:
+    res = row.get("results")
+    if not res:
+      lines.append(f"| {row['label']} | {row.get('error') or 'failed'} | | | | | |")
+      continue
+    s = res["settings"]
+    work = (f"N={s['num_prompts']} (calls of {s['sample_batch_size']}), T={s['steps']}, "
+            f"CFG {s['guidance_scale']:g}, mb {s['train_batch_size']}x{s['grad_accum']}, "
+            f"K={s['K']}, {s['optimizer_steps']} AdamW steps")
+    trl, jx, ratio = res.get("trl"), res.get("ddpo_jax"), row_ratio(res)
+    lines.append(f"| {row['label']} | {work} | {secs(trl, 'epoch_s')} | {secs(jx, 'epoch_s')} | "
+                 f"{'n/a' if ratio is None else f'{ratio:.2f}'} | {phases(trl)} | {phases(jx)} |")
+  return lines
+
+
+def run_all_rows(args) -> dict:
+  """`--rows=all`: every row of the size in a fresh process of this script (its output
+  prefixed with the row), then one summary table; the last line is the minimum ratio."""
+  import subprocess
+  rows = []
+  scratch = tempfile.mkdtemp(prefix="vs_trl_rows_")
+  log(f"[rows] size={args.size}: {', '.join(row_label(*r) for r in all_rows(args.size))}; "
+      f"{machine()}, load {load_avg()}")
+  for style, full in all_rows(args.size):
+    label = row_label(style, full)
+    out = os.path.join(scratch, f"{label}.json")
+    cmd = [sys.executable, os.path.abspath(__file__)] + row_argv(args, style, full, out)
+    log(f"[rows] {label}: {' '.join(cmd[1:])}")
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
+    for line in proc.stdout:
+      log(f"[{label}] {line.rstrip()}")
+    rc = proc.wait()
+    row = dict(label=label, style=style, full=full, rc=rc, wall_s=time.perf_counter() - t)
+    if rc == 0 and os.path.exists(out):
+      with open(out) as f:
+        row["results"] = json.load(f)
+    else:
+      row["results"], row["error"] = None, f"failed (exit status {rc})"
+    row["ratio"] = row_ratio(row["results"])
+    rows.append(row)
+  shutil.rmtree(scratch, ignore_errors=True)
+  ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
+  results = {"size": args.size, "rows": rows, "min_ratio": min(ratios) if ratios else None}
+  log("")
+  log(f"== {args.size}, all rows ({machine()}, threads {args.threads or 'default'}, load "
+      f"{load_avg()}); ratio = ddpo_jax samples/s / TRL samples/s; phases in s per epoch")
+  for line in summary_table(rows):
+    log(line)
+  if args.json_out:
+    with open(args.json_out, "w") as f:
+      json.dump(results, f, indent=1, default=float)
+  for r in rows:
+    log(f"ratio[{r['label']}]=" + ("n/a" if r["ratio"] is None else f"{r['ratio']:.2f}"))
+  log("ratio=n/a" if not ratios else f"ratio={min(ratios):.2f}")
+  if any(r["rc"] for r in rows):
+    raise SystemExit(1)
+  return results
+
+
+def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog="The last line printed is ratio=R: ddpo_jax samples/s / TRL samples/s over whole "
-             "epochs (sampling + reward + update), warm-up excluded.")
+             "epochs (sampling + reward + update), warm-up excluded; with --rows=all each "
+             "row's ratio[ROW]=R comes above it and R is the minimum over the rows.")
   p.add_argument("--size", choices=sorted(SIZES), default="tiny",
                  help="tiny: toy SD-architecture pipeline on CPU; sd15: SD-1.5 at 512px on a GPU")
-  for k, typ in [("num_prompts", int), ("sample_batch_size", int), ("steps", int),
-                 ("guidance_scale", float), ("train_batch_size", int), ("grad_accum", int),
-                 ("timestep_fraction", float), ("inner_epochs", int), ("epochs", int),
-                 ("warmup_epochs", int), ("resolution", int)]:
+  p.add_argument("--style", choices=sorted(STYLE_SIZES), default="sd1",
+                 help="tiny pipeline layout: sd1 (conv projections, one head count, 2 levels) or "
+                      "sd2 (linear projections, per-level head counts, 3 levels)")
+  for k, typ in OVERRIDES:
     p.add_argument(f"--{k}", type=typ, default=None, help=f"override the size's {k}")
   p.add_argument("--full", action="store_true", help="full UNet fine-tuning instead of LoRA")
+  p.add_argument("--rows", choices=("one", "all"), default="one",
+                 help="one: the row of --style / --full; all: every style x {LoRA, full} of the "
+                      "size (tiny: 4 rows), each in its own process, then one summary table")
   p.add_argument("--only", choices=("both", "ddpo_jax", "trl"), default="both")
   p.add_argument("--trl_precision", choices=("bf16", "fp16", "no"), default="bf16",
                  help="TRL's accelerate mixed_precision for --size=sd15 (tiny: always 'no')")
@@ -709,7 +883,13 @@ def main(argv=None):
                       "~/.cache/ddpo_jax/bench)")
   p.add_argument("--json_out", default=None, help="also write the results as JSON here")
   p.add_argument("--verbose", action="store_true")
-  args = p.parse_args(argv)
+  return p
+
+
+def main(argv=None):
+  args = build_parser().parse_args(argv)
+  if args.rows == "all":
+    return run_all_rows(args)
 
   # TRL (torch) and ddpo_jax (XLA) share one process and, on a GPU, one device: TRL runs first
   # and frees its cache; XLA then allocates on demand instead of grabbing 75% up front.
@@ -729,11 +909,11 @@ def main(argv=None):
   cache = args.cache_dir or os.path.join(
       os.environ.get("DDPO_JAX_CACHE", os.path.expanduser("~/.cache/ddpo_jax")), "bench")
   os.makedirs(cache, exist_ok=True)
-  log(f"[setup] size={args.size}: {describe(s)}")
+  log(f"[setup] size={args.size} style={args.style}: {describe(s)}")
   log(f"[setup] {machine()}, python {platform.python_version()}, load {load_avg()}")
-  pipe_dir = ensure_pipeline(args.size, s["resolution"], cache)
+  pipe_dir = ensure_pipeline(args.size, s["resolution"], cache, args.style)
 
-  results = {"size": args.size, "settings": s}
+  results = {"size": args.size, "style": args.style, "settings": s}
   # Setup and warm-up: TRL first (on a GPU it then shares the device with XLA, which allocates
   # on demand), then ddpo_jax (XLA compilation, timed apart).
   trl = TrlSide(s, pipe_dir, args) if args.only in ("both", "trl") else None
@@ -754,7 +934,7 @@ def main(argv=None):
     results["ddpo_jax"] = jx.close()
 
   log("")
-  log(f"== {args.size}: {describe(s)}")
+  log(f"== {args.size} {row_label(args.style, args.full)}: {describe(s)}")
   if "trl" in results:
     r = results["trl"]
     log(f"TRL 0.23.1 DDPOTrainer (torch {r['torch']}, mixed_precision={r['precision']}): "
@@ -786,14 +966,13 @@ def main(argv=None):
           f"{_fmt_mfu(r, 'mfu_train')}, whole epoch {_fmt_mfu(r, 'mfu_epoch')}")
     if r.get("peak_mem_gib"):
       log(f"ddpo_jax peak device memory {r['peak_mem_gib']:.1f} GiB")
+  for line in summary_table([dict(label=row_label(args.style, args.full), results=results)]):
+    log(line)
   if args.json_out:
     with open(args.json_out, "w") as f:
       json.dump(results, f, indent=1, default=float)
-  if "trl" in results and "ddpo_jax" in results:
-    ratio = results["ddpo_jax"]["samples_per_s"] / results["trl"]["samples_per_s"]
-    log(f"ratio={ratio:.2f}")
-  else:
-    log("ratio=n/a")
+  ratio = row_ratio(results)
+  log("ratio=n/a" if ratio is None else f"ratio={ratio:.2f}")
   return results
 
 

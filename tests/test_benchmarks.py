@@ -1,6 +1,8 @@
-"""benchmarks/: vs_trl.py's CLI parses and its settings checks hold (no TRL, no compilation);
-ctrl_classifiers.py runs on one small case; ctrl_digits.py's replicates move every seed and its
-replicate table gives means and sample standard deviations.
+"""benchmarks/: vs_trl.py's CLI parses and its settings checks hold, its SD-2-style tiny pipeline
+has the SD-2 layout, and --rows=all passes the flags on to one process per row and tabulates them
+(the rows' processes faked: no TRL, no compilation); ctrl_classifiers.py runs on one small case;
+ctrl_digits.py's replicates move every seed and its replicate table gives means and sample
+standard deviations.
 
 The TRL benchmark itself needs the `bench` extra (TRL) and minutes of CPU; CI installs only
 `.[test]`.
@@ -30,12 +32,14 @@ def test_help_runs_without_trl():
                           timeout=60, cwd=REPO)
   assert result.returncode == 0, result.stderr[-2000:]
   assert "--size" in result.stdout and "sd15" in result.stdout and "ratio=R" in result.stdout
+  assert "--style" in result.stdout and "--rows" in result.stdout
 
 
 def test_settings_match_trl_rules():
   vs_trl = _module()
   args = vs_trl.argparse.Namespace(size="tiny", full=False, **{k: None for k in vs_trl.SIZES["tiny"]})
   s = vs_trl.resolve_settings(args)
+  assert s["style"] == "sd1" and s["num_prompts"] == 16 and s["train_batch_size"] == 4
   assert s["num_batches"] * s["sample_batch_size"] == s["num_prompts"]
   assert s["K"] == int(s["steps"] * s["timestep_fraction"]) and s["lora"]
   assert s["optimizer_steps"] == s["num_prompts"] // (s["train_batch_size"] * s["grad_accum"])
@@ -90,3 +94,108 @@ def test_ctrl_digits_replicate_table():
   assert lines[2] == ("| multi | 100 | CTRL (backprop) | 3 | digit 0.900 ± 0.100, "
                       "thickness 0.500 ± 0.000 | 0.450 ± 0.050 | 1.500 ± 0.500 |"), lines[2]
   assert lines[3] == ("| class | all | classifier-free guidance | 1 | digit 0.970 |  | 1.500 |"), lines[3]
+
+
+def test_sd2_settings_are_the_issues_reference():
+  """tiny sd2: 32 samples per epoch, 20 DDIM steps, CFG 5, minibatch 8, all timesteps, 4 AdamW
+  steps; no SD-2 style at sd15."""
+  vs_trl = _module()
+  args = vs_trl.build_parser().parse_args(["--style=sd2", "--full"])
+  s = vs_trl.resolve_settings(args)
+  assert (s["style"], s["lora"], s["num_prompts"], s["steps"], s["guidance_scale"]) == \
+      ("sd2", False, 32, 20, 5.0)
+  assert (s["train_batch_size"], s["grad_accum"], s["K"], s["optimizer_steps"]) == (8, 1, 20, 4)
+  with pytest.raises(SystemExit, match="--style=sd2 exists for --size=tiny only"):
+    vs_trl.resolve_settings(vs_trl.build_parser().parse_args(["--size=sd15", "--style=sd2"]))
+
+
+def test_sd2_pipeline_layout():
+  """The SD-2-style pipeline's parts (no diffusers import; the benchmark builds them with
+  diffusers and loads them in ddpo_jax): linear projections, per-level heads, three levels,
+  text width = cross_attention_dim, 16x16x4 latents at 32 px; its directory is named by style."""
+  from types import SimpleNamespace
+  from ddpo_jax import sd
+  vs_trl = _module()
+  unet, vae, text = vs_trl.pipeline_components("tiny", 32, range(520), "sd2")
+  assert unet["use_linear_projection"] and unet["attention_head_dim"] == (2, 4, 8)
+  assert len(unet["block_out_channels"]) == 3 and unet["sample_size"] == 16
+  assert text["hidden_size"] == unet["cross_attention_dim"] and text["hidden_act"] == "gelu"
+  assert text["max_position_embeddings"] == vs_trl.SD_MAX_LENGTH and text["vocab_size"] == 520
+  pipe = SimpleNamespace(vae_config=SimpleNamespace(**vae), unet_config=SimpleNamespace(**unet))
+  assert sd.latent_shape(pipe, 32) == (16, 16, 4)
+  sd1_unet, _, sd1_text = vs_trl.pipeline_components("tiny", 32, range(520), "sd1")
+  assert not sd1_unet.get("use_linear_projection") and sd1_text["hidden_size"] == 32
+  names = {vs_trl.pipeline_dir_name("tiny", style, 32) for style in ("sd1", "sd2")}
+  assert len(names) == 2 and all(style in n for n, style in zip(sorted(names), ("sd1", "sd2")))
+  with pytest.raises(ValueError, match="style 'sd2' exists for size 'tiny' only"):
+    vs_trl.pipeline_components("sd15", 512, range(520), "sd2")
+
+
+def test_row_argv_passes_flags_on():
+  vs_trl = _module()
+  assert vs_trl.all_rows("tiny") == [("sd1", False), ("sd1", True), ("sd2", False), ("sd2", True)]
+  assert vs_trl.all_rows("sd15") == [("sd1", False), ("sd1", True)]
+  parser = vs_trl.build_parser()
+  args = parser.parse_args(["--rows=all", "--threads=1", "--steps=2", "--guidance_scale=3",
+                            "--no_flops", "--cache_dir=/c", "--json_out=all.json", "--style=sd1"])
+  child = parser.parse_args(vs_trl.row_argv(args, "sd2", True, "row.json"))
+  assert (child.rows, child.style, child.full, child.json_out) == ("one", "sd2", True, "row.json")
+  assert (child.threads, child.steps, child.guidance_scale, child.no_flops, child.cache_dir) == \
+      (1, 2, 3.0, True, "/c")
+  assert child.num_prompts is None and not child.skip_train_and_evaluate
+
+
+def _fake_results(vs_trl, style, full, trl_s, jax_s):
+  args = vs_trl.build_parser().parse_args([f"--style={style}"] + (["--full"] if full else []))
+  s = vs_trl.resolve_settings(args)
+  n = s["num_prompts"]
+  side = lambda t: dict(epoch_s=t, samples_per_s=n / t, sample_s=t / 2, reward_s=0.01,
+                        train_s=t / 2 - 0.01)
+  return {"size": "tiny", "style": style, "settings": s, "trl": side(trl_s),
+          "ddpo_jax": side(jax_s)}
+
+
+def test_rows_all_runs_each_row_and_prints_the_table(monkeypatch, tmp_path, capsys):
+  """--rows=all starts one process per row (faked here: it writes the row's --json_out) and
+  ends with the table, each row's ratio and the minimum as the last line."""
+  vs_trl = _module()
+  times = {"sd1-lora": (10.0, 5.0), "sd1-full": (20.0, 4.0), "sd2-lora": (8.0, 16.0),
+           "sd2-full": (9.0, 3.0)}
+  commands = []
+  real_popen = subprocess.Popen
+
+  class FakePopen:
+    def __new__(cls, cmd, **kw):  # other commands (platform's `uname -p`) run for real
+      if not (isinstance(cmd, list) and cmd[1:2] == [os.path.abspath(SCRIPT)]):
+        return real_popen(cmd, **kw)
+      return super().__new__(cls)
+
+    def __init__(self, cmd, **kw):
+      commands.append(cmd)
+      args = vs_trl.build_parser().parse_args(cmd[2:])
+      label = vs_trl.row_label(args.style, args.full)
+      with open(args.json_out, "w") as f:
+        vs_trl.json.dump(_fake_results(vs_trl, args.style, args.full, *times[label]), f)
+      self.stdout = iter([f"row {label} output\n", "ratio=1.00\n"])
+
+    def wait(self):
+      return 0
+
+  monkeypatch.setattr(subprocess, "Popen", FakePopen)
+  out = tmp_path / "all.json"
+  results = vs_trl.main(["--rows=all", "--threads=1", "--epochs=1", f"--json_out={out}"])
+  lines = capsys.readouterr().out.splitlines()
+  assert len(commands) == 4 and all("--threads=1" in c and "--epochs=1" in c for c in commands)
+  assert "[sd2-full] row sd2-full output" in lines
+  assert lines[-1] == "ratio=0.50" and results["min_ratio"] == 0.5
+  assert lines[-5:-1] == ["ratio[sd1-lora]=2.00", "ratio[sd1-full]=5.00", "ratio[sd2-lora]=0.50",
+                          "ratio[sd2-full]=3.00"]
+  table = [l for l in lines if l.startswith("| sd")]
+  assert [l.split(" | ")[0] for l in table] == ["| sd1-lora", "| sd1-full", "| sd2-lora",
+                                                "| sd2-full"]
+  cells = table[2].split(" | ")
+  assert "N=32 (calls of 8), T=20, CFG 5, mb 8x1, K=20, 4 AdamW steps" == cells[1]
+  assert cells[2:5] == ["8.00", "16.00", "0.50"] and cells[5] == "4.00 / 0.010 / 3.99"
+  saved = vs_trl.json.load(open(out))
+  assert [r["label"] for r in saved["rows"]] == list(times) and saved["min_ratio"] == 0.5
+  assert saved["rows"][3]["results"]["settings"]["style"] == "sd2"
