@@ -14,7 +14,8 @@ from ddpo_jax.config_defaults import ddpo_base
 def get_config(arg=None):
   config = ddpo_base()
   config.model = digits.model_config_defaults()
-  config.num_epochs = 14
+  # 40 epochs: held-out-judge accuracy 43% -> above 85% from epoch 30 on (README).
+  config.num_epochs = 40
   config.save_freq = 5
   config.log_image_freq = 5
   config.sample.num_steps = 20
