@@ -113,3 +113,20 @@ def test_gradients_inside_a_scan_compile_to_canonical_convolutions():
   assert _conv_dim_labels(ours.lower(w0, xs).compile().as_text()) == {CANONICAL}
   # The check can fail: lax's own gradient inside the loop is not canonical.
   assert _conv_dim_labels(plain.lower(w0, xs).compile().as_text()) != {CANONICAL}
+
+
+def test_bfloat16_gradients_keep_dtypes_and_match():
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(3, 3, 4, 6)), jnp.bfloat16)
+
+  def f(fn, x, w):
+    y = fn(x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+    return jnp.sum(y.astype(jnp.float32) ** 2)
+
+  got = jax.grad(lambda x, w: f(conv_general_dilated, x, w), (0, 1))(x, w)
+  want = jax.grad(lambda x, w: f(lax.conv_general_dilated, x, w), (0, 1))(x, w)
+  for g, r in zip(got, want):
+    assert g.dtype == jnp.bfloat16
+    g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
+    np.testing.assert_allclose(g, r, rtol=2e-2, atol=2e-2 * np.abs(r).max())
