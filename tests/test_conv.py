@@ -35,6 +35,8 @@ CASES = [  # (H, W, kernel, stride, padding)
     (6, 6, 1, 1, ((0, 0), (0, 0))),  # 1x1 projections / shortcuts
     (28, 28, 14, 14, ((0, 0), (0, 0))),  # CLIP's patch embedding
     (5, 6, 3, 1, ((2, 0), (0, 2))),  # lopsided padding
+    (9, 10, 3, 2, ((1, 0), (0, 0))),  # the stride leaves a row unread: negative high padding
+    (7, 7, 1, 2, ((0, 0), (0, 0))),  # strided 1x1
 ]
 
 

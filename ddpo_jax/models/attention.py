@@ -79,11 +79,17 @@ def _memory_efficient_attention_bwd(scale, residuals, d_out):
   def block_grads(q, k, v, d_out):
     _, w = _attention_block(q, k, v, scale)
     f32 = dict(preferred_element_type=jnp.float32)
-    d_v = jnp.einsum("nqk,nqd->nkd", w.astype(d_out.dtype), d_out, **f32)
+    # The two products that contract over the queries take the (n, Lq, Lk) matrix as the
+    # right operand, contracted over its major axis (a plain matrix product), and a small
+    # transposed (n, D, Lq) left operand; the result comes out as (n, D, Lk) and is transposed
+    # back. Written as "nqk,nqd->nkd" they contract the big matrix's major axis on the left,
+    # which XLA:CPU ran 3.4x slower (5.1 vs 1.5 ms at n=32, Lq=Lk=256, D=16).
+    t = lambda a: jnp.swapaxes(a, 1, 2)
+    d_v = t(jnp.einsum("ndq,nqk->ndk", t(d_out), w.astype(d_out.dtype), **f32))
     d_w = jnp.einsum("nqd,nkd->nqk", d_out, v, **f32)
     d_logits = (w * (d_w - jnp.sum(d_w * w, axis=-1, keepdims=True)) * scale).astype(q.dtype)
     d_q = jnp.einsum("nqk,nkd->nqd", d_logits, k, **f32)
-    d_k = jnp.einsum("nqk,nqd->nkd", d_logits, q, **f32)
+    d_k = t(jnp.einsum("ndq,nqk->ndk", t(q), d_logits, **f32))
     return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
 
   blocks = _num_blocks(q.shape[0], q.shape[1], k.shape[1])

@@ -30,6 +30,7 @@ from ddpo_jax.models import weights
 from ddpo_jax.models.attention import dot_product_attention
 from ddpo_jax.models.config_io import config_from_dict, config_to_dict
 from ddpo_jax.models.conv import conv_general_dilated
+from ddpo_jax.models.group_norm import GroupNorm
 
 Dtype = Any
 
@@ -231,8 +232,7 @@ def _conv(features, name, dtype, param_dtype, kernel=3, stride=1, padding=1):
 
 
 def _group_norm(groups, eps, name, dtype, param_dtype):
-  return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
-                      use_fast_variance=False, name=name)
+  return GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class ResnetBlock2D(nn.Module):
