@@ -103,5 +103,7 @@ def test_module_parameters_and_bad_groups():
   assert set(params) == {"scale", "bias"}
   np.testing.assert_array_equal(params["scale"], np.ones(8, np.float32))
   np.testing.assert_array_equal(params["bias"], np.zeros(8, np.float32))
+  y = GroupNorm(num_groups=4, dtype=None).apply({"params": params}, x.astype(jnp.bfloat16))
+  assert y.dtype == jnp.bfloat16  # dtype None: the input's
   with pytest.raises(ValueError, match="6 channels are not divisible into 4 groups"):
     module.init(jax.random.PRNGKey(0), jnp.ones((1, 2, 2, 6)))

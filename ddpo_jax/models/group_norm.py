@@ -107,7 +107,7 @@ group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 class GroupNorm(nn.Module):
   """`group_norm` with learned `scale` (init 1) and `bias` (init 0), both (C,) in `param_dtype`.
 
-  `__call__(x (B, ..., C)) -> (B, ..., C)` in `dtype`.
+  `__call__(x (B, ..., C)) -> (B, ..., C)` in `dtype` (None: x's dtype).
   """
   num_groups: int
   epsilon: float = 1e-5
@@ -121,4 +121,5 @@ class GroupNorm(nn.Module):
       raise ValueError(f"GroupNorm: {c} channels are not divisible into {self.num_groups} groups")
     scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-    return group_norm(x, scale, bias, self.num_groups, float(self.epsilon), jnp.dtype(self.dtype))
+    out_dtype = x.dtype if self.dtype is None else jnp.dtype(self.dtype)
+    return group_norm(x, scale, bias, self.num_groups, float(self.epsilon), out_dtype)
