@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from ddpo_jax.models.conv import conv_general_dilated
+from ddpo_jax.models.weights import host_random_params
 
 
 def resize_images(images: jax.Array, size: int | None) -> jax.Array:
@@ -114,7 +115,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *
     images = np.concatenate([np.asarray(resize_images(images[i:i + 256], input_size))
                              for i in range(0, len(images), 256)])
   key = jax.random.PRNGKey(seed)
-  params = module.init(key, jnp.zeros((1,) + images.shape[1:]))["params"]
+  params = host_random_params(jax.eval_shape(module.init, key, jnp.zeros((1,) + images.shape[1:])
+                                             )["params"], key)
   tx = optax.adamw(optax.cosine_decay_schedule(learning_rate, steps), weight_decay=weight_decay)
   opt_state = tx.init(params)
   images_d, labels_d = jnp.asarray(images), jnp.asarray(labels)

@@ -23,6 +23,7 @@ import optax
 
 from ddpo_jax import diffusion
 from ddpo_jax.models.unet import UNet2DConditionModel, UNetConfig
+from ddpo_jax.models.weights import host_random_params
 from ddpo_jax.policy import Policy
 
 NUM_CLASSES = 10
@@ -107,13 +108,27 @@ def _modules(model_config):
   return unet, PromptEmbedding(dim=model_config.context_dim)
 
 
-def init_params(model_config, key: jax.Array) -> dict:
+def abstract_params(model_config) -> dict:
+  """The {"unet", "text_encoder"} parameter tree as `jax.ShapeDtypeStruct`s (float32)."""
   unet, enc = _modules(model_config)
-  k1, k2 = jax.random.split(key)
-  ctx = enc.init(k2, jnp.zeros((1, 1), jnp.int32))["params"]
-  x = jnp.zeros((1,) + IMAGE_SHAPE)
-  u = unet.init(k1, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1, model_config.context_dim)))
-  return {"unet": u["params"], "text_encoder": ctx}
+
+  def init(key):
+    k1, k2 = jax.random.split(key)
+    ctx = enc.init(k2, jnp.zeros((1, 1), jnp.int32))["params"]
+    x = jnp.zeros((1,) + IMAGE_SHAPE)
+    u = unet.init(k1, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1, model_config.context_dim)))
+    return {"unet": u["params"], "text_encoder": ctx}
+
+  return jax.eval_shape(init, jax.random.PRNGKey(0))
+
+
+def init_params(model_config, key: jax.Array) -> dict:
+  """Random {"unet", "text_encoder"} float32 params for `model_config`, from `key` (concrete).
+
+  Drawn on the host (`host_random_params`, flax's default initialiser distributions): flax's
+  `init` run eagerly compiles one small program per parameter shape (26 s on a 2-core CPU for
+  the default model)."""
+  return host_random_params(abstract_params(model_config), key)
 
 
 def pretrain(model_config, seed: int, log=print) -> dict:
@@ -175,36 +190,54 @@ def pretrain(model_config, seed: int, log=print) -> dict:
   return ema
 
 
-def _cache_dir(model_config, seed: int) -> str:
-  if model_config.pretrained_dir:
-    return os.path.abspath(os.path.expanduser(model_config.pretrained_dir))
-  spec = json.dumps({"model": model_config.to_dict(), "seed": seed}, sort_keys=True, default=str)
-  digest = hashlib.sha256(spec.encode()).hexdigest()[:12]
+# Part of every cache key: bump it when the same settings would train different parameters
+# (2: random initialisation drawn on the host, `host_random_params`).
+_CACHE_VERSION = 2
+
+
+def _cache_dir(kind: str, spec: dict) -> str:
+  """`$DDPO_JAX_CACHE/{kind}_{hash of spec}` (default cache root ~/.cache/ddpo_jax)."""
+  text = json.dumps({**spec, "cache_version": _CACHE_VERSION}, sort_keys=True, default=str)
+  digest = hashlib.sha256(text.encode()).hexdigest()[:12]
   root = os.environ.get("DDPO_JAX_CACHE", os.path.expanduser("~/.cache/ddpo_jax"))
-  return os.path.join(root, f"digits_pretrained_{digest}")
+  return os.path.join(root, f"{kind}_{digest}")
 
 
-def load_or_pretrain(model_config, seed: int, log=print) -> dict:
-  """Loads the pre-trained digits params from the cache, pre-training them first if absent."""
+def _load_or_make(path: str, abstract, make, what: str, log) -> dict:
+  """The params tree saved at `path`/params (shapes of `abstract`), else `make()` saved there.
+
+  Restores onto this process's first device (not the device that saved it: in a multi-process
+  run that device may belong to another process). Orbax writes to a temporary directory and
+  renames it on success: an interrupted save leaves no `params` directory, so the next run
+  makes them again instead of loading junk."""
   import orbax.checkpoint as ocp
-  path = _cache_dir(model_config, seed)
-  abstract = jax.eval_shape(functools.partial(init_params, model_config), jax.random.PRNGKey(0))
-  # Restore onto this process's first device (not the device that saved it: in a multi-process
-  # run that device may belong to another process).
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
   ckptr = ocp.StandardCheckpointer()
   if os.path.isdir(os.path.join(path, "params")):
-    log(f"loading pre-trained digits model from {path}")
+    log(f"loading {what} from {path}")
     return ckptr.restore(os.path.join(path, "params"), abstract)
-  log(f"no pre-trained digits model at {path}: pre-training one ({model_config.pretrain.steps} steps)")
-  params = pretrain(model_config, seed, log=log)
+  params = make()
   os.makedirs(path, exist_ok=True)
-  # Orbax writes to a temporary directory and renames it on success: an interrupted save
-  # leaves no `params` directory, so the next run pre-trains again instead of loading junk.
   ckptr.save(os.path.join(path, "params"), jax.device_get(params))  # host arrays: any topology
   ckptr.wait_until_finished()
   return params
+
+
+def load_or_pretrain(model_config, seed: int, log=print) -> dict:
+  """Loads the pre-trained digits params from the cache (`model.pretrained_dir`, or one keyed
+  by the model config and seed), pre-training them first if absent."""
+  if model_config.pretrained_dir:
+    path = os.path.abspath(os.path.expanduser(model_config.pretrained_dir))
+  else:
+    path = _cache_dir("digits_pretrained", {"model": model_config.to_dict(), "seed": seed})
+
+  def make():
+    log(f"no pre-trained digits model at {path}: pre-training one "
+        f"({model_config.pretrain.steps} steps)")
+    return pretrain(model_config, seed, log=log)
+
+  return _load_or_make(path, abstract_params(model_config), make, "pre-trained digits model", log)
 
 
 def make_policy(config) -> Policy:
@@ -264,11 +297,22 @@ def use_tiny_model(model_config) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def reward_classifier(seed: int = 0):
-  """The digit classifier of the reward: a SmallCNN trained on the training split."""
+def reward_classifier(seed: int = 0, log=print):
+  """The digit classifier of the reward: a SmallCNN trained on the training split (600 AdamW
+  steps, pixel noise 0.05), cached on disk beside the pre-trained model."""
   from ddpo_jax import classifier
-  images, labels = load_digits_split("train")
-  return classifier.train_classifier(images, labels, NUM_CLASSES, seed=seed, augment_noise=0.05)
+  settings = {"seed": seed, "augment_noise": 0.05}
+  module = classifier.SmallCNN(num_classes=NUM_CLASSES)
+  abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1,) + IMAGE_SHAPE))
+  path = _cache_dir("digits_reward_classifier", settings)
+
+  def make():
+    images, labels = load_digits_split("train")
+    log(f"no digits reward classifier at {path}: training one")
+    return classifier.train_classifier(images, labels, NUM_CLASSES, **settings).params
+
+  params = _load_or_make(path, abstract["params"], make, "the digits reward classifier", log)
+  return classifier.Classifier(module=module, params=params)
 
 
 @functools.lru_cache(maxsize=1)

@@ -541,8 +541,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
       f"{t_compile_update:.1f} s")
   concat = jax.jit(lambda trajs: jax.tree.map(lambda *xs: jnp.concatenate(xs), *trajs),
                    out_shardings=data)
-  finite = jax.jit(lambda p: jax.tree.reduce(
-      jnp.logical_and, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), p)), out_shardings=repl)
 
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
   last = {}
@@ -598,7 +596,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
       state, metrics = update_fn(state, frozen, traj, adv_dev, scale_dev, rew_dev,
                                  put_key(epoch, 10_000, inner))
     metrics = parallel.to_host(metrics)
-    params_ok = bool(parallel.to_host(finite(state.params)))
+    params_ok = _params_finite(state.params)
     t_updated = time.time()
     if not all(np.isfinite(v) for v in metrics.values()) or not params_ok:
       raise FloatingPointError(f"epoch {epoch}: non-finite loss or parameters ({metrics}); "
@@ -633,7 +631,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   return {k: float(v) for k, v in last.items()}
 
 
+@jax.jit
+def _all_finite(params) -> jax.Array:
+  return jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), params))
+
+
 def _params_finite(params) -> bool:
-  """Whether every parameter is finite (a collective when `params` span several processes)."""
-  return bool(parallel.to_host(jax.tree.reduce(
-      lambda a, b: a & b, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), params))))
+  """Whether every parameter is finite (a collective when `params` span several processes); one
+  compiled program (eagerly, two small programs per parameter shape)."""
+  return bool(parallel.to_host(_all_finite(params)))

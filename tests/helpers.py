@@ -9,6 +9,21 @@ import numpy as np
 from conftest import REPO
 
 
+# LLVM optimisation for one program (conftest compiles everything at -O0), for the few tests
+# whose programs run for minutes rather than compile for seconds.
+OPTIMIZED = {"xla_backend_optimization_level": 3}
+
+
+def compile_optimized(fn, *args):
+  """`jax.jit(fn)` compiled for `args` with `OPTIMIZED`; call it with arrays of their shapes."""
+  return jax.jit(fn).lower(*args).compile(compiler_options=OPTIMIZED)
+
+
+def xla_flags(*flags: str) -> str:
+  """The tests' XLA_FLAGS (conftest's, from the environment) followed by `flags`."""
+  return " ".join((os.environ.get("XLA_FLAGS", ""),) + flags).strip()
+
+
 def load_config(name, variant=None, **overrides):
   """configs/NAME.py's get_config(variant) with dotted-key overrides ("train.batch_size")."""
   sys.path.insert(0, os.path.join(REPO, "configs"))

@@ -14,13 +14,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from helpers import load_config
+from helpers import load_config, xla_flags
 
 from ddpo_jax import checkpoints, parallel, train
 
 LAUNCHER = os.path.join(REPO, "launch", "local_multiprocess.sh")
-# Every run compared below compiles with the same flags; -O0 halves the CPU compile times.
-FAST_XLA = "--xla_backend_optimization_level=0"
 
 
 def _free_port() -> int:
@@ -71,7 +69,7 @@ def test_two_processes_equal_one_process_after_kill_and_resume(digits_cache, tmp
   config = tmp_path / "config.py"
   config.write_text(_HOST_REWARD_CONFIG.format(repo=REPO))
   common = [f"--config={config}", "--config.train.adam_epsilon=1e-4"]
-  env = {**os.environ, "XLA_FLAGS": f"{FAST_XLA} --xla_force_host_platform_device_count=4"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4")}
   one = subprocess.run([sys.executable, "-m", "ddpo_jax.main", f"--workdir={tmp_path / 'one'}",
                         *common], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]
@@ -79,7 +77,7 @@ def test_two_processes_equal_one_process_after_kill_and_resume(digits_cache, tmp
 
   multi = [LAUNCHER, "2", f"--workdir={tmp_path / 'multi'}", *common, "--config.mesh.fsdp=2",
            "--config.mesh.fsdp_min_size=64", f"--config.compilation_cache_dir={tmp_path / 'xla'}"]
-  env = {**os.environ, "XLA_FLAGS": FAST_XLA, "DEVICES_PER_PROCESS": "2"}
+  env = {**os.environ, "DEVICES_PER_PROCESS": "2"}
   # First launch: killed, all processes at once, as soon as checkpoint 1 is committed (the run
   # is then in epoch 1 of 2).
   log = tmp_path / "killed.log"
@@ -174,7 +172,7 @@ def test_multiprocess_batch_helpers(tmp_path):
   worker = tmp_path / "worker.py"
   worker.write_text(_WORKER)
   port = str(_free_port())
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+  env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2"),
          "PYTHONPATH": REPO}
   procs = [subprocess.Popen([sys.executable, str(worker), str(i), port], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -204,7 +202,7 @@ def test_unreachable_coordinator_is_a_clear_error(tmp_path):
 ])
 def test_mismatched_process_counts_fail_on_every_process(tmp_path, counts, message):
   port = _free_port()
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2")}
   t0 = time.time()
   procs = [subprocess.Popen(
       _main_cmd(f"--workdir={tmp_path}", f"--coordinator_address=127.0.0.1:{port}",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from helpers import load_config, one_update
+from helpers import load_config, one_update, xla_flags
 
 from ddpo_jax import checkpoints, parallel, train
 
@@ -146,7 +146,7 @@ def test_four_devices_equal_one_device(digits_cache, tmp_path):
   one = _run_main(tmp_path / "one", *overrides)
   assert one.returncode == 0, one.stderr[-3000:]
   four = _run_main(tmp_path / "four", *overrides,
-                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+                   env={"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4")})
   assert four.returncode == 0, four.stderr[-3000:]
   assert "4 devices" in four.stdout + four.stderr
   row_one = json.loads(open(tmp_path / "one" / "metrics.jsonl").readline())
@@ -276,7 +276,7 @@ def test_gradient_is_reduced_once_per_optimizer_step(tmp_path):
   script.write_text(_COLLECTIVES_PER_LOOP.format(repo=REPO, tests=os.path.join(REPO, "tests")))
   run = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True,
                        timeout=600, env={**os.environ,
-                                         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+                                         "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4")})
   assert run.returncode == 0, run.stderr[-3000:]
   loops = json.loads(run.stdout.split("LOOPS", 1)[1])
   micro = [c for trips, c in loops if trips == 10]

@@ -33,6 +33,7 @@ import numpy as np
 
 from ddpo_jax import diffusion
 from ddpo_jax.policy import Policy, build_base_policy
+from ddpo_jax.models.weights import host_random_params
 from ddpo_jax.rewards import Reward
 
 METHODS = ("ctrl", "cfg", "classifier_guidance")
@@ -310,8 +311,9 @@ def _classifier_guidance_policy(config, base: Policy, controls, datasets, base_f
   for c in controls:
     module = classifiers.NoisyClassifier(num_classes=c.num_classes)
     shape = (1,) + tuple(base.latent_shape)
-    init[c.name] = module.init(jax.random.PRNGKey(0), jnp.zeros(shape),
-                               jnp.zeros((1,), jnp.int32))["params"]
+    init[c.name] = host_random_params(jax.eval_shape(module.init, jax.random.PRNGKey(0),
+                                                     jnp.zeros(shape), jnp.zeros((1,), jnp.int32)
+                                                     )["params"], jax.random.PRNGKey(0))
     modules[c.name] = module
   frozen = {**base_frozen, "ctrl_base": base.params["unet"]}
 

@@ -233,7 +233,7 @@ def init_pipeline(unet_config: UNetConfig, vae_config: VAEConfig, text_config, k
                   remat: bool = False) -> Pipeline:
   """A randomly initialised pipeline (no files), e.g. to benchmark full-size architectures.
 
-  UNet and VAE parameters are drawn on the host (`unet.host_random_params`, no compilation);
+  UNet and VAE parameters are drawn on the host (`weights.host_random_params`, no compilation);
   the text encoder uses `clip.init_clip_text_params` under jit.
   """
   ku, kv, kt = jax.random.split(key, 3)

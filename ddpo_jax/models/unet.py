@@ -693,49 +693,10 @@ def abstract_unet_params(config: UNetConfig, dtype: Dtype = jnp.float32) -> dict
   return jax.eval_shape(lambda k: model.init(k, *_dummy_inputs(config)), key)["params"]
 
 
-def host_random_params(abstract, key: jax.Array, dtype: Dtype = jnp.float32) -> dict:
-  """Random parameters for an abstract tree, drawn on the host with NumPy.
-
-  The distributions are those of Flax's default initialisers: `kernel` truncated normal with
-  fan-in variance (lecun_normal), `embedding` normal with variance 1/num_embeddings, `scale` ones,
-  everything else (biases) zeros. Unlike `jax.jit(module.init)`, this compiles nothing: XLA
-  takes tens of seconds to compile the init of even a tiny UNet on CPU (one threefry per leaf).
-
-  Args:
-    abstract: a parameter tree of arrays or `jax.ShapeDtypeStruct`s.
-    key: a JAX PRNG key (raw uint32 or typed); only its bits seed the NumPy generator.
-    dtype: dtype of the returned (device) arrays.
-  """
-  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.key_data(key)
-  rng = np.random.default_rng([int(x) for x in np.asarray(key).ravel()])
-  flat = traverse_util.flatten_dict(abstract.unfreeze() if hasattr(abstract, "unfreeze")
-                                    else dict(abstract))
-  out = {}
-  for path in sorted(flat):
-    shape, leaf = tuple(flat[path].shape), path[-1]
-    if leaf == "kernel":
-      x = rng.standard_normal(shape, dtype=np.float32)
-      bad = np.abs(x) > 2.0
-      while bad.any():  # truncate to [-2, 2] by resampling
-        x[bad] = rng.standard_normal(int(bad.sum()), dtype=np.float32)
-        bad = np.abs(x) > 2.0
-      # 0.8796... = std of a unit normal truncated to [-2, 2] (as jax.nn.initializers).
-      x *= np.float32(1.0 / np.sqrt(np.prod(shape[:-1])) / 0.87962566103423978)
-    elif leaf == "embedding":
-      x = rng.standard_normal(shape, dtype=np.float32) * np.float32(1.0 / np.sqrt(shape[0]))
-    elif leaf == "scale":
-      x = np.ones(shape, np.float32)
-    else:
-      x = np.zeros(shape, np.float32)
-    out[path] = jnp.asarray(x.astype(jnp.dtype(dtype)))
-  return traverse_util.unflatten_dict(out)
-
-
 def init_unet_params(config: UNetConfig, key: jax.Array, dtype: Dtype = jnp.float32) -> dict:
   """Randomly initialised parameters in `dtype` (Flax default initialiser distributions, drawn
   on the host by `host_random_params`: no compilation)."""
-  return host_random_params(abstract_unet_params(config), key, dtype)
+  return weights.host_random_params(abstract_unet_params(config), key, dtype)
 
 
 def unet_from_torch(state_dict, config: UNetConfig, source: str = "<state dict>",

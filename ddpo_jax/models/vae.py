@@ -20,7 +20,7 @@ import numpy as np
 from ddpo_jax.models import weights
 from ddpo_jax.models.config_io import config_from_dict, config_to_dict
 from ddpo_jax.models.unet import (Downsample2D, ResnetBlock2D, Upsample2D, _conv, _group_norm,
-                                  _tuple, attention_projections, host_random_params)
+                                  _tuple, attention_projections)
 
 Dtype = Any
 
@@ -275,8 +275,8 @@ def abstract_vae_params(config: VAEConfig, dtype: Dtype = jnp.float32) -> dict:
 
 def init_vae_params(config: VAEConfig, key: jax.Array, dtype: Dtype = jnp.float32) -> dict:
   """Randomly initialised parameters in `dtype` (Flax default initialiser distributions, drawn
-  on the host by `unet.host_random_params`: no compilation)."""
-  return host_random_params(abstract_vae_params(config), key, dtype)
+  on the host by `weights.host_random_params`: no compilation)."""
+  return weights.host_random_params(abstract_vae_params(config), key, dtype)
 
 
 def vae_from_torch(state_dict, config: VAEConfig, source: str = "<state dict>",
