@@ -105,18 +105,29 @@ def _run(args, timeout=600):
   return result
 
 
-@pytest.mark.parametrize("config_name,variant,labels", [
-    ("ctrl_digits_class", "runlocal", "0,1,2,3"),
-    ("ctrl_digits_multi", "runlocal,cfg", "3:0,3:2"),
-    ("ctrl_digits_thickness", "runlocal,cg", "0,2"),
-    ("ctrl_digits_class", "runlocal,ddpo", "5"),
+# The ddpo solver's run overrides the ctrl weights on the command line: the run must use them
+# (they were copied into train.* / reward.* before the overrides applied, and ignored).
+_DDPO_OVERRIDES = ("--config.ctrl.kl_weight=0.5", "--config.ctrl.reward_weight=2.0",
+                   "--config.ctrl.kl_reduction=sum")
+
+
+@pytest.mark.parametrize("config_name,variant,labels,overrides", [
+    ("ctrl_digits_class", "runlocal", "0,1,2,3", ()),
+    ("ctrl_digits_multi", "runlocal,cfg", "3:0,3:2", ()),
+    ("ctrl_digits_thickness", "runlocal,cg", "0,2", ()),
+    ("ctrl_digits_class", "runlocal,ddpo", "5", _DDPO_OVERRIDES),
 ])
-def test_train_sample_evaluate_cli(digits_cache, tmp_path, config_name, variant, labels):
+def test_train_sample_evaluate_cli(digits_cache, tmp_path, config_name, variant, labels, overrides):
   """`ddpo_jax.main` trains (and evaluates) each method on the digits configs' two CPU devices
-  (`cpu_devices`); the sample CLI cycles --labels and stores them in the npz."""
+  (`cpu_devices`); the sample CLI cycles --labels and stores them in the npz. The ddpo solver
+  trains with the ctrl weights given on the command line, and its saved config says so."""
   workdir = tmp_path / "run"
   train_run = _run(["-m", "ddpo_jax.main", f"--config={REPO}/configs/{config_name}.py:{variant}",
-                    f"--workdir={workdir}"])
+                    f"--workdir={workdir}", *overrides])
+  if overrides:
+    saved = json.loads(checkpoints.read_state(str(workdir))[2]["config"])
+    assert saved["train"]["kl_coef"] == 0.5 and saved["train"]["kl_reduction"] == "sum"
+    assert saved["reward"]["weights"] == {"ctrl_log_likelihood": 2.0}
   assert "training on 2 devices (cpu, 1 process, mesh {'data': 2, 'fsdp': 1})" in train_run.stdout
   assert checkpoints.manager(str(workdir), read_only=True).latest_step() >= 1
   result = json.load(open(workdir / "eval.json"))
@@ -170,6 +181,33 @@ def test_bad_input_errors_before_training(digits_cache, tmp_path):
                                  str(tmp_path / "c"))
   with pytest.raises(ValueError, match="unknown CTRL config variant"):
     load_config("ctrl_digits_class", "runlocal,bogus")
+  # the ddpo solver derives train.kl_coef / reward.weights from ctrl.*: setting them apart fails
+  for field, value, match in [("train.kl_coef", 0.3, "ctrl.kl_weight"),
+                              ("reward.weights", {"jpeg_compressibility": 1.0}, "ctrl.reward_weight")]:
+    config = load_config("ctrl_digits_class", "runlocal,ddpo", **{field: value})
+    with pytest.raises(ValueError, match=match):
+      trainer.train_and_evaluate(config, str(tmp_path / "d"))
+
+
+def test_offline_images_are_encoded_in_bounded_chunks():
+  """The classifier-guidance baseline encodes its offline images `ENCODE_CHUNK` at a time
+  (one VAE call on all of them needs hundreds of GB at 512 px): one compiled program whose
+  batch never exceeds the chunk, the same encodings in the same order as one call."""
+  traced = []
+
+  def encode(w, images):  # a nonlinear per-image map, recording the batch it is traced for
+    traced.append(images.shape[0])
+    return jnp.tanh(images.reshape(images.shape[0], -1) @ w)
+
+  rng = np.random.default_rng(0)
+  images, w = rng.normal(size=(21, 4, 4, 3)).astype(np.float32), rng.normal(size=(48, 5)).astype(np.float32)
+  got = trainer.encode_in_chunks(encode, jnp.asarray(w), images, chunk=8)
+  assert traced == [8]  # 3 calls, the last padded: one program
+  want = np.tanh(images.reshape(21, -1).astype(np.float64) @ w.astype(np.float64))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert trainer.encode_in_chunks(encode, jnp.asarray(w), images[:3], chunk=8).shape == (3, 5)
+  with pytest.raises(ValueError, match="no images"):
+    trainer.encode_in_chunks(encode, jnp.asarray(w), images[:0])
 
 
 def test_cpu_devices_must_not_be_negative(tmp_path):

@@ -127,13 +127,9 @@ def apply_variants(config, arg) -> ml_collections.ConfigDict:
 
 def use_ddpo_solver(config) -> None:
   """The PPO route: contexts (c, y), terminal reward log p̂(y | x_0), per-step penalty
-  −α·KL_t (train.kl_coef = kl_weight, the same reduction; see `train.make_update_fn`), stat
-  tracking per (c, y)."""
+  −α·KL_t (see `ddpo_solver_config` and `train.make_update_fn`), stat tracking per (c, y)."""
   c = config.ctrl
   c.solver = "ddpo"
-  config.reward.weights = ml_collections.ConfigDict({"ctrl_log_likelihood": float(c.reward_weight)})
-  config.train.kl_coef = float(c.kl_weight)
-  config.train.kl_reduction = c.kl_reduction
   config.train.clip_range = 0.2
   config.train.learning_rate = 3e-4
   config.train.timestep_fraction = 0.5
@@ -144,6 +140,38 @@ def use_ddpo_solver(config) -> None:
   config.per_prompt_stat_tracking.enabled = True
   config.per_prompt_stat_tracking.buffer_size = 32
   config.per_prompt_stat_tracking.min_count = 16
+
+
+# The DDPO keys the "ddpo" solver derives from `ctrl`: (key, its value in ctrl_base, derivation).
+_DERIVED_DDPO_KEYS = (
+    ("train.kl_coef", 0.0, lambda c: float(c.kl_weight), "ctrl.kl_weight"),
+    ("train.kl_reduction", "mean", lambda c: c.kl_reduction, "ctrl.kl_reduction"),
+    ("reward.weights", {"ctrl_log_likelihood": 1.0},
+     lambda c: {"ctrl_log_likelihood": float(c.reward_weight)}, "ctrl.reward_weight"),
+)
+
+
+def ddpo_solver_config(config) -> ml_collections.ConfigDict:
+  """The config the "ddpo" solver trains with: a copy of `config` whose `train.kl_coef`,
+  `train.kl_reduction` and `reward.weights` are derived from `ctrl.kl_weight`,
+  `ctrl.kl_reduction` and `ctrl.reward_weight`, at run time (after command-line overrides), so
+  the `ctrl` keys are the one place to set them and the saved config shows what the run used.
+
+  Raises:
+    ValueError: one of the derived keys was set to another value than both its default and
+      the derived one (set the `ctrl` key instead).
+  """
+  out = ml_collections.ConfigDict(config.to_dict())
+  for key, default, derive, source in _DERIVED_DDPO_KEYS:
+    section, name = key.split(".")
+    value = out[section][name]
+    value = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+    wanted = derive(out.ctrl)
+    if value not in (default, wanted):
+      raise ValueError(f"{key}={value!r}: the ddpo solver derives it from {source} (here "
+                       f"{wanted!r}); set {source} instead")
+    out[section][name] = ml_collections.ConfigDict(wanted) if isinstance(wanted, dict) else wanted
+  return out
 
 
 def runlocal(config) -> None:
