@@ -42,7 +42,9 @@ def ddpo_base() -> ml_collections.ConfigDict:
   sample.num_batches_per_epoch = 2
 
   train = config.train = ml_collections.ConfigDict()
-  train.algorithm = "ppo"  # "ppo" (DDPO-IS), "sf" (DDPO-SF), "rwr", "rwr_sparse"
+  # "ppo" (DDPO-IS), "sf" (DDPO-SF: one optimizer step per data collection, i.e.
+  # train.batch_size * gradient_accumulation_steps = the samples per epoch), "rwr", "rwr_sparse"
+  train.algorithm = "ppo"
   train.batch_size = 4
   train.learning_rate = 3e-4
   train.adam_beta1 = 0.9
@@ -61,7 +63,7 @@ def ddpo_base() -> ml_collections.ConfigDict:
   # at the sampled x_t (SPEC §4); the sampler then also runs the pre-trained UNet per step
   train.kl_coef = 0.0
   train.kl_reduction = "mean"  # over latent dims: "mean" (like the log-prob) or "sum" (exact KL)
-  train.rwr_beta = 1.0  # RWR weights ∝ exp(reward / beta)
+  train.rwr_beta = 5.0  # RWR weights ∝ exp(reward / beta) (the original's temperature 1/5)
   train.rwr_quantile = 0.9  # RWR-sparse trains on samples with reward ≥ this batch quantile
 
   tracking = config.per_prompt_stat_tracking = ml_collections.ConfigDict()

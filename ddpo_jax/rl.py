@@ -209,15 +209,20 @@ def rwr_weights(rewards: Array, beta: float) -> Array:
 
 
 def rwr_sparse_weights(rewards: Array, quantile: float) -> Array:
-  """Sparse RWR / filtered fine-tuning weights: 1 where r >= the batch's `quantile` (linear
-  interpolation, `jnp.quantile`'s default), else 0.
+  """Sparse RWR / filtered fine-tuning weights: B / k where r >= the batch's `quantile` (linear
+  interpolation, `jnp.quantile`'s default; k samples kept), else 0.
+
+  The original (Black et al.'s JAX code) trains with unit weights on a dataset of the kept
+  samples only, so its loss is the mean over the kept samples. Weights that average to 1 over
+  the batch give `mean(w * denoising_loss_terms)` = that mean, whatever fraction is kept (0/1
+  weights would scale the gradient by k / B).
 
   Args:
     rewards: (B,). quantile: in [0, 1] (e.g. 0.9 keeps roughly the top 10%).
 
   Returns:
-    (B,) float32 weights in {0, 1}.
+    (B,) float32 weights in {0, B / k}.
   """
   r = jax.lax.stop_gradient(jnp.asarray(rewards, jnp.float32))
-  threshold = jnp.quantile(r, quantile)
-  return (r >= threshold).astype(jnp.float32)
+  keep = (r >= jnp.quantile(r, quantile)).astype(jnp.float32)  # k >= 1: the maximum is kept
+  return keep * (r.shape[0] / jnp.sum(keep))

@@ -71,6 +71,14 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     raise ValueError(
         f"samples per epoch (sample.batch_size*sample.num_batches_per_epoch={total}) must be a "
         f"multiple of train.batch_size*train.gradient_accumulation_steps={group}")
+  if t.algorithm == "sf" and (total != group or int(t.num_inner_epochs) != 1):
+    # DDPO-SF's gradient is the score-function gradient at the sampling params: a second step
+    # on the same samples would be off-policy without an importance weight (that is DDPO-IS).
+    raise ValueError(
+        f"train.algorithm='sf' takes one optimizer step per data collection (DDPO-SF, Black et "
+        f"al. 2023, section 4.2): set train.batch_size*train.gradient_accumulation_steps={group} "
+        f"equal to the samples per epoch (sample.batch_size*sample.num_batches_per_epoch="
+        f"{total}) and train.num_inner_epochs=1 (got {t.num_inner_epochs})")
   if t.kl_coef < 0 or (t.kl_coef > 0 and t.algorithm not in ("ppo", "sf")):
     raise ValueError(f"train.kl_coef={t.kl_coef}: the KL penalty needs kl_coef >= 0 and "
                      f"train.algorithm 'ppo' or 'sf' (got {t.algorithm!r})")
@@ -231,8 +239,12 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
     metrics = {}
     unet_params = policy.assemble_unet(unet_params, frozen)  # e.g. LoRA merged into the base
     if tc.algorithm in ("rwr", "rwr_sparse"):
+      # With train.cfg the regression target is the guided eps, as in the original's RWR
+      # (`train_cfg`: eps_u + w (eps_c - eps_u) against the noise).
+      def eps_fn(p, x, t, context, labels):
+        return diffusion.guided_eps(policy.eps_fn, p, x, t, context, uncond, guidance, labels)
       per_sample = diffusion.denoising_loss_terms(
-          policy.eps_fn, unet_params, key, batch["x0"], batch["context"],
+          eps_fn, unet_params, key, batch["x0"], batch["context"],
           batch["class_labels"], sched.alphas_cumprod)
       loss = jnp.mean(batch["weights"] * per_sample)
       return loss, {"loss": loss}

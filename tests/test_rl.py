@@ -152,10 +152,72 @@ def test_rwr_weights():
 
 
 def test_rwr_sparse_weights():
+  """Kept samples weigh B / k (the mean over the kept samples, as the original's filtered
+  dataset): the weights average to 1 whatever fraction is kept."""
   r = jnp.array([5.0, 1.0, 4.0, 2.0, 3.0])
-  np.testing.assert_array_equal(rl.rwr_sparse_weights(r, 0.6), [1, 0, 1, 0, 0])  # q = 3.4
-  np.testing.assert_array_equal(rl.rwr_sparse_weights(r, 0.5), [1, 0, 1, 0, 1])  # q = 3
-  np.testing.assert_array_equal(rl.rwr_sparse_weights(r, 0.0), [1, 1, 1, 1, 1])
+  np.testing.assert_allclose(rl.rwr_sparse_weights(r, 0.6), [2.5, 0, 2.5, 0, 0], rtol=1e-6)  # q = 3.4
+  np.testing.assert_allclose(rl.rwr_sparse_weights(r, 0.5), [5 / 3, 0, 5 / 3, 0, 5 / 3], rtol=1e-6)
+  np.testing.assert_allclose(rl.rwr_sparse_weights(r, 0.0), [1, 1, 1, 1, 1], rtol=1e-6)
+  np.testing.assert_allclose(rl.rwr_sparse_weights(r, 1.0), [5, 0, 0, 0, 0], rtol=1e-6)
+
+
+def _prompt_linear_policy():
+  """A denoiser whose eps depends on the prompt: eps = a·x + b·mean(context), context a
+  per-prompt constant (prompt i -> i + 1, "" -> 0), 2x2x1 latents."""
+  from ddpo_jax.policy import Policy
+  scheduler = {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
+               "num_train_timesteps": 1000, "steps_offset": 1, "set_alpha_to_one": False,
+               "prediction_type": "epsilon"}
+  prompts = ["", "p1", "p2"]
+
+  def eps_fn(p, x, t, context, labels, added_time_emb=None):
+    return p["a"] * x + p["b"] * jnp.mean(context, axis=(1, 2))[:, None, None, None]
+
+  return Policy(
+      params={"unet": {"a": jnp.float32(0.3), "b": jnp.float32(0.7)}}, eps_fn=eps_fn,
+      tokenize=lambda ps: np.asarray([[prompts.index(q)] for q in ps], np.int32),
+      encode_prompts=lambda p, ids: ids[..., None].astype(jnp.float32),
+      decode=lambda p, x0: jnp.clip(x0 / 2 + 0.5, 0, 1), latent_shape=(2, 2, 1),
+      scheduler_config=scheduler,
+      prompt_fn=lambda rng, n: [prompts[1 + int(i)] for i in rng.integers(0, 2, n)],
+      prompt_metadata=lambda ps: {})
+
+
+@pytest.mark.parametrize("algorithm", ["rwr", "rwr_sparse"])
+def test_rwr_regresses_the_guided_eps_with_train_cfg(algorithm):
+  """With train.cfg (the original's `train_cfg`) RWR's denoising target is the guided eps:
+  its loss equals that of train.cfg=False on a policy whose eps IS the guided one (same keys,
+  so the same noise), and differs from the unguided loss."""
+  import dataclasses
+  from ddpo_jax import diffusion, parallel, train
+  from helpers import load_config
+  policy = _prompt_linear_policy()
+  w = 5.0
+
+  def guided(p, x, t, context, labels, added_time_emb=None):
+    uncond = jnp.zeros((1,) + context.shape[1:])
+    return diffusion.guided_eps(policy.eps_fn, p, x, t, context, uncond, w, labels)
+
+  losses = {}
+  for name, pol, cfg in (("cfg", policy, True), ("guided_eps", dataclasses.replace(policy, eps_fn=guided), False),
+                         ("unguided", policy, False)):
+    config = load_config("default", "runlocal", **{
+        "train.algorithm": algorithm, "train.cfg": cfg, "sample.guidance_scale": w,
+        "sample.batch_size": 8, "train.batch_size": 8, "train.learning_rate": 0.0})
+    mesh = parallel.make_mesh()
+    opt = train.make_optimizer(config.train)
+    frozen = train.frozen_params(pol, config)
+    ids = jnp.asarray(pol.tokenize(pol.prompt_fn(np.random.default_rng(0), 8)))
+    traj, _, _ = train.make_sample_fn(policy, config, [], mesh)(
+        policy.params["unet"], frozen, jax.random.PRNGKey(0), ids, {})
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.copy, pol.params["unet"]),
+                             opt_state=opt.init(pol.params["unet"]), rng=jax.random.PRNGKey(0))
+    rewards = jnp.arange(8, dtype=jnp.float32)
+    _, metrics = train.make_update_fn(pol, config, opt, mesh)(
+        state, frozen, traj, jnp.zeros(8), jnp.ones(8), rewards, jax.random.PRNGKey(1))
+    losses[name] = float(metrics["loss"])
+  np.testing.assert_allclose(losses["cfg"], losses["guided_eps"], rtol=1e-5)
+  assert abs(losses["cfg"] - losses["unguided"]) > 1e-2 * abs(losses["unguided"]), losses
 
 
 def test_ppo_clipfrac_with_ddpo_clip_range():

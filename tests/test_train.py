@@ -182,10 +182,21 @@ class _FakeMesh:
      "multiple of"),
     ({"train.kl_coef": 0.1, "train.algorithm": "rwr"}, "KL penalty needs"),
     ({"train.kl_coef": 0.1, "train.cfg": False}, r"train.cfg=True\), or sample without it"),
+    # DDPO-SF: one optimizer step per data collection (8 samples, minibatches of 4: 2 steps)
+    ({"train.algorithm": "sf", "sample.batch_size": 8, "train.batch_size": 4},
+     "one optimizer step per data collection"),
+    ({"train.algorithm": "sf", "sample.batch_size": 8, "train.batch_size": 4,
+      "train.gradient_accumulation_steps": 2, "train.num_inner_epochs": 2}, "num_inner_epochs=1"),
 ])
 def test_bad_config_values(overrides, message):
   with pytest.raises(ValueError, match=message):
     train.validate_config(_config(**overrides), _FakeMesh())
+
+
+def test_sf_with_one_step_per_collection_is_accepted():
+  train.validate_config(_config(**{"train.algorithm": "sf", "sample.batch_size": 8,
+                                   "train.batch_size": 4, "train.gradient_accumulation_steps": 2}),
+                        _FakeMesh())
 
 
 def test_unknown_config_key_is_rejected(tmp_path):
