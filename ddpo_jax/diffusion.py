@@ -335,16 +335,22 @@ def ddim_step_with_logprob(alphas_cumprod: Array, eps: Array, t: Array, prev_t: 
 
 def guided_eps(eps_fn: EpsFn, params: Any, x: Array, t: Array, context: Array,
                uncond_context: Optional[Array], guidance_scale: float,
-               class_labels: Optional[Array] = None) -> Array:
+               class_labels: Optional[Array] = None,
+               uncond_class_labels: Optional[Array] = None) -> Array:
   """Noise prediction with classifier-free guidance on the prompt.
 
   If `guidance_scale == 1.0` (a static Python float) calls `eps_fn(params, x, t, context,
   class_labels)`. Otherwise calls `eps_fn` ONCE on the 2B batch [uncond; cond] and returns
-  eps_u + w (eps_c - eps_u); the class labels (if any) are the same in both halves.
+  eps_u + w (eps_c - eps_u): eps_c = eps(c, y) with `class_labels`, eps_u = eps(∅, y_u) with
+  `uncond_class_labels` (None: the same labels as eps_c). CTRL passes its null labels as y_u,
+  as its reference code does, so w scales the control's effect as it scales the prompt's:
+  eps(∅, null) + w (eps(c, y) − eps(∅, null)) (README, "CTRL").
 
   Args:
     x: (B, H, W, C). t: (B,) int32. context: (B, L, D). uncond_context: (1, L, D) or (B, L, D)
-      (unused when guidance_scale == 1). class_labels: (B,) int32 or None.
+      (unused when guidance_scale == 1). class_labels: (B,) or (B, M) int32, or None.
+    uncond_class_labels: labels of the unconditional half, broadcastable to `class_labels`
+      (e.g. (M,) null labels), or None.
 
   Returns:
     (B, H, W, C) float32 (or the dtype of `x` if wider).
@@ -360,7 +366,12 @@ def guided_eps(eps_fn: EpsFn, params: Any, x: Array, t: Array, context: Array,
   x2 = jnp.concatenate([x, x], axis=0)
   t2 = jnp.concatenate([t, t], axis=0)
   c2 = jnp.concatenate([uncond, context], axis=0)
-  y2 = None if class_labels is None else jnp.concatenate([class_labels, class_labels], axis=0)
+  if class_labels is None:
+    y2 = None
+  else:
+    y_u = class_labels if uncond_class_labels is None else jnp.broadcast_to(
+        jnp.asarray(uncond_class_labels, class_labels.dtype), class_labels.shape)
+    y2 = jnp.concatenate([y_u, class_labels], axis=0)
   eps = eps_fn(params, x2, t2, c2, y2).astype(dtype)
   eps_u, eps_c = eps[:b], eps[b:]
   return eps_u + guidance_scale * (eps_c - eps_u)
@@ -408,9 +419,10 @@ class Trajectory:
 
 
 def _step(eps_fn, params, x, t, prev_t, context, uncond_context, class_labels, alphas_cumprod,
-          eta, guidance_scale, final_alpha_cumprod):
+          eta, guidance_scale, final_alpha_cumprod, uncond_class_labels=None):
   """Shared by the sampler and `step_log_prob`: (mean, std) of one guided DDIM step."""
-  eps = guided_eps(eps_fn, params, x, t, context, uncond_context, guidance_scale, class_labels)
+  eps = guided_eps(eps_fn, params, x, t, context, uncond_context, guidance_scale, class_labels,
+                   uncond_class_labels)
   return ddim_step_mean_std(alphas_cumprod, eps, t, prev_t, x, eta,
                             final_alpha_cumprod=final_alpha_cumprod)
 
@@ -421,7 +433,8 @@ def sample_trajectory(eps_fn: EpsFn, params: Any, key: Array, context: Array,
                       guidance_scale: float, class_labels: Optional[Array] = None,
                       initial_latents: Optional[Array] = None,
                       final_alpha_cumprod=None, reference_params: Any = None,
-                      kl_reduction: str = "sum") -> Trajectory:
+                      kl_reduction: str = "sum",
+                      uncond_class_labels: Optional[Array] = None) -> Trajectory:
   """Samples B trajectories of DDIM (eta > 0) with log-probabilities, in one `lax.scan`.
 
   Keys: `key` is split into (init, steps); x_T ~ N(0, I) from `init` (unless
@@ -438,7 +451,8 @@ def sample_trajectory(eps_fn: EpsFn, params: Any, key: Array, context: Array,
     latent_shape: (H, W, C).
     eta: > 0.
     guidance_scale: static Python float; CFG is applied iff != 1.0.
-    class_labels: optional (B,) int32, passed to eps_fn (both CFG halves).
+    class_labels: optional (B,) or (B, M) int32, passed to eps_fn (the conditional CFG half,
+      and the unconditional one unless `uncond_class_labels` is given; see `guided_eps`).
     initial_latents: optional (B, H, W, C) x_T.
     final_alpha_cumprod: optional alpha_prev of the last step (default alphas_cumprod[0]).
     reference_params: optional params of a reference denoiser (e.g. the pre-trained one); if
@@ -447,6 +461,7 @@ def sample_trajectory(eps_fn: EpsFn, params: Any, key: Array, context: Array,
       dims by `kl_reduction` ("sum": the exact KL; "mean"), and the reference step means
       (`Trajectory.reference_means`, as much memory as `latents`). Costs one more denoiser
       call per step.
+    uncond_class_labels: labels of the unconditional CFG half (`guided_eps`), or None.
 
   Returns:
     A `Trajectory` with T steps.
@@ -469,14 +484,15 @@ def sample_trajectory(eps_fn: EpsFn, params: Any, key: Array, context: Array,
     t = jnp.full((b,), tp[0], jnp.int32)
     prev_t = jnp.full((b,), tp[1], jnp.int32)
     mean, std = _step(eps_fn, params, x, t, prev_t, context, uncond_context, class_labels,
-                      alphas_cumprod, eta, guidance_scale, final_alpha_cumprod)
+                      alphas_cumprod, eta, guidance_scale, final_alpha_cumprod, uncond_class_labels)
     z = jax.random.normal(k_step, x.shape, jnp.float32).astype(mean.dtype)
     x_prev = mean + std * z
     lp = gaussian_log_prob(x_prev, mean, std)
     if reference_params is None:
       return (x_prev, k), (x, x_prev, lp, None, None)
     ref_mean, _ = _step(eps_fn, reference_params, x, t, prev_t, context, uncond_context,
-                        class_labels, alphas_cumprod, eta, guidance_scale, final_alpha_cumprod)
+                        class_labels, alphas_cumprod, eta, guidance_scale, final_alpha_cumprod,
+                        uncond_class_labels)
     kl = gaussian_kl_shared_std(mean, ref_mean, std, reduction=kl_reduction)
     return (x_prev, k), (x, x_prev, lp, kl, ref_mean)
 
@@ -499,7 +515,8 @@ def step_log_prob(eps_fn: EpsFn, params: Any, latents: Array, timesteps: Array,
                   prev_timesteps: Array, next_latents: Array, context: Array,
                   uncond_context: Optional[Array], *, alphas_cumprod: Array, eta,
                   guidance_scale: float, class_labels: Optional[Array] = None,
-                  final_alpha_cumprod=None) -> tuple[Array, Array, Array]:
+                  final_alpha_cumprod=None,
+                  uncond_class_labels: Optional[Array] = None) -> tuple[Array, Array, Array]:
   """Re-scores one step of stored trajectories under `params` (the PPO / SF update).
 
   Same guided eps and DDIM step as `sample_trajectory`, so with the sampling params it
@@ -509,7 +526,8 @@ def step_log_prob(eps_fn: EpsFn, params: Any, latents: Array, timesteps: Array,
     latents: (B, H, W, C) x_t. timesteps, prev_timesteps: (B,) int32.
     next_latents: (B, H, W, C) stored x_prev (not differentiated).
     context: (B, L, D). uncond_context: (1|B, L, D) or None. class_labels: (B,) or None.
-    eta, guidance_scale, alphas_cumprod, final_alpha_cumprod: as in `sample_trajectory`.
+    eta, guidance_scale, alphas_cumprod, final_alpha_cumprod, uncond_class_labels: as in
+      `sample_trajectory`.
 
   Returns:
     log_prob (B,) float32, mean (B, H, W, C) float32, std (B, 1, 1, 1) float32 (unclipped).
@@ -517,7 +535,8 @@ def step_log_prob(eps_fn: EpsFn, params: Any, latents: Array, timesteps: Array,
   _check_eta(eta)
   mean, std = _step(eps_fn, params, latents, jnp.asarray(timesteps, jnp.int32),
                     jnp.asarray(prev_timesteps, jnp.int32), context, uncond_context,
-                    class_labels, alphas_cumprod, eta, guidance_scale, final_alpha_cumprod)
+                    class_labels, alphas_cumprod, eta, guidance_scale, final_alpha_cumprod,
+                    uncond_class_labels)
   return gaussian_log_prob(next_latents, mean, std), mean, std
 
 

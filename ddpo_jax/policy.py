@@ -39,6 +39,9 @@ class Policy:
     encode_images: (params, images (N,h,w,c) float32 in [0, 1]) -> diffusion variable
       (N,H,W,C) float32, the inverse of `decode` (pixels scaled to [-1, 1], or VAE latents);
       used by methods that train on offline images (CTRL's baselines).
+    null_class_labels: (M,) int32 labels for the unconditional half of prompt guidance
+      (`diffusion.guided_eps`): CTRL's null labels, so that guidance gives
+      eps(∅, null) + w (eps(c, y) − eps(∅, null)); None: the same labels in both halves.
   """
   params: dict
   eps_fn: Callable[..., jax.Array]
@@ -53,6 +56,7 @@ class Policy:
   assemble_unet: Callable[[Any, dict], Any] = lambda trainable, frozen: trainable
   time_embed_dim: int = 0
   encode_images: Callable[[dict, jax.Array], jax.Array] | None = None
+  null_class_labels: np.ndarray | None = None
 
 
 def build_policy(config, workdir: str) -> Policy:

@@ -145,6 +145,7 @@ def make_sample_fn(policy: Policy, config, device_rewards: list[tuple[float, Rew
         timesteps=timesteps, prev_timesteps=prev, latent_shape=policy.latent_shape,
         eta=config.sample.eta, guidance_scale=guidance,
         class_labels=metadata.get("control_label"),
+        uncond_class_labels=policy.null_class_labels,
         final_alpha_cumprod=sched.final_alpha_cumprod,
         reference_params=(policy.assemble_unet(frozen["reference_unet"], frozen)
                           if use_kl else None),
@@ -242,7 +243,8 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
       # With train.cfg the regression target is the guided eps, as in the original's RWR
       # (`train_cfg`: eps_u + w (eps_c - eps_u) against the noise).
       def eps_fn(p, x, t, context, labels):
-        return diffusion.guided_eps(policy.eps_fn, p, x, t, context, uncond, guidance, labels)
+        return diffusion.guided_eps(policy.eps_fn, p, x, t, context, uncond, guidance, labels,
+                                    policy.null_class_labels)
       per_sample = diffusion.denoising_loss_terms(
           eps_fn, unet_params, key, batch["x0"], batch["context"],
           batch["class_labels"], sched.alphas_cumprod)
@@ -251,7 +253,8 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
     log_prob, mean, std = diffusion.step_log_prob(
         policy.eps_fn, unet_params, batch["latents"], batch["timesteps"],
         batch["prev_timesteps"], batch["next_latents"], batch["context"], uncond,
-        guidance_scale=guidance, class_labels=batch["class_labels"], **step_kw)
+        guidance_scale=guidance, class_labels=batch["class_labels"],
+        uncond_class_labels=policy.null_class_labels, **step_kw)
     if tc.algorithm == "ppo":
       loss, info = rl.ppo_clipped_loss(log_prob, batch["log_probs"], batch["advantages"],
                                        tc.clip_range, tc.adv_clip_max)

@@ -52,6 +52,7 @@ def test_augmented_model_equals_pretrained_at_init(digits_cache, tmp_path):
   same key and prompt, whatever labels are asked for; KL to the pre-trained model is 0."""
   config = load_config("ctrl_digits_class", "runlocal")
   policy = build_policy(config, str(tmp_path))
+  np.testing.assert_array_equal(policy.null_class_labels, [10])  # guidance's unconditional half
   base = build_base_policy(config)
   sched = diffusion.NoiseSchedule.from_config(base.scheduler_config)
   ts, prev = sched.ddim_timesteps(config.sample.num_steps)

@@ -323,6 +323,34 @@ def test_sample_trajectory_log_probs_and_cfg(guidance_scale):
     assert rel_err(m, mean) < 1e-5 and s.shape == (B, 1, 1, 1)
 
 
+def test_guided_eps_unconditional_half_takes_the_null_labels():
+  """CTRL's guidance (its reference code): eps(∅, null) + w (eps(c, y) − eps(∅, null)), each
+  eps computed by its own call; without uncond labels both halves take y (the old rule)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 2, 2, 1)), jnp.float32)
+  t = jnp.asarray([10, 500, 900], jnp.int32)
+  ctx = jnp.asarray(rng.normal(size=(3, 1, 4)), jnp.float32)
+  uncond = jnp.zeros((1, 1, 4), jnp.float32)
+  y = jnp.asarray([[0, 2], [1, 0], [2, 1]], jnp.int32)  # two controls, 3 classes each
+  nulls = np.asarray([3, 3], np.int32)
+  table = jnp.asarray(rng.normal(size=(2, 4)), jnp.float32)
+
+  def eps_fn(p, x, t, context, labels):  # depends on the prompt, both labels and t
+    label_term = jnp.sum(labels.astype(jnp.float32) * table[:, 0][None], axis=1)
+    return jnp.tanh(x * p + jnp.mean(context, axis=(1, 2))[:, None, None, None]
+                    + label_term[:, None, None, None] + t[:, None, None, None] / 1000.0)
+
+  w, p = 5.0, 0.8
+  u_null = eps_fn(p, x, t, jnp.broadcast_to(uncond, ctx.shape), jnp.broadcast_to(nulls, y.shape))
+  u_y = eps_fn(p, x, t, jnp.broadcast_to(uncond, ctx.shape), y)
+  c_y = eps_fn(p, x, t, ctx, y)
+  got = diffusion.guided_eps(eps_fn, p, x, t, ctx, uncond, w, y, nulls)
+  np.testing.assert_allclose(got, u_null + w * (c_y - u_null), rtol=1e-5, atol=1e-6)
+  old = diffusion.guided_eps(eps_fn, p, x, t, ctx, uncond, w, y)
+  np.testing.assert_allclose(old, u_y + w * (c_y - u_y), rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(got) - np.asarray(old)).max() > 1e-2
+
+
 def test_sample_trajectory_reference_means_and_kl():
   """With reference params (CFG on), each step also carries the reference model's step mean at
   the sampled x_t and the KL to it; both against NumPy float64 (the update reuses the means)."""

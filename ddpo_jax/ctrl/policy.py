@@ -297,8 +297,10 @@ def make_policy(config, workdir: str, log=print) -> Policy:
       eps = eps.reshape((k, n) + eps.shape[1:])
       return eps[0] + w * jnp.sum(eps[1:] - eps[0], axis=0)
 
+  # Prompt guidance runs its unconditional half with the null controls (the reference's CFG).
+  nulls = np.asarray([c.null_label for c in controls], np.int32)
   return Policy(params={**frozen, "unet": trainable}, eps_fn=eps_fn, assemble_unet=assemble,
-                **common)
+                null_class_labels=nulls, **common)
 
 
 def _classifier_guidance_policy(config, base: Policy, controls, datasets, base_frozen, common):

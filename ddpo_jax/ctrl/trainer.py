@@ -115,7 +115,8 @@ def make_backprop_loss(policy: Policy, config, reward_fn):
     keep = truncation_mask(k_trunc, T, c.truncation, int(c.truncation_steps))
 
     def eps_at(p, x, t):
-      return diffusion.guided_eps(policy.eps_fn, p, x, t, context, uncond, guidance, labels)
+      return diffusion.guided_eps(policy.eps_fn, p, x, t, context, uncond, guidance, labels,
+                                  policy.null_class_labels)
 
     def both_eps(x, tt):
       """(eps_θ, eps_pre) at x; eps_pre is zeros without a KL term."""
