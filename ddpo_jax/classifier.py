@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from ddpo_jax.models.conv import conv_general_dilated
-from ddpo_jax.models.weights import host_random_params
+from ddpo_jax.models.weights import host_init
 
 
 def resize_images(images: jax.Array, size: int | None) -> jax.Array:
@@ -115,8 +115,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *
     images = np.concatenate([np.asarray(resize_images(images[i:i + 256], input_size))
                              for i in range(0, len(images), 256)])
   key = jax.random.PRNGKey(seed)
-  params = host_random_params(jax.eval_shape(module.init, key, jnp.zeros((1,) + images.shape[1:])
-                                             )["params"], key)
+  params = host_init(module, key, jnp.zeros((1,) + images.shape[1:]))
   tx = optax.adamw(optax.cosine_decay_schedule(learning_rate, steps), weight_decay=weight_decay)
   opt_state = tx.init(params)
   images_d, labels_d = jnp.asarray(images), jnp.asarray(labels)

@@ -31,7 +31,7 @@ from ddpo_jax import classifier as clf_lib
 from ddpo_jax.classifier import Classifier, SmallCNN, resize_images
 from ddpo_jax.ctrl.data import LabelledDataset
 from ddpo_jax.models.conv import conv_general_dilated
-from ddpo_jax.models.weights import host_random_params
+from ddpo_jax.models.weights import host_init
 
 FORMAT_VERSION = 1
 META_FILE = "classifier.json"
@@ -219,8 +219,7 @@ def train_noisy_classifier(x0: np.ndarray, labels: np.ndarray, num_classes: int,
   module = NoisyClassifier(num_classes=num_classes, features=tuple(features), hidden=hidden,
                            time_dim=time_dim, input_size=input_size)
   key = jax.random.PRNGKey(seed)
-  params = host_random_params(jax.eval_shape(module.init, key, jnp.zeros((1,) + x0.shape[1:]),
-                                             jnp.zeros((1,), jnp.int32))["params"], key)
+  params = host_init(module, key, jnp.zeros((1,) + x0.shape[1:]), jnp.zeros((1,), jnp.int32))
   tx = optax.adamw(optax.cosine_decay_schedule(learning_rate, steps), weight_decay=weight_decay)
   opt_state = tx.init(params)
 

@@ -142,13 +142,17 @@ def use_ddpo_solver(config) -> None:
   config.per_prompt_stat_tracking.min_count = 16
 
 
-# The DDPO keys the "ddpo" solver derives from `ctrl`: (key, its value in ctrl_base, derivation).
+# The DDPO keys the "ddpo" solver derives from `ctrl`: (section, key, derivation, source).
 _DERIVED_DDPO_KEYS = (
-    ("train.kl_coef", 0.0, lambda c: float(c.kl_weight), "ctrl.kl_weight"),
-    ("train.kl_reduction", "mean", lambda c: c.kl_reduction, "ctrl.kl_reduction"),
-    ("reward.weights", {"ctrl_log_likelihood": 1.0},
-     lambda c: {"ctrl_log_likelihood": float(c.reward_weight)}, "ctrl.reward_weight"),
+    ("train", "kl_coef", lambda c: float(c.kl_weight), "ctrl.kl_weight"),
+    ("train", "kl_reduction", lambda c: c.kl_reduction, "ctrl.kl_reduction"),
+    ("reward", "weights", lambda c: {"ctrl_log_likelihood": float(c.reward_weight)},
+     "ctrl.reward_weight"),
 )
+
+
+def _plain(value):
+  return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
 
 
 def ddpo_solver_config(config) -> ml_collections.ConfigDict:
@@ -158,18 +162,16 @@ def ddpo_solver_config(config) -> ml_collections.ConfigDict:
   the `ctrl` keys are the one place to set them and the saved config shows what the run used.
 
   Raises:
-    ValueError: one of the derived keys was set to another value than both its default and
-      the derived one (set the `ctrl` key instead).
+    ValueError: one of the derived keys was set to another value than both its default (in
+      `ctrl_base`) and the derived one (set the `ctrl` key instead).
   """
   out = ml_collections.ConfigDict(config.to_dict())
-  for key, default, derive, source in _DERIVED_DDPO_KEYS:
-    section, name = key.split(".")
-    value = out[section][name]
-    value = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
-    wanted = derive(out.ctrl)
+  base = ctrl_base()
+  for section, name, derive, source in _DERIVED_DDPO_KEYS:
+    value, default, wanted = _plain(out[section][name]), _plain(base[section][name]), derive(out.ctrl)
     if value not in (default, wanted):
-      raise ValueError(f"{key}={value!r}: the ddpo solver derives it from {source} (here "
-                       f"{wanted!r}); set {source} instead")
+      raise ValueError(f"{section}.{name}={value!r}: the ddpo solver derives it from {source} "
+                       f"(here {wanted!r}); set {source} instead")
     out[section][name] = ml_collections.ConfigDict(wanted) if isinstance(wanted, dict) else wanted
   return out
 

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpo_jax import diffusion
+from ddpo_jax.models.weights import host_init
 from ddpo_jax.policy import Policy, build_base_policy
-from ddpo_jax.models.weights import host_random_params
 from ddpo_jax.rewards import Reward
 
 METHODS = ("ctrl", "cfg", "classifier_guidance")
@@ -313,9 +313,8 @@ def _classifier_guidance_policy(config, base: Policy, controls, datasets, base_f
   for c in controls:
     module = classifiers.NoisyClassifier(num_classes=c.num_classes)
     shape = (1,) + tuple(base.latent_shape)
-    init[c.name] = host_random_params(jax.eval_shape(module.init, jax.random.PRNGKey(0),
-                                                     jnp.zeros(shape), jnp.zeros((1,), jnp.int32)
-                                                     )["params"], jax.random.PRNGKey(0))
+    init[c.name] = host_init(module, jax.random.PRNGKey(0), jnp.zeros(shape),
+                             jnp.zeros((1,), jnp.int32))
     modules[c.name] = module
   frozen = {**base_frozen, "ctrl_base": base.params["unet"]}
 

@@ -157,6 +157,13 @@ def _preview(keys: list[str], n: int = 8) -> str:
   return f"[{shown}{', ...' if len(keys) > n else ''}]"
 
 
+def host_init(module, key: jax.Array, *example_inputs) -> dict:
+  """`module`'s "params" for `example_inputs`, drawn on the host from `key`
+  (`host_random_params` of the tree `module.init` would give; nothing is compiled)."""
+  abstract = jax.eval_shape(module.init, key, *example_inputs)["params"]
+  return host_random_params(abstract, key)
+
+
 def host_random_params(abstract, key: jax.Array, dtype=jnp.float32) -> dict:
   """Random parameters for an abstract tree, drawn on the host with NumPy.
 
