@@ -1,4 +1,4 @@
-r"""CTRL on Stable Diffusion: add y = JPEG-size level (4 levels) to SD-1.5 (SPEC §4).
+r"""CTRL on Stable Diffusion: add y = JPEG-size level (4 levels) to SD-1.5 (docs/algorithms.md §4).
 
 Offline data: 2048 images sampled from the pre-trained model itself (512×512, 50 DDIM steps, eta
 1, CFG 5; prompts: the 398 ImageNet animals of the compressibility task), each labelled by its

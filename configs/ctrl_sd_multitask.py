@@ -1,4 +1,5 @@
-r"""CTRL on Stable Diffusion with two controls: aesthetic level × JPEG-size level (SPEC §4).
+r"""CTRL on Stable Diffusion with two controls: aesthetic level × JPEG-size level
+(docs/algorithms.md §4).
 
 Labels y = (aesthetic level, JPEG level), 4 levels each, written "a:j" (e.g. --labels=3:0 = the
 most aesthetic quarter and the most compressible quarter). Each control has its OWN offline pair

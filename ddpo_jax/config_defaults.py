@@ -60,7 +60,8 @@ def ddpo_base() -> ml_collections.ConfigDict:
   train.clip_range = 1e-4
   train.timestep_fraction = 1.0
   # α > 0 (ppo / sf): maximise E[r] − α E[Σ_t KL_t], KL_t = ||mean_θ − mean_pre||² / (2 std²)
-  # at the sampled x_t (SPEC §4); the sampler then also runs the pre-trained UNet per step
+  # at the sampled x_t (docs/algorithms.md §3.5); the sampler then also runs the pre-trained
+  # UNet per step
   train.kl_coef = 0.0
   train.kl_reduction = "mean"  # over latent dims: "mean" (like the log-prob) or "sum" (exact KL)
   train.rwr_beta = 5.0  # RWR weights ∝ exp(reward / beta) (the original's temperature 1/5)

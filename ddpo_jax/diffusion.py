@@ -1,4 +1,4 @@
-"""DDIM sampling with per-step log-probabilities, the core of DDPO (SPEC section 1).
+"""DDIM sampling with per-step log-probabilities, the core of DDPO (docs/algorithms.md §1).
 
 A denoising trajectory x_T -> x_{T-1} -> ... -> x_0 of DDIM with eta > 0 is a Markov chain of
 Gaussian steps, so every step has a log-probability under the current denoiser. This module
@@ -204,7 +204,7 @@ def _alpha_prev(alphas_cumprod: Array, prev_t: Array, final_alpha_cumprod) -> Ar
 
 def ddim_step_mean_std(alphas_cumprod: Array, eps: Array, t: Array, prev_t: Array, x_t: Array,
                        eta, *, final_alpha_cumprod=None) -> tuple[Array, Array]:
-  """Mean and std of the Gaussian DDIM step p(x_prev | x_t) (SPEC section 1).
+  """Mean and std of the Gaussian DDIM step p(x_prev | x_t) (docs/algorithms.md §1.2).
 
       x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)                        (no clipping)
       std    = eta sqrt((1 - a_prev) / (1 - a_t) (1 - a_t / a_prev))

@@ -1,4 +1,4 @@
-"""Advantages and policy-gradient losses of DDPO (SPEC section 2).
+"""Advantages and policy-gradient losses of DDPO (docs/algorithms.md §2–§3).
 
 * `PerPromptStatTracker`: per-prompt reward normalisation (host-side NumPy, checkpointable).
 * `normalize_advantages`: whole-batch normalisation (no tracking).
@@ -121,7 +121,8 @@ def normalize_advantages(rewards, return_scale: bool = False):
 
 
 def kl_penalised_advantages(advantages: Array, scales: Array, kl: Array, alpha: float) -> Array:
-  """Per-step advantages of the return r(x_0) − α Σ_t KL_t (SPEC §4, a per-step penalty).
+  """Per-step advantages of the return r(x_0) − α Σ_t KL_t (a per-step penalty,
+  docs/algorithms.md §3.5).
 
   The action of step i (sampling x_{i+1} from x_i, steps in sampling order) changes the states
   of the later steps only, so its return is r − α Σ_{j>i} KL_j; KL_i itself, a function of the
@@ -146,7 +147,7 @@ def kl_penalised_advantages(advantages: Array, scales: Array, kl: Array, alpha: 
 
 def ppo_clipped_loss(log_prob: Array, old_log_prob: Array, advantages: Array,
                      clip_range: float, adv_clip_max: float) -> tuple[Array, dict[str, Array]]:
-  """DDPO-IS clipped surrogate for one chosen timestep per sample (SPEC section 2).
+  """DDPO-IS clipped surrogate for one chosen timestep per sample (docs/algorithms.md §3.2).
 
       A_c   = clip(A, -adv_clip_max, adv_clip_max)
       ratio = exp(log_prob - old_log_prob)

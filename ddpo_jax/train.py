@@ -192,7 +192,8 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   (N,) the raw rewards (RWR weights).
 
   KL penalty (`train.kl_coef` = α > 0, PPO / SF): the objective is E[r] − α E[Σ_t KL_t], KL_t
-  between the policy's and the pre-trained model's step at the sampled x_t (SPEC §4). Its
+  between the policy's and the pre-trained model's step at the sampled x_t
+  (docs/algorithms.md §3.5). Its
   gradient has two parts, both on the advantages' scale: the score-function part, with the
   KL of the later steps in each step's return (`rl.kl_penalised_advantages`, from
   `traj.kl` as sampled), and the direct part, α · scale · ∇KL_t / D at the given x_t (D =

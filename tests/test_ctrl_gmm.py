@@ -1,4 +1,5 @@
-"""CTRL on a 2-D Gaussian mixture, where p(y | x) is exact (SPEC §4 checks with known answers).
+"""CTRL on a 2-D Gaussian mixture, where p(y | x) is exact (checks with known answers,
+docs/algorithms.md §4.6).
 
 The pre-trained model is the mixture's exact noise prediction; the augmented model adds a
 control-embedding table feeding a small MLP whose last layer starts at zero, so at init it IS

@@ -1,4 +1,5 @@
-"""Tests of ddpo_jax.diffusion against NumPy float64 formulas (SPEC section 1) and diffusers."""
+"""Tests of ddpo_jax.diffusion against NumPy float64 formulas (docs/algorithms.md §1) and
+diffusers."""
 import functools
 
 import jax
@@ -25,7 +26,7 @@ def np_alphas_cumprod_sd():
 
 
 def np_step(ac, eps, t, prev_t, x, eta):
-  """float64 reference of SPEC section 1: returns mean (B,...), std (B,)."""
+  """float64 reference of docs/algorithms.md §1.2: returns mean (B,...), std (B,)."""
   ac = np.asarray(ac, np.float64)
   eps = np.asarray(eps, np.float64)
   x = np.asarray(x, np.float64)

@@ -1,4 +1,4 @@
-"""Tests of ddpo_jax.rl on hand-computed cases (SPEC section 2)."""
+"""Tests of ddpo_jax.rl on hand-computed cases (docs/algorithms.md §2–§3)."""
 import json
 import math
 

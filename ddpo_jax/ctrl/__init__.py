@@ -1,5 +1,5 @@
 """CTRL: add a new conditional control y to a pre-trained diffusion model from offline
-(image, label) pairs (Zhao et al., arXiv 2406.12120; SPEC §4).
+(image, label) pairs (Zhao et al., arXiv 2406.12120; docs/algorithms.md §4).
 
 Pieces:
 - `ctrl.data`: offline labelled datasets (NumPy arrays, image folders with a labels file,

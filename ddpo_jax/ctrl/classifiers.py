@@ -1,5 +1,5 @@
-"""CTRL's classifiers (SPEC §4): the offline p̂(y | x) and the noisy classifier of the
-classifier-guidance baseline, with Orbax save/load.
+"""CTRL's classifiers (docs/algorithms.md §4.3): the offline p̂(y | x) and the noisy classifier
+of the classifier-guidance baseline, with Orbax save/load.
 
 - `train_offline_classifier`: a `SmallCNN` (ddpo_jax/classifier.py) trained by cross-entropy on
   a `LabelledDataset`, temperature-calibrated on a stratified validation part; returns the

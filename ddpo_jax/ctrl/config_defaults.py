@@ -200,9 +200,10 @@ def runlocal(config) -> None:
 def sd_ctrl_config(prompt_set: str):
   """What configs/ctrl_sd_*.py share: `ctrl_base()` with Stable Diffusion (LoRA rank 4 on the
   attention projections, gradient checkpointing) and the reference's direct-backprop recipe
-  (SPEC §4): AdamW with LoRA lr 1e-3 and control-table lr 1e-2, weight decay 0.1, grad-norm
-  clip 5, reward weight 0.1, KL weight 0.01 MEAN-reduced over latent dims, random truncation;
-  50 DDIM steps, eta 1, CFG 5 (as the SD DDPO tasks); chains of 4 × 8 accumulated per step."""
+  (docs/algorithms.md §4.4): AdamW with LoRA lr 1e-3 and control-table lr 1e-2, weight decay
+  0.1, grad-norm clip 5, reward weight 0.1, KL weight 0.01 MEAN-reduced over latent dims,
+  random truncation; 50 DDIM steps, eta 1, CFG 5 (as the SD DDPO tasks); chains of 4 × 8
+  accumulated per step."""
   from ddpo_jax import sd
   config = ctrl_base()
   config.model = sd.model_config_defaults()

@@ -1,4 +1,5 @@
-"""Offline labelled data for CTRL: (image, label) pairs for a new control y (SPEC §4).
+"""Offline labelled data for CTRL: (image, label) pairs for a new control y
+(docs/algorithms.md §4.3).
 
 Every source returns a `LabelledDataset`: images (N, H, W, C) float32 in [0, 1] (NHWC) and
 labels (N,) int32 in [0, num_classes). Sources:

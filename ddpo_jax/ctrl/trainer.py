@@ -1,6 +1,6 @@
 """CTRL training: the two solvers of the KL-regularised objective, and the baselines.
 
-Objective (SPEC §4), for labels y ~ uniform per control and prompts c:
+Objective (docs/algorithms.md §4.1), for labels y ~ uniform per control and prompts c:
 
     maximise  E[ r(x_0, y) ] − α · E[ Σ_t KL_t ],   r = Σ_i w_i log p̂_i(y_i | x_0),
     KL_t = ‖mean_θ(x_t) − mean_pre(x_t)‖² / (2 std_t²)   (both at the same on-policy x_t),
