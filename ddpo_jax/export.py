@@ -7,66 +7,39 @@ the pre-trained model), assembles the UNet (`Policy.assemble_unet`: a LoRA run's
 merged into the base kernels) and writes the whole pipeline (UNet, VAE, text encoder, tokenizer,
 scheduler) with `save_pipeline`: float32 safetensors in the diffusers layout, loadable by
 `diffusers.StableDiffusionPipeline.from_pretrained(OUT_DIR)`. OUT_DIR is written atomically (a
-temporary directory renamed at the end) and replaced if it exists.
+temporary directory renamed at the end). It must be new or empty, or a pipeline exported before
+(replaced only with --overwrite); never the run's WORKDIR, a directory inside it or one holding it.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 
-def restore_run(workdir: str, step: int | None = None):
-  """(config, policy, trainable params, step) of a run's checkpoint `step` (default latest).
-
-  Raises:
-    FileNotFoundError: no (complete) checkpoint in WORKDIR/checkpoints.
-    ValueError: `step` is not one of the saved steps.
-  """
-  import orbax.checkpoint as ocp
-
-  from ddpo_jax import checkpoints, train
-  from ddpo_jax.policy import build_policy
-
-  if not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
-    raise FileNotFoundError(f"no checkpoints in {checkpoints.checkpoint_dir(workdir)}")
-  mngr = checkpoints.manager(workdir, read_only=True)
-  try:
-    steps = mngr.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"{checkpoints.checkpoint_dir(workdir)} holds no complete checkpoint")
-    step = max(steps) if step is None else int(step)
-    if step not in steps:
-      raise ValueError(f"no checkpoint step {step} in {workdir}; available: {sorted(steps)}")
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    config = ml_collections.ConfigDict(json.loads(meta["config"]))
-    policy = build_policy(config, workdir)
-    optimizer = train.make_optimizer(config.train)
-    template = train.TrainState(step=jnp.zeros((), jnp.int32), params=policy.params["unet"],
-                                opt_state=optimizer.init(policy.params["unet"]),
-                                rng=jax.random.PRNGKey(0))
-    state, _ = checkpoints.restore(mngr, step, template)
-  finally:
-    mngr.close()
-  return config, policy, state.params, step
-
-
-def export_pipeline(workdir: str, out: str, step: int | None = None) -> str:
+def export_pipeline(workdir: str, out: str, step: int | None = None,
+                    overwrite: bool = False) -> str:
   """Writes checkpoint `step` (default latest) of the SD run in `workdir` to `out` in diffusers
   format (see the module docstring). Returns `out`.
 
   Raises:
-    ValueError: the run is not a Stable Diffusion run (`config.model.kind != "sd"`).
+    ValueError: the run is not a Stable Diffusion run (`config.model.kind != "sd"`), or `out`
+      is the WORKDIR, inside it or above it.
+    FileExistsError: `out` holds something that is not replaced
+      (`models.pipeline.check_output_dir`; a pipeline exported before needs `overwrite`).
   """
   from ddpo_jax import train
-  from ddpo_jax.models.pipeline import save_pipeline
+  from ddpo_jax.models.pipeline import check_output_dir, save_pipeline
+  from ddpo_jax.runs import restore_run
 
+  run, target = os.path.realpath(workdir), os.path.realpath(out)
+  if os.path.commonpath([run, target]) in (run, target):
+    raise ValueError(f"--out={out} is the run's WORKDIR {workdir}, inside it or above it: "
+                     "exporting there would replace the run's checkpoints; choose another directory")
+  check_output_dir(target, overwrite)  # before the (long) restore, not only when writing
   config, policy, trainable, _ = restore_run(workdir, step)
   if config.model.kind != "sd" or "pipeline" not in policy.metadata:
     raise ValueError(f"{workdir}: model.kind={config.model.kind!r}; only Stable Diffusion runs "
@@ -77,14 +50,14 @@ def export_pipeline(workdir: str, out: str, step: int | None = None) -> str:
   pipe = policy.metadata["pipeline"]
   out_pipe = dataclasses.replace(pipe, params={"unet": unet, "vae": policy.params["vae"],
                                                "text_encoder": policy.params["text_encoder"]})
-  return save_pipeline(out_pipe, out)
+  return save_pipeline(out_pipe, out, overwrite=overwrite)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  path = export_pipeline(f.workdir, f.out, f.step)
+  path = export_pipeline(f.workdir, f.out, f.step, overwrite=f.overwrite)
   print(f"wrote a diffusers pipeline to {path}")
 
 
@@ -94,6 +67,7 @@ def _define_flags():
   flags.DEFINE_string("workdir", None, "Run directory written by ddpo_jax.main.", required=True)
   flags.DEFINE_string("out", None, "Output diffusers pipeline directory.", required=True)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest; 0 = pre-trained).")
+  flags.DEFINE_bool("overwrite", False, "Replace --out if it holds a pipeline exported before.")
 
 
 if __name__ == "__main__":

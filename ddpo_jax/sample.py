@@ -8,51 +8,42 @@ import os
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-def sample_from_checkpoint(workdir: str, num: int, step=None, prompts=None, seed: int = 0,
-                           batch_size: int = 64, labels=None, policy=None):
-  """Returns (images uint8 (num,H,W,C), prompts list[str], step) from a run's checkpoint.
 
-  For CTRL runs the returned prompts are contexts "PROMPT||y=LABELS"
+def sample_from_checkpoint(workdir: str, num: int, step=None, prompts=None, seed: int = 0,
+                           batch_size: int = 64, labels=None):
+  """Returns (images uint8 (num,H,W,C), prompts list[str], step) from a run's checkpoint `step`
+  (default: the latest; 0 = the pre-trained model). See `sample_images` for the arguments."""
+  from ddpo_jax.runs import restore_run
+  config, policy, params, step = restore_run(workdir, step)
+  images, prompts = sample_images(config, policy, params, num, prompts, seed, batch_size, labels)
+  return images, prompts, step
+
+
+def sample_images(config, policy, params, num: int, prompts=None, seed: int = 0,
+                  batch_size: int = 64, labels=None):
+  """Returns (images uint8 (num,H,W,C), prompts list[str]) sampled from `params` (the
+  trainable params of `policy`, e.g. from `runs.restore_run`) with the run's `config`.
+
+  `prompts` are cycled over the samples (default: drawn by the task, seeded by `seed`). For
+  CTRL runs the returned prompts are contexts "PROMPT||y=LABELS"
   (`ddpo_jax.ctrl.policy.parse_context` splits them); `labels` (label specs like "3" or "3:2")
-  are cycled over the samples, otherwise labels are drawn uniformly. `policy`: the run's
-  policy if the caller has built it already (`build_policy` of the run's config), else built
-  here.
+  are cycled over the samples, otherwise labels are drawn uniformly. `batch_size`: images per
+  compiled call, rounded to a multiple of the device count.
   """
-  from ddpo_jax import checkpoints, parallel, train
-  from ddpo_jax.policy import build_policy
+  from ddpo_jax import parallel, train
   from ddpo_jax.rewards import to_uint8
 
-  if not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
-    raise FileNotFoundError(f"no checkpoints in {checkpoints.checkpoint_dir(workdir)}")
-  mngr = checkpoints.manager(workdir, read_only=True)
-  steps = mngr.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"{checkpoints.checkpoint_dir(workdir)} holds no complete checkpoint")
-  step = max(steps) if step is None else step
-  if step not in steps:
-    raise ValueError(f"no checkpoint step {step} in {workdir}; available: {sorted(steps)}")
-  import orbax.checkpoint as ocp
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  config = ml_collections.ConfigDict(__import__("json").loads(meta["config"]))
+  config = config.copy_and_resolve_references()
   config.train.kl_coef = 0.0  # only images are wanted: no KL to the pre-trained model
-  if policy is None:
-    policy = build_policy(config, workdir)
   label_tuples = None
   if labels:
     if "controls" not in policy.metadata:
-      raise ValueError(f"--labels: the run in {workdir} is not a CTRL run (it has no controls)")
+      raise ValueError("--labels: the run is not a CTRL run (it has no controls)")
     from ddpo_jax.ctrl.policy import parse_label_spec
     label_tuples = [parse_label_spec(l, policy.metadata["controls"]) for l in labels]
   mesh = parallel.make_mesh()
-  optimizer = train.make_optimizer(config.train)
-  template = train.TrainState(step=jnp.zeros((), jnp.int32), params=policy.params["unet"],
-                              opt_state=optimizer.init(policy.params["unet"]),
-                              rng=jax.random.PRNGKey(0))
-  state, _ = checkpoints.restore(mngr, step, template)
   frozen = train.frozen_params(policy, config)
   n_dev = len(jax.devices())
   bs = max(n_dev, min(batch_size, num) // n_dev * n_dev)  # a multiple of the device count
@@ -70,12 +61,11 @@ def sample_from_checkpoint(workdir: str, num: int, step=None, prompts=None, seed
     meta_b = policy.prompt_metadata(batch_prompts)
     ids = jax.device_put(policy.tokenize(batch_prompts), data)
     meta_dev = jax.device_put({k: np.asarray(v) for k, v in meta_b.items()}, data)
-    _, images, _ = sample_fn(state.params, frozen, jax.random.fold_in(jax.random.PRNGKey(seed), b),
+    _, images, _ = sample_fn(params, frozen, jax.random.fold_in(jax.random.PRNGKey(seed), b),
                              ids, meta_dev)
     out_images.append(to_uint8(jax.device_get(images)))
     out_prompts += batch_prompts
-  mngr.close()
-  return np.concatenate(out_images)[:num], out_prompts[:num], step
+  return np.concatenate(out_images)[:num], out_prompts[:num]
 
 
 def _ctrl_contexts(prompts, label_tuples, offset, policy, rng):

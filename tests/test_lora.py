@@ -123,7 +123,7 @@ def test_export_merged_loads_in_diffusers_and_matches(tiny_sd, prompt_assets, co
   """One epoch of LoRA training, `python -m ddpo_jax.export`, diffusers UNet == merged UNet."""
   import torch
   from diffusers import StableDiffusionPipeline
-  from ddpo_jax import export, train
+  from ddpo_jax import export, runs, train
   import tiny_models
   workdir, out = str(tmp_path / "run"), str(tmp_path / "exported")
   config = load_config("sd_compressibility", **sd_overrides(tiny_sd, prompt_assets, num_epochs=1))
@@ -134,7 +134,7 @@ def test_export_merged_loads_in_diffusers_and_matches(tiny_sd, prompt_assets, co
   assert result.returncode == 0, result.stderr[-3000:]
   assert sorted(os.listdir(tmp_path)) == ["exported", "run"]  # no temporary directory left
 
-  _, policy, trained, step = export.restore_run(workdir)
+  _, policy, trained, step = runs.restore_run(workdir)
   assert step == 1
   frozen = train.frozen_params(policy, config)
   merged = jax.jit(policy.assemble_unet)(trained, frozen)
@@ -158,4 +158,19 @@ def test_export_merged_loads_in_diffusers_and_matches(tiny_sd, prompt_assets, co
   assert pipe.tokenizer("a cat").input_ids == base_pipe.tokenizer("a cat").input_ids
 
   with pytest.raises(FileNotFoundError, match="no checkpoints"):
-    export.export_pipeline(str(tmp_path / "nothing"), out)
+    export.export_pipeline(str(tmp_path / "nothing"), str(tmp_path / "new"))
+
+  # Nothing is replaced that should not be: the run's own directory (or one inside or above
+  # it), an existing export without --overwrite; with it, the export is written again.
+  for target in (workdir, os.path.join(workdir, "checkpoints"), str(tmp_path)):
+    bad = subprocess.run([sys.executable, "-m", "ddpo_jax.export", f"--workdir={workdir}",
+                          f"--out={target}", "--overwrite"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, env=subprocess_env(compile_cache))
+    assert bad.returncode != 0 and "would replace the run's checkpoints" in bad.stderr, target
+  assert runs.restore_run(workdir)[3] == 1  # the checkpoints are still there
+  with pytest.raises(FileExistsError, match=r"already holds an exported pipeline: pass"):
+    export.export_pipeline(workdir, out)
+  before = os.path.getmtime(os.path.join(out, "model_index.json"))
+  export.export_pipeline(workdir, out, overwrite=True)
+  assert os.path.getmtime(os.path.join(out, "model_index.json")) >= before
+  assert sorted(os.listdir(tmp_path)) == ["exported", "run"]

@@ -94,7 +94,9 @@ def test_save_round_trip(pipe, tmp_path):
   # checker listed in the model_index.json it was loaded from) are written as null.
   index = {**pipe.model_index, "requires_safety_checker": True,
            "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"]}
-  P.save_pipeline(dataclasses.replace(pipe, model_index=index), out)
+  with pytest.raises(FileExistsError, match="pass overwrite=True"):
+    P.save_pipeline(pipe, out)  # an exported pipeline is replaced only when asked
+  P.save_pipeline(dataclasses.replace(pipe, model_index=index), out, overwrite=True)
   with open(os.path.join(out, "model_index.json")) as f:
     saved_index = json.load(f)
   assert saved_index["safety_checker"] == [None, None]
@@ -113,6 +115,27 @@ def test_save_round_trip(pipe, tmp_path):
     np.testing.assert_array_equal(a, b)
   assert reloaded.unet_config == pipe.unet_config and reloaded.vae_config == pipe.vae_config
   assert reloaded.text_config == pipe.text_config
+
+
+def test_save_never_replaces_what_it_did_not_write(pipe, tmp_path):
+  """A regular file, or a directory with other contents, is left as it was, even with
+  overwrite=True; an empty directory is written into."""
+  a_file = tmp_path / "notes.txt"
+  a_file.write_text("mine")
+  busy = tmp_path / "busy"
+  (busy / "sub").mkdir(parents=True)
+  (busy / "results.csv").write_text("1,2")
+  for target, message in ((a_file, "is not a directory"), (busy, "did not write as a pipeline")):
+    for overwrite in (False, True):
+      with pytest.raises(FileExistsError, match=message):
+        P.save_pipeline(pipe, target, overwrite=overwrite)
+  assert a_file.read_text() == "mine" and (busy / "results.csv").read_text() == "1,2"
+  assert sorted(os.listdir(busy)) == ["results.csv", "sub"]
+  assert sorted(os.listdir(tmp_path)) == ["busy", "notes.txt"]  # no temporary directory left
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  P.save_pipeline(pipe, empty)
+  assert "model_index.json" in os.listdir(empty)
 
 
 def test_init_pipeline_save_and_diffusers_load(pipe, tmp_path):

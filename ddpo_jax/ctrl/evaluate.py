@@ -102,25 +102,16 @@ def evaluate_run(workdir: str, num: int, seed: int = 0, step: int | None = None,
                  batch_size: int = 256) -> dict:
   """Samples `num` images of the run cycling through all label combinations and scores them
   (see the module docstring). Returns the metrics and writes WORKDIR/eval.json."""
-  from ddpo_jax import checkpoints
   from ddpo_jax.ctrl import policy as ctrl_policy
-  from ddpo_jax.policy import build_policy
-  from ddpo_jax.sample import sample_from_checkpoint
+  from ddpo_jax.runs import restore_run
+  from ddpo_jax.sample import sample_images
   import jax
-  import ml_collections
 
-  mngr = checkpoints.manager(workdir, read_only=True)
-  step_ = mngr.latest_step() if step is None else step
-  import orbax.checkpoint as ocp
-  meta = mngr.restore(step_, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  mngr.close()
-  config = ml_collections.ConfigDict(json.loads(meta["config"]))
+  config, policy, params, step_ = restore_run(workdir, step)
   controls = ctrl_policy.controls_from_config(config)
   specs = label_combinations(controls)
-  policy = build_policy(config, workdir)
-  images, contexts, step_ = sample_from_checkpoint(workdir, num, step=step_, seed=seed,
-                                                   batch_size=batch_size, labels=specs,
-                                                   policy=policy)
+  images, contexts = sample_images(config, policy, params, num, seed=seed, batch_size=batch_size,
+                                   labels=specs)
   labels = np.asarray([ctrl_policy.parse_context(c)[1] for c in contexts], np.int32)
   result = {"step": int(step_), "num_samples": int(num), "method": config.ctrl.method,
             "solver": config.ctrl.solver if config.ctrl.method == "ctrl" else "",

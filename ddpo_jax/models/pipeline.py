@@ -53,6 +53,9 @@ from ddpo_jax.models.weights import WeightLoadingError
 Dtype = Any
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# The file that marks a directory as a pipeline `save_pipeline` wrote (diffusers ignores it):
+# only such a directory is ever replaced by a later save.
+WRITTEN_BY = "ddpo_jax_pipeline.json"
 _REQUIRED = ("unet", "vae", "text_encoder", "scheduler")
 _CLASSES = {
     "unet": ("diffusers", "UNet2DConditionModel"),
@@ -436,19 +439,50 @@ def _write_json(obj, path):
     f.write("\n")
 
 
-def save_pipeline(pipe: Pipeline, path) -> str:
+def check_output_dir(path: str, overwrite: bool) -> None:
+  """Refuses to write a pipeline where that would destroy something else: `path` may be
+  missing or an empty directory; a pipeline `save_pipeline` wrote (it holds `WRITTEN_BY`) is
+  replaced only with `overwrite`; anything else (a file, a directory with other contents) is
+  never replaced.
+
+  Raises:
+    FileExistsError: what `path` holds, and what would allow the write.
+  """
+  if not os.path.lexists(path):
+    return
+  if not os.path.isdir(path) or os.path.islink(path):
+    raise FileExistsError(f"{path} exists and is not a directory: not replaced by a pipeline")
+  entries = os.listdir(path)
+  if not entries:
+    return
+  if WRITTEN_BY not in entries:
+    raise FileExistsError(
+        f"{path} is a non-empty directory that this library did not write as a pipeline "
+        f"({len(entries)} entries, e.g. {sorted(entries)[:3]}): not replaced; choose a new or "
+        "empty directory")
+  if not overwrite:
+    raise FileExistsError(f"{path} already holds an exported pipeline: pass overwrite=True "
+                          "(--overwrite) to replace it")
+
+
+def save_pipeline(pipe: Pipeline, path, overwrite: bool = False) -> str:
   """Writes `pipe` in diffusers format (loadable by `StableDiffusionPipeline.from_pretrained`).
 
   Weights are written as float32 safetensors (PyTorch layout). Only unet, vae, text_encoder,
   tokenizer and scheduler are written: other model_index.json components (e.g. SD 1.5's
   safety_checker, feature_extractor) are set to null. The output is assembled in a
   temporary directory next to `path` and renamed into place at the end, so `path` never holds a
-  half-written pipeline; an existing `path` is replaced.
+  half-written pipeline. `path` must be missing or empty, or (with `overwrite`) a pipeline
+  written here before (`check_output_dir`): nothing else is ever replaced.
 
   Returns:
     `path`.
+
+  Raises:
+    FileExistsError: `path` holds something that is not replaced (`check_output_dir`).
   """
   path = os.path.abspath(os.fspath(path))
+  check_output_dir(path, overwrite)
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
@@ -489,7 +523,10 @@ def save_pipeline(pipe: Pipeline, path) -> str:
     _write_json(scheduler_config, os.path.join(tmp, "scheduler", "scheduler_config.json"))
     if pipe.tokenizer is not None:
       pipe.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+    _write_json({"written_by": "ddpo_jax.models.pipeline.save_pipeline"},
+                os.path.join(tmp, WRITTEN_BY))
 
+    check_output_dir(path, overwrite)  # again: something may have appeared meanwhile
     if os.path.exists(path):
       old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
       os.rename(path, os.path.join(old, "x"))

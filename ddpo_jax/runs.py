@@ -1,0 +1,67 @@
+"""A run in WORKDIR read back from its checkpoints: the one way sample, export and evaluation
+restore a run (training resumes through `checkpoints.restore` with its own shardings).
+
+`restore_run(workdir, step)` -> (config, policy, trainable params, step): the config saved with
+checkpoint `step` (default: the latest; step 0 is the pre-trained starting point), the policy
+that config builds, and the checkpoint's trainable params on the default device.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+
+from ddpo_jax import checkpoints, train
+from ddpo_jax.policy import Policy, build_policy
+
+
+def checked_step(mngr: ocp.CheckpointManager, workdir: str, step: int | None) -> int:
+  """`step`, or the latest step when None, after checking that it is a complete saved step.
+
+  Raises:
+    FileNotFoundError: WORKDIR/checkpoints holds no complete checkpoint.
+    ValueError: `step` is not one of the saved steps (the message lists them).
+  """
+  steps = mngr.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"{checkpoints.checkpoint_dir(workdir)} holds no complete checkpoint")
+  step = max(steps) if step is None else int(step)
+  if step not in steps:
+    raise ValueError(f"no checkpoint step {step} in {workdir}; available: {sorted(steps)}")
+  return step
+
+
+def restore_run(workdir: str, step: int | None = None, policy: Policy | None = None
+                ) -> tuple[ml_collections.ConfigDict, Policy, dict, int]:
+  """(config, policy, trainable params, step) of checkpoint `step` (default: the latest).
+
+  `policy`: the run's policy if the caller has built it (from this run's config), else built
+  here. The trainable params are `params["unet"]` of the policy's layout (LoRA factors for a
+  LoRA run, plus CTRL's control tables), float32 as saved.
+
+  Raises:
+    FileNotFoundError: no checkpoint directory, or no complete checkpoint in it.
+    ValueError: `step` is not a saved step, or the checkpoint does not fit the policy.
+  """
+  if not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
+    raise FileNotFoundError(f"no checkpoints in {checkpoints.checkpoint_dir(workdir)}")
+  mngr = checkpoints.manager(workdir, read_only=True)
+  try:
+    step = checked_step(mngr, workdir, step)
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    config = ml_collections.ConfigDict(json.loads(meta["config"]))
+    if policy is None:
+      policy = build_policy(config, workdir)
+    params = policy.params["unet"]
+    optimizer = train.make_optimizer(config.train)
+    template = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                opt_state=jax.jit(optimizer.init)(params),
+                                rng=jax.random.PRNGKey(0))
+    state, _ = checkpoints.restore(mngr, step, template)
+  finally:
+    mngr.close()
+  return config, policy, state.params, step
