@@ -8,7 +8,7 @@ SVC trained on the held-out split) is logged as an independent judge.
   python -m ddpo_jax.main --workdir=/tmp/ddpo_digits
 """
 from ddpo_jax import digits
-from ddpo_jax.config_defaults import ddpo_base
+from ddpo_jax.config_defaults import ddpo_base, split_variants
 
 
 def get_config(arg=None):
@@ -32,7 +32,7 @@ def get_config(arg=None):
   config.train.clip_range = 0.2
   config.reward.weights = {"digit_class_logprob": 1.0}
   config.reward.metrics = ("digits_heldout_accuracy",)
-  if arg == "runlocal":  # seconds: a tiny model and batch, for tests
+  if "runlocal" in split_variants(arg, ("runlocal",), "digits"):  # seconds, for tests
     runlocal(config)
   return config
 

@@ -117,7 +117,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *
   key = jax.random.PRNGKey(seed)
   params = host_init(module, key, jnp.zeros((1,) + images.shape[1:]))
   tx = optax.adamw(optax.cosine_decay_schedule(learning_rate, steps), weight_decay=weight_decay)
-  opt_state = tx.init(params)
+  opt_state = jax.jit(tx.init)(params)  # one program, not one eager zeros per leaf
   images_d, labels_d = jnp.asarray(images), jnp.asarray(labels)
 
   @jax.jit

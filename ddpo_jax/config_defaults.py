@@ -80,3 +80,23 @@ def ddpo_base() -> ml_collections.ConfigDict:
   reward.aesthetic_mlp_path = ""  # aesthetic: sac+logos+ava1-l14-linearMSE.pth
   reward.server_url = "http://127.0.0.1:8000"  # remote: a `python -m ddpo_jax.rewards.server`
   return config
+
+
+
+def split_variants(arg, known: tuple[str, ...], config_name: str,
+                   label_budget: bool = False) -> list[str]:
+  """The comma-separated variants of a config's `get_config(arg)` ("file.py:runlocal,full"),
+  blanks dropped, each checked against `known` (and, with `label_budget`, the CTRL label
+  budgets "nN", e.g. n100). An unknown variant (a typo such as "runlocl") is an error naming
+  the config and the known variants, never the full config silently.
+
+  Raises:
+    ValueError: an unknown variant.
+  """
+  variants = [v.strip() for v in (arg or "").split(",") if v.strip()]
+  for v in variants:
+    budget = label_budget and v.startswith("n") and v[1:].isdigit()
+    if v not in known and not budget:
+      names = ", ".join(known + (("nN",) if label_budget else ()))
+      raise ValueError(f"unknown {config_name} config variant {v!r}; known: {names}")
+  return variants

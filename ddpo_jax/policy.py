@@ -58,6 +58,14 @@ class Policy:
   encode_images: Callable[[dict, jax.Array], jax.Array] | None = None
   null_class_labels: np.ndarray | None = None
 
+  def __post_init__(self):
+    # The denoiser as one jitted function: every call with the same input types inside a
+    # traced program (the policy's and the reference's eps in CTRL's chain, both branches of
+    # its truncation `cond`, `eval_shape` then the real call) reuses one trace and one lowered
+    # function instead of re-tracing the UNet each time. XLA inlines it: the same program.
+    if not hasattr(self.eps_fn, "lower"):
+      object.__setattr__(self, "eps_fn", jax.jit(self.eps_fn))
+
 
 def build_policy(config, workdir: str) -> Policy:
   """Builds the policy of `config`: the model family of `config.model.kind`, wrapped in CTRL's

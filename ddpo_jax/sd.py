@@ -273,10 +273,8 @@ def apply_variants(config: ml_collections.ConfigDict, arg) -> ml_collections.Con
   """Applies the comma-separated variants of `get_config(arg)`: "full" (full UNet fine-tuning
   as the JAX original: lr 1e-5, Adam first moment in bfloat16, fewer kept checkpoints) and
   "runlocal" (seconds on a CPU against a tiny pipeline given by model.pretrained_path)."""
-  variants = [v.strip() for v in (arg or "").split(",") if v.strip()]
-  for v in variants:
-    if v not in ("full", "runlocal"):
-      raise ValueError(f"unknown config variant {v!r}; use 'full', 'runlocal' or 'runlocal,full'")
+  from ddpo_jax.config_defaults import split_variants
+  variants = split_variants(arg, ("full", "runlocal"), "Stable Diffusion")
   if "full" in variants:
     config.model.lora.enabled = False
     config.train.learning_rate = 1e-5

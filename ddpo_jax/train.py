@@ -46,9 +46,31 @@ class TrainState:
   rng: jax.Array  # base PRNG key of the run; epoch e uses fold_in(rng, e)
 
 
+def validate_shared_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError for impossible values of the sections every trainer reads (the
+  optimizer, the sampler's guidance, checkpoint retention): DDPO's and CTRL's `validate_config`."""
+  t = config.train
+  checks = [("train.learning_rate", t.learning_rate, ">= 0", t.learning_rate >= 0),
+            ("train.control_learning_rate", t.get("control_learning_rate", 0.0), ">= 0",
+             t.get("control_learning_rate", 0.0) >= 0),
+            ("train.max_grad_norm", t.max_grad_norm, "> 0 (the global-norm clip)",
+             t.max_grad_norm > 0),
+            ("train.adam_epsilon", t.adam_epsilon, "> 0", t.adam_epsilon > 0),
+            ("sample.guidance_scale", config.sample.guidance_scale, ">= 0 (1: no guidance)",
+             config.sample.guidance_scale >= 0),
+            ("keep_checkpoints", config.keep_checkpoints, ">= 0 (0 keeps all)",
+             int(config.keep_checkpoints) >= 0)]
+  for name, value, rule, ok in checks:
+    if not ok:
+      raise ValueError(f"{name}={value} must be {rule}")
+
+
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
   """Raises ValueError for impossible values, before anything is compiled."""
+  validate_shared_config(config)
   s, t = config.sample, config.train
+  if t.algorithm == "ppo" and not t.clip_range > 0:
+    raise ValueError(f"train.clip_range={t.clip_range} must be > 0 (the PPO ratio clip, 1 ± ε)")
   if not s.eta > 0:
     raise ValueError(f"sample.eta={s.eta}: DDPO needs eta > 0 (the log-probability of a "
                      "deterministic DDIM step is undefined)")
@@ -286,6 +308,12 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
     def grad_fn(params, frozen, uncond, batch, key):
       return shard_grad_fn(params, frozen, uncond, batch, jax.random.split(key, shards))
 
+  # One trace of the gradient: `opt_step` asks for its output shapes (`eval_shape`) and then
+  # calls it in the micro-step scan with the same input types; as a jitted function the second
+  # use reuses the first trace (about 1 s per trace of the tiny UNet's gradient on a CPU) and
+  # XLA inlines it, so the compiled program is the same.
+  grad_fn = jax.jit(grad_fn)
+
   def update(state: TrainState, frozen, traj: diffusion.Trajectory, advantages, adv_scales,
              rewards, key):
     n = traj.log_probs.shape[0]
@@ -388,18 +416,37 @@ def frozen_params(policy: Policy, config) -> dict:
 class MetricsWriter:
   """WORKDIR/metrics.jsonl (one object per epoch) plus TensorBoard summaries."""
 
-  def __init__(self, workdir: str, resume_epoch: int):
+  def __init__(self, workdir: str, resume_epoch: int, log=print):
     self.path = os.path.join(workdir, "metrics.jsonl")
-    # Drop rows of epochs after the checkpoint we resume from: they are recomputed.
+    # Drop rows of epochs after the checkpoint we resume from: they are recomputed. A last line
+    # cut short by a crash (no newline, not valid JSON) is dropped too, and said.
     if os.path.exists(self.path):
       with open(self.path) as f:
-        rows = [json.loads(l) for l in f if l.strip()]
+        lines = f.read().split("\n")
+      rows = []
+      for i, line in enumerate(lines):
+        if not line.strip():
+          continue
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError:
+          if any(l.strip() for l in lines[i + 1:]):
+            raise ValueError(f"{self.path}: line {i + 1} is not valid JSON and is not the last "
+                             f"line (not a write cut short by a crash): {line[:200]!r}")
+          log(f"{self.path}: dropping its last line, cut short (not valid JSON): {line[:200]!r}")
       with open(self.path, "w") as f:
         for row in rows:
           if row["epoch"] < resume_epoch:
             f.write(json.dumps(row) + "\n")
-    from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    # TensorBoard's writer is made on a thread: importing tensorboardX imports PyTorch when it
+    # is installed (~1.5 s), which then overlaps the compilation that follows.
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    self._tb = pool.submit(_summary_writer, os.path.join(workdir, "tensorboard"))
+    pool.shutdown(wait=False)
+
+  @property
+  def tb(self):
+    return self._tb.result()
 
   def write(self, epoch: int, metrics: dict) -> None:
     row = {"epoch": epoch, **{k: float(v) for k, v in metrics.items()}}
@@ -420,6 +467,11 @@ class MetricsWriter:
         Image.NEAREST).save(path)
     self.tb.add_image("samples", grid, epoch, dataformats="HWC")
     return path
+
+
+def _summary_writer(logdir: str):
+  from tensorboardX import SummaryWriter
+  return SummaryWriter(logdir)
 
 
 def image_grid(images: np.ndarray, pad: int = 1, cols: int | None = None) -> np.ndarray:
@@ -518,7 +570,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     tracker.load_state_dict(meta["stat_tracker"])
     start_epoch = int(meta["epoch"])
     log(f"resuming from checkpoint step {latest} (epoch {start_epoch})")
-  writer = MetricsWriter(workdir, start_epoch) if main_process else None
+  writer = MetricsWriter(workdir, start_epoch, log) if main_process else None
   log(f"training on {parallel.describe_mesh(mesh)}{fsdp_note}")
 
   B, nb = config.sample.batch_size, config.sample.num_batches_per_epoch

@@ -176,12 +176,18 @@ def test_bad_input_errors_before_training(digits_cache, tmp_path):
   for field, value, match in [("ctrl.method", "magic", "ctrl.method"),
                               ("ctrl.truncation", "half", "ctrl.truncation"),
                               ("ctrl.kl_reduction", "max", "kl_reduction"),
-                              ("ctrl.batch_size", 0, "positive")]:
+                              ("ctrl.batch_size", 0, "positive"),
+                              ("train.control_learning_rate", -0.1, "must be >= 0"),
+                              ("keep_checkpoints", -2, "must be >= 0")]:
     with pytest.raises(ValueError, match=match):
       trainer.train_and_evaluate(load_config("ctrl_digits_class", "runlocal", **{field: value}),
                                  str(tmp_path / "c"))
   with pytest.raises(ValueError, match="unknown CTRL config variant"):
     load_config("ctrl_digits_class", "runlocal,bogus")
+  # config.mesh is the run's mesh: an fsdp axis the backprop loop would not use is an error
+  with pytest.raises(ValueError, match=r"trains data-parallel only \(mesh.fsdp=1\)"):
+    trainer.train_and_evaluate(load_config("ctrl_digits_class", "runlocal", **{"mesh.fsdp": 2}),
+                               str(tmp_path / "e"))
   # the ddpo solver derives train.kl_coef / reward.weights from ctrl.*: setting them apart fails
   for field, value, match in [("train.kl_coef", 0.3, "ctrl.kl_weight"),
                               ("reward.weights", {"jpeg_compressibility": 1.0}, "ctrl.reward_weight")]:

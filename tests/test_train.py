@@ -187,6 +187,13 @@ class _FakeMesh:
      "one optimizer step per data collection"),
     ({"train.algorithm": "sf", "sample.batch_size": 8, "train.batch_size": 4,
       "train.gradient_accumulation_steps": 2, "train.num_inner_epochs": 2}, "num_inner_epochs=1"),
+    ({"train.learning_rate": -1e-4}, r"train.learning_rate=-0.0001 must be >= 0"),
+    ({"train.clip_range": -0.2}, r"train.clip_range=-0.2 must be > 0"),
+    ({"train.clip_range": 0.0}, r"train.clip_range=0.0 must be > 0"),
+    ({"train.max_grad_norm": -1.0}, r"train.max_grad_norm=-1.0 must be > 0"),
+    ({"train.adam_epsilon": 0.0}, r"train.adam_epsilon=0.0 must be > 0"),
+    ({"sample.guidance_scale": -2.0}, r"sample.guidance_scale=-2.0 must be >= 0"),
+    ({"keep_checkpoints": -1}, r"keep_checkpoints=-1 must be >= 0"),
 ])
 def test_bad_config_values(overrides, message):
   with pytest.raises(ValueError, match=message):
@@ -293,3 +300,31 @@ def test_gradient_is_reduced_once_per_optimizer_step(tmp_path):
   micro = [c for trips, c in loops if trips == 10]
   steps = [c for trips, c in loops if trips == 2]
   assert micro == [0] and steps == [1], loops
+
+
+def test_metrics_file_cut_short_by_a_crash_is_repaired_on_resume(tmp_path):
+  """A last line without its end (the process died mid-write) is dropped, and said; rows of
+  epochs after the resumed checkpoint are dropped; a bad line that is not the last is an error
+  naming the line."""
+  path = tmp_path / "metrics.jsonl"
+  rows = [json.dumps({"epoch": e, "loss": 0.5 + e}) for e in range(3)]
+  path.write_text("\n".join(rows) + '\n{"epoch": 3, "lo')
+  said = []
+  writer = train.MetricsWriter(str(tmp_path), resume_epoch=2, log=said.append)
+  assert [json.loads(l)["epoch"] for l in open(path)] == [0, 1]
+  assert len(said) == 1 and "dropping its last line" in said[0] and '{"epoch": 3, "lo' in said[0]
+  writer.write(2, {"loss": 2.5})
+  assert [json.loads(l)["epoch"] for l in open(path)] == [0, 1, 2]
+  assert os.listdir(tmp_path / "tensorboard")  # the summary writer was made
+
+  path.write_text(rows[0] + '\n{"epoch": 1, "lo\n' + rows[2] + "\n")
+  with pytest.raises(ValueError, match="line 2 is not valid JSON and is not the last line"):
+    train.MetricsWriter(str(tmp_path), resume_epoch=3)
+
+
+@pytest.mark.parametrize("config_name", ["default", "digits_compressibility", "sd_compressibility",
+                                         "ctrl_digits_class"])
+def test_unknown_config_variant_is_rejected(config_name):
+  """A typo in the variant ("runlocl") fails naming it instead of running the full config."""
+  with pytest.raises(ValueError, match=r"unknown .* config variant 'runlocl'; known: .*runlocal"):
+    load_config(config_name, "runlocl")

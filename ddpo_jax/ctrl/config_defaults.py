@@ -8,7 +8,7 @@ method, the rest by the "ddpo" solver, `train`'s optimizer fields by all.
 """
 import ml_collections
 
-from ddpo_jax.config_defaults import ddpo_base
+from ddpo_jax.config_defaults import ddpo_base, split_variants
 
 
 def condition(source: str, num_classes: int, weight: float = 1.0, **data) -> ml_collections.ConfigDict:
@@ -103,7 +103,7 @@ def apply_variants(config, arg) -> ml_collections.ConfigDict:
   - `cfg`, `cg`: the classifier-free-guidance / classifier-guidance baselines;
   - `ddpo`: the DDPO (PPO) solver instead of direct backpropagation;
   - `runlocal`: a tiny model and a few steps (seconds on a CPU, for tests)."""
-  variants = [v for v in (arg or "").split(",") if v]
+  variants = split_variants(arg, ("cfg", "cg", "ddpo", "runlocal"), "CTRL", label_budget=True)
   # runlocal last: it shrinks whatever the other variants set
   for v in sorted(variants, key=lambda v: v == "runlocal"):
     if v.startswith("n") and v[1:].isdigit():
@@ -120,8 +120,6 @@ def apply_variants(config, arg) -> ml_collections.ConfigDict:
       use_ddpo_solver(config)
     elif v == "runlocal":
       runlocal(config)
-    else:
-      raise ValueError(f"unknown CTRL config variant {v!r}; known: nN, cfg, cg, ddpo, runlocal")
   return config
 
 
@@ -240,7 +238,7 @@ def apply_sd_variants(config, arg, runlocal_eval_samples: int):
   the `cfg` baseline (denoising fine-tune: 50 steps per epoch of 32 labelled images, 8 × 4
   accumulated) and of the `ddpo` solver (the SD DDPO tasks' layout: 8 sampling calls of 32
   per epoch, optimizer steps of 8 × 8 samples, 100 epochs), and `sd_ctrl_runlocal` last."""
-  variants = [v for v in (arg or "").split(",") if v]
+  variants = split_variants(arg, ("cfg", "cg", "ddpo", "runlocal"), "CTRL", label_budget=True)
   config = apply_variants(config, ",".join(variants))
   if "cfg" in variants:
     config.ctrl.batch_size = 8

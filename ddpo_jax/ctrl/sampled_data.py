@@ -261,14 +261,14 @@ def sample_base_images(config, num: int, seed: int, batch_size: int = 0, log=pri
     images (num, H, W, C) uint8 and their prompts (num,).
   """
   import jax
-  from ddpo_jax import parallel
+  from ddpo_jax import parallel, train
   from ddpo_jax.rewards import to_uint8
   policy, mesh, sample_fn = _base_sampler(config)
   fixed = tuple((config.get("ctrl") or {}).get("prompts", ()) or ())
   n_dev = mesh.devices.size
   bs = int(batch_size) or int(config.sample.batch_size)
   bs = max(n_dev, min(bs, num) // n_dev * n_dev)
-  frozen = {k: v for k, v in policy.params.items() if k != "unet"}
+  frozen = train.frozen_params(policy, config)
   data = parallel.data_sharding(mesh)
   rng = np.random.default_rng(seed)
   images, prompts = [], []

@@ -52,6 +52,7 @@ TRUNCATIONS = ("random", "fixed", "none")
 def validate_config(config, mesh) -> None:
   """Raises ValueError for impossible CTRL settings, before anything is built or compiled."""
   c = config.ctrl
+  train.validate_shared_config(config)
   if c.method not in ctrl_policy.METHODS:
     raise ValueError(f"ctrl.method={c.method!r}; choose one of {ctrl_policy.METHODS}")
   if c.solver not in SOLVERS:
@@ -275,9 +276,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   (plus the final evaluation's, written to WORKDIR/eval.json)."""
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  mesh = parallel.make_mesh()
-  validate_config(config, mesh)
   c = config.ctrl
+  fsdp = int(config.mesh.get("fsdp", 1))
+  if fsdp > 1 and not (c.method == "ctrl" and c.solver == "ddpo"):
+    # The backprop solver's and the baselines' loop keeps the model replicated: an fsdp axis
+    # would be accepted and then shard nothing.
+    raise ValueError(
+        f"mesh.fsdp={fsdp}: ctrl.method={c.method!r} / ctrl.solver={c.solver!r} trains "
+        "data-parallel only (mesh.fsdp=1); the ddpo solver (ctrl.solver='ddpo') shards with fsdp")
+  mesh = parallel.make_mesh(config.mesh)
+  validate_config(config, mesh)
   if c.method == "ctrl" and c.solver == "ddpo":
     last = train.train_and_evaluate(config_defaults.ddpo_solver_config(config), workdir, log=log)
   else:
@@ -295,12 +303,14 @@ def _train_loop(config, workdir: str, mesh, log) -> dict:
   c = config.ctrl
   policy = build_policy(config, workdir)
   repl = parallel.replicated(mesh)
-  frozen_host = {k: v for k, v in policy.params.items() if k != "unet"}
-  if c.method == "ctrl" and float(c.kl_weight) > 0:
+  frozen_host = train.frozen_params(policy, config)
+  if c.method == "ctrl" and float(c.kl_weight) > 0:  # the backprop solver's KL (ctrl.kl_weight)
     frozen_host["reference_unet"] = policy.params["unet"]
   frozen = jax.device_put(frozen_host, repl)
   optimizer = train.make_optimizer(config.train)
-  unet0 = jax.device_put(jax.tree.map(jnp.copy, policy.params["unet"]), repl)
+  # A copy placed from the host (the state is donated; the policy's params must survive), with
+  # no program compiled per leaf.
+  unet0 = parallel.put(jax.tree.map(np.asarray, policy.params["unet"]), repl)
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=unet0,
                            opt_state=jax.jit(optimizer.init, out_shardings=repl)(unet0),
                            rng=jax.random.PRNGKey(config.seed))
@@ -315,7 +325,7 @@ def _train_loop(config, workdir: str, mesh, log) -> dict:
     log(f"resuming from checkpoint step {mngr.latest_step()} (epoch {start_epoch})")
   num_epochs = 1 if c.method == "classifier_guidance" else int(config.num_epochs)
   log(f"training on {parallel.describe_mesh(mesh)}")
-  writer = train.MetricsWriter(workdir, start_epoch)
+  writer = train.MetricsWriter(workdir, start_epoch, log)
   last = {}
   if c.method == "classifier_guidance":
     if start_epoch < 1:
