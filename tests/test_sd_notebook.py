@@ -34,7 +34,8 @@ def test_sd_colab_notebook_runs(tiny_sd, tiny_clip_768, random_aesthetic_mlp, pr
   for name in ("reward_curve.png", "before_after.png", "metrics.jsonl"):
     assert (workdir / name).exists(), name
   assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2
-  exported = sorted(os.listdir(workdir / "exported"))
+  # exported beside the run (export refuses a directory inside the WORKDIR)
+  exported = sorted(os.listdir(f"{workdir}_exported"))
   assert {"model_index.json", "unet", "vae", "text_encoder", "tokenizer",
           "scheduler"} <= set(exported)
   assert not any(p.name.startswith(".") for p in workdir.iterdir())  # no half-written export
