@@ -19,7 +19,7 @@ from ddpo_jax import checkpoints, train
 from ddpo_jax.policy import Policy, build_policy
 
 
-def checked_step(mngr: ocp.CheckpointManager, workdir: str, step: int | None) -> int:
+def _checked_step(mngr: ocp.CheckpointManager, workdir: str, step: int | None) -> int:
   """`step`, or the latest step when None, after checking that it is a complete saved step.
 
   Raises:
@@ -35,13 +35,12 @@ def checked_step(mngr: ocp.CheckpointManager, workdir: str, step: int | None) ->
   return step
 
 
-def restore_run(workdir: str, step: int | None = None, policy: Policy | None = None
+def restore_run(workdir: str, step: int | None = None
                 ) -> tuple[ml_collections.ConfigDict, Policy, dict, int]:
   """(config, policy, trainable params, step) of checkpoint `step` (default: the latest).
 
-  `policy`: the run's policy if the caller has built it (from this run's config), else built
-  here. The trainable params are `params["unet"]` of the policy's layout (LoRA factors for a
-  LoRA run, plus CTRL's control tables), float32 as saved.
+  The policy is built from the checkpoint's config; the trainable params are `params["unet"]`
+  of its layout (LoRA factors for a LoRA run, plus CTRL's control tables), float32 as saved.
 
   Raises:
     FileNotFoundError: no checkpoint directory, or no complete checkpoint in it.
@@ -51,11 +50,10 @@ def restore_run(workdir: str, step: int | None = None, policy: Policy | None = N
     raise FileNotFoundError(f"no checkpoints in {checkpoints.checkpoint_dir(workdir)}")
   mngr = checkpoints.manager(workdir, read_only=True)
   try:
-    step = checked_step(mngr, workdir, step)
+    step = _checked_step(mngr, workdir, step)
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     config = ml_collections.ConfigDict(json.loads(meta["config"]))
-    if policy is None:
-      policy = build_policy(config, workdir)
+    policy = build_policy(config, workdir)
     params = policy.params["unet"]
     optimizer = train.make_optimizer(config.train)
     template = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,

@@ -36,6 +36,7 @@ import numpy as np
 
 from ddpo_jax import lora as lora_lib
 from ddpo_jax import prompts as prompts_lib
+from ddpo_jax.config_defaults import split_variants
 from ddpo_jax.policy import Policy
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"  # the DDPO paper's base model
@@ -273,7 +274,6 @@ def apply_variants(config: ml_collections.ConfigDict, arg) -> ml_collections.Con
   """Applies the comma-separated variants of `get_config(arg)`: "full" (full UNet fine-tuning
   as the JAX original: lr 1e-5, Adam first moment in bfloat16, fewer kept checkpoints) and
   "runlocal" (seconds on a CPU against a tiny pipeline given by model.pretrained_path)."""
-  from ddpo_jax.config_defaults import split_variants
   variants = split_variants(arg, ("full", "runlocal"), "Stable Diffusion")
   if "full" in variants:
     config.model.lora.enabled = False

@@ -23,7 +23,8 @@ def _text_files():
 
 
 def _sections():
-  """Section numbers of docs/algorithms.md's headings ("## 3. ..." -> "3", "### 3.5 ..." -> "3.5")."""
+  """Section numbers of docs/algorithms.md's headings ("## 3. ..." -> "3", "### 3.5 ..." ->
+  "3.5")."""
   numbers = set()
   for line in open(ALGORITHMS, encoding="utf-8"):
     m = re.match(r"#{2,4} (\d+(?:\.\d+)*)\.? ", line)

@@ -4,7 +4,8 @@ For controls whose label is a measurable property of an image (the compressibili
 aesthetic levels of docs/algorithms.md §4.3) the offline (x, y) pairs need no human labels:
 sample N images from the pre-trained policy p_pre(x | c) (prompts c from the run's prompt
 distribution, the config's DDIM steps / eta / guidance), measure a scalar per image and cut it
-into `num_classes` quantile levels (level 0 = the smallest values). Sources (`config.ctrl.conditions.NAME.data.source`):
+into `num_classes` quantile levels (level 0 = the smallest values). Sources
+(`config.ctrl.conditions.NAME.data.source`):
 
 - "sampled_jpeg_levels": JPEG file size in kB (`ddpo_jax.rewards.jpeg_size_kb`, PIL at
   `quality`, default 95) of the full-size uint8 sample; level 0 = the most compressible;
