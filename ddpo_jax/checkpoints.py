@@ -1,23 +1,62 @@
-"""Orbax checkpoints in WORKDIR/checkpoints: everything needed to continue a run.
+"""Orbax checkpoints in WORKDIR/checkpoints: everything needed to continue a run, verified.
 
 Each step N (= number of completed epochs; step 0 is the pre-trained starting point) holds
 - `state`: the `TrainState` pytree (trainable params, optimizer state, step counter, RNG key);
-- `meta`: JSON with the epoch, the per-prompt stat tracker, and the run's config.
+- `meta`: JSON with the epoch, the loop's own state (DDPO's per-prompt stat tracker), the run's
+  config, and a checksum of every array of `state` (`state_checksums`).
 Orbax writes each step into a temporary directory and renames it when complete, so a process
 killed during a save leaves the previous step as the latest one.
 
-Multi-host: every process calls `save` / `restore` with the same global arrays; Orbax writes
+Integrity: restoring a step recomputes the checksums of the arrays it read and compares them
+with those saved beside them, so a flipped bit or a truncated file is found and named instead
+of training on. A training run (`RunCheckpoints.start`) resumes from the newest step that reads
+back intact; each damaged newer step is moved, never deleted, to WORKDIR/damaged_checkpoints/
+with a note saying why. A failed save stops the run (`CheckpointSaveError`), and resuming with
+another config than the one saved fails naming the keys (`ConfigChangedError`) unless they are
+allowed (`CHANGEABLE_ON_RESUME`, or the user's `allow_config_change`).
+
+Multi-host: every process calls these functions with the same global arrays; Orbax writes
 each process's shards and process 0 the metadata, so WORKDIR must be a directory all hosts
-share. `restore` reshards onto the shardings of the given state (another mesh or host count).
+share. A restore reshards onto the shardings of the given state (another mesh or host count);
+the processes agree on whether a step is intact before any of them moves it.
 """
 from __future__ import annotations
 
+import datetime
+import fnmatch
+import json
 import os
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
+
+from ddpo_jax import parallel
+
+DAMAGED_DIR = "damaged_checkpoints"
+
+# Config keys that may differ between a run's saved config and the one it resumes with, without
+# being allowed explicitly: how long the run goes on, how often it saves and logs, where its
+# caches and reward server are, and the device layout (a restore reshards onto any mesh). None
+# of them changes what an epoch already trained would have computed.
+CHANGEABLE_ON_RESUME = ("num_epochs", "save_freq", "keep_checkpoints", "log_image_freq",
+                        "progress", "compilation_cache_dir", "cpu_devices", "mesh.*",
+                        "reward.server_url", "ctrl.eval_*")
+
+
+class DamagedCheckpointError(ValueError):
+  """A saved step whose files cannot be read back, or whose arrays fail their checksums."""
+
+
+class ConfigChangedError(ValueError):
+  """The config given to resume a run differs from the one its checkpoint was written with."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """Writing a checkpoint failed: the run stops (the last committed step is kept)."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -38,41 +77,313 @@ def manager(workdir: str, keep: int = 0, read_only: bool = False) -> ocp.Checkpo
       item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
 
+# ----------------------------------------------------------------------------- checksums
+def _fmix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser (uint32 -> uint32, every input bit reaches every output bit)."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """The bits of `x` as a flat uint32 vector (16- and 8-bit elements widened, 64-bit split)."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32).reshape(-1)
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+  """(2,) uint32: the sum of the array's 32-bit words, and the sum of their hashes with their
+  positions, both modulo 2**32. Sums of integers do not depend on the order of the reduction, so
+  the value is the same on every backend, mesh and host count; one flipped bit always changes
+  the first sum, a swap or several flips the second with probability 1 - 2**-32."""
+  u = _words(x)
+  position = jnp.arange(u.size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9)
+  return jnp.stack([jnp.sum(u, dtype=jnp.uint32), jnp.sum(_fmix32(u ^ position), dtype=jnp.uint32)])
+
+
+_checksums = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
+
+
+def state_checksums(state: Any) -> dict[str, list[int]]:
+  """{array path ("params/conv_in/kernel", `parallel.path_str`): [word sum, positional hash
+  sum]} of every array of `state` (global arrays: the same dict on every process; one compiled
+  program). The paths do not depend on the containers, so a state read back as nested dicts
+  has the checksums of the `TrainState` that was saved."""
+  sums = parallel.to_host(_checksums(state))
+  return {parallel.path_str(path): [int(v) for v in np.asarray(s)]
+          for path, s in jax.tree_util.tree_flatten_with_path(sums)[0]}
+
+
+# ----------------------------------------------------------------------------- config changes
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict) and v:
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+_MISSING = "<absent>"
+
+
+def config_changes(saved_config_json: str, config) -> dict[str, tuple[Any, Any]]:
+  """{dotted key: (saved value, new value)} of every key that differs between a checkpoint's
+  config (its JSON) and `config` (an ml_collections ConfigDict); absent keys show as
+  '<absent>'."""
+  old = _flatten(json.loads(saved_config_json))
+  new = _flatten(json.loads(config.to_json()))
+  return {k: (old.get(k, _MISSING), new.get(k, _MISSING)) for k in sorted(set(old) | set(new))
+          if old.get(k, _MISSING) != new.get(k, _MISSING)}
+
+
+def _allowed(key: str, patterns: Sequence[str]) -> bool:
+  return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+# ----------------------------------------------------------------------------- save / restore
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
+  """Starts the asynchronous save of `state` and `meta` (+ the state's checksums) as `step`."""
+  meta = {**meta, "checksums": state_checksums(state)}
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           meta=ocp.args.JsonSave(meta)))
 
 
+def _damaged(step: int, mngr: ocp.CheckpointManager, what: str, e: BaseException | None = None):
+  detail = "" if e is None else f": {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+  return DamagedCheckpointError(f"checkpoint step {step} in {mngr.directory} is damaged "
+                                f"({what}){detail}")
+
+
+def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+  """The `meta` JSON of `step`. Raises DamagedCheckpointError if it cannot be read."""
+  try:
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:  # noqa: BLE001  (any failure to read it back is damage)
+    raise _damaged(step, mngr, "its meta JSON cannot be read", e) from e
+  if not isinstance(meta, dict) or "epoch" not in meta or "config" not in meta:
+    raise _damaged(step, mngr, "its meta JSON lacks the epoch or the config")
+  return meta
+
+
+def _leaf_signature(tree) -> list[tuple[tuple[int, ...], str]]:
+  return sorted((tuple(int(d) for d in x.shape), str(np.dtype(x.dtype)))
+                for x in jax.tree.leaves(tree))
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
-  """Restores (state, meta) of `step` into the shapes/shardings of `abstract_state`.
+  """Restores (state, meta) of `step` into the shapes/shardings of `abstract_state`, verified
+  against the checksums saved with it.
 
   Raises:
-    ValueError: if the checkpoint does not fit `abstract_state` (another model or config).
+    ValueError: the step holds other arrays than `abstract_state` (another model or config).
+    DamagedCheckpointError: its files cannot be read, or arrays differ from their checksums
+      (the message names them).
   """
+  meta = read_meta(mngr, step)
+  try:
+    saved = mngr.item_metadata(step)["state"]
+  except Exception as e:  # noqa: BLE001
+    raise _damaged(step, mngr, "its array metadata cannot be read", e) from e
+  have, want = _leaf_signature(saved), _leaf_signature(abstract_state)
+  if have != want:
+    extra = [s for s in have if s not in want][:3]
+    raise ValueError(
+        f"checkpoint step {step} in {mngr.directory} does not match this model/config (was it "
+        f"written by a different config?): it holds {len(have)} arrays, this model "
+        f"{len(want)}; e.g. saved (shape, dtype) {extra} are not in this model")
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
   try:
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f"checkpoint step {step} in {mngr.directory} does not match this model/config "
-                     f"(was it written by a different config?): {e}") from e
-  return restored["state"], restored["meta"]
+    state = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
+  except Exception as e:  # noqa: BLE001
+    raise _damaged(step, mngr, "its array data cannot be read", e) from e
+  expected = meta.get("checksums")
+  if expected is not None:
+    got = state_checksums(state)
+    bad = [k for k in got if expected.get(k) != got[k]]
+    bad += [k for k in expected if k not in got]
+    if bad:
+      raise _damaged(step, mngr, f"{len(bad)} of {len(got)} arrays differ from the checksums "
+                     f"saved with them: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+  return state, meta
+
+
+def _agreed(ok: bool) -> bool:
+  """Whether `ok` holds on every process (a collective when there are several)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray([ok]))))
+
+
+def _try_restore(mngr, step, abstract_state, check_meta=None):
+  """(state, meta, None) or (None, None, the DamagedCheckpointError), agreed by all processes."""
+  error = None
+  try:
+    if check_meta is not None:
+      check_meta(step, read_meta(mngr, step))
+    state, meta = restore(mngr, step, abstract_state)
+  except DamagedCheckpointError as e:
+    error, state, meta = e, None, None
+  if not _agreed(error is None):
+    error = error or _damaged(step, mngr, "another process could not read it back")
+    return None, None, error
+  return state, meta, None
 
 
 def read_state(workdir: str, step: int | None = None) -> tuple[int, Any, dict]:
-  """Reads (step, state, meta) of a run onto the first local device, whatever topology wrote it.
+  """Reads (step, state, meta) of a run onto the first local device, whatever topology wrote it,
+  verified against the saved checksums.
 
-  For inspection and export: training resumes through `restore` with the run's own shardings.
-  The state comes back as a nested dict of arrays (the `TrainState` fields as keys).
+  For inspection and export: training resumes through `RunCheckpoints` with the run's own
+  shardings. The state comes back as a nested dict of arrays (the `TrainState` fields as keys).
   """
   mngr = manager(workdir, read_only=True)
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{checkpoint_dir(workdir)} holds no complete checkpoint")
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                        mngr.item_metadata(step)["state"])
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-  mngr.close()
-  return step, restored["state"], restored["meta"]
+  try:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{checkpoint_dir(workdir)} holds no complete checkpoint")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    try:
+      saved = mngr.item_metadata(step)["state"]
+    except Exception as e:  # noqa: BLE001
+      raise _damaged(step, mngr, "its array metadata cannot be read", e) from e
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+    state, meta = restore(mngr, step, target)
+  finally:
+    mngr.close()
+  return step, state, meta
+
+
+# ----------------------------------------------------------------------------- a training run
+class RunCheckpoints:
+  """The checkpoints of a training run, as its loop uses them.
+
+  `start` resumes from the newest intact step (moving damaged newer ones aside) or, in a new
+  run, saves the starting point as step 0; `save` writes a step once the previous save has
+  committed; `wait` raises `CheckpointSaveError` if a save failed; `close` waits and closes;
+  `abort` (after an error) closes without raising and returns the last committed step.
+
+  Args:
+    workdir: the run's directory.
+    config: the run's config; saved with every step, compared with the saved one on resume.
+    allow_config_change: config keys (or fnmatch patterns) that may differ from the saved
+      config on resume, beyond CHANGEABLE_ON_RESUME; each change is logged.
+    log: where messages go (process 0 prints them).
+  """
+
+  def __init__(self, workdir: str, config, allow_config_change: Sequence[str] = (),
+               log: Callable[[str], Any] = print):
+    self.workdir = os.path.abspath(workdir)
+    self.config = config
+    self.allowed = tuple(CHANGEABLE_ON_RESUME) + tuple(allow_config_change)
+    self.log = log
+    self.mngr = manager(workdir, keep=int(config.keep_checkpoints))
+
+  def _check_config(self, step: int, meta: dict) -> None:
+    changes = config_changes(meta["config"], self.config)
+    refused = {k: v for k, v in changes.items() if not _allowed(k, self.allowed)}
+    if refused:
+      listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+      raise ConfigChangedError(
+          f"checkpoint step {step} in {self.mngr.directory} was written with another config: "
+          f"{listed}. Resume with the saved config, or allow these changes with "
+          f"--allow_config_change={','.join(refused)} (train_and_evaluate's "
+          "allow_config_change)")
+    for k, (a, b) in changes.items():
+      self.log(f"config change on resume: {k}: {a!r} -> {b!r}")
+
+  def _set_aside(self, step: int, error: DamagedCheckpointError) -> str:
+    """Moves the step's directory to WORKDIR/damaged_checkpoints/ with a note; its new path."""
+    target = os.path.join(self.workdir, DAMAGED_DIR, f"step_{step}")
+    if parallel.is_main_process():
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+      if os.path.lexists(target):
+        target = f"{target}.{stamp}"
+      os.replace(os.path.join(str(self.mngr.directory), str(step)), target)
+      with open(target + ".why.txt", "w") as f:
+        f.write(f"{stamp}: {error}\n")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"ddpo_jax set aside checkpoint {step}")
+    self.mngr.reload()
+    return target
+
+  def start(self, state: Any, meta: dict) -> tuple[Any, dict]:
+    """(state, meta) of the newest intact step, or (`state`, `meta`) saved as step 0 if the run
+    has no step yet.
+
+    Raises:
+      ConfigChangedError: the saved config differs in keys that are not allowed.
+      ValueError: the saved arrays do not fit `state` (another model).
+      DamagedCheckpointError: steps exist but none is intact (they have been moved aside; a
+        new start then begins the run afresh).
+    """
+    moved = []
+    for step in sorted(self.mngr.all_steps(), reverse=True):
+      restored, saved, error = _try_restore(self.mngr, step, state, self._check_config)
+      if error is None:
+        if moved:
+          self.log(f"resuming from step {step}, the newest intact one (damaged steps moved "
+                   f"aside: {', '.join(moved)})")
+        self.log(f"resuming from checkpoint step {step} (epoch {int(saved['epoch'])})")
+        return restored, saved
+      where = self._set_aside(step, error)
+      self.log(f"{error}; moved it to {where}")
+      moved.append(where)
+    if moved:
+      raise DamagedCheckpointError(
+          f"no intact checkpoint in {self.mngr.directory}: every step was damaged and has been "
+          f"moved aside ({', '.join(moved)}); running again starts the run afresh")
+    self.save(0, state, meta)
+    self.log(f"saved the starting point as step 0 in {self.mngr.directory}")
+    return state, meta
+
+  def wait(self) -> None:
+    """Blocks until the last save has committed. Raises CheckpointSaveError if it failed."""
+    try:
+      self.mngr.wait_until_finished()
+      self.mngr.check_for_errors()
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointSaveError(f"saving a checkpoint to {self.mngr.directory} failed: "
+                                f"{type(e).__name__}: {e}") from e
+
+  def save(self, step: int, state: Any, meta: dict) -> None:
+    """Saves `step` (asynchronously) after the previous save has committed."""
+    self.wait()
+    try:
+      save(self.mngr, step, state, {**meta, "config": self.config.to_json()})
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointSaveError(f"saving checkpoint step {step} to {self.mngr.directory} "
+                                f"failed: {type(e).__name__}: {e}") from e
+
+  def close(self) -> None:
+    self.wait()
+    self.mngr.close()
+
+  def abort(self) -> int | None:
+    """After an error: waits for a save in flight without raising, closes, and returns the last
+    committed step (None if none)."""
+    try:
+      self.mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      self.log(f"the last checkpoint save failed: {type(e).__name__}: {e}")
+    try:
+      self.mngr.reload()
+    except Exception:  # noqa: BLE001  (the directory itself may be what failed)
+      pass
+    latest = self.mngr.latest_step()
+    try:
+      self.mngr.close()
+    except Exception:  # noqa: BLE001
+      pass
+    return latest

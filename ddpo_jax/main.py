@@ -1,7 +1,8 @@
 r"""Trains with DDPO: `python -m ddpo_jax.main --config=configs/NAME.py --workdir=DIR [--config.key=value]`.
 
 With no --config it uses configs/default.py (digits prompt alignment). Re-running the same
-command resumes from the latest checkpoint in DIR/checkpoints.
+command resumes from the newest intact checkpoint in DIR/checkpoints, with the config it was
+saved with (`--allow_config_change=KEY,...` to resume with other values of those keys).
 
 Several processes (hosts): start one per host (or per GPU) with the same arguments; they find
 each other through SLURM's or a TPU VM pod's environment, or through
@@ -28,6 +29,11 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "This process's index in [0, num_processes).")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
+    "allow_config_change", [],
+    "Config keys (or fnmatch patterns, e.g. 'train.*') that may differ from the config saved with "
+    "the checkpoint a run resumes from; without them a changed key stops the run, naming it. "
+    "num_epochs, the save/log cadence and the mesh may always change.")
 _DIST_TIMEOUT = flags.DEFINE_integer(
     "distributed_timeout", 300, "Seconds to wait for the coordinator and for all processes.")
 
@@ -50,7 +56,12 @@ def main(argv):
   from ddpo_jax import parallel
   parallel.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value, _DIST_TIMEOUT.value)
+  # After an uncaught error, exit at once: Orbax's background threads of a failed save (and, in
+  # a multi-process run, jax.distributed's shutdown barrier) would otherwise hold the process
+  # for minutes.
+  parallel.exit_on_uncaught_exception()
   logging.set_verbosity(logging.WARNING)
+  allow = tuple(_ALLOW_CONFIG_CHANGE.value)
   if config.mode == "pretrain":
     from ddpo_jax import digits
     if config.model.kind != "digits":
@@ -59,12 +70,12 @@ def main(argv):
     return
   if config.mode == "ctrl":
     from ddpo_jax.ctrl import trainer
-    trainer.train_and_evaluate(config, _WORKDIR.value)
+    trainer.train_and_evaluate(config, _WORKDIR.value, allow_config_change=allow)
     return
   if config.mode != "ddpo":
     raise ValueError(f"config.mode={config.mode!r}; use 'ddpo', 'ctrl' or 'pretrain'")
   from ddpo_jax import train
-  train.train_and_evaluate(config, _WORKDIR.value)
+  train.train_and_evaluate(config, _WORKDIR.value, allow_config_change=allow)
 
 
 if __name__ == "__main__":

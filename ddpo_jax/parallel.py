@@ -146,7 +146,7 @@ def initialize_distributed(mode: str = "auto", coordinator_address: str | None =
   except ValueError as e:
     raise ValueError(f"jax.distributed.initialize failed ({e}); on a cluster JAX does not "
                      "detect, pass --coordinator_address, --num_processes and --process_id") from e
-  _exit_on_uncaught_exception()
+  exit_on_uncaught_exception()
   declared = num_processes if num_processes is not None else jax.process_count()
   counts = gather_rows(np.asarray([declared, jax.local_device_count()], np.int64)[None])
   if np.any(counts[:, 0] != jax.process_count()):
@@ -161,13 +161,17 @@ def initialize_distributed(mode: str = "auto", coordinator_address: str | None =
   return True
 
 
-def _exit_on_uncaught_exception() -> None:
-  """After an uncaught exception, print it and exit at once (status 1).
+def exit_on_uncaught_exception() -> None:
+  """After an uncaught exception, print it and exit at once (status 1); for the CLIs.
 
-  A normal exit runs `jax.distributed.shutdown`, a barrier that waits (up to 5 minutes) for the
-  other processes, which may themselves wait for this one in a collective: a hang instead of an
-  error. The launchers stop the remaining processes when one exits non-zero.
+  A normal exit waits for non-daemon threads and runs `jax.distributed.shutdown`: after a failed
+  checkpoint save, Orbax's background threads wait up to 5 minutes for signals that never come,
+  and the shutdown barrier waits (up to 5 minutes) for the other processes, which may
+  themselves wait for this one in a collective: a hang instead of an error. The launchers stop
+  the remaining processes when one exits non-zero. Calling it again changes nothing.
   """
+  if getattr(sys.excepthook, "_ddpo_jax_exit", False):
+    return
   previous = sys.excepthook
 
   def hook(exc_type, exc, tb):
@@ -179,6 +183,7 @@ def _exit_on_uncaught_exception() -> None:
       sys.stderr.flush()
     finally:
       os._exit(1)
+  hook._ddpo_jax_exit = True
   sys.excepthook = hook
 
 
@@ -287,7 +292,8 @@ def check_divisible(name: str, value: int, mesh: Mesh) -> None:
 # ----------------------------------------------------------------------------- parameters
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
+  """A pytree key path as "a/b/0/c", whatever the containers (dict, dataclass, namedtuple)."""
   parts = []
   for k in path:
     for attr in ("key", "name", "idx"):
@@ -326,7 +332,7 @@ def param_shardings(tree: Any, mesh: Mesh, min_size: int | None = None) -> Any:
 
   def one(path, leaf):
     shape = getattr(leaf, "shape", ())
-    return NamedSharding(mesh, param_spec(_path_str(path), tuple(shape), fsdp, min_size))
+    return NamedSharding(mesh, param_spec(path_str(path), tuple(shape), fsdp, min_size))
   return jax.tree_util.tree_map_with_path(one, tree)
 
 

@@ -1,5 +1,5 @@
 """A run in WORKDIR read back from its checkpoints: the one way sample, export and evaluation
-restore a run (training resumes through `checkpoints.restore` with its own shardings).
+restore a run (training resumes through `checkpoints.RunCheckpoints` with its own shardings).
 
 `restore_run(workdir, step)` -> (config, policy, trainable params, step): the config saved with
 checkpoint `step` (default: the latest; step 0 is the pre-trained starting point), the policy
@@ -35,31 +35,45 @@ def _checked_step(mngr: ocp.CheckpointManager, workdir: str, step: int | None) -
   return step
 
 
-def restore_run(workdir: str, step: int | None = None
+def restore_run(workdir: str, step: int | None = None, log=print
                 ) -> tuple[ml_collections.ConfigDict, Policy, dict, int]:
-  """(config, policy, trainable params, step) of checkpoint `step` (default: the latest).
+  """(config, policy, trainable params, step) of checkpoint `step` (default: the newest intact
+  one; a damaged newer step is skipped and said through `log`).
 
   The policy is built from the checkpoint's config; the trainable params are `params["unet"]`
-  of its layout (LoRA factors for a LoRA run, plus CTRL's control tables), float32 as saved.
+  of its layout (LoRA factors for a LoRA run, plus CTRL's control tables), float32 as saved,
+  verified against the checksums saved with them.
 
   Raises:
     FileNotFoundError: no checkpoint directory, or no complete checkpoint in it.
     ValueError: `step` is not a saved step, or the checkpoint does not fit the policy.
+    checkpoints.DamagedCheckpointError: the given step (or, with none given, every step) is
+      damaged.
   """
   if not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
     raise FileNotFoundError(f"no checkpoints in {checkpoints.checkpoint_dir(workdir)}")
   mngr = checkpoints.manager(workdir, read_only=True)
   try:
-    step = _checked_step(mngr, workdir, step)
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    config = ml_collections.ConfigDict(json.loads(meta["config"]))
-    policy = build_policy(config, workdir)
-    params = policy.params["unet"]
-    optimizer = train.make_optimizer(config.train)
-    template = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                opt_state=jax.jit(optimizer.init)(params),
-                                rng=jax.random.PRNGKey(0))
-    state, _ = checkpoints.restore(mngr, step, template)
+    first = _checked_step(mngr, workdir, step)
+    candidates = [first] if step is not None else sorted(mngr.all_steps(), reverse=True)
+    errors = []
+    for s in candidates:
+      try:
+        meta = checkpoints.read_meta(mngr, s)
+        config = ml_collections.ConfigDict(json.loads(meta["config"]))
+        policy = build_policy(config, workdir)
+        params = policy.params["unet"]
+        optimizer = train.make_optimizer(config.train)
+        template = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                    opt_state=jax.jit(optimizer.init)(params),
+                                    rng=jax.random.PRNGKey(0))
+        state, _ = checkpoints.restore(mngr, s, template)
+        return config, policy, state.params, s
+      except checkpoints.DamagedCheckpointError as e:
+        if step is not None:
+          raise
+        log(f"skipping {e}")
+        errors.append(str(e))
+    raise checkpoints.DamagedCheckpointError("every checkpoint is damaged:\n" + "\n".join(errors))
   finally:
     mngr.close()
-  return config, policy, state.params, step

@@ -434,10 +434,7 @@ class MetricsWriter:
             raise ValueError(f"{self.path}: line {i + 1} is not valid JSON and is not the last "
                              f"line (not a write cut short by a crash): {line[:200]!r}")
           log(f"{self.path}: dropping its last line, cut short (not valid JSON): {line[:200]!r}")
-      with open(self.path, "w") as f:
-        for row in rows:
-          if row["epoch"] < resume_epoch:
-            f.write(json.dumps(row) + "\n")
+      self._write_rows([row for row in rows if row["epoch"] < resume_epoch])
     # TensorBoard's writer is made on a thread: importing tensorboardX imports PyTorch when it
     # is installed (~1.5 s), which then overlaps the compilation that follows.
     pool = concurrent.futures.ThreadPoolExecutor(1)
@@ -447,6 +444,20 @@ class MetricsWriter:
   @property
   def tb(self):
     return self._tb.result()
+
+  def _write_rows(self, rows: list[dict]) -> None:
+    tmp = self.path + ".tmp"  # replaced in one rename: a crash leaves the old or the new file
+    with open(tmp, "w") as f:
+      for row in rows:
+        f.write(json.dumps(row) + "\n")
+    os.replace(tmp, self.path)
+
+  def keep_epochs_before(self, epoch: int) -> None:
+    """Drops the rows of `epoch` and later (after a run stops: those past its last checkpoint)."""
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+      self._write_rows([row for row in rows if row["epoch"] < epoch])
 
   def write(self, epoch: int, metrics: dict) -> None:
     row = {"epoch": epoch, **{k: float(v) for k, v in metrics.items()}}
@@ -518,8 +529,14 @@ def _abstract(x, sharding=None, batch: int | None = None):
                               getattr(x, "sharding", None))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=print,
+                       allow_config_change: tuple[str, ...] = ()) -> dict:
   """Runs (or resumes) DDPO training in `workdir`; returns the last epoch's metrics.
+
+  Resuming restores the newest intact checkpoint (`checkpoints.RunCheckpoints`); its saved
+  config must equal `config` except in `checkpoints.CHANGEABLE_ON_RESUME` and the keys (or
+  fnmatch patterns) of `allow_config_change`. If the run stops on an error (a failed save
+  included), metrics.jsonl is cut back to the epochs of the last committed checkpoint.
 
   In a multi-process run every process calls this with the same config and workdir (on a
   filesystem all hosts share); process 0 writes metrics, image grids and the log.
@@ -558,18 +575,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   tracker = rl.PerPromptStatTracker(config.per_prompt_stat_tracking.buffer_size,
                                     config.per_prompt_stat_tracking.min_count)
 
-  mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
-  start_epoch = 0
-  latest = mngr.latest_step()
-  if latest is None:
-    checkpoints.save(mngr, 0, state, {"epoch": 0, "stat_tracker": tracker.state_dict(),
-                                      "config": config.to_json()})
-    log(f"saved the pre-trained starting point as step 0 in {checkpoints.checkpoint_dir(workdir)}")
-  else:
-    state, meta = checkpoints.restore(mngr, latest, state)
-    tracker.load_state_dict(meta["stat_tracker"])
-    start_epoch = int(meta["epoch"])
-    log(f"resuming from checkpoint step {latest} (epoch {start_epoch})")
+  ckpts = checkpoints.RunCheckpoints(workdir, config, allow_config_change, log)
+  state, meta = ckpts.start(state, {"epoch": 0, "stat_tracker": tracker.state_dict()})
+  tracker.load_state_dict(meta["stat_tracker"])
+  start_epoch = int(meta["epoch"])
   writer = MetricsWriter(workdir, start_epoch, log) if main_process else None
   log(f"training on {parallel.describe_mesh(mesh)}{fsdp_note}")
 
@@ -612,90 +621,95 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
 
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
   last = {}
-  for epoch in range(start_epoch, config.num_epochs):
-    t0 = time.time()
-    trajs, futures, all_prompts, dev_rewards = [], [], [], []
-    grid_images = None  # the first batch's images, for the sample grid
-    for b in tqdm.trange(nb, desc=f"epoch {epoch} sampling", leave=False,
-                         disable=not (config.progress and main_process)):
-      prompts, local, meta = local_batch(epoch, b)
-      ids = parallel.to_global(policy.tokenize(local), mesh)
-      meta_dev = parallel.to_global(meta, mesh)
-      traj, images, rewards = sample_fn(state.params, frozen, put_key(epoch, b), ids, meta_dev)
-      # Host rewards of this process's rows run on the pool while the device samples on.
-      futures.append({r.name: pool.submit(_host_reward, r, images, local, meta)
-                      for _, r in host_terms})
-      trajs.append(traj)
-      all_prompts.extend(prompts)
-      dev_rewards.append(rewards)
-      if grid_images is None:
-        grid_images = images
-    traj = concat(trajs)
-    # The sampling program runs asynchronously: its time ends when its results are ready.
-    jax.block_until_ready((traj, dev_rewards))
-    t_sampled = time.time()
+  try:
+    for epoch in range(start_epoch, config.num_epochs):
+      t0 = time.time()
+      trajs, futures, all_prompts, dev_rewards = [], [], [], []
+      grid_images = None  # the first batch's images, for the sample grid
+      for b in tqdm.trange(nb, desc=f"epoch {epoch} sampling", leave=False,
+                           disable=not (config.progress and main_process)):
+        prompts, local, meta = local_batch(epoch, b)
+        ids = parallel.to_global(policy.tokenize(local), mesh)
+        meta_dev = parallel.to_global(meta, mesh)
+        traj, images, rewards = sample_fn(state.params, frozen, put_key(epoch, b), ids, meta_dev)
+        # Host rewards of this process's rows run on the pool while the device samples on.
+        futures.append({r.name: pool.submit(_host_reward, r, images, local, meta)
+                        for _, r in host_terms})
+        trajs.append(traj)
+        all_prompts.extend(prompts)
+        dev_rewards.append(rewards)
+        if grid_images is None:
+          grid_images = images
+      traj = concat(trajs)
+      # The sampling program runs asynchronously: its time ends when its results are ready.
+      jax.block_until_ready((traj, dev_rewards))
+      t_sampled = time.time()
 
-    total = np.zeros(B * nb, np.float32)
-    epoch_metrics = {}
-    for w, r in terms:  # every process gathers every reward, in the same order
-      if r.on_device:
-        parts = [parallel.to_host(d[r.name]) for d in dev_rewards]
+      total = np.zeros(B * nb, np.float32)
+      epoch_metrics = {}
+      for w, r in terms:  # every process gathers every reward, in the same order
+        if r.on_device:
+          parts = [parallel.to_host(d[r.name]) for d in dev_rewards]
+        else:
+          parts = [parallel.gather_rows(fs[r.name].result()) for fs in futures]
+        values = np.concatenate([p[0] for p in parts]).astype(np.float32)
+        if not np.all(np.isfinite(values)):
+          raise FloatingPointError(f"epoch {epoch}: reward {r.name!r} returned NaN/inf; "
+                                   "stopping without saving this epoch")
+        total += w * values
+        epoch_metrics[f"{r.name}_mean"] = values.mean()
+        for k in parts[0][1]:
+          epoch_metrics[f"{r.name}_{k}_mean"] = np.concatenate([np.asarray(p[1][k]).reshape(-1) for p in parts]).mean()
+
+      if config.per_prompt_stat_tracking.enabled:
+        advantages, scales = tracker.update(all_prompts, total, return_scale=True)
       else:
-        parts = [parallel.gather_rows(fs[r.name].result()) for fs in futures]
-      values = np.concatenate([p[0] for p in parts]).astype(np.float32)
-      if not np.all(np.isfinite(values)):
-        raise FloatingPointError(f"epoch {epoch}: reward {r.name!r} returned NaN/inf; "
+        advantages, scales = rl.normalize_advantages(total, return_scale=True)
+      adv_dev, scale_dev = (parallel.to_global(a.astype(np.float32)[rows_epoch], mesh)
+                            for a in (advantages, scales))
+      rew_dev = parallel.to_global(total[rows_epoch], mesh)
+
+      t_rewarded = time.time()  # host rewards (overlapping sampling until then), advantages
+      for inner in range(config.train.num_inner_epochs):
+        state, metrics = update_fn(state, frozen, traj, adv_dev, scale_dev, rew_dev,
+                                   put_key(epoch, 10_000, inner))
+      metrics = parallel.to_host(metrics)
+      params_ok = _params_finite(state.params)
+      t_updated = time.time()
+      if not all(np.isfinite(v) for v in metrics.values()) or not params_ok:
+        raise FloatingPointError(f"epoch {epoch}: non-finite loss or parameters ({metrics}); "
                                  "stopping without saving this epoch")
-      total += w * values
-      epoch_metrics[f"{r.name}_mean"] = values.mean()
-      for k in parts[0][1]:
-        epoch_metrics[f"{r.name}_{k}_mean"] = np.concatenate([np.asarray(p[1][k]).reshape(-1) for p in parts]).mean()
-
-    if config.per_prompt_stat_tracking.enabled:
-      advantages, scales = tracker.update(all_prompts, total, return_scale=True)
-    else:
-      advantages, scales = rl.normalize_advantages(total, return_scale=True)
-    adv_dev, scale_dev = (parallel.to_global(a.astype(np.float32)[rows_epoch], mesh)
-                          for a in (advantages, scales))
-    rew_dev = parallel.to_global(total[rows_epoch], mesh)
-
-    t_rewarded = time.time()  # host rewards (overlapping sampling until then), advantages
-    for inner in range(config.train.num_inner_epochs):
-      state, metrics = update_fn(state, frozen, traj, adv_dev, scale_dev, rew_dev,
-                                 put_key(epoch, 10_000, inner))
-    metrics = parallel.to_host(metrics)
-    params_ok = _params_finite(state.params)
-    t_updated = time.time()
-    if not all(np.isfinite(v) for v in metrics.values()) or not params_ok:
-      raise FloatingPointError(f"epoch {epoch}: non-finite loss or parameters ({metrics}); "
-                               "stopping without saving this epoch")
-    n = B * nb
-    last = {"reward_mean": total.mean(), "reward_std": total.std(),
-            "reward_stderr": total.std() / np.sqrt(n), **epoch_metrics,
-            **{k: v for k, v in metrics.items()},
-            # Phase wall times (s); they add up to epoch_time_s (checkpointing and image
-            # grids come after it).
-            "samples_per_s": n / (t_updated - t0), "epoch_time_s": t_updated - t0,
-            "sample_time_s": t_sampled - t0, "reward_time_s": t_rewarded - t_sampled,
-            "train_time_s": t_updated - t_rewarded,
-            "optimizer_step": int(parallel.to_host(state.step))}
-    for k in ("approx_kl", "clipfrac"):
-      last.setdefault(k, 0.0)
-    if main_process:
-      writer.write(epoch, last)
-    log(f"epoch {epoch}: reward {last['reward_mean']:.4f} ± {last['reward_stderr']:.4f}  "
-        f"loss {last['loss']:.4g}  approx_kl {last['approx_kl']:.3g}  clipfrac {last['clipfrac']:.3f}"
-        f"  {last['samples_per_s']:.1f} samples/s")
-    if main_process and config.log_image_freq and (
-        epoch % config.log_image_freq == 0 or epoch + 1 == config.num_epochs):
-      writer.images(epoch, to_uint8(parallel.local_rows(grid_images)), workdir)
-    if (epoch + 1) % config.save_freq == 0 or epoch + 1 == config.num_epochs:
-      checkpoints.save(mngr, epoch + 1, state, {"epoch": epoch + 1,
-                                                "stat_tracker": tracker.state_dict(),
-                                                "config": config.to_json()})
-  mngr.wait_until_finished()
-  mngr.close()
-  pool.shutdown()
+      n = B * nb
+      last = {"reward_mean": total.mean(), "reward_std": total.std(),
+              "reward_stderr": total.std() / np.sqrt(n), **epoch_metrics,
+              **{k: v for k, v in metrics.items()},
+              # Phase wall times (s); they add up to epoch_time_s (checkpointing and image
+              # grids come after it).
+              "samples_per_s": n / (t_updated - t0), "epoch_time_s": t_updated - t0,
+              "sample_time_s": t_sampled - t0, "reward_time_s": t_rewarded - t_sampled,
+              "train_time_s": t_updated - t_rewarded,
+              "optimizer_step": int(parallel.to_host(state.step))}
+      for k in ("approx_kl", "clipfrac"):
+        last.setdefault(k, 0.0)
+      ckpts.wait()  # a row is written only once the saves before it have committed
+      if main_process:
+        writer.write(epoch, last)
+      log(f"epoch {epoch}: reward {last['reward_mean']:.4f} ± {last['reward_stderr']:.4f}  "
+          f"loss {last['loss']:.4g}  approx_kl {last['approx_kl']:.3g}  clipfrac {last['clipfrac']:.3f}"
+          f"  {last['samples_per_s']:.1f} samples/s")
+      if main_process and config.log_image_freq and (
+          epoch % config.log_image_freq == 0 or epoch + 1 == config.num_epochs):
+        writer.images(epoch, to_uint8(parallel.local_rows(grid_images)), workdir)
+      if (epoch + 1) % config.save_freq == 0 or epoch + 1 == config.num_epochs:
+        ckpts.save(epoch + 1, state, {"epoch": epoch + 1, "stat_tracker": tracker.state_dict()})
+    ckpts.close()
+  except BaseException:
+    committed = ckpts.abort()
+    if writer is not None:  # epochs after the last committed step are retrained on resume
+      writer.keep_epochs_before(0 if committed is None else committed)
+    raise
+  finally:
+    pool.shutdown(wait=False)
   return {k: float(v) for k, v in last.items()}
 
 

@@ -343,7 +343,7 @@ def test_param_shardings_of_a_train_state():
   state = train.TrainState(step=np.zeros((), np.int32), params=params,
                            opt_state=opt.init(params), rng=np.zeros(2, np.uint32))
   leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-  specs = {parallel._path_str(p): parallel.param_spec(parallel._path_str(p), x.shape, 2, 64)
+  specs = {parallel.path_str(p): parallel.param_spec(parallel.path_str(p), x.shape, 2, 64)
            for p, x in leaves}
   split = sorted(p for p, s in specs.items() if s != jax.sharding.PartitionSpec())
   assert split == ["opt_state/1/0/mu/conv/kernel", "opt_state/1/0/nu/conv/kernel",

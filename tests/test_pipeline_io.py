@@ -117,6 +117,30 @@ def test_save_round_trip(pipe, tmp_path):
   assert reloaded.text_config == pipe.text_config
 
 
+def test_a_damaged_export_is_refused_naming_the_file(pipe, tmp_path):
+  """One flipped bit in an exported weight file (which safetensors would load silently: the
+  value changes, the header stays valid) or a deleted file: load_pipeline names them."""
+  out = P.save_pipeline(pipe, str(tmp_path / "saved"))
+  with open(os.path.join(out, P.WRITTEN_BY)) as f:
+    listed = json.load(f)["sha256"]
+  assert "unet/diffusion_pytorch_model.safetensors" in listed and "model_index.json" in listed
+  weights = os.path.join(out, "unet", "diffusion_pytorch_model.safetensors")
+  data = bytearray(open(weights, "rb").read())
+  data[-5] ^= 0x40  # in the last tensor's data (the header is at the start)
+  open(weights, "wb").write(bytes(data))
+  from safetensors.numpy import load_file
+  load_file(weights)  # still a readable file: only the checksum tells
+  with pytest.raises(P.WeightLoadingError,
+                     match=r"unet/diffusion_pytorch_model.safetensors \(SHA-256 differs"):
+    P.load_pipeline(out)
+  data[-5] ^= 0x40
+  open(weights, "wb").write(bytes(data))
+  P.load_pipeline(out)  # restored: loads again
+  os.remove(os.path.join(out, "vae", "config.json"))
+  with pytest.raises(P.WeightLoadingError, match=r"vae/config.json \(missing\)"):
+    P.load_pipeline(out)
+
+
 def test_save_never_replaces_what_it_did_not_write(pipe, tmp_path):
   """A regular file, or a directory with other contents, is left as it was, even with
   overwrite=True; an empty directory is written into."""

@@ -233,11 +233,63 @@ def test_nan_loss_stops_without_saving(digits_cache, tmp_path):
   assert checkpoints.manager(workdir, read_only=True).all_steps() == [0]
 
 
-def test_incompatible_checkpoint_is_a_clear_error(digits_cache, tmp_path):
+def test_resume_checks_the_config_and_skips_a_damaged_step(digits_cache, tmp_path):
+  """Resuming with a changed config fails naming the keys, and runs once they are allowed;
+  another model does not fit the checkpoint; a damaged latest step (one flipped bit in its
+  largest data file) is set aside and the run continues from the step before it."""
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(_config(num_epochs=1), workdir)
+  train.train_and_evaluate(_config(num_epochs=2), workdir)
+  with pytest.raises(checkpoints.ConfigChangedError,
+                     match=r"train.learning_rate: 0.0003 -> 0.001\. .*"
+                           r"--allow_config_change=train.learning_rate"):
+    train.train_and_evaluate(_config(**{"num_epochs": 3, "train.learning_rate": 1e-3}), workdir)
   with pytest.raises(ValueError, match="does not match this model/config"):
-    train.train_and_evaluate(_config(**{"num_epochs": 2, "model.channels": (8, 8)}), workdir)
+    train.train_and_evaluate(_config(**{"num_epochs": 3, "model.channels": (8, 8)}), workdir,
+                             allow_config_change=("model.channels",))
+  assert [json.loads(l)["epoch"] for l in open(os.path.join(workdir, "metrics.jsonl"))] == [0, 1]
+
+  data = os.path.join(workdir, "checkpoints", "2", "state", "ocdbt.process_0", "d")
+  largest = max((os.path.join(data, f) for f in os.listdir(data)), key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.seek(os.path.getsize(largest) // 2)
+    byte = f.read(1)[0]
+    f.seek(-1, 1)
+    f.write(bytes([byte ^ 0x20]))
+  said = []
+  train.train_and_evaluate(_config(**{"num_epochs": 3, "train.learning_rate": 1e-3}), workdir,
+                           log=said.append, allow_config_change=("train.learning_rate",))
+  log = "\n".join(said)
+  assert "checkpoint step 2 in" in log and "is damaged" in log, log
+  assert "resuming from checkpoint step 1 (epoch 1)" in log
+  assert "config change on resume: train.learning_rate: 0.0003 -> 0.001" in log
+  assert os.path.isdir(os.path.join(workdir, checkpoints.DAMAGED_DIR, "step_2"))
+  assert sorted(checkpoints.manager(workdir, read_only=True).all_steps()) == [0, 1, 2, 3]
+  assert [json.loads(l)["epoch"] for l in open(os.path.join(workdir, "metrics.jsonl"))] == [0, 1, 2]
+
+
+def test_a_failed_save_stops_the_run(digits_cache, tmp_path):
+  """The checkpoint directory replaced by a file once the first epoch is recorded: the next
+  save fails, the run exits non-zero at once with the error (no minutes-long hang in Orbax's
+  threads), and metrics.jsonl holds no epoch past the last committed checkpoint."""
+  workdir = tmp_path / "run"
+  proc = _run_main(workdir, *_cli_overrides(num_epochs=6, save_freq=1), wait=False)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None and not (
+      metrics.exists() and metrics.read_text().strip()):
+    time.sleep(0.01)
+  assert proc.poll() is None, "the run finished before its checkpoints could be taken away"
+  os.rename(workdir / "checkpoints", workdir / "moved")
+  (workdir / "checkpoints").write_text("not a directory")
+  t_fault = time.time()
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode != 0, out[-3000:]
+  assert time.time() - t_fault < 60, out[-3000:]
+  assert "CheckpointSaveError" in out and "Not a directory" in out, out[-3000:]
+  committed = [int(e) for e in os.listdir(workdir / "moved") if e.isdigit()]
+  rows = [json.loads(l)["epoch"] for l in open(metrics)]
+  assert rows == list(range(max(committed))), (rows, committed)
+  assert "epoch 5:" not in out
 
 
 def test_sample_without_checkpoint_fails_clearly(tmp_path):

@@ -271,9 +271,11 @@ def _train_noisy_classifiers(policy: Policy, config, log) -> dict:
   return {"classifiers": out}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=print,
+                       allow_config_change: tuple[str, ...] = ()) -> dict:
   """Runs (or resumes) a CTRL / baseline run in `workdir`; returns the last epoch's metrics
-  (plus the final evaluation's, written to WORKDIR/eval.json)."""
+  (plus the final evaluation's, written to WORKDIR/eval.json). Resuming and
+  `allow_config_change` work as in `train.train_and_evaluate`."""
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   c = config.ctrl
@@ -287,9 +289,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   mesh = parallel.make_mesh(config.mesh)
   validate_config(config, mesh)
   if c.method == "ctrl" and c.solver == "ddpo":
-    last = train.train_and_evaluate(config_defaults.ddpo_solver_config(config), workdir, log=log)
+    last = train.train_and_evaluate(config_defaults.ddpo_solver_config(config), workdir, log=log,
+                                  allow_config_change=allow_config_change)
   else:
-    last = _train_loop(config, workdir, mesh, log)
+    last = _train_loop(config, workdir, mesh, log, allow_config_change)
   if int(c.eval_num_samples) > 0:
     from ddpo_jax.ctrl import evaluate
     result = evaluate.evaluate_run(workdir, num=int(c.eval_num_samples), seed=int(config.seed))
@@ -299,7 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   return last
 
 
-def _train_loop(config, workdir: str, mesh, log) -> dict:
+def _train_loop(config, workdir: str, mesh, log, allow_config_change) -> dict:
   c = config.ctrl
   policy = build_policy(config, workdir)
   repl = parallel.replicated(mesh)
@@ -315,17 +318,27 @@ def _train_loop(config, workdir: str, mesh, log) -> dict:
                            opt_state=jax.jit(optimizer.init, out_shardings=repl)(unet0),
                            rng=jax.random.PRNGKey(config.seed))
   state = jax.device_put(state, repl)
-  mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
-  start_epoch = 0
-  if mngr.latest_step() is None:
-    checkpoints.save(mngr, 0, state, {"epoch": 0, "config": config.to_json()})
-  else:
-    state, meta = checkpoints.restore(mngr, mngr.latest_step(), state)
-    start_epoch = int(meta["epoch"])
-    log(f"resuming from checkpoint step {mngr.latest_step()} (epoch {start_epoch})")
+  ckpts = checkpoints.RunCheckpoints(workdir, config, allow_config_change, log)
+  state, meta = ckpts.start(state, {"epoch": 0})
+  start_epoch = int(meta["epoch"])
   num_epochs = 1 if c.method == "classifier_guidance" else int(config.num_epochs)
   log(f"training on {parallel.describe_mesh(mesh)}")
   writer = train.MetricsWriter(workdir, start_epoch, log)
+  try:
+    last = _train_epochs(config, policy, state, frozen, optimizer, mesh, ckpts, writer,
+                         start_epoch, num_epochs, log)
+    ckpts.close()
+  except BaseException:
+    committed = ckpts.abort()  # epochs after the last committed step are retrained on resume
+    writer.keep_epochs_before(0 if committed is None else committed)
+    raise
+  return last
+
+
+def _train_epochs(config, policy, state, frozen, optimizer, mesh, ckpts, writer, start_epoch,
+                  num_epochs, log) -> dict:
+  c = config.ctrl
+  repl = parallel.replicated(mesh)
   last = {}
   if c.method == "classifier_guidance":
     if start_epoch < 1:
@@ -334,9 +347,7 @@ def _train_loop(config, workdir: str, mesh, log) -> dict:
       state = state.replace(params=params, step=state.step + 1)
       last = {"train_time_s": time.time() - t0}
       writer.write(0, last)
-      checkpoints.save(mngr, 1, state, {"epoch": 1, "config": config.to_json()})
-    mngr.wait_until_finished()
-    mngr.close()
+      ckpts.save(1, state, {"epoch": 1})
     return last
 
   accum, B = int(c.gradient_accumulation_steps), int(c.batch_size)
@@ -372,10 +383,9 @@ def _train_loop(config, workdir: str, mesh, log) -> dict:
       raise FloatingPointError(f"epoch {epoch}: non-finite loss or parameters ({metrics}); "
                                "stopping without saving this epoch")
     last = {**metrics, "epoch_time_s": time.time() - t0, "optimizer_step": int(state.step)}
+    ckpts.wait()  # a row is written only once the saves before it have committed
     writer.write(epoch, last)
     log(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4g}" for k, v in last.items()))
     if (epoch + 1) % config.save_freq == 0 or epoch + 1 == num_epochs:
-      checkpoints.save(mngr, epoch + 1, state, {"epoch": epoch + 1, "config": config.to_json()})
-  mngr.wait_until_finished()
-  mngr.close()
+      ckpts.save(epoch + 1, state, {"epoch": epoch + 1})
   return last

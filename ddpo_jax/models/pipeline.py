@@ -33,6 +33,7 @@ precision with float32 master weights. The bundle functions return float32.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -54,7 +55,8 @@ Dtype = Any
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # The file that marks a directory as a pipeline `save_pipeline` wrote (diffusers ignores it):
-# only such a directory is ever replaced by a later save.
+# only such a directory is ever replaced by a later save. It lists the SHA-256 of every file
+# written beside it, which `load_pipeline` checks.
 WRITTEN_BY = "ddpo_jax_pipeline.json"
 _REQUIRED = ("unet", "vae", "text_encoder", "scheduler")
 _CLASSES = {
@@ -326,6 +328,50 @@ def _read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
   return out
 
 
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 24), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _written_files(root: str) -> dict[str, str]:
+  """{path relative to `root`: SHA-256} of every file under `root` but the `WRITTEN_BY` marker."""
+  out = {}
+  for directory, _, files in os.walk(root):
+    for name in files:
+      rel = os.path.relpath(os.path.join(directory, name), root)
+      if rel != WRITTEN_BY:
+        out[rel] = _sha256(os.path.join(root, rel))
+  return dict(sorted(out.items()))
+
+
+def verify_written_files(root: str) -> None:
+  """Checks a pipeline `save_pipeline` wrote against the SHA-256s in its `WRITTEN_BY` marker
+  (a pipeline without the marker, e.g. one diffusers wrote, is not checked).
+
+  Raises:
+    WeightLoadingError: a listed file is missing or its contents changed (names the files).
+  """
+  marker = os.path.join(root, WRITTEN_BY)
+  if not os.path.isfile(marker):
+    return
+  listed = _read_json(marker, "the export's file list").get("sha256")
+  if listed is None:  # written before checksums were recorded
+    return
+  bad = []
+  for rel, digest in listed.items():
+    file = os.path.join(root, rel)
+    if not os.path.isfile(file):
+      bad.append(f"{rel} (missing)")
+    elif _sha256(file) != digest:
+      bad.append(f"{rel} (SHA-256 differs from the one recorded at export)")
+  if bad:
+    raise WeightLoadingError(f"{root}: damaged pipeline, {len(bad)} of {len(listed)} files do "
+                             f"not match {WRITTEN_BY}: {'; '.join(bad)}")
+
+
 def load_pipeline(path, dtype: Dtype = jnp.float32, *, attention_implementation: str = "auto",
                   remat: bool = False, compute_dtype: Dtype = None) -> Pipeline:
   """Loads a diffusers-format Stable Diffusion pipeline (local directory or Hub id).
@@ -342,9 +388,11 @@ def load_pipeline(path, dtype: Dtype = jnp.float32, *, attention_implementation:
   Raises:
     PipelineLoadError: not a directory / no model_index.json / a missing component / an
       unsupported or inconsistent config (the message names the file and the key).
-    WeightLoadingError: missing/unexpected weight keys or shape mismatches (names file and keys).
+    WeightLoadingError: missing/unexpected weight keys or shape mismatches (names file and keys);
+      a file of a pipeline `save_pipeline` wrote whose SHA-256 changed since.
   """
   root = _resolve(path)
+  verify_written_files(root)
   index_path = os.path.join(root, "model_index.json")
   if not os.path.isfile(index_path):
     raise PipelineLoadError(f"{root}: not a diffusers pipeline (no model_index.json)")
@@ -523,8 +571,8 @@ def save_pipeline(pipe: Pipeline, path, overwrite: bool = False) -> str:
     _write_json(scheduler_config, os.path.join(tmp, "scheduler", "scheduler_config.json"))
     if pipe.tokenizer is not None:
       pipe.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-    _write_json({"written_by": "ddpo_jax.models.pipeline.save_pipeline"},
-                os.path.join(tmp, WRITTEN_BY))
+    _write_json({"written_by": "ddpo_jax.models.pipeline.save_pipeline",
+                 "sha256": _written_files(tmp)}, os.path.join(tmp, WRITTEN_BY))
 
     check_output_dir(path, overwrite)  # again: something may have appeared meanwhile
     if os.path.exists(path):
