@@ -64,7 +64,7 @@ def main(argv=None):
 
   import ddpo_jax.models.unet as unet_lib
   from ddpo_jax import diffusion, parallel, rl, sd, train
-  from ddpo_jax.policy import build_policy
+  from ddpo_jax.families import build_policy
   if args.conv == "lax":
     unet_lib.conv_general_dilated = lax.conv_general_dilated
 

@@ -48,7 +48,7 @@ bf16, LoRA params float32, diffusers' SDPA attention) — `--trl_precision=fp16`
 
 Timing: each side first runs `--warmup_epochs` epochs (setup + XLA compilation for ddpo_jax;
 setup + first-call allocation for TRL), reported separately, then `--epochs` timed epochs.
-ddpo_jax's epochs are `ddpo_jax.train.train_and_evaluate` epochs (`samples_per_s` in
+ddpo_jax's epochs are `ddpo_jax.loop.train_and_evaluate` epochs (`samples_per_s` in
 metrics.jsonl: sampling, host reward, advantages, update); TRL's are `DDPOTrainer.step` calls,
 with CUDA synchronised around each, and its phases are its own methods timed from the outside
 (synchronised): `_generate_samples` (sampling), `compute_rewards` (reward),
@@ -541,7 +541,7 @@ class JaxSide:
     import jax
     import jax.numpy as jnp
     from ddpo_jax import parallel, train
-    from ddpo_jax.policy import build_policy
+    from ddpo_jax.families import build_policy
     from ddpo_jax.rewards import make_rewards
 
     self.s, self.args, self.jax = s, args, jax
@@ -623,7 +623,7 @@ class JaxSide:
       self.state, metrics = self.update_fn(self.state, self.frozen, traj, adv, scales, rew, key)
     metrics = jax.device_get(metrics)
     t_train = time.perf_counter() - t1
-    finite = all(np.isfinite(v) for v in metrics.values()) and train._params_finite(self.state.params)
+    finite = all(np.isfinite(v) for v in metrics.values()) and train.params_finite(self.state.params)
     dt = time.perf_counter() - t0
     if not finite:  # random weights: timings stay valid, train_and_evaluate would stop here
       log(f"[ddpo_jax] WARNING epoch {e}: non-finite loss or params ({metrics})")
@@ -675,11 +675,11 @@ class JaxSide:
   def train_and_evaluate_check(self) -> dict:
     """`train_and_evaluate` itself for 1 + `epochs` epochs (epoch 0 loads the programs from
     the persistent cache and is dropped): samples/s from its metrics.jsonl."""
-    from ddpo_jax import train
+    from ddpo_jax import loop
     config = self.config.copy_and_resolve_references()
     config.num_epochs = 1 + self.s["epochs"]
     workdir = os.path.join(self.workdir, "run")
-    train.train_and_evaluate(config, workdir, log=lambda *a: None)
+    loop.train_and_evaluate(config, workdir, log=lambda *a: None)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       rows = [json.loads(l) for l in f if l.strip()][1:]
     n = self.s["num_prompts"]

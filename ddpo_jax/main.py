@@ -74,8 +74,8 @@ def main(argv):
     return
   if config.mode != "ddpo":
     raise ValueError(f"config.mode={config.mode!r}; use 'ddpo', 'ctrl' or 'pretrain'")
-  from ddpo_jax import train
-  train.train_and_evaluate(config, _WORKDIR.value, allow_config_change=allow)
+  from ddpo_jax import loop
+  loop.train_and_evaluate(config, _WORKDIR.value, allow_config_change=allow)
 
 
 if __name__ == "__main__":

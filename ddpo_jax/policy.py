@@ -65,25 +65,3 @@ class Policy:
     # function instead of re-tracing the UNet each time. XLA inlines it: the same program.
     if not hasattr(self.eps_fn, "lower"):
       object.__setattr__(self, "eps_fn", jax.jit(self.eps_fn))
-
-
-def build_policy(config, workdir: str) -> Policy:
-  """Builds the policy of `config`: the model family of `config.model.kind`, wrapped in CTRL's
-  augmented model when the config has a `ctrl` section (pre-training / classifiers first where
-  needed)."""
-  if config.get("ctrl") is not None:
-    from ddpo_jax.ctrl import policy as ctrl_policy
-    return ctrl_policy.make_policy(config, workdir)
-  return build_base_policy(config)
-
-
-def build_base_policy(config) -> Policy:
-  """The policy of the model family `config.model.kind` alone."""
-  kind = config.model.kind
-  if kind == "digits":
-    from ddpo_jax import digits
-    return digits.make_policy(config)
-  if kind == "sd":
-    from ddpo_jax import sd
-    return sd.make_policy(config)
-  raise ValueError(f"config.model.kind={kind!r} is not a known model family; known: 'digits', 'sd'")

@@ -16,7 +16,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from ddpo_jax import checkpoints, train
-from ddpo_jax.policy import Policy, build_policy
+from ddpo_jax.families import build_policy
+from ddpo_jax.policy import Policy
 
 
 def _checked_step(mngr: ocp.CheckpointManager, workdir: str, step: int | None) -> int:

@@ -10,12 +10,16 @@ from absl import app, flags
 import jax
 import numpy as np
 
+from ddpo_jax import parallel, train
+from ddpo_jax.ctrl.controls import format_context, parse_context, parse_label_spec
+from ddpo_jax.rewards import to_uint8
+from ddpo_jax.runs import restore_run
+
 
 def sample_from_checkpoint(workdir: str, num: int, step=None, prompts=None, seed: int = 0,
                            batch_size: int = 64, labels=None):
   """Returns (images uint8 (num,H,W,C), prompts list[str], step) from a run's checkpoint `step`
   (default: the latest; 0 = the pre-trained model). See `sample_images` for the arguments."""
-  from ddpo_jax.runs import restore_run
   config, policy, params, step = restore_run(workdir, step)
   images, prompts = sample_images(config, policy, params, num, prompts, seed, batch_size, labels)
   return images, prompts, step
@@ -28,20 +32,16 @@ def sample_images(config, policy, params, num: int, prompts=None, seed: int = 0,
 
   `prompts` are cycled over the samples (default: drawn by the task, seeded by `seed`). For
   CTRL runs the returned prompts are contexts "PROMPT||y=LABELS"
-  (`ddpo_jax.ctrl.policy.parse_context` splits them); `labels` (label specs like "3" or "3:2")
+  (`ddpo_jax.ctrl.controls.parse_context` splits them); `labels` (label specs like "3" or "3:2")
   are cycled over the samples, otherwise labels are drawn uniformly. `batch_size`: images per
   compiled call, rounded to a multiple of the device count.
   """
-  from ddpo_jax import parallel, train
-  from ddpo_jax.rewards import to_uint8
-
   config = config.copy_and_resolve_references()
   config.train.kl_coef = 0.0  # only images are wanted: no KL to the pre-trained model
   label_tuples = None
   if labels:
     if "controls" not in policy.metadata:
       raise ValueError("--labels: the run is not a CTRL run (it has no controls)")
-    from ddpo_jax.ctrl.policy import parse_label_spec
     label_tuples = [parse_label_spec(l, policy.metadata["controls"]) for l in labels]
   mesh = parallel.make_mesh()
   frozen = train.frozen_params(policy, config)
@@ -71,17 +71,16 @@ def sample_images(config, policy, params, num: int, prompts=None, seed: int = 0,
 def _ctrl_contexts(prompts, label_tuples, offset, policy, rng):
   """CTRL contexts for `prompts` (bare prompts or contexts): the given labels cycled from
   `offset`, or (without labels) the context's own labels / uniformly drawn ones."""
-  from ddpo_jax.ctrl import policy as ctrl_policy
   out = []
   for i, p in enumerate(prompts):
-    prompt, own = ctrl_policy.parse_context(p) if "||y=" in p else (p, None)
+    prompt, own = parse_context(p) if "||y=" in p else (p, None)
     if label_tuples:
       labels = label_tuples[(offset + i) % len(label_tuples)]
     elif own is not None:
       labels = own
     else:
       labels = [int(rng.integers(0, c.num_classes)) for c in policy.metadata["controls"]]
-    out.append(ctrl_policy.format_context(prompt, labels))
+    out.append(format_context(prompt, labels))
   return out
 
 
@@ -111,7 +110,6 @@ def main(argv):
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   extra = {}
   if prompts and "||y=" in prompts[0]:  # a CTRL run: split contexts into prompts and labels
-    from ddpo_jax.ctrl.policy import parse_context
     pairs = [parse_context(p) for p in prompts]
     prompts = [p for p, _ in pairs]
     extra["labels"] = np.asarray([l for _, l in pairs], np.int32)

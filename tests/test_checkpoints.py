@@ -13,7 +13,7 @@ import pytest
 from helpers import load_config
 
 from ddpo_jax import checkpoints, train
-from ddpo_jax.policy import build_policy
+from ddpo_jax.families import build_policy
 
 
 # ----------------------------------------------------------------------------- checksums

@@ -13,28 +13,29 @@ from conftest import REPO
 from helpers import load_config
 
 from ddpo_jax import checkpoints, diffusion
+from ddpo_jax.ctrl import controls as ctrl_controls
 from ddpo_jax.ctrl import policy as ctrl_policy
 from ddpo_jax.ctrl import trainer
-from ddpo_jax.policy import build_base_policy, build_policy
+from ddpo_jax.families import build_base_policy, build_policy
 
 
 def test_contexts_and_label_specs():
-  controls = [ctrl_policy.Control("digit", 10, 1.0), ctrl_policy.Control("thickness", 3, 1.0)]
-  ctx = ctrl_policy.format_context("a handwritten 3", [3, 2])
+  controls = [ctrl_controls.Control("digit", 10, 1.0), ctrl_controls.Control("thickness", 3, 1.0)]
+  ctx = ctrl_controls.format_context("a handwritten 3", [3, 2])
   assert ctx == "a handwritten 3||y=3:2"
-  assert ctrl_policy.parse_context(ctx) == ("a handwritten 3", (3, 2))
-  assert ctrl_policy.parse_context("||y=0:1") == ("", (0, 1))
-  assert ctrl_policy.parse_label_spec("7:null", controls) == (7, 3)
+  assert ctrl_controls.parse_context(ctx) == ("a handwritten 3", (3, 2))
+  assert ctrl_controls.parse_context("||y=0:1") == ("", (0, 1))
+  assert ctrl_controls.parse_label_spec("7:null", controls) == (7, 3)
   with pytest.raises(ValueError, match="labels 0..9"):
-    ctrl_policy.parse_label_spec("12:0", controls)
+    ctrl_controls.parse_label_spec("12:0", controls)
   with pytest.raises(ValueError, match="2 control"):
-    ctrl_policy.parse_label_spec("3", controls)
+    ctrl_controls.parse_label_spec("3", controls)
   with pytest.raises(ValueError, match="not a CTRL context"):
-    ctrl_policy.parse_context("a handwritten 3")
+    ctrl_controls.parse_context("a handwritten 3")
 
 
 def test_control_embedding_null_row_has_zero_value_and_gradient():
-  controls = [ctrl_policy.Control("a", 3, 1.0), ctrl_policy.Control("b", 2, 1.0)]
+  controls = [ctrl_controls.Control("a", 3, 1.0), ctrl_controls.Control("b", 2, 1.0)]
   tables = {"a": jnp.arange(4 * 5.0).reshape(4, 5), "b": jnp.ones((3, 5))}
   labels = jnp.asarray([[3, 2], [1, 2], [3, 0]])
   emb = ctrl_policy.control_embedding(tables, labels, controls)
@@ -69,7 +70,7 @@ def test_augmented_model_equals_pretrained_at_init(digits_cache, tmp_path):
   b = diffusion.sample_trajectory(base.eps_fn, base.params["unet"], key, ctx, None, **kw)
   np.testing.assert_array_equal(np.asarray(a.final_latents), np.asarray(b.final_latents))
   loss_fn = trainer.make_backprop_loss(policy, config, policy.metadata["rewards"]["ctrl_log_likelihood"].fn)
-  ids = jnp.asarray(policy.tokenize([ctrl_policy.format_context("", [0])] * n))
+  ids = jnp.asarray(policy.tokenize([ctrl_controls.format_context("", [0])] * n))
   _, metrics = loss_fn(policy.params["unet"], {**frozen, "reference_unet": policy.params["unet"]},
                        key, ids, labels)
   assert float(metrics["kl_to_pretrained"]) == 0.0

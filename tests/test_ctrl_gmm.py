@@ -17,6 +17,7 @@ import pytest
 
 from ddpo_jax import diffusion, parallel, rl, train
 from ddpo_jax.ctrl import config_defaults, trainer
+from ddpo_jax.ctrl import controls as ctrl_controls
 from ddpo_jax.ctrl import policy as ctrl_policy
 from ddpo_jax.policy import Policy
 from helpers import compile_optimized
@@ -28,7 +29,7 @@ SCHEDULER = {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
              "num_train_timesteps": 1000, "steps_offset": 1, "set_alpha_to_one": False,
              "prediction_type": "epsilon"}
 ALPHAS = diffusion.NoiseSchedule.from_config(SCHEDULER).alphas_cumprod
-CONTROLS = [ctrl_policy.Control("component", 2, 1.0)]
+CONTROLS = [ctrl_controls.Control("component", 2, 1.0)]
 
 
 def log_posterior(x):

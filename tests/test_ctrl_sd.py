@@ -21,7 +21,7 @@ from helpers import load_config
 from test_sd import compile_cache, sd_cache_dir, subprocess_env, tiny_clip_768  # noqa: F401
 
 from ddpo_jax import checkpoints
-from ddpo_jax.ctrl import evaluate, sampled_data
+from ddpo_jax.ctrl import judges, sampled_data
 
 PROMPTS = ("a cat", "a dog")  # no prompt files needed
 
@@ -116,7 +116,7 @@ def test_compressibility_runlocal(tiny_sd, compile_cache, tmp_path):
 
   # The judge (built as the evaluation builds it) recomputes those levels from the pixels,
   # and judges images of other sizes against the stored cut points.
-  judge = evaluate.make_judge(config.ctrl.conditions.jpeg.data, config, str(workdir))
+  judge = judges.make_judge(config.ctrl.conditions.jpeg.data, config, str(workdir))
   np.testing.assert_array_equal(judge(images), stored["labels"])
   rng = np.random.default_rng(0)
   flat = np.full((2, 16, 16, 3), 128, np.uint8)  # tiny files -> level 0
@@ -139,7 +139,7 @@ def test_compressibility_runlocal(tiny_sd, compile_cache, tmp_path):
   try:
     sampled_data.sample_base_images = no_sampling
     ds, cuts2 = sampled_data.load_or_sample(config.ctrl.conditions.jpeg.data, config,
-                                            str(workdir), 4, log=logs.append)
+                                            str(workdir), 4, None, log=logs.append)
   finally:
     sampled_data.sample_base_images = sampled
   assert any("reusing 16 cached samples" in l for l in logs), logs
@@ -150,7 +150,7 @@ def test_compressibility_runlocal(tiny_sd, compile_cache, tmp_path):
   other = load_config("ctrl_sd_compressibility", "runlocal",
                       **overrides(tiny_sd, **{"ctrl.conditions.jpeg.data.num_images": 32}))
   with pytest.raises(ValueError, match="num_images: 16 there, 32 now"):
-    sampled_data.load_or_sample(other.ctrl.conditions.jpeg.data, other, str(workdir), 4)
+    sampled_data.load_or_sample(other.ctrl.conditions.jpeg.data, other, str(workdir), 4, None)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,7 @@ def test_multitask_runlocal(tiny_sd, tiny_clip_768, random_aesthetic_mlp, compil
   assert len(np.unique(a["labels"])) >= 2
   scores = sampled_data.aesthetic_scorer(tiny_clip_768, random_aesthetic_mlp)(a["images"])
   np.testing.assert_allclose(a["values"], scores, atol=1e-5)
-  judge = evaluate.make_judge(config.ctrl.conditions.aesthetic.data, config, str(workdir))
+  judge = judges.make_judge(config.ctrl.conditions.aesthetic.data, config, str(workdir))
   np.testing.assert_array_equal(judge(a["images"]), a["labels"])
-  jpeg_judge = evaluate.make_judge(config.ctrl.conditions.jpeg.data, config, str(workdir))
+  jpeg_judge = judges.make_judge(config.ctrl.conditions.jpeg.data, config, str(workdir))
   np.testing.assert_array_equal(jpeg_judge(j["images"]), j["labels"])

@@ -123,11 +123,11 @@ def test_export_merged_loads_in_diffusers_and_matches(tiny_sd, prompt_assets, co
   """One epoch of LoRA training, `python -m ddpo_jax.export`, diffusers UNet == merged UNet."""
   import torch
   from diffusers import StableDiffusionPipeline
-  from ddpo_jax import export, runs, train
+  from ddpo_jax import export, loop, runs, train
   import tiny_models
   workdir, out = str(tmp_path / "run"), str(tmp_path / "exported")
   config = load_config("sd_compressibility", **sd_overrides(tiny_sd, prompt_assets, num_epochs=1))
-  train.train_and_evaluate(config, workdir)
+  loop.train_and_evaluate(config, workdir)
   result = subprocess.run([sys.executable, "-m", "ddpo_jax.export", f"--workdir={workdir}",
                            f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=subprocess_env(compile_cache))

@@ -184,7 +184,7 @@ def tiny_clip_768(tmp_path_factory):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_runlocal_trains_resumes_and_samples(name, tiny_sd, prompt_assets, compile_cache, request,
                                              tmp_path):
-  from ddpo_jax import checkpoints, train
+  from ddpo_jax import checkpoints, loop
   extra = {}
   if name == "sd_aesthetic":  # a tiny CLIP tower and a random LAION-shaped MLP
     extra = {"reward.clip_path": request.getfixturevalue("tiny_clip_768"),
@@ -198,14 +198,14 @@ def test_runlocal_trains_resumes_and_samples(name, tiny_sd, prompt_assets, compi
 
   config = load_config(name, **sd_overrides(tiny_sd, prompt_assets, num_epochs=1, **extra))
   assert config.model.kind == "sd" and config.model.lora.enabled
-  train.train_and_evaluate(config, workdir)
+  loop.train_and_evaluate(config, workdir)
   rows1 = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["epoch"] for r in rows1] == [0]
 
   logs = []
   config = load_config(name, **sd_overrides(tiny_sd, prompt_assets, **extra))
   assert config.num_epochs == 2
-  metrics = train.train_and_evaluate(config, workdir, log=logs.append)
+  metrics = loop.train_and_evaluate(config, workdir, log=logs.append)
   assert any("resuming from checkpoint step 1 (epoch 1)" in l for l in logs), logs
   assert sum(l.startswith("epoch ") for l in logs) == 1, logs  # only epoch 1 ran
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -259,7 +259,7 @@ def test_full_finetune_bf16_compute_fp32_master(tiny_sd, prompt_assets, compile_
                                   "lora_bad_regex", "no_model_path", "missing_model",
                                   "resolution", "empty_list"])
 def test_bad_input_fails_before_anything_is_written(case, tiny_sd, prompt_assets, tmp_path):
-  from ddpo_jax import lora, train
+  from ddpo_jax import lora, loop, train
   empty = tmp_path / "empty.txt"
   empty.write_text("\n  \n")
   overrides, error, match = {
@@ -281,5 +281,5 @@ def test_bad_input_fails_before_anything_is_written(case, tiny_sd, prompt_assets
   config = load_config("sd_compressibility", **sd_overrides(tiny_sd, prompt_assets, **overrides))
   workdir = tmp_path / "w"
   with pytest.raises(error, match=match):
-    train.train_and_evaluate(config, str(workdir))
+    loop.train_and_evaluate(config, str(workdir))
   assert not (workdir / "checkpoints").exists()

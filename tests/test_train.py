@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 from helpers import load_config, one_update, xla_flags
 
-from ddpo_jax import checkpoints, parallel, train
+from ddpo_jax import checkpoints, loop, parallel, train
 
 
 def _config(**overrides):
@@ -42,7 +42,7 @@ def _final_params(workdir):
 def test_train_and_evaluate_one_run(digits_cache, tmp_path):
   """Two epochs: metrics rows, checkpoints 0..2, the sample CLI from step 0 and the latest."""
   workdir = str(tmp_path / "run")
-  metrics = train.train_and_evaluate(_config(), workdir)
+  metrics = loop.train_and_evaluate(_config(), workdir)
   for key in ("reward_mean", "reward_std", "approx_kl", "clipfrac", "loss", "samples_per_s"):
     assert np.isfinite(metrics[key]), key
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -220,7 +220,7 @@ def test_nan_reward_stops_without_saving(digits_cache, tmp_path, monkeypatch):
   workdir = str(tmp_path / "nan")
   config = _config(**{"reward.weights": {"jpeg_compressibility": 1.0}, "reward.metrics": ()})
   with pytest.raises(FloatingPointError, match="NaN"):
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
   assert checkpoints.manager(workdir, read_only=True).all_steps() == [0]
   assert real is not rewards.jpeg_compressibility
 
@@ -229,7 +229,7 @@ def test_nan_loss_stops_without_saving(digits_cache, tmp_path):
   """A learning rate that blows the parameters up: clear error, the bad epoch is not saved."""
   workdir = str(tmp_path / "nan_loss")
   with pytest.raises(FloatingPointError, match="non-finite"):
-    train.train_and_evaluate(_config(**{"train.learning_rate": 1e30}), workdir)
+    loop.train_and_evaluate(_config(**{"train.learning_rate": 1e30}), workdir)
   assert checkpoints.manager(workdir, read_only=True).all_steps() == [0]
 
 
@@ -238,13 +238,13 @@ def test_resume_checks_the_config_and_skips_a_damaged_step(digits_cache, tmp_pat
   another model does not fit the checkpoint; a damaged latest step (one flipped bit in its
   largest data file) is set aside and the run continues from the step before it."""
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(_config(num_epochs=2), workdir)
+  loop.train_and_evaluate(_config(num_epochs=2), workdir)
   with pytest.raises(checkpoints.ConfigChangedError,
                      match=r"train.learning_rate: 0.0003 -> 0.001\. .*"
                            r"--allow_config_change=train.learning_rate"):
-    train.train_and_evaluate(_config(**{"num_epochs": 3, "train.learning_rate": 1e-3}), workdir)
+    loop.train_and_evaluate(_config(**{"num_epochs": 3, "train.learning_rate": 1e-3}), workdir)
   with pytest.raises(ValueError, match="does not match this model/config"):
-    train.train_and_evaluate(_config(**{"num_epochs": 3, "model.channels": (8, 8)}), workdir,
+    loop.train_and_evaluate(_config(**{"num_epochs": 3, "model.channels": (8, 8)}), workdir,
                              allow_config_change=("model.channels",))
   assert [json.loads(l)["epoch"] for l in open(os.path.join(workdir, "metrics.jsonl"))] == [0, 1]
 
@@ -256,7 +256,7 @@ def test_resume_checks_the_config_and_skips_a_damaged_step(digits_cache, tmp_pat
     f.seek(-1, 1)
     f.write(bytes([byte ^ 0x20]))
   said = []
-  train.train_and_evaluate(_config(**{"num_epochs": 3, "train.learning_rate": 1e-3}), workdir,
+  loop.train_and_evaluate(_config(**{"num_epochs": 3, "train.learning_rate": 1e-3}), workdir,
                            log=said.append, allow_config_change=("train.learning_rate",))
   log = "\n".join(said)
   assert "checkpoint step 2 in" in log and "is damaged" in log, log
@@ -304,7 +304,7 @@ sys.path[:0] = [{repo!r}, {tests!r}]
 import jax, jax.numpy as jnp, numpy as np
 from helpers import load_config
 from ddpo_jax import diffusion, parallel, train
-from ddpo_jax.policy import build_policy
+from ddpo_jax.families import build_policy
 config = load_config("default", "runlocal", **{{"sample.num_steps": 10}})
 mesh = parallel.make_mesh()
 policy = build_policy(config, "")
@@ -362,7 +362,7 @@ def test_metrics_file_cut_short_by_a_crash_is_repaired_on_resume(tmp_path):
   rows = [json.dumps({"epoch": e, "loss": 0.5 + e}) for e in range(3)]
   path.write_text("\n".join(rows) + '\n{"epoch": 3, "lo')
   said = []
-  writer = train.MetricsWriter(str(tmp_path), resume_epoch=2, log=said.append)
+  writer = loop.MetricsWriter(str(tmp_path), resume_epoch=2, log=said.append)
   assert [json.loads(l)["epoch"] for l in open(path)] == [0, 1]
   assert len(said) == 1 and "dropping its last line" in said[0] and '{"epoch": 3, "lo' in said[0]
   writer.write(2, {"loss": 2.5})
@@ -371,7 +371,7 @@ def test_metrics_file_cut_short_by_a_crash_is_repaired_on_resume(tmp_path):
 
   path.write_text(rows[0] + '\n{"epoch": 1, "lo\n' + rows[2] + "\n")
   with pytest.raises(ValueError, match="line 2 is not valid JSON and is not the last line"):
-    train.MetricsWriter(str(tmp_path), resume_epoch=3)
+    loop.MetricsWriter(str(tmp_path), resume_epoch=3)
 
 
 @pytest.mark.parametrize("config_name", ["default", "digits_compressibility", "sd_compressibility",

@@ -4,11 +4,11 @@ r"""Evaluates a CTRL (or baseline) run: is the requested label there, and is the
 
 Samples `--num` images cycling through every label combination, then reports
 - `<control>_accuracy`: fraction whose label, judged by the control's *judge*, equals the
-  requested one. Judges never are the training classifier: digits class → an SVC trained on
-  the held-out split only; digits stroke thickness → the pixel rule itself
+  requested one. Judges (`ctrl.judges`) never are the training classifier: digits class → an
+  SVC trained on the held-out split only; digits stroke thickness → the pixel rule itself
   (`ctrl.data.thickness_level`); levels sampled from the pre-trained model (JPEG size,
   aesthetic score) → the image's real JPEG size / aesthetic score bucketed by the data's
-  stored cut points (`ctrl.sampled_data`); other sources register a judge in `JUDGES`;
+  stored cut points (`ctrl.sampled_data`); other sources register a judge in `judges.JUDGES`;
 - `joint_accuracy` (all controls right at once, multi-control runs);
 - `<control>_classifier_accuracy`: the same under the training classifier p̂ (the gap to the
   judge's shows reward over-optimisation);
@@ -22,63 +22,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from typing import Callable
-
+import jax
 import numpy as np
 
-from ddpo_jax.rewards import Reward
-
-
-def _digits_class_judge(data_cfg, config, workdir=None):
-  from ddpo_jax import digits
-  svc = digits.heldout_classifier()
-
-  def judge(images_uint8: np.ndarray) -> np.ndarray:
-    x = images_uint8.reshape(len(images_uint8), -1).astype(np.float32) / 255.0
-    return svc.predict(x).astype(np.int32)
-  return judge
-
-
-def _digits_thickness_judge(data_cfg, config, workdir=None):
-  from ddpo_jax.ctrl import data
-
-  def judge(images_uint8: np.ndarray) -> np.ndarray:
-    return np.asarray(data.thickness_level(images_uint8.astype(np.float32) / 255.0), np.int32)
-  return judge
-
-
-def _sampled_levels_judge(data_cfg, config, workdir=None):
-  """Data sampled from the pre-trained model and labelled by a measurement (JPEG size,
-  aesthetic score): the real measurement of the image, bucketed by the data's stored cut
-  points (`ctrl.sampled_data`)."""
-  from ddpo_jax.ctrl import sampled_data
-  return sampled_data.make_judge(data_cfg, config, workdir)
-
-
-# data source -> factory(data_cfg, config, workdir) -> judge(images uint8 (N,H,W,C)) -> labels
-# (N,) int32; `workdir` is the run directory (where e.g. sampled data and its cut points live)
-JUDGES: dict[str, Callable] = {
-    "digits_class": _digits_class_judge,
-    "digits_thickness": _digits_thickness_judge,
-    "sampled_jpeg_levels": _sampled_levels_judge,
-    "sampled_aesthetic_levels": _sampled_levels_judge,
-}
-
-
-def make_judge(data_cfg, config, workdir: str | None = None):
-  """The independent judge of a control whose labelled data comes from `data_cfg.source`, or
-  None when the source has no ground-truth rule or held-out judge. `workdir`: the run's
-  directory (needed by judges whose data lives there)."""
-  factory = JUDGES.get(data_cfg.source)
-  return None if factory is None else factory(data_cfg, config, workdir)
-
-
-def judge_accuracy_reward(judge, column: int, name: str) -> Reward:
-  """Host metric: 1 where the judge's label equals the requested label of control `column`."""
-  def fn(images_uint8, prompts, metadata):
-    correct = judge(images_uint8) == np.asarray(metadata["control_label"])[:, column]
-    return correct.astype(np.float32), {}
-  return Reward(name, fn, on_device=False)
+from ddpo_jax.ctrl.controls import controls_from_config, parse_context
+from ddpo_jax.ctrl.judges import make_judge
+from ddpo_jax.runs import restore_run
+from ddpo_jax.sample import sample_images
 
 
 def mean_pairwise_distance(images: np.ndarray) -> float:
@@ -102,17 +52,12 @@ def evaluate_run(workdir: str, num: int, seed: int = 0, step: int | None = None,
                  batch_size: int = 256) -> dict:
   """Samples `num` images of the run cycling through all label combinations and scores them
   (see the module docstring). Returns the metrics and writes WORKDIR/eval.json."""
-  from ddpo_jax.ctrl import policy as ctrl_policy
-  from ddpo_jax.runs import restore_run
-  from ddpo_jax.sample import sample_images
-  import jax
-
   config, policy, params, step_ = restore_run(workdir, step)
-  controls = ctrl_policy.controls_from_config(config)
+  controls = controls_from_config(config)
   specs = label_combinations(controls)
   images, contexts = sample_images(config, policy, params, num, seed=seed, batch_size=batch_size,
                                    labels=specs)
-  labels = np.asarray([ctrl_policy.parse_context(c)[1] for c in contexts], np.int32)
+  labels = np.asarray([parse_context(c)[1] for c in contexts], np.int32)
   result = {"step": int(step_), "num_samples": int(num), "method": config.ctrl.method,
             "solver": config.ctrl.solver if config.ctrl.method == "ctrl" else "",
             "num_labelled": {c.name: len(policy.metadata["datasets"][c.name]) for c in controls}}

@@ -22,9 +22,7 @@ dominates the KL (see the digits results in README.md). `config.ctrl.method` pic
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
 from typing import Sequence
 
 import jax
@@ -32,93 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpo_jax import diffusion
+from ddpo_jax.ctrl import classifiers, data, judges, sampled_data
 from ddpo_jax.models.weights import host_init
-from ddpo_jax.policy import Policy, build_base_policy
+from ddpo_jax.ctrl.controls import (Control, check_labels, controls_from_config, format_context,
+                                    parse_context)
+from ddpo_jax.policy import Policy
 from ddpo_jax.rewards import Reward
 
 METHODS = ("ctrl", "cfg", "classifier_guidance")
-_CONTEXT_RE = re.compile(r"^(?P<prompt>.*)\|\|y=(?P<labels>-?\d+(?::-?\d+)*)$", re.DOTALL)
-
-
-@dataclasses.dataclass(frozen=True)
-class Control:
-  """One control y_i: its name, K classes (label K is the null label) and reward weight w_i."""
-  name: str
-  num_classes: int
-  weight: float
-
-  @property
-  def null_label(self) -> int:
-    return self.num_classes
-
-
-def controls_from_config(config) -> list[Control]:
-  """The run's controls in the order labels are written ("3:2" = first:second)."""
-  names = tuple(config.ctrl.controls)
-  if not names:
-    raise ValueError("config.ctrl.controls is empty: name at least one control")
-  out = []
-  for name in names:
-    if name not in config.ctrl.conditions:
-      raise ValueError(f"config.ctrl.controls names {name!r} but config.ctrl.conditions has "
-                       f"only {sorted(config.ctrl.conditions.keys())}")
-    cond = config.ctrl.conditions[name]
-    if int(cond.num_classes) < 2:
-      raise ValueError(f"control {name!r}: num_classes={cond.num_classes} must be ≥ 2")
-    out.append(Control(name, int(cond.num_classes), float(cond.weight)))
-  return out
-
-
-# ----------------------------------------------------------------------------- contexts
-
-
-def format_context(prompt: str, labels: Sequence[int]) -> str:
-  """(prompt, labels) -> "PROMPT||y=3:2", the string key of a CTRL context."""
-  return f"{prompt}||y=" + ":".join(str(int(l)) for l in labels)
-
-
-def parse_context(context: str) -> tuple[str, tuple[int, ...]]:
-  """Inverse of `format_context`; raises ValueError on a string without labels."""
-  m = _CONTEXT_RE.match(context)
-  if m is None:
-    raise ValueError(f"{context!r} is not a CTRL context 'PROMPT||y=LABEL[:LABEL...]'")
-  return m.group("prompt"), tuple(int(l) for l in m.group("labels").split(":"))
-
-
-def parse_label_spec(spec: str, controls: Sequence[Control], allow_null: bool = True) -> tuple[int, ...]:
-  """A command-line label "3" or "3:2" (one per control, "null"/"-" for the null label)."""
-  parts = str(spec).strip().split(":")
-  if len(parts) != len(controls):
-    names = ":".join(c.name for c in controls)
-    raise ValueError(f"label {spec!r} has {len(parts)} part(s); this run has {len(controls)} "
-                     f"control(s), write labels as {names}")
-  labels = []
-  for part, c in zip(parts, controls):
-    if part in ("null", "-"):
-      labels.append(c.null_label)
-      continue
-    try:
-      labels.append(int(part))
-    except ValueError:
-      raise ValueError(f"label {spec!r}: {part!r} is not an integer label of control {c.name!r}")
-  check_labels(np.asarray([labels]), controls, allow_null=allow_null)
-  return tuple(labels)
-
-
-def check_labels(labels: np.ndarray, controls: Sequence[Control], allow_null: bool = True) -> None:
-  """Raises ValueError unless labels (N, M) index the controls' tables."""
-  labels = np.asarray(labels)
-  if labels.ndim != 2 or labels.shape[1] != len(controls):
-    raise ValueError(f"labels must be (N, {len(controls)}) (one per control); got {labels.shape}")
-  for i, c in enumerate(controls):
-    hi = c.num_classes + (1 if allow_null else 0)
-    bad = (labels[:, i] < 0) | (labels[:, i] >= hi)
-    if bad.any():
-      raise ValueError(f"control {c.name!r} has labels 0..{c.num_classes - 1}"
-                       f"{f' (and {c.null_label} = null)' if allow_null else ''}; got "
-                       f"{sorted(set(labels[bad, i].tolist()))}")
-
-
 # ----------------------------------------------------------------------------- the tables
 
 
@@ -157,19 +76,20 @@ def classifier_kwargs(classifier_cfg) -> dict:
               input_size=int(c.input_size) or None)
 
 
-def load_controls(config, workdir: str, log=print):
-  """Loads each control's labelled data and trains (or loads) its calibrated classifier.
+def load_controls(config, workdir: str, base: Policy, log=print):
+  """Loads each control's labelled data (sampling `base`, the pre-trained model, for sources
+  made that way) and trains (or loads) its calibrated classifier.
 
   Returns (controls, {name: LabelledDataset}, {name: Classifier}). Classifiers are saved with
   Orbax in WORKDIR/classifiers/NAME (with their accuracy / calibration report) and reused.
   """
-  from ddpo_jax.ctrl import classifiers, data, sampled_data
   controls = controls_from_config(config)
   datasets, clfs = {}, {}
   for c in controls:
     cond = config.ctrl.conditions[c.name]
     if sampled_data.is_sampled_source(cond.data.source):  # made by sampling the base model
-      ds, _ = sampled_data.load_or_sample(cond.data, config, workdir, c.num_classes, log=log)
+      ds, _ = sampled_data.load_or_sample(cond.data, config, workdir, c.num_classes, base,
+                                          log=log)
     else:
       ds = data.load_dataset(cond.data)
     if ds.num_classes != c.num_classes:
@@ -203,15 +123,15 @@ def log_likelihood_reward(controls: Sequence[Control], clfs: dict) -> Reward:
   return Reward("ctrl_log_likelihood", fn, on_device=True)
 
 
-def make_policy(config, workdir: str, log=print) -> Policy:
-  """The CTRL (or baseline) policy of `config` (see the module docstring)."""
+def make_policy(config, workdir: str, base: Policy, log=print) -> Policy:
+  """The CTRL (or baseline) policy of `config` on the pre-trained model `base` (the policy of
+  its model family; see the module docstring)."""
   method = config.ctrl.method
   if method not in METHODS:
     raise ValueError(f"config.ctrl.method={method!r}; choose one of {METHODS}")
-  base = build_base_policy(config)
   if not base.time_embed_dim:
     raise ValueError(f"model kind {config.model.kind!r} does not expose its time embedding")
-  controls, datasets, clfs = load_controls(config, workdir, log=log)
+  controls, datasets, clfs = load_controls(config, workdir, base, log=log)
   fixed_prompts = tuple(config.ctrl.prompts)
   base_frozen = {k: v for k, v in base.params.items() if k != "unet"}
 
@@ -238,12 +158,11 @@ def make_policy(config, workdir: str, log=print) -> Policy:
     return {**base.prompt_metadata(prompts), "control_label": labels}
 
   rewards = {"ctrl_log_likelihood": log_likelihood_reward(controls, clfs)}
-  from ddpo_jax.ctrl import evaluate
   for c in controls:
-    judge = evaluate.make_judge(config.ctrl.conditions[c.name].data, config, workdir)
+    judge = judges.make_judge(config.ctrl.conditions[c.name].data, config, workdir)
     if judge is not None:
-      rewards[f"{c.name}_judge_accuracy"] = evaluate.judge_accuracy_reward(judge, controls.index(c),
-                                                                           f"{c.name}_judge_accuracy")
+      rewards[f"{c.name}_judge_accuracy"] = judges.judge_accuracy_reward(
+          judge, controls.index(c), f"{c.name}_judge_accuracy")
   metadata = {**base.metadata, "rewards": rewards, "controls": controls, "datasets": datasets,
               "classifiers": clfs, "base_policy": base, "method": method}
   common = dict(tokenize=tokenize, encode_prompts=base.encode_prompts, decode=base.decode,
@@ -305,7 +224,6 @@ def make_policy(config, workdir: str, log=print) -> Policy:
 
 def _classifier_guidance_policy(config, base: Policy, controls, datasets, base_frozen, common):
   """The classifier-guidance baseline: the pre-trained eps corrected by noisy classifiers."""
-  from ddpo_jax.ctrl import classifiers
   sched = diffusion.NoiseSchedule.from_config(base.scheduler_config)
   alphas_cumprod = sched.alphas_cumprod
   w = float(config.ctrl.classifier_guidance_scale)

@@ -25,7 +25,7 @@ points, so "accuracy" means the sample's measured level is the one asked for.
 
 Pre-generate the data of a config (e.g. once, on one process, before a multi-host run):
 
-  python -m ddpo_jax.ctrl.sampled_data --config=configs/ctrl_sd_compressibility.py \
+  python -m ddpo_jax.ctrl.make_sampled_data --config=configs/ctrl_sd_compressibility.py \
       --workdir=/tmp/ctrl_sd_jpeg --config.model.pretrained_path=/data/stable-diffusion-v1-5
 """
 from __future__ import annotations
@@ -37,7 +37,14 @@ import re
 import time
 import uuid
 
+import jax
 import numpy as np
+
+from ddpo_jax import parallel, train
+from ddpo_jax.ctrl import data as data_lib
+from ddpo_jax.models.clip import load_clip_vision
+from ddpo_jax.policy import Policy
+from ddpo_jax.rewards import aesthetic, jpeg_size_kb, to_uint8
 
 SOURCES = ("sampled_jpeg_levels", "sampled_aesthetic_levels")
 MEASURES = {"sampled_jpeg_levels": "jpeg_kb", "sampled_aesthetic_levels": "aesthetic_score"}
@@ -92,7 +99,6 @@ def levels(values: np.ndarray, cuts: np.ndarray) -> np.ndarray:
 
 def jpeg_levels(images_uint8: np.ndarray, cuts: np.ndarray, quality: int = 95) -> np.ndarray:
   """JPEG-size level of uint8 images (N, H, W, C): `levels(jpeg_size_kb(images), cuts)`."""
-  from ddpo_jax.rewards import jpeg_size_kb
   return levels(jpeg_size_kb(np.asarray(images_uint8), quality=quality), cuts)
 
 
@@ -103,9 +109,6 @@ def aesthetic_scorer(clip_path: str, mlp_path: str, batch_size: int = 32):
   Loads CLIP and the MLP once (cached per paths); one compiled program of `batch_size` images
   (the last batch is padded), params passed as arguments rather than baked-in constants.
   """
-  import jax
-  from ddpo_jax.models.clip import load_clip_vision
-  from ddpo_jax.rewards import aesthetic
   if not clip_path or not mlp_path:
     raise ValueError("aesthetic levels need config.reward.clip_path (a CLIP ViT-L/14 vision "
                      "tower) and config.reward.aesthetic_mlp_path "
@@ -132,7 +135,6 @@ def aesthetic_scorer(clip_path: str, mlp_path: str, batch_size: int = 32):
 def measure(source: str, images_uint8: np.ndarray, data_cfg, config) -> np.ndarray:
   """The measured quantity of `source` for uint8 images (N, H, W, C): (N,) float32."""
   if source == "sampled_jpeg_levels":
-    from ddpo_jax.rewards import jpeg_size_kb
     return jpeg_size_kb(images_uint8, quality=int(_get(data_cfg, "quality", 95)))
   if source == "sampled_aesthetic_levels":
     return aesthetic_scorer(str(config.reward.clip_path),
@@ -225,31 +227,29 @@ def read_cuts(path: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- sampling
 
 
-_SAMPLER: dict = {}  # {settings key: (base policy, mesh, compiled sampler)}, the latest only
+_SAMPLER: dict = {}  # {settings key: (base policy, mesh, sampler program)}, the latest only
 
 
-def _base_sampler(config):
-  """(base policy, mesh, `train.make_sample_fn` program) of `config`, kept for the next
-  dataset of the same model and sampler (e.g. the two controls of a multi-control run), so it
-  is traced and compiled once per process."""
-  from ddpo_jax import parallel, train
-  from ddpo_jax.policy import build_base_policy
+def _base_sampler(config, base: Policy):
+  """(mesh, `train.make_sample_fn` program) of the pre-trained model `base` under `config`,
+  kept for the next dataset of the same model and sampler (e.g. the two controls of a
+  multi-control run), so it is traced and compiled once per process."""
   prompt_kwargs = config.get("prompt_fn_kwargs")
   key = json.dumps({"model": config.model.to_dict(), "sample": config.sample.to_dict(),
                     "prompt_fn": config.get("prompt_fn", ""),
                     "prompt_fn_kwargs": None if prompt_kwargs is None else prompt_kwargs.to_dict()},
-                   sort_keys=True, default=str)
+                   sort_keys=True, default=str) + f"|{id(base)}"
   if key not in _SAMPLER:
     _SAMPLER.clear()
-    policy = build_base_policy(config)
     mesh = parallel.make_mesh()
-    _SAMPLER[key] = (policy, mesh, train.make_sample_fn(policy, config, [], mesh))
-  return _SAMPLER[key]
+    _SAMPLER[key] = (base, mesh, train.make_sample_fn(base, config, [], mesh))
+  return _SAMPLER[key][1:]
 
 
-def sample_base_images(config, num: int, seed: int, batch_size: int = 0, log=print
+def sample_base_images(config, base: Policy, num: int, seed: int, batch_size: int = 0, log=print
                        ) -> tuple[np.ndarray, list[str]]:
-  """`num` samples of the pre-trained model of `config` (the base policy, no CTRL tables).
+  """`num` samples of the pre-trained model `base` (the policy of `config`'s model family, no
+  CTRL tables).
 
   Prompts come from `config.ctrl.prompts` when set, else the task's prompt function (as CTRL
   training draws them), from `np.random.default_rng(seed)`; the sampler is the compiled DDPO
@@ -261,10 +261,8 @@ def sample_base_images(config, num: int, seed: int, batch_size: int = 0, log=pri
   Returns:
     images (num, H, W, C) uint8 and their prompts (num,).
   """
-  import jax
-  from ddpo_jax import parallel, train
-  from ddpo_jax.rewards import to_uint8
-  policy, mesh, sample_fn = _base_sampler(config)
+  policy = base
+  mesh, sample_fn = _base_sampler(config, base)
   fixed = tuple((config.get("ctrl") or {}).get("prompts", ()) or ())
   n_dev = mesh.devices.size
   bs = int(batch_size) or int(config.sample.batch_size)
@@ -293,7 +291,8 @@ def sample_base_images(config, num: int, seed: int, batch_size: int = 0, log=pri
   return np.concatenate(images)[:num], prompts[:num]
 
 
-def load_or_sample(data_cfg, config, workdir: str | None, num_classes: int, log=print):
+def load_or_sample(data_cfg, config, workdir: str | None, num_classes: int, base: Policy,
+                   log=print):
   """The labelled dataset of a sampled source, from its cached npz or made now.
 
   Args:
@@ -301,6 +300,8 @@ def load_or_sample(data_cfg, config, workdir: str | None, num_classes: int, log=
     config: the run's config (model, sampler, prompts, reward paths).
     workdir: the run directory (the default cache location).
     num_classes: K, the number of levels.
+    base: the pre-trained model's policy (`families.build_base_policy(config)`), sampled when
+      the npz is not there yet.
 
   Returns:
     (dataset, cuts): a `LabelledDataset` (images float32 in [0, 1], labels = levels, with the
@@ -310,7 +311,6 @@ def load_or_sample(data_cfg, config, workdir: str | None, num_classes: int, log=
     ValueError: the cached npz was made with other settings (`_CHECKED`), or sampling is
       needed in a multi-process run.
   """
-  from ddpo_jax.ctrl import data as data_lib
   source = _check_source(data_cfg)
   path = offline_data_path(data_cfg, workdir)
   want = generation_settings(data_cfg, config, num_classes)
@@ -324,13 +324,12 @@ def load_or_sample(data_cfg, config, workdir: str | None, num_classes: int, log=
                        f"this dataset another data.name / data.path")
     log(f"offline data {os.path.basename(path)}: reusing {len(stored['labels'])} cached samples")
   else:
-    import jax
     if jax.process_count() > 1:
       raise ValueError(f"{path} does not exist; generate it once with a single process first "
-                       f"(python -m ddpo_jax.ctrl.sampled_data --config=... --workdir=...)")
+                       f"(python -m ddpo_jax.ctrl.make_sampled_data --config=... --workdir=...)")
     log(f"offline data {os.path.basename(path)}: sampling {want['num_images']} images of the "
         f"pre-trained model and measuring {MEASURES[source]}")
-    images, prompts = sample_base_images(config, want["num_images"], want["sample_seed"],
+    images, prompts = sample_base_images(config, base, want["num_images"], want["sample_seed"],
                                          int(_get(data_cfg, "batch_size", 0)), log=log)
     values = np.asarray(measure(source, images, data_cfg, config), np.float32)
     cuts = quantile_cuts(values, num_classes)
@@ -363,29 +362,3 @@ def make_judge(data_cfg, config, workdir: str | None = None):
   def judge(images_uint8):
     return levels(measure(source, np.asarray(images_uint8), data_cfg, config), cuts)
   return judge
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def main(argv):
-  """Generates (or checks) every sampled dataset of --config in --workdir."""
-  from absl import flags
-  from ddpo_jax.ctrl.policy import controls_from_config
-  del argv
-  config = flags.FLAGS.config
-  for c in controls_from_config(config):
-    cond = config.ctrl.conditions[c.name]
-    if is_sampled_source(cond.data.source):
-      _, cuts = load_or_sample(cond.data, config, flags.FLAGS.workdir, c.num_classes)
-      print(f"{c.name}: {offline_data_path(cond.data, flags.FLAGS.workdir)} (cuts "
-            f"{np.round(cuts, 4).tolist()})")
-
-
-if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "A CTRL config file.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "The run directory (offline_data/ is written there).",
-                      required=True)
-  app.run(main)

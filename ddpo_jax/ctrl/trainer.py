@@ -40,10 +40,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from ddpo_jax import checkpoints, diffusion, parallel, train
-from ddpo_jax.ctrl import config_defaults
+from ddpo_jax import checkpoints, diffusion, loop, parallel, train
+from ddpo_jax.ctrl import classifiers, config_defaults, evaluate
 from ddpo_jax.ctrl import policy as ctrl_policy
-from ddpo_jax.policy import Policy, build_policy
+from ddpo_jax.families import build_policy
+from ddpo_jax.policy import Policy
+from ddpo_jax.rewards import make_rewards
 
 SOLVERS = ("backprop", "ddpo")
 TRUNCATIONS = ("random", "fixed", "none")
@@ -257,7 +259,6 @@ def encode_in_chunks(encode, params, images: np.ndarray, chunk: int = ENCODE_CHU
 def _train_noisy_classifiers(policy: Policy, config, log) -> dict:
   """The classifier-guidance baseline's training: one noise-conditional classifier per control
   on its labelled data, in the diffusion variable's space. Returns {"classifiers": {...}}."""
-  from ddpo_jax.ctrl import classifiers
   sched = diffusion.NoiseSchedule.from_config(policy.scheduler_config)
   out = {}
   for c in policy.metadata["controls"]:
@@ -289,12 +290,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   mesh = parallel.make_mesh(config.mesh)
   validate_config(config, mesh)
   if c.method == "ctrl" and c.solver == "ddpo":
-    last = train.train_and_evaluate(config_defaults.ddpo_solver_config(config), workdir, log=log,
+    last = loop.train_and_evaluate(config_defaults.ddpo_solver_config(config), workdir, log=log,
                                   allow_config_change=allow_config_change)
   else:
     last = _train_loop(config, workdir, mesh, log, allow_config_change)
   if int(c.eval_num_samples) > 0:
-    from ddpo_jax.ctrl import evaluate
     result = evaluate.evaluate_run(workdir, num=int(c.eval_num_samples), seed=int(config.seed))
     log("evaluation: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                      for k, v in result.items() if not isinstance(v, dict)}))
@@ -323,7 +323,7 @@ def _train_loop(config, workdir: str, mesh, log, allow_config_change) -> dict:
   start_epoch = int(meta["epoch"])
   num_epochs = 1 if c.method == "classifier_guidance" else int(config.num_epochs)
   log(f"training on {parallel.describe_mesh(mesh)}")
-  writer = train.MetricsWriter(workdir, start_epoch, log)
+  writer = loop.MetricsWriter(workdir, start_epoch, log)
   try:
     last = _train_epochs(config, policy, state, frozen, optimizer, mesh, ckpts, writer,
                          start_epoch, num_epochs, log)
@@ -353,7 +353,6 @@ def _train_epochs(config, policy, state, frozen, optimizer, mesh, ckpts, writer,
   accum, B = int(c.gradient_accumulation_steps), int(c.batch_size)
   data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
   if c.method == "ctrl":
-    from ddpo_jax.rewards import make_rewards
     reward = dict((r.name, r) for _, r in make_rewards(config, policy))["ctrl_log_likelihood"]
     loss_fn = make_backprop_loss(policy, config, reward.fn)
   else:
@@ -379,7 +378,7 @@ def _train_epochs(config, policy, state, frozen, optimizer, mesh, ckpts, writer,
       state, metrics = step_fn(state, frozen, batch, keys)
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
     metrics = {k: float(v) / int(c.steps_per_epoch) for k, v in jax.device_get(sums).items()}
-    if not all(np.isfinite(v) for v in metrics.values()) or not train._params_finite(state.params):
+    if not all(np.isfinite(v) for v in metrics.values()) or not train.params_finite(state.params):
       raise FloatingPointError(f"epoch {epoch}: non-finite loss or parameters ({metrics}); "
                                "stopping without saving this epoch")
     last = {**metrics, "epoch_time_s": time.time() - t0, "optimizer_step": int(state.step)}

@@ -1,0 +1,333 @@
+"""The DDPO training loop: sample, reward, update, record and checkpoint, epoch by epoch.
+
+One epoch = `sample.num_batches_per_epoch` calls of the compiled sampling program
+(`train.make_sample_fn`), host rewards on a thread pool overlapping with sampling, advantages
+from the per-prompt stat tracker, then `train.num_inner_epochs` calls of the compiled update
+program (`train.make_update_fn`). Both programs are compiled ahead of time before the first
+epoch. Checkpoints go through `checkpoints.RunCheckpoints` (resume from the newest intact step,
+the saved-config check, saves that stop the run when they fail); metrics to
+WORKDIR/metrics.jsonl and TensorBoard (`MetricsWriter`), shared with CTRL's trainer.
+
+Multi-host: every process draws the same global prompts, samples and rewards its own rows
+(`parallel.process_rows`) and gathers all rewards, so the stat tracker and advantages are the
+same everywhere; the update is one program over all devices; checkpoints are written by Orbax
+from all processes; process 0 writes metrics, image grids and the log.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from ddpo_jax import checkpoints, parallel, rl
+from ddpo_jax.families import build_policy
+from ddpo_jax.rewards import Reward, make_rewards, to_uint8
+from ddpo_jax.train import (TrainState, frozen_params, make_optimizer, make_sample_fn,
+                            make_update_fn, model_shardings, params_finite, validate_config)
+
+
+class MetricsWriter:
+  """WORKDIR/metrics.jsonl (one object per epoch) plus TensorBoard summaries."""
+
+  def __init__(self, workdir: str, resume_epoch: int, log=print):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    # Drop rows of epochs after the checkpoint we resume from: they are recomputed. A last line
+    # cut short by a crash (no newline, not valid JSON) is dropped too, and said.
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        lines = f.read().split("\n")
+      rows = []
+      for i, line in enumerate(lines):
+        if not line.strip():
+          continue
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError:
+          if any(l.strip() for l in lines[i + 1:]):
+            raise ValueError(f"{self.path}: line {i + 1} is not valid JSON and is not the last "
+                             f"line (not a write cut short by a crash): {line[:200]!r}")
+          log(f"{self.path}: dropping its last line, cut short (not valid JSON): {line[:200]!r}")
+      self._write_rows([row for row in rows if row["epoch"] < resume_epoch])
+    # TensorBoard's writer is made on a thread: importing tensorboardX imports PyTorch when it
+    # is installed (~1.5 s), which then overlaps the compilation that follows.
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    self._tb = pool.submit(_summary_writer, os.path.join(workdir, "tensorboard"))
+    pool.shutdown(wait=False)
+
+  @property
+  def tb(self):
+    return self._tb.result()
+
+  def _write_rows(self, rows: list[dict]) -> None:
+    tmp = self.path + ".tmp"  # replaced in one rename: a crash leaves the old or the new file
+    with open(tmp, "w") as f:
+      for row in rows:
+        f.write(json.dumps(row) + "\n")
+    os.replace(tmp, self.path)
+
+  def keep_epochs_before(self, epoch: int) -> None:
+    """Drops the rows of `epoch` and later (after a run stops: those past its last checkpoint)."""
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+      self._write_rows([row for row in rows if row["epoch"] < epoch])
+
+  def write(self, epoch: int, metrics: dict) -> None:
+    row = {"epoch": epoch, **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    for k, v in row.items():
+      if k != "epoch":
+        self.tb.add_scalar(k, v, epoch)
+    self.tb.flush()
+
+  def images(self, epoch: int, images_uint8: np.ndarray, workdir: str) -> str:
+    grid = image_grid(images_uint8[:64])
+    path = os.path.join(workdir, "samples", f"epoch_{epoch:05d}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    from PIL import Image
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).resize(
+        (grid.shape[1] * max(1, 256 // grid.shape[1]), grid.shape[0] * max(1, 256 // grid.shape[1])),
+        Image.NEAREST).save(path)
+    self.tb.add_image("samples", grid, epoch, dataformats="HWC")
+    return path
+
+
+def _summary_writer(logdir: str):
+  from tensorboardX import SummaryWriter
+  return SummaryWriter(logdir)
+
+
+def image_grid(images: np.ndarray, pad: int = 1, cols: int | None = None) -> np.ndarray:
+  """(N,H,W,C) uint8 -> one (rows*(H+pad), cols*(W+pad), C) uint8 grid, row-major.
+
+  `cols` defaults to ceil(sqrt(N)).
+  """
+  n, h, w, c = images.shape
+  cols = int(np.ceil(np.sqrt(n))) if cols is None else cols
+  rows = int(np.ceil(n / cols))
+  grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
+  for i, img in enumerate(images):
+    r, q = divmod(i, cols)
+    grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = img
+  return grid
+
+
+def _host_reward(reward: Reward, images, prompts, metadata):
+  """A host reward of this process's rows; `images` is a global array (read locally here)."""
+  rewards, info = reward.fn(to_uint8(parallel.local_rows(images)), prompts, metadata)
+  numeric = {k: np.atleast_1d(np.asarray(v)) for k, v in info.items()}
+  # Only numeric info is logged (a remote scorer may also return e.g. the VLM's answers).
+  return np.asarray(rewards, np.float32), {k: v for k, v in numeric.items()
+                                           if np.issubdtype(v.dtype, np.number)}
+
+
+def enable_compilation_cache(path: str, log=print) -> None:
+  """Turns on JAX's persistent compilation cache in `path` ("" = leave it off)."""
+  if not path:
+    return
+  path = os.path.abspath(os.path.expanduser(path))
+  os.makedirs(path, exist_ok=True)
+  if jax.config.jax_compilation_cache_dir != path:
+    from jax.experimental.compilation_cache import compilation_cache
+    jax.config.update("jax_compilation_cache_dir", path)
+    compilation_cache.reset_cache()  # takes effect even after earlier compilations
+  log(f"persistent compilation cache: {path}")
+
+
+def _abstract(x, sharding=None, batch: int | None = None):
+  """ShapeDtypeStruct of an array (leading dim replaced by `batch` when given)."""
+  shape = tuple(x.shape) if batch is None else (batch,) + tuple(x.shape[1:])
+  return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding if sharding is not None else
+                              getattr(x, "sharding", None))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=print,
+                       allow_config_change: tuple[str, ...] = ()) -> dict:
+  """Runs (or resumes) DDPO training in `workdir`; returns the last epoch's metrics.
+
+  Resuming restores the newest intact checkpoint (`checkpoints.RunCheckpoints`); its saved
+  config must equal `config` except in `checkpoints.CHANGEABLE_ON_RESUME` and the keys (or
+  fnmatch patterns) of `allow_config_change`. If the run stops on an error (a failed save
+  included), metrics.jsonl is cut back to the epochs of the last committed checkpoint.
+
+  In a multi-process run every process calls this with the same config and workdir (on a
+  filesystem all hosts share); process 0 writes metrics, image grids and the log.
+  """
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  main_process = parallel.is_main_process()
+  if not main_process:
+    log = lambda *a, **k: None  # noqa: E731
+  enable_compilation_cache(config.get("compilation_cache_dir", ""), log)
+  parallel.check_same_on_all_processes("config", config.to_json())
+  mesh = parallel.make_mesh(config.get("mesh"))
+  validate_config(config, mesh)
+  policy = build_policy(config, workdir)
+  terms = make_rewards(config, policy)
+  device_terms = [(w, r) for w, r in terms if r.on_device]
+  host_terms = [(w, r) for w, r in terms if not r.on_device]
+  optimizer = make_optimizer(config.train)
+  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  params_sh, frozen_sh, state_sh = model_shardings(policy, config, optimizer, mesh)
+
+  if isinstance(params_sh, jax.sharding.Sharding):
+    fsdp_note = ""
+  else:
+    leaves = list(zip(jax.tree.leaves(policy.params["unet"]), jax.tree.leaves(params_sh)))
+    split = [x.size for x, sh in leaves if parallel.FSDP_AXIS in jax.tree.leaves(tuple(sh.spec))]
+    fsdp_note = (f"; fsdp splits {len(split)} of {len(leaves)} trainable parameter arrays "
+                 f"({sum(split) / max(1, sum(x.size for x, _ in leaves)):.0%} of the elements)")
+  # `put` copies: the train state is donated to the update, the pre-trained params must survive.
+  frozen = parallel.put(frozen_params(policy, config), frozen_sh)
+  unet0 = parallel.put(policy.params["unet"], params_sh)
+  opt_sh = state_sh.opt_state if isinstance(state_sh, TrainState) else repl
+  state = TrainState(step=parallel.put(np.zeros((), np.int32), repl), params=unet0,
+                     opt_state=jax.jit(optimizer.init, out_shardings=opt_sh)(unet0),
+                     rng=parallel.put(jax.random.PRNGKey(config.seed), repl))
+  tracker = rl.PerPromptStatTracker(config.per_prompt_stat_tracking.buffer_size,
+                                    config.per_prompt_stat_tracking.min_count)
+
+  ckpts = checkpoints.RunCheckpoints(workdir, config, allow_config_change, log)
+  state, meta = ckpts.start(state, {"epoch": 0, "stat_tracker": tracker.state_dict()})
+  tracker.load_state_dict(meta["stat_tracker"])
+  start_epoch = int(meta["epoch"])
+  writer = MetricsWriter(workdir, start_epoch, log) if main_process else None
+  log(f"training on {parallel.describe_mesh(mesh)}{fsdp_note}")
+
+  B, nb = config.sample.batch_size, config.sample.num_batches_per_epoch
+  rows = parallel.process_rows(mesh, B)  # this process's rows of every sampled batch
+  rows_epoch = parallel.process_rows(mesh, B * nb)  # ... and of the epoch's concatenation
+  rng_host = np.asarray(parallel.to_host(state.rng))
+
+  def local_batch(epoch, b):
+    """(global prompts, this process's prompts, their metadata) of batch b of `epoch`."""
+    prompts = policy.prompt_fn(np.random.default_rng([config.seed, epoch, b]), B)
+    local = list(prompts[rows])
+    return prompts, local, {k: np.asarray(v) for k, v in policy.prompt_metadata(local).items()}
+
+  def put_key(*folds):
+    key = rng_host
+    for f in folds:
+      key = jax.random.fold_in(key, f)
+    return parallel.put(np.asarray(key), repl)
+
+  # Ahead-of-time compilation of both programs (shapes from the first batch's host data).
+  _, local0, meta0 = local_batch(start_epoch, 0)
+  ids0 = policy.tokenize(local0)
+  key_abs = _abstract(rng_host, repl)
+  t0 = time.time()
+  sample_fn = make_sample_fn(policy, config, device_terms, mesh).lower(
+      state.params, frozen, key_abs, _abstract(ids0, data, B),
+      {k: _abstract(v, data, B) for k, v in meta0.items()}).compile()
+  t_compile_sample = time.time() - t0
+  traj_abs = jax.tree.map(lambda x: _abstract(x, data, B * nb), sample_fn.out_info[0])
+  t0 = time.time()
+  update_fn = make_update_fn(policy, config, optimizer, mesh).lower(
+      state, frozen, traj_abs, *[jax.ShapeDtypeStruct((B * nb,), jnp.float32, sharding=data)] * 3,
+      key_abs).compile()
+  t_compile_update = time.time() - t0
+  log(f"compiled the sample step in {t_compile_sample:.1f} s and the update step in "
+      f"{t_compile_update:.1f} s")
+  concat = jax.jit(lambda trajs: jax.tree.map(lambda *xs: jnp.concatenate(xs), *trajs),
+                   out_shardings=data)
+
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+  last = {}
+  try:
+    for epoch in range(start_epoch, config.num_epochs):
+      t0 = time.time()
+      trajs, futures, all_prompts, dev_rewards = [], [], [], []
+      grid_images = None  # the first batch's images, for the sample grid
+      for b in tqdm.trange(nb, desc=f"epoch {epoch} sampling", leave=False,
+                           disable=not (config.progress and main_process)):
+        prompts, local, meta = local_batch(epoch, b)
+        ids = parallel.to_global(policy.tokenize(local), mesh)
+        meta_dev = parallel.to_global(meta, mesh)
+        traj, images, rewards = sample_fn(state.params, frozen, put_key(epoch, b), ids, meta_dev)
+        # Host rewards of this process's rows run on the pool while the device samples on.
+        futures.append({r.name: pool.submit(_host_reward, r, images, local, meta)
+                        for _, r in host_terms})
+        trajs.append(traj)
+        all_prompts.extend(prompts)
+        dev_rewards.append(rewards)
+        if grid_images is None:
+          grid_images = images
+      traj = concat(trajs)
+      # The sampling program runs asynchronously: its time ends when its results are ready.
+      jax.block_until_ready((traj, dev_rewards))
+      t_sampled = time.time()
+
+      total = np.zeros(B * nb, np.float32)
+      epoch_metrics = {}
+      for w, r in terms:  # every process gathers every reward, in the same order
+        if r.on_device:
+          parts = [parallel.to_host(d[r.name]) for d in dev_rewards]
+        else:
+          parts = [parallel.gather_rows(fs[r.name].result()) for fs in futures]
+        values = np.concatenate([p[0] for p in parts]).astype(np.float32)
+        if not np.all(np.isfinite(values)):
+          raise FloatingPointError(f"epoch {epoch}: reward {r.name!r} returned NaN/inf; "
+                                   "stopping without saving this epoch")
+        total += w * values
+        epoch_metrics[f"{r.name}_mean"] = values.mean()
+        for k in parts[0][1]:
+          epoch_metrics[f"{r.name}_{k}_mean"] = np.concatenate([np.asarray(p[1][k]).reshape(-1) for p in parts]).mean()
+
+      if config.per_prompt_stat_tracking.enabled:
+        advantages, scales = tracker.update(all_prompts, total, return_scale=True)
+      else:
+        advantages, scales = rl.normalize_advantages(total, return_scale=True)
+      adv_dev, scale_dev = (parallel.to_global(a.astype(np.float32)[rows_epoch], mesh)
+                            for a in (advantages, scales))
+      rew_dev = parallel.to_global(total[rows_epoch], mesh)
+
+      t_rewarded = time.time()  # host rewards (overlapping sampling until then), advantages
+      for inner in range(config.train.num_inner_epochs):
+        state, metrics = update_fn(state, frozen, traj, adv_dev, scale_dev, rew_dev,
+                                   put_key(epoch, 10_000, inner))
+      metrics = parallel.to_host(metrics)
+      params_ok = params_finite(state.params)
+      t_updated = time.time()
+      if not all(np.isfinite(v) for v in metrics.values()) or not params_ok:
+        raise FloatingPointError(f"epoch {epoch}: non-finite loss or parameters ({metrics}); "
+                                 "stopping without saving this epoch")
+      n = B * nb
+      last = {"reward_mean": total.mean(), "reward_std": total.std(),
+              "reward_stderr": total.std() / np.sqrt(n), **epoch_metrics,
+              **{k: v for k, v in metrics.items()},
+              # Phase wall times (s); they add up to epoch_time_s (checkpointing and image
+              # grids come after it).
+              "samples_per_s": n / (t_updated - t0), "epoch_time_s": t_updated - t0,
+              "sample_time_s": t_sampled - t0, "reward_time_s": t_rewarded - t_sampled,
+              "train_time_s": t_updated - t_rewarded,
+              "optimizer_step": int(parallel.to_host(state.step))}
+      for k in ("approx_kl", "clipfrac"):
+        last.setdefault(k, 0.0)
+      ckpts.wait()  # a row is written only once the saves before it have committed
+      if main_process:
+        writer.write(epoch, last)
+      log(f"epoch {epoch}: reward {last['reward_mean']:.4f} ± {last['reward_stderr']:.4f}  "
+          f"loss {last['loss']:.4g}  approx_kl {last['approx_kl']:.3g}  clipfrac {last['clipfrac']:.3f}"
+          f"  {last['samples_per_s']:.1f} samples/s")
+      if main_process and config.log_image_freq and (
+          epoch % config.log_image_freq == 0 or epoch + 1 == config.num_epochs):
+        writer.images(epoch, to_uint8(parallel.local_rows(grid_images)), workdir)
+      if (epoch + 1) % config.save_freq == 0 or epoch + 1 == config.num_epochs:
+        ckpts.save(epoch + 1, state, {"epoch": epoch + 1, "stat_tracker": tracker.state_dict()})
+    ckpts.close()
+  except BaseException:
+    committed = ckpts.abort()
+    if writer is not None:  # epochs after the last committed step are retrained on resume
+      writer.keep_epochs_before(0 if committed is None else committed)
+    raise
+  finally:
+    pool.shutdown(wait=False)
+  return {k: float(v) for k, v in last.items()}

@@ -1,0 +1,90 @@
+"""The package imports downwards only: no import cycle between ddpo_jax's modules, counting the
+imports inside functions too (they hide a cycle from Python, not from a reader)."""
+import ast
+import os
+
+from conftest import REPO
+
+PACKAGE = os.path.join(REPO, "ddpo_jax")
+
+
+def _module_name(path: str) -> str:
+  rel = os.path.relpath(path, REPO)[:-len(".py")].replace(os.sep, ".")
+  return rel[:-len(".__init__")] if rel.endswith(".__init__") else rel
+
+
+def import_graph() -> dict[str, set[str]]:
+  """{module: the ddpo_jax modules it imports anywhere in its body}."""
+  files = [os.path.join(d, f) for d, _, fs in os.walk(PACKAGE) for f in fs if f.endswith(".py")]
+  modules = {_module_name(f): f for f in files}
+  graph = {}
+  for name, path in modules.items():
+    package = name if path.endswith("__init__.py") else name.rsplit(".", 1)[0]
+    targets = set()
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+      if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        base = node.module or ""
+        if node.level:
+          parts = package.split(".")
+          base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+        names = [base] + [f"{base}.{a.name}" for a in node.names]
+      else:
+        continue
+      for n in names:
+        # `from ddpo_jax import train` imports the module ddpo_jax.train; `from ddpo_jax.x
+        # import f` imports ddpo_jax.x. Name the deepest module that exists.
+        while n and n not in modules:
+          n = n.rsplit(".", 1)[0] if "." in n else ""
+        if n and n != name:
+          targets.add(n)
+    graph[name] = targets
+  return graph
+
+
+def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
+  """Tarjan's algorithm: the components with more than one module (the import cycles)."""
+  index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+  def visit(v):
+    index[v] = low[v] = len(index)
+    stack.append(v)
+    on_stack.add(v)
+    for w in sorted(graph[v]):
+      if w not in index:
+        visit(w)
+        low[v] = min(low[v], low[w])
+      elif w in on_stack:
+        low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+      component = []
+      while True:
+        w = stack.pop()
+        on_stack.discard(w)
+        component.append(w)
+        if w == v:
+          break
+      if len(component) > 1:
+        out.append(sorted(component))
+
+  for v in sorted(graph):
+    if v not in index:
+      visit(v)
+  return out
+
+
+def test_the_cycle_finder_finds_a_cycle():
+  assert strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+  assert strongly_connected({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles():
+  graph = import_graph()
+  assert "ddpo_jax.loop" in graph and "ddpo_jax.checkpoints" in graph["ddpo_jax.loop"]
+  # a package's __init__ re-exporting its modules is not a cycle with them
+  cycles = strongly_connected({m: {t for t in ts if not (m.startswith(t + ".") and
+                                                         t == m.rsplit(".", 1)[0])}
+                               for m, ts in graph.items()})
+  assert not cycles, "import cycles (each list imports itself through its members): " + \
+      "; ".join(" <-> ".join(c) for c in cycles)
