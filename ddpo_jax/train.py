@@ -359,33 +359,14 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
                **jax.tree.map(lambda x: to_micro(x, False), shared)}
     uncond = policy.encode_prompts({**frozen, "unet": state.params}, uncond_ids)
 
-    def opt_step(carry, xs):
-      state = carry
+    def opt_step(state, xs):
       step_batches, step_key = xs
-
-      def micro(acc, inp):
-        batch, k = inp
-        grads, metrics = grad_fn(state.params, frozen, uncond, batch, k)
-        return jax.tree.map(jnp.add, acc, (grads, metrics)), None
-
       keys = jax.random.split(step_key, accum * K)
-      zeros = jax.eval_shape(grad_fn, state.params, frozen, uncond,
-                             jax.tree.map(lambda x: x[0], step_batches), keys[0])
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-      zeros = (jax.lax.with_sharding_constraint(zeros[0], shard_spec) if per_shard
-               else _constrain(zeros[0]), zeros[1])
-      (grads, metrics), _ = jax.lax.scan(micro, zeros, (step_batches, keys))
-      if per_shard:  # the one gradient all-reduce of this optimizer step
-        grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
-        metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
-      scale = 1.0 / (accum * K)
-      grads = _constrain(jax.tree.map(lambda g: g * scale, grads))
-      metrics = jax.tree.map(lambda m: m * scale, metrics)
-      metrics["grad_norm"] = optax.tree.norm(grads)
-      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-      return state, metrics
+      return accumulated_step(
+          state, optimizer, lambda p, x: grad_fn(p, frozen, uncond, *x), (step_batches, keys),
+          accumulator_layout=(lambda g: jax.lax.with_sharding_constraint(g, shard_spec))
+          if per_shard else _constrain,
+          per_shard=per_shard, constrain=_constrain)
 
     state, metrics = jax.lax.scan(opt_step, state, (batches, jax.random.split(k_loss, steps)))
     return state, {**jax.tree.map(jnp.mean, metrics), **extra_metrics}
@@ -393,6 +374,48 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   data, repl = parallel.data_sharding(mesh), parallel.replicated(mesh)
   return jax.jit(update, in_shardings=(state_sh, frozen_sh, data, data, data, data, repl),
                  out_shardings=(state_sh, repl), donate_argnums=(0,))
+
+
+def accumulated_step(state: TrainState, optimizer: optax.GradientTransformation, grad_fn,
+                     micro_batches, accumulator_layout=lambda g: g, per_shard: bool = False,
+                     constrain=lambda g: g) -> tuple[TrainState, dict]:
+  """One optimizer step from the mean gradient over micro-batches: the one gradient-accumulation
+  routine of every trainer (DDPO's update, CTRL's backprop solver and CFG baseline).
+
+  Args:
+    state: the train state (its `params` are differentiated).
+    optimizer: the optax transformation (`make_optimizer`).
+    grad_fn: `(params, micro_batch) -> (grads, metrics)`; metrics a dict of scalars.
+    micro_batches: a pytree whose leaves have a leading axis of M micro-batches, scanned over
+      (one `lax.scan`: the gradient is traced once).
+    accumulator_layout: the sharding constraint of the summed gradients (e.g. laid out like the
+      params, or per batch shard).
+    per_shard: `grad_fn` returns one gradient per batch shard (a leading shard axis); they are
+      averaged once here, after the scan: one all-reduce per optimizer step.
+    constrain: the sharding constraint of the final gradient (e.g. reduce-scattered for fsdp).
+
+  Returns:
+    (the state after the step, metrics: the micro-batches' mean metrics + `grad_norm`).
+  """
+  num_micro = jax.tree.leaves(micro_batches)[0].shape[0]
+
+  def micro(acc, batch):
+    return jax.tree.map(jnp.add, acc, grad_fn(state.params, batch)), None
+
+  zeros = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro_batches))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+  zeros = (accumulator_layout(zeros[0]), zeros[1])
+  (grads, metrics), _ = jax.lax.scan(micro, zeros, micro_batches)
+  if per_shard:  # the one gradient all-reduce of this optimizer step
+    grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+    metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+  scale = 1.0 / num_micro
+  grads = constrain(jax.tree.map(lambda g: g * scale, grads))
+  metrics = jax.tree.map(lambda m: m * scale, metrics)
+  metrics["grad_norm"] = optax.tree.norm(grads)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def frozen_params(policy: Policy, config) -> dict:

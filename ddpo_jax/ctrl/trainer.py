@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from ddpo_jax import checkpoints, diffusion, loop, parallel, train
 from ddpo_jax.ctrl import classifiers, config_defaults, evaluate
@@ -187,27 +186,16 @@ def make_cfg_loss(policy: Policy, config):
   return loss_fn
 
 
-def make_train_step(loss_fn, optimizer, mesh, accum: int):
-  """Compiles `step(state, frozen, batches) -> (state, metrics)`: `batches` is a pytree whose
-  leaves are (accum, B, ...) (plus per-micro-batch keys), gradients averaged over `accum`."""
-  grad_fn = jax.grad(loss_fn, has_aux=True)
+def make_train_step(loss_fn, optimizer, mesh):
+  """Compiles `step(state, frozen, batches, keys) -> (state, metrics)`: `batches` is a pytree
+  whose leaves are (accum, B, ...), `keys` (accum,) per micro-batch; gradients averaged over
+  `accum` (`train.accumulated_step`). The gradient is jitted so that the accumulation's shape
+  query and its scan share one trace of the chain."""
+  grad_fn = jax.jit(jax.grad(loss_fn, has_aux=True))
 
   def step(state: train.TrainState, frozen, batches, keys):
-    def micro(acc, inp):
-      batch, k = inp
-      grads, metrics = grad_fn(state.params, frozen, k, *batch)
-      return jax.tree.map(jnp.add, acc, grads), metrics
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, metrics = jax.lax.scan(micro, zeros, (batches, keys))
-    metrics = jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
-    grads = jax.tree.map(lambda g: g / accum, grads)
-    metrics = jax.tree.map(lambda m: m / accum, metrics)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                          opt_state=opt_state)
-    return state, metrics
+    return train.accumulated_step(
+        state, optimizer, lambda p, x: grad_fn(p, frozen, x[1], *x[0]), (batches, keys))
 
   repl = parallel.replicated(mesh)
   batch_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
@@ -357,7 +345,7 @@ def _train_epochs(config, policy, state, frozen, optimizer, mesh, ckpts, writer,
     loss_fn = make_backprop_loss(policy, config, reward.fn)
   else:
     loss_fn = make_cfg_loss(policy, config)
-  step_fn = make_train_step(loss_fn, optimizer, mesh, accum)
+  step_fn = make_train_step(loss_fn, optimizer, mesh)
 
   def host_batch(rng):
     if c.method == "ctrl":
