@@ -450,3 +450,84 @@ def test_llava_bertscore_tiny_random_models(tmp_path):
   # Batched (left-padded) generation answers as one image at a time.
   single = [scorer.answerer(images[i:i + 1], S.QUESTION)[0] for i in range(3)]
   assert single == info["answers"]
+
+
+# ------------------------------------------------------------------------------------------
+# Limits under hostile or heavy use (an in-process server on 127.0.0.1)
+# ------------------------------------------------------------------------------------------
+@pytest.fixture
+def limited():
+  """A server with small limits: 64x64 pixels per image, 3 * 64 * 64 per request, 0.5 s read
+  timeout, 2 connections; yields (server, url)."""
+  server = srv.RewardServer(("127.0.0.1", 0), S.brightness, name="brightness",
+                            max_image_pixels=64 * 64, max_request_pixels=3 * 64 * 64,
+                            read_timeout_s=0.5, max_connections=2)
+  thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                            daemon=True)
+  thread.start()
+  try:
+    yield server, server.url
+  finally:
+    server.shutdown()
+    server.server_close()
+
+
+def _score_body(images, prompts=None):
+  prompts = prompts or ["p"] * len(images)
+  return msgpack.packb({"images": [C.encode_jpeg(im) for im in images], "prompts": prompts},
+                       use_bin_type=True)
+
+
+def test_images_over_the_pixel_limits_are_413_before_decoding(limited, monkeypatch):
+  _, url = limited
+  decoded = []
+  real = srv._decode
+  monkeypatch.setattr(srv, "_decode", lambda img: decoded.append(1) or real(img))
+  status, answer = _post_raw(url, _score_body(_images(1, h=65, w=64)))
+  assert status == 413
+  assert "64x65 = 4160 pixels, over the limit of 4096 per image" in answer["error"]
+  status, answer = _post_raw(url, _score_body(_images(4, h=64, w=64)))
+  assert status == 413 and "16384 pixels, over the limit of 12288 per request" in answer["error"]
+  assert decoded == []  # refused from the headers: nothing was decoded
+  status, answer = _post_raw(url, _score_body(_images(3, h=64, w=64)))
+  assert status == 200 and len(answer["rewards"]) == 3 and len(decoded) == 3
+  with pytest.raises(C.RewardServerError, match=r"HTTP 413\): image 0 is 80x64"):
+    C.RewardClient(url, retries=3, backoff=0.001)(_images(1, h=64, w=80), ["p"])
+
+
+def _silent_connection(url, declared=500 * 2**20):
+  """A connection that declares a body of `declared` bytes and then sends nothing."""
+  host, port = url.split("//")[1].split(":")
+  sock = socket.create_connection((host, int(port)), timeout=5)
+  sock.sendall(f"POST /score HTTP/1.0\r\nContent-Length: {declared}\r\n\r\n".encode())
+  return sock
+
+
+def test_a_silent_client_times_out_with_408_and_frees_its_slot(limited):
+  server, url = limited
+  sock = _silent_connection(url, declared=100)
+  t0 = time.monotonic()
+  answer = sock.recv(4096)
+  sock.close()
+  assert answer.startswith(b"HTTP/1.0 408"), answer[:200]
+  assert 0.4 < time.monotonic() - t0 < 3
+  status, _ = _post_raw(url, _score_body(_images(1, h=8, w=8)))
+  assert status == 200
+
+
+def test_connections_over_the_limit_are_503_then_served_again(limited):
+  server, url = limited
+  held = [_silent_connection(url) for _ in range(2)]  # both slots held
+  time.sleep(0.1)
+  status, answer = _post_raw(url, _score_body(_images(1, h=8, w=8)))
+  assert status == 503 and "2 connections already open" in answer["error"]
+  for sock in held:  # the server answers them 408 after its read timeout
+    assert sock.recv(4096).startswith(b"HTTP/1.0 408")
+    sock.close()
+  deadline = time.monotonic() + 5
+  while time.monotonic() < deadline:  # slots are released as the handler threads end
+    status, answer = _post_raw(url, _score_body(_images(1, h=8, w=8)))
+    if status == 200:
+      break
+    time.sleep(0.05)
+  assert status == 200, answer

@@ -5,7 +5,10 @@ Protocol (msgpack bodies, binary-safe):
   POST /score  {"images": [JPEG bytes, ...], "prompts": [str, ...], "metadata": {...}}
      200 -> {"rewards": [float, ...] (one per image), "info": {name: [...], ...}}
      400 -> {"error": "..."}  malformed request (not retried)
+     408 / 413 -> {"error": "..."}  body not sent in time / over a size or pixel limit (not
+       retried; the message names the limit)
      500 -> {"error": "...", "traceback": "..."}  the scorer raised (retried)
+     503 -> {"error": "..."}  the server has its maximum of connections open (retried)
   GET /health -> 200 {"status": "ok", "scorer": NAME}
 
 As the reference (kvablack/ddpo-pytorch `llava_bertscore`): images are JPEG-encoded at quality
