@@ -260,7 +260,7 @@ def make_policy(config) -> Policy:
   return Policy(params=params, eps_fn=eps_fn, tokenize=tokenize, encode_prompts=encode_prompts,
                 decode=decode, encode_images=encode_images, latent_shape=IMAGE_SHAPE,
                 scheduler_config=scheduler_config(model_config), prompt_fn=prompt_fn,
-                prompt_metadata=prompt_metadata, metadata={"prompts": PROMPTS},
+                prompt_metadata=prompt_metadata,
                 time_embed_dim=unet.config.time_embed_dim)
 
 

@@ -41,13 +41,13 @@ def export_pipeline(workdir: str, out: str, step: int | None = None,
                      "exporting there would replace the run's checkpoints; choose another directory")
   check_output_dir(target, overwrite)  # before the (long) restore, not only when writing
   config, policy, trainable, _ = restore_run(workdir, step)
-  if config.model.kind != "sd" or "pipeline" not in policy.metadata:
+  if config.model.kind != "sd" or policy.pipeline is None:
     raise ValueError(f"{workdir}: model.kind={config.model.kind!r}; only Stable Diffusion runs "
                      "(model.kind='sd') export to a diffusers pipeline")
   frozen = train.frozen_params(policy, config)
   unet = jax.jit(policy.assemble_unet)(trainable, frozen)
   unet = jax.tree.map(lambda x: np.asarray(x, np.float32), unet)
-  pipe = policy.metadata["pipeline"]
+  pipe = policy.pipeline
   out_pipe = dataclasses.replace(pipe, params={"unet": unet, "vae": policy.params["vae"],
                                                "text_encoder": policy.params["text_encoder"]})
   return save_pipeline(out_pipe, out, overwrite=overwrite)

@@ -7,7 +7,7 @@ once. Only `params["unet"]` is trained; every other entry of `params` is frozen.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -30,7 +30,14 @@ class Policy:
     prompt_fn: host function, (np.random.Generator, n) -> n training prompts (list of str).
     prompt_metadata: host function, prompts -> dict of (n,) NumPy arrays that rewards read
       (e.g. the digit class a prompt asks for); the same for drawn and user-given prompts.
-    metadata: anything else a task wants to carry (e.g. the class names of the digits task).
+    rewards: rewards the task itself defines, {name: `rewards.Reward`} (CTRL's log-likelihood
+      and judge accuracies); `rewards.make_rewards` looks names up here first.
+    pipeline: the diffusers-format pipeline a Stable Diffusion policy was loaded from
+      (`models.pipeline.Pipeline`; `export` writes the trained weights back into it); None
+      for other families.
+    ctrl: `ctrl.controls.ControlledModel` when the policy is CTRL's augmented model (or one
+      of its baselines): the controls, their data and classifiers, the base policy; None
+      otherwise. The one place CTRL's additions live: nothing probes dict keys.
     assemble_unet: (trainable, frozen) -> the denoiser params `eps_fn` takes, from the trained
       tree (`params["unet"]`, e.g. LoRA factors) and the frozen dict (`params` without "unet",
       e.g. holding the base UNet). Default: the trainable tree itself. The trainer calls it
@@ -52,7 +59,9 @@ class Policy:
   scheduler_config: dict
   prompt_fn: Callable[[np.random.Generator, int], list[str]]
   prompt_metadata: Callable[[Sequence[str]], dict[str, np.ndarray]]
-  metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+  rewards: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  pipeline: Any = None
+  ctrl: Any = None
   assemble_unet: Callable[[Any, dict], Any] = lambda trainable, frozen: trainable
   time_embed_dim: int = 0
   encode_images: Callable[[dict, jax.Array], jax.Array] | None = None

@@ -40,9 +40,9 @@ def sample_images(config, policy, params, num: int, prompts=None, seed: int = 0,
   config.train.kl_coef = 0.0  # only images are wanted: no KL to the pre-trained model
   label_tuples = None
   if labels:
-    if "controls" not in policy.metadata:
+    if policy.ctrl is None:
       raise ValueError("--labels: the run is not a CTRL run (it has no controls)")
-    label_tuples = [parse_label_spec(l, policy.metadata["controls"]) for l in labels]
+    label_tuples = [parse_label_spec(l, policy.ctrl.controls) for l in labels]
   mesh = parallel.make_mesh()
   frozen = train.frozen_params(policy, config)
   n_dev = len(jax.devices())
@@ -56,7 +56,7 @@ def sample_images(config, policy, params, num: int, prompts=None, seed: int = 0,
       batch_prompts = [prompts[(b * bs + i) % len(prompts)] for i in range(bs)]
     else:
       batch_prompts = policy.prompt_fn(rng, bs)
-    if "controls" in policy.metadata:  # CTRL: contexts "PROMPT||y=LABELS"
+    if policy.ctrl is not None:  # CTRL: contexts "PROMPT||y=LABELS"
       batch_prompts = _ctrl_contexts(batch_prompts, label_tuples, b * bs, policy, rng)
     meta_b = policy.prompt_metadata(batch_prompts)
     ids = jax.device_put(policy.tokenize(batch_prompts), data)
@@ -79,7 +79,7 @@ def _ctrl_contexts(prompts, label_tuples, offset, policy, rng):
     elif own is not None:
       labels = own
     else:
-      labels = [int(rng.integers(0, c.num_classes)) for c in policy.metadata["controls"]]
+      labels = [int(rng.integers(0, c.num_classes)) for c in policy.ctrl.controls]
     out.append(format_context(prompt, labels))
   return out
 

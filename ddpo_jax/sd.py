@@ -182,7 +182,7 @@ def make_policy(config) -> Policy:
   return Policy(params=params, eps_fn=eps_fn, tokenize=tokenize, encode_prompts=encode_prompts,
                 decode=decode, encode_images=encode_images, latent_shape=shape, scheduler_config=dict(pipe.scheduler_config),
                 prompt_fn=prompt_fn, prompt_metadata=prompt_metadata,
-                metadata={"pipeline": pipe, "lora": lora_cfg}, assemble_unet=assemble,
+                pipeline=pipe, assemble_unet=assemble,
                 time_embed_dim=pipe.unet_config.time_embed_dim)
 
 

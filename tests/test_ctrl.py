@@ -69,7 +69,7 @@ def test_augmented_model_equals_pretrained_at_init(digits_cache, tmp_path):
   a = diffusion.sample_trajectory(policy.eps_fn, unet, key, ctx, None, class_labels=labels, **kw)
   b = diffusion.sample_trajectory(base.eps_fn, base.params["unet"], key, ctx, None, **kw)
   np.testing.assert_array_equal(np.asarray(a.final_latents), np.asarray(b.final_latents))
-  loss_fn = trainer.make_backprop_loss(policy, config, policy.metadata["rewards"]["ctrl_log_likelihood"].fn)
+  loss_fn = trainer.make_backprop_loss(policy, config, policy.rewards["ctrl_log_likelihood"].fn)
   ids = jnp.asarray(policy.tokenize([ctrl_controls.format_context("", [0])] * n))
   _, metrics = loss_fn(policy.params["unet"], {**frozen, "reference_unet": policy.params["unet"]},
                        key, ids, labels)

@@ -77,7 +77,7 @@ def gmm_policy(dim=8):
   return Policy(params={"unet": trainable}, eps_fn=eps_fn, tokenize=lambda c: np.zeros((len(c), 1), np.int32),
                 encode_prompts=lambda p, ids: jnp.zeros(ids.shape + (1,)), decode=decode,
                 latent_shape=(1, 1, 2), scheduler_config=SCHEDULER, prompt_fn=None,
-                prompt_metadata=None, metadata={"controls": CONTROLS}, time_embed_dim=dim)
+                prompt_metadata=None, time_embed_dim=dim)
 
 
 def gmm_config(num_steps):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -93,3 +93,27 @@ def check_labels(labels: np.ndarray, controls: Sequence[Control], allow_null: bo
       raise ValueError(f"control {c.name!r} has labels 0..{c.num_classes - 1}"
                        f"{f' (and {c.null_label} = null)' if allow_null else ''}; got "
                        f"{sorted(set(labels[bad, i].tolist()))}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlledModel:
+  """What CTRL adds to the pre-trained policy it wraps (`Policy.ctrl`).
+
+  Attributes:
+    method: "ctrl", "cfg" or "classifier_guidance" (`ctrl.policy.METHODS`).
+    controls: the run's controls, in the order labels are written.
+    datasets: {control name: `ctrl.data.LabelledDataset`}, its offline labelled data.
+    classifiers: {control name: the calibrated classifier p̂ (`ctrl.classifiers`)}.
+    base_policy: the pre-trained model's `Policy`.
+    conditional_eps: (params, x, t, context, labels (N, M) int32) -> eps of the augmented
+      model without any guidance (CTRL and the CFG baseline; None for classifier guidance).
+    noisy_classifier_modules: {control name: the classifier-guidance baseline's noise-
+      conditional classifier module} (None for the other methods).
+  """
+  method: str
+  controls: tuple[Control, ...]
+  datasets: dict[str, Any]
+  classifiers: dict[str, Any]
+  base_policy: Any
+  conditional_eps: Callable[..., Any] | None = None
+  noisy_classifier_modules: dict[str, Any] | None = None

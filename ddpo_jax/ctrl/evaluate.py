@@ -60,11 +60,11 @@ def evaluate_run(workdir: str, num: int, seed: int = 0, step: int | None = None,
   labels = np.asarray([parse_context(c)[1] for c in contexts], np.int32)
   result = {"step": int(step_), "num_samples": int(num), "method": config.ctrl.method,
             "solver": config.ctrl.solver if config.ctrl.method == "ctrl" else "",
-            "num_labelled": {c.name: len(policy.metadata["datasets"][c.name]) for c in controls}}
+            "num_labelled": {c.name: len(policy.ctrl.datasets[c.name]) for c in controls}}
   joint = np.ones(len(images), bool)
   x = images.astype(np.float32) / 255.0
   for i, c in enumerate(controls):
-    clf = policy.metadata["classifiers"][c.name]
+    clf = policy.ctrl.classifiers[c.name]
     pred = np.asarray(jax.device_get(clf.log_probs(x))).argmax(-1)
     result[f"{c.name}_classifier_accuracy"] = float((pred == labels[:, i]).mean())
     judge = make_judge(config.ctrl.conditions[c.name].data, config, workdir)
@@ -77,7 +77,7 @@ def evaluate_run(workdir: str, num: int, seed: int = 0, step: int | None = None,
   per_combo = [mean_pairwise_distance(x[(labels == np.asarray(
       [int(v) for v in s.split(":")])).all(1)]) for s in specs]
   result["diversity"] = float(np.nanmean(per_combo))
-  ds = policy.metadata["datasets"][controls[0].name]
+  ds = policy.ctrl.datasets[controls[0].name]
   result["data_diversity"] = float(np.nanmean([mean_pairwise_distance(ds.images[ds.labels == k])
                                                for k in range(controls[0].num_classes)]))
   with open(os.path.join(workdir, "eval.json"), "w") as f:

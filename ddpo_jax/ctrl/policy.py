@@ -22,6 +22,7 @@ dominates the KL (see the digits results in README.md). `config.ctrl.method` pic
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Sequence
 
@@ -32,8 +33,8 @@ import numpy as np
 from ddpo_jax import diffusion
 from ddpo_jax.ctrl import classifiers, data, judges, sampled_data
 from ddpo_jax.models.weights import host_init
-from ddpo_jax.ctrl.controls import (Control, check_labels, controls_from_config, format_context,
-                                    parse_context)
+from ddpo_jax.ctrl.controls import (Control, ControlledModel, check_labels, controls_from_config,
+                                    format_context, parse_context)
 from ddpo_jax.policy import Policy
 from ddpo_jax.rewards import Reward
 
@@ -163,16 +164,17 @@ def make_policy(config, workdir: str, base: Policy, log=print) -> Policy:
     if judge is not None:
       rewards[f"{c.name}_judge_accuracy"] = judges.judge_accuracy_reward(
           judge, controls.index(c), f"{c.name}_judge_accuracy")
-  metadata = {**base.metadata, "rewards": rewards, "controls": controls, "datasets": datasets,
-              "classifiers": clfs, "base_policy": base, "method": method}
+  extension = ControlledModel(method=method, controls=tuple(controls), datasets=datasets,
+                              classifiers=clfs, base_policy=base)
   common = dict(tokenize=tokenize, encode_prompts=base.encode_prompts, decode=base.decode,
                 encode_images=base.encode_images,
                 latent_shape=base.latent_shape, scheduler_config=base.scheduler_config,
-                prompt_fn=prompt_fn, prompt_metadata=prompt_metadata, metadata=metadata,
+                prompt_fn=prompt_fn, prompt_metadata=prompt_metadata,
+                rewards={**base.rewards, **rewards}, pipeline=base.pipeline,
                 time_embed_dim=base.time_embed_dim)
 
   if method == "classifier_guidance":
-    return _classifier_guidance_policy(config, base, controls, datasets, base_frozen, common)
+    return _classifier_guidance_policy(config, base, controls, base_frozen, common, extension)
 
   train_base = bool(config.ctrl.train_base) or method == "cfg"
   tables = init_control_tables(controls, base.time_embed_dim)
@@ -195,7 +197,6 @@ def make_policy(config, workdir: str, base: Policy, log=print) -> Policy:
       emb = emb * (t >= min_t).astype(emb.dtype)[:, None]
     return base.eps_fn(p["base"], x, t, context, None, emb)
 
-  metadata["conditional_eps"] = conditional_eps  # (p, x, t, context, labels) -> eps; no guidance
   if method == "ctrl":
     def eps_fn(p, x, t, context, class_labels, added_time_emb=None):
       del added_time_emb
@@ -219,10 +220,12 @@ def make_policy(config, workdir: str, base: Policy, log=print) -> Policy:
   # Prompt guidance runs its unconditional half with the null controls (the reference's CFG).
   nulls = np.asarray([c.null_label for c in controls], np.int32)
   return Policy(params={**frozen, "unet": trainable}, eps_fn=eps_fn, assemble_unet=assemble,
-                null_class_labels=nulls, **common)
+                null_class_labels=nulls,
+                ctrl=dataclasses.replace(extension, conditional_eps=conditional_eps), **common)
 
 
-def _classifier_guidance_policy(config, base: Policy, controls, datasets, base_frozen, common):
+def _classifier_guidance_policy(config, base: Policy, controls, base_frozen, common,
+                                extension: ControlledModel):
   """The classifier-guidance baseline: the pre-trained eps corrected by noisy classifiers."""
   sched = diffusion.NoiseSchedule.from_config(base.scheduler_config)
   alphas_cumprod = sched.alphas_cumprod
@@ -255,7 +258,6 @@ def _classifier_guidance_policy(config, base: Policy, controls, datasets, base_f
     sigma = jnp.sqrt(1.0 - alphas_cumprod[t]).reshape((-1,) + (1,) * (x.ndim - 1))
     return eps - w * sigma * grad
 
-  policy = Policy(params={**frozen, "unet": {"classifiers": init}}, eps_fn=eps_fn,
-                  assemble_unet=assemble, **common)
-  policy.metadata["noisy_classifier_modules"] = modules
-  return policy
+  return Policy(params={**frozen, "unet": {"classifiers": init}}, eps_fn=eps_fn,
+                assemble_unet=assemble,
+                ctrl=dataclasses.replace(extension, noisy_classifier_modules=modules), **common)

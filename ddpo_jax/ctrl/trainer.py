@@ -162,11 +162,11 @@ def make_cfg_loss(policy: Policy, config):
   denoising score matching of the augmented model on labelled data; each label is replaced by
   the null label with probability `ctrl.label_dropout`; the prompt is ""."""
   sched = diffusion.NoiseSchedule.from_config(policy.scheduler_config)
-  controls = policy.metadata["controls"]
+  controls = policy.ctrl.controls
   nulls = jnp.asarray([c.null_label for c in controls], jnp.int32)
   uncond_ids = jnp.asarray(policy.tokenize([""]))
   p_drop = float(config.ctrl.label_dropout)
-  conditional_eps = policy.metadata["conditional_eps"]
+  conditional_eps = policy.ctrl.conditional_eps
 
   def loss_fn(trainable, frozen, key, images, labels):
     params = {**frozen, "unet": trainable}
@@ -206,7 +206,7 @@ def make_train_step(loss_fn, optimizer, mesh):
 def _labelled_batches(policy: Policy, rng: np.random.Generator, n: int):
   """n labelled examples for the baselines: from each control's dataset in turn (its label in
   its column, null elsewhere). Returns (images (n,h,w,c) float32, labels (n,M) int32)."""
-  controls, datasets = policy.metadata["controls"], policy.metadata["datasets"]
+  controls, datasets = policy.ctrl.controls, policy.ctrl.datasets
   m = len(controls)
   which = rng.integers(0, m, n)
   images = np.zeros((n,) + datasets[controls[0].name].images.shape[1:], np.float32)
@@ -249,8 +249,8 @@ def _train_noisy_classifiers(policy: Policy, config, log) -> dict:
   on its labelled data, in the diffusion variable's space. Returns {"classifiers": {...}}."""
   sched = diffusion.NoiseSchedule.from_config(policy.scheduler_config)
   out = {}
-  for c in policy.metadata["controls"]:
-    ds = policy.metadata["datasets"][c.name]
+  for c in policy.ctrl.controls:
+    ds = policy.ctrl.datasets[c.name]
     x0 = encode_in_chunks(policy.encode_images, policy.params, ds.images)
     model = classifiers.train_noisy_classifier(
         x0, ds.labels, c.num_classes, sched.alphas_cumprod, seed=int(config.seed),

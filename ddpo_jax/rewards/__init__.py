@@ -88,7 +88,7 @@ def make_rewards(config, policy) -> list[tuple[float, Reward]]:
 
 
 def _build(name: str, config, policy) -> Reward:
-  task_rewards = policy.metadata.get("rewards", {})  # rewards a task defines (e.g. CTRL's)
+  task_rewards = policy.rewards  # rewards a task defines (e.g. CTRL's)
   if name in task_rewards:
     return task_rewards[name]
   if name == "jpeg_compressibility":
