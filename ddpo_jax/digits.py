@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import os
+import time
 from typing import Sequence
 
 import flax.linen as nn
@@ -21,7 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from ddpo_jax import diffusion
+from ddpo_jax import checkpoints, diffusion
 from ddpo_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ddpo_jax.models.weights import host_random_params
 from ddpo_jax.policy import Policy
@@ -209,18 +210,44 @@ def _load_or_make(path: str, abstract, make, what: str, log) -> dict:
   Restores onto this process's first device (not the device that saved it: in a multi-process
   run that device may belong to another process). Orbax writes to a temporary directory and
   renames it on success: an interrupted save leaves no `params` directory, so the next run
-  makes them again instead of loading junk."""
+  makes them again instead of loading junk. The arrays' checksums
+  (`checkpoints.state_checksums`) are written to `path`/checksums.json after them and checked
+  on every load: a damaged cache is moved aside (`path`/params.damaged-TIME, never deleted),
+  said, and made again. A cache from before checksums loads unverified (said)."""
   import orbax.checkpoint as ocp
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
   ckptr = ocp.StandardCheckpointer()
-  if os.path.isdir(os.path.join(path, "params")):
+  params_dir, sums_file = os.path.join(path, "params"), os.path.join(path, "checksums.json")
+  if os.path.isdir(params_dir):
     log(f"loading {what} from {path}")
-    return ckptr.restore(os.path.join(path, "params"), abstract)
+    try:
+      params = ckptr.restore(params_dir, abstract)
+      problem = None
+    except Exception as e:  # noqa: BLE001 (unreadable files are damage)
+      params, problem = None, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+    if problem is None and os.path.isfile(sums_file):
+      with open(sums_file) as f:
+        saved = json.load(f)
+      got = checkpoints.state_checksums(params)
+      bad = sorted(k for k in set(saved) | set(got) if saved.get(k) != got.get(k))
+      if bad:
+        problem = f"{len(bad)} arrays differ from {sums_file}: {', '.join(bad[:3])}"
+    elif problem is None:
+      log(f"{what} in {path} has no checksums.json (made before checksums): loaded unverified")
+    if problem is None:
+      return params
+    aside = f"{params_dir}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(params_dir, aside)
+    log(f"{what} in {path} is damaged ({problem}); moved it to {aside} and making it again")
   params = make()
   os.makedirs(path, exist_ok=True)
-  ckptr.save(os.path.join(path, "params"), jax.device_get(params))  # host arrays: any topology
+  ckptr.save(params_dir, jax.device_get(params))  # host arrays: any topology
   ckptr.wait_until_finished()
+  tmp = f"{sums_file}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(checkpoints.state_checksums(params), f)
+  os.replace(tmp, sums_file)
   return params
 
 

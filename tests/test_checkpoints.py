@@ -263,3 +263,34 @@ def test_config_changes_are_named_and_allowed_only_when_listed(saved_run, tmp_pa
                "config change on resume: num_epochs: 2 -> 9",
                "config change on resume: mesh.data: -1 -> 1"):
     assert line in said, said
+
+
+def test_a_damaged_model_cache_is_made_again(tmp_path):
+  """The pre-trained digits model / reward classifier cache (`digits._load_or_make`): a cache
+  whose arrays no longer match the checksums written beside them is moved aside and made again,
+  not loaded."""
+  from ddpo_jax import digits
+  made, said = [], []
+  rng = np.random.default_rng(0)
+  value = {"w": rng.normal(size=(64, 32)).astype(np.float32), "b": np.arange(7, dtype=np.int32)}
+
+  def make():
+    made.append(1)
+    return jax.tree.map(jnp.asarray, value)
+
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), value)
+  path = str(tmp_path / "cache")
+  first = digits._load_or_make(path, abstract, make, "the test model", said.append)
+  again = digits._load_or_make(path, abstract, make, "the test model", said.append)
+  assert len(made) == 1
+  jax.tree.map(np.testing.assert_array_equal, _host(again), _host(first))
+  sums = json.load(open(os.path.join(path, "checksums.json")))
+  sums["w"][1] += 1  # as a flipped bit in the stored array would look
+  json.dump(sums, open(os.path.join(path, "checksums.json"), "w"))
+  remade = digits._load_or_make(path, abstract, make, "the test model", said.append)
+  assert len(made) == 2
+  jax.tree.map(np.testing.assert_array_equal, _host(remade), value)
+  assert any("is damaged (1 arrays differ from" in m and "making it again" in m for m in said), said
+  assert [e for e in os.listdir(path) if e.startswith("params.damaged-")]
+  digits._load_or_make(path, abstract, make, "the test model", said.append)
+  assert len(made) == 2  # the new cache verifies
