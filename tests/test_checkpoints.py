@@ -44,6 +44,9 @@ def test_checksums_match_numpy_and_change_with_any_bit():
           "key": np.asarray(jax.random.PRNGKey(7))}
   got = checkpoints.state_checksums(jax.tree.map(jnp.asarray, tree))
   assert got == {k: _numpy_checksum(v) for k, v in tree.items()}
+  # the compiled program (large or multi-process states) gives the same numbers
+  compiled = jax.device_get(checkpoints._checksums(jax.tree.map(jnp.asarray, tree)))
+  assert {k: [int(v) for v in c] for k, c in compiled.items()} == got
   # Every single flipped bit changes the checksum; so does swapping two elements.
   x = tree["f32"]
   base = checkpoints.state_checksums({"x": jnp.asarray(x)})["x"]
