@@ -156,6 +156,13 @@ def state_checksums(state: Any) -> dict[str, list[int]]:
           for path, s in jax.tree_util.tree_flatten_with_path(sums)[0]}
 
 
+def checksum_mismatches(expected: dict[str, list[int]], state: Any) -> list[str]:
+  """The array paths (sorted) whose checksums in `state` differ from `expected` (from
+  `state_checksums`), arrays missing on either side included."""
+  got = state_checksums(state)
+  return sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
+
+
 # ----------------------------------------------------------------------------- config changes
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
   out = {}
@@ -214,7 +221,8 @@ def _leaf_signature(tree) -> list[tuple[tuple[int, ...], str]]:
                 for x in jax.tree.leaves(tree))
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
+            meta: dict | None = None) -> tuple[Any, dict]:
   """Restores (state, meta) of `step` into the shapes/shardings of `abstract_state`, verified
   against the checksums saved with it.
 
@@ -223,7 +231,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tupl
     DamagedCheckpointError: its files cannot be read, or arrays differ from their checksums
       (the message names them).
   """
-  meta = read_meta(mngr, step)
+  meta = read_meta(mngr, step) if meta is None else meta  # `meta`: already read by the caller
   try:
     saved = mngr.item_metadata(step)["state"]
   except Exception as e:  # noqa: BLE001
@@ -243,12 +251,11 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tupl
     raise _damaged(step, mngr, "its array data cannot be read", e) from e
   expected = meta.get("checksums")
   if expected is not None:
-    got = state_checksums(state)
-    bad = [k for k in got if expected.get(k) != got[k]]
-    bad += [k for k in expected if k not in got]
+    bad = checksum_mismatches(expected, state)
     if bad:
-      raise _damaged(step, mngr, f"{len(bad)} of {len(got)} arrays differ from the checksums "
-                     f"saved with them: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+      raise _damaged(step, mngr, f"{len(bad)} of {len(expected)} arrays differ from the "
+                     f"checksums saved with them: {', '.join(bad[:5])}"
+                     f"{' ...' if len(bad) > 5 else ''}")
   return state, meta
 
 
@@ -264,9 +271,10 @@ def _try_restore(mngr, step, abstract_state, check_meta=None):
   """(state, meta, None) or (None, None, the DamagedCheckpointError), agreed by all processes."""
   error = None
   try:
+    meta = read_meta(mngr, step)
     if check_meta is not None:
-      check_meta(step, read_meta(mngr, step))
-    state, meta = restore(mngr, step, abstract_state)
+      check_meta(step, meta)
+    state, meta = restore(mngr, step, abstract_state, meta)
   except DamagedCheckpointError as e:
     error, state, meta = e, None, None
   if not _agreed(error is None):

@@ -229,8 +229,7 @@ def _load_or_make(path: str, abstract, make, what: str, log) -> dict:
     if problem is None and os.path.isfile(sums_file):
       with open(sums_file) as f:
         saved = json.load(f)
-      got = checkpoints.state_checksums(params)
-      bad = sorted(k for k in set(saved) | set(got) if saved.get(k) != got.get(k))
+      bad = checkpoints.checksum_mismatches(saved, params)
       if bad:
         problem = f"{len(bad)} arrays differ from {sums_file}: {', '.join(bad[:3])}"
     elif problem is None:

@@ -68,7 +68,7 @@ def restore_run(workdir: str, step: int | None = None, log=print
         template = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                     opt_state=jax.jit(optimizer.init)(params),
                                     rng=jax.random.PRNGKey(0))
-        state, _ = checkpoints.restore(mngr, s, template)
+        state, _ = checkpoints.restore(mngr, s, template, meta)
         return config, policy, state.params, s
       except checkpoints.DamagedCheckpointError as e:
         if step is not None:
