@@ -208,9 +208,12 @@ def test_bit_flips_never_restore_wrong_numbers(saved_run, tmp_path):
       mngr.close()
     _flip(file, offset, bit)  # undo
   print("bit flips:", outcomes)
-  # Some flips land in bytes no array is read from (measured: 7-8 of 12; OCDBT files hold b-tree
-  # nodes and data of superseded writes); the damage test above checks a flip in array data.
-  assert outcomes["detected"] >= 1, outcomes
+  # How many flips land in bytes that no array is read from depends on how the asynchronous
+  # writes were laid out in files (measured: 7 of 12 intact on the dev machine, 12 of 12 in one
+  # CI run), so this test asserts only that no flip restores wrong numbers; that flips in read
+  # bytes are detected is asserted by the damage test above ("bit flips in each data file": 7
+  # offsets in every data file, the step must be set aside).
+  assert sum(outcomes.values()) == 12
 
 
 def test_checksum_mismatch_names_the_arrays(saved_run, tmp_path):
