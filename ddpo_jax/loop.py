@@ -1,12 +1,19 @@
-"""The DDPO training loop: sample, reward, update, record and checkpoint, epoch by epoch.
+"""The training loop every trainer runs, and DDPO's epoch: sample, reward, update.
 
-One epoch = `sample.num_batches_per_epoch` calls of the compiled sampling program
+`training_run` / `TrainingRun.run_epochs` is the one epoch/resume/record/checkpoint loop:
+resume from the newest intact checkpoint (`checkpoints.RunCheckpoints`: the saved-config check,
+damaged steps set aside), one finiteness check of each epoch's metrics and parameters, a
+metrics row (WORKDIR/metrics.jsonl and TensorBoard, `MetricsWriter`, process 0 only) written
+once the saves before it have committed, image grids every `log_image_freq` epochs, a
+checkpoint every `save_freq` epochs; on any error, saves are stopped and metrics.jsonl is cut
+back to the last committed step. DDPO (`train_and_evaluate` below) and CTRL's solvers and
+baselines (`ddpo_jax.ctrl.trainer`) give it their epoch function.
+
+DDPO's epoch = `sample.num_batches_per_epoch` calls of the compiled sampling program
 (`train.make_sample_fn`), host rewards on a thread pool overlapping with sampling, advantages
 from the per-prompt stat tracker, then `train.num_inner_epochs` calls of the compiled update
 program (`train.make_update_fn`). Both programs are compiled ahead of time before the first
-epoch. Checkpoints go through `checkpoints.RunCheckpoints` (resume from the newest intact step,
-the saved-config check, saves that stop the run when they fail); metrics to
-WORKDIR/metrics.jsonl and TensorBoard (`MetricsWriter`), shared with CTRL's trainer.
+epoch.
 
 Multi-host: every process draws the same global prompts, samples and rewards its own rows
 (`parallel.process_rows`) and gathers all rewards, so the stat tracker and advantages are the
@@ -16,9 +23,12 @@ from all processes; process 0 writes metrics, image grids and the log.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import dataclasses
 import json
 import os
 import time
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +159,90 @@ def _abstract(x, sharding=None, batch: int | None = None):
                               getattr(x, "sharding", None))
 
 
+# An epoch function: (epoch, state) -> (state, metrics row, images or None). The row holds
+# numbers the epoch measured (converted to float); images, when given, is a function returning
+# this process's rows of uint8 NHWC samples for the grid (called only for epochs with a grid).
+EpochFn = Callable[[int, TrainState],
+                   tuple[TrainState, dict, "Callable[[], np.ndarray] | None"]]
+
+
+def _describe(row: dict) -> str:
+  return "  ".join(f"{k} {v:.4g}" for k, v in row.items())
+
+
+@dataclasses.dataclass
+class TrainingRun:
+  """A run opened by `training_run`: the restored `state` and checkpoint `meta` (its "epoch" is
+  the first epoch to run), its checkpoints and (process 0) metrics writer."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  ckpts: checkpoints.RunCheckpoints
+  writer: "MetricsWriter | None"
+  state: TrainState
+  meta: dict
+  log: Callable[[str], None]
+
+  @property
+  def start_epoch(self) -> int:
+    return int(self.meta["epoch"])
+
+  def run_epochs(self, num_epochs: int, epoch_fn: EpochFn, describe=_describe,
+                 save_meta: Callable[[], dict] = dict) -> dict:
+    """Runs epochs `start_epoch` … `num_epochs` − 1 of `epoch_fn`; returns the last row.
+
+    After each epoch: one finiteness check (every metric and every parameter; a non-finite one
+    raises FloatingPointError before anything of that epoch is saved), the metrics row once
+    the saves before it have committed, the log line (`describe(row)`), the image grid every
+    `config.log_image_freq` epochs and at the last, and a checkpoint of the state with
+    {"epoch": epoch + 1, **save_meta()} every `config.save_freq` epochs and at the last."""
+    config, last = self.config, {}
+    for epoch in range(self.start_epoch, num_epochs):
+      self.state, row, images = epoch_fn(epoch, self.state)
+      row = {k: float(v) for k, v in row.items()}
+      if not all(np.isfinite(v) for v in row.values()) or not params_finite(self.state.params):
+        raise FloatingPointError(f"epoch {epoch}: non-finite metrics or parameters ({row}); "
+                                 "stopping without saving this epoch")
+      self.ckpts.wait()  # a row is written only once the saves before it have committed
+      if self.writer is not None:
+        self.writer.write(epoch, row)
+      self.log(f"epoch {epoch}: {describe(row)}")
+      last_epoch = epoch + 1 == num_epochs
+      if self.writer is not None and images is not None and config.log_image_freq and (
+          epoch % config.log_image_freq == 0 or last_epoch):
+        self.writer.images(epoch, images(), self.workdir)
+      if (epoch + 1) % config.save_freq == 0 or last_epoch:
+        self.ckpts.save(epoch + 1, self.state, {"epoch": epoch + 1, **save_meta()})
+      last = row
+    return last
+
+
+@contextlib.contextmanager
+def training_run(config: ml_collections.ConfigDict, workdir: str, state: TrainState,
+                 meta: dict, log=print, allow_config_change: tuple[str, ...] = ()
+                 ) -> Iterator[TrainingRun]:
+  """Opens a run in `workdir`: resumes `state` (a template with the run's shardings) and
+  `meta` (the checkpoint metadata of a fresh start; its "epoch" 0) from the newest intact
+  checkpoint, or saves them as step 0. Its saved config must equal `config` except in
+  `checkpoints.CHANGEABLE_ON_RESUME` and the keys (or fnmatch patterns) of
+  `allow_config_change`. On leaving the block, waits for the saves to commit; on an error
+  (a failed save included), stops the saves and cuts metrics.jsonl back to the epochs of the
+  last committed checkpoint (they are retrained on resume). In a multi-process run every
+  process opens it; process 0 writes metrics."""
+  ckpts = checkpoints.RunCheckpoints(workdir, config, allow_config_change, log)
+  writer = None
+  try:
+    state, meta = ckpts.start(state, meta)
+    if parallel.is_main_process():
+      writer = MetricsWriter(workdir, int(meta["epoch"]), log)
+    yield TrainingRun(config, workdir, ckpts, writer, state, meta, log)
+    ckpts.close()
+  except BaseException:
+    committed = ckpts.abort()
+    if writer is not None:
+      writer.keep_epochs_before(0 if committed is None else committed)
+    raise
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=print,
                        allow_config_change: tuple[str, ...] = ()) -> dict:
   """Runs (or resumes) DDPO training in `workdir`; returns the last epoch's metrics.
@@ -172,10 +266,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   validate_config(config, mesh)
   policy = build_policy(config, workdir)
   terms = make_rewards(config, policy)
-  device_terms = [(w, r) for w, r in terms if r.on_device]
-  host_terms = [(w, r) for w, r in terms if not r.on_device]
-  optimizer = make_optimizer(config.train)
-  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  optimizer = make_optimizer(config.train, policy.learning_rates)
+  repl = parallel.replicated(mesh)
   params_sh, frozen_sh, state_sh = model_shardings(policy, config, optimizer, mesh)
 
   if isinstance(params_sh, jax.sharding.Sharding):
@@ -194,14 +286,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
                      rng=parallel.put(jax.random.PRNGKey(config.seed), repl))
   tracker = rl.PerPromptStatTracker(config.per_prompt_stat_tracking.buffer_size,
                                     config.per_prompt_stat_tracking.min_count)
+  with training_run(config, workdir, state, {"epoch": 0, "stat_tracker": tracker.state_dict()},
+                    log, allow_config_change) as run:
+    tracker.load_state_dict(run.meta["stat_tracker"])
+    log(f"training on {parallel.describe_mesh(mesh)}{fsdp_note}")
+    epoch_fn = _ddpo_epoch_fn(config, policy, terms, frozen, optimizer, mesh, tracker,
+                              run.state, run.start_epoch, log)
+    try:
+      last = run.run_epochs(
+          config.num_epochs, epoch_fn, describe=_describe_ddpo,
+          save_meta=lambda: {"stat_tracker": tracker.state_dict()})
+    finally:
+      epoch_fn.pool.shutdown(wait=False)
+  return last
 
-  ckpts = checkpoints.RunCheckpoints(workdir, config, allow_config_change, log)
-  state, meta = ckpts.start(state, {"epoch": 0, "stat_tracker": tracker.state_dict()})
-  tracker.load_state_dict(meta["stat_tracker"])
-  start_epoch = int(meta["epoch"])
-  writer = MetricsWriter(workdir, start_epoch, log) if main_process else None
-  log(f"training on {parallel.describe_mesh(mesh)}{fsdp_note}")
 
+def _describe_ddpo(row: dict) -> str:
+  return (f"reward {row['reward_mean']:.4f} ± {row['reward_stderr']:.4f}  loss {row['loss']:.4g}"
+          f"  approx_kl {row['approx_kl']:.3g}  clipfrac {row['clipfrac']:.3f}"
+          f"  {row['samples_per_s']:.1f} samples/s")
+
+
+def _ddpo_epoch_fn(config, policy, terms, frozen, optimizer, mesh, tracker, state, start_epoch,
+                   log):
+  """Compiles DDPO's sampling and update programs ahead of time (shapes from `state` and the
+  first batch's host data) and returns the epoch function (`EpochFn`); its `pool` (the host
+  rewards' threads) is the caller's to shut down."""
+  main_process = parallel.is_main_process()
+  device_terms = [(w, r) for w, r in terms if r.on_device]
+  host_terms = [(w, r) for w, r in terms if not r.on_device]
+  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
   B, nb = config.sample.batch_size, config.sample.num_batches_per_epoch
   rows = parallel.process_rows(mesh, B)  # this process's rows of every sampled batch
   rows_epoch = parallel.process_rows(mesh, B * nb)  # ... and of the epoch's concatenation
@@ -219,7 +333,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
       key = jax.random.fold_in(key, f)
     return parallel.put(np.asarray(key), repl)
 
-  # Ahead-of-time compilation of both programs (shapes from the first batch's host data).
   _, local0, meta0 = local_batch(start_epoch, 0)
   ids0 = policy.tokenize(local0)
   key_abs = _abstract(rng_host, repl)
@@ -238,96 +351,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
       f"{t_compile_update:.1f} s")
   concat = jax.jit(lambda trajs: jax.tree.map(lambda *xs: jnp.concatenate(xs), *trajs),
                    out_shardings=data)
-
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
-  last = {}
-  try:
-    for epoch in range(start_epoch, config.num_epochs):
-      t0 = time.time()
-      trajs, futures, all_prompts, dev_rewards = [], [], [], []
-      grid_images = None  # the first batch's images, for the sample grid
-      for b in tqdm.trange(nb, desc=f"epoch {epoch} sampling", leave=False,
-                           disable=not (config.progress and main_process)):
-        prompts, local, meta = local_batch(epoch, b)
-        ids = parallel.to_global(policy.tokenize(local), mesh)
-        meta_dev = parallel.to_global(meta, mesh)
-        traj, images, rewards = sample_fn(state.params, frozen, put_key(epoch, b), ids, meta_dev)
-        # Host rewards of this process's rows run on the pool while the device samples on.
-        futures.append({r.name: pool.submit(_host_reward, r, images, local, meta)
-                        for _, r in host_terms})
-        trajs.append(traj)
-        all_prompts.extend(prompts)
-        dev_rewards.append(rewards)
-        if grid_images is None:
-          grid_images = images
-      traj = concat(trajs)
-      # The sampling program runs asynchronously: its time ends when its results are ready.
-      jax.block_until_ready((traj, dev_rewards))
-      t_sampled = time.time()
 
-      total = np.zeros(B * nb, np.float32)
-      epoch_metrics = {}
-      for w, r in terms:  # every process gathers every reward, in the same order
-        if r.on_device:
-          parts = [parallel.to_host(d[r.name]) for d in dev_rewards]
-        else:
-          parts = [parallel.gather_rows(fs[r.name].result()) for fs in futures]
-        values = np.concatenate([p[0] for p in parts]).astype(np.float32)
-        if not np.all(np.isfinite(values)):
-          raise FloatingPointError(f"epoch {epoch}: reward {r.name!r} returned NaN/inf; "
-                                   "stopping without saving this epoch")
-        total += w * values
-        epoch_metrics[f"{r.name}_mean"] = values.mean()
-        for k in parts[0][1]:
-          epoch_metrics[f"{r.name}_{k}_mean"] = np.concatenate([np.asarray(p[1][k]).reshape(-1) for p in parts]).mean()
+  def epoch_fn(epoch, state):
+    t0 = time.time()
+    trajs, futures, all_prompts, dev_rewards = [], [], [], []
+    grid_images = None  # the first batch's images, for the sample grid
+    for b in tqdm.trange(nb, desc=f"epoch {epoch} sampling", leave=False,
+                         disable=not (config.progress and main_process)):
+      prompts, local, meta = local_batch(epoch, b)
+      ids = parallel.to_global(policy.tokenize(local), mesh)
+      meta_dev = parallel.to_global(meta, mesh)
+      traj, images, rewards = sample_fn(state.params, frozen, put_key(epoch, b), ids, meta_dev)
+      # Host rewards of this process's rows run on the pool while the device samples on.
+      futures.append({r.name: pool.submit(_host_reward, r, images, local, meta)
+                      for _, r in host_terms})
+      trajs.append(traj)
+      all_prompts.extend(prompts)
+      dev_rewards.append(rewards)
+      if grid_images is None:
+        grid_images = images
+    traj = concat(trajs)
+    # The sampling program runs asynchronously: its time ends when its results are ready.
+    jax.block_until_ready((traj, dev_rewards))
+    t_sampled = time.time()
 
-      if config.per_prompt_stat_tracking.enabled:
-        advantages, scales = tracker.update(all_prompts, total, return_scale=True)
+    total = np.zeros(B * nb, np.float32)
+    epoch_metrics = {}
+    for w, r in terms:  # every process gathers every reward, in the same order
+      if r.on_device:
+        parts = [parallel.to_host(d[r.name]) for d in dev_rewards]
       else:
-        advantages, scales = rl.normalize_advantages(total, return_scale=True)
-      adv_dev, scale_dev = (parallel.to_global(a.astype(np.float32)[rows_epoch], mesh)
-                            for a in (advantages, scales))
-      rew_dev = parallel.to_global(total[rows_epoch], mesh)
-
-      t_rewarded = time.time()  # host rewards (overlapping sampling until then), advantages
-      for inner in range(config.train.num_inner_epochs):
-        state, metrics = update_fn(state, frozen, traj, adv_dev, scale_dev, rew_dev,
-                                   put_key(epoch, 10_000, inner))
-      metrics = parallel.to_host(metrics)
-      params_ok = params_finite(state.params)
-      t_updated = time.time()
-      if not all(np.isfinite(v) for v in metrics.values()) or not params_ok:
-        raise FloatingPointError(f"epoch {epoch}: non-finite loss or parameters ({metrics}); "
+        parts = [parallel.gather_rows(fs[r.name].result()) for fs in futures]
+      values = np.concatenate([p[0] for p in parts]).astype(np.float32)
+      if not np.all(np.isfinite(values)):
+        raise FloatingPointError(f"epoch {epoch}: reward {r.name!r} returned NaN/inf; "
                                  "stopping without saving this epoch")
-      n = B * nb
-      last = {"reward_mean": total.mean(), "reward_std": total.std(),
-              "reward_stderr": total.std() / np.sqrt(n), **epoch_metrics,
-              **{k: v for k, v in metrics.items()},
-              # Phase wall times (s); they add up to epoch_time_s (checkpointing and image
-              # grids come after it).
-              "samples_per_s": n / (t_updated - t0), "epoch_time_s": t_updated - t0,
-              "sample_time_s": t_sampled - t0, "reward_time_s": t_rewarded - t_sampled,
-              "train_time_s": t_updated - t_rewarded,
-              "optimizer_step": int(parallel.to_host(state.step))}
-      for k in ("approx_kl", "clipfrac"):
-        last.setdefault(k, 0.0)
-      ckpts.wait()  # a row is written only once the saves before it have committed
-      if main_process:
-        writer.write(epoch, last)
-      log(f"epoch {epoch}: reward {last['reward_mean']:.4f} ± {last['reward_stderr']:.4f}  "
-          f"loss {last['loss']:.4g}  approx_kl {last['approx_kl']:.3g}  clipfrac {last['clipfrac']:.3f}"
-          f"  {last['samples_per_s']:.1f} samples/s")
-      if main_process and config.log_image_freq and (
-          epoch % config.log_image_freq == 0 or epoch + 1 == config.num_epochs):
-        writer.images(epoch, to_uint8(parallel.local_rows(grid_images)), workdir)
-      if (epoch + 1) % config.save_freq == 0 or epoch + 1 == config.num_epochs:
-        ckpts.save(epoch + 1, state, {"epoch": epoch + 1, "stat_tracker": tracker.state_dict()})
-    ckpts.close()
-  except BaseException:
-    committed = ckpts.abort()
-    if writer is not None:  # epochs after the last committed step are retrained on resume
-      writer.keep_epochs_before(0 if committed is None else committed)
-    raise
-  finally:
-    pool.shutdown(wait=False)
-  return {k: float(v) for k, v in last.items()}
+      total += w * values
+      epoch_metrics[f"{r.name}_mean"] = values.mean()
+      for k in parts[0][1]:
+        epoch_metrics[f"{r.name}_{k}_mean"] = np.concatenate(
+            [np.asarray(p[1][k]).reshape(-1) for p in parts]).mean()
+
+    if config.per_prompt_stat_tracking.enabled:
+      advantages, scales = tracker.update(all_prompts, total, return_scale=True)
+    else:
+      advantages, scales = rl.normalize_advantages(total, return_scale=True)
+    adv_dev, scale_dev = (parallel.to_global(a.astype(np.float32)[rows_epoch], mesh)
+                          for a in (advantages, scales))
+    rew_dev = parallel.to_global(total[rows_epoch], mesh)
+
+    t_rewarded = time.time()  # host rewards (overlapping sampling until then), advantages
+    for inner in range(config.train.num_inner_epochs):
+      state, metrics = update_fn(state, frozen, traj, adv_dev, scale_dev, rew_dev,
+                                 put_key(epoch, 10_000, inner))
+    metrics = parallel.to_host(metrics)
+    t_updated = time.time()
+    n = B * nb
+    row = {"reward_mean": total.mean(), "reward_std": total.std(),
+           "reward_stderr": total.std() / np.sqrt(n), **epoch_metrics, **metrics,
+           # Phase wall times (s); they add up to epoch_time_s (the finiteness check,
+           # checkpointing and image grids come after it).
+           "samples_per_s": n / (t_updated - t0), "epoch_time_s": t_updated - t0,
+           "sample_time_s": t_sampled - t0, "reward_time_s": t_rewarded - t_sampled,
+           "train_time_s": t_updated - t_rewarded,
+           "optimizer_step": int(parallel.to_host(state.step))}
+    for k in ("approx_kl", "clipfrac"):
+      row.setdefault(k, 0.0)
+    return state, row, lambda: to_uint8(parallel.local_rows(grid_images))
+
+  epoch_fn.pool = pool
+  return epoch_fn

@@ -49,6 +49,11 @@ class Policy:
     null_class_labels: (M,) int32 labels for the unconditional half of prompt guidance
       (`diffusion.guided_eps`): CTRL's null labels, so that guidance gives
       eps(∅, null) + w (eps(c, y) − eps(∅, null)); None: the same labels in both halves.
+    class_label_key: the `prompt_metadata` entry the sampler passes to `eps_fn` as
+      `class_labels` ((N,) or (N, M) int32; CTRL's "control_label"); None: no labels.
+    learning_rates: {top-level key of `params["unet"]`: learning rate} for subtrees trained at
+      their own rate (CTRL's control tables, `train.control_learning_rate`); every other
+      subtree is trained at `train.learning_rate` (`train.make_optimizer`).
   """
   params: dict
   eps_fn: Callable[..., jax.Array]
@@ -66,6 +71,8 @@ class Policy:
   time_embed_dim: int = 0
   encode_images: Callable[[dict, jax.Array], jax.Array] | None = None
   null_class_labels: np.ndarray | None = None
+  class_label_key: str | None = None
+  learning_rates: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     # The denoiser as one jitted function: every call with the same input types inside a

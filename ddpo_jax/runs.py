@@ -64,7 +64,7 @@ def restore_run(workdir: str, step: int | None = None, log=print
         config = ml_collections.ConfigDict(json.loads(meta["config"]))
         policy = build_policy(config, workdir)
         params = policy.params["unet"]
-        optimizer = train.make_optimizer(config.train)
+        optimizer = train.make_optimizer(config.train, policy.learning_rates)
         template = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                     opt_state=jax.jit(optimizer.init)(params),
                                     rng=jax.random.PRNGKey(0))

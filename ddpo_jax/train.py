@@ -41,8 +41,6 @@ def validate_shared_config(config: ml_collections.ConfigDict) -> None:
   optimizer, the sampler's guidance, checkpoint retention): DDPO's and CTRL's `validate_config`."""
   t = config.train
   checks = [("train.learning_rate", t.learning_rate, ">= 0", t.learning_rate >= 0),
-            ("train.control_learning_rate", t.get("control_learning_rate", 0.0), ">= 0",
-             t.get("control_learning_rate", 0.0) >= 0),
             ("train.max_grad_norm", t.max_grad_norm, "> 0 (the global-norm clip)",
              t.max_grad_norm > 0),
             ("train.adam_epsilon", t.adam_epsilon, "> 0", t.adam_epsilon > 0),
@@ -103,26 +101,28 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     raise ValueError("sample.num_steps * train.timestep_fraction must be at least 1")
 
 
-def make_optimizer(train_config) -> optax.GradientTransformation:
+def make_optimizer(train_config, learning_rates=None) -> optax.GradientTransformation:
   """Global-norm clip, then AdamW.
 
-  With `train.control_learning_rate` > 0 (CTRL runs), the params' top-level "control" subtree
-  (the control-embedding tables) is trained at that rate and every other subtree at
-  `train.learning_rate`; otherwise one rate for all.
+  `learning_rates` ({top-level key of the params: rate}, `Policy.learning_rates`) trains those
+  subtrees at their own rate and every other subtree at `train.learning_rate`; empty or None:
+  one rate for all.
   """
   def adamw(lr):
     return optax.adamw(lr, b1=train_config.adam_beta1, b2=train_config.adam_beta2,
                        eps=train_config.adam_epsilon, weight_decay=train_config.adam_weight_decay,
                        mu_dtype=train_config.get("adam_mu_dtype") or None)
 
-  control_lr = train_config.get("control_learning_rate", 0.0)
-  if not control_lr:
+  rates = dict(learning_rates or {})
+  if not rates:
     inner = adamw(train_config.learning_rate)
   else:
+    if "rest" in rates:
+      raise ValueError("learning_rates: 'rest' names the subtrees at train.learning_rate")
     def labels(params):
-      return {k: jax.tree.map(lambda _, k=k: "control" if k == "control" else "rest", v)
+      return {k: jax.tree.map(lambda _, k=k: k if k in rates else "rest", v)
               for k, v in params.items()}
-    inner = optax.multi_transform({"control": adamw(control_lr),
+    inner = optax.multi_transform({**{k: adamw(lr) for k, lr in rates.items()},
                                    "rest": adamw(train_config.learning_rate)}, labels)
   return optax.chain(optax.clip_by_global_norm(train_config.max_grad_norm), inner)
 
@@ -156,7 +156,7 @@ def make_sample_fn(policy: Policy, config, device_rewards: list[tuple[float, Rew
         alphas_cumprod=sched.alphas_cumprod,
         timesteps=timesteps, prev_timesteps=prev, latent_shape=policy.latent_shape,
         eta=config.sample.eta, guidance_scale=guidance,
-        class_labels=metadata.get("control_label"),
+        class_labels=metadata[policy.class_label_key] if policy.class_label_key else None,
         uncond_class_labels=policy.null_class_labels,
         final_alpha_cumprod=sched.final_alpha_cumprod,
         reference_params=(policy.assemble_unet(frozen["reference_unet"], frozen)

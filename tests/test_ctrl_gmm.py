@@ -77,7 +77,7 @@ def gmm_policy(dim=8):
   return Policy(params={"unet": trainable}, eps_fn=eps_fn, tokenize=lambda c: np.zeros((len(c), 1), np.int32),
                 encode_prompts=lambda p, ids: jnp.zeros(ids.shape + (1,)), decode=decode,
                 latent_shape=(1, 1, 2), scheduler_config=SCHEDULER, prompt_fn=None,
-                prompt_metadata=None, time_embed_dim=dim)
+                prompt_metadata=None, time_embed_dim=dim, class_label_key="control_label")
 
 
 def gmm_config(num_steps):
@@ -136,7 +136,7 @@ def test_alpha_one_matches_reweighted_pretrained_sampler(num_steps):
   config.train.control_learning_rate = 3e-2
   config.train.learning_rate = 3e-3
   config.train.max_grad_norm = 5.0
-  opt = train.make_optimizer(config.train)
+  opt = train.make_optimizer(config.train, {"control": config.train.control_learning_rate})
   frozen = {"reference_unet": p0}
   B = 256
 

@@ -124,6 +124,13 @@ def log_likelihood_reward(controls: Sequence[Control], clfs: dict) -> Reward:
   return Reward("ctrl_log_likelihood", fn, on_device=True)
 
 
+def control_learning_rates(config) -> dict[str, float]:
+  """`Policy.learning_rates` of a CTRL policy: the control tables ("control") at
+  `train.control_learning_rate` when it is > 0 (else everything at `train.learning_rate`)."""
+  rate = float(config.train.get("control_learning_rate", 0.0))
+  return {"control": rate} if rate else {}
+
+
 def make_policy(config, workdir: str, base: Policy, log=print) -> Policy:
   """The CTRL (or baseline) policy of `config` on the pre-trained model `base` (the policy of
   its model family; see the module docstring)."""
@@ -171,7 +178,8 @@ def make_policy(config, workdir: str, base: Policy, log=print) -> Policy:
                 latent_shape=base.latent_shape, scheduler_config=base.scheduler_config,
                 prompt_fn=prompt_fn, prompt_metadata=prompt_metadata,
                 rewards={**base.rewards, **rewards}, pipeline=base.pipeline,
-                time_embed_dim=base.time_embed_dim)
+                time_embed_dim=base.time_embed_dim, class_label_key="control_label",
+                learning_rates=control_learning_rates(config))
 
   if method == "classifier_guidance":
     return _classifier_guidance_policy(config, base, controls, base_frozen, common, extension)

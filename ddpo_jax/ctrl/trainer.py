@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpo_jax import checkpoints, diffusion, loop, parallel, train
+from ddpo_jax import diffusion, loop, parallel, train
 from ddpo_jax.ctrl import classifiers, config_defaults, evaluate
 from ddpo_jax.ctrl import policy as ctrl_policy
 from ddpo_jax.families import build_policy
@@ -62,6 +62,9 @@ def validate_config(config, mesh) -> None:
     raise ValueError(f"ctrl.truncation={c.truncation!r}; choose one of {TRUNCATIONS}")
   if c.kl_reduction not in ("sum", "mean"):
     raise ValueError(f"ctrl.kl_reduction={c.kl_reduction!r}; use 'sum' or 'mean'")
+  if not config.train.control_learning_rate >= 0:
+    raise ValueError(f"train.control_learning_rate={config.train.control_learning_rate} must be "
+                     ">= 0 (0: the control tables at train.learning_rate)")
   if int(c.get("control_min_timestep", 0)) < 0:
     raise ValueError(f"ctrl.control_min_timestep={c.control_min_timestep} must be >= 0 "
                      "(0: the control acts at every step)")
@@ -292,13 +295,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
 
 def _train_loop(config, workdir: str, mesh, log, allow_config_change) -> dict:
   c = config.ctrl
+  if not parallel.is_main_process():
+    log = lambda *a, **k: None  # noqa: E731
   policy = build_policy(config, workdir)
   repl = parallel.replicated(mesh)
   frozen_host = train.frozen_params(policy, config)
   if c.method == "ctrl" and float(c.kl_weight) > 0:  # the backprop solver's KL (ctrl.kl_weight)
     frozen_host["reference_unet"] = policy.params["unet"]
   frozen = jax.device_put(frozen_host, repl)
-  optimizer = train.make_optimizer(config.train)
+  optimizer = train.make_optimizer(config.train, policy.learning_rates)
   # A copy placed from the host (the state is donated; the policy's params must survive), with
   # no program compiled per leaf.
   unet0 = parallel.put(jax.tree.map(np.asarray, policy.params["unet"]), repl)
@@ -306,38 +311,25 @@ def _train_loop(config, workdir: str, mesh, log, allow_config_change) -> dict:
                            opt_state=jax.jit(optimizer.init, out_shardings=repl)(unet0),
                            rng=jax.random.PRNGKey(config.seed))
   state = jax.device_put(state, repl)
-  ckpts = checkpoints.RunCheckpoints(workdir, config, allow_config_change, log)
-  state, meta = ckpts.start(state, {"epoch": 0})
-  start_epoch = int(meta["epoch"])
-  num_epochs = 1 if c.method == "classifier_guidance" else int(config.num_epochs)
-  log(f"training on {parallel.describe_mesh(mesh)}")
-  writer = loop.MetricsWriter(workdir, start_epoch, log)
-  try:
-    last = _train_epochs(config, policy, state, frozen, optimizer, mesh, ckpts, writer,
-                         start_epoch, num_epochs, log)
-    ckpts.close()
-  except BaseException:
-    committed = ckpts.abort()  # epochs after the last committed step are retrained on resume
-    writer.keep_epochs_before(0 if committed is None else committed)
-    raise
-  return last
+  with loop.training_run(config, workdir, state, {"epoch": 0}, log, allow_config_change) as run:
+    log(f"training on {parallel.describe_mesh(mesh)}")
+    if c.method == "classifier_guidance":  # one "epoch": the noisy classifiers
+      def epoch_fn(epoch, state):
+        t0 = time.time()
+        params = jax.device_put(_train_noisy_classifiers(policy, config, log), repl)
+        return (state.replace(params=params, step=state.step + 1),
+                {"train_time_s": time.time() - t0}, None)
+      return run.run_epochs(1, epoch_fn)
+    return run.run_epochs(int(config.num_epochs), _solver_epoch_fn(config, policy, frozen,
+                                                                   optimizer, mesh))
 
 
-def _train_epochs(config, policy, state, frozen, optimizer, mesh, ckpts, writer, start_epoch,
-                  num_epochs, log) -> dict:
+def _solver_epoch_fn(config, policy, frozen, optimizer, mesh):
+  """The epoch function (`loop.EpochFn`) of the backprop solver (ctrl.method="ctrl") or the CFG
+  baseline (ctrl.method="cfg"): `ctrl.steps_per_epoch` optimizer steps, each accumulated over
+  `ctrl.gradient_accumulation_steps` batches of `ctrl.batch_size`; the row holds the steps'
+  mean metrics."""
   c = config.ctrl
-  repl = parallel.replicated(mesh)
-  last = {}
-  if c.method == "classifier_guidance":
-    if start_epoch < 1:
-      t0 = time.time()
-      params = jax.device_put(_train_noisy_classifiers(policy, config, log), repl)
-      state = state.replace(params=params, step=state.step + 1)
-      last = {"train_time_s": time.time() - t0}
-      writer.write(0, last)
-      ckpts.save(1, state, {"epoch": 1})
-    return last
-
   accum, B = int(c.gradient_accumulation_steps), int(c.batch_size)
   data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
   if c.method == "ctrl":
@@ -356,7 +348,7 @@ def _train_epochs(config, policy, state, frozen, optimizer, mesh, ckpts, writer,
     images, labels = _labelled_batches(policy, rng, accum * B)
     return images.reshape((accum, B) + images.shape[1:]), labels.reshape(accum, B, -1)
 
-  for epoch in range(start_epoch, num_epochs):
+  def epoch_fn(epoch, state):
     t0 = time.time()
     epoch_key = jax.random.fold_in(state.rng, epoch)
     sums = None
@@ -365,14 +357,8 @@ def _train_epochs(config, policy, state, frozen, optimizer, mesh, ckpts, writer,
       keys = jax.random.split(jax.random.fold_in(epoch_key, s), accum)
       state, metrics = step_fn(state, frozen, batch, keys)
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-    metrics = {k: float(v) / int(c.steps_per_epoch) for k, v in jax.device_get(sums).items()}
-    if not all(np.isfinite(v) for v in metrics.values()) or not train.params_finite(state.params):
-      raise FloatingPointError(f"epoch {epoch}: non-finite loss or parameters ({metrics}); "
-                               "stopping without saving this epoch")
-    last = {**metrics, "epoch_time_s": time.time() - t0, "optimizer_step": int(state.step)}
-    ckpts.wait()  # a row is written only once the saves before it have committed
-    writer.write(epoch, last)
-    log(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4g}" for k, v in last.items()))
-    if (epoch + 1) % config.save_freq == 0 or epoch + 1 == num_epochs:
-      ckpts.save(epoch + 1, state, {"epoch": epoch + 1})
-  return last
+    row = {k: float(v) / int(c.steps_per_epoch) for k, v in jax.device_get(sums).items()}
+    return state, {**row, "epoch_time_s": time.time() - t0,
+                   "optimizer_step": int(state.step)}, None
+
+  return epoch_fn
