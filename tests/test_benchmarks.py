@@ -2,7 +2,7 @@
 has the SD-2 layout, and --rows=all passes the flags on to one process per row and tabulates them
 (the rows' processes faked: no TRL, no compilation); ctrl_classifiers.py runs on one small case;
 ctrl_digits.py's replicates move every seed and its replicate table gives means and sample
-standard deviations.
+standard deviations; algorithms_digits.py tabulates and plots runs' metrics rows.
 
 The TRL benchmark itself needs the `bench` extra (TRL) and minutes of CPU; CI installs only
 `.[test]`.
@@ -199,3 +199,35 @@ def test_rows_all_runs_each_row_and_prints_the_table(monkeypatch, tmp_path, caps
   saved = vs_trl.json.load(open(out))
   assert [r["label"] for r in saved["rows"]] == list(times) and saved["min_ratio"] == 0.5
   assert saved["rows"][3]["results"]["settings"]["style"] == "sd2"
+
+
+def test_algorithm_comparison_tabulates_and_plots(tmp_path):
+  """algorithms_digits.py's table (mean ± sample sd over seeds, judge in %) and plot from
+  metrics rows written as ddpo_jax.main writes them (no training: the runs' rows are made)."""
+  bench = _module("algorithms_digits")
+  root = str(tmp_path)
+  for name, base in (("DDPO-IS", 0.5), ("RWR", 0.1)):
+    for seed, shift in ((0, 0.0), (1, 0.2)):
+      workdir = os.path.join(root, f"{name}_s{seed}")
+      os.makedirs(workdir)
+      with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        for epoch in range(4):
+          f.write(bench.json.dumps({"epoch": epoch, "reward_mean": -4.0 + epoch + shift,
+                                    bench.JUDGE: base + 0.1 * epoch + shift}) + "\n")
+  results = {name: [bench.run_one(root, name, seed, 4) for seed in (0, 1)]
+             for name in ("DDPO-IS", "RWR")}
+  table = bench.table(results)
+  # DDPO-IS, last epoch: rewards -1.0 and -0.8 -> mean -0.900, sd 0.1414; judge 80% and 100%
+  assert "| DDPO-IS | 2 | -3.900 ± 0.141 | -0.900 ± 0.141 | -1.900 ± 0.141 | 60.0 ± 14.1 | " \
+         "90.0 ± 14.1 | 80.0 ± 14.1 |" in table, table
+  assert "| RWR | 2 |" in table
+  bench.plot(results, os.path.join(root, "curves.png"))
+  assert os.path.getsize(os.path.join(root, "curves.png")) > 1000
+  # a run whose rows skip an epoch (here epoch 1) is an error, not a shorter curve
+  path = os.path.join(root, "RWR_s0", "metrics.jsonl")
+  with open(path) as f:
+    rows = f.readlines()
+  with open(path, "w") as f:
+    f.writelines(rows[:1] + rows[2:])
+  with pytest.raises(RuntimeError, match=r"does not hold epochs 0\.\.2"):
+    bench.run_one(root, "RWR", 0, 3)

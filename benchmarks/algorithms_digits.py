@@ -1,0 +1,134 @@
+r"""The DDPO paper's central comparison (Black et al. 2023, Fig. 4) on the built-in digits task:
+DDPO-IS (PPO-clipped importance sampling), DDPO-SF (score function), RWR and RWR-sparse at the
+same number of samples, several seeds each. Produces the table and plot in README.md.
+
+  python benchmarks/algorithms_digits.py --root=/tmp/algorithms_digits --epochs=30 --seeds=0,1,2
+
+Each run is `python -m ddpo_jax.main --config=configs/default.py --workdir=ROOT/ALGO_sSEED
+--config.train.algorithm=ALGO --config.seed=SEED --config.num_epochs=EPOCHS` (256 samples per
+epoch for every algorithm; the pre-trained digits model is the same for all runs, its seed is
+`model.pretrain.seed`). DDPO-SF takes one optimizer step per data collection
+(docs/algorithms.md §3.3), so its run accumulates the epoch's 8 minibatches into one step
+(`train.gradient_accumulation_steps=8`); the others take the default's 8 steps per epoch.
+Finished runs (metrics.jsonl with EPOCHS rows) are not repeated.
+
+Writes ROOT/results.md (per algorithm: mean ± sample standard deviation over the seeds of the
+reward and the held-out-judge accuracy, at the first epoch, the last epoch and over the last 3
+epochs) and ROOT/curves.png (per-epoch means, a band of ± one standard deviation), and prints
+the table.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALGORITHMS = {  # name in the table -> ddpo_jax.main flags
+    "DDPO-IS": ["--config.train.algorithm=ppo"],
+    "DDPO-SF": ["--config.train.algorithm=sf", "--config.train.gradient_accumulation_steps=8"],
+    "RWR": ["--config.train.algorithm=rwr"],
+    "RWR-sparse": ["--config.train.algorithm=rwr_sparse"],
+}
+JUDGE = "digits_heldout_accuracy_mean"
+
+
+def _rows(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def run_one(root: str, name: str, seed: int, epochs: int) -> list[dict]:
+  """Runs (or reads back) one algorithm and seed; returns its metrics rows, one per epoch."""
+  workdir = os.path.join(root, f"{name}_s{seed}")
+  if len(_rows(workdir)) < epochs:
+    cmd = [sys.executable, "-m", "ddpo_jax.main", f"--config={REPO}/configs/default.py",
+           f"--workdir={workdir}", f"--config.seed={seed}", f"--config.num_epochs={epochs}",
+           "--config.progress=False", "--config.log_image_freq=0", *ALGORITHMS[name]]
+    print("running:", " ".join(cmd[1:]), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, cwd=REPO, check=True)
+    with open(os.path.join(workdir, "wall_time_s.txt"), "w") as f:
+      f.write(f"{time.time() - t0:.1f}\n")
+  rows = _rows(workdir)[:epochs]
+  if [r["epoch"] for r in rows] != list(range(epochs)):
+    raise RuntimeError(f"{workdir}/metrics.jsonl does not hold epochs 0..{epochs - 1}")
+  return rows
+
+
+def _mean_sd(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+  m = statistics.mean(values) * scale
+  sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+  return f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def table(results: dict[str, list[list[dict]]]) -> str:
+  """Markdown table: per algorithm, mean ± sd over seeds (judge accuracy in %)."""
+  lines = ["| algorithm | seeds | reward, epoch 0 | reward, last epoch | reward, last 3 epochs | "
+           "judge %, epoch 0 | judge %, last epoch | judge %, last 3 epochs |",
+           "|---|---|---|---|---|---|---|---|"]
+  for name, runs in results.items():
+    cells = []
+    for key, scale in (("reward_mean", 1.0), (JUDGE, 100.0)):
+      first = [r[0][key] for r in runs]
+      last = [r[-1][key] for r in runs]
+      last3 = [statistics.mean(x[key] for x in r[-3:]) for r in runs]
+      digits = 3 if scale == 1.0 else 1
+      cells += [_mean_sd(v, scale, digits) for v in (first, last, last3)]
+    lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot(results: dict[str, list[list[dict]]], path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  for name, runs in results.items():
+    for ax, key, scale in ((axes[0], "reward_mean", 1.0), (axes[1], JUDGE, 100.0)):
+      values = np.asarray([[row[key] for row in run] for run in runs]) * scale
+      mean = values.mean(0)
+      sd = values.std(0, ddof=1) if len(runs) > 1 else np.zeros_like(mean)
+      epochs = np.arange(len(mean))
+      ax.plot(epochs, mean, label=name)
+      ax.fill_between(epochs, mean - sd, mean + sd, alpha=0.2)
+  axes[0].set(xlabel="epoch (256 samples each)", ylabel="reward: log p̂(prompted class | image)")
+  axes[1].set(xlabel="epoch (256 samples each)", ylabel="held-out judge accuracy (%)")
+  axes[1].legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--root", default="/tmp/algorithms_digits")
+  parser.add_argument("--epochs", type=int, default=30)
+  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
+  args = parser.parse_args()
+  seeds = [int(s) for s in args.seeds.split(",")]
+  names = args.algorithms.split(",")
+  unknown = sorted(set(names) - set(ALGORITHMS))
+  if unknown:
+    parser.error(f"unknown algorithms {unknown}; known: {list(ALGORITHMS)}")
+  os.makedirs(args.root, exist_ok=True)
+  results = {}
+  for seed in seeds:  # seed-major: a stopped sweep has every algorithm at the first seeds
+    for name in names:
+      results.setdefault(name, []).append(run_one(args.root, name, seed, args.epochs))
+  md = table(results)
+  with open(os.path.join(args.root, "results.md"), "w") as f:
+    f.write(md + "\n")
+  plot(results, os.path.join(args.root, "curves.png"))
+  print(md)
+  print(f"wrote {args.root}/results.md and {args.root}/curves.png")
+
+
+if __name__ == "__main__":
+  main()
