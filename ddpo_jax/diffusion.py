@@ -7,7 +7,9 @@ provides, all as pure `jax.numpy` functions that can be jitted and sharded on a 
 * `NoiseSchedule`: alphas_cumprod of a diffusers scheduler config (Stable Diffusion's default).
 * `ddim_timesteps`: diffusers' DDIM "leading" timestep spacing.
 * `ddim_step_mean_std`, `gaussian_log_prob`, `ddim_step_with_logprob`: one DDIM step.
-* `Trajectory`, `sample_trajectory`: a whole batch of trajectories in one `lax.scan`.
+* `ddim_chain`: the T guided DDIM steps in one `lax.scan` (forward, or differentiated with
+  truncation and remat: CTRL's backprop solver); `Trajectory`, `sample_trajectory`: DDPO's
+  sampler on it, recording every step with its log-probability.
 * `step_log_prob`: re-scores one stored step under (new) parameters (the PPO update).
 * `gaussian_kl_shared_std`: KL between two Gaussian steps with the same std (CTRL's penalty).
 * `denoising_loss_terms`: the ordinary epsilon-prediction loss (pre-training, RWR).
@@ -427,6 +429,82 @@ def _step(eps_fn, params, x, t, prev_t, context, uncond_context, class_labels, a
                             final_alpha_cumprod=final_alpha_cumprod)
 
 
+def ddim_chain(eps_fn: EpsFn, params: Any, x_init: Array, step_keys: Array, context: Array,
+               uncond_context: Optional[Array], *, alphas_cumprod: Array, timesteps,
+               prev_timesteps, eta, guidance_scale: float,
+               class_labels: Optional[Array] = None, final_alpha_cumprod=None,
+               uncond_class_labels: Optional[Array] = None, reference_params: Any = None,
+               kl_reduction: str = "sum", keep_gradient: Optional[Array] = None,
+               remat: bool = False) -> tuple[Array, dict]:
+  """The DDIM chain every sampler and solver runs: T guided steps in one `lax.scan`.
+
+  Step i: eps = `guided_eps` at x (under `params`, and under `reference_params` if given),
+  (mean, std) = `ddim_step_mean_std`, x_next = mean + std · z with z ~ N(0, I) drawn from
+  `step_keys[i]`. Gradients flow through the chain (the reparameterised sampler that CTRL's
+  backprop solver differentiates); the sampler for DDPO uses it forward only.
+
+  Args:
+    eps_fn, params, context, uncond_context, alphas_cumprod, eta, guidance_scale,
+      class_labels, final_alpha_cumprod, uncond_class_labels: as in `sample_trajectory`.
+    x_init: (B, H, W, C) x_T.
+    step_keys: (T, 2) uint32 PRNG keys, one per step.
+    timesteps, prev_timesteps: int arrays (T,).
+    reference_params: optional params of a reference denoiser run at the same x_t (same
+      guidance): the outputs then hold each step's KL (`gaussian_kl_shared_std`, reduced by
+      `kl_reduction`) and the reference step mean.
+    keep_gradient: optional (T,) bool; a step where it is False runs both denoisers under
+      `stop_gradient` inside a `lax.cond` (the backward pass then skips their backward
+      passes: CTRL's truncation). None: every step keeps its gradient, no `cond`.
+    remat: `jax.checkpoint` each step (the backward pass recomputes its activations).
+
+  Returns:
+    (x_0 (B, H, W, C), per-step outputs stacked on a leading T axis: "latents" x_t,
+    "next_latents", "log_probs" (T, B), and with `reference_params` "kl" (T, B) and
+    "reference_means"). Outputs the caller does not use are removed by XLA.
+  """
+  _check_eta(eta)
+  b = x_init.shape[0]
+  ts = jnp.asarray(timesteps, jnp.int32)
+  pts = jnp.asarray(prev_timesteps, jnp.int32)
+  if ts.ndim != 1 or ts.shape != pts.shape:
+    raise ValueError(f"timesteps {ts.shape} and prev_timesteps {pts.shape} must be (T,).")
+  use_ref = reference_params is not None
+
+  def eps_pair(x, t):
+    """(eps under params, eps under reference_params or None) at x."""
+    def one(p):
+      return guided_eps(eps_fn, p, x, t, context, uncond_context, guidance_scale, class_labels,
+                        uncond_class_labels)
+    return one(params), (one(reference_params) if use_ref else None)
+
+  def body(x, inp):
+    t_i, pt_i, k_step, keep_i = inp
+    t = jnp.full((b,), t_i, jnp.int32)
+    prev_t = jnp.full((b,), pt_i, jnp.int32)
+    if keep_gradient is None:
+      eps, ref_eps = eps_pair(x, t)
+    else:
+      eps, ref_eps = jax.lax.cond(keep_i, lambda x: eps_pair(x, t),
+                                  lambda x: jax.lax.stop_gradient(eps_pair(x, t)), x)
+    def step(e):
+      return ddim_step_mean_std(alphas_cumprod, e, t, prev_t, x, eta,
+                                final_alpha_cumprod=final_alpha_cumprod)
+    mean, std = step(eps)
+    z = jax.random.normal(k_step, x.shape, jnp.float32).astype(mean.dtype)
+    x_next = mean + std * z
+    out = {"latents": x, "next_latents": x_next,
+           "log_probs": gaussian_log_prob(x_next, mean, std)}
+    if use_ref:
+      ref_mean, _ = step(ref_eps)
+      out["kl"] = gaussian_kl_shared_std(mean, ref_mean, std, reduction=kl_reduction)
+      out["reference_means"] = ref_mean
+    return x_next, out
+
+  keep = jnp.ones(ts.shape, bool) if keep_gradient is None else jnp.asarray(keep_gradient)
+  return jax.lax.scan(jax.checkpoint(body) if remat else body, x_init,
+                      (ts, pts, step_keys, keep))
+
+
 def sample_trajectory(eps_fn: EpsFn, params: Any, key: Array, context: Array,
                       uncond_context: Optional[Array], *, alphas_cumprod: Array,
                       timesteps, prev_timesteps, latent_shape: tuple[int, int, int], eta,
@@ -435,10 +513,11 @@ def sample_trajectory(eps_fn: EpsFn, params: Any, key: Array, context: Array,
                       final_alpha_cumprod=None, reference_params: Any = None,
                       kl_reduction: str = "sum",
                       uncond_class_labels: Optional[Array] = None) -> Trajectory:
-  """Samples B trajectories of DDIM (eta > 0) with log-probabilities, in one `lax.scan`.
+  """Samples B trajectories of DDIM (eta > 0) with log-probabilities (`ddim_chain`).
 
   Keys: `key` is split into (init, steps); x_T ~ N(0, I) from `init` (unless
-  `initial_latents` is given) and the step key is split once per step inside the scan.
+  `initial_latents` is given); step i's noise key is the second half of the i-th split of a
+  chain started at `steps` (k, k_i = split(k)).
 
   Args:
     eps_fn: (params, x (N,H,W,C), t (N,), context (N,L,D), class_labels (N,)|None) -> eps.
@@ -475,39 +554,30 @@ def sample_trajectory(eps_fn: EpsFn, params: Any, key: Array, context: Array,
     x_init = initial_latents.astype(_compute_dtype(initial_latents))
   ts = jnp.asarray(timesteps, jnp.int32)
   pts = jnp.asarray(prev_timesteps, jnp.int32)
-  if ts.ndim != 1 or ts.shape != pts.shape:
-    raise ValueError(f"timesteps {ts.shape} and prev_timesteps {pts.shape} must be (T,).")
 
-  def body(carry, tp):
-    x, k = carry
+  def next_key(k, _):
     k, k_step = jax.random.split(k)
-    t = jnp.full((b,), tp[0], jnp.int32)
-    prev_t = jnp.full((b,), tp[1], jnp.int32)
-    mean, std = _step(eps_fn, params, x, t, prev_t, context, uncond_context, class_labels,
-                      alphas_cumprod, eta, guidance_scale, final_alpha_cumprod, uncond_class_labels)
-    z = jax.random.normal(k_step, x.shape, jnp.float32).astype(mean.dtype)
-    x_prev = mean + std * z
-    lp = gaussian_log_prob(x_prev, mean, std)
-    if reference_params is None:
-      return (x_prev, k), (x, x_prev, lp, None, None)
-    ref_mean, _ = _step(eps_fn, reference_params, x, t, prev_t, context, uncond_context,
-                        class_labels, alphas_cumprod, eta, guidance_scale, final_alpha_cumprod,
-                        uncond_class_labels)
-    kl = gaussian_kl_shared_std(mean, ref_mean, std, reduction=kl_reduction)
-    return (x_prev, k), (x, x_prev, lp, kl, ref_mean)
+    return k, k_step
 
-  _, (xs, xs_prev, lps, kls, ref_means) = jax.lax.scan(body, (x_init, key_steps), (ts, pts))
+  _, step_keys = jax.lax.scan(next_key, key_steps, None, length=ts.shape[0])
+  _, out = ddim_chain(
+      eps_fn, params, x_init, step_keys, context, uncond_context,
+      alphas_cumprod=alphas_cumprod, timesteps=ts, prev_timesteps=pts, eta=eta,
+      guidance_scale=guidance_scale, class_labels=class_labels,
+      final_alpha_cumprod=final_alpha_cumprod, uncond_class_labels=uncond_class_labels,
+      reference_params=reference_params, kl_reduction=kl_reduction)
+  batch_major = lambda name: (jnp.swapaxes(out[name], 0, 1) if name in out else None)  # noqa: E731
   n_steps = ts.shape[0]
   return Trajectory(
-      latents=jnp.swapaxes(xs, 0, 1),
-      next_latents=jnp.swapaxes(xs_prev, 0, 1),
-      log_probs=jnp.swapaxes(lps, 0, 1),
+      latents=batch_major("latents"),
+      next_latents=batch_major("next_latents"),
+      log_probs=batch_major("log_probs"),
       timesteps=jnp.broadcast_to(ts[None], (b, n_steps)),
       prev_timesteps=jnp.broadcast_to(pts[None], (b, n_steps)),
       context=context,
       class_labels=class_labels,
-      kl=None if kls is None else jnp.swapaxes(kls, 0, 1),
-      reference_means=None if ref_means is None else jnp.swapaxes(ref_means, 0, 1),
+      kl=batch_major("kl"),
+      reference_means=batch_major("reference_means"),
   )
 
 

@@ -402,6 +402,47 @@ def test_sample_trajectory_initial_latents_and_no_labels():
         latent_shape=(H, W, C), eta=0.0, guidance_scale=3.0)
 
 
+def test_ddim_chain_truncation_and_remat_gradients():
+  """`ddim_chain`'s gradient w.r.t. the denoiser params (CTRL's backprop solver): the same with
+  every step kept, with no mask and with remat; zero with no step kept; with only the last
+  step kept, the gradient of that one step at the chain's x_t (earlier steps constant)."""
+  sched = diffusion.NoiseSchedule.sd()
+  ac = sched.alphas_cumprod
+  ts, prev = sched.ddim_timesteps(4)
+  T = len(ts)
+  context, uncond, labels = _traj_setup()
+  eps_fn = _make_eps_fn([])
+  x_init = jax.random.normal(jax.random.PRNGKey(3), (B, H, W, C))
+  keys = jax.random.split(jax.random.PRNGKey(4), T)
+  kw = dict(alphas_cumprod=ac, timesteps=ts, prev_timesteps=prev, eta=1.0, guidance_scale=3.0,
+            class_labels=labels)
+
+  def chain(w, keep=None, remat=False):
+    return diffusion.ddim_chain(eps_fn, w, x_init, keys, context, uncond, keep_gradient=keep,
+                                remat=remat, **kw)
+
+  def grad(keep=None, remat=False):
+    return float(jax.grad(lambda w: jnp.sum(chain(w, keep, remat)[0]))(jnp.float32(0.1)))
+
+  g = grad()
+  assert abs(g) > 1e-3
+  np.testing.assert_allclose(grad(jnp.ones(T, bool)), g, rtol=1e-6)
+  np.testing.assert_allclose(grad(jnp.ones(T, bool), remat=True), g, rtol=1e-6)
+  assert grad(jnp.zeros(T, bool)) == 0.0
+  _, steps = chain(jnp.float32(0.1))
+  x_last, z_keys = steps["latents"][-1], keys[-1]
+
+  def last_step(w):
+    t, pt = jnp.full((B,), ts[-1]), jnp.full((B,), prev[-1])
+    e = diffusion.guided_eps(eps_fn, w, x_last, t, context, uncond, 3.0, labels)
+    mean, std = diffusion.ddim_step_mean_std(ac, e, t, pt, x_last, 1.0)
+    return jnp.sum(mean + std * jax.random.normal(z_keys, x_last.shape))
+
+  only_last = jnp.arange(T) == T - 1
+  np.testing.assert_allclose(grad(only_last), float(jax.grad(last_step)(jnp.float32(0.1))),
+                             rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- denoising loss
 
 

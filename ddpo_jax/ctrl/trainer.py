@@ -95,9 +95,11 @@ def truncation_mask(key: jax.Array, num_steps: int, mode: str, fixed_steps: int)
 def make_backprop_loss(policy: Policy, config, reward_fn):
   """`loss(trainable, frozen, key, prompt_ids (B,L), labels (B,M)) -> (loss, metrics)`.
 
-  Samples B chains of `sample.num_steps` DDIM steps under the trainable params (gradients
-  flow through the chain), accumulating KL_t against `frozen["reference_unet"]` at the same
-  x_t, and scores the decoded x_0 with `reward_fn(images, ids, {"control_label": labels})`.
+  Samples B chains of `sample.num_steps` DDIM steps under the trainable params with
+  `diffusion.ddim_chain` (gradients flow through the chain; each step rematerialised; steps
+  outside the truncation mask run without gradient), with KL_t against
+  `frozen["reference_unet"]` at the same x_t, and scores the decoded x_0 with
+  `reward_fn(images, ids, {"control_label": labels})`.
   """
   c = config.ctrl
   sched = diffusion.NoiseSchedule.from_config(policy.scheduler_config)
@@ -119,36 +121,14 @@ def make_backprop_loss(policy: Policy, config, reward_fn):
     x_init = jax.random.normal(k_init, (b,) + tuple(policy.latent_shape), jnp.float32)
     keep = truncation_mask(k_trunc, T, c.truncation, int(c.truncation_steps))
 
-    def eps_at(p, x, t):
-      return diffusion.guided_eps(policy.eps_fn, p, x, t, context, uncond, guidance, labels,
-                                  policy.null_class_labels)
-
-    def both_eps(x, tt):
-      """(eps_θ, eps_pre) at x; eps_pre is zeros without a KL term."""
-      eps = eps_at(unet, x, tt)
-      return eps, (eps_at(ref, x, tt) if use_kl else jnp.zeros_like(eps))
-
-    @jax.checkpoint
-    def body(x, inp):
-      t, pt, k, keep_i = inp
-      tt, ptt = jnp.full((b,), t, jnp.int32), jnp.full((b,), pt, jnp.int32)
-      # A truncated step runs both UNets without gradient: under `cond` the backward pass only
-      # differentiates the branch a step took, so truncation saves their backward passes.
-      # Kept steps differentiate eps_pre w.r.t. x_t too (the pathwise gradient of KL_t).
-      eps, ref_eps = jax.lax.cond(keep_i, lambda x: both_eps(x, tt),
-                                  lambda x: jax.lax.stop_gradient(both_eps(x, tt)), x)
-      step = lambda e: diffusion.ddim_step_mean_std(
-          sched.alphas_cumprod, e, tt, ptt, x, eta, final_alpha_cumprod=sched.final_alpha_cumprod)
-      mean, std = step(eps)
-      if use_kl:
-        kl = diffusion.gaussian_kl_shared_std(mean, step(ref_eps)[0], std, reduction=c.kl_reduction)
-      else:
-        kl = jnp.zeros((b,), jnp.float32)
-      x_next = mean + std * jax.random.normal(k, x.shape, jnp.float32)
-      return x_next, kl
-
-    x0, kls = jax.lax.scan(body, x_init, (jnp.asarray(timesteps), jnp.asarray(prev),
-                                          jax.random.split(k_steps, T), keep))
+    x0, steps = diffusion.ddim_chain(
+        policy.eps_fn, unet, x_init, jax.random.split(k_steps, T), context, uncond,
+        alphas_cumprod=sched.alphas_cumprod, timesteps=timesteps, prev_timesteps=prev, eta=eta,
+        guidance_scale=guidance, class_labels=labels,
+        final_alpha_cumprod=sched.final_alpha_cumprod,
+        uncond_class_labels=policy.null_class_labels, reference_params=ref,
+        kl_reduction=c.kl_reduction, keep_gradient=keep, remat=True)
+    kls = steps["kl"] if use_kl else jnp.zeros((T, b), jnp.float32)
     images = policy.decode(params, x0)
     reward, info = reward_fn(images, ids, {"control_label": labels})
     kl_total = jnp.sum(kls, axis=0)  # (B,) Σ_t KL_t
