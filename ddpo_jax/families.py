@@ -28,9 +28,9 @@ def build_base_policy(config) -> Policy:
 
 def build_policy(config, workdir: str, log=print) -> Policy:
   """Builds the policy of `config`: the model family of `config.model.kind`, wrapped in CTRL's
-  augmented model when the config has a `ctrl` section (its data, classifiers and judges made
-  first where needed, in `workdir`)."""
+  augmented model when `config.mode` is "ctrl" (its data, classifiers and judges made first
+  where needed, in `workdir`)."""
   base = build_base_policy(config)
-  if config.get("ctrl") is not None:
+  if config.mode == "ctrl":
     return ctrl_policy.make_policy(config, workdir, base, log=log)
   return base

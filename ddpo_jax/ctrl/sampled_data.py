@@ -166,7 +166,7 @@ def generation_settings(data_cfg, config, num_classes: int) -> dict:
   if num_images < num_classes:
     raise ValueError(f"sampled data ({source}): num_images={num_images} must be at least "
                      f"num_classes={num_classes}")
-  ctrl = config.get("ctrl") or {}
+  ctrl = config.ctrl if config.mode == "ctrl" else {}
   settings = {
       "format": FORMAT_VERSION, "source": source, "measure": MEASURES[source],
       "num_images": num_images, "num_classes": int(num_classes),
@@ -263,7 +263,7 @@ def sample_base_images(config, base: Policy, num: int, seed: int, batch_size: in
   """
   policy = base
   mesh, sample_fn = _base_sampler(config, base)
-  fixed = tuple((config.get("ctrl") or {}).get("prompts", ()) or ())
+  fixed = tuple(config.ctrl.prompts) if config.mode == "ctrl" else ()
   n_dev = mesh.devices.size
   bs = int(batch_size) or int(config.sample.batch_size)
   bs = max(n_dev, min(bs, num) // n_dev * n_dev)
