@@ -17,24 +17,29 @@ from ddpo_jax.families import build_policy
 
 
 # ----------------------------------------------------------------------------- checksums
-def _numpy_checksum(x) -> list[int]:
-  """The checksum of `checkpoints._leaf_checksum`, computed independently in NumPy (uint64
-  arithmetic reduced modulo 2**32)."""
+def _python_checksum(x) -> list[int]:
+  """The checksum of `checkpoints._leaf_checksum`, computed independently of the package's
+  NumPy host path, with Python integers word by word: the array's little-endian words (its
+  itemsize, bools as bytes), their sum mod 2**32, and the sum mod 2**32 of murmur3's fmix32 of
+  each word XOR (its index · 0x9E3779B9 mod 2**32)."""
   a = np.asarray(x)
-  if a.dtype == np.bool_:
-    a = a.astype(np.uint8)
-  u = a.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.dtype.itemsize]).astype(np.uint64).ravel()
-  m = np.uint64(0xFFFFFFFF)
-  h = u ^ ((np.arange(u.size, dtype=np.uint64) * np.uint64(0x9E3779B9)) & m)
-  h ^= h >> np.uint64(16)
-  h = (h * np.uint64(0x85EBCA6B)) & m
-  h ^= h >> np.uint64(13)
-  h = (h * np.uint64(0xC2B2AE35)) & m
-  h ^= h >> np.uint64(16)
-  return [int(u.sum() % 2**32), int(h.sum() % 2**32)]
+  raw = (a.astype(np.uint8) if a.dtype == np.bool_ else a).tobytes()
+  width = min(a.dtype.itemsize, 4)
+  words = [int.from_bytes(raw[i:i + width], "little") for i in range(0, len(raw), width)]
+  mask = 0xFFFFFFFF
+
+  def fmix32(h):
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & mask
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & mask
+    return h ^ (h >> 16)
+
+  hashes = [fmix32(w ^ ((i * 0x9E3779B9) & mask)) for i, w in enumerate(words)]
+  return [sum(words) & mask, sum(hashes) & mask]
 
 
-def test_checksums_match_numpy_and_change_with_any_bit():
+def test_checksums_match_python_and_change_with_any_bit():
   rng = np.random.default_rng(0)
   tree = {"f32": rng.normal(size=(37, 5)).astype(np.float32),
           "bf16": rng.normal(size=(130,)).astype(ml_dtypes.bfloat16),
@@ -43,7 +48,7 @@ def test_checksums_match_numpy_and_change_with_any_bit():
           "flag": np.array([True, False, True]), "scalar": np.float32(3.5),
           "key": np.asarray(jax.random.PRNGKey(7))}
   got = checkpoints.state_checksums(jax.tree.map(jnp.asarray, tree))
-  assert got == {k: _numpy_checksum(v) for k, v in tree.items()}
+  assert got == {k: _python_checksum(v) for k, v in tree.items()}
   # the compiled program (large or multi-process states) gives the same numbers
   compiled = jax.device_get(checkpoints._checksums(jax.tree.map(jnp.asarray, tree)))
   assert {k: [int(v) for v in c] for k, c in compiled.items()} == got
