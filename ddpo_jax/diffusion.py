@@ -481,7 +481,7 @@ def ddim_chain(eps_fn: EpsFn, params: Any, x_init: Array, step_keys: Array, cont
     t_i, pt_i, k_step, keep_i = inp
     t = jnp.full((b,), t_i, jnp.int32)
     prev_t = jnp.full((b,), pt_i, jnp.int32)
-    if keep_gradient is None:
+    if keep_i is None:
       eps, ref_eps = eps_pair(x, t)
     else:
       eps, ref_eps = jax.lax.cond(keep_i, lambda x: eps_pair(x, t),
@@ -500,7 +500,7 @@ def ddim_chain(eps_fn: EpsFn, params: Any, x_init: Array, step_keys: Array, cont
       out["reference_means"] = ref_mean
     return x_next, out
 
-  keep = jnp.ones(ts.shape, bool) if keep_gradient is None else jnp.asarray(keep_gradient)
+  keep = None if keep_gradient is None else jnp.asarray(keep_gradient)  # None: no scan input
   return jax.lax.scan(jax.checkpoint(body) if remat else body, x_init,
                       (ts, pts, step_keys, keep))
 
@@ -545,7 +545,6 @@ def sample_trajectory(eps_fn: EpsFn, params: Any, key: Array, context: Array,
   Returns:
     A `Trajectory` with T steps.
   """
-  _check_eta(eta)
   b = context.shape[0]
   key_init, key_steps = jax.random.split(key)
   if initial_latents is None:
