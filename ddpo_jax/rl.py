@@ -126,7 +126,7 @@ def kl_penalised_advantages(advantages: Array, scales: Array, kl: Array, alpha: 
 
   The action of step i (sampling x_{i+1} from x_i, steps in sampling order) changes the states
   of the later steps only, so its return is r − α Σ_{j>i} KL_j; KL_i itself, a function of the
-  params at the already given x_i, enters the loss directly (`train.make_update_fn`, weighted
+  params at the already given x_i, enters the loss directly (`algorithms.PolicyGradient.loss`, weighted
   α · scale / D there, D = latent dims, matching the mean-reduced log-prob). Here the return is
   put on the advantages' scale: A_i = A − α · scale · Σ_{j>i} KL_j. Subtracting the reward's
   baseline keeps the estimator unbiased.

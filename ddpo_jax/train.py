@@ -1,5 +1,5 @@
 """DDPO's compiled programs: sample trajectories (with log-probs and device rewards), and update
-with PPO (or SF / RWR); the train state, the optimizer, the shardings (the loop that runs them
+with any of `ddpo_jax.algorithms` (PPO, SF, RWR, ...); the train state, the optimizer, the shardings (the loop that runs them
 epoch by epoch is `ddpo_jax.loop`).
 
 `make_sample_fn`: one program per batch of `sample.batch_size`: prompt encoding, the DDIM chain
@@ -18,15 +18,11 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
-from ddpo_jax import diffusion, parallel, rl
+from ddpo_jax import algorithms, diffusion, parallel
 from ddpo_jax.policy import Policy
 from ddpo_jax.rewards import Reward
-
-ALGORITHMS = ("ppo", "sf", "rwr", "rwr_sparse")
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -57,15 +53,12 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
   """Raises ValueError for impossible values, before anything is compiled."""
   validate_shared_config(config)
   s, t = config.sample, config.train
-  if t.algorithm == "ppo" and not t.clip_range > 0:
-    raise ValueError(f"train.clip_range={t.clip_range} must be > 0 (the PPO ratio clip, 1 ± ε)")
+  algorithm = algorithms.get(t.algorithm)
   if not s.eta > 0:
     raise ValueError(f"sample.eta={s.eta}: DDPO needs eta > 0 (the log-probability of a "
                      "deterministic DDIM step is undefined)")
   if not 0 < t.timestep_fraction <= 1:
     raise ValueError(f"train.timestep_fraction={t.timestep_fraction} must lie in (0, 1]")
-  if t.algorithm not in ALGORITHMS:
-    raise ValueError(f"train.algorithm={t.algorithm!r}; choose one of {ALGORITHMS}")
   for name, value in [("sample.batch_size", s.batch_size), ("train.batch_size", t.batch_size),
                       ("sample.num_batches_per_epoch", s.num_batches_per_epoch),
                       ("sample.num_steps", s.num_steps), ("num_epochs", config.num_epochs),
@@ -81,17 +74,11 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     raise ValueError(
         f"samples per epoch (sample.batch_size*sample.num_batches_per_epoch={total}) must be a "
         f"multiple of train.batch_size*train.gradient_accumulation_steps={group}")
-  if t.algorithm == "sf" and (total != group or int(t.num_inner_epochs) != 1):
-    # DDPO-SF's gradient is the score-function gradient at the sampling params: a second step
-    # on the same samples would be off-policy without an importance weight (that is DDPO-IS).
-    raise ValueError(
-        f"train.algorithm='sf' takes one optimizer step per data collection (DDPO-SF, Black et "
-        f"al. 2023, section 4.2): set train.batch_size*train.gradient_accumulation_steps={group} "
-        f"equal to the samples per epoch (sample.batch_size*sample.num_batches_per_epoch="
-        f"{total}) and train.num_inner_epochs=1 (got {t.num_inner_epochs})")
-  if t.kl_coef < 0 or (t.kl_coef > 0 and t.algorithm not in ("ppo", "sf")):
-    raise ValueError(f"train.kl_coef={t.kl_coef}: the KL penalty needs kl_coef >= 0 and "
-                     f"train.algorithm 'ppo' or 'sf' (got {t.algorithm!r})")
+  algorithm.validate(config, total, group)
+  if t.kl_coef < 0 or (t.kl_coef > 0 and not algorithm.supports_kl_penalty):
+    with_kl = [n for n in algorithms.names() if algorithms.get(n).supports_kl_penalty]
+    raise ValueError(f"train.kl_coef={t.kl_coef}: the KL penalty needs kl_coef >= 0 and a "
+                     f"train.algorithm among {with_kl} (got {t.algorithm!r})")
   if t.kl_coef > 0 and not t.cfg and float(s.guidance_scale) != 1.0:
     raise ValueError(
         f"train.kl_coef={t.kl_coef} with train.cfg=False and sample.guidance_scale="
@@ -203,7 +190,10 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   (`rl.normalize_advantages` / `PerPromptStatTracker.update` with `return_scale`), `rewards`
   (N,) the raw rewards (RWR weights).
 
-  KL penalty (`train.kl_coef` = α > 0, PPO / SF): the objective is E[r] − α E[Σ_t KL_t], KL_t
+  The algorithm (`train.algorithm`, one of `ddpo_jax.algorithms`) says which trajectory fields
+  the batch carries and gives the loss of one micro-step (`algorithms.base`).
+
+  KL penalty (`train.kl_coef` = α > 0, `algorithms.PolicyGradient`: PPO / SF): the objective is E[r] − α E[Σ_t KL_t], KL_t
   between the policy's and the pre-trained model's step at the sampled x_t
   (docs/algorithms.md §3.5). Its
   gradient has two parts, both on the advantages' scale: the score-function part, with the
@@ -228,6 +218,7 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   accumulator needs. The RWR algorithms' denoising noise then depends on S (one key per shard).
   """
   tc = config.train
+  algorithm = algorithms.get(tc.algorithm)
   sched, _, _ = _schedule(policy, config.sample.num_steps)
   step_kw = dict(alphas_cumprod=sched.alphas_cumprod, final_alpha_cumprod=sched.final_alpha_cumprod,
                  eta=config.sample.eta)
@@ -236,8 +227,6 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   K = int(T * tc.timestep_fraction)
   accum, mb = tc.gradient_accumulation_steps, tc.batch_size
   guidance = float(config.sample.guidance_scale) if tc.cfg else 1.0
-  use_kl = tc.kl_coef > 0
-  latent_dims = int(np.prod(policy.latent_shape))
   _, frozen_sh, state_sh = model_shardings(policy, config, optimizer, mesh)
   shards = parallel.num_batch_shards(mesh)
   per_shard = shards > 1 and mesh.shape.get(parallel.FSDP_AXIS, 1) == 1
@@ -248,44 +237,34 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
       return grads
     return jax.lax.with_sharding_constraint(grads, state_sh.params)
 
-  def micro_loss(unet_params, frozen, uncond, batch, key):
-    """Loss of one minibatch at one chosen timestep per sample. Returns (loss, metrics)."""
-    metrics = {}
-    unet_params = policy.assemble_unet(unet_params, frozen)  # e.g. LoRA merged into the base
-    if tc.algorithm in ("rwr", "rwr_sparse"):
-      # With train.cfg the regression target is the guided eps, as in the original's RWR
-      # (`train_cfg`: eps_u + w (eps_c - eps_u) against the noise).
-      def eps_fn(p, x, t, context, labels):
-        return diffusion.guided_eps(policy.eps_fn, p, x, t, context, uncond, guidance, labels,
-                                    policy.null_class_labels)
-      per_sample = diffusion.denoising_loss_terms(
-          eps_fn, unet_params, key, batch["x0"], batch["context"],
-          batch["class_labels"], sched.alphas_cumprod)
-      loss = jnp.mean(batch["weights"] * per_sample)
-      return loss, {"loss": loss}
-    log_prob, mean, std = diffusion.step_log_prob(
-        policy.eps_fn, unet_params, batch["latents"], batch["timesteps"],
-        batch["prev_timesteps"], batch["next_latents"], batch["context"], uncond,
-        guidance_scale=guidance, class_labels=batch["class_labels"],
-        uncond_class_labels=policy.null_class_labels, **step_kw)
-    if tc.algorithm == "ppo":
-      loss, info = rl.ppo_clipped_loss(log_prob, batch["log_probs"], batch["advantages"],
-                                       tc.clip_range, tc.adv_clip_max)
-      metrics.update(approx_kl=info["approx_kl"], clipfrac=info["clipfrac"])
-    else:  # "sf"
-      loss = rl.score_function_loss(log_prob, batch["advantages"], tc.adv_clip_max)
-      diff = log_prob - batch["log_probs"]
-      metrics.update(approx_kl=0.5 * jnp.mean(diff ** 2), clipfrac=jnp.zeros(()))
-    if use_kl:  # the reference's step mean at this x_t, as the sampler computed it
-      kl = diffusion.gaussian_kl_shared_std(mean, batch["reference_means"], std,
-                                            reduction=tc.kl_reduction)
-      metrics["kl_to_pretrained"] = jnp.mean(kl)
-      loss = loss + jnp.mean(batch["kl_weights"] * kl)
-    metrics["loss"] = loss
-    return loss, metrics
+  def step_model(uncond) -> algorithms.StepModel:
+    """The policy's step computations with the update's guidance (`train.cfg`)."""
+    def step_log_prob(unet_params, batch):
+      return diffusion.step_log_prob(
+          policy.eps_fn, unet_params, batch["latents"], batch["timesteps"],
+          batch["prev_timesteps"], batch["next_latents"], batch["context"], uncond,
+          guidance_scale=guidance, class_labels=batch["class_labels"],
+          uncond_class_labels=policy.null_class_labels, **step_kw)
 
-  grad_fn = local_grad_fn = jax.grad(micro_loss, has_aux=True)
-  if per_shard:  # each device: the gradient of its own rows -> (S, ...) laid out over devices
+    def guided_eps(p, x, t, context, labels):
+      return diffusion.guided_eps(policy.eps_fn, p, x, t, context, uncond, guidance, labels,
+                                  policy.null_class_labels)
+
+    def denoising_loss_terms(unet_params, batch, key):
+      return diffusion.denoising_loss_terms(guided_eps, unet_params, key, batch["x0"],
+                                            batch["context"], batch["class_labels"],
+                                            sched.alphas_cumprod)
+    return algorithms.StepModel(step_log_prob, denoising_loss_terms)
+
+  def micro_loss(unet_params, frozen, uncond, batch, key):
+    """`algorithm.loss` of one minibatch at one chosen timestep per sample: (loss, metrics)."""
+    unet_params = policy.assemble_unet(unet_params, frozen)  # e.g. LoRA merged into the base
+    return algorithm.loss(step_model(uncond), unet_params, batch, key, config)
+
+  local_grad_fn = jax.grad(micro_loss, has_aux=True)
+  if not per_shard:
+    grad_fn = local_grad_fn
+  else:  # each device: the gradient of its own rows -> (S, ...) laid out over devices
     batch_spec = parallel.batch_spec(mesh)
     P = jax.sharding.PartitionSpec
 
@@ -309,37 +288,18 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
     n = traj.log_probs.shape[0]
     k_perm, k_time, k_loss = jax.random.split(key, 3)
     perm = jax.random.permutation(k_perm, n)
-    per_sample = {
-        "latents": traj.latents, "next_latents": traj.next_latents,
-        "timesteps": traj.timesteps, "prev_timesteps": traj.prev_timesteps,
-        "log_probs": traj.log_probs,
-    }
-    shared = {"context": traj.context, "class_labels": traj.class_labels,
-              "x0": traj.next_latents[:, -1]}
-    extra_metrics = {}
-    if use_kl:  # per-step advantages of r − α Σ KL, and the direct term's weight
-      per_sample["reference_means"] = traj.reference_means
-      per_sample["advantages"] = rl.kl_penalised_advantages(advantages, adv_scales, traj.kl,
-                                                            tc.kl_coef)
-      # `gaussian_log_prob` is mean-reduced over the D latent dims (DDPO's convention), so the
-      # score-function part is 1/D of the exact one; the direct part gets the same 1/D.
-      shared["kl_weights"] = tc.kl_coef * adv_scales / latent_dims
-      extra_metrics["path_kl"] = jnp.mean(jnp.sum(traj.kl, axis=1))
-    else:
-      shared["advantages"] = advantages
-    if tc.algorithm == "rwr":
-      shared["weights"] = rl.rwr_weights(rewards, tc.rwr_beta)
-    elif tc.algorithm == "rwr_sparse":
-      shared["weights"] = rl.rwr_sparse_weights(rewards, tc.rwr_quantile)
+    per_step, per_sample, extra_metrics = algorithm.batch_fields(traj, advantages, adv_scales,
+                                                                 rewards, config)
+    per_sample = {**per_sample, "context": traj.context, "class_labels": traj.class_labels}
+    per_step = jax.tree.map(lambda x: x[perm], per_step)
     per_sample = jax.tree.map(lambda x: x[perm], per_sample)
-    shared = jax.tree.map(lambda x: x[perm], shared)
     # Per sample, an independent permutation of its T timesteps; keep the first K.
     t_idx = jax.vmap(lambda k: jax.random.permutation(k, T)[:K])(jax.random.split(k_time, n))
 
     def take_time(x):  # (N, T, ...) -> (N, K, ...)
       idx = t_idx.reshape(t_idx.shape + (1,) * (x.ndim - 2))
       return jnp.take_along_axis(x, idx, axis=1)
-    per_sample = jax.tree.map(take_time, per_sample)
+    per_step = jax.tree.map(take_time, per_step)
 
     steps = n // (mb * accum)
     data_spec = jax.sharding.NamedSharding(
@@ -355,8 +315,8 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
       x = x.reshape((steps, accum * K, mb) + x.shape[4:])
       return jax.lax.with_sharding_constraint(x, data_spec)
 
-    batches = {**jax.tree.map(lambda x: to_micro(x, True), per_sample),
-               **jax.tree.map(lambda x: to_micro(x, False), shared)}
+    batches = {**jax.tree.map(lambda x: to_micro(x, True), per_step),
+               **jax.tree.map(lambda x: to_micro(x, False), per_sample)}
     uncond = policy.encode_prompts({**frozen, "unet": state.params}, uncond_ids)
 
     def opt_step(state, xs):

@@ -102,6 +102,38 @@ def test_each_algorithm_takes_finite_steps(digits_cache, algorithm):
   assert any(jax.tree.leaves(changed))
 
 
+def test_an_algorithm_is_one_registered_unit(digits_cache):
+  """A new algorithm plugs into the update as one class, without touching the trainer: one
+  registered under a new name whose surrogate is PPO's clipped loss (plus a metric of its own)
+  takes the very step "ppo" takes, bit for bit; names are unique."""
+  from ddpo_jax import algorithms, rl
+
+  class ClippedAgain(algorithms.PolicyGradient):
+    name = "ppo_again"
+
+    def surrogate(self, log_prob, batch, train_config):
+      loss, info = rl.ppo_clipped_loss(log_prob, batch["log_probs"], batch["advantages"],
+                                       train_config.clip_range, train_config.adv_clip_max)
+      return loss, {"approx_kl": info["approx_kl"], "clipfrac": info["clipfrac"],
+                    "ratio": info["ratio"]}
+
+  with pytest.raises(ValueError, match="already registered"):
+    algorithms.register(algorithms.get("ppo"))
+  algorithms.register(ClippedAgain())
+  try:
+    overrides = {"sample.batch_size": 8, "train.gradient_accumulation_steps": 2}
+    _, _, ppo_state, ppo_metrics = one_update(_config(**overrides))
+    _, _, new_state, new_metrics = one_update(_config(**overrides, **{"train.algorithm": "ppo_again"}))
+  finally:
+    algorithms.unregister("ppo_again")
+  assert set(new_metrics) == set(ppo_metrics) | {"ratio"} and new_metrics["ratio"] > 0
+  for key in ppo_metrics:
+    assert new_metrics[key] == ppo_metrics[key], key
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), ppo_state.params, new_state.params)
+  assert all(jax.tree.leaves(same))
+  assert "ppo_again" not in algorithms.names()
+
+
 def test_resume_after_kill_equals_uninterrupted(digits_cache, tmp_path):
   """kill -9 while the first checkpoint after step 0 is being written, restart: identical params."""
   overrides = _cli_overrides(num_epochs=3, save_freq=1)

@@ -1,0 +1,22 @@
+"""DDPO-IS: the PPO-clipped importance-sampling surrogate (docs/algorithms.md §3.2)."""
+from __future__ import annotations
+
+from ddpo_jax import rl
+from ddpo_jax.algorithms.base import PolicyGradient
+
+
+class PPO(PolicyGradient):
+  """`train.algorithm = "ppo"`: `rl.ppo_clipped_loss` with `train.clip_range` and
+  `train.adv_clip_max`; several optimizer steps per data collection are allowed."""
+
+  name = "ppo"
+
+  def validate(self, config, samples_per_epoch, samples_per_step):
+    clip = config.train.clip_range
+    if not clip > 0:
+      raise ValueError(f"train.clip_range={clip} must be > 0 (the PPO ratio clip, 1 ± ε)")
+
+  def surrogate(self, log_prob, batch, train_config):
+    loss, info = rl.ppo_clipped_loss(log_prob, batch["log_probs"], batch["advantages"],
+                                     train_config.clip_range, train_config.adv_clip_max)
+    return loss, {"approx_kl": info["approx_kl"], "clipfrac": info["clipfrac"]}

@@ -1,0 +1,41 @@
+"""Reward-weighted regression baselines: RWR and RWR-sparse (docs/algorithms.md §3.4).
+
+The denoising (eps-regression) loss of the sampled images' clean latents, weighted per sample
+by a function of the rewards; the trajectories' log-probs are not used.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from ddpo_jax import rl
+from ddpo_jax.algorithms.base import Algorithm
+
+
+class RewardWeightedRegression(Algorithm):
+  """`train.algorithm = "rwr"`: weights `rl.rwr_weights(rewards, train.rwr_beta)`.
+
+  With `train.cfg` the regression target is the guided eps, as in the original's RWR
+  (`train_cfg`: eps_u + w (eps_c − eps_u) against the noise)."""
+
+  name = "rwr"
+
+  def weights(self, rewards, train_config):
+    return rl.rwr_weights(rewards, train_config.rwr_beta)
+
+  def batch_fields(self, traj, advantages, adv_scales, rewards, config):
+    per_sample = {"x0": traj.next_latents[:, -1], "weights": self.weights(rewards, config.train)}
+    return {}, per_sample, {}
+
+  def loss(self, model, params, batch, key, config):
+    loss = jnp.mean(batch["weights"] * model.denoising_loss_terms(params, batch, key))
+    return loss, {"loss": loss}
+
+
+class SparseRewardWeightedRegression(RewardWeightedRegression):
+  """`train.algorithm = "rwr_sparse"`: unit weight (normalised) on the samples with reward ≥
+  the batch's `train.rwr_quantile`, zero elsewhere (`rl.rwr_sparse_weights`)."""
+
+  name = "rwr_sparse"
+
+  def weights(self, rewards, train_config):
+    return rl.rwr_sparse_weights(rewards, train_config.rwr_quantile)
