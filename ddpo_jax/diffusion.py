@@ -420,15 +420,6 @@ class Trajectory:
     return self.next_latents[:, -1]
 
 
-def _step(eps_fn, params, x, t, prev_t, context, uncond_context, class_labels, alphas_cumprod,
-          eta, guidance_scale, final_alpha_cumprod, uncond_class_labels=None):
-  """Shared by the sampler and `step_log_prob`: (mean, std) of one guided DDIM step."""
-  eps = guided_eps(eps_fn, params, x, t, context, uncond_context, guidance_scale, class_labels,
-                   uncond_class_labels)
-  return ddim_step_mean_std(alphas_cumprod, eps, t, prev_t, x, eta,
-                            final_alpha_cumprod=final_alpha_cumprod)
-
-
 def ddim_chain(eps_fn: EpsFn, params: Any, x_init: Array, step_keys: Array, context: Array,
                uncond_context: Optional[Array], *, alphas_cumprod: Array, timesteps,
                prev_timesteps, eta, guidance_scale: float,
@@ -602,10 +593,11 @@ def step_log_prob(eps_fn: EpsFn, params: Any, latents: Array, timesteps: Array,
     log_prob (B,) float32, mean (B, H, W, C) float32, std (B, 1, 1, 1) float32 (unclipped).
   """
   _check_eta(eta)
-  mean, std = _step(eps_fn, params, latents, jnp.asarray(timesteps, jnp.int32),
-                    jnp.asarray(prev_timesteps, jnp.int32), context, uncond_context,
-                    class_labels, alphas_cumprod, eta, guidance_scale, final_alpha_cumprod,
-                    uncond_class_labels)
+  t, prev_t = jnp.asarray(timesteps, jnp.int32), jnp.asarray(prev_timesteps, jnp.int32)
+  eps = guided_eps(eps_fn, params, latents, t, context, uncond_context, guidance_scale,
+                   class_labels, uncond_class_labels)
+  mean, std = ddim_step_mean_std(alphas_cumprod, eps, t, prev_t, latents, eta,
+                                 final_alpha_cumprod=final_alpha_cumprod)
   return gaussian_log_prob(next_latents, mean, std), mean, std
 
 
