@@ -63,12 +63,12 @@ def main(argv=None):
   from jax import lax
 
   import ddpo_jax.models.unet as unet_lib
-  from ddpo_jax import diffusion, parallel, rl, sd, train
+  from ddpo_jax import diffusion, parallel, recipes, rl, train
   from ddpo_jax.families import build_policy
   if args.conv == "lax":
     unet_lib.conv_general_dilated = lax.conv_general_dilated
 
-  config = sd.task_config("compressibility", None if args.lora else "full")
+  config = recipes.sd_task_config("compressibility", None if args.lora else "full")
   config.model.pretrained_path = tiny_pipeline(
       args.style, os.path.join(args.cache_dir, f"update_vs_grads_{args.style}"))
   config.model.resolution = 32

@@ -379,9 +379,11 @@ class TrlSide:
 # ddpo_jax
 # ================================================================================================
 def ddpo_jax_config(s: dict, pipe_dir: str, args):
-  from ddpo_jax import sd
+  from ddpo_jax.config_schema import new_config
   gpu = args.size == "sd15"
-  config = sd.sd_config("list", {"jpeg_compressibility": 1.0})
+  config = new_config("ddpo", "sd")  # LoRA rank 4, lr 3e-4, 50 DDIM steps, eta 1, CFG 5
+  config.prompt_fn = "list"
+  config.reward.weights = {"jpeg_compressibility": 1.0}
   config.prompt_fn_kwargs.prompts = PROMPTS
   config.seed = args.seed
   config.num_epochs = s["warmup_epochs"] + s["epochs"]

@@ -8,17 +8,17 @@ prompt is "" (the unconditional model). Labels are written `class:thickness`.
   python -m ddpo_jax.main --config=configs/ctrl_digits_multi.py --workdir=/tmp/ctrl_multi
   python -m ddpo_jax.sample --workdir=/tmp/ctrl_multi --labels=3:0,3:2,8:0,8:2 --num=16
 
-Variants: `n100`, `n300`, `cfg`, `cg`, `ddpo`, `runlocal` (see ddpo_jax/ctrl/config_defaults.py).
+Variants: `n100`, `n300`, `cfg`, `cg`, `ddpo`, `runlocal` (see ddpo_jax/recipes.py).
 """
-from ddpo_jax.ctrl.config_defaults import apply_variants, condition, ctrl_base, digits_ctrl_defaults
+from ddpo_jax import recipes
+from ddpo_jax.recipes import condition
 
 
 def get_config(arg=None):
-  config = ctrl_base()
-  digits_ctrl_defaults(config)
+  config = recipes.ctrl_digits_config()
   config.ctrl.controls = ("digit", "thickness")
   config.ctrl.conditions.digit = condition("digits_class", 10, split="train", part=0, num_parts=2)
   config.ctrl.conditions.thickness = condition("digits_thickness", 3, split="train", part=1,
                                                num_parts=2)
   config.ctrl.prompts = ("",)
-  return apply_variants(config, arg)
+  return recipes.apply_variants(config, arg, recipes.CTRL_VARIANTS, "CTRL")

@@ -12,15 +12,15 @@ table and the UNet trained, KL mean-reduced over pixels with weight 1: α = 1 / 
   python -m ddpo_jax.sample --workdir=/tmp/ctrl_thick --labels=0,1,2 --num=30 \
       --prompts="a handwritten 8"
 
-Variants: `n100`, `n300`, `cfg`, `cg`, `ddpo`, `runlocal` (see ddpo_jax/ctrl/config_defaults.py).
+Variants: `n100`, `n300`, `cfg`, `cg`, `ddpo`, `runlocal` (see ddpo_jax/recipes.py).
 """
-from ddpo_jax.ctrl.config_defaults import apply_variants, condition, ctrl_base, digits_ctrl_defaults
+from ddpo_jax import recipes
+from ddpo_jax.recipes import condition
 
 
 def get_config(arg=None):
-  config = ctrl_base()
-  digits_ctrl_defaults(config)
+  config = recipes.ctrl_digits_config()
   config.ctrl.controls = ("thickness",)
   config.ctrl.conditions.thickness = condition("digits_thickness", 3, split="train")
   config.ctrl.prompts = ()  # the digits task's prompts: one of the ten classes
-  return apply_variants(config, arg)
+  return recipes.apply_variants(config, arg, recipes.CTRL_VARIANTS, "CTRL")

@@ -6,14 +6,15 @@ the digits training split; per-prompt stat tracking on. `digits_heldout_accuracy
 SVC trained on the held-out split) is logged as an independent judge.
 
   python -m ddpo_jax.main --workdir=/tmp/ddpo_digits
+
+Variant: `:runlocal` (seconds, for tests). Keys and defaults: docs/config.md.
 """
-from ddpo_jax import digits
-from ddpo_jax.config_defaults import ddpo_base, split_variants
+from ddpo_jax import recipes
+from ddpo_jax.config_schema import new_config
 
 
 def get_config(arg=None):
-  config = ddpo_base()
-  config.model = digits.model_config_defaults()
+  config = new_config("ddpo", "digits")
   # 40 epochs: held-out-judge accuracy 43% -> above 85% from epoch 30 on (README).
   config.num_epochs = 40
   config.save_freq = 5
@@ -23,8 +24,6 @@ def get_config(arg=None):
   config.sample.batch_size = 256
   config.sample.num_batches_per_epoch = 1
   config.train.batch_size = 32  # 8 optimizer steps per epoch
-  config.train.gradient_accumulation_steps = 1
-  config.train.learning_rate = 3e-4
   config.train.timestep_fraction = 0.5
   # The reference's clip range 1e-4 suits log-probs averaged over 4·64·64 latent dims; over this
   # model's 64 pixels one step moves the ratio ~100x more, and with 1e-4 nearly every sample is
@@ -32,20 +31,4 @@ def get_config(arg=None):
   config.train.clip_range = 0.2
   config.reward.weights = {"digit_class_logprob": 1.0}
   config.reward.metrics = ("digits_heldout_accuracy",)
-  if "runlocal" in split_variants(arg, ("runlocal",), "digits"):  # seconds, for tests
-    runlocal(config)
-  return config
-
-
-def runlocal(config):
-  config.num_epochs = 2
-  config.save_freq = 1
-  config.log_image_freq = 1
-  config.progress = False
-  digits.use_tiny_model(config.model)
-  config.sample.num_steps = 4
-  config.sample.guidance_scale = 2.0  # exercise the CFG path
-  config.sample.batch_size = 8
-  config.train.batch_size = 4
-  config.train.timestep_fraction = 1.0
-  config.per_prompt_stat_tracking.min_count = 2
+  return recipes.apply_variants(config, arg, recipes.DIGITS_VARIANTS, "digits")

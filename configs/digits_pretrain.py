@@ -4,15 +4,13 @@ Writes the EMA parameters to `model.pretrained_dir` (default: the cache director
 ~/.cache/ddpo_jax/digits_pretrained_<hash>, or $DDPO_JAX_CACHE) and stops. ~1-2 min on 2 CPU cores.
 
   python -m ddpo_jax.main --config=configs/digits_pretrain.py --workdir=/tmp/digits_pretrain
-"""
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-import default  # noqa: E402
+Variant: `:runlocal` (the tiny model of the runlocal tests).
+"""
+from ddpo_jax import recipes
+from ddpo_jax.config_schema import new_config
 
 
 def get_config(arg=None):
-  config = default.get_config(arg)
-  config.mode = "pretrain"
-  return config
+  config = new_config("pretrain", "digits")
+  return recipes.apply_variants(config, arg, recipes.DIGITS_VARIANTS, "digits pre-training")

@@ -15,8 +15,8 @@ works too.) Variants: `:full`, `:runlocal` (the latter also needs --config.rewar
 of a CLIP vision tower with projection_dim 768).
 """
 
-from ddpo_jax import sd
+from ddpo_jax import recipes
 
 
 def get_config(arg=None):
-  return sd.task_config("aesthetic", arg)
+  return recipes.sd_task_config("aesthetic", arg)

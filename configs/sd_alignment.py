@@ -16,8 +16,8 @@ accumulated, as the torch port's 6 GPUs × 4 × 6), 2 per epoch; stat tracking b
 Variants: `:full`, `:runlocal` (the tests run the latter against a `--scorer=brightness` server).
 """
 
-from ddpo_jax import sd
+from ddpo_jax import recipes
 
 
 def get_config(arg=None):
-  return sd.task_config("alignment", arg)
+  return recipes.sd_task_config("alignment", arg)

@@ -16,8 +16,8 @@ CPU; add --config.model.pretrained_path=TINY_PIPELINE_DIR). Export the fine-tune
 `python -m ddpo_jax.export --workdir=/tmp/sd_compressibility --out=/tmp/sd_compressed`.
 """
 
-from ddpo_jax import sd
+from ddpo_jax import recipes
 
 
 def get_config(arg=None):
-  return sd.task_config("compressibility", arg)
+  return recipes.sd_task_config("compressibility", arg)

@@ -9,8 +9,8 @@ As configs/sd_compressibility.py with reward +JPEG size in kB.
 Variants: `:full`, `:runlocal` (see configs/sd_compressibility.py).
 """
 
-from ddpo_jax import sd
+from ddpo_jax import recipes
 
 
 def get_config(arg=None):
-  return sd.task_config("incompressibility", arg)
+  return recipes.sd_task_config("incompressibility", arg)

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from ddpo_jax import checkpoints, diffusion
+from ddpo_jax import checkpoints, classifier, diffusion
 from ddpo_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ddpo_jax.models.weights import host_random_params
 from ddpo_jax.policy import Policy
@@ -290,43 +290,10 @@ def make_policy(config) -> Policy:
                 time_embed_dim=unet.config.time_embed_dim)
 
 
-def model_config_defaults() -> ml_collections.ConfigDict:
-  """Defaults of `config.model` for the digits model (used by the digits configs)."""
-  m = ml_collections.ConfigDict()
-  m.kind = "digits"
-  m.channels = (16, 32)
-  m.layers_per_block = 1
-  m.attention_heads = 4
-  m.context_dim = 32
-  m.norm_num_groups = 8
-  m.pretrained_dir = ""  # "" = a cache directory keyed by the model config and seed
-  m.pretrain = ml_collections.ConfigDict()
-  m.pretrain.seed = 0
-  m.pretrain.steps = 1500
-  m.pretrain.batch_size = 64
-  m.pretrain.label_noise = 0.3
-  m.pretrain.learning_rate = 2e-3
-  m.pretrain.uncond_prob = 0.1
-  m.pretrain.ema_decay = 0.995
-  return m
-
-
-def use_tiny_model(model_config) -> None:
-  """Shrinks `config.model` to the tiny digits model of the `runlocal` test configs (DDPO and
-  CTRL share it, so they share its pre-training cache): seconds on a CPU."""
-  model_config.channels = (8, 16)
-  model_config.attention_heads = 2
-  model_config.context_dim = 8
-  model_config.norm_num_groups = 4
-  model_config.pretrain.steps = 20
-  model_config.pretrain.batch_size = 16
-
-
 @functools.lru_cache(maxsize=4)
 def reward_classifier(seed: int = 0, log=print):
   """The digit classifier of the reward: a SmallCNN trained on the training split (600 AdamW
   steps, pixel noise 0.05), cached on disk beside the pre-trained model."""
-  from ddpo_jax import classifier
   settings = {"seed": seed, "augment_noise": 0.05}
   module = classifier.SmallCNN(num_classes=NUM_CLASSES)
   abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1,) + IMAGE_SHAPE))

@@ -19,6 +19,10 @@ from absl import app, flags
 import jax
 import numpy as np
 
+from ddpo_jax import train
+from ddpo_jax.models.pipeline import check_output_dir, save_pipeline
+from ddpo_jax.runs import restore_run
+
 
 def export_pipeline(workdir: str, out: str, step: int | None = None,
                     overwrite: bool = False) -> str:
@@ -31,10 +35,6 @@ def export_pipeline(workdir: str, out: str, step: int | None = None,
     FileExistsError: `out` holds something that is not replaced
       (`models.pipeline.check_output_dir`; a pipeline exported before needs `overwrite`).
   """
-  from ddpo_jax import train
-  from ddpo_jax.models.pipeline import check_output_dir, save_pipeline
-  from ddpo_jax.runs import restore_run
-
   run, target = os.path.realpath(workdir), os.path.realpath(out)
   if os.path.commonpath([run, target]) in (run, target):
     raise ValueError(f"--out={out} is the run's WORKDIR {workdir}, inside it or above it: "

@@ -260,9 +260,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   main_process = parallel.is_main_process()
   if not main_process:
     log = lambda *a, **k: None  # noqa: E731
-  enable_compilation_cache(config.get("compilation_cache_dir", ""), log)
+  enable_compilation_cache(config.compilation_cache_dir, log)
   parallel.check_same_on_all_processes("config", config.to_json())
-  mesh = parallel.make_mesh(config.get("mesh"))
+  mesh = parallel.make_mesh(config.mesh)
   validate_config(config, mesh)
   policy = build_policy(config, workdir)
   terms = make_rewards(config, policy)

@@ -34,7 +34,7 @@ import numpy as np
 from flax import traverse_util
 
 # The attention projections of diffusers' UNet (self- and cross-attention).
-DEFAULT_TARGETS = (r"(^|/)to_q$", r"(^|/)to_k$", r"(^|/)to_v$", r"(^|/)to_out_0$")
+from ddpo_jax.config_schema import LORA_DEFAULT_TARGETS as DEFAULT_TARGETS
 
 Params = Any
 

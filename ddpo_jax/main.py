@@ -14,6 +14,9 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ddpo_jax import config_schema, digits, loop, parallel
+from ddpo_jax.ctrl import trainer
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(_REPO, "configs", "default.py"), "ml_collections config file.",
@@ -53,7 +56,6 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   set_cpu_devices(int(config.cpu_devices))
-  from ddpo_jax import parallel
   parallel.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value, _DIST_TIMEOUT.value)
   # After an uncaught error, exit at once: Orbax's background threads of a failed save (and, in
@@ -63,18 +65,16 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   allow = tuple(_ALLOW_CONFIG_CHANGE.value)
   if config.mode == "pretrain":
-    from ddpo_jax import digits
+    config_schema.validate(config)
     if config.model.kind != "digits":
       raise ValueError("mode='pretrain' exists for the built-in digits model only")
     digits.load_or_pretrain(config.model, config.model.pretrain.seed)
     return
   if config.mode == "ctrl":
-    from ddpo_jax.ctrl import trainer
     trainer.train_and_evaluate(config, _WORKDIR.value, allow_config_change=allow)
     return
   if config.mode != "ddpo":
     raise ValueError(f"config.mode={config.mode!r}; use 'ddpo', 'ctrl' or 'pretrain'")
-  from ddpo_jax import loop
   loop.train_and_evaluate(config, _WORKDIR.value, allow_config_change=allow)
 
 

@@ -28,6 +28,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ddpo_jax import config_schema
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the sample axis is split over both, data-major
@@ -41,7 +43,7 @@ PARAM_RULES = (
     (r"(^|/)(count|step|rng)$", "replicate"),  # optimizer counters, the step, the PRNG key
     (r".*", "fsdp"),  # kernels and embedding tables
 )
-DEFAULT_FSDP_MIN_SIZE = 2 ** 18  # elements (1 MiB in float32)
+DEFAULT_FSDP_MIN_SIZE = config_schema.default("mesh.fsdp_min_size")  # elements (1 MiB in f32)
 
 
 # ----------------------------------------------------------------------------- processes
@@ -213,8 +215,8 @@ def mesh_shape(mesh_config=None, num_devices: int | None = None) -> tuple[int, i
     ValueError: if the sizes are not positive or do not multiply to the device count.
   """
   n = jax.device_count() if num_devices is None else num_devices
-  data = -1 if mesh_config is None else int(mesh_config.get("data", -1))
-  fsdp = 1 if mesh_config is None else int(mesh_config.get("fsdp", 1))
+  data = -1 if mesh_config is None else int(mesh_config.data)
+  fsdp = 1 if mesh_config is None else int(mesh_config.fsdp)
   if fsdp < 1 or data == 0 or data < -1:
     raise ValueError(f"mesh (data={data}, fsdp={fsdp}): sizes must be positive (data may be -1)")
   if data == -1:
@@ -337,10 +339,8 @@ def param_shardings(tree: Any, mesh: Mesh, min_size: int | None = None) -> Any:
 
 
 def fsdp_min_size(config) -> int:
-  mesh_config = config.get("mesh") if hasattr(config, "get") else None
-  if mesh_config is None:
-    return DEFAULT_FSDP_MIN_SIZE
-  return int(mesh_config.get("fsdp_min_size", DEFAULT_FSDP_MIN_SIZE))
+  """`config.mesh.fsdp_min_size`: fsdp splits arrays of at least this many elements."""
+  return int(config.mesh.fsdp_min_size)
 
 
 def put(tree: Any, shardings: Any) -> Any:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from ddpo_jax import checkpoints, train
+from ddpo_jax import checkpoints, config_schema, train
 from ddpo_jax.families import build_policy
 from ddpo_jax.policy import Policy
 
@@ -61,7 +61,7 @@ def restore_run(workdir: str, step: int | None = None, log=print
     for s in candidates:
       try:
         meta = checkpoints.read_meta(mngr, s)
-        config = ml_collections.ConfigDict(json.loads(meta["config"]))
+        config = config_schema.complete(json.loads(meta["config"]))  # older runs: new keys at defaults
         policy = build_policy(config, workdir)
         params = policy.params["unet"]
         optimizer = train.make_optimizer(config.train, policy.learning_rates)

@@ -18,7 +18,7 @@ Two fine-tuning modes:
   programs (once per call, not per denoising step; only the adapted kernels are copied). At init
   the merged UNet equals the base one exactly.
 
-Config (`config.model`, see `model_config_defaults`): pretrained_path, resolution, dtype,
+Config (`config.model`, docs/config.md): pretrained_path, resolution, dtype,
 compute_dtype, attention_implementation, remat, lora.{enabled, rank, alpha, targets, init_std,
 seed}. Prompts: `config.prompt_fn` (a `ddpo_jax.prompts` set name) with
 `config.prompt_fn_kwargs.{path, prompts, activities_path}` ("" / () = unset).
@@ -31,45 +31,12 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from ddpo_jax import lora as lora_lib
 from ddpo_jax import prompts as prompts_lib
-from ddpo_jax.config_defaults import split_variants
 from ddpo_jax.policy import Policy
-
-DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"  # the DDPO paper's base model
-
-
-def model_config_defaults() -> ml_collections.ConfigDict:
-  """Defaults of `config.model` for Stable Diffusion (used by the configs/sd_*.py files)."""
-  m = ml_collections.ConfigDict()
-  m.kind = "sd"
-  m.pretrained_path = DEFAULT_MODEL  # a diffusers pipeline directory or a Hub id
-  m.resolution = 512  # image side in pixels (latents are resolution / 8 for SD)
-  m.dtype = "float32"  # parameter dtype (master weights)
-  m.compute_dtype = "bfloat16"  # activation dtype of the UNet, VAE and text encoder
-  m.attention_implementation = "auto"  # "auto" | "xla" | "cudnn"
-  m.remat = False  # gradient checkpointing of the UNet blocks (less memory, ~30% slower)
-  m.lora = ml_collections.ConfigDict()
-  m.lora.enabled = True
-  m.lora.rank = 4
-  m.lora.alpha = 4.0  # scale alpha / rank = 1, as diffusers' LoRAAttnProcessor
-  m.lora.targets = lora_lib.DEFAULT_TARGETS  # regexes searched in UNet module paths
-  m.lora.init_std = 0.0  # std of A at init; 0 = 1 / rank
-  m.lora.seed = 0
-  return m
-
-
-def prompt_config_defaults(config: ml_collections.ConfigDict, name: str) -> None:
-  """Sets `config.prompt_fn = name` and an empty `config.prompt_fn_kwargs` (path, prompts,
-  activities_path; "" / () mean unset: the named sets then read $DDPO_JAX_ASSETS)."""
-  config.prompt_fn = name
-  config.prompt_fn_kwargs = ml_collections.ConfigDict()
-  config.prompt_fn_kwargs.path = ""
-  config.prompt_fn_kwargs.prompts = ()
-  config.prompt_fn_kwargs.activities_path = ""
+from ddpo_jax.models.pipeline import load_pipeline
 
 
 def make_prompt_fn(config):
@@ -78,10 +45,10 @@ def make_prompt_fn(config):
   Raises (before anything is compiled): ValueError for an unknown set or an empty file/list,
   FileNotFoundError for a missing file.
   """
-  kwargs = config.get("prompt_fn_kwargs") or ml_collections.ConfigDict()
-  path = kwargs.get("path", "") or None
-  prompts = tuple(kwargs.get("prompts", ()) or ()) or None
-  activities = kwargs.get("activities_path", "") or None
+  kwargs = config.prompt_fn_kwargs
+  path = kwargs.path or None
+  prompts = tuple(kwargs.prompts) or None
+  activities = kwargs.activities_path or None
   return prompts_lib.make_prompt_fn(config.prompt_fn, path=path, prompts=prompts,
                                     activities_path=activities)
 
@@ -115,7 +82,6 @@ def _load(path: str, stamp, dtype: str, compute_dtype: str, attention: str, rema
   """Loads (and caches) a pipeline: the sample CLI and the exporter build policies repeatedly.
   `stamp` (model_index.json's mtime for a directory) makes a rewritten directory load again."""
   del stamp
-  from ddpo_jax.models.pipeline import load_pipeline
   return load_pipeline(path, _dtype(dtype), compute_dtype=_dtype(compute_dtype),
                        attention_implementation=attention, remat=remat)
 
@@ -201,108 +167,3 @@ def prompt_metadata(prompts: Sequence[str]) -> dict[str, np.ndarray]:
   """SD rewards read images and prompt strings only: no metadata."""
   del prompts
   return {}
-
-
-def sd_config(prompt_fn: str, reward_weights: dict) -> ml_collections.ConfigDict:
-  """The common part of configs/sd_*.py: `ddpo_base()` with the SD model, the PyTorch port's
-  LoRA optimisation (lr 3e-4) and sampling (50 DDIM steps, eta 1, CFG 5)."""
-  from ddpo_jax.config_defaults import ddpo_base
-  config = ddpo_base()
-  config.model = model_config_defaults()
-  prompt_config_defaults(config, prompt_fn)
-  config.save_freq = 1  # LoRA checkpoints are small (the torch port saved every epoch)
-  config.log_image_freq = 5
-  config.sample.num_steps = 50
-  config.sample.eta = 1.0
-  config.sample.guidance_scale = 5.0
-  config.train.learning_rate = 3e-4
-  config.train.timestep_fraction = 1.0
-  config.train.num_inner_epochs = 1
-  config.train.cfg = True
-  config.train.adv_clip_max = 5.0
-  config.train.clip_range = 1e-4
-  config.reward.weights = ml_collections.ConfigDict(dict(reward_weights))
-  config.reward.metrics = ()
-  return config
-
-
-TASKS = ("compressibility", "incompressibility", "aesthetic", "alignment")
-
-
-def task_config(task: str, arg=None) -> ml_collections.ConfigDict:
-  """The paper task configs (what configs/sd_TASK.py return), with the PyTorch port's
-  hyperparameters translated to GLOBAL batch sizes; `arg` selects variants (`apply_variants`).
-
-  - compressibility / incompressibility: ±JPEG kB, 398 ImageNet animals, 100 epochs × 256
-    samples (32 per sampling call × 8), optimizer steps of 64 samples (8 × 8 accumulated; the
-    port's 8 GPUs × 4 × 2), 4 per epoch; stat tracking buffer 16, min 16.
-  - aesthetic: LAION aesthetic score, 45 simple animals, 200 epochs × 256, steps of 128 samples
-    (8 × 16; the port's 8 × 4 × 4), 2 per epoch; buffer 32, min 16.
-  - alignment: reward server ("remote"), "a(n) ANIMAL ACTIVITY", 200 epochs × 288 (32 × 9), steps
-    of 144 samples (8 × 18; the port's 6 GPUs × 4 × 6), 2 per epoch; buffer 32, min 16.
-  All: LoRA rank 4 on the attention projections, lr 3e-4, 50 DDIM steps, eta 1, CFG 5.
-  """
-  if task not in TASKS:
-    raise ValueError(f"unknown SD task {task!r}; known: {TASKS}")
-  prompt_set = {"aesthetic": "simple_animals",
-                "alignment": "simple_animals_activities"}.get(task, "imagenet_animals")
-  reward = {"compressibility": "jpeg_compressibility",
-            "incompressibility": "jpeg_incompressibility",
-            "aesthetic": "aesthetic", "alignment": "remote"}[task]
-  config = sd_config(prompt_set, {reward: 1.0})
-  config.num_epochs = 100
-  config.sample.batch_size = 32
-  config.sample.num_batches_per_epoch = 8
-  config.train.batch_size = 8
-  config.train.gradient_accumulation_steps = 8
-  config.per_prompt_stat_tracking.enabled = True
-  config.per_prompt_stat_tracking.buffer_size = 16
-  config.per_prompt_stat_tracking.min_count = 16
-  if task == "aesthetic":
-    config.num_epochs = 200
-    config.train.gradient_accumulation_steps = 16
-    config.per_prompt_stat_tracking.buffer_size = 32
-  if task == "alignment":
-    config.num_epochs = 200
-    config.sample.num_batches_per_epoch = 9
-    config.train.gradient_accumulation_steps = 18
-    config.per_prompt_stat_tracking.buffer_size = 32
-  return apply_variants(config, arg)
-
-
-def apply_variants(config: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
-  """Applies the comma-separated variants of `get_config(arg)`: "full" (full UNet fine-tuning
-  as the JAX original: lr 1e-5, Adam first moment in bfloat16, fewer kept checkpoints) and
-  "runlocal" (seconds on a CPU against a tiny pipeline given by model.pretrained_path)."""
-  variants = split_variants(arg, ("full", "runlocal"), "Stable Diffusion")
-  if "full" in variants:
-    config.model.lora.enabled = False
-    config.train.learning_rate = 1e-5
-    config.train.adam_mu_dtype = "bfloat16"
-    config.save_freq = 10
-    config.keep_checkpoints = 3
-  if "runlocal" in variants:
-    runlocal(config)
-  return config
-
-
-def runlocal(config: ml_collections.ConfigDict) -> None:
-  """Tiny settings: 2 epochs of 4 samples, 4 DDIM steps, 16×16 images, float32 on CPU.
-  `model.pretrained_path` must name a (tiny) pipeline directory."""
-  config.model.pretrained_path = ""
-  config.model.resolution = 16
-  config.model.compute_dtype = "float32"
-  config.model.lora.rank = 2
-  config.model.lora.alpha = 2.0
-  config.num_epochs = 2
-  config.save_freq = 1
-  config.keep_checkpoints = 0
-  config.log_image_freq = 1
-  config.progress = False
-  config.sample.num_steps = 4
-  config.sample.batch_size = 4
-  config.sample.num_batches_per_epoch = 1
-  config.train.batch_size = 2
-  config.train.gradient_accumulation_steps = 2
-  config.per_prompt_stat_tracking.buffer_size = 4
-  config.per_prompt_stat_tracking.min_count = 2

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ddpo_jax import algorithms, diffusion, parallel
+from ddpo_jax import algorithms, config_schema, diffusion, parallel
 from ddpo_jax.policy import Policy
 from ddpo_jax.rewards import Reward
 
@@ -34,7 +34,10 @@ class TrainState:
 
 def validate_shared_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError for impossible values of the sections every trainer reads (the
-  optimizer, the sampler's guidance, checkpoint retention): DDPO's and CTRL's `validate_config`."""
+  optimizer, the sampler's guidance, checkpoint retention) and for a config that does not fit
+  the schema (`config_schema.validate`: unknown or missing keys, values outside their
+  choices): DDPO's and CTRL's `validate_config`."""
+  config_schema.validate(config)
   t = config.train
   checks = [("train.learning_rate", t.learning_rate, ">= 0", t.learning_rate >= 0),
             ("train.max_grad_norm", t.max_grad_norm, "> 0 (the global-norm clip)",
@@ -98,7 +101,7 @@ def make_optimizer(train_config, learning_rates=None) -> optax.GradientTransform
   def adamw(lr):
     return optax.adamw(lr, b1=train_config.adam_beta1, b2=train_config.adam_beta2,
                        eps=train_config.adam_epsilon, weight_decay=train_config.adam_weight_decay,
-                       mu_dtype=train_config.get("adam_mu_dtype") or None)
+                       mu_dtype=train_config.adam_mu_dtype or None)
 
   rates = dict(learning_rates or {})
   if not rates:

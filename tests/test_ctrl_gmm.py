@@ -16,7 +16,8 @@ import optax
 import pytest
 
 from ddpo_jax import diffusion, parallel, rl, train
-from ddpo_jax.ctrl import config_defaults, trainer
+from ddpo_jax.config_schema import new_config
+from ddpo_jax.ctrl import trainer
 from ddpo_jax.ctrl import controls as ctrl_controls
 from ddpo_jax.ctrl import policy as ctrl_policy
 from ddpo_jax.policy import Policy
@@ -81,7 +82,7 @@ def gmm_policy(dim=8):
 
 
 def gmm_config(num_steps):
-  config = config_defaults.ctrl_base()
+  config = new_config("ctrl", "digits")
   config.sample.num_steps = num_steps
   config.sample.eta = 1.0
   config.sample.guidance_scale = 1.0

@@ -1,5 +1,6 @@
 """The package imports downwards only: no import cycle between ddpo_jax's modules, counting the
-imports inside functions too (they hide a cycle from Python, not from a reader)."""
+imports inside functions too (they hide a cycle from Python, not from a reader), and no
+project module imported inside a function (every dependency stated at the top)."""
 import ast
 import os
 
@@ -88,3 +89,34 @@ def test_no_import_cycles():
                                for m, ts in graph.items()})
   assert not cycles, "import cycles (each list imports itself through its members): " + \
       "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def function_level_imports() -> list[str]:
+  """"path:line" of every import of a ddpo_jax module below a module's top level."""
+  files = [os.path.join(d, f) for d, _, fs in os.walk(PACKAGE) for f in fs if f.endswith(".py")]
+  found = []
+  for path in sorted(files):
+    tree = ast.parse(open(path).read(), path)
+    top = set(map(id, tree.body))
+    for node in ast.walk(tree):
+      if id(node) in top or not isinstance(node, (ast.Import, ast.ImportFrom)):
+        continue
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+               else ["." if node.level else node.module or ""])
+      if any(n == "." or n == "ddpo_jax" or n.startswith("ddpo_jax.") for n in names):
+        found.append(f"{os.path.relpath(path, REPO)}:{node.lineno}")
+  return found
+
+
+def test_no_function_level_imports_of_the_project():
+  assert function_level_imports() == []
+
+
+def test_the_function_level_import_finder_finds_one(tmp_path, monkeypatch):
+  pkg = tmp_path / "ddpo_jax"
+  pkg.mkdir()
+  (pkg / "a.py").write_text("import os\nfrom ddpo_jax import b\n\ndef f():\n  from ddpo_jax import c\n"
+                            "  import numpy\n\nclass K:\n  def g(self):\n    from . import d\n")
+  monkeypatch.setattr(__import__(__name__), "PACKAGE", str(pkg))
+  monkeypatch.setattr(__import__(__name__), "REPO", str(tmp_path))
+  assert function_level_imports() == ["ddpo_jax/a.py:5", "ddpo_jax/a.py:10"]

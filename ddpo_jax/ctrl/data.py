@@ -24,6 +24,8 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from ddpo_jax.digits import NUM_CLASSES, load_digits_split
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 SOURCES = ("digits_class", "digits_thickness", "npz", "folder", "tfds")
 _MAX_LISTED = 10  # how many offending items an error message names
@@ -560,7 +562,6 @@ def from_tfds(name: str, data_dir: str, split: str = "train", image_key: str = "
 def digits_class(split: str = "train") -> LabelledDataset:
   """scikit-learn digits with the digit class (10 classes); split "train" / "heldout" / "all"
   as in `ddpo_jax.digits.load_digits_split`. Images (N, 8, 8, 1) float32 = pixel / 16."""
-  from ddpo_jax.digits import NUM_CLASSES, load_digits_split
   images, labels = load_digits_split(split)
   return LabelledDataset(images, labels.astype(np.int32), NUM_CLASSES, f"digits_class[{split}]")
 
@@ -573,7 +574,6 @@ THICKNESS_PERCENTILES = (33.0, 67.0)
 def thickness_cuts() -> tuple[float, float]:
   """(c1, c2): the 33rd and 67th percentiles (NumPy's default linear interpolation) of the mean
   intensity on the 0–16 scale over all 1797 scikit-learn digits."""
-  from ddpo_jax.digits import load_digits_split
   images, _ = load_digits_split("all")
   v = (images.astype(np.float64) * 16.0).reshape(len(images), -1).mean(-1)
   c1, c2 = np.percentile(v, THICKNESS_PERCENTILES)
@@ -600,7 +600,6 @@ def thickness_level_jax(images: jnp.ndarray) -> jnp.ndarray:
 
 def digits_thickness(split: str = "train") -> LabelledDataset:
   """scikit-learn digits labelled with `thickness_level` (3 classes: thin, medium, thick)."""
-  from ddpo_jax.digits import load_digits_split
   images, _ = load_digits_split(split)
   return LabelledDataset(images, thickness_level(images), THICKNESS_LEVELS,
                          f"digits_thickness[{split}]")

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpo_jax import diffusion
+from ddpo_jax.config_schema import CTRL_METHODS as METHODS
 from ddpo_jax.ctrl import classifiers, data, judges, sampled_data
 from ddpo_jax.models.weights import host_init
 from ddpo_jax.ctrl.controls import (Control, ControlledModel, check_labels, controls_from_config,
@@ -38,7 +39,6 @@ from ddpo_jax.ctrl.controls import (Control, ControlledModel, check_labels, cont
 from ddpo_jax.policy import Policy
 from ddpo_jax.rewards import Reward
 
-METHODS = ("ctrl", "cfg", "classifier_guidance")
 # ----------------------------------------------------------------------------- the tables
 
 
@@ -70,7 +70,7 @@ def classifier_dir(workdir: str, name: str) -> str:
 
 def classifier_kwargs(classifier_cfg) -> dict:
   """`classifiers.train_offline_classifier` keyword arguments from a condition's `classifier`
-  config section (`config_defaults.condition`)."""
+  config section (`config_schema.condition`)."""
   c = classifier_cfg
   return dict(seed=int(c.seed), steps=int(c.steps), val_fraction=float(c.val_fraction),
               augment_noise=float(c.augment_noise), augment_shift=int(c.augment_shift),
@@ -127,7 +127,7 @@ def log_likelihood_reward(controls: Sequence[Control], clfs: dict) -> Reward:
 def control_learning_rates(config) -> dict[str, float]:
   """`Policy.learning_rates` of a CTRL policy: the control tables ("control") at
   `train.control_learning_rate` when it is > 0 (else everything at `train.learning_rate`)."""
-  rate = float(config.train.get("control_learning_rate", 0.0))
+  rate = float(config.train.control_learning_rate)
   return {"control": rate} if rate else {}
 
 
@@ -197,7 +197,7 @@ def make_policy(config, workdir: str, base: Policy, log=print) -> Policy:
     base_tr = tr["base"] if "base" in tr else fr["ctrl_base"]
     return {"control": tr["control"], "base": base.assemble_unet(base_tr, fr)}
 
-  min_t = int(config.ctrl.get("control_min_timestep", 0))
+  min_t = int(config.ctrl.control_min_timestep)
 
   def conditional_eps(p, x, t, context, labels):
     emb = control_embedding(p["control"], labels, controls)

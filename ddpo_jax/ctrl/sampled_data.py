@@ -167,16 +167,17 @@ def generation_settings(data_cfg, config, num_classes: int) -> dict:
     raise ValueError(f"sampled data ({source}): num_images={num_images} must be at least "
                      f"num_classes={num_classes}")
   ctrl = config.ctrl if config.mode == "ctrl" else {}
+  model = config.model.to_dict()  # pretrained_path / resolution: SD keys ("" / 0 for digits)
   settings = {
       "format": FORMAT_VERSION, "source": source, "measure": MEASURES[source],
       "num_images": num_images, "num_classes": int(num_classes),
       "sample_seed": int(_get(data_cfg, "sample_seed", 0)),
-      "pretrained_path": str(config.model.get("pretrained_path", "")),
-      "model_kind": str(config.model.kind), "resolution": int(config.model.get("resolution", 0)),
+      "pretrained_path": str(model.get("pretrained_path", "")),
+      "model_kind": str(config.model.kind), "resolution": int(model.get("resolution", 0)),
       "num_steps": int(config.sample.num_steps), "eta": float(config.sample.eta),
       "guidance_scale": float(config.sample.guidance_scale),
-      "prompt_fn": str(config.get("prompt_fn", "")),
-      "prompt_list": list((config.get("prompt_fn_kwargs") or {}).get("prompts", ()) or ()),
+      "prompt_fn": str(config.prompt_fn),
+      "prompt_list": list(config.prompt_fn_kwargs.prompts),
       "prompts": list(ctrl.get("prompts", ()) or ()),
   }
   if source == "sampled_jpeg_levels":
@@ -234,10 +235,9 @@ def _base_sampler(config, base: Policy):
   """(mesh, `train.make_sample_fn` program) of the pre-trained model `base` under `config`,
   kept for the next dataset of the same model and sampler (e.g. the two controls of a
   multi-control run), so it is traced and compiled once per process."""
-  prompt_kwargs = config.get("prompt_fn_kwargs")
   key = json.dumps({"model": config.model.to_dict(), "sample": config.sample.to_dict(),
-                    "prompt_fn": config.get("prompt_fn", ""),
-                    "prompt_fn_kwargs": None if prompt_kwargs is None else prompt_kwargs.to_dict()},
+                    "prompt_fn": config.prompt_fn,
+                    "prompt_fn_kwargs": config.prompt_fn_kwargs.to_dict()},
                    sort_keys=True, default=str) + f"|{id(base)}"
   if key not in _SAMPLER:
     _SAMPLER.clear()

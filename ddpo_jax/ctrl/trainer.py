@@ -39,37 +39,60 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpo_jax import diffusion, loop, parallel, train
-from ddpo_jax.ctrl import classifiers, config_defaults, evaluate
-from ddpo_jax.ctrl import policy as ctrl_policy
+from ddpo_jax import config_schema, diffusion, loop, parallel, train
+from ddpo_jax.ctrl import classifiers, evaluate
 from ddpo_jax.families import build_policy
 from ddpo_jax.policy import Policy
 from ddpo_jax.rewards import make_rewards
 
-SOLVERS = ("backprop", "ddpo")
-TRUNCATIONS = ("random", "fixed", "none")
+
+
+# The DDPO keys the "ddpo" solver derives from `ctrl`: (section, key, derivation, source).
+_DERIVED_DDPO_KEYS = (
+    ("train", "kl_coef", lambda c: float(c.kl_weight), "ctrl.kl_weight"),
+    ("train", "kl_reduction", lambda c: c.kl_reduction, "ctrl.kl_reduction"),
+    ("reward", "weights", lambda c: {"ctrl_log_likelihood": float(c.reward_weight)},
+     "ctrl.reward_weight"),
+)
+
+
+def _plain(value):
+  return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+
+
+def ddpo_solver_config(config) -> ml_collections.ConfigDict:
+  """The config the "ddpo" solver trains with: a copy of `config` whose `train.kl_coef`,
+  `train.kl_reduction` and `reward.weights` are derived from `ctrl.kl_weight`,
+  `ctrl.kl_reduction` and `ctrl.reward_weight`, at run time (after command-line overrides), so
+  the `ctrl` keys are the one place to set them and the saved config shows what the run used.
+
+  Raises:
+    ValueError: one of the derived keys was set to another value than both its CTRL default
+      (`config_schema`) and the derived one (set the `ctrl` key instead).
+  """
+  out = ml_collections.ConfigDict(config.to_dict())
+  for section, name, derive, source in _DERIVED_DDPO_KEYS:
+    default = _plain(config_schema.default(f"{section}.{name}", "ctrl", config.model.kind))
+    value, wanted = _plain(out[section][name]), derive(out.ctrl)
+    if value not in (default, wanted):
+      raise ValueError(f"{section}.{name}={value!r}: the ddpo solver derives it from {source} "
+                       f"(here {wanted!r}); set {source} instead")
+    out[section][name] = ml_collections.ConfigDict(wanted) if isinstance(wanted, dict) else wanted
+  return out
 
 
 def validate_config(config, mesh) -> None:
   """Raises ValueError for impossible CTRL settings, before anything is built or compiled."""
   c = config.ctrl
   train.validate_shared_config(config)
-  if c.method not in ctrl_policy.METHODS:
-    raise ValueError(f"ctrl.method={c.method!r}; choose one of {ctrl_policy.METHODS}")
-  if c.solver not in SOLVERS:
-    raise ValueError(f"ctrl.solver={c.solver!r}; choose one of {SOLVERS}")
-  if c.truncation not in TRUNCATIONS:
-    raise ValueError(f"ctrl.truncation={c.truncation!r}; choose one of {TRUNCATIONS}")
-  if c.kl_reduction not in ("sum", "mean"):
-    raise ValueError(f"ctrl.kl_reduction={c.kl_reduction!r}; use 'sum' or 'mean'")
   if not config.train.control_learning_rate >= 0:
     raise ValueError(f"train.control_learning_rate={config.train.control_learning_rate} must be "
                      ">= 0 (0: the control tables at train.learning_rate)")
-  if int(c.get("control_min_timestep", 0)) < 0:
+  if int(c.control_min_timestep) < 0:
     raise ValueError(f"ctrl.control_min_timestep={c.control_min_timestep} must be >= 0 "
                      "(0: the control acts at every step)")
   if c.method == "ctrl" and c.solver == "ddpo":
-    train.validate_config(config_defaults.ddpo_solver_config(config), mesh)
+    train.validate_config(ddpo_solver_config(config), mesh)
     return
   for name in ("batch_size", "steps_per_epoch", "gradient_accumulation_steps"):
     if int(c[name]) < 1:
@@ -251,7 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   c = config.ctrl
-  fsdp = int(config.mesh.get("fsdp", 1))
+  fsdp = int(config.mesh.fsdp)
   if fsdp > 1 and not (c.method == "ctrl" and c.solver == "ddpo"):
     # The backprop solver's and the baselines' loop keeps the model replicated: an fsdp axis
     # would be accepted and then shard nothing.
@@ -261,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   mesh = parallel.make_mesh(config.mesh)
   validate_config(config, mesh)
   if c.method == "ctrl" and c.solver == "ddpo":
-    last = loop.train_and_evaluate(config_defaults.ddpo_solver_config(config), workdir, log=log,
+    last = loop.train_and_evaluate(ddpo_solver_config(config), workdir, log=log,
                                   allow_config_change=allow_config_change)
   else:
     last = _train_loop(config, workdir, mesh, log, allow_config_change)

@@ -21,6 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from ddpo_jax import digits
+from ddpo_jax.rewards.aesthetic import make_aesthetic_reward
+from ddpo_jax.rewards.client import remote_reward
+
 
 @dataclasses.dataclass(frozen=True)
 class Reward:
@@ -96,17 +100,14 @@ def _build(name: str, config, policy) -> Reward:
   if name == "jpeg_incompressibility":
     return Reward(name, jpeg_incompressibility, on_device=False)
   if name in ("digit_class_logprob", "digits_heldout_accuracy"):
-    from ddpo_jax import digits
     if name == "digit_class_logprob":
       clf = digits.reward_classifier(config.reward.classifier_seed)
       return Reward(name, classifier_log_prob_reward(clf.log_probs, "class_label"), True)
     return Reward(name, digits.heldout_accuracy_metric(), on_device=False)
   if name == "aesthetic":
-    from ddpo_jax.rewards.aesthetic import make_aesthetic_reward
     return Reward(name, make_aesthetic_reward(config.reward.clip_path,
                                               config.reward.aesthetic_mlp_path), on_device=True)
   if name == "remote":
-    from ddpo_jax.rewards.client import remote_reward
     return Reward(name, remote_reward(config.reward.server_url, batch_size=16, timeout=120.0,
                                       retries=3, backoff=1.0), on_device=False)
   known = ", ".join(KNOWN_REWARDS + tuple(task_rewards))

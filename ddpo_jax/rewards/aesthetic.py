@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpo_jax.models.clip import ClipVision
+from ddpo_jax.models.clip import ClipVision, load_clip_vision
 from ddpo_jax.models.weights import WeightLoadingError
 
 Params = Any
@@ -347,5 +347,4 @@ def make_aesthetic_reward(clip_path: str | os.PathLike, mlp_path: str | os.PathL
                           dtype=jnp.float32):
   """Loads CLIP (transformers directory or Hub id, e.g. `openai/clip-vit-large-patch14`) and
   the MLP `.pth`, and returns `aesthetic_reward_fn(clip, mlp)`."""
-  from ddpo_jax.models.clip import load_clip_vision
   return aesthetic_reward_fn(load_clip_vision(clip_path, dtype=dtype), load_aesthetic_mlp(mlp_path))

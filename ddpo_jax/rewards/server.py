@@ -43,6 +43,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from ddpo_jax.rewards import scorers
 from ddpo_jax.rewards.client import CONTENT_TYPE, to_builtin
 
 MAX_REQUEST_BYTES = 512 * 2**20
@@ -66,7 +67,6 @@ def resolve_scorer(spec: str, kwargs: dict | None = None) -> Callable:
   Raises:
     ValueError: an unknown name or malformed spec; ImportError / AttributeError naming `spec`.
   """
-  from ddpo_jax.rewards import scorers
   if spec in scorers.BUILTIN:
     return scorers.BUILTIN[spec](**(kwargs or {}))
   if ":" not in spec:

@@ -1,0 +1,346 @@
+"""The one config schema: every key of every run kind, its default and a one-line meaning.
+
+`new_config(mode, model)` builds a complete config from the tables below; the recipes
+(configs/*.py, through `ddpo_jax.recipes`) override it; `validate` checks a config against it
+(no unknown or missing key, enumerated values among their choices) before anything is built or
+compiled; `complete` fills a saved config of an older version up to the current keys.
+docs/config.md is `markdown()` (a test keeps them equal).
+
+Run kinds (`config.mode`, the one switch): "ddpo" fine-tunes with an RL algorithm
+(`train.algorithm`); "ctrl" adds a control (the `ctrl` section, docs/algorithms.md §4);
+"pretrain" only builds the digits model. Model families (`config.model.kind`): "digits" (the
+built-in one, no downloads) and "sd" (Stable Diffusion from a diffusers checkpoint).
+
+Names follow kvablack/ddpo-pytorch so configs carry over. Differences: batch sizes are GLOBAL
+(all devices together), and `per_prompt_stat_tracking.enabled` switches tracking on/off.
+Three keys hold open mappings whose keys are names: `reward.weights` (reward name -> weight),
+`ctrl.conditions` (control name -> a `condition` section) and a condition's `data` (the keys of
+its source, see `ddpo_jax.ctrl.data.load_dataset`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+RUN_KINDS = ("ddpo", "ctrl", "pretrain")
+MODEL_KINDS = ("digits", "sd")
+CTRL_METHODS = ("ctrl", "cfg", "classifier_guidance")
+CTRL_SOLVERS = ("backprop", "ddpo")
+CTRL_TRUNCATIONS = ("random", "fixed", "none")
+KL_REDUCTIONS = ("mean", "sum")
+# Regexes searched in UNet module paths: the q/k/v/out projections of every attention layer.
+LORA_DEFAULT_TARGETS = (r"(^|/)to_q$", r"(^|/)to_k$", r"(^|/)to_v$", r"(^|/)to_out_0$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+  """One config key: dotted `path`, `default`, one-line `meaning`, allowed `choices` (() = any
+  value of the default's type)."""
+  path: str
+  default: Any
+  meaning: str
+  choices: tuple = ()
+
+
+def _keys(*rows) -> tuple[Key, ...]:
+  return tuple(Key(*row) for row in rows)
+
+
+COMMON = _keys(
+    ("mode", "ddpo", "the run kind: 'ddpo' (RL fine-tuning), 'ctrl' (add a control), 'pretrain' "
+     "(only build the digits model)", RUN_KINDS),
+    ("seed", 42, "seed of the run (sampling noise, minibatch order, parameter init)"),
+    ("num_epochs", 100, "epochs (DDPO: one data collection and its updates each)"),
+    ("save_freq", 20, "epochs between checkpoints (the last epoch is always saved)"),
+    ("keep_checkpoints", 0, "keep step 0 and this many latest steps; 0 keeps all"),
+    ("log_image_freq", 5, "epochs between image grids in WORKDIR/samples and TensorBoard (0: never)"),
+    ("progress", True, "tqdm progress bars"),
+    ("compilation_cache_dir", "", "persistent XLA compilation cache shared by runs ('' = off), e.g. "
+     "~/.cache/ddpo_jax/xla"),
+    ("cpu_devices", 0, "CPU devices per process (jax_num_cpu_devices; 0 = JAX's own): N > 0 splits "
+     "each batch over N CPU devices; accelerators are unaffected"),
+    ("mesh.data", -1, "devices on the mesh's data axis; -1: all devices not used by fsdp"),
+    ("mesh.fsdp", 1, "devices on the fsdp axis: > 1 also splits parameters and optimizer state "
+     "(ddpo_jax/parallel.py: PARAM_RULES)"),
+    ("mesh.fsdp_min_size", 2 ** 18, "fsdp splits only arrays of at least this many elements"),
+    ("model.kind", "digits", "the model family", MODEL_KINDS),
+    ("sample.num_steps", 50, "DDIM steps per sample"),
+    ("sample.eta", 1.0, "DDIM eta (the step noise; DDPO needs > 0)"),
+    ("sample.guidance_scale", 5.0, "classifier-free guidance weight of the prompt (1: none)"),
+    ("sample.batch_size", 8, "samples per sampling call (global)"),
+    ("sample.num_batches_per_epoch", 2, "sampling calls per epoch"),
+    ("train.algorithm", "ppo", "'ppo' (DDPO-IS), 'sf' (DDPO-SF: one optimizer step per data "
+     "collection), 'rwr', 'rwr_sparse', or a registered one (ddpo_jax/algorithms)"),
+    ("train.batch_size", 4, "samples per micro-step (global)"),
+    ("train.learning_rate", 3e-4, "AdamW learning rate of the trainable tree"),
+    ("train.adam_beta1", 0.9, "AdamW beta1"),
+    ("train.adam_beta2", 0.999, "AdamW beta2"),
+    ("train.adam_weight_decay", 1e-4, "AdamW weight decay"),
+    ("train.adam_epsilon", 1e-8, "AdamW epsilon"),
+    ("train.adam_mu_dtype", "", "dtype of Adam's first moment: '' = the params' dtype",
+     ("", "bfloat16", "float32")),
+    ("train.max_grad_norm", 1.0, "global-norm gradient clip"),
+    ("train.gradient_accumulation_steps", 1, "micro-steps accumulated per optimizer step"),
+    ("train.num_inner_epochs", 1, "passes over each epoch's samples"),
+    ("train.cfg", True, "the update recomputes the guided eps (as the sampler did)"),
+    ("train.adv_clip_max", 5.0, "advantages clipped to [-adv_clip_max, adv_clip_max]"),
+    ("train.clip_range", 1e-4, "PPO ratio clip range"),
+    ("train.timestep_fraction", 1.0, "fraction of each trajectory's steps trained on"),
+    ("train.kl_coef", 0.0, "alpha > 0 (ppo / sf): maximise E[r] - alpha E[sum_t KL_t] to the "
+     "pre-trained model (docs/algorithms.md §3.5); the sampler then also runs it"),
+    ("train.kl_reduction", "mean", "KL_t over latent dims: 'mean' (like the log-prob) or 'sum' "
+     "(the exact KL)", KL_REDUCTIONS),
+    ("train.rwr_beta", 5.0, "RWR weights proportional to exp(reward / beta)"),
+    ("train.rwr_quantile", 0.9, "RWR-sparse trains on samples with reward >= this batch quantile"),
+    ("per_prompt_stat_tracking.enabled", True, "advantages normalised per prompt (else per batch)"),
+    ("per_prompt_stat_tracking.buffer_size", 16, "rewards kept per prompt"),
+    ("per_prompt_stat_tracking.min_count", 16, "below this many, the batch's statistics are used"),
+    ("reward.weights", {"jpeg_compressibility": 1.0}, "reward name -> weight of the trained reward "
+     "(ddpo_jax/rewards)"),
+    ("reward.metrics", (), "reward terms computed and logged but not trained on"),
+    ("reward.classifier_seed", 0, "digits: seed of the reward classifier"),
+    ("reward.clip_path", "openai/clip-vit-large-patch14", "aesthetic: CLIP vision dir or hub id"),
+    ("reward.aesthetic_mlp_path", "", "aesthetic: the LAION MLP (sac+logos+ava1-l14-linearMSE.pth)"),
+    ("reward.server_url", "http://127.0.0.1:8000", "remote: a `python -m ddpo_jax.rewards.server`"),
+    ("prompt_fn", "", "named prompt set (ddpo_jax/prompts.py); '' = the model family's own "
+     "(digits: the ten class names; SD needs a set)"),
+    ("prompt_fn_kwargs.path", "", "prompt file ('' = the set's file under $DDPO_JAX_ASSETS)"),
+    ("prompt_fn_kwargs.prompts", (), "an explicit prompt list (overrides the file)"),
+    ("prompt_fn_kwargs.activities_path", "", "activities file of the *_activities sets"),
+)
+
+MODELS = {
+    "digits": _keys(
+        ("model.kind", "digits", "the model family", MODEL_KINDS),
+        ("model.channels", (16, 32), "UNet channels per level"),
+        ("model.layers_per_block", 1, "ResNet blocks per level"),
+        ("model.attention_heads", 4, "attention heads"),
+        ("model.context_dim", 32, "width of the class-prompt embedding"),
+        ("model.norm_num_groups", 8, "group-norm groups"),
+        ("model.pretrained_dir", "", "pre-trained params; '' = a cache dir keyed by the model config"),
+        ("model.pretrain.seed", 0, "pre-training seed"),
+        ("model.pretrain.steps", 1500, "pre-training AdamW steps"),
+        ("model.pretrain.batch_size", 64, "pre-training batch"),
+        ("model.pretrain.label_noise", 0.3, "fraction of pre-training labels replaced at random"),
+        ("model.pretrain.learning_rate", 2e-3, "pre-training learning rate"),
+        ("model.pretrain.uncond_prob", 0.1, "probability of the null prompt (for CFG)"),
+        ("model.pretrain.ema_decay", 0.995, "EMA decay of the saved params"),
+    ),
+    "sd": _keys(
+        ("model.kind", "sd", "the model family", MODEL_KINDS),
+        ("model.pretrained_path", "CompVis/stable-diffusion-v1-4", "a diffusers pipeline "
+         "directory or a Hub id (default: the DDPO paper's base model)"),
+        ("model.resolution", 512, "image side in pixels (latents: resolution / 8)"),
+        ("model.dtype", "float32", "parameter dtype (master weights)", ("float32", "bfloat16")),
+        ("model.compute_dtype", "bfloat16", "activation dtype of the UNet, VAE and text encoder",
+         ("float32", "bfloat16")),
+        ("model.attention_implementation", "auto", "attention kernel", ("auto", "xla", "cudnn")),
+        ("model.remat", False, "gradient checkpointing of the UNet blocks (less memory, ~30% slower)"),
+        ("model.lora.enabled", True, "train LoRA factors (else the full UNet)"),
+        ("model.lora.rank", 4, "LoRA rank"),
+        ("model.lora.alpha", 4.0, "LoRA scale alpha / rank (4 / 4 = 1, as diffusers')"),
+        ("model.lora.targets", LORA_DEFAULT_TARGETS, "regexes searched in UNet module paths"),
+        ("model.lora.init_std", 0.0, "std of A at init; 0 = 1 / rank"),
+        ("model.lora.seed", 0, "seed of the LoRA init"),
+    ),
+}
+
+CTRL = _keys(
+    ("ctrl.method", "ctrl", "'ctrl', or the baselines 'cfg' / 'classifier_guidance'", CTRL_METHODS),
+    ("ctrl.solver", "backprop", "'backprop' (direct, the reference's) or 'ddpo' (PPO)",
+     CTRL_SOLVERS),
+    ("ctrl.controls", (), "the controls' names, in the order of labels in '3:2'"),
+    ("ctrl.conditions", {}, "control name -> its section (`recipes.condition`)"),
+    ("ctrl.prompts", (), "fixed prompts c to draw from; () = the model's prompt distribution"),
+    ("ctrl.train_base", True, "also train the base model's trainable tree (LoRA / full UNet)"),
+    ("ctrl.reward_weight", 1.0, "weight of sum_i w_i log p_i(y_i | x_0)"),
+    ("ctrl.kl_weight", 1.0, "weight of the KL to the pre-trained model (alpha = kl / reward)"),
+    ("ctrl.kl_reduction", "sum", "over latent dims: 'sum' (the exact KL), 'mean' (the reference "
+     "code's)", KL_REDUCTIONS),
+    ("ctrl.control_min_timestep", 0, "> 0: the control embedding acts only at t >= this"),
+    ("ctrl.truncation", "random", "backprop through 'random' (reference), 'fixed' (the last "
+     "truncation_steps) or 'none' (all) steps", CTRL_TRUNCATIONS),
+    ("ctrl.truncation_steps", 1, "steps backpropagated with 'fixed'"),
+    ("ctrl.batch_size", 64, "chains per micro-batch (global)"),
+    ("ctrl.gradient_accumulation_steps", 1, "micro-batches per optimizer step"),
+    ("ctrl.steps_per_epoch", 20, "optimizer steps per epoch"),
+    ("ctrl.label_dropout", 0.1, "cfg baseline: probability of training on the null label"),
+    ("ctrl.label_guidance_scale", 2.0, "cfg baseline: guidance weight on the labels"),
+    ("ctrl.noisy_classifier_steps", 1500, "classifier_guidance baseline: training steps"),
+    ("ctrl.classifier_guidance_scale", 1.0, "classifier_guidance baseline: weight of "
+     "grad log p(y | x_t)"),
+    ("ctrl.eval_num_samples", 300, "after training: samples for WORKDIR/eval.json (0: skip)"),
+    ("train.control_learning_rate", 1e-2, "the control-embedding tables' learning rate (0: "
+     "train.learning_rate)"),
+)
+# CTRL's defaults of keys it shares with DDPO (the reference's optimiser; its own reward).
+CTRL_DEFAULTS = {
+    "train.learning_rate": 1e-4,
+    "train.max_grad_norm": 5.0,
+    "train.adam_weight_decay": 0.0,
+    "reward.weights": {"ctrl_log_likelihood": 1.0},
+    "per_prompt_stat_tracking.enabled": False,
+}
+
+# One control's section (`ctrl.conditions.NAME`); `data` also takes its source's own keys.
+CONDITION = _keys(
+    ("num_classes", 0, "the control's number of classes"),
+    ("weight", 1.0, "w_i in the reward sum_i w_i log p_i(y_i | x_0)"),
+    ("data.source", "", "labelled data source (ddpo_jax/ctrl/data.py: SOURCES)"),
+    ("data.num_labelled", 0, "label budget (0: every example)"),
+    ("data.seed", 0, "seed of the budget draw"),
+    ("classifier.steps", 600, "training steps of the offline classifier p(y | x_0)"),
+    ("classifier.seed", 0, "its seed"),
+    ("classifier.val_fraction", 0.2, "held out for its temperature calibration"),
+    ("classifier.augment_noise", 0.05, "pixel noise std of its training images"),
+    ("classifier.augment_shift", 0, "random translation by up to this many pixels (0: none)"),
+    ("classifier.input_size", 0, "resize images to this side first (0: as they are)"),
+)
+
+_OPEN = ("reward.weights", "ctrl.conditions")  # mappings whose keys are names
+
+
+def keys_of(mode: str, model: str) -> tuple[Key, ...]:
+  """The keys of a run kind with a model family, each once, with its default for that kind."""
+  if mode not in RUN_KINDS:
+    raise ValueError(f"config.mode={mode!r}; choose one of {RUN_KINDS}")
+  if model not in MODEL_KINDS:
+    raise ValueError(f"config.model.kind={model!r}; choose one of {MODEL_KINDS}")
+  rows = [k for k in COMMON if not k.path.startswith("model.")]
+  at = next(i for i, k in enumerate(rows) if k.path.startswith("sample."))
+  rows[at:at] = MODELS[model]
+  if mode == "ctrl":
+    rows = [dataclasses.replace(k, default=CTRL_DEFAULTS[k.path]) if k.path in CTRL_DEFAULTS
+            else k for k in rows] + list(CTRL)
+  return tuple(dataclasses.replace(k, default=mode) if k.path == "mode" else k for k in rows)
+
+
+def _build(rows) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  for k in rows:
+    *parents, leaf = k.path.split(".")
+    node = config
+    for p in parents:
+      if p not in node:
+        node[p] = ml_collections.ConfigDict()
+      node = node[p]
+    node[leaf] = ml_collections.ConfigDict(dict(k.default)) if isinstance(k.default, dict) else k.default
+  return config
+
+
+def new_config(mode: str = "ddpo", model: str = "digits") -> ml_collections.ConfigDict:
+  """A complete config of run kind `mode` with the `model` family, every key at its default."""
+  return _build(keys_of(mode, model))
+
+
+def condition(source: str, num_classes: int, weight: float = 1.0, **data) -> ml_collections.ConfigDict:
+  """One control's section: labelled data from `source` with its source-specific `data` keys
+  (`ddpo_jax.ctrl.data.load_dataset`), the rest at the defaults of `CONDITION`."""
+  c = _build(CONDITION)
+  c.num_classes = num_classes
+  c.weight = weight
+  c.data.source = source
+  for name, value in data.items():
+    c.data[name] = value
+  return c
+
+
+def default(path: str, mode: str = "ddpo", model: str = "digits"):
+  """The default of key `path` for run kind `mode` with the `model` family."""
+  for k in keys_of(mode, model):
+    if k.path == path:
+      return k.default
+  raise KeyError(path)
+
+
+def _leaves(node, prefix=""):
+  for name, value in node.items():
+    path = f"{prefix}{name}"
+    if isinstance(value, (ml_collections.ConfigDict, dict)) and path not in _OPEN:
+      yield from _leaves(value, path + ".")
+    else:
+      yield path, value
+
+
+def _check(node, rows, where: str) -> None:
+  expected = {k.path: k for k in rows}
+  found = dict(_leaves(node))
+  unknown = sorted(set(found) - set(expected))
+  missing = sorted(set(expected) - set(found))
+  if unknown:
+    raise ValueError(f"unknown config key {where}{unknown[0]} (all unknown: "
+                     f"{[where + u for u in unknown]}); the schema is ddpo_jax/config_schema.py "
+                     "(docs/config.md)")
+  if missing:
+    raise ValueError(f"config lacks key {where}{missing[0]} (build configs with "
+                     "config_schema.new_config, or `complete` a saved one)")
+  for path, k in expected.items():
+    if k.choices and found[path] not in k.choices:
+      raise ValueError(f"{where}{path}={found[path]!r}; choose one of {k.choices}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError, naming the key, for a key the schema of `config.mode` and
+  `config.model.kind` lacks, one it has that `config` lacks, or a value outside its choices.
+  Every trainer calls it before building anything."""
+  mode, model = config.get("mode"), config.get("model", {}).get("kind")
+  rows = keys_of(mode, model)
+  _check(config, rows, "")
+  if mode == "ctrl":
+    for name, cond in config.ctrl.conditions.items():
+      if not isinstance(cond, ml_collections.ConfigDict):
+        raise ValueError(f"ctrl.conditions.{name} must be a condition section (recipes.condition)")
+      data = cond.get("data", {})
+      own = {k.path for k in CONDITION if k.path.startswith("data.")}
+      extra = tuple(Key(f"data.{n}", None, "") for n in data if f"data.{n}" not in own)
+      _check(cond, CONDITION + extra, f"ctrl.conditions.{name}.")
+    unknown = sorted(set(config.ctrl.controls) - set(config.ctrl.conditions))
+    if unknown:
+      raise ValueError(f"ctrl.controls names {unknown[0]!r}, which ctrl.conditions lacks")
+  if model == "digits" and config.prompt_fn:
+    raise ValueError(f"prompt_fn={config.prompt_fn!r}: the digits model has its own prompts "
+                     "(the ten class names); leave prompt_fn ''")
+
+
+def complete(saved: dict) -> ml_collections.ConfigDict:
+  """A saved config (a run's config.json, maybe of an older version) with the keys it lacks at
+  their defaults."""
+  config = new_config(saved.get("mode", "ddpo"), saved.get("model", {}).get("kind", "digits"))
+
+  def merge(node, values, prefix):
+    for name, value in values.items():
+      path = prefix + name
+      if isinstance(value, dict) and path not in _OPEN and name in node:
+        merge(node[name], value, path + ".")
+      elif isinstance(value, dict):
+        node[name] = ml_collections.ConfigDict(value)
+      else:
+        node[name] = value
+  merge(config, saved, "")
+  return config
+
+
+def markdown() -> str:
+  """docs/config.md: the tables of every run kind and model family."""
+  def table(rows, title):
+    lines = [f"## {title}", "", "| key | default | meaning |", "|---|---|---|"]
+    for k in rows:
+      meaning = k.meaning + (f" (one of: {', '.join(repr(c) for c in k.choices)})"
+                             if k.choices else "")
+      lines.append(f"| `{k.path}` | `{k.default!r}` | {meaning.replace('|', '/')} |")
+    return lines + [""]
+  out = ["# Config keys", "",
+         "Generated from `ddpo_jax/config_schema.py` (`python -c \"from ddpo_jax import "
+         "config_schema; print(config_schema.markdown())\" > docs/config.md`). Every config is "
+         "`config_schema.new_config(mode, model)` overridden by a recipe in `configs/` and the "
+         "command line (`--config.KEY=VALUE`); `validate` rejects a key not listed here.", ""]
+  out += table(COMMON, "Every run kind")
+  for name, rows in MODELS.items():
+    out += table([k for k in rows if k.path != "model.kind"], f"`model.kind = {name!r}`")
+  out += table(CTRL, "`mode = 'ctrl'`")
+  out += ["CTRL's defaults of shared keys: " + ", ".join(
+      f"`{p}` = `{v!r}`" for p, v in CTRL_DEFAULTS.items()) + ".", ""]
+  out += table(CONDITION, "A control: `ctrl.conditions.NAME`")
+  return "\n".join(out).rstrip() + "\n"

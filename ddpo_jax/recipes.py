@@ -1,0 +1,310 @@
+"""What the recipes in configs/ share: the paper's Stable Diffusion tasks, the digits CTRL and SD
+CTRL set-ups, and the one variant mechanism (`apply_variants`: `--config=FILE.py:V1,V2`) with
+its variants (`runlocal` for every run kind and model family, `full`, the CTRL ones).
+
+Every recipe starts from `config_schema.new_config(mode, model)` (the keys and their defaults:
+docs/config.md) and only overrides keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+import ml_collections
+
+from ddpo_jax.config_schema import condition, new_config
+
+__all__ = ["Variant", "apply_variants", "condition", "runlocal", "sd_task_config", "SD_TASKS",
+           "ctrl_digits_config", "ctrl_sd_config", "CTRL_VARIANTS", "ctrl_sd_variants",
+           "SD_VARIANTS", "DIGITS_VARIANTS"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """A named change of a config. `name` "nN" stands for every "n<integer>" (e.g. a label
+  budget "n100"); `apply` then also takes the integer."""
+  name: str
+  apply: Callable
+  doc: str = ""
+
+
+def apply_variants(config: ml_collections.ConfigDict, arg, variants: tuple[Variant, ...],
+                   config_name: str) -> ml_collections.ConfigDict:
+  """Applies the comma-separated variants named in `arg` ("runlocal,full"; blanks dropped) in
+  the order of `variants` (not of `arg`: e.g. `runlocal` comes last and shrinks what the others
+  set).
+
+  Raises:
+    ValueError: a variant `variants` lacks (a typo such as "runlocl"), naming the config and
+      the known ones, never the full config silently.
+  """
+  chosen = [v.strip() for v in (arg or "").split(",") if v.strip()]
+
+  def matches(variant, name):
+    if variant.name == "nN":
+      return re.fullmatch(r"n\d+", name) is not None
+    return variant.name == name
+  for name in chosen:
+    if not any(matches(v, name) for v in variants):
+      known = ", ".join(v.name for v in variants)
+      raise ValueError(f"unknown {config_name} config variant {name!r}; known: {known}")
+  for variant in variants:
+    for name in chosen:
+      if matches(variant, name):
+        if variant.name == "nN":
+          variant.apply(config, int(name[1:]))
+        else:
+          variant.apply(config)
+  return config
+
+
+def _use_tiny_digits_model(model_config) -> None:
+  """The tiny digits model of every digits `runlocal` (DDPO and CTRL share it, so they share
+  its pre-training cache)."""
+  model_config.channels = (8, 16)
+  model_config.attention_heads = 2
+  model_config.context_dim = 8
+  model_config.norm_num_groups = 4
+  model_config.pretrain.steps = 20
+  model_config.pretrain.batch_size = 16
+
+
+def runlocal(config: ml_collections.ConfigDict) -> None:
+  """Seconds on a CPU, for tests: 2 epochs of few steps with the family's tiny model (digits:
+  channels (8, 16), 20 pre-training steps; SD: the tiny pipeline that
+  --config.model.pretrained_path=DIR names, 16x16 images, float32, LoRA rank 2)."""
+  config.num_epochs = 2
+  config.save_freq = 1
+  config.progress = False
+  config.per_prompt_stat_tracking.min_count = 2
+  config.sample.num_steps = 4
+  config.train.timestep_fraction = 1.0
+  ctrl = config.mode == "ctrl"
+  if config.model.kind == "digits":
+    _use_tiny_digits_model(config.model)
+    config.sample.batch_size = 8
+    config.train.batch_size = 4
+    if not ctrl:
+      config.log_image_freq = 1
+      config.sample.guidance_scale = 2.0  # exercise the CFG path
+  else:
+    config.model.pretrained_path = ""
+    config.model.resolution = 16
+    config.model.compute_dtype = "float32"
+    config.model.lora.rank = 2
+    config.model.lora.alpha = 2.0
+    config.keep_checkpoints = 0
+    config.log_image_freq = 1
+    config.sample.batch_size = 4
+    config.sample.num_batches_per_epoch = 1
+    config.train.batch_size = 2
+    config.train.gradient_accumulation_steps = 2
+    config.per_prompt_stat_tracking.buffer_size = 4
+  if not ctrl:
+    return
+  c = config.ctrl
+  c.batch_size = 8
+  c.steps_per_epoch = 2
+  c.noisy_classifier_steps = 20
+  c.eval_num_samples = 60  # >= 2 per label combination of the digits multi config
+  for name in c.controls:
+    c.conditions[name].classifier.steps = 30
+  if config.model.kind == "sd":  # 2 DDIM steps, 16 sampled images per offline dataset
+    config.model.remat = False
+    config.log_image_freq = 0
+    config.sample.num_steps = 2
+    config.sample.batch_size = 8
+    c.batch_size = 4
+    c.gradient_accumulation_steps = 1
+    for name in c.controls:
+      cond = c.conditions[name]
+      cond.data.num_images = 16
+      cond.data.batch_size = 8
+      cond.classifier.steps = 20
+      cond.classifier.input_size = 0
+
+
+def _full(config) -> None:
+  """Full UNet fine-tuning as the JAX original: lr 1e-5, fp32 master weights, bf16 compute,
+  Adam's first moment in bfloat16, fewer kept checkpoints."""
+  config.model.lora.enabled = False
+  config.train.learning_rate = 1e-5
+  config.train.adam_mu_dtype = "bfloat16"
+  config.save_freq = 10
+  config.keep_checkpoints = 3
+
+
+DIGITS_VARIANTS = (Variant("runlocal", runlocal, "seconds, for tests"),)
+SD_VARIANTS = (Variant("full", _full, "full UNet fine-tuning"),
+               Variant("runlocal", runlocal, "seconds on a CPU against a tiny pipeline"))
+
+SD_TASKS = ("compressibility", "incompressibility", "aesthetic", "alignment")
+
+
+def sd_task_config(task: str, arg=None) -> ml_collections.ConfigDict:
+  """The paper's Stable Diffusion tasks (what configs/sd_TASK.py return), with the PyTorch
+  port's hyperparameters translated to GLOBAL batch sizes; `arg`: `SD_VARIANTS`.
+
+  - compressibility / incompressibility: ±JPEG kB, 398 ImageNet animals, 100 epochs × 256
+    samples (32 per sampling call × 8), optimizer steps of 64 samples (8 × 8 accumulated; the
+    port's 8 GPUs × 4 × 2), 4 per epoch; stat tracking buffer 16, min 16.
+  - aesthetic: LAION aesthetic score, 45 simple animals, 200 epochs × 256, steps of 128 samples
+    (8 × 16; the port's 8 × 4 × 4), 2 per epoch; buffer 32, min 16.
+  - alignment: reward server ("remote"), "a(n) ANIMAL ACTIVITY", 200 epochs × 288 (32 × 9), steps
+    of 144 samples (8 × 18; the port's 6 GPUs × 4 × 6), 2 per epoch; buffer 32, min 16.
+  All: LoRA rank 4 on the attention projections, lr 3e-4, 50 DDIM steps, eta 1, CFG 5, a
+  checkpoint every epoch (LoRA checkpoints are small).
+  """
+  if task not in SD_TASKS:
+    raise ValueError(f"unknown SD task {task!r}; known: {SD_TASKS}")
+  config = new_config("ddpo", "sd")
+  config.prompt_fn = {"aesthetic": "simple_animals",
+                      "alignment": "simple_animals_activities"}.get(task, "imagenet_animals")
+  reward = {"compressibility": "jpeg_compressibility",
+            "incompressibility": "jpeg_incompressibility",
+            "aesthetic": "aesthetic", "alignment": "remote"}[task]
+  config.reward.weights = ml_collections.ConfigDict({reward: 1.0})
+  config.save_freq = 1
+  config.sample.batch_size = 32
+  config.sample.num_batches_per_epoch = 8
+  config.train.batch_size = 8
+  config.train.gradient_accumulation_steps = 8
+  if task == "aesthetic":
+    config.num_epochs = 200
+    config.train.gradient_accumulation_steps = 16
+    config.per_prompt_stat_tracking.buffer_size = 32
+  if task == "alignment":
+    config.num_epochs = 200
+    config.sample.num_batches_per_epoch = 9
+    config.train.gradient_accumulation_steps = 18
+    config.per_prompt_stat_tracking.buffer_size = 32
+  return apply_variants(config, arg, SD_VARIANTS, "Stable Diffusion")
+
+
+def ctrl_digits_config() -> ml_collections.ConfigDict:
+  """What the digits CTRL configs share: the DDPO default's pre-trained digits model, 10 DDIM
+  steps (eta 1, no prompt guidance; 10 rather than 20 halves the cost of backpropagating
+  through the chain on a CPU), 6 epochs × 50 optimizer steps of 32 chains; baselines: CFG
+  fine-tuned for 300 steps of 64 labelled images, noisy classifiers for 1500 steps.
+
+  CTRL trains the control tables (lr 0.1) and the full UNet (lr 1e-4, `ctrl.train_base`),
+  with the reward backpropagated through every step (`ctrl.truncation="none"`) and the
+  reference code's KL reduction: MEAN over the 64 pixels, weight 1 per unit reward, i.e.
+  α = 1 / 64 in the theory's terms (judge accuracy 0.977 on the class task; with the
+  reference's weight 0.1: 0.893, less diverse; the tables alone: 0.65 at weight 0.1). The
+  exact summed KL (α = 1) learns the class far less on this chain (judge 0.12 with the tables
+  alone; 0.40 with the UNet and `ctrl.control_min_timestep=200`): the eta = 1 step from
+  t = 101 to t = 1 has std 0.015, so a change of eps there costs 271 nats per unit squared
+  change per pixel (0.6-2.3 at the other steps), and a table added to the time embedding
+  shifts eps at every step (README, digits)."""
+  config = new_config("ctrl", "digits")
+  # two CPU devices, the batch split between them: on a 2-core host an epoch takes 0.72x the
+  # time of one device (24.7 s vs 34.5 s for 10 steps, same metrics to 4 digits)
+  config.cpu_devices = 2
+  config.num_epochs = 6
+  config.save_freq = 2
+  config.log_image_freq = 0
+  config.sample.num_steps = 10
+  config.sample.guidance_scale = 1.0
+  c = config.ctrl
+  c.batch_size = 32
+  c.steps_per_epoch = 50
+  c.truncation = "none"
+  c.kl_reduction = "mean"
+  config.train.control_learning_rate = 1e-1
+  return config
+
+
+def ctrl_sd_config(prompt_set: str) -> ml_collections.ConfigDict:
+  """What configs/ctrl_sd_*.py share: Stable Diffusion (LoRA rank 4 on the attention
+  projections, gradient checkpointing) and the reference's direct-backprop recipe
+  (docs/algorithms.md §4.4): AdamW with LoRA lr 1e-3 and control-table lr 1e-2, weight decay
+  0.1, grad-norm clip 5, reward weight 0.1, KL weight 0.01 MEAN-reduced over latent dims,
+  random truncation; 50 DDIM steps, eta 1, CFG 5 (as the SD DDPO tasks); chains of 4 × 8
+  accumulated per step."""
+  config = new_config("ctrl", "sd")
+  config.model.remat = True  # the backprop solver keeps one UNet step's activations at a time
+  config.prompt_fn = prompt_set
+  config.num_epochs = 20
+  config.save_freq = 2
+  config.log_image_freq = 0
+  config.sample.batch_size = 32  # also the batch of the offline-data sampler
+  config.train.learning_rate = 1e-3  # LoRA (the reference's other setting: 3e-4)
+  config.train.adam_weight_decay = 0.1
+  c = config.ctrl
+  c.reward_weight = 0.1
+  c.kl_weight = 0.01
+  c.kl_reduction = "mean"
+  c.batch_size = 4
+  c.gradient_accumulation_steps = 8
+  c.steps_per_epoch = 10
+  c.eval_num_samples = 256
+  return config
+
+
+def _label_budget(config, n: int) -> None:
+  for name in config.ctrl.controls:
+    config.ctrl.conditions[name].data.num_labelled = n
+
+
+def _cfg_baseline(config) -> None:
+  config.ctrl.method = "cfg"
+  config.train.learning_rate = 3e-4
+  config.ctrl.batch_size = 64
+  config.ctrl.steps_per_epoch = 50
+
+
+def _cg_baseline(config) -> None:
+  config.ctrl.method = "classifier_guidance"
+
+
+def _ddpo_solver(config) -> None:
+  """The PPO route: contexts (c, y), terminal reward log p̂(y | x_0), per-step penalty
+  −α·KL_t (the train.* keys derived from ctrl.* at run time: ctrl.trainer), stat tracking per
+  (c, y)."""
+  config.ctrl.solver = "ddpo"
+  config.train.clip_range = 0.2
+  config.train.learning_rate = 3e-4
+  config.train.timestep_fraction = 0.5
+  config.sample.batch_size = 256
+  config.sample.num_batches_per_epoch = 1
+  config.train.batch_size = 32
+  config.num_epochs = 14
+  config.per_prompt_stat_tracking.enabled = True
+  config.per_prompt_stat_tracking.buffer_size = 32
+  config.per_prompt_stat_tracking.min_count = 16
+
+
+CTRL_VARIANTS = (
+    Variant("nN", _label_budget, "label budget: N labelled examples per control (default all)"),
+    Variant("cfg", _cfg_baseline, "the classifier-free-guidance baseline"),
+    Variant("cg", _cg_baseline, "the classifier-guidance baseline"),
+    Variant("ddpo", _ddpo_solver, "the DDPO (PPO) solver instead of direct backpropagation"),
+    Variant("runlocal", runlocal, "a tiny model and a few steps (seconds on a CPU, for tests)"),
+)
+
+
+def ctrl_sd_variants(runlocal_eval_samples: int) -> tuple[Variant, ...]:
+  """`CTRL_VARIANTS` with Stable Diffusion's sizes: the `cfg` baseline's denoising fine-tune (50
+  steps per epoch of 32 labelled images, 8 × 4 accumulated), the `ddpo` solver's layout (the SD
+  DDPO tasks': 8 sampling calls of 32 per epoch, optimizer steps of 8 × 8 samples, 100
+  epochs), and `runlocal_eval_samples` evaluation samples in `runlocal`."""
+  def cfg(config):
+    _cfg_baseline(config)
+    config.ctrl.batch_size = 8
+    config.ctrl.gradient_accumulation_steps = 4
+
+  def ddpo(config):
+    _ddpo_solver(config)
+    config.num_epochs = 100
+    config.sample.batch_size = 32
+    config.sample.num_batches_per_epoch = 8
+    config.train.batch_size = 8
+    config.train.gradient_accumulation_steps = 8
+
+  def local(config):
+    runlocal(config)
+    config.ctrl.eval_num_samples = runlocal_eval_samples
+  replaced = {"cfg": cfg, "ddpo": ddpo, "runlocal": local}
+  return tuple(dataclasses.replace(v, apply=replaced.get(v.name, v.apply)) for v in CTRL_VARIANTS)

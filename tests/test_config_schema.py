@@ -1,0 +1,124 @@
+"""The one config schema (ddpo_jax/config_schema.py): every recipe fits it, docs/config.md is its
+table, and a key it lacks or a value outside its choices fails before anything is built,
+naming the key, for every run kind."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from helpers import load_config
+from ddpo_jax import config_schema, recipes
+
+CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py"))
+# One config of each run kind and model family.
+KINDS = {"ddpo/digits": "default", "ddpo/sd": "sd_compressibility",
+         "ctrl/digits": "ctrl_digits_class", "ctrl/sd": "ctrl_sd_compressibility",
+         "pretrain/digits": "digits_pretrain"}
+
+
+def test_docs_config_md_is_the_schema():
+  with open(os.path.join(REPO, "docs", "config.md")) as f:
+    assert f.read() == config_schema.markdown(), (
+        "docs/config.md is stale: regenerate it with the command at its top")
+
+
+@pytest.mark.parametrize("variant", [None, "runlocal"])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_recipe_fits_the_schema(name, variant):
+  config = load_config(name, variant)
+  config_schema.validate(config)
+  assert set(config_schema.new_config(config.mode, config.model.kind).keys()) == set(config.keys())
+
+
+def test_keys_of_each_kind():
+  ddpo, ctrl = config_schema.new_config("ddpo", "sd"), config_schema.new_config("ctrl", "sd")
+  assert "ctrl" not in ddpo and "control_learning_rate" not in ddpo.train
+  assert ctrl.ctrl.solver == "backprop" and ctrl.train.control_learning_rate == 1e-2
+  # CTRL's own defaults of shared keys; the rest as DDPO's
+  assert ctrl.train.learning_rate == 1e-4 and ddpo.train.learning_rate == 3e-4
+  assert dict(ctrl.reward.weights) == {"ctrl_log_likelihood": 1.0}
+  assert ctrl.train.adam_beta2 == ddpo.train.adam_beta2 == 0.999
+  assert "pretrained_path" in ddpo.model and "pretrain" not in ddpo.model
+  digits = config_schema.new_config("pretrain", "digits")
+  assert digits.mode == "pretrain" and digits.model.pretrain.steps == 1500
+  with pytest.raises(ValueError, match="config.mode='finetune'"):
+    config_schema.new_config("finetune", "sd")
+  with pytest.raises(ValueError, match="config.model.kind='flux'"):
+    config_schema.new_config("ddpo", "flux")
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_unknown_missing_and_bad_values_name_the_key(kind):
+  config = load_config(KINDS[kind], "runlocal")
+  config.train.lerning_rate = 1e-3  # a typo set by a recipe (the command line refuses it)
+  with pytest.raises(ValueError, match=r"unknown config key train\.lerning_rate"):
+    config_schema.validate(config)
+  del config.train["lerning_rate"]
+  del config.sample["eta"]
+  with pytest.raises(ValueError, match=r"config lacks key sample\.eta"):
+    config_schema.validate(config)
+  config.sample.eta = 1.0
+  config.train.kl_reduction = "max"
+  with pytest.raises(ValueError, match=r"train\.kl_reduction='max'; choose one of \('mean', 'sum'\)"):
+    config_schema.validate(config)
+  config.train.kl_reduction = "mean"
+  config_schema.validate(config)
+
+
+def test_ctrl_sections_are_checked():
+  config = load_config("ctrl_digits_class", "runlocal")
+  config.ctrl.truncation = "sometimes"
+  with pytest.raises(ValueError, match=r"ctrl\.truncation='sometimes'"):
+    config_schema.validate(config)
+  config.ctrl.truncation = "none"
+  config.ctrl.conditions.digit.classifier.stpes = 3
+  with pytest.raises(ValueError, match=r"unknown config key ctrl\.conditions\.digit\.classifier\.stpes"):
+    config_schema.validate(config)
+  del config.ctrl.conditions.digit.classifier["stpes"]
+  config.ctrl.conditions.digit.data.split = "heldout"  # a source's own data key is free
+  config_schema.validate(config)
+  config.ctrl.controls = ("digit", "thickness")
+  with pytest.raises(ValueError, match="ctrl.controls names 'thickness'"):
+    config_schema.validate(config)
+
+
+def test_digits_model_refuses_a_prompt_set():
+  config = load_config("default", "runlocal")
+  config.prompt_fn = "imagenet_animals"
+  with pytest.raises(ValueError, match="digits model has its own prompts"):
+    config_schema.validate(config)
+
+
+def test_complete_fills_keys_an_older_run_lacks():
+  saved = load_config("ctrl_digits_class", "runlocal").to_dict()
+  del saved["prompt_fn"], saved["ctrl"]["control_min_timestep"]
+  saved["ctrl"]["kl_weight"] = 0.5
+  config = config_schema.complete(saved)
+  config_schema.validate(config)
+  assert config.prompt_fn == "" and config.ctrl.control_min_timestep == 0
+  assert config.ctrl.kl_weight == 0.5 and config.ctrl.conditions.digit.num_classes == 10
+
+
+def test_variants_apply_in_table_order_and_reject_typos():
+  seen = []
+  table = (recipes.Variant("nN", lambda c, n: seen.append(("n", n))),
+           recipes.Variant("a", lambda c: seen.append("a")),
+           recipes.Variant("b", lambda c: seen.append("b")))
+  recipes.apply_variants(None, "b, n12,a", table, "test")
+  assert seen == [("n", 12), "a", "b"]
+  with pytest.raises(ValueError, match="unknown test config variant 'n1x'; known: nN, a, b"):
+    recipes.apply_variants(None, "n1x", table, "test")
+
+
+@pytest.mark.parametrize("kind", ["ddpo/digits", "ctrl/digits", "pretrain/digits"])
+def test_command_line_unknown_key_fails_before_anything_runs(kind, tmp_path):
+  """`--config.KEY` that the schema lacks: an error naming the key, no workdir written."""
+  workdir = tmp_path / "run"
+  result = subprocess.run([sys.executable, "-m", "ddpo_jax.main",
+                           f"--config={REPO}/configs/{KINDS[kind]}.py:runlocal",
+                           f"--workdir={workdir}", "--config.train.lerning_rate=0.1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0 and "lerning_rate" in result.stderr, result.stderr[-2000:]
+  assert not workdir.exists()
