@@ -24,6 +24,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 def _jit(fn, **kwargs):
   return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)
 SD15_UNET_PARAMS = 859_520_964
+SDXL_UNET_PARAMS = 2_567_463_684  # stabilityai/stable-diffusion-xl-base-1.0 unet
 
 
 def _state_dict(model):
@@ -39,8 +40,18 @@ def _inputs(kw, batch=2, seq=5, seed=0):
   return x, t, ctx, labels
 
 
+def _sdxl_inputs(kw, batch=2, seed=1):
+  """(text_embeds (B, 24), time_ids (B, 6)) for the tiny SDXL UNets."""
+  rng = np.random.default_rng(seed)
+  width = kw["projection_class_embeddings_input_dim"] - 6 * kw["addition_time_embed_dim"]
+  text = rng.standard_normal((batch, width)).astype(np.float32)
+  time_ids = np.array([[64, 64, 0, 0, 64, 64], [48, 40, 2, 4, 64, 64]], np.float32)[:batch]
+  return text, time_ids
+
+
 _KWARGS = {"sd1": tm.unet_sd1_kwargs, "sd2_linear_per_block_heads": tm.unet_sd2_kwargs,
-           "pixel_class_labels": tm.unet_pixel_class_kwargs, "variants": tm.unet_variants_kwargs}
+           "pixel_class_labels": tm.unet_pixel_class_kwargs, "variants": tm.unet_variants_kwargs,
+           "sdxl": tm.unet_sdxl_kwargs, "sdxl_nested_layers": tm.unet_sdxl_nested_kwargs}
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,10 +63,14 @@ def _models(name):
   return model, kw, config, U.unet_from_torch(_state_dict(model), config, source=name)
 
 
-def _torch_eps(model, x, t, ctx, labels=None):
+def _torch_eps(model, x, t, ctx, labels=None, text_embeds=None, time_ids=None):
+  added = None
+  if text_embeds is not None:
+    added = {"text_embeds": torch.from_numpy(text_embeds), "time_ids": torch.from_numpy(time_ids)}
   with torch.no_grad():
     out = model(tm.to_nchw(x), torch.as_tensor(t), torch.from_numpy(ctx),
-                class_labels=None if labels is None else torch.as_tensor(labels)).sample
+                class_labels=None if labels is None else torch.as_tensor(labels),
+                added_cond_kwargs=added).sample
   return tm.to_nhwc(out)
 
 
@@ -110,12 +125,14 @@ def test_xla_attention_gradients_match_reference(monkeypatch, block_logits):
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2_linear_per_block_heads", "pixel_class_labels",
-                                  "variants"])
+                                  "variants", "sdxl", "sdxl_nested_layers"])
 def test_unet_parity_with_diffusers(name):
   model, kw, config, params = _models(name)
   x, t, ctx, labels = _inputs(kw)
-  ref = _torch_eps(model, x, t, ctx, labels)
-  out = _jit(U.UNet2DConditionModel(config).apply)({"params": params}, x, t, ctx, labels)
+  sdxl = _sdxl_inputs(kw) if kw.get("addition_embed_type") else (None, None)
+  ref = _torch_eps(model, x, t, ctx, labels, *sdxl)
+  out = _jit(U.UNet2DConditionModel(config).apply)({"params": params}, x, t, ctx, labels,
+                                                   text_embeds=sdxl[0], time_ids=sdxl[1])
   err = float(np.abs(np.asarray(out) - ref).max())
   print(f"{name}: max abs error {err:.3g} (|eps| max {np.abs(ref).max():.3g})")
   assert out.shape == ref.shape and err <= TOL
@@ -184,12 +201,53 @@ def test_config_semantics_and_errors():
     U.UNetConfig.from_dict({**base, "up_block_types": ["AttnUpBlock2D", "CrossAttnUpBlock2D"]})
   with pytest.raises(ValueError, match="class_embed_type='timestep'"):
     U.UNetConfig.from_dict({**base, "class_embed_type": "timestep"})
-  with pytest.raises(ValueError, match="addition_embed_type='text_time'"):
+  with pytest.raises(ValueError, match="addition_embed_type='text_image'"):
+    U.UNetConfig.from_dict({**base, "addition_embed_type": "text_image"})
+  with pytest.raises(ValueError, match="text_time' needs addition_time_embed_dim"):
     U.UNetConfig.from_dict({**base, "addition_embed_type": "text_time"})
+  with pytest.raises(ValueError, match="projection_class_embeddings_input_dim=16 without"):
+    U.UNetConfig.from_dict({**base, "projection_class_embeddings_input_dim": 16})
   with pytest.raises(ValueError, match="_class_name"):
     U.UNetConfig.from_dict({**base, "_class_name": "UNet2DModel"})
   with pytest.warns(UserWarning, match="some_new_key"):
     U.UNetConfig.from_dict({**base, "some_new_key": 1})
+
+
+def test_sdxl_config_and_input_errors():
+  nested = tm.unet_sdxl_nested_kwargs()
+  config = U.UNetConfig.from_dict(nested)
+  assert config.transformer_layers_per_block == ((1, 1), (1, 2), (2, 1))  # hashable tuples
+  hash(config)
+  with pytest.raises(ValueError, match="reverse_transformer_layers_per_block must then give"):
+    U.UNetConfig.from_dict({**nested, "reverse_transformer_layers_per_block": None})
+  with pytest.raises(ValueError, match=r"transformer_layers_per_block\[1\]=\[1, 2, 3\] must have "
+                                       r"one entry per layer of down block 1 \(2\)"):
+    U.UNetConfig.from_dict({**nested, "transformer_layers_per_block": [[1, 1], [1, 2, 3],
+                                                                       [2, 1]]})
+  with pytest.raises(ValueError, match=r"reverse_transformer_layers_per_block\[0\]=\(2, 1\)"):
+    U.UNetConfig.from_dict({**nested, "reverse_transformer_layers_per_block": [[2, 1], [1, 2, 1],
+                                                                               [1, 1, 1]]})
+  # to_dict() is a diffusers-loadable config that takes our weights, nested depths included.
+  from diffusers import UNet2DConditionModel as TorchUNet
+  _, _, config, params = _models("sdxl_nested_layers")
+  assert U.UNetConfig.from_dict(config.to_dict()) == config
+  TorchUNet.from_config(config.to_dict()).load_state_dict(
+      {k: torch.from_numpy(v.copy()) for k, v in U.unet_to_torch(params).items()}, strict=True)
+
+  _, kw, config, params = _models("sdxl")
+  x, t, ctx, _ = _inputs(kw)
+  text, time_ids = _sdxl_inputs(kw)
+  apply = U.UNet2DConditionModel(config).apply
+  with pytest.raises(ValueError, match="needs text_embeds"):
+    jax.eval_shape(apply, {"params": params}, x, t, ctx)
+  with pytest.raises(ValueError, match=r"give 64 features per sample \(16 \+ 6 x "
+                                       r"addition_time_embed_dim 8\).*is 72"):
+    jax.eval_shape(apply, {"params": params}, x, t, ctx, text_embeds=text[:, :16],
+                   time_ids=time_ids)
+  sd1 = _models("sd1")
+  with pytest.raises(ValueError, match="text_embeds / time_ids are given"):
+    jax.eval_shape(U.UNet2DConditionModel(sd1[2]).apply, {"params": sd1[3]},
+                   *_inputs(sd1[1])[:3], text_embeds=text, time_ids=time_ids)
 
 
 def test_remat_identical_and_bf16_runs():
@@ -239,15 +297,30 @@ def test_sd15_param_count_matches_diffusers():
     ref = TorchUNet.from_config(SD15_UNET_CONFIG)
   assert U.count_params(abstract) == SD15_UNET_PARAMS
   assert sum(p.numel() for p in ref.parameters()) == SD15_UNET_PARAMS
-  # Every diffusers key exists with the same shape (in PyTorch layout).
-  shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+  assert _torch_shapes(abstract) == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+
+
+def _torch_shapes(abstract) -> dict:
+  """{diffusers state-dict key: shape in PyTorch layout} of a Flax UNet parameter tree."""
   ours = {}
   for path, leaf in traverse_util.flatten_dict(abstract).items():
     shape = tuple(leaf.shape)
     if path[-1] == "kernel":
       shape = shape[::-1] if len(shape) == 2 else (shape[3], shape[2], shape[0], shape[1])
     ours[flax_path_to_torch_key(path, U.UNET_LIST_NAMES)] = shape
-  assert ours == shapes
+  return ours
+
+
+def test_sdxl_param_count_matches_diffusers():
+  from diffusers import UNet2DConditionModel as TorchUNet
+  from ddpo_jax.models.pipeline import SDXL_UNET_CONFIG
+  with torch.device("meta"):
+    ref = TorchUNet.from_config(SDXL_UNET_CONFIG)
+  abstract = U.abstract_unet_params(U.UNetConfig.from_dict(SDXL_UNET_CONFIG))
+  assert sum(p.numel() for p in ref.parameters()) == SDXL_UNET_PARAMS
+  assert U.count_params(abstract) == SDXL_UNET_PARAMS
+  # Every diffusers key exists with the same shape (in PyTorch layout): real weights load.
+  assert _torch_shapes(abstract) == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
 
 
 def test_sample_size_must_be_divisible():

@@ -85,6 +85,31 @@ def unet_variants_kwargs(**overrides) -> dict:
   return kw
 
 
+def unet_sdxl_kwargs(**overrides) -> dict:
+  """SDXL-style tiny UNet: `text_time` added embeddings (pooled text 24 + 6 time ids x 8
+  sinusoids), DownBlock2D first, linear projections, per-block head counts and transformer
+  depths."""
+  kw = dict(
+      sample_size=8, in_channels=4, out_channels=4,
+      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+      block_out_channels=(32, 64, 64), layers_per_block=2, cross_attention_dim=40,
+      attention_head_dim=(2, 4, 8), transformer_layers_per_block=(1, 1, 2),
+      use_linear_projection=True, norm_num_groups=16, addition_embed_type="text_time",
+      addition_time_embed_dim=8, projection_class_embeddings_input_dim=24 + 6 * 8)
+  kw.update(overrides)
+  return kw
+
+
+def unet_sdxl_nested_kwargs(**overrides) -> dict:
+  """SDXL-style tiny UNet with one transformer depth per layer (nested
+  `transformer_layers_per_block`, the up blocks' from `reverse_transformer_layers_per_block`)."""
+  kw = unet_sdxl_kwargs(transformer_layers_per_block=((1, 1), (1, 2), (2, 1)),
+                        reverse_transformer_layers_per_block=((2, 1, 1), (1, 2, 1), (1, 1, 1)))
+  kw.update(overrides)
+  return kw
+
+
 def make_torch_unet(kwargs: dict, seed: int = 0):
   """A random `diffusers.UNet2DConditionModel` in eval mode."""
   from diffusers import UNet2DConditionModel

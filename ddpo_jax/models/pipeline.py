@@ -187,7 +187,7 @@ def _make_functions(unet, vae, text_encoder, vae_config: VAEConfig):
 
 
 # ================================================================================================
-# Configs of SD 1.5 (for param counting / benchmarks without weights).
+# Configs of SD 1.5 and the SDXL UNet (for param counting / benchmarks without weights).
 # ================================================================================================
 SD15_UNET_CONFIG = {
     "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
@@ -214,6 +214,20 @@ SD15_TEXT_CONFIG = {
     "initializer_range": 0.02, "intermediate_size": 3072, "layer_norm_eps": 1e-05,
     "max_position_embeddings": 77, "num_attention_heads": 12, "num_hidden_layers": 12,
     "pad_token_id": 1, "projection_dim": 768, "vocab_size": 49408,
+}
+
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the non-default keys).
+SDXL_UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "in_channels": 4, "layers_per_block": 2, "norm_eps": 1e-05, "norm_num_groups": 32,
+    "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None, "use_linear_projection": True,
 }
 
 

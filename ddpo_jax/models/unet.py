@@ -4,11 +4,15 @@ Layout is NHWC throughout. Submodules carry the names of the diffusers PyTorch m
 (`down_blocks_0/attentions_1/transformer_blocks_0/attn2/to_k`), so `weights.torch_to_flax`
 maps a diffusers state dict with the list names in `UNET_LIST_NAMES`.
 
-Supported diffusers configuration: the SD 1.x / SD 2.x family (`CrossAttnDownBlock2D`,
+Supported diffusers configuration: the SD 1.x / SD 2.x and SDXL families (`CrossAttnDownBlock2D`,
 `DownBlock2D`, `UNetMidBlock2DCrossAttn`, `UpBlock2D`, `CrossAttnUpBlock2D`), conv-1x1 or linear
-transformer projections, per-block head counts, `only_cross_attention`, integer
-`transformer_layers_per_block`, `num_class_embeds` class conditioning. Anything else (SDXL's
-added embeddings, `class_embed_type`, `resnet_time_scale_shift="scale_shift"`, ...) is rejected by
+transformer projections, per-block head counts, `only_cross_attention`,
+`transformer_layers_per_block` as an int, one int per block or one list per block (one int per
+layer; then `reverse_transformer_layers_per_block` gives the up blocks' lists, as diffusers
+requires), `num_class_embeds` class conditioning, and SDXL's `addition_embed_type="text_time"`
+(the pooled text embedding and the six micro-conditioning time ids, `addition_time_embed_dim`
+sinusoids each, through `add_embedding` into the time embedding). Anything else
+(`class_embed_type`, `resnet_time_scale_shift="scale_shift"`, ...) is rejected by
 `UNetConfig.from_dict` with a `ValueError` naming the key.
 
 Dropout (diffusers' `dropout` config key) is not implemented: the model is deterministic, as
@@ -47,22 +51,19 @@ MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
 # diffusers features this port does not implement: key -> allowed value(s).
 _UNSUPPORTED_UNLESS = {
     "class_embed_type": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
+    "addition_embed_type": (None, "text_time"),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
     "time_embedding_type": ("positional",),
     "time_embedding_act_fn": (None,),
     "timestep_post_act": (None,),
     "time_cond_proj_dim": (None,),
-    "projection_class_embeddings_input_dim": (None,),
     "class_embeddings_concat": (False,),
     "resnet_time_scale_shift": ("default",),
     "resnet_skip_time_act": (False,),
     "resnet_out_scale_factor": (1.0, 1),
     "cross_attention_norm": (None,),
     "attention_type": ("default",),
-    "reverse_transformer_layers_per_block": (None,),
     "num_attention_heads": (None,),
     "dual_cross_attention": (False,),
     "act_fn": ("silu", "swish"),
@@ -72,7 +73,8 @@ _UNSUPPORTED_UNLESS = {
 
 
 def _tuple(x):
-  return tuple(x) if isinstance(x, (list, tuple)) else x
+  """Lists (from JSON), nested ones too -> tuples, so that a config is hashable."""
+  return tuple(_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +133,7 @@ class UNetConfig:
   cross_attention_norm: str | None = None
   encoder_hid_dim: int | None = None
   encoder_hid_dim_type: str | None = None
-  reverse_transformer_layers_per_block: Any = None
+  reverse_transformer_layers_per_block: tuple[tuple[int, ...], ...] | None = None
 
   def __post_init__(self):
     for f in dataclasses.fields(self):  # lists (from JSON) -> tuples, so the config is hashable
@@ -168,9 +170,35 @@ class UNetConfig:
       if isinstance(value, tuple) and len(value) != n:
         raise ValueError(f"UNet config: {key}={list(value)} must have one entry per down block "
                          f"({n})")
-    if any(isinstance(v, tuple) for v in _as_tuple(self.transformer_layers_per_block, n)):
-      raise ValueError("UNet config: nested transformer_layers_per_block="
-                       f"{self.transformer_layers_per_block!r} is not supported")
+    down_layers = _as_tuple(self.layers_per_block, n)
+    for i, entry in enumerate(_as_tuple(self.transformer_layers_per_block, n)):
+      if isinstance(entry, tuple) and len(entry) != down_layers[i]:
+        raise ValueError(f"UNet config: transformer_layers_per_block[{i}]={list(entry)} must "
+                         f"have one entry per layer of down block {i} ({down_layers[i]})")
+    nested = any(isinstance(v, tuple) for v in _as_tuple(self.transformer_layers_per_block, n))
+    if nested and self.reverse_transformer_layers_per_block is None:
+      raise ValueError("UNet config: transformer_layers_per_block="
+                       f"{list(self.transformer_layers_per_block)} has one list per block; "
+                       "reverse_transformer_layers_per_block must then give the up blocks' "
+                       "lists (diffusers requires it too)")
+    reverse = self.reverse_transformer_layers_per_block
+    if reverse is not None:
+      up_layers = tuple(reversed(_as_tuple(self.layers_per_block, n)))
+      if len(reverse) != n:
+        raise ValueError(f"UNet config: reverse_transformer_layers_per_block={reverse!r} must "
+                         f"have one entry per up block ({n})")
+      for i, (entry, num) in enumerate(zip(reverse, up_layers)):
+        if isinstance(entry, tuple) and len(entry) != num + 1:
+          raise ValueError(f"UNet config: reverse_transformer_layers_per_block[{i}]={entry!r} "
+                           f"must have one entry per layer of up block {i} ({num + 1})")
+    if self.addition_embed_type == "text_time":
+      for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+        if getattr(self, key) is None:
+          raise ValueError(f"UNet config: addition_embed_type='text_time' needs {key}")
+    elif self.projection_class_embeddings_input_dim is not None:
+      raise ValueError("UNet config: unsupported projection_class_embeddings_input_dim="
+                       f"{self.projection_class_embeddings_input_dim} without "
+                       "addition_embed_type='text_time'")
     if self.norm_num_groups is None:
       raise ValueError("UNet config: unsupported norm_num_groups=None")
     if len(set(_as_tuple(self.cross_attention_dim, n))) != 1:
@@ -432,7 +460,7 @@ class _BlockBase(nn.Module):
   out_channels: int
   num_layers: int
   heads: int = 1
-  transformer_layers: int = 1
+  transformer_layers: int | tuple[int, ...] = 1  # per block, or one value per layer
   only_cross_attention: bool = False
   add_sampler: bool = True
   attention_implementation: str = "auto"
@@ -445,11 +473,13 @@ class _BlockBase(nn.Module):
                          eps=cfg.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                          name=name)
 
-  def _transformer(self, name, channels=None):
+  def _transformer(self, name, layer: int):
+    """The Transformer2DModel of layer `layer` of this block."""
     cfg = self.config
-    channels = channels or self.out_channels
+    depth = self.transformer_layers
     return Transformer2DModel(
-        self.heads, channels // self.heads, num_layers=self.transformer_layers,
+        self.heads, self.out_channels // self.heads,
+        num_layers=depth[layer] if isinstance(depth, tuple) else depth,
         groups=cfg.norm_num_groups, use_linear_projection=cfg.use_linear_projection,
         only_cross_attention=self.only_cross_attention,
         attention_implementation=self.attention_implementation, dtype=self.dtype,
@@ -464,7 +494,7 @@ class CrossAttnDownBlock2D(_BlockBase):
     states = ()
     for i in range(self.num_layers):
       x = self._resnet(f"resnets_{i}")(x, temb)
-      x = self._transformer(f"attentions_{i}")(x, context)
+      x = self._transformer(f"attentions_{i}", i)(x, context)
       states += (x,)
     if self.add_sampler:
       x = Downsample2D(self.out_channels, padding=self.config.downsample_padding,
@@ -501,7 +531,7 @@ class UNetMidBlock2DCrossAttn(_BlockBase):
         param_dtype=self.param_dtype, name=name)
     x = mk("resnets_0")(x, temb)
     for i in range(self.num_layers):
-      x = self._transformer(f"attentions_{i}")(x, context)
+      x = self._transformer(f"attentions_{i}", i)(x, context)
       x = mk(f"resnets_{i + 1}")(x, temb)
     return x
 
@@ -514,7 +544,7 @@ class CrossAttnUpBlock2D(_BlockBase):
     for i in range(self.num_layers):
       x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
       x = self._resnet(f"resnets_{i}")(x, temb)
-      x = self._transformer(f"attentions_{i}")(x, context)
+      x = self._transformer(f"attentions_{i}", i)(x, context)
     if self.add_sampler:
       x = Upsample2D(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="upsamplers_0")(x)
@@ -565,7 +595,7 @@ class TimestepEmbedding(nn.Module):
 # The UNet.
 # ================================================================================================
 class UNet2DConditionModel(nn.Module):
-  """Flax port of diffusers' `UNet2DConditionModel` (SD 1.x / 2.x family), NHWC.
+  """Flax port of diffusers' `UNet2DConditionModel` (SD 1.x / 2.x and SDXL families), NHWC.
 
   Attributes:
     config: the architecture.
@@ -582,7 +612,7 @@ class UNet2DConditionModel(nn.Module):
 
   @nn.compact
   def __call__(self, sample, timesteps, encoder_hidden_states, class_labels=None,
-               added_time_emb=None):
+               added_time_emb=None, text_embeds=None, time_ids=None):
     """Predicts the noise.
 
     Args:
@@ -591,7 +621,13 @@ class UNet2DConditionModel(nn.Module):
       encoder_hidden_states: (B, L, cross_attention_dim).
       class_labels: (B,) int, required iff `config.num_class_embeds` is set.
       added_time_emb: optional (B, time_embed_dim) float added to the time embedding after
-        the class embedding (CTRL's control embedding, `ddpo_jax.ctrl`); zeros = no effect.
+        the class and SDXL embeddings (CTRL's control embedding, `ddpo_jax.ctrl`); zeros = no
+        effect.
+      text_embeds: (B, D_pooled) float, the pooled text embedding; required iff
+        `config.addition_embed_type == "text_time"` (SDXL: the second text encoder's projection).
+      time_ids: (B, K) float, SDXL's micro-conditioning (original height, width, crop top,
+        left, target height, width: K = 6, in pixels); required with `text_embeds`.
+        D_pooled + K * addition_time_embed_dim must be projection_class_embeddings_input_dim.
 
     Returns:
       (B, H, W, out_channels) in `dtype`.
@@ -620,6 +656,11 @@ class UNet2DConditionModel(nn.Module):
       class_emb = nn.Embed(cfg.num_class_embeds, cfg.time_embed_dim, name="class_embedding",
                            **kw)(jnp.asarray(class_labels).astype(jnp.int32))
       emb = emb + class_emb.astype(self.dtype)
+    if cfg.addition_embed_type == "text_time":
+      emb = emb + self._text_time_embedding(text_embeds, time_ids, b)
+    elif text_embeds is not None or time_ids is not None:
+      raise ValueError("UNet: text_embeds / time_ids are given but the config has "
+                       f"addition_embed_type={cfg.addition_embed_type!r}")
     if added_time_emb is not None:
       if added_time_emb.shape != emb.shape:
         raise ValueError(f"UNet: added_time_emb has shape {added_time_emb.shape}; expected "
@@ -630,6 +671,8 @@ class UNet2DConditionModel(nn.Module):
     heads = cfg.heads_per_block
     layers = _as_tuple(cfg.layers_per_block, n)
     t_layers = _as_tuple(cfg.transformer_layers_per_block, n)
+    up_t_layers = (cfg.reverse_transformer_layers_per_block
+                   or tuple(reversed(t_layers)))
     only_cross = _as_tuple(cfg.only_cross_attention, n)
     bkw = dict(config=cfg, attention_implementation=self.attention_implementation, **kw)
     wrap = nn.remat if self.remat else (lambda c: c)
@@ -662,7 +705,7 @@ class UNet2DConditionModel(nn.Module):
                     name=f"up_blocks_{i}", **bkw)
       if block_type == "CrossAttnUpBlock2D":
         x = wrap(CrossAttnUpBlock2D)(
-            heads=list(reversed(heads))[i], transformer_layers=list(reversed(t_layers))[i],
+            heads=list(reversed(heads))[i], transformer_layers=up_t_layers[i],
             only_cross_attention=list(reversed(only_cross))[i], **common)(
                 x, block_skips, emb, context)
       else:
@@ -673,17 +716,46 @@ class UNet2DConditionModel(nn.Module):
     x = nn.silu(x)
     return _conv(cfg.out_channels, "conv_out", **kw)(x)
 
+  def _text_time_embedding(self, text_embeds, time_ids, batch):
+    """SDXL's `add_embedding(concat(text_embeds, sinusoids(time_ids)))`: (B, time_embed_dim)."""
+    cfg = self.config
+    if text_embeds is None or time_ids is None:
+      raise ValueError("UNet: addition_embed_type='text_time' needs text_embeds (the pooled "
+                       "text embedding) and time_ids (SDXL's size and crop conditioning)")
+    text_embeds, time_ids = jnp.asarray(text_embeds), jnp.asarray(time_ids)
+    width = text_embeds.shape[-1] + time_ids.shape[-1] * cfg.addition_time_embed_dim
+    if (text_embeds.shape[0] != batch or time_ids.shape[0] != batch
+        or width != cfg.projection_class_embeddings_input_dim):
+      raise ValueError(
+          f"UNet: text_embeds {text_embeds.shape} and time_ids {time_ids.shape} give "
+          f"{width} features per sample ({text_embeds.shape[-1]} + {time_ids.shape[-1]} x "
+          f"addition_time_embed_dim {cfg.addition_time_embed_dim}); the config's "
+          f"projection_class_embeddings_input_dim is "
+          f"{cfg.projection_class_embeddings_input_dim} (batch {batch})")
+    time_embeds = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                     cfg.flip_sin_to_cos, cfg.freq_shift).reshape(batch, -1)
+    features = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
+    return TimestepEmbedding(cfg.time_embed_dim, name="add_embedding", dtype=self.dtype,
+                             param_dtype=self.param_dtype)(features.astype(self.dtype))
+
 
 # ================================================================================================
 # Parameters.
 # ================================================================================================
 def _dummy_inputs(config: UNetConfig, batch: int = 1):
+  """Inputs of the smallest shapes, for `init` / `eval_shape`: (sample, t, context, labels,
+  None, text_embeds, time_ids). The SDXL inputs only need the right total width."""
   size = 2 ** config.num_upsamplers
   sample = jnp.zeros((batch, size, size, config.in_channels), jnp.float32)
   t = jnp.zeros((batch,), jnp.int32)
   context = jnp.zeros((batch, 1, config.context_dim), jnp.float32)
   labels = jnp.zeros((batch,), jnp.int32) if config.num_class_embeds is not None else None
-  return sample, t, context, labels
+  text_embeds = time_ids = None
+  if config.addition_embed_type == "text_time":
+    width = config.projection_class_embeddings_input_dim - config.addition_time_embed_dim
+    text_embeds = jnp.zeros((batch, width), jnp.float32)
+    time_ids = jnp.zeros((batch, 1), jnp.float32)
+  return sample, t, context, labels, None, text_embeds, time_ids
 
 
 def abstract_unet_params(config: UNetConfig, dtype: Dtype = jnp.float32) -> dict:
