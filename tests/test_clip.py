@@ -151,6 +151,44 @@ def test_text_round_trip(tmp_path):
       assert _max_err(hidden, loaded(torch.tensor(ids)).last_hidden_state) <= ATOL
 
 
+def test_text_with_projection(tmp_path):
+  """`CLIPTextModelWithProjection` (SDXL's text_encoder_2): text_embeds, every hidden state,
+  the checkpoint layout both ways, and a directory transformers loads."""
+  tconfig = _text_torch_config("gelu", eos_token_id=2, num_hidden_layers=3)
+  tmodel = _randomize_(transformers.CLIPTextModelWithProjection(tconfig)).eval()
+  tmodel.save_pretrained(tmp_path / "hub")
+  ids = _token_ids(VOCAB - 1)
+  with torch.no_grad():
+    out = tmodel(torch.tensor(ids), output_hidden_states=True)
+
+  config, params = clip.load_clip_text(tmp_path / "hub")
+  assert config.with_projection and config.projection_dim == 16
+  hidden, text_embeds, states = jax.jit(
+      lambda p, i: clip.CLIPTextModel(config).apply({"params": p}, i, output_hidden_states=True))(
+          params, ids)
+  assert text_embeds.shape == (3, 16) and len(states) == len(out.hidden_states) == 4
+  errs = [_max_err(hidden, out.last_hidden_state), _max_err(text_embeds, out.text_embeds)]
+  errs += [_max_err(a, b) for a, b in zip(states, out.hidden_states)]
+  print(f"text with projection: max abs errors {['%.2e' % e for e in errs]}")
+  assert max(errs) <= ATOL
+  # Without output_hidden_states: the same two outputs.
+  two = clip.CLIPTextModel(config).apply({"params": params}, ids)
+  assert len(two) == 2 and _max_err(two[1], text_embeds) <= 1e-6
+
+  back = clip.clip_text_to_torch(params, config)
+  assert set(back) == set(tmodel.state_dict())  # text_model.* and text_projection.weight
+  fresh = transformers.CLIPTextModelWithProjection(tconfig).eval()
+  fresh.load_state_dict({k: torch.tensor(v) for k, v in back.items()}, strict=True)
+  d = tmp_path / "ours"
+  d.mkdir()
+  (d / "config.json").write_text(json.dumps(config.to_dict()))
+  save_file(back, d / "model.safetensors")
+  loaded = transformers.CLIPTextModelWithProjection.from_pretrained(d).eval()
+  with torch.no_grad():
+    assert _max_err(text_embeds, loaded(torch.tensor(ids)).text_embeds) <= ATOL
+  assert clip.CLIPTextConfig.from_dict(json.loads((d / "config.json").read_text())) == config
+
+
 def test_text_bf16_smoke():
   config = clip.CLIPTextConfig.from_dict(_text_torch_config().to_dict())
   params = clip.init_clip_text_params(config, jax.random.PRNGKey(0))
@@ -260,6 +298,19 @@ def test_text_param_count(overrides):
   assert n == _torch_count(transformers.CLIPTextModel, tconfig)
   if overrides:
     assert n == 123_060_480
+
+
+def test_text_with_projection_param_count_clip_g():
+  """SDXL's text_encoder_2 (OpenCLIP ViT-bigG/14 text tower with projection)."""
+  tconfig = transformers.CLIPTextConfig(
+      hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+      projection_dim=1280, hidden_act="gelu", bos_token_id=0, eos_token_id=2)
+  d = tconfig.to_dict()
+  d["architectures"] = ["CLIPTextModelWithProjection"]
+  config = clip.CLIPTextConfig.from_dict(d)
+  abstract = jax.eval_shape(lambda: clip.init_clip_text_params(config, jax.random.PRNGKey(0)))
+  n = _count(abstract)
+  assert n == _torch_count(transformers.CLIPTextModelWithProjection, tconfig) == 694_659_840
 
 
 def test_vision_param_count_vitl14():

@@ -1,8 +1,10 @@
 """CLIP text encoder and CLIP vision tower in Flax, loaded from transformers-format checkpoints.
 
-Ports of transformers' `CLIPTextModel` (the Stable Diffusion text encoder) and
-`CLIPVisionModelWithProjection` (the image tower used by CLIP-based rewards, e.g. the LAION
-aesthetic predictor on top of ViT-L/14 image embeddings).
+Ports of transformers' `CLIPTextModel` (the Stable Diffusion text encoder),
+`CLIPTextModelWithProjection` (SDXL's second text encoder, OpenCLIP ViT-bigG: the same tower
+plus `text_projection`; `CLIPTextConfig.with_projection`) and `CLIPVisionModelWithProjection`
+(the image tower used by CLIP-based rewards, e.g. the LAION aesthetic predictor on top of
+ViT-L/14 image embeddings).
 
 Flax submodules carry the names of the PyTorch modules they port, so the generic mapping of
 `ddpo_jax.models.weights` converts state dicts in both directions; the only `ModuleList` is
@@ -18,7 +20,7 @@ either (default: whatever the installed transformers uses). The vision tower kee
 Parameter trees (the inner dict, `module.apply({'params': params}, ...)`):
 
   text:   {'embeddings': {'token_embedding', 'position_embedding'},
-           'encoder': {'layers_0', ...}, 'final_layer_norm'}
+           'encoder': {'layers_0', ...}, 'final_layer_norm'[, 'text_projection']}
   vision: {'vision_model': {'embeddings': {'class_embedding', 'patch_embedding',
                                             'position_embedding'},
                             'pre_layrnorm', 'encoder': {'layers_0', ...}, 'post_layernorm'},
@@ -109,6 +111,10 @@ class CLIPTextConfig:
   has hidden_size 768, intermediate_size 3072, num_attention_heads 12, projection_dim 768. The
   SD 2.x "penultimate layer" choice is expressed by `num_hidden_layers` (diffusers' SD 2
   `text_encoder/config.json` already has 23 of OpenCLIP ViT-H's 24 layers).
+
+  `with_projection` is not a transformers field: it says which class the checkpoint is
+  (`architectures: ["CLIPTextModelWithProjection"]`, SDXL's `text_encoder_2`), i.e. whether the
+  tower ends in `text_projection` (hidden_size -> projection_dim, no bias).
   """
   vocab_size: int = 49408
   hidden_size: int = 512
@@ -122,6 +128,7 @@ class CLIPTextConfig:
   pad_token_id: int = 1
   bos_token_id: int = 49406
   eos_token_id: int = 49407
+  with_projection: bool = False
 
   def __post_init__(self):
     _check_common("CLIPTextConfig", self.hidden_act, self.hidden_size, self.num_attention_heads)
@@ -146,12 +153,16 @@ class CLIPTextConfig:
     eos = d.get("eos_token_id", cls.eos_token_id)
     if isinstance(eos, (list, tuple)) and len(eos) == 1:
       d["eos_token_id"] = eos[0]
+    d["with_projection"] = "CLIPTextModelWithProjection" in (d.get("architectures") or ())
     return cls(**_pick_fields(cls, d))
 
   def to_dict(self) -> dict:
-    """A `config.json` dict that `transformers.CLIPTextModel.from_pretrained` loads."""
-    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
-            **dataclasses.asdict(self)}
+    """A `config.json` dict that `transformers.CLIPTextModel.from_pretrained` (or
+    `CLIPTextModelWithProjection`'s, with `with_projection`) loads."""
+    fields = dataclasses.asdict(self)
+    del fields["with_projection"]
+    architecture = "CLIPTextModelWithProjection" if self.with_projection else "CLIPTextModel"
+    return {"architectures": [architecture], "model_type": "clip_text_model", **fields}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,9 +298,13 @@ class CLIPEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None):
+    """Returns the output of the last layer and the tuple of hidden states (the input, then
+    every layer's output: num_hidden_layers + 1 entries, as transformers' `hidden_states`)."""
+    states = (x,)
     for i in range(self.config.num_hidden_layers):
       x = CLIPEncoderLayer(self.config, self.dtype, self.param_dtype, name=f"layers_{i}")(x, mask)
-    return x
+      states += (x,)
+    return x, states
 
 
 _embed_init = nn.initializers.normal(stddev=0.02)
@@ -313,10 +328,12 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
-  """CLIP text encoder (port of transformers' `CLIPTextModel`).
+  """CLIP text encoder (port of transformers' `CLIPTextModel`, and of
+  `CLIPTextModelWithProjection` when `config.with_projection`).
 
   Submodules `embeddings`, `encoder`, `final_layer_norm`, as transformers v5's `CLIPTextModel`
-  (v4 and Hub checkpoints nest them in `text_model`; the converters accept both).
+  (v4 and Hub checkpoints nest them in `text_model`; the converters accept both), and
+  `text_projection` with `config.with_projection`.
 
   Attributes:
     config: the architecture.
@@ -325,19 +342,25 @@ class CLIPTextModel(nn.Module):
 
   Call:
     input_ids: (B, L) int32 token ids, L <= max_position_embeddings (77 for SD).
+    output_hidden_states: also return every layer's hidden states.
 
   Returns:
     last_hidden_state: (B, L, hidden_size) `dtype`, after `final_layer_norm` (the SD UNet's
       `encoder_hidden_states`).
-    pooled: (B, hidden_size) `dtype`, `last_hidden_state` at the EOS token (argmax of the ids
-      when `eos_token_id == 2`, the legacy convention; else the first `eos_token_id`).
+    pooled: `last_hidden_state` at the EOS token (argmax of the ids when `eos_token_id == 2`,
+      the legacy convention; else the first `eos_token_id`): (B, hidden_size) `dtype`; with
+      `config.with_projection` it is projected, (B, projection_dim) (transformers'
+      `text_embeds`).
+    hidden_states (only with `output_hidden_states`): tuple of num_hidden_layers + 1 arrays
+      (B, L, hidden_size), the embeddings and then each layer's output, without the final
+      LayerNorm (transformers' `hidden_states`; SDXL takes `[-2]`).
   """
   config: CLIPTextConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids):
+  def __call__(self, input_ids, output_hidden_states: bool = False):
     c = self.config
     input_ids = jnp.asarray(input_ids, jnp.int32)
     b, l = input_ids.shape
@@ -346,7 +369,7 @@ class CLIPTextModel(nn.Module):
                        f"{c.max_position_embeddings}")
     x = CLIPTextEmbeddings(c, self.dtype, self.param_dtype, name="embeddings")(input_ids)
     causal = jnp.tril(jnp.ones((l, l), dtype=bool))
-    x = CLIPEncoder(c, self.dtype, self.param_dtype, name="encoder")(x, causal)
+    x, states = CLIPEncoder(c, self.dtype, self.param_dtype, name="encoder")(x, causal)
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="final_layer_norm")(x)
     if c.eos_token_id == 2:
@@ -357,7 +380,10 @@ class CLIPTextModel(nn.Module):
       # First position equal to eos_token_id (pad may equal eos).
       eos_index = jnp.argmax((input_ids == c.eos_token_id).astype(jnp.int32), axis=-1)
     pooled = x[jnp.arange(b), eos_index]
-    return x, pooled
+    if c.with_projection:
+      pooled = nn.Dense(c.projection_dim, use_bias=False, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="text_projection")(pooled)
+    return (x, pooled, states) if output_hidden_states else (x, pooled)
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -401,7 +427,7 @@ class CLIPVisionTransformer(nn.Module):
                                    param_dtype=self.param_dtype, name=name)
     x = CLIPVisionEmbeddings(c, self.dtype, self.param_dtype, name="embeddings")(pixel_values)
     x = ln("pre_layrnorm")(x)  # sic, transformers' spelling
-    x = CLIPEncoder(c, self.dtype, self.param_dtype, name="encoder")(x)
+    x, _ = CLIPEncoder(c, self.dtype, self.param_dtype, name="encoder")(x)
     return x, ln("post_layernorm")(x[:, 0])
 
 
@@ -526,20 +552,26 @@ def _installed_text_prefix() -> str:
 
 def clip_text_to_torch(params: Params, config: CLIPTextConfig, *, prefix: str | None = None,
                        include_position_ids: bool = False) -> dict[str, np.ndarray]:
-  """Flax text params -> a transformers `CLIPTextModel` state dict (float32 NumPy arrays).
+  """Flax text params -> a transformers `CLIPTextModel` (or, with `config.with_projection`,
+  `CLIPTextModelWithProjection`) state dict (float32 NumPy arrays).
 
   Args:
-    prefix: key prefix; None = that of the installed transformers' `CLIPTextModel.state_dict()`
-      ("" for v5, e.g. `embeddings.token_embedding.weight`; "text_model." for v4 and the Hub
-      layout, e.g. `text_model.encoder.layers.0.self_attn.q_proj.weight`). v5 loads both with
+    prefix: key prefix of the tower; None = that of the installed transformers'
+      `state_dict()`: for `CLIPTextModel` "" in v5 (e.g. `embeddings.token_embedding.weight`),
+      "text_model." in v4 and the Hub layout (e.g.
+      `text_model.encoder.layers.0.self_attn.q_proj.weight`); v5 loads both with
       `from_pretrained`, but `load_state_dict(strict=True)` needs the exact one.
+      `CLIPTextModelWithProjection` uses "text_model." in both versions, and its
+      `text_projection.weight` never has a prefix.
     include_position_ids: also write the `embeddings.position_ids` buffer (int64,
       (1, max_position_embeddings)), persistent only in transformers < 4.31; later versions
       reject it in a strict `load_state_dict`.
   """
   _check_tree(params, _abstract_text(config), "clip_text_to_torch")
-  prefix = _installed_text_prefix() if prefix is None else prefix
-  out = {prefix + k: v for k, v in flax_to_torch(params, LIST_NAMES).items()}
+  if prefix is None:
+    prefix = "text_model." if config.with_projection else _installed_text_prefix()
+  out = {(k if k.startswith("text_projection.") else prefix + k): v
+         for k, v in flax_to_torch(params, LIST_NAMES).items()}
   if include_position_ids:
     out[prefix + "embeddings.position_ids"] = np.arange(
         config.max_position_embeddings, dtype=np.int64)[None]
