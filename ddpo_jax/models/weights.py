@@ -130,8 +130,9 @@ def torch_to_flax(
       bad_shapes.append(f"{key}: checkpoint {tuple(np.shape(incoming[key]))}, "
                         f"model expects {target_shape} (Flax layout)")
       continue
-    # Cast on the host: a device-side convert would compile one kernel per shape.
-    out[path] = jnp.asarray(np.asarray(array, dtype=np.dtype(dtype)))
+    # Cast on the host and transfer with device_put: a device-side convert, and jnp.asarray
+    # itself (in jax 0.10), compile one program per shape.
+    out[path] = jax.device_put(np.asarray(array, dtype=np.dtype(dtype)))
   if bad_shapes:
     raise WeightLoadingError(f"{source}: shape mismatch for {len(bad_shapes)} keys: "
                              + "; ".join(bad_shapes[:10]))
@@ -200,5 +201,5 @@ def host_random_params(abstract, key: jax.Array, dtype=jnp.float32) -> dict:
       x = np.ones(shape, np.float32)
     else:
       x = np.zeros(shape, np.float32)
-    out[path] = jnp.asarray(x.astype(jnp.dtype(dtype)))
+    out[path] = jax.device_put(x.astype(jnp.dtype(dtype)))  # no compilation (see above)
   return traverse_util.unflatten_dict(out)
