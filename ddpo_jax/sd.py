@@ -110,6 +110,12 @@ def make_policy(config) -> Policy:
   pipe = load_model_pipeline(mc)
   if pipe.tokenizer is None:
     raise ValueError(f"{mc.pretrained_path}: the pipeline has no tokenizer/ directory")
+  if pipe.is_sdxl:
+    # The policy's prompt encoding is one context array; SDXL's UNet also needs the pooled
+    # text embedding. The pipeline loads, encodes and denoises (models/pipeline.py); training
+    # it needs the family interface of issue 17 first.
+    raise ValueError(f"{mc.pretrained_path}: an SDXL pipeline; DDPO/CTRL training of SDXL is "
+                     "not supported yet (config.model.kind='sd' trains SD 1.x / 2.x pipelines)")
   shape = latent_shape(pipe, int(mc.resolution))
 
   params = {"unet": pipe.params["unet"], "vae": pipe.params["vae"],
@@ -131,7 +137,7 @@ def make_policy(config) -> Policy:
 
   def encode_prompts(p, ids):
     """ids (N,L) int32 -> CLIP last hidden state (N,L,D) float32."""
-    return pipe.encode_prompt(p["text_encoder"], ids)
+    return pipe.encode_prompt(p, ids)[0]
 
   def decode(p, x0):
     """Diffusion latents (N,h,w,4) -> images (N,H,W,3) float32 in [0, 1]."""

@@ -58,18 +58,19 @@ def _errors(pipe, params, tp, prompts=("a cat", "the dog the dog")):
                          return_tensors="np").input_ids
   np.testing.assert_array_equal(ids, ref_ids)
   jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-  context = jit(pipe.encode_prompt)(params["text_encoder"], ids)
+  context, pooled = jit(pipe.encode_prompt)(params, ids)
   eps = jit(pipe.unet_apply)(params["unet"], latents, t, context)
   decoded = jit(pipe.vae_decode)(params["vae"], latents)
   encoded = jit(pipe.vae_encode)(params["vae"], images)
   scale = tp.vae.config.scaling_factor
   with torch.no_grad():
-    ref_context = tp.text_encoder(torch.from_numpy(ids.astype(np.int64)))[0]
+    ref_context, ref_pooled = tp.text_encoder(torch.from_numpy(ids.astype(np.int64)))[:2]
     ref_eps = tp.unet(tm.to_nchw(latents), torch.from_numpy(t), ref_context).sample
     ref_decoded = tp.vae.decode(tm.to_nchw(latents) / scale).sample
     ref_encoded = tp.vae.encode(tm.to_nchw(images)).latent_dist.mean * scale
   return {
       "text": float(np.abs(np.asarray(context) - ref_context.numpy()).max()),
+      "pooled": float(np.abs(np.asarray(pooled) - ref_pooled.numpy()).max()),
       "unet": float(np.abs(np.asarray(eps) - tm.to_nhwc(ref_eps)).max()),
       "vae_decode": float(np.abs(np.asarray(decoded) - tm.to_nhwc(ref_decoded)).max()),
       "vae_encode": float(np.abs(np.asarray(encoded) - tm.to_nhwc(ref_encoded)).max()),

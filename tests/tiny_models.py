@@ -240,6 +240,47 @@ def save_tiny_pipeline(directory: str, *, seed: int = 0, **kwargs) -> str:
   return directory
 
 
+def make_torch_text_encoder_2(kwargs: dict, seed: int = 3):
+  """A random `transformers.CLIPTextModelWithProjection` (SDXL's text_encoder_2) in eval mode."""
+  from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+  _seeded(seed)
+  return _randomize_(CLIPTextModelWithProjection(CLIPTextConfig(**kwargs)), seed, std=0.1)
+
+
+def make_torch_sdxl_pipeline(tmp_dir: str, *, seed: int = 0):
+  """A tiny random `diffusers.StableDiffusionXLPipeline`: text encoders of widths 32 and 24
+  (context 56), the second with projection 16, so the UNet's added embedding takes
+  16 + 6 x 8 features; both tokenizers over the tiny vocabulary (the second pads with "!", as
+  SDXL's)."""
+  from diffusers import StableDiffusionXLPipeline
+  tokenizer = make_tiny_tokenizer(os.path.join(tmp_dir, "_tokenizer_src"))
+  tokenizer_2 = make_tiny_tokenizer(os.path.join(tmp_dir, "_tokenizer_2_src"))
+  tokenizer_2.pad_token = "!"
+  text_kwargs = text_config_kwargs(vocab_size=len(tokenizer))
+  text_2_kwargs = text_config_kwargs(vocab_size=len(tokenizer), hidden_size=24,
+                                     intermediate_size=48, num_attention_heads=3,
+                                     num_hidden_layers=3, projection_dim=16, hidden_act="gelu")
+  unet_kwargs = unet_sdxl_kwargs(cross_attention_dim=32 + 24, layers_per_block=1,
+                                 transformer_layers_per_block=(1, 1, 2),
+                                 projection_class_embeddings_input_dim=16 + 6 * 8)
+  return StableDiffusionXLPipeline(
+      vae=make_torch_vae(seed=seed + 1),
+      text_encoder=make_torch_text_encoder(text_kwargs, seed=seed + 2),
+      text_encoder_2=make_torch_text_encoder_2(text_2_kwargs, seed=seed + 3),
+      tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+      unet=make_torch_unet(unet_kwargs, seed=seed),
+      scheduler=make_ddim_scheduler(), force_zeros_for_empty_prompt=True)
+
+
+def save_tiny_sdxl_pipeline(directory: str, *, seed: int = 0) -> str:
+  """Writes a tiny diffusers SDXL pipeline (safetensors) to `directory`; returns the directory."""
+  os.makedirs(directory, exist_ok=True)
+  scratch = os.path.join(directory + ".src")
+  os.makedirs(scratch, exist_ok=True)
+  make_torch_sdxl_pipeline(scratch, seed=seed).save_pretrained(directory, safe_serialization=True)
+  return directory
+
+
 def to_nchw(x) -> torch.Tensor:
   return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
 

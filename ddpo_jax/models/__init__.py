@@ -1,11 +1,12 @@
-"""Stable-Diffusion-compatible models in Flax, loaded from diffusers/transformers checkpoints.
+"""Stable Diffusion (1.x / 2.x, SDXL) models in Flax, loaded from diffusers/transformers checkpoints.
 
 Conventions at this public interface:
 - Every image and latent tensor is NHWC (channels last): UNet input/output (B, H, W, C),
   VAE images (B, H, W, 3) in [-1, 1] and latents (B, H/8, W/8, 4), CLIP pixels (B, 224, 224, 3).
 - A "params" tree is the inner Flax dict (`module.apply({"params": params}, ...)`).
 - Parameters load from the standard diffusers directory layout (model_index.json, unet/, vae/,
-  text_encoder/, tokenizer/, scheduler/) or a transformers CLIP directory, through one key
+  text_encoder/, tokenizer/, scheduler/; SDXL also text_encoder_2/, tokenizer_2/) or a
+  transformers CLIP directory, through one key
   table per model (`weights.py`); no PyTorch is needed at run time.
 
 Main entry points: `load_pipeline`, `save_pipeline`, `init_pipeline`, `load_clip_vision`.
@@ -17,7 +18,8 @@ from ddpo_jax.models.clip import (
     clip_text_to_torch, clip_vision_from_torch, clip_vision_to_torch, init_clip_text_params,
     init_clip_vision_params, load_clip_text, load_clip_vision)
 from ddpo_jax.models.pipeline import (
-    Pipeline, PipelineLoadError, init_pipeline, load_pipeline, save_pipeline, sd15_configs)
+    Pipeline, PipelineLoadError, init_pipeline, load_pipeline, save_pipeline, sd15_configs,
+    sdxl_time_ids)
 from ddpo_jax.models.unet import (
     UNet2DConditionModel, UNetConfig, init_unet_params, unet_from_torch, unet_to_torch)
 from ddpo_jax.models.vae import (

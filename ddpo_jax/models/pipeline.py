@@ -1,16 +1,23 @@
-"""Stable Diffusion pipelines in diffusers format: load, save, random init.
+"""Stable Diffusion (1.x / 2.x) and SDXL pipelines in diffusers format: load, save, random init.
 
-A `Pipeline` bundles the parameters of the three networks, their configs, the scheduler config,
-the tokenizer and pure, jit-able functions (closures over the Flax modules; parameters are
+A `Pipeline` bundles the parameters of the networks, their configs, the scheduler config,
+the tokenizer(s) and pure, jit-able functions (closures over the Flax modules; parameters are
 always passed explicitly):
 
   unet_apply(params_unet, latents (B,h,w,4), timesteps (B,) or scalar, context (B,L,D),
-             class_labels=None) -> eps (B,h,w,4) float32
+             class_labels=None, added_time_emb=None, text_embeds=None, time_ids=None)
+      -> eps (B,h,w,4) float32; SDXL UNets also take the pooled `text_embeds` (B,P) and
+      `time_ids` (B,6) (default: `sdxl_time_ids` of the latents' pixel size, no crop)
   vae_encode(params_vae, images (B,H,W,3) in [-1,1]) -> DIFFUSION latents (B,H/8,W/8,4) float32
       = posterior mean * scaling_factor (minus shift_factor first, if the VAE has one)
   vae_decode(params_vae, latents (B,h,w,4)) -> images (B,8h,8w,3) float32, nominally in [-1,1]
       (not clipped); takes DIFFUSION latents, i.e. divides by scaling_factor first
-  encode_prompt(params_text, input_ids (B,L) int32) -> (B,L,D) float32 last hidden state
+  encode_prompt(params, input_ids) -> (context (B,L,D), pooled (B,P)) float32, reading the
+      text encoders' entries of the pipeline's `params` dict:
+      SD: input_ids (B,L) int32; context = the last hidden state, pooled = CLIP's pooled output.
+      SDXL: input_ids (B,2,L) int32 (`tokenize`: both tokenizers' ids); context = the two
+      encoders' penultimate hidden states concatenated (D = D1 + D2), pooled = the second
+      encoder's projected `text_embeds`, as diffusers' `StableDiffusionXLPipeline.encode_prompt`.
 
 Directory layout (what `diffusers.StableDiffusionPipeline.save_pretrained` writes):
 
@@ -20,6 +27,9 @@ Directory layout (what `diffusers.StableDiffusionPipeline.save_pretrained` write
   text_encoder/config.json, text_encoder/model.safetensors
   tokenizer/ (vocab.json + merges.txt or tokenizer.json, tokenizer_config.json)   optional
   scheduler/scheduler_config.json
+
+and for `StableDiffusionXLPipeline` also text_encoder_2/ (`CLIPTextModelWithProjection`) and
+tokenizer_2/. model_index.json's `_class_name` says which; other pipeline classes are refused.
 
 Only safetensors weights are read (no pickle). Every error about the directory (not a pipeline,
 a missing component, an unsupported config, a key or shape mismatch) is raised while loading,
@@ -53,23 +63,32 @@ from ddpo_jax.models.weights import WeightLoadingError
 
 Dtype = Any
 
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+              "scheduler")
 # The file that marks a directory as a pipeline `save_pipeline` wrote (diffusers ignores it):
 # only such a directory is ever replaced by a later save. It lists the SHA-256 of every file
 # written beside it, which `load_pipeline` checks.
 WRITTEN_BY = "ddpo_jax_pipeline.json"
-_REQUIRED = ("unet", "vae", "text_encoder", "scheduler")
+# model_index.json `_class_name` -> the components it must have.
+PIPELINE_CLASSES = {
+    "StableDiffusionPipeline": ("unet", "vae", "text_encoder", "scheduler"),
+    "StableDiffusionXLPipeline": ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler"),
+}
 _CLASSES = {
     "unet": ("diffusers", "UNet2DConditionModel"),
     "vae": ("diffusers", "AutoencoderKL"),
     "text_encoder": ("transformers", "CLIPTextModel"),
+    "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
     "tokenizer": ("transformers", "CLIPTokenizer"),
+    "tokenizer_2": ("transformers", "CLIPTokenizer"),
 }
+_TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
 _ACCEPTED_CLASSES = {"unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",),
                      "text_encoder": ("CLIPTextModel",),
-                     "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast")}
+                     "text_encoder_2": ("CLIPTextModelWithProjection",),
+                     "tokenizer": _TOKENIZER_CLASSES, "tokenizer_2": _TOKENIZER_CLASSES}
 _WEIGHT_BASENAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
-                     "text_encoder": "model"}
+                     "text_encoder": "model", "text_encoder_2": "model"}
 
 # SD's DDIM configuration (the sampler DDPO uses).
 SD_DDIM_SCHEDULER_CONFIG = {
@@ -89,10 +108,11 @@ class PipelineLoadError(ValueError):
 # ================================================================================================
 @dataclasses.dataclass(eq=False)
 class Pipeline:
-  """A Stable Diffusion pipeline: params, configs, tokenizer and pure functions.
+  """A Stable Diffusion or SDXL pipeline: params, configs, tokenizers and pure functions.
 
   Attributes:
-    params: {"unet": ..., "vae": ..., "text_encoder": ...} parameter trees (`dtype` arrays).
+    params: {"unet": ..., "vae": ..., "text_encoder": ...[, "text_encoder_2": ...]} parameter
+      trees (`dtype` arrays).
     unet_config / vae_config / text_config: the architectures.
     scheduler_config: scheduler/scheduler_config.json as a dict.
     tokenizer: a `transformers.CLIPTokenizer`, or None.
@@ -100,6 +120,9 @@ class Pipeline:
     attention_implementation: "auto" | "xla" | "cudnn". remat: gradient checkpointing of the
       UNet blocks.
     model_index: the model_index.json dict it was loaded from (kept on save), or None.
+    text_config_2 / tokenizer_2: SDXL's second text encoder (`CLIPTextConfig` with
+      `with_projection`) and its tokenizer; None for SD 1.x / 2.x. An SDXL UNet
+      (`addition_embed_type="text_time"`) needs them, and only it takes them.
 
   The functions `unet_apply`, `vae_encode`, `vae_decode`, `encode_prompt` (see the module
   docstring) are built from the configs; `dataclasses.replace(pipe, params=new)` keeps them valid.
@@ -115,16 +138,28 @@ class Pipeline:
   attention_implementation: str = "auto"
   remat: bool = False
   model_index: dict | None = None
+  text_config_2: Any = None  # clip.CLIPTextConfig with with_projection
+  tokenizer_2: Any = None
 
   unet: UNet2DConditionModel = dataclasses.field(init=False, repr=False)
   vae: AutoencoderKL = dataclasses.field(init=False, repr=False)
   text_encoder: Any = dataclasses.field(init=False, repr=False)
+  text_encoder_2: Any = dataclasses.field(init=False, repr=False)
   unet_apply: Callable = dataclasses.field(init=False, repr=False)
   vae_encode: Callable = dataclasses.field(init=False, repr=False)
   vae_decode: Callable = dataclasses.field(init=False, repr=False)
   encode_prompt: Callable = dataclasses.field(init=False, repr=False)
 
   def __post_init__(self):
+    if self.is_sdxl != (self.unet_config.addition_embed_type == "text_time"):
+      raise ValueError(
+          "Pipeline: an SDXL UNet (addition_embed_type='text_time') needs the second text "
+          f"encoder (text_config_2), and only it takes one; got addition_embed_type="
+          f"{self.unet_config.addition_embed_type!r} with text_config_2="
+          f"{'set' if self.is_sdxl else None}")
+    if self.is_sdxl and not self.text_config_2.with_projection:
+      raise ValueError("Pipeline: SDXL's text_config_2 must be a CLIPTextModelWithProjection "
+                       "config (with_projection=True)")
     compute = self.compute_dtype or self.dtype
     self.unet = UNet2DConditionModel(self.unet_config, dtype=compute, param_dtype=self.dtype,
                                      attention_implementation=self.attention_implementation,
@@ -133,38 +168,74 @@ class Pipeline:
                              attention_implementation=self.attention_implementation)
     self.text_encoder = clip_lib.CLIPTextModel(self.text_config, dtype=compute,
                                                param_dtype=self.dtype)
+    self.text_encoder_2 = None
+    if self.is_sdxl:
+      self.text_encoder_2 = clip_lib.CLIPTextModel(self.text_config_2, dtype=compute,
+                                                   param_dtype=self.dtype)
     (self.unet_apply, self.vae_encode, self.vae_decode,
-     self.encode_prompt) = _make_functions(self.unet, self.vae, self.text_encoder,
-                                           self.vae_config)
+     self.encode_prompt) = _make_functions(self)
+
+  @property
+  def is_sdxl(self) -> bool:
+    """Whether this is an SDXL pipeline (two text encoders, the UNet's text_time embedding)."""
+    return self.text_config_2 is not None
+
+  @property
+  def vae_scale_factor(self) -> int:
+    """Pixels per latent cell along each axis (8 for SD and SDXL)."""
+    return 2 ** (len(self.vae_config.block_out_channels) - 1)
 
   @property
   def max_length(self) -> int:
-    """Token sequence length fed to the text encoder."""
+    """Token sequence length fed to the text encoder(s)."""
     length = self.text_config.max_position_embeddings
-    if self.tokenizer is not None:
-      length = min(length, int(self.tokenizer.model_max_length))
+    if self.is_sdxl:
+      length = min(length, self.text_config_2.max_position_embeddings)
+    for tokenizer in (self.tokenizer, self.tokenizer_2):
+      if tokenizer is not None:
+        length = min(length, int(tokenizer.model_max_length))
     return length
 
   def tokenize(self, prompts: str | list[str]) -> np.ndarray:
-    """Prompts -> (B, max_length) int32 ids, padded and truncated like diffusers."""
-    if self.tokenizer is None:
-      raise ValueError("this pipeline has no tokenizer")
+    """Prompts -> int32 ids, padded and truncated like diffusers: (B, max_length), or for SDXL
+    (B, 2, max_length), the ids of `tokenizer` and of `tokenizer_2`."""
+    if self.tokenizer is None or (self.is_sdxl and self.tokenizer_2 is None):
+      raise ValueError("this pipeline has no tokenizer" + ("_2" if self.tokenizer else ""))
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
-                         truncation=True, return_tensors="np").input_ids
-    return np.asarray(ids, np.int32)
+    tokenizers = (self.tokenizer, self.tokenizer_2) if self.is_sdxl else (self.tokenizer,)
+    ids = [np.asarray(t(prompts, padding="max_length", max_length=self.max_length,
+                        truncation=True, return_tensors="np").input_ids, np.int32)
+           for t in tokenizers]
+    return np.stack(ids, axis=1) if self.is_sdxl else ids[0]
 
 
-def _make_functions(unet, vae, text_encoder, vae_config: VAEConfig):
+def sdxl_time_ids(height: int, width: int, batch: int, crop_top_left=(0, 0),
+                  original_size=None) -> jax.Array:
+  """SDXL's micro-conditioning, (batch, 6) float32: original (height, width), crop (top, left),
+  target (height, width), in pixels, as `StableDiffusionXLPipeline._get_add_time_ids` (default
+  original size = target size, no crop)."""
+  original = tuple(original_size or (height, width))
+  ids = jnp.asarray(original + tuple(crop_top_left) + (height, width), jnp.float32)
+  return jnp.broadcast_to(ids, (batch, 6))
+
+
+def _make_functions(pipe: Pipeline):
+  unet, vae, vae_config = pipe.unet, pipe.vae, pipe.vae_config
   scale = float(vae_config.scaling_factor)
   shift = float(vae_config.shift_factor or 0.0)
+  factor = pipe.vae_scale_factor
 
   def unet_apply(params_unet, latents, timesteps, context, class_labels=None,
-                 added_time_emb=None):
+                 added_time_emb=None, text_embeds=None, time_ids=None):
     """eps (B,h,w,C) float32 from latents (B,h,w,C), timesteps (B,) / scalar, context (B,L,D);
-    optional `added_time_emb` (B, time_embed_dim) is added to the time embedding."""
+    optional `added_time_emb` (B, time_embed_dim) is added to the time embedding. SDXL:
+    `text_embeds` (B,P) the pooled prompt embedding (required), `time_ids` (B,6) (default
+    `sdxl_time_ids` of the pixel size h*8 x w*8)."""
+    if pipe.is_sdxl and time_ids is None:
+      b, h, w = latents.shape[:3]
+      time_ids = sdxl_time_ids(h * factor, w * factor, b)
     out = unet.apply({"params": params_unet}, latents, timesteps, context, class_labels,
-                     added_time_emb)
+                     added_time_emb, text_embeds, time_ids)
     return out.astype(jnp.float32)
 
   def vae_encode(params_vae, images):
@@ -178,10 +249,20 @@ def _make_functions(unet, vae, text_encoder, vae_config: VAEConfig):
     out = vae.apply({"params": params_vae}, z, method=AutoencoderKL.decode)
     return out.astype(jnp.float32)
 
-  def encode_prompt(params_text, input_ids):
-    """input_ids (B,L) int32 -> last hidden state (B,L,D) float32."""
-    hidden, _ = text_encoder.apply({"params": params_text}, input_ids)
-    return hidden.astype(jnp.float32)
+  def encode_prompt(params, input_ids):
+    """(context (B,L,D), pooled (B,P)) float32 from `tokenize`'s ids (module docstring)."""
+    if not pipe.is_sdxl:
+      hidden, pooled = pipe.text_encoder.apply({"params": params["text_encoder"]}, input_ids)
+      return hidden.astype(jnp.float32), pooled.astype(jnp.float32)
+    if input_ids.ndim != 3 or input_ids.shape[1] != 2:
+      raise ValueError(f"SDXL encode_prompt: input_ids of shape {input_ids.shape}; expected "
+                       "(B, 2, L), the ids of both tokenizers (Pipeline.tokenize)")
+    _, _, states = pipe.text_encoder.apply({"params": params["text_encoder"]},
+                                           input_ids[:, 0], output_hidden_states=True)
+    _, pooled, states_2 = pipe.text_encoder_2.apply({"params": params["text_encoder_2"]},
+                                                    input_ids[:, 1], output_hidden_states=True)
+    context = jnp.concatenate([states[-2], states_2[-2]], axis=-1)
+    return context.astype(jnp.float32), pooled.astype(jnp.float32)
 
   return unet_apply, vae_encode, vae_decode, encode_prompt
 
@@ -388,11 +469,11 @@ def verify_written_files(root: str) -> None:
 
 def load_pipeline(path, dtype: Dtype = jnp.float32, *, attention_implementation: str = "auto",
                   remat: bool = False, compute_dtype: Dtype = None) -> Pipeline:
-  """Loads a diffusers-format Stable Diffusion pipeline (local directory or Hub id).
+  """Loads a diffusers-format Stable Diffusion or SDXL pipeline (local directory or Hub id).
 
   Args:
-    path: a local directory written by `StableDiffusionPipeline.save_pretrained` (or
-      `save_pipeline`), or a Hugging Face Hub id (downloaded with `snapshot_download`, only the
+    path: a local directory written by `StableDiffusionPipeline.save_pretrained` or
+      `StableDiffusionXLPipeline.save_pretrained` (or `save_pipeline`), or a Hugging Face Hub id (downloaded with `snapshot_download`, only the
       files needed, if `path` is not an existing directory).
     dtype: parameter dtype (float32 or bfloat16); fp16 checkpoints are cast.
     attention_implementation: "auto" | "xla" | "cudnn".
@@ -400,8 +481,9 @@ def load_pipeline(path, dtype: Dtype = jnp.float32, *, attention_implementation:
     compute_dtype: activation dtype (default `dtype`).
 
   Raises:
-    PipelineLoadError: not a directory / no model_index.json / a missing component / an
-      unsupported or inconsistent config (the message names the file and the key).
+    PipelineLoadError: not a directory / no model_index.json / a pipeline class other than
+      `PIPELINE_CLASSES` / a missing component / an unsupported or inconsistent config (the
+      message names the file and the key).
     WeightLoadingError: missing/unexpected weight keys or shape mismatches (names file and keys);
       a file of a pipeline `save_pipeline` wrote whose SHA-256 changed since.
   """
@@ -411,12 +493,20 @@ def load_pipeline(path, dtype: Dtype = jnp.float32, *, attention_implementation:
   if not os.path.isfile(index_path):
     raise PipelineLoadError(f"{root}: not a diffusers pipeline (no model_index.json)")
   model_index = _read_json(index_path, "pipeline index")
+  pipeline_class = model_index.get("_class_name", "StableDiffusionPipeline")
+  if pipeline_class not in PIPELINE_CLASSES:
+    raise PipelineLoadError(f"{index_path}: _class_name={pipeline_class!r} is not a supported "
+                            f"pipeline class; supported: {', '.join(PIPELINE_CLASSES)}")
+  required = PIPELINE_CLASSES[pipeline_class]
+  sdxl = "text_encoder_2" in required
 
   dirs = {}
   for name in COMPONENTS:
+    if name in ("text_encoder_2", "tokenizer_2") and not sdxl:
+      continue
     entry = model_index.get(name)
     directory = os.path.join(root, name)
-    if name in _REQUIRED:
+    if name in required:
       if not entry or entry[0] is None or not os.path.isdir(directory):
         raise PipelineLoadError(
             f"{root}: component '{name}' is missing ("
@@ -442,22 +532,42 @@ def load_pipeline(path, dtype: Dtype = jnp.float32, *, attention_implementation:
   unet_config = parse("unet", "config.json", UNetConfig.from_dict)
   vae_config = parse("vae", "config.json", VAEConfig.from_dict)
   text_config = parse("text_encoder", "config.json", clip_lib.CLIPTextConfig.from_dict)
+  text_config_2 = (parse("text_encoder_2", "config.json", clip_lib.CLIPTextConfig.from_dict)
+                   if sdxl else None)
   scheduler_config = _read_json(os.path.join(dirs["scheduler"], "scheduler_config.json"),
                                 "scheduler config")
-  if unet_config.context_dim != text_config.hidden_size:
+  unet_file = os.path.join(dirs["unet"], "config.json")
+  widths = [text_config.hidden_size] + ([text_config_2.hidden_size] if sdxl else [])
+  if unet_config.context_dim != sum(widths):
     raise PipelineLoadError(
-        f"{os.path.join(dirs['unet'], 'config.json')}: cross_attention_dim="
-        f"{unet_config.context_dim} does not match the text encoder's hidden_size="
-        f"{text_config.hidden_size}")
+        f"{unet_file}: cross_attention_dim={unet_config.context_dim} does not match the text "
+        f"encoder{'s' if sdxl else ''}' hidden_size={' + '.join(map(str, widths))}")
+  if sdxl != (unet_config.addition_embed_type == "text_time"):
+    raise PipelineLoadError(
+        f"{unet_file}: addition_embed_type={unet_config.addition_embed_type!r} in a "
+        f"{pipeline_class} (SDXL's UNet has 'text_time', SD's has none)")
+  if sdxl:
+    if not text_config_2.with_projection:
+      raise PipelineLoadError(f"{os.path.join(dirs['text_encoder_2'], 'config.json')}: not a "
+                              "CLIPTextModelWithProjection (architectures)")
+    width = text_config_2.projection_dim + 6 * unet_config.addition_time_embed_dim
+    if unet_config.projection_class_embeddings_input_dim != width:
+      raise PipelineLoadError(
+          f"{unet_file}: projection_class_embeddings_input_dim="
+          f"{unet_config.projection_class_embeddings_input_dim} does not match text_encoder_2's "
+          f"projection_dim {text_config_2.projection_dim} + 6 time ids x "
+          f"addition_time_embed_dim {unet_config.addition_time_embed_dim} = {width}")
   if unet_config.in_channels != vae_config.latent_channels:
     raise PipelineLoadError(
         f"{os.path.join(dirs['unet'], 'config.json')}: in_channels={unet_config.in_channels} "
         f"does not match the VAE's latent_channels={vae_config.latent_channels}")
 
   # 2. Weights, converted one component at a time (keys and shapes checked).
-  files = {name: _weight_files(dirs[name], name) for name in ("unet", "vae", "text_encoder")}
   converters = {"unet": (unet_from_torch, unet_config), "vae": (vae_from_torch, vae_config),
                 "text_encoder": (clip_lib.clip_text_from_torch, text_config)}
+  if sdxl:
+    converters["text_encoder_2"] = (clip_lib.clip_text_from_torch, text_config_2)
+  files = {name: _weight_files(dirs[name], name) for name in converters}
   params = {}
   target = np.dtype(dtype)
   for name, (convert, config) in converters.items():
@@ -469,21 +579,23 @@ def load_pipeline(path, dtype: Dtype = jnp.float32, *, attention_implementation:
     params[name] = convert(state_dict, config, source, dtype)
     del state_dict
 
-  # 3. Tokenizer (optional).
-  tokenizer = None
-  if "tokenizer" in dirs:
-    try:
-      from transformers import CLIPTokenizer
-      tokenizer = CLIPTokenizer.from_pretrained(dirs["tokenizer"])
-    except Exception as e:
-      raise PipelineLoadError(f"{dirs['tokenizer']}: cannot load the CLIP tokenizer "
-                              f"({type(e).__name__}: {e})") from e
+  # 3. Tokenizers (optional).
+  tokenizers = {}
+  for name in ("tokenizer", "tokenizer_2"):
+    if name in dirs:
+      try:
+        from transformers import CLIPTokenizer
+        tokenizers[name] = CLIPTokenizer.from_pretrained(dirs[name])
+      except Exception as e:
+        raise PipelineLoadError(f"{dirs[name]}: cannot load the CLIP tokenizer "
+                                f"({type(e).__name__}: {e})") from e
 
   return Pipeline(params=params, unet_config=unet_config, vae_config=vae_config,
-                  text_config=text_config, scheduler_config=scheduler_config, tokenizer=tokenizer,
-                  dtype=dtype, compute_dtype=compute_dtype,
-                  attention_implementation=attention_implementation, remat=remat,
-                  model_index=model_index)
+                  text_config=text_config, scheduler_config=scheduler_config,
+                  tokenizer=tokenizers.get("tokenizer"), dtype=dtype,
+                  compute_dtype=compute_dtype, attention_implementation=attention_implementation,
+                  remat=remat, model_index=model_index, text_config_2=text_config_2,
+                  tokenizer_2=tokenizers.get("tokenizer_2"))
 
 
 # ================================================================================================
@@ -528,11 +640,13 @@ def check_output_dir(path: str, overwrite: bool) -> None:
 
 
 def save_pipeline(pipe: Pipeline, path, overwrite: bool = False) -> str:
-  """Writes `pipe` in diffusers format (loadable by `StableDiffusionPipeline.from_pretrained`).
+  """Writes `pipe` in diffusers format (loadable by `StableDiffusionPipeline.from_pretrained`,
+  or `StableDiffusionXLPipeline.from_pretrained` for SDXL).
 
   Weights are written as float32 safetensors (PyTorch layout). Only unet, vae, text_encoder,
-  tokenizer and scheduler are written: other model_index.json components (e.g. SD 1.5's
-  safety_checker, feature_extractor) are set to null. The output is assembled in a
+  tokenizer, scheduler (and SDXL's text_encoder_2, tokenizer_2) are written: other
+  model_index.json components (e.g. SD 1.5's safety_checker, feature_extractor) are set to
+  null. The output is assembled in a
   temporary directory next to `path` and renamed into place at the end, so `path` never holds a
   half-written pipeline. `path` must be missing or empty, or (with `overwrite`) a pipeline
   written here before (`check_output_dir`): nothing else is ever replaced.
@@ -549,20 +663,26 @@ def save_pipeline(pipe: Pipeline, path, overwrite: bool = False) -> str:
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
   try:
-    index = dict(pipe.model_index or {"_class_name": "StableDiffusionPipeline",
-                                      "_diffusers_version": "0.30.0",
-                                      "feature_extractor": [None, None],
-                                      "requires_safety_checker": False,
-                                      "safety_checker": [None, None]})
+    if pipe.model_index:
+      index = dict(pipe.model_index)
+    elif pipe.is_sdxl:
+      index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",
+               "force_zeros_for_empty_prompt": True}
+    else:
+      index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+               "feature_extractor": [None, None], "safety_checker": [None, None]}
     for name, value in list(index.items()):  # components not written (safety checker, ...)
       if (not name.startswith("_") and isinstance(value, list) and len(value) == 2
           and name not in COMPONENTS):
         index[name] = [None, None]
-    index["requires_safety_checker"] = False
+    if not pipe.is_sdxl:
+      index["requires_safety_checker"] = False
     for name, cls in _CLASSES.items():
-      index[name] = list(cls)
-    if pipe.tokenizer is None:
-      index["tokenizer"] = [None, None]
+      if pipe.is_sdxl or not name.endswith("_2"):
+        index[name] = list(cls)
+    for name in ("tokenizer", "tokenizer_2"):
+      if getattr(pipe, name) is None and name in index:
+        index[name] = [None, None]
     scheduler_config = dict(pipe.scheduler_config)
     scheduler_config.setdefault("_class_name", "DDIMScheduler")
     index["scheduler"] = ["diffusers", scheduler_config["_class_name"]]
@@ -575,6 +695,10 @@ def save_pipeline(pipe: Pipeline, path, overwrite: bool = False) -> str:
                          clip_lib.clip_text_to_torch(pipe.params["text_encoder"],
                                                      pipe.text_config)),
     }
+    if pipe.is_sdxl:
+      components["text_encoder_2"] = (
+          pipe.text_config_2.to_dict(),
+          clip_lib.clip_text_to_torch(pipe.params["text_encoder_2"], pipe.text_config_2))
     for name, (config, state_dict) in components.items():
       os.makedirs(os.path.join(tmp, name))
       _write_json(config, os.path.join(tmp, name, "config.json"))
@@ -583,8 +707,9 @@ def save_pipeline(pipe: Pipeline, path, overwrite: bool = False) -> str:
       del state_dict
     os.makedirs(os.path.join(tmp, "scheduler"))
     _write_json(scheduler_config, os.path.join(tmp, "scheduler", "scheduler_config.json"))
-    if pipe.tokenizer is not None:
-      pipe.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+    for name in ("tokenizer", "tokenizer_2"):
+      if getattr(pipe, name) is not None:
+        getattr(pipe, name).save_pretrained(os.path.join(tmp, name))
     _write_json({"written_by": "ddpo_jax.models.pipeline.save_pipeline",
                  "sha256": _written_files(tmp)}, os.path.join(tmp, WRITTEN_BY))
 

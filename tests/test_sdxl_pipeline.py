@@ -1,0 +1,201 @@
+"""SDXL pipelines in diffusers format (tiny random `StableDiffusionXLPipeline` written by
+diffusers): loading, prompt encoding, the UNet with SDXL's added conditioning, DDIM sampling
+against diffusers' own pipeline, saving back."""
+import functools
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import tiny_models as tm  # noqa: E402
+from ddpo_jax import diffusion, recipes, sd  # noqa: E402
+from ddpo_jax.models import pipeline as P  # noqa: E402
+
+TOL = 1e-4  # max abs error, float32: networks and prompt encoding
+SAMPLE_TOL = 1e-3  # max abs error of the final latents of a 4-step guided DDIM chain
+FAST_COMPILE = {"xla_backend_optimization_level": 0}  # tests only: halves CPU compile times
+PROMPTS = ("a cat", "the dog the dog")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+  return tm.save_tiny_sdxl_pipeline(str(tmp_path_factory.mktemp("pipes") / "tiny-sdxl"))
+
+
+@pytest.fixture(scope="module")
+def torch_pipe(tiny_dir):
+  return diffusers.StableDiffusionXLPipeline.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_dir):
+  return P.load_pipeline(tiny_dir)
+
+
+def _jit(fn):
+  return jax.jit(fn, compiler_options=FAST_COMPILE)
+
+
+def _err(a, b) -> float:
+  return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
+
+
+def _encode_errors(pipe, params, tp):
+  """Max abs errors of prompt encoding and one UNet call against the torch pipeline `tp`."""
+  ids = pipe.tokenize(list(PROMPTS))
+  assert ids.shape == (2, 2, tm.TINY_MAX_LENGTH)
+  for k, tokenizer in enumerate((tp.tokenizer, tp.tokenizer_2)):
+    ref_ids = tokenizer(list(PROMPTS), padding="max_length", max_length=tm.TINY_MAX_LENGTH,
+                        truncation=True, return_tensors="np").input_ids
+    np.testing.assert_array_equal(ids[:, k], ref_ids)
+  assert not np.array_equal(ids[:, 0], ids[:, 1])  # the second tokenizer pads with "!"
+  context, pooled = _jit(pipe.encode_prompt)(params, ids)
+  with torch.no_grad():
+    ref_context, _, ref_pooled, _ = tp.encode_prompt(list(PROMPTS), device="cpu",
+                                                     do_classifier_free_guidance=False)
+  assert context.shape == (2, tm.TINY_MAX_LENGTH, 56) and pooled.shape == (2, 16)
+
+  rng = np.random.default_rng(0)
+  latents = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+  t = np.array([10, 901])
+  eps = _jit(pipe.unet_apply)(params["unet"], latents, t, context, text_embeds=pooled)
+  factor = pipe.vae_scale_factor
+  time_ids = torch.tensor([[8 * factor, 8 * factor, 0, 0, 8 * factor, 8 * factor]] * 2,
+                          dtype=torch.float32)
+  with torch.no_grad():
+    ref_eps = tp.unet(tm.to_nchw(latents), torch.from_numpy(t), ref_context,
+                      added_cond_kwargs={"text_embeds": ref_pooled, "time_ids": time_ids}).sample
+  return {"context": _err(context, ref_context.numpy()), "pooled": _err(pooled, ref_pooled.numpy()),
+          "unet": _err(eps, tm.to_nhwc(ref_eps))}
+
+
+def test_load_and_encode_parity(pipe, torch_pipe):
+  assert pipe.is_sdxl and pipe.text_config_2.with_projection
+  assert pipe.tokenizer_2 is not None and pipe.model_index["force_zeros_for_empty_prompt"]
+  errs = _encode_errors(pipe, pipe.params, torch_pipe)
+  print("SDXL load_pipeline vs diffusers:", {k: f"{v:.3g}" for k, v in errs.items()})
+  assert max(errs.values()) <= TOL, errs
+
+
+def _ddim_sample(pipe, params, latents, prompts, steps, guidance):
+  """Guided DDIM (eta 0) written from the package's pieces: encode_prompt, unet_apply with the
+  pooled embedding, `diffusion.ddim_step_mean_std`; SDXL's unconditional half is zeros
+  (force_zeros_for_empty_prompt), as diffusers' pipeline."""
+  schedule = diffusion.NoiseSchedule.from_config(pipe.scheduler_config)
+  timesteps, prev = schedule.ddim_timesteps(steps)
+  context, pooled = pipe.encode_prompt(params, jnp.asarray(pipe.tokenize(list(prompts))))
+  both_context = jnp.concatenate([jnp.zeros_like(context), context])
+  both_pooled = jnp.concatenate([jnp.zeros_like(pooled), pooled])
+  x = jnp.asarray(latents)
+  b = x.shape[0]
+  for t, t_prev in zip(timesteps, prev):
+    tt = jnp.full((2 * b,), t, jnp.int32)
+    eps_u, eps_c = jnp.split(pipe.unet_apply(params["unet"], jnp.concatenate([x, x]), tt,
+                                             both_context, text_embeds=both_pooled), 2)
+    eps = eps_u + guidance * (eps_c - eps_u)
+    x, _ = diffusion.ddim_step_mean_std(schedule.alphas_cumprod, eps, tt[:b],
+                                        jnp.full((b,), t_prev, jnp.int32), x, 0.0,
+                                        final_alpha_cumprod=schedule.final_alpha_cumprod)
+  return x
+
+
+def test_ddim_sampling_matches_diffusers_pipeline(pipe, torch_pipe):
+  steps, guidance = 4, 5.0
+  rng = np.random.default_rng(1)
+  latents = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+  sample = _jit(functools.partial(_ddim_sample, pipe, steps=steps, guidance=guidance,
+                                  prompts=PROMPTS))
+  ours = sample(pipe.params, latents)
+  height = 8 * pipe.vae_scale_factor
+  with torch.no_grad():
+    ref = torch_pipe(list(PROMPTS), height=height, width=height, num_inference_steps=steps,
+                     guidance_scale=guidance, eta=0.0, latents=tm.to_nchw(latents),
+                     output_type="latent").images
+  err = _err(ours, tm.to_nhwc(ref))
+  print(f"SDXL guided DDIM ({steps} steps, CFG {guidance}) vs diffusers: max abs error "
+        f"{err:.3g} (|latent| max {np.abs(tm.to_nhwc(ref)).max():.3g})")
+  assert err <= SAMPLE_TOL
+
+
+def test_save_round_trip(pipe, tmp_path):
+  out = str(tmp_path / "saved")
+  P.save_pipeline(pipe, out)
+  with open(os.path.join(out, "model_index.json")) as f:
+    index = json.load(f)
+  assert index["_class_name"] == "StableDiffusionXLPipeline"
+  assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+  assert "requires_safety_checker" not in index
+  reloaded_torch = diffusers.StableDiffusionXLPipeline.from_pretrained(out)
+  errs = _encode_errors(pipe, pipe.params, reloaded_torch)
+  print("SDXL save_pipeline -> diffusers:", {k: f"{v:.3g}" for k, v in errs.items()})
+  assert max(errs.values()) <= TOL, errs
+  reloaded = P.load_pipeline(out)
+  assert reloaded.is_sdxl and reloaded.text_config_2 == pipe.text_config_2
+  for a, b in zip(jax.tree_util.tree_leaves(reloaded.params),
+                  jax.tree_util.tree_leaves(pipe.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def _copy(src, dst):
+  shutil.copytree(src, dst)
+  return dst
+
+
+def _edit_json(path, **changes):
+  with open(path) as f:
+    d = json.load(f)
+  d.update(changes)
+  with open(path, "w") as f:
+    json.dump(d, f)
+
+
+def test_bad_sdxl_pipelines(tiny_dir, tmp_path):
+  # An unsupported pipeline class, named with the file.
+  flux = _copy(tiny_dir, str(tmp_path / "flux"))
+  _edit_json(os.path.join(flux, "model_index.json"), _class_name="FluxPipeline")
+  with pytest.raises(P.PipelineLoadError, match=r"model_index.json: _class_name='FluxPipeline' "
+                                                r"is not a supported pipeline class"):
+    P.load_pipeline(flux)
+  # SDXL without its second text encoder.
+  missing = _copy(tiny_dir, str(tmp_path / "missing"))
+  shutil.rmtree(os.path.join(missing, "text_encoder_2"))
+  with pytest.raises(P.PipelineLoadError, match="component 'text_encoder_2' is missing"):
+    P.load_pipeline(missing)
+  # A second text encoder without projection.
+  plain = _copy(tiny_dir, str(tmp_path / "plain"))
+  _edit_json(os.path.join(plain, "text_encoder_2", "config.json"),
+             architectures=["CLIPTextModel"])
+  with pytest.raises(P.PipelineLoadError, match=r"text_encoder_2/config.json: not a "
+                                                r"CLIPTextModelWithProjection"):
+    P.load_pipeline(plain)
+  # The added embedding's width must fit the second encoder's projection.
+  width = _copy(tiny_dir, str(tmp_path / "width"))
+  _edit_json(os.path.join(width, "unet", "config.json"), projection_class_embeddings_input_dim=70)
+  with pytest.raises(P.PipelineLoadError, match=r"projection_class_embeddings_input_dim=70 does "
+                                                r"not match text_encoder_2's projection_dim 16"):
+    P.load_pipeline(width)
+  # An SD UNet in an SDXL pipeline.
+  sd_unet = _copy(tiny_dir, str(tmp_path / "sd_unet"))
+  _edit_json(os.path.join(sd_unet, "unet", "config.json"), addition_embed_type=None,
+             addition_time_embed_dim=None, projection_class_embeddings_input_dim=None)
+  with pytest.raises(P.PipelineLoadError, match="addition_embed_type=None in a "
+                                                "StableDiffusionXLPipeline"):
+    P.load_pipeline(sd_unet)
+
+
+def test_sd_policy_refuses_sdxl_clearly(tiny_dir):
+  config = recipes.sd_task_config("compressibility", "runlocal")
+  config.model.pretrained_path = tiny_dir
+  config.prompt_fn = "list"
+  config.prompt_fn_kwargs.prompts = list(PROMPTS)
+  with pytest.raises(ValueError, match="an SDXL pipeline; DDPO/CTRL training of SDXL is not "
+                                       "supported yet"):
+    sd.make_policy(config)
