@@ -241,8 +241,16 @@ def _load_or_make(path: str, abstract, make, what: str, log) -> dict:
     log(f"{what} in {path} is damaged ({problem}); moved it to {aside} and making it again")
   params = make()
   os.makedirs(path, exist_ok=True)
-  ckptr.save(params_dir, jax.device_get(params))  # host arrays: any topology
-  ckptr.wait_until_finished()
+  try:
+    ckptr.save(params_dir, jax.device_get(params))  # host arrays: any topology
+    ckptr.wait_until_finished()
+  except ValueError:
+    if not os.path.isdir(params_dir):
+      raise
+    # Another run (e.g. a seed sweep started at once) made and saved the same params while
+    # this one made them: theirs stays; this run goes on with its own, equal ones.
+    log(f"{what}: another run saved {params_dir} meanwhile; kept it, using this run's own")
+    return params
   tmp = f"{sums_file}.tmp"
   with open(tmp, "w") as f:
     json.dump(checkpoints.state_checksums(params), f)

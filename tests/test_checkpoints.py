@@ -305,3 +305,29 @@ def test_a_damaged_model_cache_is_made_again(tmp_path):
   assert [e for e in os.listdir(path) if e.startswith("params.damaged-")]
   digits._load_or_make(path, abstract, make, "the test model", said.append)
   assert len(made) == 2  # the new cache verifies
+
+
+def test_two_runs_making_the_same_model_cache_at_once(tmp_path):
+  """Two runs started together (a seed sweep) both find no cache and make it: the one that
+  saves second finds `params` already there, keeps it and goes on with its own, equal params
+  (it used to crash with orbax's "Destination ... already exists")."""
+  from ddpo_jax import digits
+  import orbax.checkpoint as ocp
+  value = {"w": np.arange(12, dtype=np.float32).reshape(3, 4)}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), value)
+  path = str(tmp_path / "cache")
+  said = []
+
+  def make_while_the_other_run_saves():
+    other = ocp.StandardCheckpointer()  # the other run finishes first
+    os.makedirs(path, exist_ok=True)
+    other.save(os.path.join(path, "params"), value)
+    other.wait_until_finished()
+    return jax.tree.map(jnp.asarray, value)
+
+  got = digits._load_or_make(path, abstract, make_while_the_other_run_saves, "the test model",
+                             said.append)
+  jax.tree.map(np.testing.assert_array_equal, _host(got), value)
+  assert any("another run saved" in m for m in said), said
+  again = digits._load_or_make(path, abstract, lambda: 1 / 0, "the test model", said.append)
+  jax.tree.map(np.testing.assert_array_equal, _host(again), value)  # loads the other's
