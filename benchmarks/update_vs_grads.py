@@ -109,8 +109,7 @@ def main(argv=None):
   update_s = min(times[1:])
 
   sched = diffusion.NoiseSchedule.from_config(policy.scheduler_config)
-  uncond = policy.encode_prompts({**frozen, "unet": state.params},
-                                 jnp.asarray(policy.tokenize([""])))
+  uncond = policy.encode_uncond({**frozen, "unet": state.params})
   mb, t = config.train.batch_size, 3
   batch = (traj.latents[:mb, t], traj.timesteps[:mb, t], traj.prev_timesteps[:mb, t],
            traj.next_latents[:mb, t], traj.context[:mb], traj.log_probs[:mb, t])

@@ -130,8 +130,8 @@ MODELS = {
     ),
     "sd": _keys(
         ("model.kind", "sd", "the model family", MODEL_KINDS),
-        ("model.pretrained_path", "CompVis/stable-diffusion-v1-4", "a diffusers pipeline "
-         "directory or a Hub id (default: the DDPO paper's base model)"),
+        ("model.pretrained_path", "CompVis/stable-diffusion-v1-4", "a diffusers SD 1.x / 2.x "
+         "or SDXL pipeline directory or a Hub id (default: the DDPO paper's base model)"),
         ("model.resolution", 512, "image side in pixels (latents: resolution / 8)"),
         ("model.dtype", "float32", "parameter dtype (master weights)", ("float32", "bfloat16")),
         ("model.compute_dtype", "bfloat16", "activation dtype of the UNet, VAE and text encoder",

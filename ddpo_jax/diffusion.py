@@ -23,6 +23,10 @@ of the denoiser output.
 `eps_fn` everywhere has the signature
 `eps_fn(params, x (N,H,W,C), t (N,) int32, context (N,L,D), class_labels (N,) int32 | None)
 -> eps (N,H,W,C)`.
+
+The prompt conditioning `context` is an array (N, L, D) or any pytree of arrays with the batch
+on axis 0 (SDXL's {"context": (N,L,D), "text_embeds": (N,P)}); this module only batches it
+(broadcast, concatenate, keep), leaf by leaf, and passes it to `eps_fn`.
 """
 from __future__ import annotations
 
@@ -350,7 +354,8 @@ def guided_eps(eps_fn: EpsFn, params: Any, x: Array, t: Array, context: Array,
 
   Args:
     x: (B, H, W, C). t: (B,) int32. context: (B, L, D). uncond_context: (1, L, D) or (B, L, D)
-      (unused when guidance_scale == 1). class_labels: (B,) or (B, M) int32, or None.
+      (unused when guidance_scale == 1); or pytrees of such leaves, of the same structure.
+      class_labels: (B,) or (B, M) int32, or None.
     uncond_class_labels: labels of the unconditional half, broadcastable to `class_labels`
       (e.g. (M,) null labels), or None.
 
@@ -363,11 +368,12 @@ def guided_eps(eps_fn: EpsFn, params: Any, x: Array, t: Array, context: Array,
   if uncond_context is None:
     raise ValueError("guidance_scale != 1 needs an uncond_context.")
   b = x.shape[0]
-  uncond = jnp.broadcast_to(uncond_context.astype(context.dtype),
-                            (b,) + tuple(uncond_context.shape[1:]))
   x2 = jnp.concatenate([x, x], axis=0)
   t2 = jnp.concatenate([t, t], axis=0)
-  c2 = jnp.concatenate([uncond, context], axis=0)
+  c2 = jax.tree.map(
+      lambda u, c: jnp.concatenate(
+          [jnp.broadcast_to(u.astype(c.dtype), (b,) + tuple(u.shape[1:])), c], axis=0),
+      uncond_context, context)
   if class_labels is None:
     y2 = None
   else:
@@ -392,7 +398,8 @@ class Trajectory:
     log_probs: (B, T) float32, log p(next_latents | latents) under the sampling params.
     timesteps: (B, T) int32, t of each step.
     prev_timesteps: (B, T) int32, prev_t of each step (< 0 on the last one).
-    context: (B, L, D) prompt embedding.
+    context: (B, L, D) prompt embedding (or a pytree of (B, ...) leaves, see the module
+      docstring).
     class_labels: (B,) int32 or None.
     kl: (B, T) float32 or None: KL_t of each step's Gaussian to the reference model's at the
       same x_t (`gaussian_kl_shared_std`), when the sampler was given reference params.
@@ -405,7 +412,7 @@ class Trajectory:
   log_probs: Array
   timesteps: Array
   prev_timesteps: Array
-  context: Array
+  context: Any
   class_labels: Optional[Array] = None
   kl: Optional[Array] = None
   reference_means: Optional[Array] = None
@@ -536,7 +543,7 @@ def sample_trajectory(eps_fn: EpsFn, params: Any, key: Array, context: Array,
   Returns:
     A `Trajectory` with T steps.
   """
-  b = context.shape[0]
+  b = jax.tree.leaves(context)[0].shape[0]
   key_init, key_steps = jax.random.split(key)
   if initial_latents is None:
     x_init = jax.random.normal(key_init, (b,) + tuple(latent_shape), jnp.float32)

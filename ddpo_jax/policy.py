@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -24,6 +25,8 @@ class Policy:
       `added_time_emb` is added to the UNet's time embedding (CTRL's control embedding).
     tokenize: host function, prompts (list of str) -> token ids (N, L) int32 NumPy.
     encode_prompts: (params, ids (N,L) int32) -> context (N,L',D); `params` is the whole dict.
+      The context may also be a pytree of arrays with the batch on axis 0 (SDXL:
+      {"context": (N,L',D), "text_embeds": (N,P)}); `eps_fn` receives it as it is returned.
     decode: (params, x0 (N,H,W,C)) -> images (N,h,w,c) float32 in [0, 1].
     latent_shape: (H, W, C) of the diffusion variable.
     scheduler_config: diffusers-style scheduler config (beta schedule etc.).
@@ -54,6 +57,9 @@ class Policy:
     learning_rates: {top-level key of `params["unet"]`: learning rate} for subtrees trained at
       their own rate (CTRL's control tables, `train.control_learning_rate`); every other
       subtree is trained at `train.learning_rate` (`train.make_optimizer`).
+    uncond_fn: (params) -> the conditioning of the unconditional half of classifier-free
+      guidance, batch 1 (SDXL: zeros, diffusers' `force_zeros_for_empty_prompt`); None: the
+      encoding of the empty prompt. Read it through `encode_uncond`.
   """
   params: dict
   eps_fn: Callable[..., jax.Array]
@@ -73,6 +79,14 @@ class Policy:
   null_class_labels: np.ndarray | None = None
   class_label_key: str | None = None
   learning_rates: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  uncond_fn: Callable[[dict], Any] | None = None
+
+  def encode_uncond(self, params: dict):
+    """The unconditional half's conditioning for classifier-free guidance, batch 1: `uncond_fn`,
+    or `encode_prompts` of the empty prompt. `params` is the whole dict (traceable)."""
+    if self.uncond_fn is not None:
+      return self.uncond_fn(params)
+    return self.encode_prompts(params, jnp.asarray(self.tokenize([""])))
 
   def __post_init__(self):
     # The denoiser as one jitted function: every call with the same input types inside a

@@ -1,9 +1,13 @@
-"""Stable Diffusion text-to-image as a DDPO policy (`config.model.kind = "sd"`).
+"""Stable Diffusion (1.x / 2.x, SDXL) text-to-image as a DDPO policy (`config.model.kind = "sd"`).
 
 The pipeline (a diffusers-format directory or a Hugging Face Hub id, `load_pipeline`) gives
-the UNet (trained), the CLIP text encoder and the VAE (frozen). Prompts are tokenised with the
+the UNet (trained), the CLIP text encoder(s) and the VAE (frozen). Prompts are tokenised with the
 pipeline's CLIPTokenizer (padded to `model_max_length`, truncated), encoded by the text encoder
 (last hidden state, (N, 77, 768) for SD 1.x); classifier-free guidance uses the empty prompt.
+SDXL: the conditioning is {"context": (N, 77, 2048), "text_embeds": (N, 1280)}
+(`Pipeline.encode_prompt`), the UNet's time ids are the image size with no crop, and the
+unconditional half of guidance is zeros (`force_zeros_for_empty_prompt`, as diffusers); CTRL
+on SDXL is not supported yet.
 The diffusion variable is the VAE latent, (H/f, W/f, 4) for `model.resolution` H = W and the
 VAE's downsampling factor f = 2^(number of VAE blocks − 1) (8 for SD); images are
 `vae_decode(latents)` mapped to [0, 1] by (x/2 + 0.5).clip(0, 1).
@@ -110,16 +114,12 @@ def make_policy(config) -> Policy:
   pipe = load_model_pipeline(mc)
   if pipe.tokenizer is None:
     raise ValueError(f"{mc.pretrained_path}: the pipeline has no tokenizer/ directory")
-  if pipe.is_sdxl:
-    # The policy's prompt encoding is one context array; SDXL's UNet also needs the pooled
-    # text embedding. The pipeline loads, encodes and denoises (models/pipeline.py); training
-    # it needs the family interface of issue 17 first.
-    raise ValueError(f"{mc.pretrained_path}: an SDXL pipeline; DDPO/CTRL training of SDXL is "
-                     "not supported yet (config.model.kind='sd' trains SD 1.x / 2.x pipelines)")
+  if pipe.is_sdxl and config.mode == "ctrl":
+    raise ValueError(f"{mc.pretrained_path}: an SDXL pipeline; CTRL on SDXL is not supported "
+                     "yet (its controls use SD's single context array); DDPO is")
   shape = latent_shape(pipe, int(mc.resolution))
 
-  params = {"unet": pipe.params["unet"], "vae": pipe.params["vae"],
-            "text_encoder": pipe.params["text_encoder"]}
+  params = dict(pipe.params)  # unet, vae, text_encoder[, text_encoder_2]
   lora_cfg = None
   assemble = _identity_unet
   if mc.lora.enabled:
@@ -130,14 +130,28 @@ def make_policy(config) -> Policy:
     assemble = functools.partial(_merge_lora_into_base, scale=lora_cfg.scale)
 
   def eps_fn(p_unet, x, t, context, class_labels=None, added_time_emb=None):
-    """eps (N,H,W,4) float32 of latents x (N,H,W,4) at timesteps t (N,), context (N,L,D);
-    `added_time_emb` (N, time_embed_dim) is CTRL's control embedding."""
+    """eps (N,H,W,4) float32 of latents x (N,H,W,4) at timesteps t (N,), context (N,L,D)
+    (SDXL: the dict of `encode_prompts`); `added_time_emb` (N, time_embed_dim) is CTRL's
+    control embedding."""
     del class_labels  # SD has no class conditioning
+    if pipe.is_sdxl:
+      return pipe.unet_apply(p_unet, x, t, context["context"], added_time_emb=added_time_emb,
+                             text_embeds=context["text_embeds"])
     return pipe.unet_apply(p_unet, x, t, context, added_time_emb=added_time_emb)
 
   def encode_prompts(p, ids):
-    """ids (N,L) int32 -> CLIP last hidden state (N,L,D) float32."""
-    return pipe.encode_prompt(p, ids)[0]
+    """ids (N,L) int32 -> CLIP last hidden state (N,L,D) float32; SDXL: ids (N,2,L) ->
+    {"context": (N,L,D1+D2), "text_embeds": (N,P)} float32."""
+    context, pooled = pipe.encode_prompt(p, ids)
+    return {"context": context, "text_embeds": pooled} if pipe.is_sdxl else context
+
+  def zero_uncond(p):
+    """SDXL's unconditional conditioning: zeros of the empty prompt's shapes (diffusers'
+    `force_zeros_for_empty_prompt`, the SDXL base model's setting)."""
+    return jax.tree.map(jnp.zeros_like, encode_prompts(p, jnp.asarray(pipe.tokenize([""]))))
+
+  zeros_for_empty = (pipe.model_index or {}).get("force_zeros_for_empty_prompt", True)
+  uncond_fn = zero_uncond if pipe.is_sdxl and zeros_for_empty else None
 
   def decode(p, x0):
     """Diffusion latents (N,h,w,4) -> images (N,H,W,3) float32 in [0, 1]."""
@@ -148,14 +162,14 @@ def make_policy(config) -> Policy:
     return pipe.vae_encode(p["vae"], images * 2.0 - 1.0)
 
   def tokenize(prompts: Sequence[str]) -> np.ndarray:
-    """Prompts -> (N, model_max_length) int32 ids, padded and truncated."""
+    """Prompts -> (N, model_max_length) int32 ids, padded and truncated (SDXL: (N, 2, L))."""
     return pipe.tokenize(list(prompts))
 
   return Policy(params=params, eps_fn=eps_fn, tokenize=tokenize, encode_prompts=encode_prompts,
                 decode=decode, encode_images=encode_images, latent_shape=shape, scheduler_config=dict(pipe.scheduler_config),
                 prompt_fn=prompt_fn, prompt_metadata=prompt_metadata,
                 pipeline=pipe, assemble_unet=assemble,
-                time_embed_dim=pipe.unet_config.time_embed_dim)
+                time_embed_dim=pipe.unet_config.time_embed_dim, uncond_fn=uncond_fn)
 
 
 def _identity_unet(trainable, frozen):

@@ -133,14 +133,13 @@ def make_sample_fn(policy: Policy, config, device_rewards: list[tuple[float, Rew
   more UNet call per step).
   """
   sched, timesteps, prev = _schedule(policy, config.sample.num_steps)
-  uncond_ids = jnp.asarray(policy.tokenize([""]))
   guidance = float(config.sample.guidance_scale)
   use_kl = config.train.kl_coef > 0
 
   def sample(unet_params, frozen, key, prompt_ids, metadata):
     params = {**frozen, "unet": unet_params}
     context = policy.encode_prompts(params, prompt_ids)
-    uncond = policy.encode_prompts(params, uncond_ids)
+    uncond = policy.encode_uncond(params)
     traj = diffusion.sample_trajectory(
         policy.eps_fn, policy.assemble_unet(unet_params, frozen), key, context, uncond,
         alphas_cumprod=sched.alphas_cumprod,
@@ -225,7 +224,6 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   sched, _, _ = _schedule(policy, config.sample.num_steps)
   step_kw = dict(alphas_cumprod=sched.alphas_cumprod, final_alpha_cumprod=sched.final_alpha_cumprod,
                  eta=config.sample.eta)
-  uncond_ids = jnp.asarray(policy.tokenize([""]))
   T = config.sample.num_steps
   K = int(T * tc.timestep_fraction)
   accum, mb = tc.gradient_accumulation_steps, tc.batch_size
@@ -320,7 +318,7 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
 
     batches = {**jax.tree.map(lambda x: to_micro(x, True), per_step),
                **jax.tree.map(lambda x: to_micro(x, False), per_sample)}
-    uncond = policy.encode_prompts({**frozen, "unet": state.params}, uncond_ids)
+    uncond = policy.encode_uncond({**frozen, "unet": state.params})
 
     def opt_step(state, xs):
       step_batches, step_key = xs

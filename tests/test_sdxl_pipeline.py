@@ -16,13 +16,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import tiny_models as tm  # noqa: E402
-from ddpo_jax import diffusion, recipes, sd  # noqa: E402
+from ddpo_jax import diffusion, export, loop, recipes, sd  # noqa: E402
 from ddpo_jax.models import pipeline as P  # noqa: E402
 
 TOL = 1e-4  # max abs error, float32: networks and prompt encoding
 SAMPLE_TOL = 1e-3  # max abs error of the final latents of a 4-step guided DDIM chain
 FAST_COMPILE = {"xla_backend_optimization_level": 0}  # tests only: halves CPU compile times
 PROMPTS = ("a cat", "the dog the dog")
+ETA = 1e-6  # DDPO's sampler needs eta > 0 (test_policy_sampler_matches_diffusers_pipeline)
 
 
 @pytest.fixture(scope="module")
@@ -191,11 +192,74 @@ def test_bad_sdxl_pipelines(tiny_dir, tmp_path):
     P.load_pipeline(sd_unet)
 
 
-def test_sd_policy_refuses_sdxl_clearly(tiny_dir):
+def _runlocal_config(tiny_dir, **model):
   config = recipes.sd_task_config("compressibility", "runlocal")
+  config.model.pretrained_path = tiny_dir
+  config.model.update(model)
+  config.prompt_fn = "list"
+  config.prompt_fn_kwargs.prompts = list(PROMPTS)
+  return config
+
+
+def test_policy_sampler_matches_diffusers_pipeline(tiny_dir, torch_pipe):
+  """The SDXL policy (pooled embedding and time ids inside eps_fn, zero unconditional
+  conditioning) through DDPO's own sampler, `diffusion.sample_trajectory`. The sampler refuses
+  eta = 0 (no log-probability), so both sample at eta = 1e-6: each step's noise std is at most
+  1e-6, far below the tolerance, and the two chains are deterministic up to it."""
+  config = _runlocal_config(tiny_dir, lora=dict(enabled=False))
+  policy = sd.make_policy(config)
+  steps, guidance = 4, 5.0
+  schedule = diffusion.NoiseSchedule.from_config(policy.scheduler_config)
+  timesteps, prev = schedule.ddim_timesteps(steps)
+  latents = np.random.default_rng(2).standard_normal((2,) + policy.latent_shape).astype(
+      np.float32)
+
+  def sample(params, ids, x):
+    traj = diffusion.sample_trajectory(
+        policy.eps_fn, params["unet"], jax.random.PRNGKey(0), policy.encode_prompts(params, ids),
+        policy.encode_uncond(params), alphas_cumprod=schedule.alphas_cumprod,
+        timesteps=timesteps, prev_timesteps=prev, latent_shape=policy.latent_shape, eta=ETA,
+        guidance_scale=guidance, final_alpha_cumprod=schedule.final_alpha_cumprod,
+        initial_latents=x)
+    return traj.final_latents
+
+  ours = _jit(sample)(policy.params, jnp.asarray(policy.tokenize(list(PROMPTS))), latents)
+  side = policy.latent_shape[0] * policy.pipeline.vae_scale_factor
+  with torch.no_grad():
+    ref = torch_pipe(list(PROMPTS), height=side, width=side, num_inference_steps=steps,
+                     guidance_scale=guidance, eta=ETA, latents=tm.to_nchw(latents),
+                     generator=torch.Generator().manual_seed(0), output_type="latent").images
+  err = _err(ours, tm.to_nhwc(ref))
+  print(f"SDXL policy sampler vs diffusers: max abs error {err:.3g}")
+  assert err <= SAMPLE_TOL
+
+
+def test_ddpo_trains_sdxl_and_exports_for_diffusers(tiny_dir, tmp_path):
+  """One runlocal DDPO epoch (LoRA) on the tiny SDXL pipeline: on-policy at the first
+  minibatch, then exported as a StableDiffusionXLPipeline with the trained UNet."""
+  config = _runlocal_config(tiny_dir)
+  config.num_epochs = 1
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(config, workdir, log=lambda *a: None)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert len(rows) == 1 and np.isfinite(rows[0]["reward_mean"])
+  assert rows[0]["approx_kl"] < 1e-10  # the sampler's and the update's log-probs agree
+  out = export.export_pipeline(workdir, str(tmp_path / "exported"))
+  exported = diffusers.StableDiffusionXLPipeline.from_pretrained(out)
+  base = diffusers.StableDiffusionXLPipeline.from_pretrained(tiny_dir)
+  trained = dict(exported.unet.state_dict())
+  changed = [k for k, v in base.unet.state_dict().items() if not torch.equal(v, trained[k])]
+  assert changed and all("attn" in k for k in changed)  # LoRA targets: attention projections
+  for name in ("text_encoder", "text_encoder_2", "vae"):
+    for k, v in getattr(base, name).state_dict().items():
+      assert torch.equal(v, getattr(exported, name).state_dict()[k]), (name, k)
+
+
+def test_ctrl_refuses_sdxl_clearly(tiny_dir):
+  config = recipes.ctrl_sd_config("imagenet_animals")
   config.model.pretrained_path = tiny_dir
   config.prompt_fn = "list"
   config.prompt_fn_kwargs.prompts = list(PROMPTS)
-  with pytest.raises(ValueError, match="an SDXL pipeline; DDPO/CTRL training of SDXL is not "
-                                       "supported yet"):
+  with pytest.raises(ValueError, match="an SDXL pipeline; CTRL on SDXL is not supported yet"):
     sd.make_policy(config)

@@ -128,7 +128,6 @@ def make_backprop_loss(policy: Policy, config, reward_fn):
   sched = diffusion.NoiseSchedule.from_config(policy.scheduler_config)
   timesteps, prev = sched.ddim_timesteps(config.sample.num_steps)
   T = len(timesteps)
-  uncond_ids = jnp.asarray(policy.tokenize([""]))
   guidance = float(config.sample.guidance_scale)
   eta = float(config.sample.eta)
   use_kl = float(c.kl_weight) > 0
@@ -136,7 +135,7 @@ def make_backprop_loss(policy: Policy, config, reward_fn):
   def loss_fn(trainable, frozen, key, ids, labels):
     params = {**frozen, "unet": trainable}
     context = policy.encode_prompts(params, ids)
-    uncond = policy.encode_prompts(params, uncond_ids)
+    uncond = policy.encode_uncond(params)
     unet = policy.assemble_unet(trainable, frozen)
     ref = policy.assemble_unet(frozen["reference_unet"], frozen) if use_kl else None
     b = ids.shape[0]
@@ -170,7 +169,6 @@ def make_cfg_loss(policy: Policy, config):
   sched = diffusion.NoiseSchedule.from_config(policy.scheduler_config)
   controls = policy.ctrl.controls
   nulls = jnp.asarray([c.null_label for c in controls], jnp.int32)
-  uncond_ids = jnp.asarray(policy.tokenize([""]))
   p_drop = float(config.ctrl.label_dropout)
   conditional_eps = policy.ctrl.conditional_eps
 
@@ -181,7 +179,7 @@ def make_cfg_loss(policy: Policy, config):
     drop = jax.random.uniform(k_drop, labels.shape) < p_drop
     labels = jnp.where(drop, nulls[None, :], labels)
     x0 = policy.encode_images(params, images)
-    uncond = policy.encode_prompts(params, uncond_ids)  # (1, L, D)
+    uncond = policy.encode_uncond(params)  # (1, L, D)
     context = jnp.broadcast_to(uncond, (images.shape[0],) + uncond.shape[1:])
     per_sample = diffusion.denoising_loss_terms(
         lambda p, x, t, ctx, y: conditional_eps(p, x, t, ctx, y), unet, k_loss, x0, context,

@@ -28,7 +28,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from ddpo_jax.models import weights
 from ddpo_jax.models.attention import dot_product_attention
