@@ -1,4 +1,5 @@
-"""Stable Diffusion (1.x / 2.x, SDXL) models in Flax, loaded from diffusers/transformers checkpoints.
+"""Stable Diffusion (1.x / 2.x, SDXL, the SD3 / SD3.5 MMDiT) models in Flax, loaded from
+diffusers/transformers checkpoints.
 
 Conventions at this public interface:
 - Every image and latent tensor is NHWC (channels last): UNet input/output (B, H, W, C),
@@ -17,6 +18,8 @@ from ddpo_jax.models.clip import (
     CLIPVisionModelWithProjection, ClipVision, clip_preprocess, clip_text_from_torch,
     clip_text_to_torch, clip_vision_from_torch, clip_vision_to_torch, init_clip_text_params,
     init_clip_vision_params, load_clip_text, load_clip_vision)
+from ddpo_jax.models.mmdit import (
+    MMDiTConfig, SD3Transformer2DModel, init_mmdit_params, mmdit_from_torch, mmdit_to_torch)
 from ddpo_jax.models.pipeline import (
     Pipeline, PipelineLoadError, init_pipeline, load_pipeline, save_pipeline, sd15_configs,
     sdxl_time_ids)
