@@ -1,5 +1,5 @@
-"""Stable Diffusion (1.x / 2.x, SDXL, the SD3 / SD3.5 MMDiT) models in Flax, loaded from
-diffusers/transformers checkpoints.
+"""Stable Diffusion (1.x / 2.x, SDXL, the SD3 / SD3.5 MMDiT, the T5 encoder) models in Flax,
+loaded from diffusers/transformers checkpoints.
 
 Conventions at this public interface:
 - Every image and latent tensor is NHWC (channels last): UNet input/output (B, H, W, C),
@@ -23,6 +23,7 @@ from ddpo_jax.models.mmdit import (
 from ddpo_jax.models.pipeline import (
     Pipeline, PipelineLoadError, init_pipeline, load_pipeline, save_pipeline, sd15_configs,
     sdxl_time_ids)
+from ddpo_jax.models.t5 import T5Config, T5EncoderModel, t5_from_torch, t5_to_torch
 from ddpo_jax.models.unet import (
     UNet2DConditionModel, UNetConfig, init_unet_params, unet_from_torch, unet_to_torch)
 from ddpo_jax.models.vae import (
