@@ -1,5 +1,5 @@
-"""Stable Diffusion (1.x / 2.x, SDXL, the SD3 / SD3.5 MMDiT, the T5 encoder) models in Flax,
-loaded from diffusers/transformers checkpoints.
+"""Stable Diffusion (1.x / 2.x, SDXL; the SD3 / SD3.5 MMDiT, the FLUX.1 transformer, the T5
+encoder) models in Flax, loaded from diffusers/transformers checkpoints.
 
 Conventions at this public interface:
 - Every image and latent tensor is NHWC (channels last): UNet input/output (B, H, W, C),
@@ -18,6 +18,9 @@ from ddpo_jax.models.clip import (
     CLIPVisionModelWithProjection, ClipVision, clip_preprocess, clip_text_from_torch,
     clip_text_to_torch, clip_vision_from_torch, clip_vision_to_torch, init_clip_text_params,
     init_clip_vision_params, load_clip_text, load_clip_vision)
+from ddpo_jax.models.flux import (
+    FluxConfig, FluxTransformer2DModel, flux_from_torch, flux_to_torch, image_ids, pack_latents,
+    unpack_latents)
 from ddpo_jax.models.mmdit import (
     MMDiTConfig, SD3Transformer2DModel, init_mmdit_params, mmdit_from_torch, mmdit_to_torch)
 from ddpo_jax.models.pipeline import (

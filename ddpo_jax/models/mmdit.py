@@ -106,7 +106,8 @@ def sincos_pos_embed(embed_dim: int, grid_size: int, base_size: int,
                          np.broadcast_to(emb_h[:, None], (h, w, embed_dim // 2))], axis=-1)
 
 
-def _layer_norm(name=None):
+def plain_layer_norm(name=None):
+  """LayerNorm without scale or bias, eps 1e-6 (diffusers' `elementwise_affine=False`)."""
   return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, use_fast_variance=False,
                       name=name)
 
@@ -214,17 +215,18 @@ class JointTransformerBlock(nn.Module):
     # norm1: adaLN-Zero of the image stream (SD3.5's X variant: 9 chunks, a second modulation
     # of the same normalised input for attn2).
     n_mod = 9 if self.dual_attention else 6
-    mod = jnp.split(_Linear(n_mod * self.dim, name="norm1", **kw)(act), n_mod, axis=-1)
-    normed = _layer_norm()(x)
+    mod = jnp.split(ModulationLinear(n_mod * self.dim, name="norm1", **kw)(act), n_mod, axis=-1)
+    normed = plain_layer_norm()(x)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
     h = normed * (1 + scale_msa[:, None]) + shift_msa[:, None]
     if self.context_pre_only:  # AdaLayerNormContinuous: (scale, shift)
-      c_scale, c_shift = jnp.split(_Linear(2 * self.dim, name="norm1_context", **kw)(act), 2, -1)
-      c_h = _layer_norm()(context) * (1 + c_scale[:, None]) + c_shift[:, None]
+      c_mod = ModulationLinear(2 * self.dim, name="norm1_context", **kw)(act)
+      c_scale, c_shift = jnp.split(c_mod, 2, axis=-1)
+      c_h = plain_layer_norm()(context) * (1 + c_scale[:, None]) + c_shift[:, None]
     else:
-      c_mod = jnp.split(_Linear(6 * self.dim, name="norm1_context", **kw)(act), 6, axis=-1)
+      c_mod = jnp.split(ModulationLinear(6 * self.dim, name="norm1_context", **kw)(act), 6, axis=-1)
       c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mod
-      c_h = _layer_norm()(context) * (1 + c_scale_msa[:, None]) + c_shift_msa[:, None]
+      c_h = plain_layer_norm()(context) * (1 + c_scale_msa[:, None]) + c_shift_msa[:, None]
 
     attn, c_attn = JointAttention(context_pre_only=self.context_pre_only, name="attn", **akw)(
         h, c_h)
@@ -234,17 +236,17 @@ class JointTransformerBlock(nn.Module):
       h2 = normed * (1 + scale_msa2[:, None]) + shift_msa2[:, None]
       attn2, _ = JointAttention(name="attn2", **akw)(h2)
       x = x + gate_msa2[:, None] * attn2
-    h = _layer_norm()(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    h = plain_layer_norm()(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
     x = x + gate_mlp[:, None] * FeedForward(self.dim, name="ff", **kw)(h)
     if self.context_pre_only:
       return x, None
     context = context + c_gate_msa[:, None] * c_attn
-    c_h = _layer_norm()(context) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+    c_h = plain_layer_norm()(context) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
     context = context + c_gate_mlp[:, None] * FeedForward(self.dim, name="ff_context", **kw)(c_h)
     return x, context
 
 
-class _Linear(nn.Module):
+class ModulationLinear(nn.Module):
   """A Dense under `NAME/linear` (diffusers' AdaLayerNorm*.linear)."""
   features: int
   dtype: Dtype = jnp.float32
@@ -323,9 +325,9 @@ class SD3Transformer2DModel(nn.Module):
           name=f"transformer_blocks_{i}", **kw)(x, context, temb)
 
     # 4. out: AdaLayerNormContinuous, projection, unpatchify
-    scale, shift = jnp.split(_Linear(2 * cfg.inner_dim, name="norm_out", **kw)(nn.silu(temb)),
-                             2, axis=-1)
-    x = _layer_norm()(x) * (1 + scale[:, None]) + shift[:, None]
+    out_mod = ModulationLinear(2 * cfg.inner_dim, name="norm_out", **kw)(nn.silu(temb))
+    scale, shift = jnp.split(out_mod, 2, axis=-1)
+    x = plain_layer_norm()(x) * (1 + scale[:, None]) + shift[:, None]
     x = nn.Dense(p * p * cfg.out_channels, name="proj_out", **kw)(x)
     x = x.reshape(b, gh, gw, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, hgt, wid, cfg.out_channels)
@@ -357,11 +359,11 @@ class _TimeTextEmbed(nn.Module):
   def __call__(self, t_emb, pooled):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     temb = TimestepEmbedding(self.dim, name="timestep_embedder", **kw)(t_emb)
-    text = _TextProjection(self.dim, name="text_embedder", **kw)(pooled)
+    text = TextProjection(self.dim, name="text_embedder", **kw)(pooled)
     return temb + text
 
 
-class _TextProjection(nn.Module):
+class TextProjection(nn.Module):
   dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
