@@ -1,7 +1,6 @@
 """SDXL pipelines in diffusers format (tiny random `StableDiffusionXLPipeline` written by
-diffusers): loading, prompt encoding, the UNet with SDXL's added conditioning, DDIM sampling
-against diffusers' own pipeline, saving back."""
-import functools
+diffusers): loading, prompt encoding, the UNet with SDXL's added conditioning, the SDXL policy's
+DDPO sampler against diffusers' own pipeline, training, export, saving back."""
 import json
 import os
 import shutil
@@ -84,46 +83,6 @@ def test_load_and_encode_parity(pipe, torch_pipe):
   errs = _encode_errors(pipe, pipe.params, torch_pipe)
   print("SDXL load_pipeline vs diffusers:", {k: f"{v:.3g}" for k, v in errs.items()})
   assert max(errs.values()) <= TOL, errs
-
-
-def _ddim_sample(pipe, params, latents, prompts, steps, guidance):
-  """Guided DDIM (eta 0) written from the package's pieces: encode_prompt, unet_apply with the
-  pooled embedding, `diffusion.ddim_step_mean_std`; SDXL's unconditional half is zeros
-  (force_zeros_for_empty_prompt), as diffusers' pipeline."""
-  schedule = diffusion.NoiseSchedule.from_config(pipe.scheduler_config)
-  timesteps, prev = schedule.ddim_timesteps(steps)
-  context, pooled = pipe.encode_prompt(params, jnp.asarray(pipe.tokenize(list(prompts))))
-  both_context = jnp.concatenate([jnp.zeros_like(context), context])
-  both_pooled = jnp.concatenate([jnp.zeros_like(pooled), pooled])
-  x = jnp.asarray(latents)
-  b = x.shape[0]
-  for t, t_prev in zip(timesteps, prev):
-    tt = jnp.full((2 * b,), t, jnp.int32)
-    eps_u, eps_c = jnp.split(pipe.unet_apply(params["unet"], jnp.concatenate([x, x]), tt,
-                                             both_context, text_embeds=both_pooled), 2)
-    eps = eps_u + guidance * (eps_c - eps_u)
-    x, _ = diffusion.ddim_step_mean_std(schedule.alphas_cumprod, eps, tt[:b],
-                                        jnp.full((b,), t_prev, jnp.int32), x, 0.0,
-                                        final_alpha_cumprod=schedule.final_alpha_cumprod)
-  return x
-
-
-def test_ddim_sampling_matches_diffusers_pipeline(pipe, torch_pipe):
-  steps, guidance = 4, 5.0
-  rng = np.random.default_rng(1)
-  latents = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
-  sample = _jit(functools.partial(_ddim_sample, pipe, steps=steps, guidance=guidance,
-                                  prompts=PROMPTS))
-  ours = sample(pipe.params, latents)
-  height = 8 * pipe.vae_scale_factor
-  with torch.no_grad():
-    ref = torch_pipe(list(PROMPTS), height=height, width=height, num_inference_steps=steps,
-                     guidance_scale=guidance, eta=0.0, latents=tm.to_nchw(latents),
-                     output_type="latent").images
-  err = _err(ours, tm.to_nhwc(ref))
-  print(f"SDXL guided DDIM ({steps} steps, CFG {guidance}) vs diffusers: max abs error "
-        f"{err:.3g} (|latent| max {np.abs(tm.to_nhwc(ref)).max():.3g})")
-  assert err <= SAMPLE_TOL
 
 
 def test_save_round_trip(pipe, tmp_path):
