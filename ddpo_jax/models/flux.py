@@ -27,8 +27,8 @@ import numpy as np
 from ddpo_jax.models import weights
 from ddpo_jax.models.attention import dot_product_attention
 from ddpo_jax.models.config_io import config_from_dict, config_to_dict
-from ddpo_jax.models.mmdit import (FeedForward, ModulationLinear, RMSNorm, TextProjection,
-                                   plain_layer_norm)
+from ddpo_jax.models.mmdit import FeedForward, ModulationLinear, TextProjection
+from ddpo_jax.models.norms import RMSNorm, plain_layer_norm
 from ddpo_jax.models.unet import TimestepEmbedding, timestep_embedding
 
 Dtype = Any

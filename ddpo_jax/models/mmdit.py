@@ -31,6 +31,7 @@ from ddpo_jax.models import weights
 from ddpo_jax.models.attention import dot_product_attention
 from ddpo_jax.models.config_io import config_from_dict, config_to_dict
 from ddpo_jax.models.conv import conv_general_dilated
+from ddpo_jax.models.norms import RMSNorm, plain_layer_norm
 from ddpo_jax.models.unet import TimestepEmbedding, timestep_embedding
 
 Dtype = Any
@@ -104,25 +105,6 @@ def sincos_pos_embed(embed_dim: int, grid_size: int, base_size: int,
   h, w = len(emb_h), len(emb_w)
   return np.concatenate([np.broadcast_to(emb_w[None], (h, w, embed_dim // 2)),
                          np.broadcast_to(emb_h[:, None], (h, w, embed_dim // 2))], axis=-1)
-
-
-def plain_layer_norm(name=None):
-  """LayerNorm without scale or bias, eps 1e-6 (diffusers' `elementwise_affine=False`)."""
-  return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, use_fast_variance=False,
-                      name=name)
-
-
-class RMSNorm(nn.Module):
-  """diffusers `RMSNorm` over the last axis (statistics in float32), with a weight."""
-  eps: float = 1e-6
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
 class FeedForward(nn.Module):

@@ -2,8 +2,8 @@
 XXL), loaded from transformers-format checkpoints.
 
 Numerics follow transformers (`modeling_t5.py`): pre-norm blocks with T5's RMS "LayerNorm"
-(no mean, no bias; statistics in float32), unscaled dot-product attention plus a learned
-bucketed relative position bias (computed by the first block's attention, shared by all
+(`norms.RMSNorm`: no mean, no bias; statistics in float32), unscaled dot-product attention plus
+a learned bucketed relative position bias (computed by the first block's attention, shared by all
 blocks), a feed-forward that is gated GELU (tanh approximation) for v1.1 (`feed_forward_proj =
 "gated-gelu"`) or ReLU for the original T5, and a final RMS norm. No attention mask: SD3 and
 FLUX encode max-length padded ids without one, as diffusers' pipelines do.
@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpo_jax.models import weights
+from ddpo_jax.models.norms import RMSNorm
 
 Dtype = Any
 
@@ -101,20 +102,6 @@ def relative_position_bucket(relative_position: np.ndarray, num_buckets: int,
   return buckets + np.where(distance < max_exact, distance, large)
 
 
-class T5LayerNorm(nn.Module):
-  """T5's RMS norm: x / sqrt(mean(x^2) + eps) * weight, statistics in float32."""
-  eps: float = 1e-6
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
-
-
 class T5SelfAttention(nn.Module):
   """Unscaled multi-head self-attention with an additive (1, H, L, L) position bias; the block
   that owns `relative_attention_bias` computes the bias and returns it for the others."""
@@ -171,7 +158,7 @@ class _AttentionLayer(nn.Module):
   @nn.compact
   def __call__(self, x, position_bias):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = T5LayerNorm(self.config.layer_norm_epsilon, name="layer_norm", **kw)(x)
+    h = RMSNorm(self.config.layer_norm_epsilon, self.param_dtype, name="layer_norm")(x)
     return T5SelfAttention(self.config, self.has_relative_bias, name="SelfAttention", **kw)(
         h, position_bias)
 
@@ -185,7 +172,7 @@ class _FeedForwardLayer(nn.Module):
   def __call__(self, x):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = T5LayerNorm(c.layer_norm_epsilon, name="layer_norm", **kw)(x)
+    h = RMSNorm(c.layer_norm_epsilon, self.param_dtype, name="layer_norm")(x)
     return _DenseReluDense(c, name="DenseReluDense", **kw)(h)
 
 
@@ -241,8 +228,7 @@ class _Encoder(nn.Module):
     for i in range(c.num_layers):
       x, position_bias = block(c, i == 0, self.dtype, self.param_dtype, name=f"block_{i}")(
           x, position_bias)
-    return T5LayerNorm(c.layer_norm_epsilon, self.dtype, self.param_dtype,
-                       name="final_layer_norm")(x)
+    return RMSNorm(c.layer_norm_epsilon, self.param_dtype, name="final_layer_norm")(x)
 
 
 # ================================================================================================
@@ -264,7 +250,8 @@ def t5_from_torch(state_dict: Mapping[str, Any], config: T5Config, source: str =
       `encoder.embed_tokens.weight` that differs from `shared.weight` (names `source`).
   """
   if TIED_KEY in state_dict and "shared.weight" in state_dict:
-    if not np.array_equal(np.asarray(state_dict[TIED_KEY]), np.asarray(state_dict["shared.weight"])):
+    tied, shared = np.asarray(state_dict[TIED_KEY]), np.asarray(state_dict["shared.weight"])
+    if not np.array_equal(tied, shared):
       raise weights.WeightLoadingError(f"{source}: {TIED_KEY} differs from shared.weight (they "
                                        "are tied in T5EncoderModel)")
   return weights.torch_to_flax(state_dict, abstract_t5_params(config), T5_LIST_NAMES,
