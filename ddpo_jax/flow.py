@@ -14,6 +14,9 @@ diffusers does, and everything is rounded to float32 where diffusers rounds):
 * FLUX.1 (`use_dynamic_shifting`): the pipeline's grid linspace(1, 1/n, n) shifted by
   exp(mu) / (exp(mu) + (1/sigma - 1)), mu = `calculate_shift(image tokens)` (resolution
   dependent).
+
+`sample_ode` runs the guided Euler chain in one `lax.scan`, with classifier-free guidance as
+`diffusion.guided_eps` does it for DDIM (one batched call on [uncond; cond]).
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ddpo_jax import diffusion
 
 Array = jax.Array
 
@@ -102,3 +107,32 @@ def euler_step(x: Array, velocity: Array, sigma, sigma_next) -> Array:
   dtype = jnp.promote_types(x.dtype, jnp.float32)
   return x.astype(dtype) + (jnp.asarray(sigma_next, dtype) - jnp.asarray(sigma, dtype)) * \
       velocity.astype(dtype)
+
+
+def sample_ode(velocity_fn, params: Any, x_init: Array, context: Any, uncond_context: Any, *,
+               sigmas, timesteps, guidance_scale: float) -> Array:
+  """Integrates the flow ODE with Euler steps from `x_init` (at sigmas[0]) to sigmas[-1].
+
+  Args:
+    velocity_fn: (params, x (B,...), t (B,) float32 = 1000 sigma, context, class_labels=None)
+      -> velocity (B,...); `context` is any pytree with the batch on axis 0.
+    x_init: (B, ...) noise.
+    context / uncond_context: the conditioning and the unconditional one (batch 1 or B; used
+      when guidance_scale != 1), as `diffusion.guided_eps` takes them.
+    sigmas: (T + 1,) and timesteps: (T,), from `FlowSchedule.sigmas`.
+    guidance_scale: classifier-free guidance weight (static).
+
+  Returns:
+    x at sigmas[-1], (B, ...) float32.
+  """
+  sigmas = jnp.asarray(sigmas, jnp.float32)
+  timesteps = jnp.asarray(timesteps, jnp.float32)
+
+  def step(x, inputs):
+    sigma, sigma_next, t = inputs
+    v = diffusion.guided_eps(velocity_fn, params, x, jnp.full((x.shape[0],), t), context,
+                             uncond_context, guidance_scale)
+    return euler_step(x, v, sigma, sigma_next), None
+
+  x, _ = jax.lax.scan(step, x_init.astype(jnp.float32), (sigmas[:-1], sigmas[1:], timesteps))
+  return x
