@@ -135,3 +135,45 @@ def test_bad_configs_inputs_and_weights():
   missing = {k: v for k, v in state.items() if not k.startswith("time_text_embed.guidance")}
   with pytest.raises(WeightLoadingError, match="guidance_embedder"):
     F.flux_from_torch(missing, config, source="schnell-weights.safetensors")
+
+
+def test_flux_dev_flow_sampling_matches_the_diffusers_pipeline():
+  """`flow.sample_ode` with the Flax FLUX transformer (guidance embedded, no CFG, the dynamic
+  schedule of 12 image tokens) against `FluxPipeline` from the same packed latents and
+  embeddings (no text encoders involved), output_type="latent"."""
+  from ddpo_jax import flow
+  model, config, params = _models("dev_guidance")
+  scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+      shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+      base_image_seq_len=256, max_image_seq_len=4096)
+  pipe = diffusers.FluxPipeline(transformer=model, scheduler=scheduler, vae=tm.make_torch_vae(),
+                                text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                tokenizer_2=None)
+  latents, context, pooled, _ = _inputs(seed=3)
+  tokens = np.asarray(F.pack_latents(latents))
+  steps, guidance = 4, 3.5
+  side = latents.shape[1] * pipe.vae_scale_factor
+  with torch.no_grad():
+    ref = pipe(prompt_embeds=torch.from_numpy(context),
+               pooled_prompt_embeds=torch.from_numpy(pooled), latents=torch.from_numpy(tokens),
+               num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+               height=side, width=latents.shape[2] * pipe.vae_scale_factor).images.numpy()
+  module = F.FluxTransformer2DModel(config)
+  img_ids, txt_ids = F.image_ids(*latents.shape[1:3]), np.zeros((5, 3), np.float32)
+  g = np.full((2,), guidance, np.float32)
+
+  def velocity(p, x, t, cond, labels=None):
+    del labels
+    return module.apply({"params": p}, x, cond["context"], cond["pooled"], t / 1000.0, img_ids,
+                        txt_ids, g)
+
+  sigmas, timesteps = flow.FlowSchedule.from_config(dict(scheduler.config)).sigmas(
+      steps, image_seq_len=tokens.shape[1])
+  sample = jax.jit(lambda p, x0: flow.sample_ode(
+      velocity, p, x0, {"context": context, "pooled": pooled}, None, sigmas=sigmas,
+      timesteps=timesteps, guidance_scale=1.0), compiler_options=FAST_COMPILE)
+  ours = np.asarray(sample(params, tokens))
+  err = float(np.abs(ours - ref).max())
+  print(f"FLUX.1-dev flow sampling ({steps} steps, guidance {guidance}) vs diffusers: max abs "
+        f"error {err:.3g} (|x| max {np.abs(ref).max():.3g})")
+  assert err <= 1e-3
