@@ -17,6 +17,7 @@ inside, as diffusers'.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -27,9 +28,9 @@ import numpy as np
 from ddpo_jax.models import weights
 from ddpo_jax.models.attention import dot_product_attention
 from ddpo_jax.models.config_io import config_from_dict, config_to_dict
-from ddpo_jax.models.mmdit import FeedForward, ModulationLinear, TextProjection
-from ddpo_jax.models.norms import RMSNorm, plain_layer_norm
-from ddpo_jax.models.unet import TimestepEmbedding, timestep_embedding
+from ddpo_jax.models.mmdit import (FeedForward, ModulationLinear, TimeTextEmbedding,
+                                   qkv_projections)
+from ddpo_jax.models.norms import plain_layer_norm
 
 Dtype = Any
 
@@ -147,13 +148,8 @@ class FluxAttention(nn.Module):
   def __call__(self, x, rope, context=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     inner = self.heads * self.dim_head
-
-    def project(inputs, names, norms):
-      b, n, _ = inputs.shape
-      q, k, v = (nn.Dense(inner, name=name, **kw)(inputs).reshape(b, n, self.heads, self.dim_head)
-                 for name in names)
-      return (RMSNorm(name=norms[0], param_dtype=self.param_dtype)(q),
-              RMSNorm(name=norms[1], param_dtype=self.param_dtype)(k), v)
+    project = functools.partial(qkv_projections, heads=self.heads, dim_head=self.dim_head,
+                                rms_norm=True, **kw)
 
     q, k, v = project(x, ("to_q", "to_k", "to_v"), ("norm_q", "norm_k"))
     n_txt = 0
@@ -231,25 +227,6 @@ class FluxSingleTransformerBlock(nn.Module):
     return x + gate[:, None] * out
 
 
-class _TimeGuidanceTextEmbed(nn.Module):
-  """diffusers `CombinedTimestep[Guidance]TextProjEmbeddings`."""
-  dim: int
-  guidance: bool
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, timesteps, guidance, pooled):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    sinusoids = lambda t: timestep_embedding(t, 256, flip_sin_to_cos=True,  # noqa: E731
-                                             freq_shift=0).astype(self.dtype)
-    temb = TimestepEmbedding(self.dim, name="timestep_embedder", **kw)(sinusoids(timesteps))
-    if self.guidance:
-      temb = temb + TimestepEmbedding(self.dim, name="guidance_embedder", **kw)(
-          sinusoids(guidance))
-    return temb + TextProjection(self.dim, name="text_embedder", **kw)(pooled)
-
-
 class FluxTransformer2DModel(nn.Module):
   """Flax port of diffusers' `FluxTransformer2DModel`.
 
@@ -301,7 +278,7 @@ class FluxTransformer2DModel(nn.Module):
     t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32) * 1000.0, (b,))
     g = None if guidance is None else jnp.broadcast_to(
         jnp.asarray(guidance, jnp.float32) * 1000.0, (b,))
-    temb = _TimeGuidanceTextEmbed(cfg.inner_dim, cfg.guidance_embeds, name="time_text_embed",
+    temb = TimeTextEmbedding(cfg.inner_dim, cfg.guidance_embeds, name="time_text_embed",
                                   **kw)(t, g, pooled_projections.astype(self.dtype))
     context = nn.Dense(cfg.inner_dim, name="context_embedder", **kw)(
         encoder_hidden_states.astype(self.dtype))

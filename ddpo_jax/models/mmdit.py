@@ -20,6 +20,7 @@ save.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -148,16 +149,8 @@ class JointAttention(nn.Module):
   def __call__(self, x, context=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     inner = self.heads * self.dim_head
-
-    def project(inputs, names, norms):
-      b, n, _ = inputs.shape
-      q, k, v = (nn.Dense(inner, name=name, **kw)(inputs).reshape(b, n, self.heads, self.dim_head)
-                 for name in names)
-      if self.qk_norm == "rms_norm":
-        q = RMSNorm(name=norms[0], param_dtype=self.param_dtype)(q)
-        k = RMSNorm(name=norms[1], param_dtype=self.param_dtype)(k)
-      return q, k, v
-
+    project = functools.partial(qkv_projections, heads=self.heads, dim_head=self.dim_head,
+                                rms_norm=self.qk_norm == "rms_norm", **kw)
     q, k, v = project(x, ("to_q", "to_k", "to_v"), ("norm_q", "norm_k"))
     n_img = x.shape[1]
     if context is not None:
@@ -290,9 +283,8 @@ class SD3Transformer2DModel(nn.Module):
 
     # 2. conditioning: temb = timestep MLP + pooled-text MLP
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
-    t_emb = timestep_embedding(timesteps, 256, flip_sin_to_cos=True, freq_shift=0)
-    temb = _TimeTextEmbed(cfg.inner_dim, name="time_text_embed", **kw)(
-        t_emb.astype(self.dtype), pooled_projections.astype(self.dtype))
+    temb = TimeTextEmbedding(cfg.inner_dim, name="time_text_embed", **kw)(
+        timesteps, None, pooled_projections.astype(self.dtype))
     context = nn.Dense(cfg.caption_projection_dim, name="context_embedder", **kw)(
         encoder_hidden_states.astype(self.dtype))
 
@@ -330,19 +322,40 @@ class _PatchConv(nn.Module):
                    conv_general_dilated=conv_general_dilated)(x)
 
 
-class _TimeTextEmbed(nn.Module):
-  """diffusers `CombinedTimestepTextProjEmbeddings`: timestep_embedder(sinusoids) +
-  text_embedder(pooled) (`PixArtAlphaTextProjection` with SiLU)."""
+class TimeTextEmbedding(nn.Module):
+  """diffusers `CombinedTimestepTextProjEmbeddings` (SD3) and, with `guidance`,
+  `CombinedTimestepGuidanceTextProjEmbeddings` (FLUX.1-dev): timestep_embedder(sinusoids(t))
+  [+ guidance_embedder(sinusoids(g))] + text_embedder(pooled). `timesteps`, `guidance`: (B,)
+  float, already scaled to the model's 0..1000 range."""
   dim: int
+  guidance: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, t_emb, pooled):
+  def __call__(self, timesteps, guidance, pooled):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    temb = TimestepEmbedding(self.dim, name="timestep_embedder", **kw)(t_emb)
-    text = TextProjection(self.dim, name="text_embedder", **kw)(pooled)
-    return temb + text
+    sinusoids = lambda t: timestep_embedding(t, 256, flip_sin_to_cos=True,  # noqa: E731
+                                             freq_shift=0).astype(self.dtype)
+    temb = TimestepEmbedding(self.dim, name="timestep_embedder", **kw)(sinusoids(timesteps))
+    if self.guidance:
+      temb = temb + TimestepEmbedding(self.dim, name="guidance_embedder", **kw)(
+          sinusoids(guidance))
+    return temb + TextProjection(self.dim, name="text_embedder", **kw)(pooled)
+
+
+def qkv_projections(inputs, names, norm_names, heads: int, dim_head: int, rms_norm: bool, **kw):
+  """The q, k, v Denses `names` of `inputs` (B, N, D), each reshaped to (B, N, heads,
+  dim_head), with RMS-normalised q and k (`norm_names`) if `rms_norm`; created in the CALLING
+  module's scope, so both the MMDiT's and FLUX's attention keep diffusers' flat names. `kw`:
+  dtype / param_dtype."""
+  b, n, _ = inputs.shape
+  q, k, v = (nn.Dense(heads * dim_head, name=name, **kw)(inputs).reshape(b, n, heads, dim_head)
+             for name in names)
+  if rms_norm:
+    q = RMSNorm(name=norm_names[0], param_dtype=kw["param_dtype"])(q)
+    k = RMSNorm(name=norm_names[1], param_dtype=kw["param_dtype"])(k)
+  return q, k, v
 
 
 class TextProjection(nn.Module):
