@@ -20,7 +20,8 @@ import jax
 import numpy as np
 
 from ddpo_jax import train
-from ddpo_jax.models.pipeline import check_output_dir, save_pipeline
+from ddpo_jax.models.pipeline import save_pipeline
+from ddpo_jax.models.pipeline_io import check_output_dir
 from ddpo_jax.runs import restore_run
 
 
@@ -33,7 +34,7 @@ def export_pipeline(workdir: str, out: str, step: int | None = None,
     ValueError: the run is not a Stable Diffusion run (`config.model.kind != "sd"`), or `out`
       is the WORKDIR, inside it or above it.
     FileExistsError: `out` holds something that is not replaced
-      (`models.pipeline.check_output_dir`; a pipeline exported before needs `overwrite`).
+      (`models.pipeline_io.check_output_dir`; a pipeline exported before needs `overwrite`).
   """
   run, target = os.path.realpath(workdir), os.path.realpath(out)
   if os.path.commonpath([run, target]) in (run, target):

@@ -64,23 +64,6 @@ def _dtype(name: str):
     raise ValueError(f"unknown dtype {name!r} (use 'float32' or 'bfloat16')") from e
 
 
-def latent_shape(pipe, resolution: int) -> tuple[int, int, int]:
-  """(H/f, W/f, latent_channels) of a square image of side `resolution`.
-
-  Raises:
-    ValueError: `resolution` not a multiple of the VAE factor f, or the latent side not a
-      multiple of the UNet's total downsampling.
-  """
-  vae_factor = 2 ** (len(pipe.vae_config.block_out_channels) - 1)
-  unet_factor = 2 ** (len(pipe.unet_config.block_out_channels) - 1)
-  if resolution <= 0 or resolution % (vae_factor * unet_factor):
-    raise ValueError(
-        f"model.resolution={resolution} must be a positive multiple of {vae_factor * unet_factor} "
-        f"(the VAE downsamples by {vae_factor}, the UNet by a further {unet_factor})")
-  side = resolution // vae_factor
-  return (side, side, int(pipe.vae_config.latent_channels))
-
-
 @functools.lru_cache(maxsize=2)
 def _load(path: str, stamp, dtype: str, compute_dtype: str, attention: str, remat: bool):
   """Loads (and caches) a pipeline: the sample CLI and the exporter build policies repeatedly.
@@ -112,12 +95,20 @@ def make_policy(config) -> Policy:
   mc = config.model
   prompt_fn = make_prompt_fn(config)  # cheap checks first
   pipe = load_model_pipeline(mc)
+  if pipe.prediction_type != "epsilon":
+    raise ValueError(f"{mc.pretrained_path}: a {type(pipe).__name__} predicting the flow's "
+                     f"{pipe.prediction_type} velocity; DDPO's DDIM sampler needs a noise-"
+                     "predicting (SD 1.x / 2.x, SDXL) pipeline. Sample it with "
+                     "`python -m ddpo_jax.sample --pipeline=DIR`.")
   if pipe.tokenizer is None:
     raise ValueError(f"{mc.pretrained_path}: the pipeline has no tokenizer/ directory")
   if pipe.is_sdxl and config.mode == "ctrl":
     raise ValueError(f"{mc.pretrained_path}: an SDXL pipeline; CTRL on SDXL is not supported "
                      "yet (its controls use SD's single context array); DDPO is")
-  shape = latent_shape(pipe, int(mc.resolution))
+  try:
+    shape = pipe.latent_shape(int(mc.resolution))
+  except ValueError as e:
+    raise ValueError(f"model.{e}") from e
 
   params = dict(pipe.params)  # unet, vae, text_encoder[, text_encoder_2]
   lora_cfg = None
@@ -129,29 +120,11 @@ def make_policy(config) -> Policy:
     params = {**params, "unet": lora_params, "base_unet": pipe.params["unet"]}
     assemble = functools.partial(_merge_lora_into_base, scale=lora_cfg.scale)
 
-  def eps_fn(p_unet, x, t, context, class_labels=None, added_time_emb=None):
-    """eps (N,H,W,4) float32 of latents x (N,H,W,4) at timesteps t (N,), context (N,L,D)
-    (SDXL: the dict of `encode_prompts`); `added_time_emb` (N, time_embed_dim) is CTRL's
-    control embedding."""
+  def eps_fn(p_unet, x, t, cond, class_labels=None, added_time_emb=None):
+    """eps (N,H,W,C) float32 of latents x at timesteps t (N,) under `cond` (`pipe.encode`);
+    `added_time_emb` (N, time_embed_dim) is CTRL's control embedding."""
     del class_labels  # SD has no class conditioning
-    if pipe.is_sdxl:
-      return pipe.unet_apply(p_unet, x, t, context["context"], added_time_emb=added_time_emb,
-                             text_embeds=context["text_embeds"])
-    return pipe.unet_apply(p_unet, x, t, context, added_time_emb=added_time_emb)
-
-  def encode_prompts(p, ids):
-    """ids (N,L) int32 -> CLIP last hidden state (N,L,D) float32; SDXL: ids (N,2,L) ->
-    {"context": (N,L,D1+D2), "text_embeds": (N,P)} float32."""
-    context, pooled = pipe.encode_prompt(p, ids)
-    return {"context": context, "text_embeds": pooled} if pipe.is_sdxl else context
-
-  def zero_uncond(p):
-    """SDXL's unconditional conditioning: zeros of the empty prompt's shapes (diffusers'
-    `force_zeros_for_empty_prompt`, the SDXL base model's setting)."""
-    return jax.tree.map(jnp.zeros_like, encode_prompts(p, jnp.asarray(pipe.tokenize([""]))))
-
-  zeros_for_empty = (pipe.model_index or {}).get("force_zeros_for_empty_prompt", True)
-  uncond_fn = zero_uncond if pipe.is_sdxl and zeros_for_empty else None
+    return pipe.denoise(p_unet, x, t, cond, added_time_emb=added_time_emb)
 
   def decode(p, x0):
     """Diffusion latents (N,h,w,4) -> images (N,H,W,3) float32 in [0, 1]."""
@@ -165,11 +138,11 @@ def make_policy(config) -> Policy:
     """Prompts -> (N, model_max_length) int32 ids, padded and truncated (SDXL: (N, 2, L))."""
     return pipe.tokenize(list(prompts))
 
-  return Policy(params=params, eps_fn=eps_fn, tokenize=tokenize, encode_prompts=encode_prompts,
-                decode=decode, encode_images=encode_images, latent_shape=shape, scheduler_config=dict(pipe.scheduler_config),
-                prompt_fn=prompt_fn, prompt_metadata=prompt_metadata,
-                pipeline=pipe, assemble_unet=assemble,
-                time_embed_dim=pipe.unet_config.time_embed_dim, uncond_fn=uncond_fn)
+  return Policy(params=params, eps_fn=eps_fn, tokenize=tokenize, encode_prompts=pipe.encode,
+                decode=decode, encode_images=encode_images, latent_shape=shape,
+                scheduler_config=dict(pipe.scheduler_config), prompt_fn=prompt_fn,
+                prompt_metadata=prompt_metadata, pipeline=pipe, assemble_unet=assemble,
+                time_embed_dim=pipe.unet_config.time_embed_dim, uncond_fn=pipe.uncond)
 
 
 def _identity_unet(trainable, frozen):

@@ -17,6 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import tiny_models as tm  # noqa: E402
 from ddpo_jax.models import pipeline as P  # noqa: E402
+from ddpo_jax.models import pipeline_io  # noqa: E402
 from ddpo_jax.models.weights import WeightLoadingError  # noqa: E402
 
 TOL = 1e-4
@@ -122,7 +123,7 @@ def test_a_damaged_export_is_refused_naming_the_file(pipe, tmp_path):
   """One flipped bit in an exported weight file (which safetensors would load silently: the
   value changes, the header stays valid) or a deleted file: load_pipeline names them."""
   out = P.save_pipeline(pipe, str(tmp_path / "saved"))
-  with open(os.path.join(out, P.WRITTEN_BY)) as f:
+  with open(os.path.join(out, pipeline_io.WRITTEN_BY)) as f:
     listed = json.load(f)["sha256"]
   assert "unet/diffusion_pytorch_model.safetensors" in listed and "model_index.json" in listed
   weights = os.path.join(out, "unet", "diffusion_pytorch_model.safetensors")
@@ -131,14 +132,14 @@ def test_a_damaged_export_is_refused_naming_the_file(pipe, tmp_path):
   open(weights, "wb").write(bytes(data))
   from safetensors.numpy import load_file
   load_file(weights)  # still a readable file: only the checksum tells
-  with pytest.raises(P.WeightLoadingError,
+  with pytest.raises(WeightLoadingError,
                      match=r"unet/diffusion_pytorch_model.safetensors \(SHA-256 differs"):
     P.load_pipeline(out)
   data[-5] ^= 0x40
   open(weights, "wb").write(bytes(data))
   P.load_pipeline(out)  # restored: loads again
   os.remove(os.path.join(out, "vae", "config.json"))
-  with pytest.raises(P.WeightLoadingError, match=r"vae/config.json \(missing\)"):
+  with pytest.raises(WeightLoadingError, match=r"vae/config.json \(missing\)"):
     P.load_pipeline(out)
 
 

@@ -287,3 +287,97 @@ def to_nchw(x) -> torch.Tensor:
 
 def to_nhwc(t: torch.Tensor) -> np.ndarray:
   return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flow-matching pipelines: SD3 / SD3.5 and FLUX.1 (16-channel VAE, T5 encoder and tokenizer)
+# ----------------------------------------------------------------------------------------------
+T5_WORDS = ("a", "an", "the", "photo", "of", "cat", "dog", "red", "blue", "on", "in", "digit")
+
+
+def make_tiny_t5_tokenizer():
+  """A `transformers.T5TokenizerFast` (a Unigram model, T5's special ids pad 0, eos 1, unk 2)
+  over a few words and the letters, built offline."""
+  from transformers import T5TokenizerFast
+  vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+  vocab += [("▁" + w, -1.0 - 0.1 * i) for i, w in enumerate(T5_WORDS)]
+  vocab += [(c, -10.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+  return T5TokenizerFast(vocab=vocab, extra_ids=0)
+
+
+def make_torch_t5(vocab_size: int, d_model: int, seed: int):
+  """A random `transformers.T5EncoderModel` (gated-gelu, as T5 v1.1) in eval mode."""
+  from transformers import T5Config, T5EncoderModel
+  _seeded(seed)
+  config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=48, num_layers=2,
+                    num_heads=2, feed_forward_proj="gated-gelu",
+                    relative_attention_num_buckets=8, relative_attention_max_distance=20)
+  return _randomize_(T5EncoderModel(config), seed, std=0.2)
+
+
+def flow_vae_kwargs(**overrides) -> dict:
+  """SD3's / FLUX's VAE layout, tiny: 16 latent channels, no quant convs, a shift factor."""
+  return vae_kwargs(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                    scaling_factor=1.5305, shift_factor=0.0609, **overrides)
+
+
+def make_torch_sd3_pipeline(tmp_dir: str, *, seed: int = 0, with_t5: bool = True):
+  """A tiny random `diffusers.StableDiffusion3Pipeline` (SD3.5-style transformer: QK RMS-norm,
+  a dual-attention first block): CLIP encoders of widths 32 and 24 with projections 16 and 12
+  (pooled 28), T5 of width 64 (= joint_attention_dim), shift-3 flow schedule."""
+  from diffusers import (FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                         StableDiffusion3Pipeline)
+  tokenizer = make_tiny_tokenizer(os.path.join(tmp_dir, "_tokenizer_src"))
+  tokenizer_2 = make_tiny_tokenizer(os.path.join(tmp_dir, "_tokenizer_2_src"))
+  clip_1 = text_config_kwargs(vocab_size=len(tokenizer), projection_dim=16)
+  clip_2 = text_config_kwargs(vocab_size=len(tokenizer), hidden_size=24, intermediate_size=48,
+                              num_attention_heads=3, num_hidden_layers=3, projection_dim=12,
+                              hidden_act="gelu")
+  t5_tokenizer = make_tiny_t5_tokenizer()
+  _seeded(seed)
+  transformer = _randomize_(SD3Transformer2DModel(
+      sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
+      num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16,
+      pooled_projection_dim=28, out_channels=16, pos_embed_max_size=8, qk_norm="rms_norm",
+      dual_attention_layers=(0,)), seed, std=0.1)
+  return StableDiffusion3Pipeline(
+      transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+      vae=make_torch_vae(flow_vae_kwargs(), seed=seed + 1),
+      text_encoder=make_torch_text_encoder_2(clip_1, seed=seed + 2), tokenizer=tokenizer,
+      text_encoder_2=make_torch_text_encoder_2(clip_2, seed=seed + 3), tokenizer_2=tokenizer_2,
+      text_encoder_3=make_torch_t5(len(t5_tokenizer), 64, seed + 4) if with_t5 else None,
+      tokenizer_3=t5_tokenizer if with_t5 else None)
+
+
+def make_torch_flux_pipeline(tmp_dir: str, *, seed: int = 0, guidance_embeds: bool = True):
+  """A tiny random `diffusers.FluxPipeline` (FLUX.1-dev-style with `guidance_embeds`, else
+  schnell-style): CLIP-L of width 32 (pooled 32), T5 of width 24, one double- and one
+  single-stream block, FLUX.1-dev's dynamically shifted schedule."""
+  from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+  tokenizer = make_tiny_tokenizer(os.path.join(tmp_dir, "_tokenizer_src"))
+  t5_tokenizer = make_tiny_t5_tokenizer()
+  _seeded(seed)
+  # Weights ~ N(0, 0.1^2), as tests/test_flux.py explains (the guidance sinusoid's arguments).
+  transformer = _randomize_(FluxTransformer2DModel(
+      patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
+      num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=32,
+      guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4)), seed, std=0.1)
+  scheduler = FlowMatchEulerDiscreteScheduler(
+      shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+      base_image_seq_len=256, max_image_seq_len=4096)
+  return FluxPipeline(
+      transformer=transformer, scheduler=scheduler,
+      vae=make_torch_vae(flow_vae_kwargs(), seed=seed + 1),
+      text_encoder=make_torch_text_encoder(text_config_kwargs(vocab_size=len(tokenizer)),
+                                           seed=seed + 2), tokenizer=tokenizer,
+      text_encoder_2=make_torch_t5(len(t5_tokenizer), 24, seed + 3), tokenizer_2=t5_tokenizer)
+
+
+def save_tiny_flow_pipeline(directory: str, family: str, *, seed: int = 0, **kwargs) -> str:
+  """Writes a tiny diffusers SD3 (`family="sd3"`) or FLUX (`"flux"`) pipeline to `directory`."""
+  os.makedirs(directory, exist_ok=True)
+  scratch = os.path.join(directory + ".src")
+  os.makedirs(scratch, exist_ok=True)
+  make = {"sd3": make_torch_sd3_pipeline, "flux": make_torch_flux_pipeline}[family]
+  make(scratch, seed=seed, **kwargs).save_pretrained(directory, safe_serialization=True)
+  return directory

@@ -6,7 +6,8 @@ Conventions at this public interface:
   VAE images (B, H, W, 3) in [-1, 1] and latents (B, H/8, W/8, 4), CLIP pixels (B, 224, 224, 3).
 - A "params" tree is the inner Flax dict (`module.apply({"params": params}, ...)`).
 - Parameters load from the standard diffusers directory layout (model_index.json, unet/, vae/,
-  text_encoder/, tokenizer/, scheduler/; SDXL also text_encoder_2/, tokenizer_2/) or a
+  text_encoder/, tokenizer/, scheduler/; SDXL also text_encoder_2/, tokenizer_2/; SD3 / FLUX.1
+  transformer/ and their CLIP and T5 encoders, `flow_pipeline`) or a
   transformers CLIP directory, through one key
   table per model (`weights.py`); no PyTorch is needed at run time.
 
@@ -18,6 +19,7 @@ from ddpo_jax.models.clip import (
     CLIPVisionModelWithProjection, ClipVision, clip_preprocess, clip_text_from_torch,
     clip_text_to_torch, clip_vision_from_torch, clip_vision_to_torch, init_clip_text_params,
     init_clip_vision_params, load_clip_text, load_clip_vision)
+from ddpo_jax.models.flow_pipeline import FlowPipeline
 from ddpo_jax.models.flux import (
     FluxConfig, FluxTransformer2DModel, flux_from_torch, flux_to_torch, image_ids, pack_latents,
     unpack_latents)

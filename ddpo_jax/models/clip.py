@@ -498,7 +498,7 @@ def _abstract_vision(config):
 
 
 def clip_text_from_torch(state_dict: Mapping[str, Any], config: CLIPTextConfig,
-                         source: str = "<state dict>", dtype: Dtype = jnp.float32) -> Params:
+                         source: str = "<state dict>", dtype: Dtype = jnp.float32, placement=None) -> Params:
   """Converts a transformers `CLIPTextModel` state dict to Flax params.
 
   Keys may carry the `text_model.` prefix (transformers v4, Hub checkpoints) or not
@@ -510,7 +510,7 @@ def clip_text_from_torch(state_dict: Mapping[str, Any], config: CLIPTextConfig,
   """
   return torch_to_flax(state_dict, _abstract_text(config), LIST_NAMES,
                        renames=[(r"^text_model\.", "")], ignore=_BUFFERS, source=source,
-                       dtype=dtype)
+                       dtype=dtype, placement=placement)
 
 
 def clip_vision_from_torch(state_dict: Mapping[str, Any], config: CLIPVisionConfig,

@@ -322,14 +322,14 @@ def init_flux_params(config: FluxConfig, key: jax.Array, dtype: Dtype = jnp.floa
 
 
 def flux_from_torch(state_dict, config: FluxConfig, source: str = "<state dict>",
-                    dtype: Dtype = jnp.float32) -> dict:
+                    dtype: Dtype = jnp.float32, placement=None) -> dict:
   """diffusers FluxTransformer2DModel state dict (NumPy arrays) -> Flax params in `dtype`.
 
   Raises:
     weights.WeightLoadingError: missing/unexpected keys or a shape mismatch (names `source`).
   """
   return weights.torch_to_flax(state_dict, abstract_flux_params(config), FLUX_LIST_NAMES,
-                               source=source, dtype=dtype)
+                               source=source, dtype=dtype, placement=placement)
 
 
 def flux_to_torch(params) -> dict[str, np.ndarray]:

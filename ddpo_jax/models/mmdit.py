@@ -398,7 +398,7 @@ def _pos_embed_buffer(config: MMDiTConfig) -> np.ndarray:
 
 
 def mmdit_from_torch(state_dict, config: MMDiTConfig, source: str = "<state dict>",
-                     dtype: Dtype = jnp.float32) -> dict:
+                     dtype: Dtype = jnp.float32, placement=None) -> dict:
   """diffusers SD3Transformer2DModel state dict (NumPy arrays) -> Flax params in `dtype`.
 
   The position-embedding buffer, if present, must equal `sincos_pos_embed` of the config (to
@@ -418,7 +418,7 @@ def mmdit_from_torch(state_dict, config: MMDiTConfig, source: str = "<state dict
           f"{config.sample_size // config.patch_size}): this port computes it and cannot load "
           "a different one")
   return weights.torch_to_flax(state_dict, abstract_mmdit_params(config), MMDIT_LIST_NAMES,
-                               ignore=(r"^pos_embed\.pos_embed$",), source=source, dtype=dtype)
+                               ignore=(r"^pos_embed\.pos_embed$",), source=source, dtype=dtype, placement=placement)
 
 
 def mmdit_to_torch(params, config: MMDiTConfig) -> dict[str, np.ndarray]:

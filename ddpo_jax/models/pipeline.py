@@ -43,11 +43,8 @@ precision with float32 master weights. The bundle functions return float32.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
+import functools
 import os
-import shutil
-import tempfile
 from typing import Any, Callable
 
 import jax
@@ -55,25 +52,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpo_jax.models import clip as clip_lib
+from ddpo_jax.models import flow_pipeline, pipeline_io
+from ddpo_jax.models.pipeline_io import PipelineLoadError, write_json
 from ddpo_jax.models.unet import (UNet2DConditionModel, UNetConfig, abstract_unet_params,
                                   init_unet_params, unet_from_torch, unet_to_torch)
 from ddpo_jax.models.vae import (AutoencoderKL, VAEConfig, abstract_vae_params, init_vae_params,
                                  vae_from_torch, vae_to_torch)
-from ddpo_jax.models.weights import WeightLoadingError
 
 Dtype = Any
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
               "scheduler")
-# The file that marks a directory as a pipeline `save_pipeline` wrote (diffusers ignores it):
-# only such a directory is ever replaced by a later save. It lists the SHA-256 of every file
-# written beside it, which `load_pipeline` checks.
-WRITTEN_BY = "ddpo_jax_pipeline.json"
-# model_index.json `_class_name` -> the components it must have.
-PIPELINE_CLASSES = {
-    "StableDiffusionPipeline": ("unet", "vae", "text_encoder", "scheduler"),
-    "StableDiffusionXLPipeline": ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler"),
-}
 _CLASSES = {
     "unet": ("diffusers", "UNet2DConditionModel"),
     "vae": ("diffusers", "AutoencoderKL"),
@@ -97,10 +86,6 @@ SD_DDIM_SCHEDULER_CONFIG = {
     "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon",
     "timestep_spacing": "leading", "trained_betas": None,
 }
-
-
-class PipelineLoadError(ValueError):
-  """The path is not a (supported) diffusers Stable Diffusion pipeline."""
 
 
 # ================================================================================================
@@ -175,10 +160,53 @@ class Pipeline:
     (self.unet_apply, self.vae_encode, self.vae_decode,
      self.encode_prompt) = _make_functions(self)
 
+  # The interface every pipeline family offers (`flow_pipeline` module docstring).
+  prediction_type = "epsilon"
+  denoiser = "unet"
+
   @property
   def is_sdxl(self) -> bool:
     """Whether this is an SDXL pipeline (two text encoders, the UNet's text_time embedding)."""
     return self.text_config_2 is not None
+
+  def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+    """(H/f, W/f, latent_channels) of a square image of side `resolution`.
+
+    Raises:
+      ValueError: `resolution` not a multiple of the VAE factor f, or the latent side not a
+        multiple of the UNet's total downsampling.
+    """
+    vae_factor = self.vae_scale_factor
+    unet_factor = 2 ** (len(self.unet_config.block_out_channels) - 1)
+    if resolution <= 0 or resolution % (vae_factor * unet_factor):
+      raise ValueError(
+          f"resolution={resolution} must be a positive multiple of {vae_factor * unet_factor} "
+          f"(the VAE downsamples by {vae_factor}, the UNet by a further {unet_factor})")
+    side = resolution // vae_factor
+    return (side, side, int(self.vae_config.latent_channels))
+
+  def encode(self, params: dict, ids):
+    """`tokenize`'s ids -> the UNet's conditioning: context (B,L,D) float32 for SD; for SDXL
+    {"context": (B,L,D1+D2), "text_embeds": (B,P)}. `params` is the whole dict."""
+    context, pooled = self.encode_prompt(params, ids)
+    return {"context": context, "text_embeds": pooled} if self.is_sdxl else context
+
+  def uncond(self, params: dict):
+    """The unconditional conditioning of classifier-free guidance, batch 1: the empty prompt's,
+    or for SDXL with `force_zeros_for_empty_prompt` (the base model's setting, and diffusers'
+    default) zeros of its shapes."""
+    cond = self.encode(params, jnp.asarray(self.tokenize([""])))
+    if self.is_sdxl and (self.model_index or {}).get("force_zeros_for_empty_prompt", True):
+      return jax.tree.map(jnp.zeros_like, cond)
+    return cond
+
+  def denoise(self, params_unet, latents, timesteps, cond, added_time_emb=None):
+    """eps (B,h,w,C) float32 of latents (B,h,w,C) at timesteps (B,) under `cond` (`encode`);
+    `added_time_emb` (B, time_embed_dim) is added to the time embedding (CTRL's controls)."""
+    if self.is_sdxl:
+      return self.unet_apply(params_unet, latents, timesteps, cond["context"],
+                             added_time_emb=added_time_emb, text_embeds=cond["text_embeds"])
+    return self.unet_apply(params_unet, latents, timesteps, cond, added_time_emb=added_time_emb)
 
   @property
   def vae_scale_factor(self) -> int:
@@ -351,191 +379,75 @@ def init_pipeline(unet_config: UNetConfig, vae_config: VAEConfig, text_config, k
 # ================================================================================================
 # Loading.
 # ================================================================================================
-_HUB_PATTERNS = [
-    "model_index.json", "scheduler/*.json", "tokenizer/*",
-    "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-    "unet/diffusion_pytorch_model.safetensors.index.json",
-    "unet/diffusion_pytorch_model-*.safetensors",
-    "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
-    "text_encoder/config.json", "text_encoder/model.safetensors",
-    "text_encoder/model.safetensors.index.json", "text_encoder/model-*.safetensors",
-]
-
-
-def _resolve(path) -> str:
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    return path
-  if os.path.exists(path):
-    raise PipelineLoadError(f"{path}: not a directory (expected a diffusers pipeline directory "
-                            "with model_index.json)")
-  if path.startswith((".", "/", "~")) or path.count("/") != 1:
-    raise PipelineLoadError(f"{path}: no such directory (expected a diffusers pipeline directory "
-                            "with model_index.json, or a Hugging Face Hub id 'owner/name')")
-  try:
-    from huggingface_hub import snapshot_download
-    return snapshot_download(path, allow_patterns=_HUB_PATTERNS)
-  except Exception as e:  # offline, unknown repo, gated repo, no huggingface_hub...
-    raise PipelineLoadError(
-        f"{path!r} is not a local directory and could not be downloaded from the Hugging Face "
-        f"Hub ({type(e).__name__}: {e}). Pass a local diffusers pipeline directory.") from e
-
-
-def _read_json(path: str, what: str) -> dict:
-  if not os.path.isfile(path):
-    raise PipelineLoadError(f"{path}: missing ({what})")
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise PipelineLoadError(f"{path}: cannot read JSON ({e})") from e
-
-
-def _weight_files(directory: str, component: str) -> list[str]:
-  base = os.path.join(directory, _WEIGHT_BASENAMES[component])
-  for variant in ("", ".fp16"):
-    single = f"{base}{variant}.safetensors"
-    if os.path.isfile(single):
-      return [single]
-    index = f"{single}.index.json"
-    if os.path.isfile(index):
-      weight_map = _read_json(index, "sharded checkpoint index").get("weight_map", {})
-      files = [os.path.join(directory, s) for s in sorted(set(weight_map.values()))]
-      for file in files:
-        if not os.path.isfile(file):
-          raise PipelineLoadError(f"{file}: shard listed in {index} is missing")
-      return files
-  others = sorted(n for n in os.listdir(directory) if n.endswith((".bin", ".ckpt", ".pt")))
-  hint = (f" (found {others}: only safetensors are supported; re-save with "
-          "save_pretrained(safe_serialization=True))") if others else ""
-  raise PipelineLoadError(f"component '{component}': no {os.path.basename(base)}.safetensors "
-                          f"in {directory}{hint}")
-
-
-def _read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file
-  out = {}
-  for file in files:
-    try:
-      out.update(load_file(file))
-    except Exception as e:
-      raise WeightLoadingError(f"{file}: cannot read safetensors ({type(e).__name__}: {e})") from e
-  return out
-
-
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 24), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
-def _written_files(root: str) -> dict[str, str]:
-  """{path relative to `root`: SHA-256} of every file under `root` but the `WRITTEN_BY` marker."""
-  out = {}
-  for directory, _, files in os.walk(root):
-    for name in files:
-      rel = os.path.relpath(os.path.join(directory, name), root)
-      if rel != WRITTEN_BY:
-        out[rel] = _sha256(os.path.join(root, rel))
-  return dict(sorted(out.items()))
-
-
-def verify_written_files(root: str) -> None:
-  """Checks a pipeline `save_pipeline` wrote against the SHA-256s in its `WRITTEN_BY` marker
-  (a pipeline without the marker, e.g. one diffusers wrote, is not checked).
-
-  Raises:
-    WeightLoadingError: a listed file is missing or its contents changed (names the files).
-  """
-  marker = os.path.join(root, WRITTEN_BY)
-  if not os.path.isfile(marker):
-    return
-  listed = _read_json(marker, "the export's file list").get("sha256")
-  if listed is None:  # written before checksums were recorded
-    return
-  bad = []
-  for rel, digest in listed.items():
-    file = os.path.join(root, rel)
-    if not os.path.isfile(file):
-      bad.append(f"{rel} (missing)")
-    elif _sha256(file) != digest:
-      bad.append(f"{rel} (SHA-256 differs from the one recorded at export)")
-  if bad:
-    raise WeightLoadingError(f"{root}: damaged pipeline, {len(bad)} of {len(listed)} files do "
-                             f"not match {WRITTEN_BY}: {'; '.join(bad)}")
+# Every pipeline class `load_pipeline` reads: its family module's loader, and the components
+# each must have.
+PIPELINE_CLASSES = {
+    "StableDiffusionPipeline": ("unet", "vae", "text_encoder", "scheduler"),
+    "StableDiffusionXLPipeline": ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler"),
+    **flow_pipeline.PIPELINE_CLASSES,
+}
+_HUB_PATTERNS = pipeline_io.hub_patterns(
+    {**_WEIGHT_BASENAMES, **flow_pipeline.WEIGHT_BASENAMES})
 
 
 def load_pipeline(path, dtype: Dtype = jnp.float32, *, attention_implementation: str = "auto",
-                  remat: bool = False, compute_dtype: Dtype = None) -> Pipeline:
-  """Loads a diffusers-format Stable Diffusion or SDXL pipeline (local directory or Hub id).
+                  remat: bool = False, compute_dtype: Dtype = None, placement=None):
+  """Loads a diffusers-format pipeline (local directory or Hub id) of any supported family.
+
+  model_index.json's `_class_name` picks the family: `StableDiffusionPipeline` and
+  `StableDiffusionXLPipeline` give a `Pipeline` (a UNet predicting noise),
+  `StableDiffusion3Pipeline` and `FluxPipeline` a `flow_pipeline.FlowPipeline` (a transformer
+  predicting the flow's velocity). Both offer the same interface to the trainer (module
+  docstring of `flow_pipeline`, and docs/models.md).
 
   Args:
-    path: a local directory written by `StableDiffusionPipeline.save_pretrained` or
-      `StableDiffusionXLPipeline.save_pretrained` (or `save_pipeline`), or a Hugging Face Hub id (downloaded with `snapshot_download`, only the
-      files needed, if `path` is not an existing directory).
-    dtype: parameter dtype (float32 or bfloat16); fp16 checkpoints are cast.
+    path: a local directory written by the pipelines' `save_pretrained` (or `save_pipeline`),
+      or a Hugging Face Hub id (downloaded with `snapshot_download`, only the files needed, if
+      `path` is not an existing directory).
+    dtype: parameter dtype (float32 or bfloat16); fp16 / bf16 checkpoints are cast.
     attention_implementation: "auto" | "xla" | "cudnn".
-    remat: gradient checkpointing of the UNet blocks.
+    remat: gradient checkpointing of the denoiser's blocks.
     compute_dtype: activation dtype (default `dtype`).
+    placement: (component name, Flax path tuple, shape) -> a `jax.sharding.Sharding` (or None:
+      the default device) for every parameter, which is then read and placed one tensor at a
+      time (each device receives only its shard; the host never holds a component twice).
 
   Raises:
     PipelineLoadError: not a directory / no model_index.json / a pipeline class other than
-      `PIPELINE_CLASSES` / a missing component / an unsupported or inconsistent config (the
-      message names the file and the key).
+      `PIPELINE_CLASSES` / a missing component or one of another class / an unsupported or
+      inconsistent config (the message names the file and the key).
     WeightLoadingError: missing/unexpected weight keys or shape mismatches (names file and keys);
       a file of a pipeline `save_pipeline` wrote whose SHA-256 changed since.
   """
-  root = _resolve(path)
-  verify_written_files(root)
-  index_path = os.path.join(root, "model_index.json")
-  if not os.path.isfile(index_path):
-    raise PipelineLoadError(f"{root}: not a diffusers pipeline (no model_index.json)")
-  model_index = _read_json(index_path, "pipeline index")
+  root = pipeline_io.resolve(path, _HUB_PATTERNS)
+  pipeline_io.verify_written_files(root)
+  index_path, model_index = pipeline_io.read_model_index(root, PIPELINE_CLASSES)
   pipeline_class = model_index.get("_class_name", "StableDiffusionPipeline")
-  if pipeline_class not in PIPELINE_CLASSES:
-    raise PipelineLoadError(f"{index_path}: _class_name={pipeline_class!r} is not a supported "
-                            f"pipeline class; supported: {', '.join(PIPELINE_CLASSES)}")
+  options = dict(dtype=dtype, attention_implementation=attention_implementation, remat=remat,
+                 compute_dtype=compute_dtype, placement=placement)
+  if pipeline_class in flow_pipeline.PIPELINE_CLASSES:
+    return flow_pipeline.load_flow_pipeline(root, model_index, **options)
+  return _load_unet_pipeline(root, index_path, model_index, **options)
+
+
+def _load_unet_pipeline(root, index_path, model_index, *, dtype, attention_implementation,
+                        remat, compute_dtype, placement) -> Pipeline:
+  pipeline_class = model_index.get("_class_name", "StableDiffusionPipeline")
   required = PIPELINE_CLASSES[pipeline_class]
   sdxl = "text_encoder_2" in required
-
-  dirs = {}
-  for name in COMPONENTS:
-    if name in ("text_encoder_2", "tokenizer_2") and not sdxl:
-      continue
-    entry = model_index.get(name)
-    directory = os.path.join(root, name)
-    if name in required:
-      if not entry or entry[0] is None or not os.path.isdir(directory):
-        raise PipelineLoadError(
-            f"{root}: component '{name}' is missing ("
-            + ("no entry in model_index.json" if not entry or entry[0] is None
-               else f"no directory {directory}") + ")")
-    elif not entry or entry[0] is None or not os.path.isdir(directory):
-      continue
-    allowed = _ACCEPTED_CLASSES.get(name)
-    if allowed and entry[1] not in allowed:
-      raise PipelineLoadError(f"{index_path}: component '{name}' has class {entry[1]!r}; "
-                              f"supported: {', '.join(allowed)}")
-    dirs[name] = directory
+  accepted = {name: _ACCEPTED_CLASSES.get(name, ()) for name in COMPONENTS
+              if sdxl or not name.endswith("_2")}
+  dirs = pipeline_io.component_dirs(root, model_index, accepted, required)
 
   # 1. All configs (cheap, catches unsupported architectures before reading weights).
-  def parse(name, filename, from_dict):
-    file = os.path.join(dirs[name], filename)
-    raw = _read_json(file, f"{name} config")
-    try:
-      return from_dict(raw)
-    except (ValueError, TypeError) as e:
-      raise PipelineLoadError(f"{file}: {e}") from e
-
-  unet_config = parse("unet", "config.json", UNetConfig.from_dict)
-  vae_config = parse("vae", "config.json", VAEConfig.from_dict)
-  text_config = parse("text_encoder", "config.json", clip_lib.CLIPTextConfig.from_dict)
-  text_config_2 = (parse("text_encoder_2", "config.json", clip_lib.CLIPTextConfig.from_dict)
-                   if sdxl else None)
-  scheduler_config = _read_json(os.path.join(dirs["scheduler"], "scheduler_config.json"),
-                                "scheduler config")
+  unet_config = pipeline_io.parse_config(dirs["unet"], "unet", UNetConfig.from_dict)
+  vae_config = pipeline_io.parse_config(dirs["vae"], "vae", VAEConfig.from_dict)
+  text_config = pipeline_io.parse_config(dirs["text_encoder"], "text_encoder",
+                                         clip_lib.CLIPTextConfig.from_dict)
+  text_config_2 = (pipeline_io.parse_config(dirs["text_encoder_2"], "text_encoder_2",
+                                            clip_lib.CLIPTextConfig.from_dict) if sdxl else None)
+  scheduler_config = pipeline_io.read_json(
+      os.path.join(dirs["scheduler"], "scheduler_config.json"), "scheduler config")
   unet_file = os.path.join(dirs["unet"], "config.json")
   widths = [text_config.hidden_size] + ([text_config_2.hidden_size] if sdxl else [])
   if unet_config.context_dim != sum(widths):
@@ -559,7 +471,7 @@ def load_pipeline(path, dtype: Dtype = jnp.float32, *, attention_implementation:
           f"addition_time_embed_dim {unet_config.addition_time_embed_dim} = {width}")
   if unet_config.in_channels != vae_config.latent_channels:
     raise PipelineLoadError(
-        f"{os.path.join(dirs['unet'], 'config.json')}: in_channels={unet_config.in_channels} "
+        f"{unet_file}: in_channels={unet_config.in_channels} "
         f"does not match the VAE's latent_channels={vae_config.latent_channels}")
 
   # 2. Weights, converted one component at a time (keys and shapes checked).
@@ -567,29 +479,11 @@ def load_pipeline(path, dtype: Dtype = jnp.float32, *, attention_implementation:
                 "text_encoder": (clip_lib.clip_text_from_torch, text_config)}
   if sdxl:
     converters["text_encoder_2"] = (clip_lib.clip_text_from_torch, text_config_2)
-  files = {name: _weight_files(dirs[name], name) for name in converters}
-  params = {}
-  target = np.dtype(dtype)
-  for name, (convert, config) in converters.items():
-    state_dict = _read_safetensors(files[name])
-    for key, value in state_dict.items():  # cast in NumPy: no per-shape XLA convert kernels
-      if value.dtype != target and jnp.issubdtype(value.dtype, jnp.floating):
-        state_dict[key] = value.astype(target)
-    source = files[name][0] if len(files[name]) == 1 else os.path.join(dirs[name], "*.safetensors")
-    params[name] = convert(state_dict, config, source, dtype)
-    del state_dict
+  params = pipeline_io.load_components(dirs, converters, _WEIGHT_BASENAMES, dtype, placement)
 
   # 3. Tokenizers (optional).
-  tokenizers = {}
-  for name in ("tokenizer", "tokenizer_2"):
-    if name in dirs:
-      try:
-        from transformers import CLIPTokenizer
-        tokenizers[name] = CLIPTokenizer.from_pretrained(dirs[name])
-      except Exception as e:
-        raise PipelineLoadError(f"{dirs[name]}: cannot load the CLIP tokenizer "
-                                f"({type(e).__name__}: {e})") from e
-
+  tokenizers = {name: pipeline_io.load_tokenizer(dirs[name], "CLIPTokenizer")
+                for name in ("tokenizer", "tokenizer_2") if name in dirs}
   return Pipeline(params=params, unet_config=unet_config, vae_config=vae_config,
                   text_config=text_config, scheduler_config=scheduler_config,
                   tokenizer=tokenizers.get("tokenizer"), dtype=dtype,
@@ -598,130 +492,75 @@ def load_pipeline(path, dtype: Dtype = jnp.float32, *, attention_implementation:
                   tokenizer_2=tokenizers.get("tokenizer_2"))
 
 
+
 # ================================================================================================
 # Saving.
 # ================================================================================================
-def _save_safetensors(state_dict: dict[str, np.ndarray], path: str):
-  from safetensors.numpy import save_file
-  save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path,
-            metadata={"format": "pt"})
+def save_pipeline(pipe, path, overwrite: bool = False) -> str:
+  """Writes `pipe` (a `Pipeline` or a `flow_pipeline.FlowPipeline`) in diffusers format,
+  loadable by its diffusers pipeline class's `from_pretrained`.
 
-
-def _write_json(obj, path):
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-
-
-def check_output_dir(path: str, overwrite: bool) -> None:
-  """Refuses to write a pipeline where that would destroy something else: `path` may be
-  missing or an empty directory; a pipeline `save_pipeline` wrote (it holds `WRITTEN_BY`) is
-  replaced only with `overwrite`; anything else (a file, a directory with other contents) is
-  never replaced.
-
-  Raises:
-    FileExistsError: what `path` holds, and what would allow the write.
-  """
-  if not os.path.lexists(path):
-    return
-  if not os.path.isdir(path) or os.path.islink(path):
-    raise FileExistsError(f"{path} exists and is not a directory: not replaced by a pipeline")
-  entries = os.listdir(path)
-  if not entries:
-    return
-  if WRITTEN_BY not in entries:
-    raise FileExistsError(
-        f"{path} is a non-empty directory that this library did not write as a pipeline "
-        f"({len(entries)} entries, e.g. {sorted(entries)[:3]}): not replaced; choose a new or "
-        "empty directory")
-  if not overwrite:
-    raise FileExistsError(f"{path} already holds an exported pipeline: pass overwrite=True "
-                          "(--overwrite) to replace it")
-
-
-def save_pipeline(pipe: Pipeline, path, overwrite: bool = False) -> str:
-  """Writes `pipe` in diffusers format (loadable by `StableDiffusionPipeline.from_pretrained`,
-  or `StableDiffusionXLPipeline.from_pretrained` for SDXL).
-
-  Weights are written as float32 safetensors (PyTorch layout). Only unet, vae, text_encoder,
-  tokenizer, scheduler (and SDXL's text_encoder_2, tokenizer_2) are written: other
-  model_index.json components (e.g. SD 1.5's safety_checker, feature_extractor) are set to
-  null. The output is assembled in a
-  temporary directory next to `path` and renamed into place at the end, so `path` never holds a
+  Weights are written as float32 safetensors (PyTorch layout). Only the components this
+  library models are written: other model_index.json components (e.g. SD 1.5's
+  safety_checker, feature_extractor) are set to null. The output is assembled in a temporary
+  directory next to `path` and renamed into place at the end, so `path` never holds a
   half-written pipeline. `path` must be missing or empty, or (with `overwrite`) a pipeline
-  written here before (`check_output_dir`): nothing else is ever replaced.
+  written here before (`pipeline_io.check_output_dir`): nothing else is ever replaced.
 
   Returns:
     `path`.
 
   Raises:
-    FileExistsError: `path` holds something that is not replaced (`check_output_dir`).
+    FileExistsError: `path` holds something that is not replaced (`pipeline_io.check_output_dir`).
   """
-  path = os.path.abspath(os.fspath(path))
-  check_output_dir(path, overwrite)
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-  try:
-    if pipe.model_index:
-      index = dict(pipe.model_index)
-    elif pipe.is_sdxl:
-      index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",
-               "force_zeros_for_empty_prompt": True}
-    else:
-      index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
-               "feature_extractor": [None, None], "safety_checker": [None, None]}
-    for name, value in list(index.items()):  # components not written (safety checker, ...)
-      if (not name.startswith("_") and isinstance(value, list) and len(value) == 2
-          and name not in COMPONENTS):
-        index[name] = [None, None]
-    if not pipe.is_sdxl:
-      index["requires_safety_checker"] = False
-    for name, cls in _CLASSES.items():
-      if pipe.is_sdxl or not name.endswith("_2"):
-        index[name] = list(cls)
-    for name in ("tokenizer", "tokenizer_2"):
-      if getattr(pipe, name) is None and name in index:
-        index[name] = [None, None]
-    scheduler_config = dict(pipe.scheduler_config)
-    scheduler_config.setdefault("_class_name", "DDIMScheduler")
-    index["scheduler"] = ["diffusers", scheduler_config["_class_name"]]
-    _write_json(index, os.path.join(tmp, "model_index.json"))
+  fill = (functools.partial(flow_pipeline.write_flow_pipeline, pipe)
+          if isinstance(pipe, flow_pipeline.FlowPipeline)
+          else functools.partial(_write_unet_pipeline, pipe))
+  return pipeline_io.save_directory(path, overwrite, fill,
+                                    "ddpo_jax.models.pipeline.save_pipeline")
 
-    components = {
-        "unet": (pipe.unet_config.to_dict(), unet_to_torch(pipe.params["unet"], pipe.unet_config)),
-        "vae": (pipe.vae_config.to_dict(), vae_to_torch(pipe.params["vae"], pipe.vae_config)),
-        "text_encoder": (pipe.text_config.to_dict(),
-                         clip_lib.clip_text_to_torch(pipe.params["text_encoder"],
-                                                     pipe.text_config)),
-    }
-    if pipe.is_sdxl:
-      components["text_encoder_2"] = (
-          pipe.text_config_2.to_dict(),
-          clip_lib.clip_text_to_torch(pipe.params["text_encoder_2"], pipe.text_config_2))
-    for name, (config, state_dict) in components.items():
-      os.makedirs(os.path.join(tmp, name))
-      _write_json(config, os.path.join(tmp, name, "config.json"))
-      _save_safetensors(state_dict, os.path.join(tmp, name,
-                                                 _WEIGHT_BASENAMES[name] + ".safetensors"))
-      del state_dict
-    os.makedirs(os.path.join(tmp, "scheduler"))
-    _write_json(scheduler_config, os.path.join(tmp, "scheduler", "scheduler_config.json"))
-    for name in ("tokenizer", "tokenizer_2"):
-      if getattr(pipe, name) is not None:
-        getattr(pipe, name).save_pretrained(os.path.join(tmp, name))
-    _write_json({"written_by": "ddpo_jax.models.pipeline.save_pipeline",
-                 "sha256": _written_files(tmp)}, os.path.join(tmp, WRITTEN_BY))
 
-    check_output_dir(path, overwrite)  # again: something may have appeared meanwhile
-    if os.path.exists(path):
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-      os.rename(path, os.path.join(old, "x"))
-      os.rename(tmp, path)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return path
+def _write_unet_pipeline(pipe: Pipeline, tmp: str) -> None:
+  if pipe.model_index:
+    index = dict(pipe.model_index)
+  elif pipe.is_sdxl:
+    index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",
+             "force_zeros_for_empty_prompt": True}
+  else:
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+             "feature_extractor": [None, None], "safety_checker": [None, None]}
+  for name, value in list(index.items()):  # components not written (safety checker, ...)
+    if (not name.startswith("_") and isinstance(value, list) and len(value) == 2
+        and name not in COMPONENTS):
+      index[name] = [None, None]
+  if not pipe.is_sdxl:
+    index["requires_safety_checker"] = False
+  for name, cls in _CLASSES.items():
+    if pipe.is_sdxl or not name.endswith("_2"):
+      index[name] = list(cls)
+  for name in ("tokenizer", "tokenizer_2"):
+    if getattr(pipe, name) is None and name in index:
+      index[name] = [None, None]
+  scheduler_config = dict(pipe.scheduler_config)
+  scheduler_config.setdefault("_class_name", "DDIMScheduler")
+  index["scheduler"] = ["diffusers", scheduler_config["_class_name"]]
+  write_json(index, os.path.join(tmp, "model_index.json"))
+
+  components = {
+      "unet": (pipe.unet_config.to_dict(), unet_to_torch(pipe.params["unet"], pipe.unet_config)),
+      "vae": (pipe.vae_config.to_dict(), vae_to_torch(pipe.params["vae"], pipe.vae_config)),
+      "text_encoder": (pipe.text_config.to_dict(),
+                       clip_lib.clip_text_to_torch(pipe.params["text_encoder"],
+                                                   pipe.text_config)),
+  }
+  if pipe.is_sdxl:
+    components["text_encoder_2"] = (
+        pipe.text_config_2.to_dict(),
+        clip_lib.clip_text_to_torch(pipe.params["text_encoder_2"], pipe.text_config_2))
+  for name, (config, state_dict) in components.items():
+    pipeline_io.write_component(tmp, name, config, state_dict, _WEIGHT_BASENAMES[name])
+  os.makedirs(os.path.join(tmp, "scheduler"))
+  write_json(scheduler_config, os.path.join(tmp, "scheduler", "scheduler_config.json"))
+  for name in ("tokenizer", "tokenizer_2"):
+    if getattr(pipe, name) is not None:
+      getattr(pipe, name).save_pretrained(os.path.join(tmp, name))

@@ -242,7 +242,7 @@ def abstract_t5_params(config: T5Config, dtype: Dtype = jnp.float32) -> dict:
 
 
 def t5_from_torch(state_dict: Mapping[str, Any], config: T5Config, source: str = "<state dict>",
-                  dtype: Dtype = jnp.float32) -> dict:
+                  dtype: Dtype = jnp.float32, placement=None) -> dict:
   """transformers `T5EncoderModel` state dict (NumPy arrays) -> Flax params in `dtype`.
 
   Raises:
@@ -256,7 +256,7 @@ def t5_from_torch(state_dict: Mapping[str, Any], config: T5Config, source: str =
                                        "are tied in T5EncoderModel)")
   return weights.torch_to_flax(state_dict, abstract_t5_params(config), T5_LIST_NAMES,
                                ignore=(r"^encoder\.embed_tokens\.weight$",), source=source,
-                               dtype=dtype)
+                               dtype=dtype, placement=placement)
 
 
 def t5_to_torch(params) -> dict[str, np.ndarray]:

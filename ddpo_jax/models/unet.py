@@ -771,14 +771,14 @@ def init_unet_params(config: UNetConfig, key: jax.Array, dtype: Dtype = jnp.floa
 
 
 def unet_from_torch(state_dict, config: UNetConfig, source: str = "<state dict>",
-                    dtype: Dtype = jnp.float32) -> dict:
+                    dtype: Dtype = jnp.float32, placement=None) -> dict:
   """diffusers UNet2DConditionModel state dict (NumPy arrays) -> Flax params in `dtype`.
 
   Raises:
     weights.WeightLoadingError: missing/unexpected keys or shape mismatch (names `source`).
   """
   return weights.torch_to_flax(state_dict, abstract_unet_params(config), UNET_LIST_NAMES,
-                               source=source, dtype=dtype)
+                               source=source, dtype=dtype, placement=placement)
 
 
 def unet_to_torch(params, config: UNetConfig | None = None) -> dict[str, np.ndarray]:

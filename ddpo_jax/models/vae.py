@@ -280,7 +280,7 @@ def init_vae_params(config: VAEConfig, key: jax.Array, dtype: Dtype = jnp.float3
 
 
 def vae_from_torch(state_dict, config: VAEConfig, source: str = "<state dict>",
-                   dtype: Dtype = jnp.float32) -> dict:
+                   dtype: Dtype = jnp.float32, placement=None) -> dict:
   """diffusers AutoencoderKL state dict (NumPy arrays) -> Flax params in `dtype`.
 
   Accepts the legacy attention names (query/key/value/proj_attn) and 1x1-conv-shaped attention
@@ -290,7 +290,7 @@ def vae_from_torch(state_dict, config: VAEConfig, source: str = "<state dict>",
     weights.WeightLoadingError: missing/unexpected keys or shape mismatch (names `source`).
   """
   return weights.torch_to_flax(state_dict, abstract_vae_params(config), VAE_LIST_NAMES,
-                               renames=VAE_LEGACY_RENAMES, source=source, dtype=dtype)
+                               renames=VAE_LEGACY_RENAMES, source=source, dtype=dtype, placement=placement)
 
 
 def vae_to_torch(params, config: VAEConfig | None = None) -> dict[str, np.ndarray]:

@@ -20,12 +20,16 @@ rules below, which are the same for every model:
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+
+
+# (Flax parameter path, shape) -> where the parameter goes (`torch_to_flax`'s `placement`).
+Placement = Callable[[tuple[str, ...], tuple[int, ...]], Any]
 
 
 class WeightLoadingError(ValueError):
@@ -85,6 +89,7 @@ def torch_to_flax(
     ignore: Iterable[str] = (),
     source: str = "<state dict>",
     dtype: Any = jnp.float32,
+    placement: Placement | None = None,
 ) -> dict:
   """Converts a PyTorch state dict into a Flax parameter tree, checking keys and shapes.
 
@@ -97,6 +102,10 @@ def torch_to_flax(
     ignore: regexes of incoming keys that are not parameters (buffers such as `position_ids`).
     source: what the state dict was read from, for error messages.
     dtype: dtype of the returned parameters.
+    placement: (Flax path tuple, shape) -> the `jax.sharding.Sharding` of that parameter, or
+      None for the default device. Each parameter is converted and placed before the next is
+      read, so with a lazily read state dict (`pipeline_io.LazySafetensors`) the host holds one
+      tensor at a time and every device only its shard (`jax.make_array_from_callback`).
 
   Raises:
     WeightLoadingError: on missing or unexpected keys or a shape mismatch; the message names
@@ -104,13 +113,14 @@ def torch_to_flax(
   """
   renames = [(re.compile(pattern), repl) for pattern, repl in renames]
   ignore = [re.compile(pattern) for pattern in ignore]
-  incoming = {}
-  for key, value in state_dict.items():
-    if any(p.search(key) for p in ignore):
+  incoming = {}  # renamed key -> key in `state_dict` (values are read one at a time below)
+  for original in state_dict.keys():
+    if any(p.search(original) for p in ignore):
       continue
+    key = original
     for pattern, repl in renames:
       key = pattern.sub(repl, key)
-    incoming[key] = value
+    incoming[key] = original
 
   flat = traverse_util.flatten_dict(_unfreeze(abstract_params))
   wanted = {flax_path_to_torch_key(path, list_names): path for path in flat}
@@ -125,14 +135,22 @@ def torch_to_flax(
   out, bad_shapes = {}, []
   for key, path in wanted.items():
     target_shape = tuple(flat[path].shape)
-    array = _to_flax_layout(path[-1], np.asarray(incoming[key]), target_shape)
+    value = np.asarray(state_dict[incoming[key]])
+    array = _to_flax_layout(path[-1], value, target_shape)
     if tuple(array.shape) != target_shape:
-      bad_shapes.append(f"{key}: checkpoint {tuple(np.shape(incoming[key]))}, "
+      bad_shapes.append(f"{key}: checkpoint {tuple(value.shape)}, "
                         f"model expects {target_shape} (Flax layout)")
+      continue
+    if bad_shapes:  # an error is coming: do not place more
       continue
     # Cast on the host and transfer with device_put: a device-side convert, and jnp.asarray
     # itself (in jax 0.10), compile one program per shape.
-    out[path] = jax.device_put(np.asarray(array, dtype=np.dtype(dtype)))
+    host = np.asarray(array, dtype=np.dtype(dtype))
+    sharding = placement(path, target_shape) if placement is not None else None
+    if sharding is None:
+      out[path] = jax.device_put(host)
+    else:
+      out[path] = jax.make_array_from_callback(target_shape, sharding, host.__getitem__)
   if bad_shapes:
     raise WeightLoadingError(f"{source}: shape mismatch for {len(bad_shapes)} keys: "
                              + "; ".join(bad_shapes[:10]))
