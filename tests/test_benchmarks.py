@@ -114,15 +114,16 @@ def test_sd2_pipeline_layout():
   diffusers and loads them in ddpo_jax): linear projections, per-level heads, three levels,
   text width = cross_attention_dim, 16x16x4 latents at 32 px; its directory is named by style."""
   from types import SimpleNamespace
-  from ddpo_jax import sd
+  from ddpo_jax.models.pipeline import Pipeline
   vs_trl = _module()
   unet, vae, text = vs_trl.pipeline_components("tiny", 32, range(520), "sd2")
   assert unet["use_linear_projection"] and unet["attention_head_dim"] == (2, 4, 8)
   assert len(unet["block_out_channels"]) == 3 and unet["sample_size"] == 16
   assert text["hidden_size"] == unet["cross_attention_dim"] and text["hidden_act"] == "gelu"
   assert text["max_position_embeddings"] == vs_trl.SD_MAX_LENGTH and text["vocab_size"] == 520
-  pipe = SimpleNamespace(vae_config=SimpleNamespace(**vae), unet_config=SimpleNamespace(**unet))
-  assert sd.latent_shape(pipe, 32) == (16, 16, 4)
+  pipe = SimpleNamespace(vae_config=SimpleNamespace(**vae), unet_config=SimpleNamespace(**unet),
+                         vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1))
+  assert Pipeline.latent_shape(pipe, 32) == (16, 16, 4)
   sd1_unet, _, sd1_text = vs_trl.pipeline_components("tiny", 32, range(520), "sd1")
   assert not sd1_unet.get("use_linear_projection") and sd1_text["hidden_size"] == 32
   names = {vs_trl.pipeline_dir_name("tiny", style, 32) for style in ("sd1", "sd2")}
@@ -231,3 +232,49 @@ def test_algorithm_comparison_tabulates_and_plots(tmp_path):
     f.writelines(rows[:1] + rows[2:])
   with pytest.raises(RuntimeError, match=r"does not hold epochs 0\.\.2"):
     bench.run_one(root, "RWR", 0, 3)
+
+
+def test_memory_table_tiny_is_consistent():
+  """benchmarks/memory.py on the tiny SD3.5 config (compiled at its real depth, no weights):
+  fp32 params are 4 B each and the LoRA base 2 B, the compiled gradients are 4 B per trainable
+  param, AdamW holds 8 B per trainable param, remat saves activations, the mesh split gives
+  the unsplit state at fsdp=1 and less with fsdp; the depth fit is exact on linear data."""
+  import math
+  import numpy as np
+  from flax import traverse_util
+  memory = _module("memory")
+  spec = memory.TINY_MODELS["sd35_medium"]
+  log = lambda msg: None
+  rows = {(m, r): memory.measure_row(spec, m, r, "full", 1, 0.0, log)
+          for m, r in (("lora", False), ("lora", True), ("full", True))}
+  for (method, remat), row in rows.items():
+    n = row["trainable_params"]
+    assert row["grad_bytes"] == 4 * n and row["optimizer_bytes"] == 8 * n, row
+    # the compiled step's outputs are the gradients and the loss, each buffer padded to at
+    # most XLA's 64-byte alignment
+    leaves = len(memory.jax.tree.leaves(row["trees"][0])) + 1
+    assert 4 * n + 4 <= row["compiles"][0]["output"] <= 4 * n + 4 + 64 * leaves, row
+    assert row["temp1"] > 0 and row["slope"] > 0 and row["residuals1"] > 0
+    if method == "full":
+      assert row["param_bytes"] == 4 * n and n == row["base_params"]
+    else:
+      assert row["param_bytes"] == 2 * row["base_params"] + 4 * n and n < row["base_params"]
+      trainable, frozen = row["trees"]
+      kernels = traverse_util.flatten_dict(frozen)
+      assert n == sum(32 * (math.prod(kernels[tuple(p.split("/")) + ("kernel",)].shape[:-1])
+                            + kernels[tuple(p.split("/")) + ("kernel",)].shape[-1])
+                      for p in memory.lora.select_targets(frozen, spec.lora.targets))
+    state = [memory.per_device_state_bytes(*row["trees"], f) for f in (1, 2, 4)]
+    assert state[0] == row["param_bytes"] + row["grad_bytes"] + row["optimizer_bytes"]
+    assert state[0] >= state[1] >= state[2]
+    fit = memory.mesh_fit(row, 8, 80 * memory.GiB)
+    assert all(best == memory.MAX_BATCH for _, best, _, _ in fit.values())
+  lora_off, lora_on = rows["lora", False], rows["lora", True]
+  assert lora_on["temp1"] <= lora_off["temp1"] and lora_on["residuals1"] < lora_off["residuals1"]
+  a = memory.fit_linear([((1, 1), 10.0 + 3 + 5), ((2, 1), 10.0 + 6 + 5), ((1, 2), 10.0 + 3 + 10)])
+  assert np.allclose(a, [10.0, 3.0, 5.0])
+  assert memory.depth_points(memory.MODELS["flux_dev"], 2) == ([(2, 2), (4, 2), (2, 4)], (4, 4))
+  args = memory.build_parser().parse_args(["--tiny", "--markdown"])
+  args.pixels = "tiny"
+  table = memory.tables(list(rows.values()), args)
+  assert table.count("| tiny SD3.5 ") == 6, table  # 3 rows in each of the two tables
