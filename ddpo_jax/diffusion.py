@@ -503,6 +503,43 @@ def ddim_chain(eps_fn: EpsFn, params: Any, x_init: Array, step_keys: Array, cont
                       (ts, pts, step_keys, keep))
 
 
+def ddim_sample(eps_fn: EpsFn, params: Any, x_init: Array, context: Any,
+                uncond_context: Any, *, alphas_cumprod: Array, timesteps, prev_timesteps,
+                guidance_scale: float, final_alpha_cumprod=None) -> Array:
+  """Deterministic DDIM (eta = 0, diffusers' `DDIMScheduler` default): the standard sampler of
+  the UNet families, without log-probabilities (DDPO's stochastic chain is `ddim_chain`).
+
+  Step i: eps = `guided_eps` at x, x <- the mean of `ddim_step_mean_std` with eta = 0, i.e.
+  sqrt(a_prev) x0_hat + sqrt(1 - a_prev) eps; one `lax.scan` over the T steps.
+
+  Args:
+    eps_fn, params, context, uncond_context, guidance_scale: as in `guided_eps` (the
+      conditioning may be any pytree with the batch on axis 0).
+    x_init: (B, H, W, C) x_T (diffusers' init_noise_sigma is 1 for DDIM).
+    alphas_cumprod: (N_train,) float32. timesteps, prev_timesteps: int (T,)
+      (`NoiseSchedule.ddim_timesteps`). final_alpha_cumprod: as in `ddim_step_mean_std`.
+
+  Returns:
+    x_0, (B, H, W, C) float32.
+  """
+  ts = jnp.asarray(timesteps, jnp.int32)
+  pts = jnp.asarray(prev_timesteps, jnp.int32)
+  if ts.ndim != 1 or ts.shape != pts.shape:
+    raise ValueError(f"timesteps {ts.shape} and prev_timesteps {pts.shape} must be (T,).")
+  b = x_init.shape[0]
+
+  def body(x, inp):
+    t = jnp.full((b,), inp[0], jnp.int32)
+    prev_t = jnp.full((b,), inp[1], jnp.int32)
+    eps = guided_eps(eps_fn, params, x, t, context, uncond_context, guidance_scale)
+    mean, _ = ddim_step_mean_std(alphas_cumprod, eps, t, prev_t, x, 0.0,
+                                 final_alpha_cumprod=final_alpha_cumprod)
+    return mean, None
+
+  x, _ = jax.lax.scan(body, x_init.astype(_compute_dtype(x_init)), (ts, pts))
+  return x
+
+
 def sample_trajectory(eps_fn: EpsFn, params: Any, key: Array, context: Array,
                       uncond_context: Optional[Array], *, alphas_cumprod: Array,
                       timesteps, prev_timesteps, latent_shape: tuple[int, int, int], eta,

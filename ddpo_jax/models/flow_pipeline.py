@@ -21,6 +21,10 @@ written against it never asks which family it holds:
                                    -> the velocity (B, h, w, C) float32
   vae_encode / vae_decode          images (B, H, W, 3) in [-1, 1] <-> diffusion latents
   latent_shape(resolution)         (h, w, C) of a square image, or a ValueError naming it
+  default_resolution / default_sampling   the diffusers pipeline's default image side and
+                                   (steps, guidance scale)
+  guidance_kind                    "cfg" | "embedded" (FLUX.1-dev) | "none" (schnell): what
+                                   the guidance scale means for the sampler
   scheduler_config / schedule      the FlowMatchEulerDiscreteScheduler config, as a
                                    `flow.FlowSchedule`; `image_seq_len(h, w)` for FLUX's
                                    resolution-dependent shift
@@ -197,6 +201,15 @@ class FlowPipeline:
     return bool(getattr(self.transformer_config, "guidance_embeds", False))
 
   @property
+  def guidance_kind(self) -> str:
+    """How the diffusers pipeline applies its `guidance_scale`: "cfg" (SD3: classifier-free
+    guidance with the negative prompt), "embedded" (FLUX.1-dev: a transformer input), "none"
+    (FLUX.1-schnell; FLUX's true CFG is off by default)."""
+    if self.is_sd3:
+      return "cfg"
+    return "embedded" if self.guidance_embedded else "none"
+
+  @property
   def vae_scale_factor(self) -> int:
     return 2 ** (len(self.vae_config.block_out_channels) - 1)
 
@@ -204,6 +217,19 @@ class FlowPipeline:
   def patch_size(self) -> int:
     """Latent cells per transformer token along each axis (2: SD3's patches, FLUX's packing)."""
     return self.transformer_config.patch_size if self.is_sd3 else 2
+
+  @property
+  def default_resolution(self) -> int:
+    """Image side in pixels the diffusers pipeline samples at by default (its
+    `default_sample_size` x vae_scale_factor: SD3's transformer sample_size, FLUX's 128)."""
+    size = self.transformer_config.sample_size if self.is_sd3 else 128
+    return int(size) * self.vae_scale_factor
+
+  @property
+  def default_sampling(self) -> tuple[int, float]:
+    """(num_inference_steps, guidance_scale) of the diffusers pipeline's `__call__`: SD3 28
+    steps, CFG 7.0; FLUX 28 steps, embedded guidance 3.5 (schnell ignores it)."""
+    return (28, 7.0) if self.is_sd3 else (28, 3.5)
 
   def latent_shape(self, resolution: int) -> tuple[int, int, int]:
     """(h, w, C) of a square image of side `resolution` pixels.

@@ -169,6 +169,23 @@ class Pipeline:
     """Whether this is an SDXL pipeline (two text encoders, the UNet's text_time embedding)."""
     return self.text_config_2 is not None
 
+  @property
+  def default_resolution(self) -> int:
+    """Image side in pixels the diffusers pipeline samples at by default: the UNet's
+    sample_size x vae_scale_factor (512 for SD 1.x, 768 for SD 2.x-v, 1024 for SDXL)."""
+    size = self.unet_config.sample_size
+    if size is None:
+      raise ValueError("this UNet config has no sample_size: give the resolution")
+    return int(size if isinstance(size, int) else size[0]) * self.vae_scale_factor
+
+  guidance_kind = "cfg"  # classifier-free guidance with the negative prompt (`uncond`)
+
+  @property
+  def default_sampling(self) -> tuple[int, float]:
+    """(num_inference_steps, guidance_scale) of the diffusers pipeline's `__call__`: 50 steps,
+    CFG 7.5 (SD) or 5.0 (SDXL)."""
+    return (50, 5.0) if self.is_sdxl else (50, 7.5)
+
   def latent_shape(self, resolution: int) -> tuple[int, int, int]:
     """(H/f, W/f, latent_channels) of a square image of side `resolution`.
 
