@@ -306,13 +306,16 @@ def make_tiny_t5_tokenizer():
 
 
 def make_torch_t5(vocab_size: int, d_model: int, seed: int):
-  """A random `transformers.T5EncoderModel` (gated-gelu, as T5 v1.1) in eval mode."""
+  """A random `transformers.T5EncoderModel` (gated-gelu, as T5 v1.1) in eval mode, weights
+  ~ N(0, 0.1^2): at 0.2 the unscaled attention of a random T5 is so sharp that float32
+  round-off reaches 7e-5 on |h| up to 4 in each implementation (Flax and PyTorch float32 against
+  PyTorch float64) and the two differ by up to 1.3e-4 on some prompts; at 0.1 by about 4e-5."""
   from transformers import T5Config, T5EncoderModel
   _seeded(seed)
   config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=48, num_layers=2,
                     num_heads=2, feed_forward_proj="gated-gelu",
                     relative_attention_num_buckets=8, relative_attention_max_distance=20)
-  return _randomize_(T5EncoderModel(config), seed, std=0.2)
+  return _randomize_(T5EncoderModel(config), seed, std=0.1)
 
 
 def flow_vae_kwargs(**overrides) -> dict:

@@ -390,6 +390,11 @@ def init_mmdit_params(config: MMDiTConfig, key: jax.Array, dtype: Dtype = jnp.fl
   return weights.host_random_params(abstract_mmdit_params(config), key, dtype)
 
 
+# Max abs difference accepted between a checkpoint's pos_embed buffer (values in [-1, 1]) and
+# the computed one: half a bfloat16 ulp at 1 (float16 checkpoints round by <= 2^-11).
+POS_EMBED_TOLERANCE = 2.0 ** -8
+
+
 def _pos_embed_buffer(config: MMDiTConfig) -> np.ndarray:
   """diffusers' `pos_embed.pos_embed` buffer: (1, pos_embed_max_size**2, inner_dim) float32."""
   grid = sincos_pos_embed(config.inner_dim, config.pos_embed_max_size,
@@ -401,8 +406,9 @@ def mmdit_from_torch(state_dict, config: MMDiTConfig, source: str = "<state dict
                      dtype: Dtype = jnp.float32, placement=None) -> dict:
   """diffusers SD3Transformer2DModel state dict (NumPy arrays) -> Flax params in `dtype`.
 
-  The position-embedding buffer, if present, must equal `sincos_pos_embed` of the config (to
-  1e-5): it is not a parameter here.
+  The position-embedding buffer, if present, must equal `sincos_pos_embed` of the config to
+  POS_EMBED_TOLERANCE (the rounding of a bfloat16 / float16 checkpoint, or of a cast on read;
+  an embedding of another size or base differs by O(1)): it is not a parameter here.
 
   Raises:
     weights.WeightLoadingError: missing/unexpected keys, a shape mismatch, or a position
@@ -411,7 +417,7 @@ def mmdit_from_torch(state_dict, config: MMDiTConfig, source: str = "<state dict
   if POS_EMBED_KEY in state_dict:
     buffer = np.asarray(state_dict[POS_EMBED_KEY], np.float32)
     want = _pos_embed_buffer(config)
-    if buffer.shape != want.shape or float(np.abs(buffer - want).max()) > 1e-5:
+    if buffer.shape != want.shape or float(np.abs(buffer - want).max()) > POS_EMBED_TOLERANCE:
       raise weights.WeightLoadingError(
           f"{source}: {POS_EMBED_KEY} {buffer.shape} is not the sin-cos embedding of the config "
           f"(pos_embed_max_size {config.pos_embed_max_size}, base size "
