@@ -1,5 +1,5 @@
 """Flow-matching schedules and the Euler ODE step (diffusers `FlowMatchEulerDiscreteScheduler`),
-the sampler of SD3 / SD3.5 and FLUX.1.
+the sampler of SD3 / SD3.5 and FLUX.1 (docs/algorithms.md §6).
 
 A rectified-flow model predicts the velocity v = eps - x0 of x_sigma = (1 - sigma) x0 +
 sigma eps; sampling integrates dx/dsigma = v from sigma = 1 (noise) to 0 with Euler steps
