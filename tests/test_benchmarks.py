@@ -245,7 +245,7 @@ def test_memory_table_tiny_is_consistent():
   memory = _module("memory")
   spec = memory.TINY_MODELS["sd35_medium"]
   log = lambda msg: None
-  rows = {(m, r): memory.measure_row(spec, m, r, "full", 1, 0.0, log)
+  rows = {(m, r): memory.measure_row(spec, m, r, "full", 1, 0.0, log, plain=False)
           for m, r in (("lora", False), ("lora", True), ("full", True))}
   for (method, remat), row in rows.items():
     n = row["trainable_params"]
