@@ -17,6 +17,12 @@ diffusers does, and everything is rounded to float32 where diffusers rounds):
 
 `sample_ode` runs the guided Euler chain in one `lax.scan`, with classifier-free guidance as
 `diffusion.guided_eps` does it for DDIM (one batched call on [uncond; cond]).
+
+The stochastic samplers of the RL methods (docs/algorithms.md §6.3): `step_mean_std` gives
+one step's Gaussian transition N(mean, std^2 I) from the velocity for each `SDE_TYPES` kind,
+the same signature as DDIM's `diffusion.ddim_step_mean_std`; `flow_chain` runs T such steps
+in one `lax.scan` with per-step log-probabilities, SDE steps where `sde_steps` says and ODE
+steps elsewhere (MixGRPO's window, Flow-GRPO-Fast's branching).
 """
 from __future__ import annotations
 
@@ -107,6 +113,132 @@ def euler_step(x: Array, velocity: Array, sigma, sigma_next) -> Array:
   dtype = jnp.promote_types(x.dtype, jnp.float32)
   return x.astype(dtype) + (jnp.asarray(sigma_next, dtype) - jnp.asarray(sigma, dtype)) * \
       velocity.astype(dtype)
+
+
+SDE_TYPES = ("sde", "cps", "ode")
+
+
+def check_sde(sde_type: str, noise_level) -> None:
+  """Raises ValueError for an unknown `sde_type` or a noise level outside its range (static
+  Python numbers only; traced values are not checked)."""
+  if sde_type not in SDE_TYPES:
+    raise ValueError(f"sde_type={sde_type!r}; choose from {', '.join(SDE_TYPES)}")
+  if sde_type == "ode" or not isinstance(noise_level, (int, float)):
+    return
+  if sde_type == "sde" and not noise_level > 0:
+    raise ValueError(f"noise_level={noise_level}: the flow SDE needs noise_level > 0 (Flow-GRPO "
+                     "uses 0.7)")
+  if sde_type == "cps" and not 0 < noise_level <= 1:
+    raise ValueError(f"noise_level={noise_level}: CPS needs 0 < noise_level <= 1 (its step std "
+                     "is sigma_next sin(noise_level pi / 2))")
+
+
+def step_mean_std(velocity: Array, x: Array, sigma, sigma_next, *, sde_type: str,
+                  noise_level, sigma_max=None) -> tuple[Array, Array]:
+  """Mean and std of one sampling step x_next ~ N(mean, std^2 I) from sigma to sigma_next.
+
+  With dt = sigma_next - sigma < 0, v the (guided) velocity, a = noise_level
+  (docs/algorithms.md §6.3):
+
+  * "sde" (Flow-GRPO): the reverse SDE with the ODE's marginals, Euler-Maruyama:
+        s    = a sqrt(sigma / (1 - sigma))   (sigma = 1 replaced by `sigma_max` in 1 - sigma)
+        mean = x + [v + s^2 / (2 sigma) (x + (1 - sigma) v)] dt,   std = s sqrt(-dt)
+  * "cps" (coefficients-preserving sampling): with x0 = x - sigma v and eps = x + (1 - sigma) v,
+        std  = sigma_next sin(a pi / 2)
+        mean = (1 - sigma_next) x0 + sqrt(sigma_next^2 - std^2) eps
+    so mean + std z keeps the coefficients (1 - sigma_next, sigma_next) of x0 and noise.
+  * "ode": the Euler step, mean = x + dt v, std = 0.
+
+  Args:
+    velocity, x: (B, ...) (promoted to >= float32).
+    sigma, sigma_next: scalars or (B,) arrays, sigma_next < sigma.
+    sde_type: one of SDE_TYPES (static). noise_level: a (Python float or scalar array).
+    sigma_max: "sde" only: the value used for sigma = 1 in the denominator (Flow-GRPO: the
+      schedule's second sigma, `sigmas[1]`); required when a step starts at sigma = 1.
+
+  Returns:
+    mean (B, ...) and std broadcastable to it ((B, 1, ..., 1) or scalar), float32.
+  """
+  check_sde(sde_type, noise_level)
+  dtype = jnp.promote_types(jnp.promote_types(x.dtype, velocity.dtype), jnp.float32)
+  x = x.astype(dtype)
+  v = velocity.astype(dtype)
+
+  def view(a):
+    a = jnp.asarray(a, dtype)
+    return a.reshape(a.shape + (1,) * (x.ndim - a.ndim)) if a.ndim else a
+
+  sigma, sigma_next = view(sigma), view(sigma_next)
+  dt = sigma_next - sigma
+  if sde_type == "ode":
+    return x + dt * v, jnp.zeros_like(dt)
+  a = jnp.asarray(noise_level, dtype)
+  if sde_type == "sde":
+    if sigma_max is None:
+      denominator = 1.0 - sigma
+    else:
+      denominator = 1.0 - jnp.where(sigma == 1.0, jnp.asarray(sigma_max, dtype), sigma)
+    s2 = a ** 2 * sigma / denominator
+    mean = x * (1.0 + s2 / (2.0 * sigma) * dt) + v * (1.0 + s2 * (1.0 - sigma) / (2.0 * sigma)) * dt
+    return mean, jnp.sqrt(s2 * -dt)
+  std = sigma_next * jnp.sin(a * (math.pi / 2))
+  x0 = x - sigma * v
+  eps = x + (1.0 - sigma) * v
+  mean = (1.0 - sigma_next) * x0 + jnp.sqrt(jnp.maximum(sigma_next ** 2 - std ** 2, 0.0)) * eps
+  return mean, std
+
+
+def flow_chain(velocity_fn, params: Any, x_init: Array, step_keys: Array, context: Any,
+               uncond_context: Any, *, sigmas, timesteps, guidance_scale: float,
+               sde_type: str, noise_level, sde_steps=None) -> tuple[Array, dict]:
+  """T guided flow steps in one `lax.scan`, with each step's log-probability.
+
+  Step i: v = the guided velocity at x (`diffusion.guided_eps`), (mean, std) =
+  `step_mean_std(v, x, sigmas[i], sigmas[i + 1])`, x_next = mean + std z, z ~ N(0, I) from
+  `step_keys[i]`. Where `sde_steps[i]` is False the step is the ODE's (x_next = mean, std 0,
+  log-prob 0): MixGRPO's window and Flow-GRPO-Fast's branch points are such masks.
+
+  Args:
+    velocity_fn, params, context, uncond_context, guidance_scale: as `sample_ode`.
+    x_init: (B, ...) x at sigmas[0] (noise).
+    step_keys: (T, 2) uint32 PRNG keys.
+    sigmas (T + 1,), timesteps (T,): `FlowSchedule.sigmas` (Flow-GRPO's sigma_max is
+      sigmas[1]).
+    sde_type, noise_level: as `step_mean_std` (static sde_type).
+    sde_steps: optional (T,) bool; None = every step stochastic.
+
+  Returns:
+    (x at sigmas[-1] (B, ...) float32, per-step outputs on a leading T axis: "latents" x_i,
+    "next_latents", "log_probs" (T, B) (`diffusion.gaussian_log_prob`, mean over the latent
+    dims; 0 on ODE steps), "std" (T,)).
+  """
+  check_sde(sde_type, noise_level)
+  sigmas = jnp.asarray(sigmas, jnp.float32)
+  timesteps = jnp.asarray(timesteps, jnp.float32)
+  n = timesteps.shape[0]
+  if sigmas.shape != (n + 1,):
+    raise ValueError(f"sigmas {sigmas.shape} must be (T + 1,) for timesteps {timesteps.shape}")
+  mask = jnp.ones((n,), bool) if sde_steps is None else jnp.asarray(sde_steps, bool)
+  if mask.shape != (n,):
+    raise ValueError(f"sde_steps {mask.shape} must be (T,) = ({n},)")
+  sigma_max = sigmas[1] if n > 1 else sigmas[0]
+
+  def body(x, inputs):
+    sigma, sigma_next, t, key, stochastic = inputs
+    v = diffusion.guided_eps(velocity_fn, params, x, jnp.full((x.shape[0],), t), context,
+                             uncond_context, guidance_scale)
+    mean, std = step_mean_std(v, x, sigma, sigma_next, sde_type=sde_type,
+                              noise_level=noise_level, sigma_max=sigma_max)
+    std = jnp.where(stochastic, std, 0.0)
+    if sde_type != "ode":
+      mean = jnp.where(stochastic, mean, euler_step(x, v, sigma, sigma_next))
+    x_next = mean + std * jax.random.normal(key, x.shape, mean.dtype)
+    log_prob = jnp.where(stochastic & (std > 0), diffusion.gaussian_log_prob(x_next, mean, std),
+                         0.0)
+    return x_next, {"latents": x, "next_latents": x_next, "log_probs": log_prob, "std": std}
+
+  return jax.lax.scan(body, x_init.astype(jnp.float32),
+                      (sigmas[:-1], sigmas[1:], timesteps, step_keys, mask))
 
 
 def sample_ode(velocity_fn, params: Any, x_init: Array, context: Any, uncond_context: Any, *,
