@@ -188,6 +188,42 @@ def step_mean_std(velocity: Array, x: Array, sigma, sigma_next, *, sde_type: str
   return mean, std
 
 
+def sde_window(num_steps: int, start: int, size: int) -> np.ndarray:
+  """(num_steps,) bool, True on the SDE steps start .. start + size - 1 (the rest are ODE
+  steps): the `sde_steps` mask of `flow_chain` for MixGRPO's and Flow-GRPO-Fast's windows.
+
+  Raises:
+    ValueError: size < 1, or a window that does not lie inside 0 .. num_steps - 1.
+  """
+  if size < 1 or start < 0 or start + size > num_steps:
+    raise ValueError(f"SDE window [{start}, {start + size}) (size {size}) must lie inside the "
+                     f"{num_steps} sampling steps [0, {num_steps})")
+  mask = np.zeros(num_steps, bool)
+  mask[start:start + size] = True
+  return mask
+
+
+def mixgrpo_window_start(epoch: int, num_steps: int, size: int, shift_every: int,
+                         stride: int = 1) -> int:
+  """MixGRPO's sliding window: it starts at the first (noisiest) step and moves `stride` steps
+  later every `shift_every` epochs, then stays at the last position, num_steps - size."""
+  if shift_every < 1 or stride < 1:
+    raise ValueError(f"shift_every={shift_every} and stride={stride} must be >= 1")
+  sde_window(num_steps, 0, size)  # checks the size
+  return min(epoch // shift_every * stride, num_steps - size)
+
+
+def random_window_start(rng: np.random.Generator, num_steps: int, size: int,
+                        window_range: tuple[int, int]) -> int:
+  """Flow-GRPO-Fast: a window of `size` SDE steps at a uniformly drawn start such that it lies
+  in window_range = [lo, hi) of the step indices (flow_grpo's `sde_window_range`)."""
+  lo, hi = window_range
+  if not 0 <= lo < hi <= num_steps or hi - lo < size:
+    raise ValueError(f"sde_window_range={tuple(window_range)} must hold a window of {size} "
+                     f"steps inside [0, {num_steps})")
+  return int(rng.integers(lo, hi - size + 1))
+
+
 def flow_chain(velocity_fn, params: Any, x_init: Array, step_keys: Array, context: Any,
                uncond_context: Any, *, sigmas, timesteps, guidance_scale: float,
                sde_type: str, noise_level, sde_steps=None) -> tuple[Array, dict]:

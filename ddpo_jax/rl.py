@@ -120,6 +120,42 @@ def normalize_advantages(rewards, return_scale: bool = False):
   return (advantages, xp.full_like(r, 1.0 / std)) if return_scale else advantages
 
 
+def group_relative_advantages(rewards, group_size: int, *, std: str = "group",
+                              eps: float = 1e-4):
+  """GRPO's advantages (Flow-GRPO, DanceGRPO): each sample's reward against its group's, the G
+  samples drawn for one prompt in this batch, laid out contiguously (rows g G .. g G + G - 1):
+
+      A_i = (r_i - mean_group(r)) / (std + eps)
+
+  with std the group's population std (`std="group"`) or the whole batch's (`"global"`,
+  flow_grpo's `global_std`). NumPy in -> float64 NumPy out; a jax.Array in -> jax.Array out
+  (jittable).
+
+  Args:
+    rewards: (B,) with B = num_groups * group_size.
+    group_size: G >= 2 (static).
+
+  Raises:
+    ValueError: group_size < 2, B not a multiple of group_size, or an unknown `std`.
+  """
+  if std not in ("group", "global"):
+    raise ValueError(f"std={std!r}; choose 'group' or 'global'")
+  if group_size < 2:
+    raise ValueError(f"group_size={group_size}: a group needs >= 2 samples of its prompt")
+  xp = jnp if isinstance(rewards, jax.Array) else np
+  if xp is jnp:
+    r = rewards.astype(jnp.result_type(rewards.dtype, jnp.float32))
+  else:
+    r = np.asarray(rewards, dtype=np.float64)
+  if r.ndim != 1 or r.shape[0] % group_size:
+    raise ValueError(f"rewards of shape {tuple(r.shape)}: the batch must be a multiple of "
+                     f"group_size={group_size} (whole groups of one prompt each)")
+  groups = r.reshape(-1, group_size)
+  centred = groups - groups.mean(axis=1, keepdims=True)
+  scale = groups.std(axis=1, keepdims=True) if std == "group" else xp.std(r)
+  return (centred / (scale + eps)).reshape(-1)
+
+
 def kl_penalised_advantages(advantages: Array, scales: Array, kl: Array, alpha: float) -> Array:
   """Per-step advantages of the return r(x_0) − α Σ_t KL_t (a per-step penalty,
   docs/algorithms.md §3.5).

@@ -232,3 +232,22 @@ def test_bad_sampler_settings():
   with pytest.raises(ValueError, match=r"sde_steps \(3,\) must be \(T,\) = \(4,\)"):
     _chain(_toy_velocity, jnp.zeros((1, 2, 2, 1)), "sde", sigmas, timesteps,
            jax.random.PRNGKey(0), sde_steps=np.ones(3, bool))
+
+
+def test_sde_windows():
+  """MixGRPO's window slides from step 0 by `stride` every `shift_every` epochs and stops at
+  the end; Flow-GRPO-Fast's start is uniform over the starts that keep it in its range."""
+  np.testing.assert_array_equal(flow.sde_window(6, 2, 3), [0, 0, 1, 1, 1, 0])
+  starts = [flow.mixgrpo_window_start(e, 10, 4, shift_every=2, stride=3) for e in range(10)]
+  assert starts == [0, 0, 3, 3, 6, 6, 6, 6, 6, 6]
+  rng = np.random.default_rng(0)
+  drawn = {flow.random_window_start(rng, 10, 2, (1, 5)) for _ in range(200)}
+  assert drawn == {1, 2, 3}
+  with pytest.raises(ValueError, match=r"SDE window \[5, 8\) \(size 3\) must lie inside the 6"):
+    flow.sde_window(6, 5, 3)
+  with pytest.raises(ValueError, match="size 0"):
+    flow.mixgrpo_window_start(0, 6, 0, shift_every=1)
+  with pytest.raises(ValueError, match=r"sde_window_range=\(3, 4\) must hold a window of 2"):
+    flow.random_window_start(rng, 10, 2, (3, 4))
+  with pytest.raises(ValueError, match=r"sde_window_range=\(0, 12\)"):
+    flow.random_window_start(rng, 10, 2, (0, 12))

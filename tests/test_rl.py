@@ -227,3 +227,31 @@ def test_ppo_clipfrac_with_ddpo_clip_range():
                                 1e-4, 5.0)
   np.testing.assert_allclose(info["clipfrac"], 3 / 6, rtol=1e-6)
   np.testing.assert_allclose(info["ratio"], ratios.mean(), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- GRPO groups
+
+
+def test_group_relative_advantages_hand_computed():
+  """Two groups of 3: [1, 2, 6] (mean 3, population std sqrt(14/3)) and [4, 4, 4] (std 0:
+  advantages 0, not NaN); global std over all six rewards; NumPy and jitted JAX agree."""
+  r = np.array([1.0, 2.0, 6.0, 4.0, 4.0, 4.0])
+  adv = rl.group_relative_advantages(r, 3)
+  s = math.sqrt(14 / 3)
+  np.testing.assert_allclose(adv, [-2 / (s + 1e-4), -1 / (s + 1e-4), 3 / (s + 1e-4), 0, 0, 0],
+                             rtol=1e-12)
+  g = float(np.std(r))
+  np.testing.assert_allclose(rl.group_relative_advantages(r, 3, std="global"),
+                             [-2 / (g + 1e-4), -1 / (g + 1e-4), 3 / (g + 1e-4), 0, 0, 0],
+                             rtol=1e-12)
+  jitted = jax.jit(lambda x: rl.group_relative_advantages(x, 3))(jnp.asarray(r, jnp.float32))
+  np.testing.assert_allclose(np.asarray(jitted), adv, rtol=1e-6, atol=1e-6)
+
+
+def test_group_relative_advantages_bad_input():
+  with pytest.raises(ValueError, match=r"multiple of group_size=4"):
+    rl.group_relative_advantages(np.zeros(6), 4)
+  with pytest.raises(ValueError, match="group_size=1"):
+    rl.group_relative_advantages(np.zeros(6), 1)
+  with pytest.raises(ValueError, match="std='batch'"):
+    rl.group_relative_advantages(np.zeros(6), 3, std="batch")
