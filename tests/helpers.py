@@ -1,4 +1,5 @@
 """Helpers shared by the training tests: configs with overrides, one sample + update."""
+import json
 import os
 import sys
 
@@ -17,6 +18,15 @@ OPTIMIZED = {"xla_backend_optimization_level": 3}
 def compile_optimized(fn, *args):
   """`jax.jit(fn)` compiled for `args` with `OPTIMIZED`; call it with arrays of their shapes."""
   return jax.jit(fn).lower(*args).compile(compiler_options=OPTIMIZED)
+
+
+def edit_json(path, **changes) -> None:
+  """Sets `changes` in the JSON object stored at `path` (a config or model_index.json)."""
+  with open(path) as f:
+    d = json.load(f)
+  d.update(changes)
+  with open(path, "w") as f:
+    json.dump(d, f)
 
 
 def xla_flags(*flags: str) -> str:

@@ -25,6 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import tiny_models as tm  # noqa: E402
+from helpers import edit_json  # noqa: E402
 from ddpo_jax.models import flow_pipeline as FP  # noqa: E402
 from ddpo_jax.models import pipeline as P  # noqa: E402
 from ddpo_jax.models.weights import WeightLoadingError  # noqa: E402
@@ -413,14 +414,6 @@ def _copy(tiny, name, dst) -> str:
   return str(dst)
 
 
-def _edit_json(path, **changes):
-  with open(path) as f:
-    d = json.load(f)
-  d.update(changes)
-  with open(path, "w") as f:
-    json.dump(d, f)
-
-
 def test_bad_pipelines_raise_clear_errors_before_compiling(tiny, tmp_path):
   """Each broken directory raises a PipelineLoadError / WeightLoadingError whose message names
   the file, component, key or value, and nothing is compiled on the way."""
@@ -428,10 +421,10 @@ def test_bad_pipelines_raise_clear_errors_before_compiling(tiny, tmp_path):
   cases = []  # (name, edit(directory), exception, regex)
 
   def model_index(**changes):
-    return lambda d: _edit_json(os.path.join(d, "model_index.json"), **changes)
+    return lambda d: edit_json(os.path.join(d, "model_index.json"), **changes)
 
   def config(component, file="config.json", **changes):
-    return lambda d: _edit_json(os.path.join(d, component, file), **changes)
+    return lambda d: edit_json(os.path.join(d, component, file), **changes)
 
   cases += [
       # The T5 encoder without its tokenizer: null in model_index.json, or no directory.

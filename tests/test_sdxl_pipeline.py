@@ -15,6 +15,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import tiny_models as tm  # noqa: E402
+from helpers import edit_json  # noqa: E402
 from ddpo_jax import diffusion, export, loop, recipes, sd  # noqa: E402
 from ddpo_jax.models import pipeline as P  # noqa: E402
 
@@ -109,25 +110,17 @@ def _copy(src, dst):
   return dst
 
 
-def _edit_json(path, **changes):
-  with open(path) as f:
-    d = json.load(f)
-  d.update(changes)
-  with open(path, "w") as f:
-    json.dump(d, f)
-
-
 def test_bad_sdxl_pipelines(tiny_dir, tmp_path):
   # An unsupported pipeline class, named with the file.
   refiner = _copy(tiny_dir, str(tmp_path / "refiner"))
-  _edit_json(os.path.join(refiner, "model_index.json"),
+  edit_json(os.path.join(refiner, "model_index.json"),
              _class_name="StableDiffusionXLImg2ImgPipeline")
   with pytest.raises(P.PipelineLoadError, match=r"model_index.json: _class_name="
                      r"'StableDiffusionXLImg2ImgPipeline' is not a supported pipeline class"):
     P.load_pipeline(refiner)
   # Another family's class over SDXL's components: that family's component is missing.
   flux = _copy(tiny_dir, str(tmp_path / "flux"))
-  _edit_json(os.path.join(flux, "model_index.json"), _class_name="FluxPipeline")
+  edit_json(os.path.join(flux, "model_index.json"), _class_name="FluxPipeline")
   with pytest.raises(P.PipelineLoadError, match="component 'transformer' is missing"):
     P.load_pipeline(flux)
   # SDXL without its second text encoder.
@@ -137,20 +130,20 @@ def test_bad_sdxl_pipelines(tiny_dir, tmp_path):
     P.load_pipeline(missing)
   # A second text encoder without projection.
   plain = _copy(tiny_dir, str(tmp_path / "plain"))
-  _edit_json(os.path.join(plain, "text_encoder_2", "config.json"),
+  edit_json(os.path.join(plain, "text_encoder_2", "config.json"),
              architectures=["CLIPTextModel"])
   with pytest.raises(P.PipelineLoadError, match=r"text_encoder_2/config.json: not a "
                                                 r"CLIPTextModelWithProjection"):
     P.load_pipeline(plain)
   # The added embedding's width must fit the second encoder's projection.
   width = _copy(tiny_dir, str(tmp_path / "width"))
-  _edit_json(os.path.join(width, "unet", "config.json"), projection_class_embeddings_input_dim=70)
+  edit_json(os.path.join(width, "unet", "config.json"), projection_class_embeddings_input_dim=70)
   with pytest.raises(P.PipelineLoadError, match=r"projection_class_embeddings_input_dim=70 does "
                                                 r"not match text_encoder_2's projection_dim 16"):
     P.load_pipeline(width)
   # An SD UNet in an SDXL pipeline.
   sd_unet = _copy(tiny_dir, str(tmp_path / "sd_unet"))
-  _edit_json(os.path.join(sd_unet, "unet", "config.json"), addition_embed_type=None,
+  edit_json(os.path.join(sd_unet, "unet", "config.json"), addition_embed_type=None,
              addition_time_embed_dim=None, projection_class_embeddings_input_dim=None)
   with pytest.raises(P.PipelineLoadError, match="addition_embed_type=None in a "
                                                 "StableDiffusionXLPipeline"):
