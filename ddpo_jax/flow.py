@@ -277,6 +277,32 @@ def flow_chain(velocity_fn, params: Any, x_init: Array, step_keys: Array, contex
                       (sigmas[:-1], sigmas[1:], timesteps, step_keys, mask))
 
 
+def step_log_prob(velocity_fn, params: Any, latents: Array, sigma: Array, sigma_next: Array,
+                  next_latents: Array, context: Any, uncond_context: Any, *,
+                  guidance_scale: float, sde_type: str, noise_level,
+                  sigma_max=None) -> tuple[Array, Array, Array]:
+  """Re-scores one step of stored flow trajectories under `params` (the GRPO update).
+
+  The same guided velocity and `step_mean_std` as `flow_chain`, with one (sigma, sigma_next)
+  per sample, so with the sampling params it reproduces the chain's log-probs.
+
+  Args:
+    latents: (B, ...) x at sigma. sigma, sigma_next: (B,) float32 (the steps drawn for each
+      sample). next_latents: (B, ...) the stored x_next (not differentiated).
+    context / uncond_context, guidance_scale: as `flow_chain`.
+    sde_type, noise_level, sigma_max: as `step_mean_std` (`flow_chain` uses sigmas[1]).
+
+  Returns:
+    log_prob (B,) float32, mean (B, ...) float32, std (B, 1, ..., 1) float32.
+  """
+  sigma = jnp.asarray(sigma, jnp.float32)
+  v = diffusion.guided_eps(velocity_fn, params, latents, 1000.0 * sigma, context,
+                           uncond_context, guidance_scale)
+  mean, std = step_mean_std(v, latents, sigma, sigma_next, sde_type=sde_type,
+                            noise_level=noise_level, sigma_max=sigma_max)
+  return diffusion.gaussian_log_prob(next_latents, mean, std), mean, std
+
+
 def sample_ode(velocity_fn, params: Any, x_init: Array, context: Any, uncond_context: Any, *,
                sigmas, timesteps, guidance_scale: float) -> Array:
   """Integrates the flow ODE with Euler steps from `x_init` (at sigmas[0]) to sigmas[-1].
