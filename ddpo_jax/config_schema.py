@@ -103,6 +103,12 @@ COMMON = _keys(
     ("reward.classifier_seed", 0, "digits: seed of the reward classifier"),
     ("reward.clip_path", "openai/clip-vit-large-patch14", "aesthetic: CLIP vision dir or hub id"),
     ("reward.aesthetic_mlp_path", "", "aesthetic: the LAION MLP (sac+logos+ava1-l14-linearMSE.pth)"),
+    ("reward.pickscore_path", "yuvalkirstain/PickScore_v1",
+     "pickscore: a transformers CLIPModel dir or hub id (CLIP ViT-H/14)"),
+    ("reward.clipscore_path", "openai/clip-vit-large-patch14",
+     "clipscore: a transformers CLIPModel dir or hub id (2.5 max(cos, 0))"),
+    ("reward.clip_tokenizer_path", "", "pickscore / clipscore: the tokenizer's dir if not the "
+     "model's (PickScore's: laion/CLIP-ViT-H-14-laion2B-s32B-b79K)"),
     ("reward.server_url", "http://127.0.0.1:8000", "remote: a `python -m ddpo_jax.rewards.server`"),
     ("prompt_fn", "", "named prompt set (ddpo_jax/prompts.py); '' = the model family's own "
      "(digits: the ten class names; SD needs a set)"),

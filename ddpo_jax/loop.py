@@ -325,7 +325,11 @@ def _ddpo_epoch_fn(config, policy, terms, frozen, optimizer, mesh, tracker, stat
     """(global prompts, this process's prompts, their metadata) of batch b of `epoch`."""
     prompts = policy.prompt_fn(np.random.default_rng([config.seed, epoch, b]), B)
     local = list(prompts[rows])
-    return prompts, local, {k: np.asarray(v) for k, v in policy.prompt_metadata(local).items()}
+    meta = dict(policy.prompt_metadata(local))
+    for _, r in device_terms:  # e.g. a CLIP reward's own token ids
+      if r.prompt_metadata is not None:
+        meta.update(r.prompt_metadata(local))
+    return prompts, local, {k: np.asarray(v) for k, v in meta.items()}
 
   def put_key(*folds):
     key = rng_host

@@ -23,6 +23,7 @@ import numpy as np
 
 from ddpo_jax import diffusion, flow, parallel, train
 from ddpo_jax.ctrl.controls import format_context, parse_context, parse_label_spec
+from ddpo_jax.models import load_pipeline
 from ddpo_jax.rewards import to_uint8
 from ddpo_jax.runs import restore_run
 
@@ -249,7 +250,6 @@ def main(argv):
       raise app.UsageError("--step and --labels belong to --workdir runs")
     if not _PROMPTS.value:
       raise app.UsageError("--pipeline needs --prompts")
-    from ddpo_jax.models import load_pipeline
     pipe = load_pipeline(_PIPELINE.value, dtype=jnp.dtype(_DTYPE.value))
     images, _, prompts = sample_pipeline(
         pipe, _PROMPTS.value, _NUM.value, num_steps=_STEPS.value,

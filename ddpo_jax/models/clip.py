@@ -589,7 +589,7 @@ def clip_vision_to_torch(params: Params, config: CLIPVisionConfig) -> dict[str, 
 # ----------------------------------------------------------------------------------------------
 
 
-def _resolve(path: str | os.PathLike) -> str:
+def resolve_model_directory(path: str | os.PathLike) -> str:
   """A local directory for `path`: itself, or a Hugging Face Hub snapshot of a repo id."""
   path = os.fspath(path)
   if os.path.isdir(path):
@@ -606,7 +606,7 @@ def _resolve(path: str | os.PathLike) -> str:
                   "config.json and model.safetensors.") from e
 
 
-def _read_config(directory: str) -> dict:
+def read_model_config(directory: str) -> dict:
   config_path = os.path.join(directory, "config.json")
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"{config_path}: no config.json (expected a transformers-format "
@@ -615,7 +615,7 @@ def _read_config(directory: str) -> dict:
     return json.load(f)
 
 
-def _safetensors_files(directory: str) -> list[str]:
+def model_safetensors_files(directory: str) -> list[str]:
   single = os.path.join(directory, "model.safetensors")
   if os.path.isfile(single):
     return [single]
@@ -635,7 +635,7 @@ def _safetensors_files(directory: str) -> list[str]:
                           f"{directory}{hint}")
 
 
-def _read_state_dict(files: list[str], skip: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+def read_safetensors_state_dict(files: list[str], skip: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
   """Reads safetensors files as NumPy arrays, skipping keys matching the regexes in `skip`."""
   from safetensors import safe_open
   skip = [re.compile(p) for p in skip]
@@ -698,12 +698,12 @@ def load_clip_vision(path: str | os.PathLike, dtype: Dtype = jnp.float32) -> Cli
     WeightLoadingError: keys or shapes do not match the config (names the file and the keys).
     ValueError: an unsupported config (e.g. hidden_act).
   """
-  directory = _resolve(path)
-  raw = _read_config(directory)
+  directory = resolve_model_directory(path)
+  raw = read_model_config(directory)
   is_clip_model = "vision_config" in raw or raw.get("model_type") == "clip"
   config = CLIPVisionConfig.from_dict(raw)
-  files = _safetensors_files(directory)
-  state_dict = _read_state_dict(files, skip=_CLIP_MODEL_TEXT_KEYS if is_clip_model else ())
+  files = model_safetensors_files(directory)
+  state_dict = read_safetensors_state_dict(files, skip=_CLIP_MODEL_TEXT_KEYS if is_clip_model else ())
   params = clip_vision_from_torch(state_dict, config, source=", ".join(files), dtype=dtype,
                                   from_clip_model=is_clip_model)
   return ClipVision(config, params, dtype)
@@ -713,13 +713,13 @@ def load_clip_text(path: str | os.PathLike,
                    dtype: Dtype = jnp.float32) -> tuple[CLIPTextConfig, Params]:
   """Loads a CLIP text encoder (`CLIPTextModel` directory, e.g. SD's `text_encoder/`, or a full
   `CLIPModel` directory, whose vision keys are skipped) -> (config, params)."""
-  directory = _resolve(path)
-  raw = _read_config(directory)
+  directory = resolve_model_directory(path)
+  raw = read_model_config(directory)
   is_clip_model = "text_config" in raw or raw.get("model_type") == "clip"
   config = CLIPTextConfig.from_dict(raw)
-  files = _safetensors_files(directory)
+  files = model_safetensors_files(directory)
   skip = _CLIP_MODEL_VISION_KEYS + (r"^text_projection\.weight$",) if is_clip_model else ()
-  state_dict = _read_state_dict(files, skip=skip)
+  state_dict = read_safetensors_state_dict(files, skip=skip)
   return config, clip_text_from_torch(state_dict, config, source=", ".join(files), dtype=dtype)
 
 

@@ -12,9 +12,8 @@ A training reward is a weighted sum of named terms (`config.reward.weights`); te
 """
 from __future__ import annotations
 
-import dataclasses
 import io
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,15 +22,9 @@ from PIL import Image
 
 from ddpo_jax import digits
 from ddpo_jax.rewards.aesthetic import make_aesthetic_reward
+from ddpo_jax.rewards.base import Reward
+from ddpo_jax.rewards.clip_score import make_clipscore_reward, make_pickscore_reward
 from ddpo_jax.rewards.client import remote_reward
-
-
-@dataclasses.dataclass(frozen=True)
-class Reward:
-  """A named reward term. See the module docstring for `fn`'s two calling conventions."""
-  name: str
-  fn: Callable[..., tuple[Any, dict]]
-  on_device: bool
 
 
 def to_uint8(images) -> np.ndarray:
@@ -107,6 +100,12 @@ def _build(name: str, config, policy) -> Reward:
   if name == "aesthetic":
     return Reward(name, make_aesthetic_reward(config.reward.clip_path,
                                               config.reward.aesthetic_mlp_path), on_device=True)
+  if name == "pickscore":
+    return make_pickscore_reward(config.reward.pickscore_path, name=name,
+                                 tokenizer_path=config.reward.clip_tokenizer_path or None)
+  if name == "clipscore":
+    return make_clipscore_reward(config.reward.clipscore_path, name=name,
+                                 tokenizer_path=config.reward.clip_tokenizer_path or None)
   if name == "remote":
     return Reward(name, remote_reward(config.reward.server_url, batch_size=16, timeout=120.0,
                                       retries=3, backoff=1.0), on_device=False)
@@ -115,4 +114,4 @@ def _build(name: str, config, policy) -> Reward:
 
 
 KNOWN_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility", "digit_class_logprob",
-                 "digits_heldout_accuracy", "aesthetic", "remote")
+                 "digits_heldout_accuracy", "aesthetic", "pickscore", "clipscore", "remote")
