@@ -34,7 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from ddpo_jax import parallel
+from ddpo_jax import config_schema, parallel
 
 DAMAGED_DIR = "damaged_checkpoints"
 
@@ -180,8 +180,9 @@ _MISSING = "<absent>"
 def config_changes(saved_config_json: str, config) -> dict[str, tuple[Any, Any]]:
   """{dotted key: (saved value, new value)} of every key that differs between a checkpoint's
   config (its JSON) and `config` (an ml_collections ConfigDict); absent keys show as
-  '<absent>'."""
-  old = _flatten(json.loads(saved_config_json))
+  '<absent>'. A schema key that a checkpoint of an older version lacks counts at its default
+  (`config_schema.complete`): a key added since is a change only if this run sets it otherwise."""
+  old = _flatten(json.loads(config_schema.complete(json.loads(saved_config_json)).to_json()))
   new = _flatten(json.loads(config.to_json()))
   return {k: (old.get(k, _MISSING), new.get(k, _MISSING)) for k in sorted(set(old) | set(new))
           if old.get(k, _MISSING) != new.get(k, _MISSING)}

@@ -12,7 +12,7 @@ import pytest
 
 from helpers import load_config
 
-from ddpo_jax import checkpoints, train
+from ddpo_jax import checkpoints, config_schema, train
 from ddpo_jax.families import build_policy
 
 
@@ -331,3 +331,19 @@ def test_two_runs_making_the_same_model_cache_at_once(tmp_path):
   assert any("another run saved" in m for m in said), said
   again = digits._load_or_make(path, abstract, lambda: 1 / 0, "the test model", said.append)
   jax.tree.map(np.testing.assert_array_equal, _host(again), value)  # loads the other's
+
+
+def test_a_key_added_to_the_schema_since_the_checkpoint_is_no_config_change():
+  """A run saved before a key existed resumes: the key counts at its default; setting it to
+  something else, or a key outside the schema, is still a change."""
+  config = config_schema.new_config("ddpo", "digits")
+  saved = json.loads(config.to_json())
+  del saved["reward"]["pickscore_path"]
+  assert checkpoints.config_changes(json.dumps(saved), config) == {}
+  changed = config_schema.new_config("ddpo", "digits")
+  changed.reward.pickscore_path = "/data/pickscore"
+  assert checkpoints.config_changes(json.dumps(saved), changed) == {
+      "reward.pickscore_path": ("yuvalkirstain/PickScore_v1", "/data/pickscore")}
+  saved["reward"]["not_a_key"] = 1
+  assert checkpoints.config_changes(json.dumps(saved), config) == {
+      "reward.not_a_key": (1, "<absent>")}
