@@ -257,14 +257,20 @@ def test_sde_windows():
     flow.random_window_start(rng, 10, 2, (0, 12))
 
 
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory):
+  return load_pipeline(tm.save_tiny_flow_pipeline(str(tmp_path_factory.mktemp("sd3") / "sd3"),
+                                                  "sd3"))
+
+
 @pytest.mark.parametrize("sde_type", ["sde", "cps"])
-def test_sampler_and_update_log_probs_agree_on_a_tiny_sd3_transformer(sde_type, tmp_path):
+def test_sampler_and_update_log_probs_agree_on_a_tiny_sd3_transformer(sde_type, tiny_sd3):
   """What Flow-GRPO's ratio needs: the tiny SD3.5-style pipeline's transformer (QK norm, dual
   attention), CFG 4.5, 4 SDE / CPS steps of the chain (`flow_chain`, one compiled program),
   then every step re-scored as the update does it (`flow.step_log_prob`, another program, one
   sigma per sample): approx_kl = mean((lp - lp')^2) / 2 < 1e-10 in float32 at the sampling
   params, and 0 log-prob on CPS's deterministic last step."""
-  pipe = load_pipeline(tm.save_tiny_flow_pipeline(str(tmp_path / "sd3"), "sd3"))
+  pipe = tiny_sd3
   params = pipe.params["transformer"]
   cond = pipe.encode(pipe.params, jnp.asarray(pipe.tokenize(["a cat", "the red dog"])))
   uncond = pipe.uncond(pipe.params)
