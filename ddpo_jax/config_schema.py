@@ -66,8 +66,16 @@ COMMON = _keys(
      "(ddpo_jax/parallel.py: PARAM_RULES)"),
     ("mesh.fsdp_min_size", 2 ** 18, "fsdp splits only arrays of at least this many elements"),
     ("model.kind", "digits", "the model family", MODEL_KINDS),
-    ("sample.num_steps", 50, "DDIM steps per sample"),
+    ("sample.sampler", "ddim", "the sampling dynamics (ddpo_jax/dynamics.py): 'ddim' (DDPO's, "
+     "noise-predicting models) or the flow models' 'sde' (Flow-GRPO) / 'cps'",
+     ("ddim", "sde", "cps")),
+    ("sample.num_steps", 50, "sampling steps per sample"),
     ("sample.eta", 1.0, "DDIM eta (the step noise; DDPO needs > 0)"),
+    ("sample.noise_level", 0.7, "'sde' / 'cps': the noise level a (docs/algorithms.md §6.3)"),
+    ("sample.group_size", 1, "samples per prompt in each batch (GRPO's group, advantages "
+     "relative to the group); 1: every sample its own prompt draw"),
+    ("sample.group_std", "group", "group_size > 1: advantages (r - group mean) / std over the "
+     "group or the whole epoch's samples (flow_grpo's global_std)", ("group", "global")),
     ("sample.guidance_scale", 5.0, "classifier-free guidance weight of the prompt (1: none)"),
     ("sample.batch_size", 8, "samples per sampling call (global)"),
     ("sample.num_batches_per_epoch", 2, "sampling calls per epoch"),

@@ -49,7 +49,7 @@ def export_pipeline(workdir: str, out: str, step: int | None = None,
   unet = jax.jit(policy.assemble_unet)(trainable, frozen)
   unet = jax.tree.map(lambda x: np.asarray(x, np.float32), unet)
   pipe = policy.pipeline
-  out_pipe = dataclasses.replace(pipe, params={**pipe.params, "unet": unet})  # frozen: as loaded
+  out_pipe = dataclasses.replace(pipe, params={**pipe.params, pipe.denoiser: unet})  # frozen: as loaded
   return save_pipeline(out_pipe, out, overwrite=overwrite)
 
 

@@ -317,13 +317,18 @@ def _ddpo_epoch_fn(config, policy, terms, frozen, optimizer, mesh, tracker, stat
   host_terms = [(w, r) for w, r in terms if not r.on_device]
   repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
   B, nb = config.sample.batch_size, config.sample.num_batches_per_epoch
+  group = int(config.sample.group_size)
   rows = parallel.process_rows(mesh, B)  # this process's rows of every sampled batch
   rows_epoch = parallel.process_rows(mesh, B * nb)  # ... and of the epoch's concatenation
   rng_host = np.asarray(parallel.to_host(state.rng))
 
   def local_batch(epoch, b):
     """(global prompts, this process's prompts, their metadata) of batch b of `epoch`."""
-    prompts = policy.prompt_fn(np.random.default_rng([config.seed, epoch, b]), B)
+    rng = np.random.default_rng([config.seed, epoch, b])
+    if group > 1:  # GRPO: B / G prompts, each G times in a row (whole groups per batch)
+      prompts = np.repeat(np.asarray(policy.prompt_fn(rng, B // group), object), group)
+    else:
+      prompts = policy.prompt_fn(rng, B)
     local = list(prompts[rows])
     meta = dict(policy.prompt_metadata(local))
     for _, r in device_terms:  # e.g. a CLIP reward's own token ids
@@ -397,7 +402,10 @@ def _ddpo_epoch_fn(config, policy, terms, frozen, optimizer, mesh, tracker, stat
         epoch_metrics[f"{r.name}_{k}_mean"] = np.concatenate(
             [np.asarray(p[1][k]).reshape(-1) for p in parts]).mean()
 
-    if config.per_prompt_stat_tracking.enabled:
+    if group > 1:
+      advantages, scales = rl.group_relative_advantages(
+          total, group, std=config.sample.group_std, return_scale=True)
+    elif config.per_prompt_stat_tracking.enabled:
       advantages, scales = tracker.update(all_prompts, total, return_scale=True)
     else:
       advantages, scales = rl.normalize_advantages(total, return_scale=True)

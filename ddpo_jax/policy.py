@@ -60,6 +60,11 @@ class Policy:
     uncond_fn: (params) -> the conditioning of the unconditional half of classifier-free
       guidance, batch 1 (SDXL: zeros, diffusers' `force_zeros_for_empty_prompt`); None: the
       encoding of the empty prompt. Read it through `encode_uncond`.
+    prediction_type: what `eps_fn` predicts: "epsilon" (noise; it is then called at integer
+      timesteps) or "flow" (the velocity of a flow-matching model, called at t = 1000 sigma;
+      `eps_fn` is then that velocity function). `dynamics.make_dynamics` reads it.
+    flow_sigmas: "flow" only: num_steps -> (sigmas (T + 1,), timesteps (T,)) float32 of the
+      model's flow schedule at `latent_shape` (`FlowPipeline.sigmas`).
   """
   params: dict
   eps_fn: Callable[..., jax.Array]
@@ -80,6 +85,8 @@ class Policy:
   class_label_key: str | None = None
   learning_rates: Mapping[str, float] = dataclasses.field(default_factory=dict)
   uncond_fn: Callable[[dict], Any] | None = None
+  prediction_type: str = "epsilon"
+  flow_sigmas: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None
 
   def encode_uncond(self, params: dict):
     """The unconditional half's conditioning for classifier-free guidance, batch 1: `uncond_fn`,

@@ -17,7 +17,8 @@ from ddpo_jax.config_schema import condition, new_config
 
 __all__ = ["Variant", "apply_variants", "condition", "runlocal", "sd_task_config", "SD_TASKS",
            "ctrl_digits_config", "ctrl_sd_config", "CTRL_VARIANTS", "ctrl_sd_variants",
-           "SD_VARIANTS", "DIGITS_VARIANTS"]
+           "SD_VARIANTS", "DIGITS_VARIANTS", "sd3_flow_grpo_config", "FLOW_TASKS",
+           "FLOW_VARIANTS", "SD3_LORA_TARGETS"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +181,76 @@ def sd_task_config(task: str, arg=None) -> ml_collections.ConfigDict:
     config.train.gradient_accumulation_steps = 18
     config.per_prompt_stat_tracking.buffer_size = 32
   return apply_variants(config, arg, SD_VARIANTS, "Stable Diffusion")
+
+
+# The joint-attention projections of SD3's MMDiT that flow_grpo's LoRA adapts (image and text
+# streams: to_q/k/v/out, add_q/k/v_proj, to_add_out).
+SD3_LORA_TARGETS = (r"(^|/)attn/(to_q|to_k|to_v|to_out_0|add_q_proj|add_k_proj|add_v_proj|"
+                    r"to_add_out)$",)
+FLOW_TASKS = ("pickscore", "ocr", "geneval")
+
+
+def _flow_runlocal(config) -> None:
+  """`runlocal` for the flow recipes: the SD one (a tiny pipeline that
+  --config.model.pretrained_path=DIR names, 16x16 images) with groups of 2 in batches of 4."""
+  runlocal(config)
+  config.sample.group_size = 2
+  config.model.lora.targets = SD3_LORA_TARGETS
+
+
+FLOW_VARIANTS = (Variant("full", _full, "full transformer fine-tuning"),
+                 Variant("runlocal", _flow_runlocal, "seconds on a CPU against a tiny pipeline"))
+
+
+def sd3_flow_grpo_config(task: str, arg=None) -> ml_collections.ConfigDict:
+  """Flow-GRPO on SD3.5-Medium (what configs/sd3_TASK.py return), with flow_grpo's reference
+  hyperparameters (its config/grpo.py `pickscore_sd3`, `general_ocr_sd3`, `geneval_sd3`, 32
+  GPUs), translated to GLOBAL batch sizes:
+
+  - 512 px; the SDE sampler (noise level 0.7) with 10 steps and CFG 4.5 in sampling and in the
+    update (flow_grpo evaluates with 40 steps: `python -m ddpo_jax.sample --pipeline`);
+  - groups of 24 images per prompt, 48 prompts per epoch: 1152 samples = 4 sampling calls of
+    288 (flow_grpo's 9 per GPU x 32 GPUs); advantages relative to the group's mean over the
+    whole batch's std (flow_grpo's `global_std=True`);
+  - optimizer steps of 576 samples (288 x 2 accumulated), i.e. 2 per epoch; PPO clip 1e-4,
+    advantages clipped to 5, lr 3e-4, AdamW as DDPO's, grad-norm clip 1, timestep fraction 0.99;
+  - LoRA rank 32, alpha 64 on the joint-attention projections (`SD3_LORA_TARGETS`).
+  Not carried over (ddpo_jax has no equivalent yet): the KL loss to the reference model
+  (flow_grpo beta 0.01 pickscore / 0.04 ocr, geneval), the EMA of the weights.
+  Rewards: PickScore on device (`reward.pickscore_path`); OCR and GenEval through the reward
+  server (`reward.server_url`, a `python -m ddpo_jax.rewards.server` hosting the scorer).
+  """
+  if task not in FLOW_TASKS:
+    raise ValueError(f"unknown flow task {task!r}; known: {FLOW_TASKS}")
+  config = new_config("ddpo", "sd")
+  config.model.pretrained_path = "stabilityai/stable-diffusion-3.5-medium"
+  config.model.resolution = 512
+  config.model.lora.rank = 32
+  config.model.lora.alpha = 64.0
+  config.model.lora.targets = SD3_LORA_TARGETS
+  config.prompt_fn = "from_file"  # flow_grpo's dataset/{pickscore,ocr,geneval}/train.txt
+  config.reward.weights = ml_collections.ConfigDict(
+      {"pickscore": 1.0} if task == "pickscore" else {"remote": 1.0})
+  config.num_epochs = 10000
+  config.save_freq = 20
+  config.keep_checkpoints = 5
+  s = config.sample
+  s.sampler = "sde"
+  s.noise_level = 0.7
+  s.num_steps = 10
+  s.guidance_scale = 4.5
+  s.group_size = 24
+  s.group_std = "global"
+  s.batch_size = 288
+  s.num_batches_per_epoch = 4
+  t = config.train
+  t.batch_size = 288
+  t.gradient_accumulation_steps = 2
+  t.timestep_fraction = 0.99
+  t.clip_range = 1e-4
+  t.learning_rate = 3e-4
+  config.per_prompt_stat_tracking.enabled = False
+  return apply_variants(config, arg, FLOW_VARIANTS, "SD3 Flow-GRPO")
 
 
 def ctrl_digits_config() -> ml_collections.ConfigDict:

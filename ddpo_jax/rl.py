@@ -121,7 +121,7 @@ def normalize_advantages(rewards, return_scale: bool = False):
 
 
 def group_relative_advantages(rewards, group_size: int, *, std: str = "group",
-                              eps: float = 1e-4):
+                              eps: float = 1e-4, return_scale: bool = False):
   """GRPO's advantages (Flow-GRPO, DanceGRPO): each sample's reward against its group's, the G
   samples drawn for one prompt in this batch, laid out contiguously (rows g G .. g G + G - 1):
 
@@ -134,6 +134,7 @@ def group_relative_advantages(rewards, group_size: int, *, std: str = "group",
   Args:
     rewards: (B,) with B = num_groups * group_size.
     group_size: G >= 2 (static).
+    return_scale: also return each sample's factor 1 / (std + eps), (B,).
 
   Raises:
     ValueError: group_size < 2, B not a multiple of group_size, or an unknown `std`.
@@ -153,7 +154,9 @@ def group_relative_advantages(rewards, group_size: int, *, std: str = "group",
   groups = r.reshape(-1, group_size)
   centred = groups - groups.mean(axis=1, keepdims=True)
   scale = groups.std(axis=1, keepdims=True) if std == "group" else xp.std(r)
-  return (centred / (scale + eps)).reshape(-1)
+  factor = xp.broadcast_to(1.0 / (scale + eps), groups.shape)
+  advantages = (centred * factor).reshape(-1)
+  return (advantages, factor.reshape(-1)) if return_scale else advantages
 
 
 def kl_penalised_advantages(advantages: Array, scales: Array, kl: Array, alpha: float) -> Array:

@@ -95,35 +95,46 @@ def make_policy(config) -> Policy:
   mc = config.model
   prompt_fn = make_prompt_fn(config)  # cheap checks first
   pipe = load_model_pipeline(mc)
-  if pipe.prediction_type != "epsilon":
-    raise ValueError(f"{mc.pretrained_path}: a {type(pipe).__name__} predicting the flow's "
-                     f"{pipe.prediction_type} velocity; DDPO's DDIM sampler needs a noise-"
-                     "predicting (SD 1.x / 2.x, SDXL) pipeline. Sample it with "
-                     "`python -m ddpo_jax.sample --pipeline=DIR`.")
-  if pipe.tokenizer is None:
-    raise ValueError(f"{mc.pretrained_path}: the pipeline has no tokenizer/ directory")
-  if pipe.is_sdxl and config.mode == "ctrl":
-    raise ValueError(f"{mc.pretrained_path}: an SDXL pipeline; CTRL on SDXL is not supported "
-                     "yet (its controls use SD's single context array); DDPO is")
+  try:
+    pipe.tokenize([""])
+  except ValueError as e:
+    raise ValueError(f"{mc.pretrained_path}: {e}") from e
+  if config.mode == "ctrl" and (pipe.prediction_type != "epsilon" or pipe.is_sdxl):
+    raise ValueError(f"{mc.pretrained_path}: CTRL on SDXL and the flow models is not "
+                     "supported yet, only on SD 1.x / 2.x (its controls use SD's single "
+                     "context array and the UNet's time embedding); DDPO is")
+  if pipe.guidance_kind == "embedded":
+    raise ValueError(f"{mc.pretrained_path}: a FLUX.1-dev-style transformer with embedded "
+                     "guidance; training it is not supported yet (sample it with "
+                     "`python -m ddpo_jax.sample --pipeline=DIR`)")
+  if pipe.guidance_kind == "none" and float(config.sample.guidance_scale) != 1.0:
+    raise ValueError(f"{mc.pretrained_path}: this transformer is sampled without guidance "
+                     f"(FLUX.1-schnell); set sample.guidance_scale=1 (got "
+                     f"{config.sample.guidance_scale})")
   try:
     shape = pipe.latent_shape(int(mc.resolution))
   except ValueError as e:
     raise ValueError(f"model.{e}") from e
 
-  params = dict(pipe.params)  # unet, vae, text_encoder[, text_encoder_2]
+  # The trained denoiser is params["unet"] whatever the family (a UNet or a transformer);
+  # the rest (vae, text encoders) is frozen.
+  params = {("unet" if k == pipe.denoiser else k): v for k, v in pipe.params.items()}
   lora_cfg = None
   assemble = _identity_unet
   if mc.lora.enabled:
     lora_cfg = lora_lib.LoraConfig.from_config(mc.lora)
-    lora_params = lora_lib.init_lora(pipe.params["unet"], lora_cfg,
+    lora_params = lora_lib.init_lora(params["unet"], lora_cfg,
                                      jax.random.PRNGKey(int(mc.lora.seed)))
-    params = {**params, "unet": lora_params, "base_unet": pipe.params["unet"]}
+    params = {**params, "unet": lora_params, "base_unet": params["unet"]}
     assemble = functools.partial(_merge_lora_into_base, scale=lora_cfg.scale)
 
   def eps_fn(p_unet, x, t, cond, class_labels=None, added_time_emb=None):
-    """eps (N,H,W,C) float32 of latents x at timesteps t (N,) under `cond` (`pipe.encode`);
-    `added_time_emb` (N, time_embed_dim) is CTRL's control embedding."""
+    """The denoiser's prediction (N,H,W,C) float32 of latents x at timesteps t (N,) under
+    `cond` (`pipe.encode`): eps (SD, SDXL) or the flow velocity (SD3 / FLUX, t = 1000 sigma).
+    `added_time_emb` (N, time_embed_dim) is CTRL's control embedding (UNets only)."""
     del class_labels  # SD has no class conditioning
+    if added_time_emb is None:
+      return pipe.denoise(p_unet, x, t, cond)
     return pipe.denoise(p_unet, x, t, cond, added_time_emb=added_time_emb)
 
   def decode(p, x0):
@@ -142,7 +153,10 @@ def make_policy(config) -> Policy:
                 decode=decode, encode_images=encode_images, latent_shape=shape,
                 scheduler_config=dict(pipe.scheduler_config), prompt_fn=prompt_fn,
                 prompt_metadata=prompt_metadata, pipeline=pipe, assemble_unet=assemble,
-                time_embed_dim=pipe.unet_config.time_embed_dim, uncond_fn=pipe.uncond)
+                time_embed_dim=getattr(getattr(pipe, "unet_config", None), "time_embed_dim", 0),
+                uncond_fn=pipe.uncond, prediction_type=pipe.prediction_type,
+                flow_sigmas=(functools.partial(pipe.sigmas, height=shape[0], width=shape[1])
+                             if pipe.prediction_type == "flow" else None))
 
 
 def _identity_unet(trainable, frozen):

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ddpo_jax import algorithms, config_schema, diffusion, parallel
+from ddpo_jax import algorithms, config_schema, diffusion, dynamics as dynamics_lib, flow
+from ddpo_jax import parallel
 from ddpo_jax.policy import Policy
 from ddpo_jax.rewards import Reward
 
@@ -57,9 +58,22 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
   validate_shared_config(config)
   s, t = config.sample, config.train
   algorithm = algorithms.get(t.algorithm)
-  if not s.eta > 0:
+  if s.sampler == "ddim" and not s.eta > 0:
     raise ValueError(f"sample.eta={s.eta}: DDPO needs eta > 0 (the log-probability of a "
                      "deterministic DDIM step is undefined)")
+  if s.sampler != "ddim":
+    flow.check_sde(s.sampler, float(s.noise_level))
+    if t.kl_coef > 0 or algorithm.uses_denoising_loss:
+      raise ValueError(f"sample.sampler={s.sampler!r}: the flow samplers train with "
+                       "train.algorithm 'ppo' / 'sf' and train.kl_coef=0 (the reference KL and "
+                       "RWR's eps regression are written for DDIM)")
+  if int(s.group_size) < 1 or s.batch_size % int(s.group_size):
+    raise ValueError(f"sample.group_size={s.group_size} must be >= 1 and divide "
+                     f"sample.batch_size={s.batch_size} (each batch holds whole groups)")
+  if int(s.group_size) > 1 and config.per_prompt_stat_tracking.enabled:
+    raise ValueError(f"sample.group_size={s.group_size} gives group-relative advantages; "
+                     "set per_prompt_stat_tracking.enabled=False (the two normalise the "
+                     "rewards differently)")
   if not 0 < t.timestep_fraction <= 1:
     raise ValueError(f"train.timestep_fraction={t.timestep_fraction} must lie in (0, 1]")
   for name, value in [("sample.batch_size", s.batch_size), ("train.batch_size", t.batch_size),
@@ -117,12 +131,6 @@ def make_optimizer(train_config, learning_rates=None) -> optax.GradientTransform
   return optax.chain(optax.clip_by_global_norm(train_config.max_grad_norm), inner)
 
 
-def _schedule(policy: Policy, num_steps: int):
-  """(NoiseSchedule, DDIM timesteps (T,), previous timesteps (T,)) of the policy."""
-  sched = diffusion.NoiseSchedule.from_config(policy.scheduler_config)
-  return (sched, *sched.ddim_timesteps(num_steps))
-
-
 def make_sample_fn(policy: Policy, config, device_rewards: list[tuple[float, Reward]], mesh):
   """Compiles `sample(unet_params, frozen, key, prompt_ids, metadata) -> (Trajectory, images, rewards)`.
 
@@ -132,7 +140,7 @@ def make_sample_fn(policy: Policy, config, device_rewards: list[tuple[float, Rew
   (`frozen["reference_unet"]`) and that model's step means, for the KL-penalised update (one
   more UNet call per step).
   """
-  sched, timesteps, prev = _schedule(policy, config.sample.num_steps)
+  dynamics = dynamics_lib.make_dynamics(policy, config)
   guidance = float(config.sample.guidance_scale)
   use_kl = config.train.kl_coef > 0
 
@@ -140,14 +148,11 @@ def make_sample_fn(policy: Policy, config, device_rewards: list[tuple[float, Rew
     params = {**frozen, "unet": unet_params}
     context = policy.encode_prompts(params, prompt_ids)
     uncond = policy.encode_uncond(params)
-    traj = diffusion.sample_trajectory(
+    traj = dynamics.sample(
         policy.eps_fn, policy.assemble_unet(unet_params, frozen), key, context, uncond,
-        alphas_cumprod=sched.alphas_cumprod,
-        timesteps=timesteps, prev_timesteps=prev, latent_shape=policy.latent_shape,
-        eta=config.sample.eta, guidance_scale=guidance,
+        latent_shape=policy.latent_shape, guidance_scale=guidance,
         class_labels=metadata[policy.class_label_key] if policy.class_label_key else None,
         uncond_class_labels=policy.null_class_labels,
-        final_alpha_cumprod=sched.final_alpha_cumprod,
         reference_params=(policy.assemble_unet(frozen["reference_unet"], frozen)
                           if use_kl else None),
         kl_reduction=config.train.kl_reduction)
@@ -221,9 +226,7 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   """
   tc = config.train
   algorithm = algorithms.get(tc.algorithm)
-  sched, _, _ = _schedule(policy, config.sample.num_steps)
-  step_kw = dict(alphas_cumprod=sched.alphas_cumprod, final_alpha_cumprod=sched.final_alpha_cumprod,
-                 eta=config.sample.eta)
+  dynamics = dynamics_lib.make_dynamics(policy, config)
   T = config.sample.num_steps
   K = int(T * tc.timestep_fraction)
   accum, mb = tc.gradient_accumulation_steps, tc.batch_size
@@ -241,11 +244,9 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   def step_model(uncond) -> algorithms.StepModel:
     """The policy's step computations with the update's guidance (`train.cfg`)."""
     def step_log_prob(unet_params, batch):
-      return diffusion.step_log_prob(
-          policy.eps_fn, unet_params, batch["latents"], batch["timesteps"],
-          batch["prev_timesteps"], batch["next_latents"], batch["context"], uncond,
-          guidance_scale=guidance, class_labels=batch["class_labels"],
-          uncond_class_labels=policy.null_class_labels, **step_kw)
+      return dynamics.step_log_prob(policy.eps_fn, unet_params, batch, uncond,
+                                    guidance_scale=guidance,
+                                    uncond_class_labels=policy.null_class_labels)
 
     def guided_eps(p, x, t, context, labels):
       return diffusion.guided_eps(policy.eps_fn, p, x, t, context, uncond, guidance, labels,
@@ -254,7 +255,7 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
     def denoising_loss_terms(unet_params, batch, key):
       return diffusion.denoising_loss_terms(guided_eps, unet_params, key, batch["x0"],
                                             batch["context"], batch["class_labels"],
-                                            sched.alphas_cumprod)
+                                            dynamics.schedule.alphas_cumprod)
     return algorithms.StepModel(step_log_prob, denoising_loss_terms)
 
   def micro_loss(unet_params, frozen, uncond, batch, key):

@@ -219,5 +219,5 @@ def test_ctrl_refuses_sdxl_clearly(tiny_dir):
   config.model.pretrained_path = tiny_dir
   config.prompt_fn = "list"
   config.prompt_fn_kwargs.prompts = list(PROMPTS)
-  with pytest.raises(ValueError, match="an SDXL pipeline; CTRL on SDXL is not supported yet"):
+  with pytest.raises(ValueError, match="CTRL on SDXL and the flow models is not supported yet"):
     sd.make_policy(config)

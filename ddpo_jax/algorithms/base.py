@@ -50,6 +50,8 @@ class Algorithm:
   name: str = ""
   # Whether `train.kl_coef` > 0 (the KL-to-pre-trained penalty, docs/algorithms.md §3.5) applies.
   supports_kl_penalty: bool = False
+  # Whether `loss` calls `StepModel.denoising_loss_terms` (eps regression: DDIM dynamics only).
+  uses_denoising_loss: bool = False
 
   def validate(self, config, samples_per_epoch: int, samples_per_step: int) -> None:
     """Raises ValueError for a config the algorithm cannot run (before anything compiles).

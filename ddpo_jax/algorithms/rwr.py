@@ -18,6 +18,7 @@ class RewardWeightedRegression(Algorithm):
   (`train_cfg`: eps_u + w (eps_c − eps_u) against the noise)."""
 
   name = "rwr"
+  uses_denoising_loss = True
 
   def weights(self, rewards, train_config):
     return rl.rwr_weights(rewards, train_config.rwr_beta)

@@ -1,0 +1,149 @@
+"""The sampling dynamics of the trainer: one unit per kind, one signature, so that the sampler
+and the update stay one program for every model family.
+
+A `Dynamics` turns the model's prediction into each step's Gaussian transition and scores
+stored steps again:
+
+* `DDIMDynamics` (`sample.sampler="ddim"`): DDIM with eta > 0 on a noise-predicting model (SD
+  1.x / 2.x, SDXL, the digits model), `diffusion.sample_trajectory` / `diffusion.step_log_prob`
+  (docs/algorithms.md §1). DDPO's sampler, unchanged.
+* `FlowDynamics` (`sample.sampler="sde"` or `"cps"`): Flow-GRPO's SDE or coefficients-
+  preserving sampling on a velocity-predicting model (SD3 / SD3.5, FLUX.1),
+  `flow.flow_chain` / `flow.step_log_prob` (docs/algorithms.md §6.3).
+
+Both return a `diffusion.Trajectory`; its per-step `timesteps` / `prev_timesteps` hold what the
+step needs: DDIM's integer timesteps t and prev_t, or the flow's float32 sigma and sigma_next.
+`make_dynamics(policy, config)` picks the kind from `config.sample.sampler` and refuses a
+sampler the model's prediction type cannot take, naming both.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpo_jax import diffusion, flow
+
+SAMPLERS = {"ddim": "epsilon", "sde": "flow", "cps": "flow"}  # sampler -> prediction type
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIMDynamics:
+  """DDIM with eta > 0 on the policy's noise schedule (`NoiseSchedule.from_config`)."""
+  schedule: diffusion.NoiseSchedule
+  timesteps: np.ndarray  # (T,) int32
+  prev_timesteps: np.ndarray  # (T,) int32
+  eta: float
+
+  supports_kl_penalty = True
+  supports_denoising_loss = True
+
+  def sample(self, pred_fn, params, key, context, uncond, *, guidance_scale, latent_shape,
+             class_labels=None, uncond_class_labels=None, reference_params=None,
+             kl_reduction="sum") -> diffusion.Trajectory:
+    return diffusion.sample_trajectory(
+        pred_fn, params, key, context, uncond, alphas_cumprod=self.schedule.alphas_cumprod,
+        timesteps=self.timesteps, prev_timesteps=self.prev_timesteps,
+        latent_shape=latent_shape, eta=self.eta, guidance_scale=guidance_scale,
+        class_labels=class_labels, uncond_class_labels=uncond_class_labels,
+        final_alpha_cumprod=self.schedule.final_alpha_cumprod,
+        reference_params=reference_params, kl_reduction=kl_reduction)
+
+  def step_log_prob(self, pred_fn, params, batch, uncond, *, guidance_scale,
+                    uncond_class_labels=None):
+    """(log_prob (B,), mean, std) of the stored steps `batch` ("latents", "next_latents",
+    "timesteps", "prev_timesteps" (B,), "context", "class_labels") under `params`."""
+    return diffusion.step_log_prob(
+        pred_fn, params, batch["latents"], batch["timesteps"], batch["prev_timesteps"],
+        batch["next_latents"], batch["context"], uncond, guidance_scale=guidance_scale,
+        class_labels=batch["class_labels"], uncond_class_labels=uncond_class_labels,
+        alphas_cumprod=self.schedule.alphas_cumprod, eta=self.eta,
+        final_alpha_cumprod=self.schedule.final_alpha_cumprod)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowDynamics:
+  """Flow-GRPO's SDE or CPS (`flow.SDE_TYPES`) on the flow schedule `sigmas` (T + 1,)."""
+  sigmas: np.ndarray  # (T + 1,) float32, ending in 0
+  timesteps: np.ndarray  # (T,) float32 = 1000 sigma
+  sde_type: str
+  noise_level: float
+
+  supports_kl_penalty = False  # the reference-model KL of §3.5 is written for DDIM steps
+  supports_denoising_loss = False  # RWR's denoising loss is eps-prediction's
+
+  def __post_init__(self):
+    flow.check_sde(self.sde_type, self.noise_level)
+
+  @property
+  def sigma_max(self):
+    """Flow-GRPO's stand-in for sigma = 1 in the SDE's 1 - sigma (`flow.flow_chain`)."""
+    return self.sigmas[1] if len(self.sigmas) > 2 else self.sigmas[0]
+
+  def sample(self, pred_fn, params, key, context, uncond, *, guidance_scale, latent_shape,
+             class_labels=None, uncond_class_labels=None, reference_params=None,
+             kl_reduction="sum") -> diffusion.Trajectory:
+    del kl_reduction
+    if class_labels is not None or reference_params is not None:
+      raise ValueError("flow dynamics: class labels and the reference-model KL are not "
+                       "supported")
+    b = jax.tree.leaves(context)[0].shape[0]
+    k_init, k_steps = jax.random.split(key)
+    x = jax.random.normal(k_init, (b,) + tuple(latent_shape), jnp.float32)
+    n = len(self.timesteps)
+    _, out = flow.flow_chain(pred_fn, params, x, jax.random.split(k_steps, n), context, uncond,
+                             sigmas=self.sigmas, timesteps=self.timesteps,
+                             guidance_scale=guidance_scale, sde_type=self.sde_type,
+                             noise_level=self.noise_level)
+    sig = jnp.asarray(self.sigmas, jnp.float32)
+    return diffusion.Trajectory(
+        latents=jnp.swapaxes(out["latents"], 0, 1),
+        next_latents=jnp.swapaxes(out["next_latents"], 0, 1),
+        log_probs=jnp.swapaxes(out["log_probs"], 0, 1),
+        timesteps=jnp.broadcast_to(sig[None, :-1], (b, n)),
+        prev_timesteps=jnp.broadcast_to(sig[None, 1:], (b, n)), context=context)
+
+  def step_log_prob(self, pred_fn, params, batch, uncond, *, guidance_scale,
+                    uncond_class_labels=None):
+    """(log_prob (B,), mean, std) of the stored steps `batch` ("latents", "next_latents",
+    sigma "timesteps" and sigma_next "prev_timesteps" (B,), "context") under `params`; 0 on a
+    deterministic step (CPS's last), as the sampler recorded it."""
+    del uncond_class_labels
+    lp, mean, std = flow.step_log_prob(
+        pred_fn, params, batch["latents"], batch["timesteps"], batch["prev_timesteps"],
+        batch["next_latents"], batch["context"], uncond, guidance_scale=guidance_scale,
+        sde_type=self.sde_type, noise_level=self.noise_level, sigma_max=self.sigma_max)
+    std_b = jnp.broadcast_to(std, mean.shape).reshape(mean.shape[0], -1)[:, 0]
+    return jnp.where(std_b > 0, lp, 0.0), mean, std
+
+
+Dynamics = Any  # DDIMDynamics | FlowDynamics
+
+
+def make_dynamics(policy, config) -> Dynamics:
+  """The dynamics of `config.sample.sampler` for `policy` (its `prediction_type` and
+  `scheduler_config`; flow schedules need the latent's token count, from `policy.flow_sigmas`).
+
+  Raises:
+    ValueError: an unknown sampler, or one the model's prediction type cannot take (DDPO's
+      DDIM on a flow model, a flow SDE on a noise-predicting model).
+  """
+  s = config.sample
+  sampler = s.sampler
+  if sampler not in SAMPLERS:
+    raise ValueError(f"sample.sampler={sampler!r}; choose from {', '.join(SAMPLERS)}")
+  prediction = policy.prediction_type
+  if SAMPLERS[sampler] != prediction:
+    fits = [k for k, v in SAMPLERS.items() if v == prediction]
+    raise ValueError(f"sample.sampler={sampler!r} needs a {SAMPLERS[sampler]!r}-predicting "
+                     f"model; this one predicts {prediction!r} (use sample.sampler in {fits})")
+  if sampler == "ddim":
+    sched = diffusion.NoiseSchedule.from_config(policy.scheduler_config)
+    ts, prev = sched.ddim_timesteps(s.num_steps)
+    return DDIMDynamics(sched, ts, prev, float(s.eta))
+  sigmas, timesteps = policy.flow_sigmas(int(s.num_steps))
+  return FlowDynamics(np.asarray(sigmas, np.float32), np.asarray(timesteps, np.float32),
+                      sampler, float(s.noise_level))
