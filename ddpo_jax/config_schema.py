@@ -152,6 +152,8 @@ MODELS = {
          ("float32", "bfloat16")),
         ("model.attention_implementation", "auto", "attention kernel", ("auto", "xla", "cudnn")),
         ("model.remat", False, "gradient checkpointing of the UNet blocks (less memory, ~30% slower)"),
+        ("model.embedded_guidance", 3.5, "FLUX.1-dev-style transformers: the guidance scale fed "
+         "to the transformer in sampling and the update (their CFG, sample.guidance_scale, is 1)"),
         ("model.lora.enabled", True, "train LoRA factors (else the full UNet)"),
         ("model.lora.rank", 4, "LoRA rank"),
         ("model.lora.alpha", 4.0, "LoRA scale alpha / rank (4 / 4 = 1, as diffusers')"),

@@ -18,7 +18,7 @@ from ddpo_jax.config_schema import condition, new_config
 __all__ = ["Variant", "apply_variants", "condition", "runlocal", "sd_task_config", "SD_TASKS",
            "ctrl_digits_config", "ctrl_sd_config", "CTRL_VARIANTS", "ctrl_sd_variants",
            "SD_VARIANTS", "DIGITS_VARIANTS", "sd3_flow_grpo_config", "FLOW_TASKS",
-           "FLOW_VARIANTS", "SD3_LORA_TARGETS"]
+           "FLOW_VARIANTS", "SD3_LORA_TARGETS", "flux_flow_grpo_config", "FLUX_VARIANTS"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +251,41 @@ def sd3_flow_grpo_config(task: str, arg=None) -> ml_collections.ConfigDict:
   t.learning_rate = 3e-4
   config.per_prompt_stat_tracking.enabled = False
   return apply_variants(config, arg, FLOW_VARIANTS, "SD3 Flow-GRPO")
+
+
+def _flux_runlocal(config) -> None:
+  """`runlocal` for the FLUX recipe: `_flow_runlocal` on a tiny FLUX pipeline."""
+  _flow_runlocal(config)
+  config.sample.guidance_scale = 1.0  # FLUX: no CFG (runlocal's SD default is 2)
+
+
+FLUX_VARIANTS = (Variant("full", _full, "full transformer fine-tuning"),
+                 Variant("runlocal", _flux_runlocal, "seconds on a CPU against a tiny pipeline"))
+
+
+def flux_flow_grpo_config(task: str, arg=None) -> ml_collections.ConfigDict:
+  """Flow-GRPO on FLUX.1-dev (configs/flux_pickscore.py), flow_grpo's `pickscore_flux` (32 GPUs)
+  at GLOBAL batch sizes: 512 px, the SDE sampler at noise level 0.9 with 6 steps, the embedded
+  guidance 3.5 and no classifier-free guidance (FLUX.1-dev is guidance-distilled), groups of 24,
+  48 prompts (1152 images) per epoch in 12 sampling calls of 96 (3 per GPU), optimizer steps of
+  576 (96 x 6 accumulated), 2 per epoch; global std, timestep fraction 0.99, PPO clip 1e-4, lr
+  3e-4, LoRA rank 32 / alpha 64 on the attention projections of the double- and single-stream
+  blocks (`SD3_LORA_TARGETS` match both). flow_grpo's beta is 0 here too; its EMA is not
+  carried over."""
+  if task != "pickscore":
+    raise ValueError(f"unknown FLUX task {task!r}; known: ('pickscore',)")
+  config = sd3_flow_grpo_config("pickscore")
+  config.model.pretrained_path = "black-forest-labs/FLUX.1-dev"
+  config.model.embedded_guidance = 3.5
+  s, t = config.sample, config.train
+  s.num_steps = 6
+  s.noise_level = 0.9
+  s.guidance_scale = 1.0
+  s.batch_size = 96
+  s.num_batches_per_epoch = 12
+  t.batch_size = 96
+  t.gradient_accumulation_steps = 6
+  return apply_variants(config, arg, FLUX_VARIANTS, "FLUX Flow-GRPO")
 
 
 def ctrl_digits_config() -> ml_collections.ConfigDict:

@@ -103,14 +103,13 @@ def make_policy(config) -> Policy:
     raise ValueError(f"{mc.pretrained_path}: CTRL on SDXL and the flow models is not "
                      "supported yet, only on SD 1.x / 2.x (its controls use SD's single "
                      "context array and the UNet's time embedding); DDPO is")
-  if pipe.guidance_kind == "embedded":
-    raise ValueError(f"{mc.pretrained_path}: a FLUX.1-dev-style transformer with embedded "
-                     "guidance; training it is not supported yet (sample it with "
-                     "`python -m ddpo_jax.sample --pipeline=DIR`)")
-  if pipe.guidance_kind == "none" and float(config.sample.guidance_scale) != 1.0:
-    raise ValueError(f"{mc.pretrained_path}: this transformer is sampled without guidance "
-                     f"(FLUX.1-schnell); set sample.guidance_scale=1 (got "
+  if pipe.guidance_kind != "cfg" and float(config.sample.guidance_scale) != 1.0:
+    what = ("embeds its guidance scale (FLUX.1-dev: model.embedded_guidance)"
+            if pipe.guidance_kind == "embedded" else "is sampled without guidance (FLUX.1-schnell)")
+    raise ValueError(f"{mc.pretrained_path}: this transformer {what}; set "
+                     f"sample.guidance_scale=1 (no classifier-free guidance; got "
                      f"{config.sample.guidance_scale})")
+  embedded = float(mc.embedded_guidance) if pipe.guidance_kind == "embedded" else None
   try:
     shape = pipe.latent_shape(int(mc.resolution))
   except ValueError as e:
@@ -133,6 +132,8 @@ def make_policy(config) -> Policy:
     `cond` (`pipe.encode`): eps (SD, SDXL) or the flow velocity (SD3 / FLUX, t = 1000 sigma).
     `added_time_emb` (N, time_embed_dim) is CTRL's control embedding (UNets only)."""
     del class_labels  # SD has no class conditioning
+    if embedded is not None:  # FLUX.1-dev: the guidance scale is a transformer input
+      return pipe.denoise(p_unet, x, t, cond, guidance=embedded)
     if added_time_emb is None:
       return pipe.denoise(p_unet, x, t, cond)
     return pipe.denoise(p_unet, x, t, cond, added_time_emb=added_time_emb)

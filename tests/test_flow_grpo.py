@@ -110,3 +110,24 @@ def test_bad_flow_configs_are_refused_before_compiling(tiny_sd3, tiny_sd, prompt
            "per_prompt_stat_tracking.enabled": False}, r"train.kl_coef=0")
   refused({"sample.sampler": "cps", "sample.noise_level": 1.5}, "CPS needs 0 < noise_level")
   refused({"sample.sampler": "sde", "train.algorithm": "rwr"}, "RWR's eps regression")
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory):
+  return tm.save_tiny_flow_pipeline(str(tmp_path_factory.mktemp("grpo") / "flux"), "flux")
+
+
+def test_flux_dev_update_at_init_and_guidance(tiny_flux, tiny_pickscore, compile_cache):
+  """configs/flux_pickscore.py:runlocal on a tiny FLUX.1-dev-style pipeline: the embedded
+  guidance (model.embedded_guidance) in both programs, no CFG, LoRA on the double- and
+  single-stream attention: the ratio is 1 at the sampling params; CFG on FLUX is refused."""
+  config = load_config("flux_pickscore", "runlocal", **_flow_overrides(tiny_flux, tiny_pickscore))
+  assert config.sample.guidance_scale == 1.0 and config.model.embedded_guidance == 3.5
+  policy, frozen, state, metrics = one_update(config, lr=0.0)
+  assert metrics["approx_kl"] < 1e-10 and metrics["clipfrac"] == 0.0, metrics
+  single = [k for k in state.params if k.startswith("single_transformer_blocks")]
+  assert single and "transformer_blocks_0" in state.params  # LoRA on both kinds of block
+  config = load_config("flux_pickscore", "runlocal", **_flow_overrides(
+      tiny_flux, tiny_pickscore, **{"sample.guidance_scale": 2.0}))
+  with pytest.raises(ValueError, match=r"embeds its guidance scale .* set sample.guidance_scale=1"):
+    families.build_policy(config, "")
