@@ -252,7 +252,9 @@ def per_device_state_bytes(trainable, frozen, fsdp: int) -> int:
 
 
 # ================================================================================== compile
-def train_step(spec: ModelSpec, config, method: str, remat: bool, dtype=jnp.bfloat16):
+def flow_loss(spec: ModelSpec, config, method: str, remat: bool, dtype=jnp.bfloat16):
+  """The flow-matching loss mean((v_pred - v_target)^2) of (trainable, frozen, batch); LoRA
+  factors merged into the frozen base inside it."""
   module = spec.make_module(config, remat, dtype)
   scale = spec.lora.scale
 
@@ -261,7 +263,11 @@ def train_step(spec: ModelSpec, config, method: str, remat: bool, dtype=jnp.bflo
     v_pred, v_target = spec.velocity(module, params, batch)
     return jnp.mean(jnp.square(v_pred.astype(jnp.float32) - v_target))
 
-  return jax.value_and_grad(loss)
+  return loss
+
+
+def train_step(spec: ModelSpec, config, method: str, remat: bool, dtype=jnp.bfloat16):
+  return jax.value_and_grad(flow_loss(spec, config, method, remat, dtype))
 
 
 def compile_stats(spec: ModelSpec, counts: tuple[int, int], method: str, remat: bool,
@@ -313,15 +319,8 @@ def residual_bytes(spec: ModelSpec, config, method: str, remat: bool, batch: int
   except ImportError:  # a private helper; the column is left empty without it
     return None
   trainable, frozen = trees(spec, config, method)
-  module = spec.make_module(config, remat)
-  scale = spec.lora.scale
-
-  def loss(trainable, frozen, batch):
-    params = trainable if method == "full" else lora.merge_lora(frozen, trainable, scale)
-    v_pred, v_target = spec.velocity(module, params, batch)
-    return jnp.mean(jnp.square(v_pred.astype(jnp.float32) - v_target))
-
-  res = saved_residuals(loss, trainable, frozen, spec.inputs(batch))
+  res = saved_residuals(flow_loss(spec, config, method, remat), trainable, frozen,
+                        spec.inputs(batch))
   return int(sum(math.prod(s.shape) * jnp.dtype(s.dtype).itemsize for s, d in res
                  if "from the argument" not in d))
 
