@@ -112,12 +112,10 @@ class FlowDynamics:
     sigma "timesteps" and sigma_next "prev_timesteps" (B,), "context") under `params`; 0 on a
     deterministic step (CPS's last), as the sampler recorded it."""
     del uncond_class_labels
-    lp, mean, std = flow.step_log_prob(
+    return flow.step_log_prob(
         pred_fn, params, batch["latents"], batch["timesteps"], batch["prev_timesteps"],
         batch["next_latents"], batch["context"], uncond, guidance_scale=guidance_scale,
         sde_type=self.sde_type, noise_level=self.noise_level, sigma_max=self.sigma_max)
-    std_b = jnp.broadcast_to(std, mean.shape).reshape(mean.shape[0], -1)[:, 0]
-    return jnp.where(std_b > 0, lp, 0.0), mean, std
 
 
 Dynamics = Any  # DDIMDynamics | FlowDynamics

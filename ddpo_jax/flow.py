@@ -293,14 +293,17 @@ def step_log_prob(velocity_fn, params: Any, latents: Array, sigma: Array, sigma_
     sde_type, noise_level, sigma_max: as `step_mean_std` (`flow_chain` uses sigmas[1]).
 
   Returns:
-    log_prob (B,) float32, mean (B, ...) float32, std (B, 1, ..., 1) float32.
+    log_prob (B,) float32 (0 on a deterministic step, std = 0: CPS's last, as `flow_chain`
+    records it), mean (B, ...) float32, std (B, 1, ..., 1) float32.
   """
   sigma = jnp.asarray(sigma, jnp.float32)
   v = diffusion.guided_eps(velocity_fn, params, latents, 1000.0 * sigma, context,
                            uncond_context, guidance_scale)
   mean, std = step_mean_std(v, latents, sigma, sigma_next, sde_type=sde_type,
                             noise_level=noise_level, sigma_max=sigma_max)
-  return diffusion.gaussian_log_prob(next_latents, mean, std), mean, std
+  per_sample_std = jnp.broadcast_to(std, mean.shape).reshape(mean.shape[0], -1)[:, 0]
+  log_prob = diffusion.gaussian_log_prob(next_latents, mean, std)
+  return jnp.where(per_sample_std > 0, log_prob, 0.0), mean, std
 
 
 def sample_ode(velocity_fn, params: Any, x_init: Array, context: Any, uncond_context: Any, *,
