@@ -13,6 +13,13 @@ Built-ins (`BUILTIN`, name -> factory called with the server's --scorer_kwargs):
                    "The image contains PROMPT" against the answer (kvablack/LLaVA-server:
                    LLaVA + BERTScore with microsoft/deberta-xlarge-mnli). Needs torch and
                    transformers with real weights (a local directory or a Hub id).
+  ocr              flow_grpo's OCR reward: 1 - capped edit distance / length between the text an
+                   OCR engine reads and the prompt's quoted text (`ddpo_jax.rewards.ocr`;
+                   PaddleOCR by default, any `engine="MODULE:ATTR"`).
+  geneval          GenEval's object / count / colour / position checks on an object detector's
+                   output, flow_grpo's reward (`ddpo_jax.rewards.geneval`; Mask2Former by
+                   default, any `engine="MODULE:ATTR"`).
+docs/rewards.md shows how to host each.
 """
 from __future__ import annotations
 
@@ -20,6 +27,8 @@ import os
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from ddpo_jax.rewards import geneval, ocr
 
 Scorer = Callable[[Any, Sequence[str], dict], tuple[Any, dict]]
 
@@ -293,4 +302,6 @@ BUILTIN: dict[str, Callable[..., Scorer]] = {
     "brightness": make_brightness,
     "fail_on_prompt": make_fail_on_prompt,
     "llava_bertscore": LlavaBertScore,
+    "ocr": ocr.make_ocr_scorer,
+    "geneval": geneval.make_geneval_scorer,
 }

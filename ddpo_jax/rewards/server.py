@@ -4,7 +4,8 @@
         --scorer_kwargs='{"model": "llava-hf/llava-1.5-7b-hf"}' --host=127.0.0.1 --port=8085
 
 `--scorer` is a built-in name (`ddpo_jax.rewards.scorers.BUILTIN`: brightness, fail_on_prompt,
-llava_bertscore; each a factory called with the --scorer_kwargs JSON object, default {}) or
+llava_bertscore, ocr, geneval; each a factory called with the --scorer_kwargs JSON object,
+default {}; docs/rewards.md shows each hosted) or
 `MODULE:ATTR`, a scorer callable; with --scorer_kwargs, `MODULE:ATTR` is instead a factory
 called with them. The scorer is built before the server listens; then it prints
 "reward server: scorer NAME listening on http://HOST:PORT" on stdout (with --port=0 the port is
@@ -30,7 +31,6 @@ here (benchmarks/reward_server_load.py measures requests/s and latency at 1, 10,
 from __future__ import annotations
 
 import argparse
-import importlib
 import io
 import json
 import signal
@@ -45,6 +45,7 @@ from PIL import Image
 
 from ddpo_jax.rewards import scorers
 from ddpo_jax.rewards.client import CONTENT_TYPE, to_builtin
+from ddpo_jax.rewards.plugins import load_plugin
 
 MAX_REQUEST_BYTES = 512 * 2**20
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -72,20 +73,7 @@ def resolve_scorer(spec: str, kwargs: dict | None = None) -> Callable:
   if ":" not in spec:
     raise ValueError(f"unknown scorer {spec!r}: use one of {sorted(scorers.BUILTIN)} or "
                      "MODULE:ATTR")
-  module_name, attr = spec.split(":", 1)
-  try:
-    obj = importlib.import_module(module_name)
-  except ImportError as e:
-    raise ImportError(f"scorer {spec!r}: cannot import {module_name!r} ({e})") from e
-  for part in attr.split("."):
-    if not hasattr(obj, part):
-      raise AttributeError(f"scorer {spec!r}: {module_name} has no attribute {attr!r}")
-    obj = getattr(obj, part)
-  if kwargs is not None:
-    obj = obj(**kwargs)
-  if not callable(obj):
-    raise ValueError(f"scorer {spec!r} is not callable")
-  return obj
+  return load_plugin(spec, kwargs, what="scorer")
 
 
 def _open_jpeg(data: bytes) -> Image.Image:
@@ -320,8 +308,8 @@ def main(argv: list[str] | None = None):
   parser = argparse.ArgumentParser(prog="python -m ddpo_jax.rewards.server",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--scorer", required=True,
-                      help="built-in name (brightness, fail_on_prompt, llava_bertscore) or "
-                           "MODULE:ATTR")
+                      help="built-in name (brightness, fail_on_prompt, llava_bertscore, ocr, "
+                           "geneval) or MODULE:ATTR")
   parser.add_argument("--scorer_kwargs", default=None,
                       help="JSON object of keyword arguments for the scorer factory")
   parser.add_argument("--host", default="127.0.0.1")
