@@ -161,9 +161,9 @@ def test_ocr_scorer_in_process():
     with pytest.raises(ValueError, match="quote"):
       scorer(np.zeros((1, 8, 8, 3), np.uint8), [prompt], {})
   assert calls == [3]
-  with pytest.raises(ValueError, match="must return one str per image"):
-    O.OcrScorer(lambda images: ["only one"])(np.zeros((2, 8, 8, 3), np.uint8),
-                                             ['"a"', '"b"'])
+  for answer in (["only one"], "ab", None, [1, 2]):
+    with pytest.raises(ValueError, match="must return a list of one str per image"):
+      O.OcrScorer(lambda images: answer)(np.zeros((2, 8, 8, 3), np.uint8), ['"a"', '"b"'])
 
 
 def test_ocr_engine_plugins():
@@ -369,6 +369,10 @@ def test_colour_classifier_is_asked_only_what_it_must():
   # the 0.9 car has no colour (classified red), the 0.85 car says blue: k = 1 of 2
   assert rewards == [pytest.approx((1 + 0.5) / 2)] and info["accuracy"] == [0.0]
   assert asked == [("car", [0.9])]  # once, for the car without a colour, shared by both rules
+  for answer in ([], None, [None]):
+    with pytest.raises(ValueError, match="one list of detections per image"):
+      G.GenEvalScorer(lambda images: answer)(np.zeros((1, 4, 4, 3), np.uint8), ["p"],
+                                             {"geneval": [spec]})
   with pytest.raises(ValueError, match="no colour classifier"):
     G.GenEvalScorer(lambda images: [dets])(np.zeros((1, 4, 4, 3), np.uint8), ["p"],
                                            {"geneval": [spec]})

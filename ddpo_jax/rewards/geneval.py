@@ -493,11 +493,12 @@ class GenEvalScorer:
       raise ValueError(f"GenEval scorer: {len(images)} images but {len(prompts)} prompts")
     specs = self.specs_of(prompts, metadata)  # refuse a bad request before detecting
     images = [np.asarray(img, np.uint8) for img in images]
-    per_image = self.detector(images)
-    per_image = list(per_image) if per_image is not None else None
-    if per_image is None or len(per_image) != len(images):
-      raise ValueError(f"GenEval detector {self.detector!r} must return one list of "
-                       f"detections per image ({len(images)})")
+    answer = self.detector(images)
+    per_image = list(answer) if isinstance(answer, (list, tuple)) else None
+    if per_image is None or len(per_image) != len(images) or \
+        not all(isinstance(d, (list, tuple)) for d in per_image):
+      raise ValueError(f"GenEval detector {self.detector!r} must return a list of one list of "
+                       f"detections per image ({len(images)}), got {type(answer).__name__}")
     out = {"score": [], "strict_accuracy": [], "tag": [], "reason": []}
     if self.compute_accuracy:
       out["accuracy"] = []

@@ -193,13 +193,11 @@ class OcrScorer:
     for prompt, target in zip(prompts, targets):
       if not normalize_text(target):
         raise ValueError(f"OCR reward: prompt {prompt!r} quotes no text (the quotes are empty)")
-    texts = self.engine([np.asarray(img, np.uint8) for img in images])
-    texts = list(texts) if not isinstance(texts, str) else texts
-    if not isinstance(texts, list) or len(texts) != len(prompts) or \
-        not all(isinstance(t, str) for t in texts):
-      got = f"{type(texts).__name__} of {len(texts)}" if hasattr(texts, "__len__") else \
-          type(texts).__name__
-      raise ValueError(f"OCR engine {self.engine!r} must return one str per image "
+    answer = self.engine([np.asarray(img, np.uint8) for img in images])
+    texts = list(answer) if isinstance(answer, (list, tuple)) else None
+    if texts is None or len(texts) != len(prompts) or not all(isinstance(t, str) for t in texts):
+      got = type(answer).__name__ + (f" of {len(answer)}" if hasattr(answer, "__len__") else "")
+      raise ValueError(f"OCR engine {self.engine!r} must return a list of one str per image "
                        f"({len(prompts)}), got {got}")
     rewards, distances = [], []
     for text, target in zip(texts, targets):
