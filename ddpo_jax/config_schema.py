@@ -67,8 +67,8 @@ COMMON = _keys(
     ("mesh.fsdp_min_size", 2 ** 18, "fsdp splits only arrays of at least this many elements"),
     ("model.kind", "digits", "the model family", MODEL_KINDS),
     ("sample.sampler", "ddim", "the sampling dynamics (ddpo_jax/dynamics.py): 'ddim' (DDPO's, "
-     "noise-predicting models) or the flow models' 'sde' (Flow-GRPO) / 'cps'",
-     ("ddim", "sde", "cps")),
+     "noise-predicting models) or the flow models' 'sde' (Flow-GRPO) / 'cps' / 'ode' (no "
+     "log-probs: train.algorithm 'nft' only)", ("ddim", "sde", "cps", "ode")),
     ("sample.num_steps", 50, "sampling steps per sample"),
     ("sample.eta", 1.0, "DDIM eta (the step noise; DDPO needs > 0)"),
     ("sample.noise_level", 0.7, "'sde' / 'cps': the noise level a (docs/algorithms.md §6.3)"),
@@ -76,6 +76,16 @@ COMMON = _keys(
      "relative to the group); 1: every sample its own prompt draw"),
     ("sample.group_std", "group", "group_size > 1: advantages (r - group mean) / std over the "
      "group or the whole epoch's samples (flow_grpo's global_std)", ("group", "global")),
+    ("sample.same_noise_per_group", False, "group_size > 1: a group's samples start from the "
+     "same noise, so they differ only by the SDE steps (Flow-GRPO-Fast's branching)"),
+    ("sample.sde_window_size", 0, "'sde' / 'cps': only this many consecutive steps are SDE steps, "
+     "the rest ODE steps, and only they are trained on (MixGRPO, Flow-GRPO-Fast); 0: every step"),
+    ("sample.sde_window_schedule", "random", "where the window lies: 'random' (a fresh start per "
+     "sampling call inside sde_window_range: Flow-GRPO-Fast) or 'sliding' (from the first step, "
+     "one step later every sde_window_shift_every epochs: MixGRPO)", ("random", "sliding")),
+    ("sample.sde_window_range", (), "'random': (lo, hi), the window lies inside steps [lo, hi); "
+     "(): every step"),
+    ("sample.sde_window_shift_every", 1, "'sliding': epochs between moves of the window"),
     ("sample.guidance_scale", 5.0, "classifier-free guidance weight of the prompt (1: none)"),
     ("sample.batch_size", 8, "samples per sampling call (global)"),
     ("sample.num_batches_per_epoch", 2, "sampling calls per epoch"),
@@ -100,6 +110,8 @@ COMMON = _keys(
      "pre-trained model (docs/algorithms.md §3.5); the sampler then also runs it"),
     ("train.kl_reduction", "mean", "KL_t over latent dims: 'mean' (like the log-prob) or 'sum' "
      "(the exact KL)", KL_REDUCTIONS),
+    ("train.nft_beta", 1.0, "nft: beta, the step from the sampling policy to the implicit "
+     "positive one (docs/algorithms.md §6.6)"),
     ("train.rwr_beta", 5.0, "RWR weights proportional to exp(reward / beta)"),
     ("train.rwr_quantile", 0.9, "RWR-sparse trains on samples with reward >= this batch quantile"),
     ("per_prompt_stat_tracking.enabled", True, "advantages normalised per prompt (else per batch)"),
@@ -128,9 +140,13 @@ COMMON = _keys(
 MODELS = {
     "digits": _keys(
         ("model.kind", "digits", "the model family", MODEL_KINDS),
+        ("model.denoiser", "unet", "'unet' (noise-predicting, DDPM) or 'mmdit' (SD3's transformer, "
+         "velocity-predicting, rectified flow)", ("unet", "mmdit")),
         ("model.channels", (16, 32), "UNet channels per level"),
         ("model.layers_per_block", 1, "ResNet blocks per level"),
         ("model.attention_heads", 4, "attention heads"),
+        ("model.mmdit_layers", 4, "'mmdit': joint transformer blocks"),
+        ("model.mmdit_head_dim", 16, "'mmdit': width of an attention head"),
         ("model.context_dim", 32, "width of the class-prompt embedding"),
         ("model.norm_num_groups", 8, "group-norm groups"),
         ("model.pretrained_dir", "", "pre-trained params; '' = a cache dir keyed by the model config"),

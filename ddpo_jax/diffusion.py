@@ -406,6 +406,9 @@ class Trajectory:
     reference_means: (B, T, H, W, C) or None (with `kl`): the reference model's step mean at
       each x_t, in the sampler's compute dtype; the KL-penalised update reuses it rather than
       running the reference model again.
+    trained_steps: (B, T) bool or None: the steps the update may train on (the flow sampler's
+      SDE window, MixGRPO / Flow-GRPO-Fast: the other steps were deterministic ODE steps
+      without a log-probability); None: every step.
   """
   latents: Array
   next_latents: Array
@@ -416,6 +419,7 @@ class Trajectory:
   class_labels: Optional[Array] = None
   kl: Optional[Array] = None
   reference_means: Optional[Array] = None
+  trained_steps: Optional[Array] = None
 
   @property
   def num_steps(self) -> int:

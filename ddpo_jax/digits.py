@@ -1,10 +1,16 @@
 """The built-in digits task: scikit-learn's 8×8 handwritten digits, no downloads.
 
-A small class-conditional pixel-space diffusion model (the project's `UNet2DConditionModel`
-with a learned prompt-embedding table in place of CLIP) is pre-trained on the digits training
-split; prompts are the class names ("a handwritten 3"), the empty prompt "" is the
-unconditional branch for classifier-free guidance. Images are NHWC float32 in [0, 1]
-(pixel value / 16); the diffusion variable is the image scaled to [-1, 1], shape (8, 8, 1).
+A small class-conditional pixel-space model with a learned prompt-embedding table in place of
+CLIP is pre-trained on the digits training split; prompts are the class names ("a handwritten
+3"), the empty prompt "" is the unconditional branch for classifier-free guidance. Images are
+NHWC float32 in [0, 1] (pixel value / 16); the diffusion variable is the image scaled to
+[-1, 1], shape (8, 8, 1). `model.denoiser` picks the model:
+
+* "unet": the project's `UNet2DConditionModel`, noise-predicting (DDPM's denoising score
+  matching on a linear beta schedule): DDPO's DDIM sampler.
+* "mmdit": the SD3 `SD3Transformer2DModel` (2×2 patches, the prompt embedding as the one text
+  token and as the pooled vector), velocity-predicting (rectified flow,
+  `flow.flow_matching_loss_terms`): the flow samplers of Flow-GRPO / CPS / DiffusionNFT.
 """
 from __future__ import annotations
 
@@ -22,7 +28,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from ddpo_jax import checkpoints, classifier, diffusion
+from ddpo_jax import checkpoints, classifier, diffusion, flow
+from ddpo_jax.models.mmdit import MMDiTConfig, SD3Transformer2DModel
 from ddpo_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ddpo_jax.models.weights import host_random_params
 from ddpo_jax.policy import Policy
@@ -98,26 +105,69 @@ def unet_config(model_config: ml_collections.ConfigDict) -> UNetConfig:
   })
 
 
+def mmdit_config(model_config: ml_collections.ConfigDict) -> MMDiTConfig:
+  """The digits MMDiT: 2×2 patches (a 4×4 grid), `model.mmdit_layers` joint blocks of
+  `model.attention_heads` × `model.mmdit_head_dim`, the prompt embedding as text."""
+  heads, head_dim = model_config.attention_heads, model_config.mmdit_head_dim
+  return MMDiTConfig(sample_size=IMAGE_SHAPE[0], patch_size=2, in_channels=IMAGE_SHAPE[2],
+                     out_channels=IMAGE_SHAPE[2], num_layers=model_config.mmdit_layers,
+                     attention_head_dim=head_dim, num_attention_heads=heads,
+                     joint_attention_dim=model_config.context_dim,
+                     caption_projection_dim=heads * head_dim,
+                     pooled_projection_dim=model_config.context_dim,
+                     pos_embed_max_size=IMAGE_SHAPE[0] // 2)
+
+
+def is_flow(model_config) -> bool:
+  """Whether the digits model is the velocity-predicting MMDiT (else the noise-predicting UNet)."""
+  if model_config.denoiser not in ("unet", "mmdit"):
+    raise ValueError(f"model.denoiser={model_config.denoiser!r}; choose 'unet' or 'mmdit'")
+  return model_config.denoiser == "mmdit"
+
+
 def scheduler_config(model_config) -> dict:
+  """The DDPM schedule of the UNet, or the rectified flow's (sigma linear in t, no shift)."""
+  if is_flow(model_config):
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+            "shift": 1.0}
   return {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
           "num_train_timesteps": 1000, "steps_offset": 1, "set_alpha_to_one": False,
           "prediction_type": "epsilon"}
 
 
 def _modules(model_config):
-  unet = UNet2DConditionModel(config=unet_config(model_config))
-  return unet, PromptEmbedding(dim=model_config.context_dim)
+  """(denoiser module, prompt embedding, denoiser function (params, x, t, context,
+  class_labels=None, added_time_emb=None) -> prediction (N, 8, 8, 1))."""
+  enc = PromptEmbedding(dim=model_config.context_dim)
+  if is_flow(model_config):
+    net = SD3Transformer2DModel(config=mmdit_config(model_config))
+
+    def fn(p, x, t, context, class_labels=None, added_time_emb=None):
+      if class_labels is not None or added_time_emb is not None:
+        raise ValueError("the digits MMDiT takes no class labels or added time embeddings")
+      return net.apply({"params": p}, x, t, context, context[:, 0])
+  else:
+    net = UNet2DConditionModel(config=unet_config(model_config))
+
+    def fn(p, x, t, context, class_labels=None, added_time_emb=None):
+      return net.apply({"params": p}, x, t, context, class_labels, added_time_emb)
+  return net, enc, fn
 
 
 def abstract_params(model_config) -> dict:
-  """The {"unet", "text_encoder"} parameter tree as `jax.ShapeDtypeStruct`s (float32)."""
-  unet, enc = _modules(model_config)
+  """The {"unet", "text_encoder"} parameter tree as `jax.ShapeDtypeStruct`s (float32); "unet"
+  holds the denoiser of either kind (the trained tree's name in every family)."""
+  net, enc, _ = _modules(model_config)
 
   def init(key):
     k1, k2 = jax.random.split(key)
     ctx = enc.init(k2, jnp.zeros((1, 1), jnp.int32))["params"]
     x = jnp.zeros((1,) + IMAGE_SHAPE)
-    u = unet.init(k1, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1, model_config.context_dim)))
+    context = jnp.zeros((1, 1, model_config.context_dim))
+    if is_flow(model_config):
+      u = net.init(k1, x, jnp.zeros((1,)), context, context[:, 0])
+    else:
+      u = net.init(k1, x, jnp.zeros((1,), jnp.int32), context)
     return {"unet": u["params"], "text_encoder": ctx}
 
   return jax.eval_shape(init, jax.random.PRNGKey(0))
@@ -133,7 +183,8 @@ def init_params(model_config, key: jax.Array) -> dict:
 
 
 def pretrain(model_config, seed: int, log=print) -> dict:
-  """Pre-trains the class-conditional digits model by denoising score matching.
+  """Pre-trains the class-conditional digits model by denoising score matching (the UNet) or
+  rectified flow matching (the MMDiT).
 
   Classifier-free: a prompt is replaced by "" with probability `pretrain.uncond_prob`. With
   probability `pretrain.label_noise` a prompt names a random class instead of the true one
@@ -142,11 +193,18 @@ def pretrain(model_config, seed: int, log=print) -> dict:
   Returns the EMA parameters {"unet", "text_encoder"}.
   """
   cfg = model_config.pretrain
-  unet, enc = _modules(model_config)
+  _, enc, denoiser = _modules(model_config)
   images, labels = load_digits_split("train")
   x_all = jnp.asarray(images * 2.0 - 1.0)
   y_all = jnp.asarray(labels)
-  alphas_cumprod = diffusion.NoiseSchedule.from_config(scheduler_config(model_config)).alphas_cumprod
+  if is_flow(model_config):
+    loss_terms = flow.flow_matching_loss_terms
+  else:
+    alphas_cumprod = diffusion.NoiseSchedule.from_config(
+        scheduler_config(model_config)).alphas_cumprod
+
+    def loss_terms(fn, p, key, x0, context):
+      return diffusion.denoising_loss_terms(fn, p, key, x0, context, None, alphas_cumprod)
   key = jax.random.PRNGKey(seed)
   params = init_params(model_config, key)
   tx = optax.chain(
@@ -155,9 +213,6 @@ def pretrain(model_config, seed: int, log=print) -> dict:
                                                      cfg.learning_rate * 0.05),
                   weight_decay=1e-4))
   opt_state = tx.init(params)
-
-  def eps_fn(p_unet, x, t, context, class_labels):
-    return unet.apply({"params": p_unet}, x, t, context)
 
   @jax.jit
   def step(params, ema, opt_state, key):
@@ -172,8 +227,7 @@ def pretrain(model_config, seed: int, log=print) -> dict:
 
     def loss_fn(p):
       context = enc.apply({"params": p["text_encoder"]}, ids[:, None])
-      return diffusion.denoising_loss_terms(eps_fn, p["unet"], k_loss, x_all[idx], context,
-                                            None, alphas_cumprod).mean()
+      return loss_terms(denoiser, p["unet"], k_loss, x_all[idx], context).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -258,13 +312,24 @@ def _load_or_make(path: str, abstract, make, what: str, log) -> dict:
   return params
 
 
+_UNET_ONLY = ("channels", "layers_per_block", "norm_num_groups")
+_MMDIT_ONLY = ("denoiser", "mmdit_layers", "mmdit_head_dim")
+
+
+def _cache_spec(model_config) -> dict:
+  """The model settings that decide the pre-trained params: those of the chosen denoiser (a
+  UNet's cache key is the same as before `model.denoiser` existed)."""
+  drop = _UNET_ONLY if is_flow(model_config) else _MMDIT_ONLY
+  return {k: v for k, v in model_config.to_dict().items() if k not in drop}
+
+
 def load_or_pretrain(model_config, seed: int, log=print) -> dict:
   """Loads the pre-trained digits params from the cache (`model.pretrained_dir`, or one keyed
   by the model config and seed), pre-training them first if absent."""
   if model_config.pretrained_dir:
     path = os.path.abspath(os.path.expanduser(model_config.pretrained_dir))
   else:
-    path = _cache_dir("digits_pretrained", {"model": model_config.to_dict(), "seed": seed})
+    path = _cache_dir("digits_pretrained", {"model": _cache_spec(model_config), "seed": seed})
 
   def make():
     log(f"no pre-trained digits model at {path}: pre-training one "
@@ -276,11 +341,12 @@ def load_or_pretrain(model_config, seed: int, log=print) -> dict:
 
 def make_policy(config) -> Policy:
   model_config = config.model
-  unet, enc = _modules(model_config)
+  net, enc, eps_fn = _modules(model_config)
   params = load_or_pretrain(model_config, model_config.pretrain.seed)
-
-  def eps_fn(p_unet, x, t, context, class_labels=None, added_time_emb=None):
-    return unet.apply({"params": p_unet}, x, t, context, class_labels, added_time_emb)
+  flow_model = is_flow(model_config)
+  if flow_model and config.mode == "ctrl":
+    raise ValueError("model.denoiser='mmdit': CTRL's control embedding is the UNet's "
+                     "(model.denoiser='unet')")
 
   def encode_prompts(p, ids):
     return enc.apply({"params": p["text_encoder"]}, ids)
@@ -295,7 +361,10 @@ def make_policy(config) -> Policy:
                 decode=decode, encode_images=encode_images, latent_shape=IMAGE_SHAPE,
                 scheduler_config=scheduler_config(model_config), prompt_fn=prompt_fn,
                 prompt_metadata=prompt_metadata,
-                time_embed_dim=unet.config.time_embed_dim)
+                time_embed_dim=0 if flow_model else net.config.time_embed_dim,
+                prediction_type="flow" if flow_model else "epsilon",
+                flow_sigmas=(flow.FlowSchedule.from_config(scheduler_config(model_config)).sigmas
+                             if flow_model else None))
 
 
 @functools.lru_cache(maxsize=4)

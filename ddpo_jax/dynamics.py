@@ -27,7 +27,8 @@ import numpy as np
 
 from ddpo_jax import diffusion, flow
 
-SAMPLERS = {"ddim": "epsilon", "sde": "flow", "cps": "flow"}  # sampler -> prediction type
+# sampler -> prediction type
+SAMPLERS = {"ddim": "epsilon", "sde": "flow", "cps": "flow", "ode": "flow"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +44,9 @@ class DDIMDynamics:
 
   def sample(self, pred_fn, params, key, context, uncond, *, guidance_scale, latent_shape,
              class_labels=None, uncond_class_labels=None, reference_params=None,
-             kl_reduction="sum") -> diffusion.Trajectory:
+             kl_reduction="sum", sde_steps=None) -> diffusion.Trajectory:
+    if sde_steps is not None:
+      raise ValueError("DDIM dynamics: every step is stochastic (no SDE window)")
     return diffusion.sample_trajectory(
         pred_fn, params, key, context, uncond, alphas_cumprod=self.schedule.alphas_cumprod,
         timesteps=self.timesteps, prev_timesteps=self.prev_timesteps,
@@ -71,6 +74,7 @@ class FlowDynamics:
   timesteps: np.ndarray  # (T,) float32 = 1000 sigma
   sde_type: str
   noise_level: float
+  noise_group_size: int = 1  # > 1: consecutive groups of this many samples share x_init
 
   supports_kl_penalty = False  # the reference-model KL of §3.5 is written for DDIM steps
   supports_denoising_loss = False  # RWR's denoising loss is eps-prediction's
@@ -85,26 +89,36 @@ class FlowDynamics:
 
   def sample(self, pred_fn, params, key, context, uncond, *, guidance_scale, latent_shape,
              class_labels=None, uncond_class_labels=None, reference_params=None,
-             kl_reduction="sum") -> diffusion.Trajectory:
+             kl_reduction="sum", sde_steps=None) -> diffusion.Trajectory:
+    """`flow.flow_chain` from N(0, I) noise (shared by each group of `noise_group_size`
+    consecutive samples when > 1: Flow-GRPO-Fast's one ODE trajectory per prompt that branches
+    at the SDE steps). `sde_steps`: (B, T) bool, the SDE window of each sample (None: every
+    step); the trajectory's `trained_steps` is it."""
     del kl_reduction
     if class_labels is not None or reference_params is not None:
       raise ValueError("flow dynamics: class labels and the reference-model KL are not "
                        "supported")
     b = jax.tree.leaves(context)[0].shape[0]
+    g = self.noise_group_size
+    if b % g:
+      raise ValueError(f"flow dynamics: batch {b} is not a multiple of the noise group {g}")
     k_init, k_steps = jax.random.split(key)
-    x = jax.random.normal(k_init, (b,) + tuple(latent_shape), jnp.float32)
+    x = jax.random.normal(k_init, (b // g,) + tuple(latent_shape), jnp.float32)
+    x = jnp.repeat(x, g, axis=0) if g > 1 else x
     n = len(self.timesteps)
     _, out = flow.flow_chain(pred_fn, params, x, jax.random.split(k_steps, n), context, uncond,
                              sigmas=self.sigmas, timesteps=self.timesteps,
                              guidance_scale=guidance_scale, sde_type=self.sde_type,
-                             noise_level=self.noise_level)
+                             noise_level=self.noise_level,
+                             sde_steps=None if sde_steps is None else jnp.swapaxes(sde_steps, 0, 1))
     sig = jnp.asarray(self.sigmas, jnp.float32)
     return diffusion.Trajectory(
         latents=jnp.swapaxes(out["latents"], 0, 1),
         next_latents=jnp.swapaxes(out["next_latents"], 0, 1),
         log_probs=jnp.swapaxes(out["log_probs"], 0, 1),
         timesteps=jnp.broadcast_to(sig[None, :-1], (b, n)),
-        prev_timesteps=jnp.broadcast_to(sig[None, 1:], (b, n)), context=context)
+        prev_timesteps=jnp.broadcast_to(sig[None, 1:], (b, n)), context=context,
+        trained_steps=None if sde_steps is None else jnp.asarray(sde_steps, bool))
 
   def step_log_prob(self, pred_fn, params, batch, uncond, *, guidance_scale,
                     uncond_class_labels=None):
@@ -119,6 +133,54 @@ class FlowDynamics:
 
 
 Dynamics = Any  # DDIMDynamics | FlowDynamics
+
+
+def check_sde_window(sample_config) -> None:
+  """Raises ValueError for an SDE window (`sample.sde_window_*`) that cannot be drawn: on DDIM,
+  larger than the steps, a range outside them or too short for the window, a shift period
+  < 1 (before anything compiles)."""
+  s = sample_config
+  w, n = int(s.sde_window_size), int(s.num_steps)
+  if w == 0:
+    return
+  if s.sampler == "ddim":
+    raise ValueError(f"sample.sde_window_size={w}: SDE windows are the flow samplers' ('sde', "
+                     "'cps'); DDIM's steps are all stochastic")
+  if not 0 < w <= n:
+    raise ValueError(f"sample.sde_window_size={w} must lie in [0, sample.num_steps={n}]")
+  if s.sde_window_schedule == "sliding":
+    flow.mixgrpo_window_start(0, n, w, int(s.sde_window_shift_every))
+  else:
+    flow.random_window_start(np.random.default_rng(0), n, w, _window_range(s))
+
+
+def _window_range(s) -> tuple[int, int]:
+  if len(s.sde_window_range) not in (0, 2):
+    raise ValueError(f"sample.sde_window_range={tuple(s.sde_window_range)} must be (lo, hi) or ()")
+  return tuple(int(v) for v in s.sde_window_range) or (0, int(s.num_steps))
+
+
+def sde_window_steps(sample_config, seed: int, epoch: int, batch: int) -> np.ndarray | None:
+  """(T,) bool, the SDE steps of sampling call `batch` of `epoch` (`flow.sde_window`): MixGRPO's
+  sliding window or Flow-GRPO-Fast's random one (drawn from (seed, epoch, batch): the same on
+  every process and on resume); None without a window (`sample.sde_window_size` 0)."""
+  s = sample_config
+  w, n = int(s.sde_window_size), int(s.num_steps)
+  if w == 0:
+    return None
+  if s.sde_window_schedule == "sliding":
+    start = flow.mixgrpo_window_start(epoch, n, w, int(s.sde_window_shift_every))
+  else:
+    rng = np.random.default_rng([seed, epoch, batch, 0x5DE])
+    start = flow.random_window_start(rng, n, w, _window_range(s))
+  return flow.sde_window(n, start, w)
+
+
+def trained_steps_per_sample(sample_config, timestep_fraction: float) -> int:
+  """K, the steps of each trajectory one update trains on: int(T · fraction) of the T steps,
+  or of the W window steps when there is an SDE window."""
+  w = int(sample_config.sde_window_size)
+  return int((w or int(sample_config.num_steps)) * timestep_fraction)
 
 
 def make_dynamics(policy, config) -> Dynamics:
@@ -144,4 +206,5 @@ def make_dynamics(policy, config) -> Dynamics:
     return DDIMDynamics(sched, ts, prev, float(s.eta))
   sigmas, timesteps = policy.flow_sigmas(int(s.num_steps))
   return FlowDynamics(np.asarray(sigmas, np.float32), np.asarray(timesteps, np.float32),
-                      sampler, float(s.noise_level))
+                      sampler, float(s.noise_level),
+                      int(s.group_size) if s.same_noise_per_group else 1)

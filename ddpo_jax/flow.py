@@ -241,12 +241,13 @@ def flow_chain(velocity_fn, params: Any, x_init: Array, step_keys: Array, contex
     sigmas (T + 1,), timesteps (T,): `FlowSchedule.sigmas` (Flow-GRPO's sigma_max is
       sigmas[1]).
     sde_type, noise_level: as `step_mean_std` (static sde_type).
-    sde_steps: optional (T,) bool; None = every step stochastic.
+    sde_steps: optional (T,) bool (one mask for the batch) or (T, B) (one per sample); None =
+      every step stochastic.
 
   Returns:
     (x at sigmas[-1] (B, ...) float32, per-step outputs on a leading T axis: "latents" x_i,
     "next_latents", "log_probs" (T, B) (`diffusion.gaussian_log_prob`, mean over the latent
-    dims; 0 on ODE steps), "std" (T,)).
+    dims; 0 on ODE steps), "std" (T,), or (T, B, 1, ..., 1) with per-sample masks).
   """
   check_sde(sde_type, noise_level)
   sigmas = jnp.asarray(sigmas, jnp.float32)
@@ -255,8 +256,9 @@ def flow_chain(velocity_fn, params: Any, x_init: Array, step_keys: Array, contex
   if sigmas.shape != (n + 1,):
     raise ValueError(f"sigmas {sigmas.shape} must be (T + 1,) for timesteps {timesteps.shape}")
   mask = jnp.ones((n,), bool) if sde_steps is None else jnp.asarray(sde_steps, bool)
-  if mask.shape != (n,):
-    raise ValueError(f"sde_steps {mask.shape} must be (T,) = ({n},)")
+  if mask.shape not in ((n,), (n, x_init.shape[0])):
+    raise ValueError(f"sde_steps {mask.shape} must be (T,) = ({n},) or (T, B) = "
+                     f"({n}, {x_init.shape[0]})")
   sigma_max = sigmas[1] if n > 1 else sigmas[0]
 
   def body(x, inputs):
@@ -265,12 +267,14 @@ def flow_chain(velocity_fn, params: Any, x_init: Array, step_keys: Array, contex
                              uncond_context, guidance_scale)
     mean, std = step_mean_std(v, x, sigma, sigma_next, sde_type=sde_type,
                               noise_level=noise_level, sigma_max=sigma_max)
-    std = jnp.where(stochastic, std, 0.0)
+    per_sample = stochastic.reshape(stochastic.shape + (1,) * (x.ndim - 1)) if stochastic.ndim \
+        else stochastic  # (B, 1, ..., 1) for per-sample masks
+    std = jnp.where(per_sample, std, 0.0)
     if sde_type != "ode":
-      mean = jnp.where(stochastic, mean, euler_step(x, v, sigma, sigma_next))
+      mean = jnp.where(per_sample, mean, euler_step(x, v, sigma, sigma_next))
     x_next = mean + std * jax.random.normal(key, x.shape, mean.dtype)
-    log_prob = jnp.where(stochastic & (std > 0), diffusion.gaussian_log_prob(x_next, mean, std),
-                         0.0)
+    std_b = jnp.broadcast_to(std, x.shape).reshape(x.shape[0], -1)[:, 0]
+    log_prob = jnp.where(std_b > 0, diffusion.gaussian_log_prob(x_next, mean, std), 0.0)
     return x_next, {"latents": x, "next_latents": x_next, "log_probs": log_prob, "std": std}
 
   return jax.lax.scan(body, x_init.astype(jnp.float32),
@@ -304,6 +308,28 @@ def step_log_prob(velocity_fn, params: Any, latents: Array, sigma: Array, sigma_
   per_sample_std = jnp.broadcast_to(std, mean.shape).reshape(mean.shape[0], -1)[:, 0]
   log_prob = diffusion.gaussian_log_prob(next_latents, mean, std)
   return jnp.where(per_sample_std > 0, log_prob, 0.0), mean, std
+
+
+def flow_matching_loss_terms(velocity_fn, params: Any, key: Array, x0: Array, context: Any,
+                             class_labels=None) -> Array:
+  """Per-sample rectified-flow (conditional flow matching) loss, the flow models' pre-training.
+
+  sigma ~ U(0, 1), eps ~ N(0, I), x = (1 - sigma) x0 + sigma eps, target velocity eps - x0:
+  loss = mean_{h,w,c} (velocity_fn(params, x, 1000 sigma, context, class_labels) - (eps - x0))^2.
+
+  Args:
+    key: PRNG key. x0: (B, H, W, C) clean samples. context: the conditioning (batch on axis 0).
+
+  Returns:
+    (B,) float32.
+  """
+  k_t, k_eps = jax.random.split(key)
+  x0 = x0.astype(jnp.float32)
+  sigma = jax.random.uniform(k_t, (x0.shape[0],), jnp.float32)
+  eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+  s = sigma.reshape((-1,) + (1,) * (x0.ndim - 1))
+  v = velocity_fn(params, (1.0 - s) * x0 + s * eps, 1000.0 * sigma, context, class_labels)
+  return jnp.mean((v.astype(jnp.float32) - (eps - x0)) ** 2, axis=tuple(range(1, x0.ndim)))
 
 
 def sample_ode(velocity_fn, params: Any, x_init: Array, context: Any, uncond_context: Any, *,

@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from ddpo_jax import checkpoints, parallel, rl
+from ddpo_jax import checkpoints, dynamics, parallel, rl
 from ddpo_jax.families import build_policy
 from ddpo_jax.rewards import Reward, make_rewards, to_uint8
 from ddpo_jax.train import (TrainState, frozen_params, make_optimizer, make_sample_fn,
@@ -336,6 +336,13 @@ def _ddpo_epoch_fn(config, policy, terms, frozen, optimizer, mesh, tracker, stat
         meta.update(r.prompt_metadata(local))
     return prompts, local, {k: np.asarray(v) for k, v in meta.items()}
 
+  def sampler_inputs(epoch, b, meta):
+    """The sampling program's metadata: the prompts', plus the SDE window (B, T) if any."""
+    window = dynamics.sde_window_steps(config.sample, config.seed, epoch, b)
+    if window is None:
+      return meta
+    return {**meta, "sde_steps": np.broadcast_to(window, (rows.stop - rows.start,) + window.shape).copy()}
+
   def put_key(*folds):
     key = rng_host
     for f in folds:
@@ -343,6 +350,7 @@ def _ddpo_epoch_fn(config, policy, terms, frozen, optimizer, mesh, tracker, stat
     return parallel.put(np.asarray(key), repl)
 
   _, local0, meta0 = local_batch(start_epoch, 0)
+  meta0 = sampler_inputs(start_epoch, 0, meta0)
   ids0 = policy.tokenize(local0)
   key_abs = _abstract(rng_host, repl)
   t0 = time.time()
@@ -370,7 +378,7 @@ def _ddpo_epoch_fn(config, policy, terms, frozen, optimizer, mesh, tracker, stat
                          disable=not (config.progress and main_process)):
       prompts, local, meta = local_batch(epoch, b)
       ids = parallel.to_global(policy.tokenize(local), mesh)
-      meta_dev = parallel.to_global(meta, mesh)
+      meta_dev = parallel.to_global(sampler_inputs(epoch, b, meta), mesh)
       traj, images, rewards = sample_fn(state.params, frozen, put_key(epoch, b), ids, meta_dev)
       # Host rewards of this process's rows run on the pool while the device samples on.
       futures.append({r.name: pool.submit(_host_reward, r, images, local, meta)

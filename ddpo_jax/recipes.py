@@ -18,7 +18,8 @@ from ddpo_jax.config_schema import condition, new_config
 __all__ = ["Variant", "apply_variants", "condition", "runlocal", "sd_task_config", "SD_TASKS",
            "ctrl_digits_config", "ctrl_sd_config", "CTRL_VARIANTS", "ctrl_sd_variants",
            "SD_VARIANTS", "DIGITS_VARIANTS", "sd3_flow_grpo_config", "FLOW_TASKS",
-           "FLOW_VARIANTS", "SD3_LORA_TARGETS", "flux_flow_grpo_config", "FLUX_VARIANTS"]
+           "FLOW_VARIANTS", "SD3_LORA_TARGETS", "flux_flow_grpo_config", "FLUX_VARIANTS",
+           "digits_flow_config", "DIGITS_FLOW_VARIANTS"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,6 +287,102 @@ def flux_flow_grpo_config(task: str, arg=None) -> ml_collections.ConfigDict:
   t.batch_size = 96
   t.gradient_accumulation_steps = 6
   return apply_variants(config, arg, FLUX_VARIANTS, "FLUX Flow-GRPO")
+
+
+def _digits_cps(config) -> None:
+  """Coefficients-preserving sampling (CPS) in place of Flow-GRPO's SDE."""
+  config.sample.sampler = "cps"
+
+
+def _digits_mixgrpo(config) -> None:
+  """MixGRPO: SDE steps only in a window of 4 of the 10 steps that starts at the first step and
+  moves one step later every 5 epochs; ODE elsewhere; the update trains the window's steps."""
+  s = config.sample
+  s.sde_window_size = 4
+  s.sde_window_schedule = "sliding"
+  s.sde_window_shift_every = 5
+  config.train.timestep_fraction = 1.0
+
+
+def _digits_fast(config) -> None:
+  """Flow-GRPO-Fast: a group shares its initial noise and ODE steps, and branches into the SDE
+  at 2 consecutive steps drawn per sampling call from the first 6 (flow_grpo's
+  sde_window_size 2, sde_window_range (0, 6) of its 10 steps); the update trains those 2."""
+  s = config.sample
+  s.same_noise_per_group = True
+  s.sde_window_size = 2
+  s.sde_window_schedule = "random"
+  s.sde_window_range = (0, 6)
+  config.train.timestep_fraction = 1.0
+
+
+def _digits_nft(config) -> None:
+  """DiffusionNFT: the flow ODE as the sampler (no log-probs needed), the negative-aware
+  forward-process loss at the sampling steps' sigmas, CFG-free."""
+  config.sample.sampler = "ode"
+  config.train.algorithm = "nft"
+  config.train.cfg = False
+  config.train.nft_beta = 1.0
+
+
+def _digits_flow_runlocal(config) -> None:
+  """Seconds on a CPU: a 1-block MMDiT (20 pre-training steps), 2 epochs, 4 steps, groups of 2."""
+  config.num_epochs = 2
+  config.save_freq = 1
+  config.progress = False
+  config.log_image_freq = 1
+  m = config.model
+  m.attention_heads = 2
+  m.mmdit_head_dim = 8
+  m.mmdit_layers = 1
+  m.context_dim = 8
+  m.pretrain.steps = 20
+  m.pretrain.batch_size = 16
+  s = config.sample
+  s.num_steps = 4
+  s.batch_size = 8
+  s.group_size = 2
+  if s.sde_window_size:
+    s.sde_window_size = 2
+    s.sde_window_range = (0, 3) if s.sde_window_range else ()
+  config.train.batch_size = 4
+
+
+DIGITS_FLOW_VARIANTS = (
+    Variant("cps", _digits_cps, "coefficients-preserving sampling instead of the SDE"),
+    Variant("mixgrpo", _digits_mixgrpo, "MixGRPO's sliding SDE window"),
+    Variant("fast", _digits_fast, "Flow-GRPO-Fast: shared noise, 2 random SDE steps"),
+    Variant("nft", _digits_nft, "DiffusionNFT on ODE samples"),
+    Variant("runlocal", _digits_flow_runlocal, "seconds, for tests"))
+
+
+def digits_flow_config(arg=None) -> ml_collections.ConfigDict:
+  """Flow-GRPO on the digits MMDiT (configs/digits_flow.py): the rectified-flow digits model
+  (`model.denoiser='mmdit'`), the digits alignment reward, groups of 8 samples per prompt and
+  32 prompts per epoch, 10 SDE steps (noise level 0.7) without guidance, group-relative
+  advantages; `DIGITS_FLOW_VARIANTS` switch the method."""
+  config = new_config("ddpo", "digits")
+  config.model.denoiser = "mmdit"
+  config.num_epochs = 30
+  config.save_freq = 5
+  config.log_image_freq = 5
+  config.reward.weights = {"digit_class_logprob": 1.0}
+  config.reward.metrics = ("digits_heldout_accuracy",)
+  config.per_prompt_stat_tracking.enabled = False
+  s = config.sample
+  s.sampler = "sde"
+  s.noise_level = 0.7
+  s.num_steps = 10
+  s.guidance_scale = 1.0
+  s.group_size = 8
+  s.batch_size = 256
+  s.num_batches_per_epoch = 1
+  t = config.train
+  t.batch_size = 32
+  t.timestep_fraction = 0.5
+  t.clip_range = 0.2
+  t.learning_rate = 3e-4
+  return apply_variants(config, arg, DIGITS_FLOW_VARIANTS, "digits flow")
 
 
 def ctrl_digits_config() -> ml_collections.ConfigDict:

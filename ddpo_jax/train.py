@@ -61,6 +61,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
   if s.sampler == "ddim" and not s.eta > 0:
     raise ValueError(f"sample.eta={s.eta}: DDPO needs eta > 0 (the log-probability of a "
                      "deterministic DDIM step is undefined)")
+  if s.sampler == "ode" and algorithm.needs_log_probs:
+    raise ValueError(f"sample.sampler='ode' has no step log-probabilities; train.algorithm="
+                     f"{t.algorithm!r} needs them (use 'sde' / 'cps', or train.algorithm 'nft')")
   if s.sampler != "ddim":
     flow.check_sde(s.sampler, float(s.noise_level))
     if t.kl_coef > 0 or algorithm.uses_denoising_loss:
@@ -101,8 +104,13 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
         f"train.kl_coef={t.kl_coef} with train.cfg=False and sample.guidance_scale="
         f"{s.guidance_scale}: the KL penalty compares the sampled (guided) steps, so the update "
         "must recompute them with guidance too (train.cfg=True), or sample without it")
-  if int(s.num_steps * t.timestep_fraction) < 1:
-    raise ValueError("sample.num_steps * train.timestep_fraction must be at least 1")
+  dynamics_lib.check_sde_window(s)
+  if s.same_noise_per_group and (s.sampler == "ddim" or int(s.group_size) < 2):
+    raise ValueError("sample.same_noise_per_group needs a flow sampler and sample.group_size > 1 "
+                     f"(got sampler {s.sampler!r}, group_size {s.group_size})")
+  if dynamics_lib.trained_steps_per_sample(s, t.timestep_fraction) < 1:
+    raise ValueError("sample.num_steps (or sample.sde_window_size) * train.timestep_fraction "
+                     "must be at least 1")
 
 
 def make_optimizer(train_config, learning_rates=None) -> optax.GradientTransformation:
@@ -155,7 +163,7 @@ def make_sample_fn(policy: Policy, config, device_rewards: list[tuple[float, Rew
         uncond_class_labels=policy.null_class_labels,
         reference_params=(policy.assemble_unet(frozen["reference_unet"], frozen)
                           if use_kl else None),
-        kl_reduction=config.train.kl_reduction)
+        kl_reduction=config.train.kl_reduction, sde_steps=metadata.get("sde_steps"))
     images = policy.decode(params, traj.next_latents[:, -1])
     rewards = {r.name: r.fn(images, prompt_ids, metadata) for _, r in device_rewards}
     return traj, images, rewards
@@ -228,7 +236,7 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   algorithm = algorithms.get(tc.algorithm)
   dynamics = dynamics_lib.make_dynamics(policy, config)
   T = config.sample.num_steps
-  K = int(T * tc.timestep_fraction)
+  K = dynamics_lib.trained_steps_per_sample(config.sample, tc.timestep_fraction)
   accum, mb = tc.gradient_accumulation_steps, tc.batch_size
   guidance = float(config.sample.guidance_scale) if tc.cfg else 1.0
   _, frozen_sh, state_sh = model_shardings(policy, config, optimizer, mesh)
@@ -241,7 +249,7 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
       return grads
     return jax.lax.with_sharding_constraint(grads, state_sh.params)
 
-  def step_model(uncond) -> algorithms.StepModel:
+  def step_model(uncond, sampling_params=None) -> algorithms.StepModel:
     """The policy's step computations with the update's guidance (`train.cfg`)."""
     def step_log_prob(unet_params, batch):
       return dynamics.step_log_prob(policy.eps_fn, unet_params, batch, uncond,
@@ -256,12 +264,16 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
       return diffusion.denoising_loss_terms(guided_eps, unet_params, key, batch["x0"],
                                             batch["context"], batch["class_labels"],
                                             dynamics.schedule.alphas_cumprod)
-    return algorithms.StepModel(step_log_prob, denoising_loss_terms)
+    def velocity(p, x, sigma, context):
+      return diffusion.guided_eps(policy.eps_fn, p, x, 1000.0 * sigma, context, uncond, guidance)
+    return algorithms.StepModel(step_log_prob, denoising_loss_terms, velocity, sampling_params)
 
   def micro_loss(unet_params, frozen, uncond, batch, key):
     """`algorithm.loss` of one minibatch at one chosen timestep per sample: (loss, metrics)."""
     unet_params = policy.assemble_unet(unet_params, frozen)  # e.g. LoRA merged into the base
-    return algorithm.loss(step_model(uncond), unet_params, batch, key, config)
+    sampling = (policy.assemble_unet(frozen["sampling_unet"], frozen)
+                if algorithm.needs_sampling_params else None)
+    return algorithm.loss(step_model(uncond, sampling), unet_params, batch, key, config)
 
   local_grad_fn = jax.grad(micro_loss, has_aux=True)
   if not per_shard:
@@ -295,8 +307,15 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
     per_sample = {**per_sample, "context": traj.context, "class_labels": traj.class_labels}
     per_step = jax.tree.map(lambda x: x[perm], per_step)
     per_sample = jax.tree.map(lambda x: x[perm], per_sample)
-    # Per sample, an independent permutation of its T timesteps; keep the first K.
-    t_idx = jax.vmap(lambda k: jax.random.permutation(k, T)[:K])(jax.random.split(k_time, n))
+    # Per sample, an independent permutation of its T timesteps (of its SDE window's, when
+    # the trajectory has one: those steps first, in random order); keep the first K.
+    time_keys = jax.random.split(k_time, n)
+    if traj.trained_steps is None:
+      t_idx = jax.vmap(lambda k: jax.random.permutation(k, T)[:K])(time_keys)
+    else:
+      window = traj.trained_steps[perm]
+      t_idx = jax.vmap(lambda k, w: jnp.argsort(jax.random.uniform(k, (T,)) + 2.0 * ~w)[:K])(
+          time_keys, window)
 
     def take_time(x):  # (N, T, ...) -> (N, K, ...)
       idx = t_idx.reshape(t_idx.shape + (1,) * (x.ndim - 2))
@@ -320,6 +339,8 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
     batches = {**jax.tree.map(lambda x: to_micro(x, True), per_step),
                **jax.tree.map(lambda x: to_micro(x, False), per_sample)}
     uncond = policy.encode_uncond({**frozen, "unet": state.params})
+    if algorithm.needs_sampling_params:  # the params the samples were drawn with, held fixed
+      frozen = {**frozen, "sampling_unet": state.params}
 
     def opt_step(state, xs):
       step_batches, step_key = xs

@@ -63,6 +63,10 @@ def one_update(config, lr=None):
   n = config.sample.batch_size
   prompts = policy.prompt_fn(np.random.default_rng(0), n)
   metadata = {k: jnp.asarray(v) for k, v in policy.prompt_metadata(prompts).items()}
+  from ddpo_jax import dynamics
+  window = dynamics.sde_window_steps(config.sample, config.seed, 0, 0)  # as the loop's batch 0
+  if window is not None:
+    metadata["sde_steps"] = jnp.broadcast_to(jnp.asarray(window), (n,) + window.shape)
   traj, _, _ = sample_fn(policy.params["unet"], frozen, jax.random.PRNGKey(0),
                          jnp.asarray(policy.tokenize(prompts)), metadata)
   assert traj.log_probs.shape == (n, config.sample.num_steps)

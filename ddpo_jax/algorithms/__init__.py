@@ -4,12 +4,13 @@
   sf.ScoreFunction                          "sf"          DDPO-SF (§3.3)
   rwr.RewardWeightedRegression              "rwr"         RWR (§3.4)
   rwr.SparseRewardWeightedRegression        "rwr_sparse"  RWR-sparse (§3.4)
+  nft.NFT                                   "nft"         DiffusionNFT, flow models (§6.6)
 
 `get(config.train.algorithm)` is how the trainer finds one; `register` adds another.
 """
 from __future__ import annotations
 
-from ddpo_jax.algorithms import ppo, rwr, sf
+from ddpo_jax.algorithms import nft, ppo, rwr, sf
 from ddpo_jax.algorithms.base import Algorithm, PolicyGradient, StepModel
 
 _REGISTRY: dict[str, Algorithm] = {}
@@ -49,7 +50,7 @@ def get(name: str) -> Algorithm:
 
 
 for _algorithm in (ppo.PPO(), sf.ScoreFunction(), rwr.RewardWeightedRegression(),
-                   rwr.SparseRewardWeightedRegression()):
+                   rwr.SparseRewardWeightedRegression(), nft.NFT()):
   register(_algorithm)
 
 __all__ = ["Algorithm", "PolicyGradient", "StepModel", "get", "names", "register", "unregister"]

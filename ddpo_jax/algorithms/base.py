@@ -39,9 +39,16 @@ class StepModel(NamedTuple):
     over the latent dims, docs/algorithms.md §1.2–§1.3), and the step's mean and std.
   denoising_loss_terms(params, batch, key) -> (mb,): the per-sample eps-regression loss of the
     clean latents `batch["x0"]` at one random timestep each (`diffusion.denoising_loss_terms`).
+  velocity(params, x (mb, *latent), sigma (mb,), context) -> (mb, *latent): a flow model's
+    velocity at sigma (called at t = 1000 sigma) with the update's guidance.
+  sampling_params: the denoiser params the epoch's samples were drawn with (the params at the
+    start of the update, not differentiated), for algorithms with `needs_sampling_params`;
+    None otherwise.
   """
   step_log_prob: Callable[[Any, dict], tuple[Array, Array, Array]]
   denoising_loss_terms: Callable[[Any, dict, Array], Array]
+  velocity: Callable[[Any, Array, Array, Any], Array] | None = None
+  sampling_params: Any = None
 
 
 class Algorithm:
@@ -52,6 +59,11 @@ class Algorithm:
   supports_kl_penalty: bool = False
   # Whether `loss` calls `StepModel.denoising_loss_terms` (eps regression: DDIM dynamics only).
   uses_denoising_loss: bool = False
+  # Whether the sampled steps' log-probabilities are used (a deterministic sampler, the flow
+  # ODE, has none).
+  needs_log_probs: bool = True
+  # Whether `loss` reads `StepModel.sampling_params` (the trainer then passes them).
+  needs_sampling_params: bool = False
 
   def validate(self, config, samples_per_epoch: int, samples_per_step: int) -> None:
     """Raises ValueError for a config the algorithm cannot run (before anything compiles).

@@ -1,0 +1,73 @@
+"""DiffusionNFT: negative-aware fine-tuning on the forward process (Zheng et al. 2025, arXiv
+2509.16117; docs/algorithms.md §6.6).
+
+A flow-matching regression on the sampled images' clean latents x0, not a policy gradient: no
+step log-probabilities are used, so any sampler works (the flow ODE included). With the
+sampling policy's velocity v_old (the params at the start of the update, held fixed) and the
+trained one v_θ at x_t = (1 − t) x0 + t ε, t a sampling step's sigma,
+
+    v⁺ = β v_θ + (1 − β) v_old            (the implicit positive policy)
+    v⁻ = (1 + β) v_old − β v_θ            (the implicit negative policy)
+    x̂0± = x_t − t v±,   w± = sg(mean |x̂0± − x0|)   (adaptive weights, at least 1e-5)
+    L = c · E[ r mean (x̂0⁺ − x0)² / w⁺ + (1 − r) mean (x̂0⁻ − x0)² / w⁻ ] / β
+
+with r = clip(A / c / 2 + 1/2, 0, 1) the optimality probability from the clipped advantage A
+(c = `train.adv_clip_max`). Pulling v⁺ towards high-reward samples and v⁻ towards low-reward
+ones moves v_θ away from the low-reward ones. The old policy is the sampler's, refreshed every
+epoch (DiffusionNFT's `decay_type` 0: no EMA of the old policy).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ddpo_jax.algorithms.base import Algorithm
+
+
+class NFT(Algorithm):
+  """`train.algorithm = "nft"` on a flow model (`sample.sampler` 'sde', 'cps' or 'ode');
+  `train.nft_beta` is β. Trains CFG-free (`train.cfg` False or guidance 1)."""
+
+  name = "nft"
+  needs_log_probs = False
+  needs_sampling_params = True
+
+  def validate(self, config, samples_per_epoch, samples_per_step):
+    s, t = config.sample, config.train
+    if s.sampler == "ddim":
+      raise ValueError("train.algorithm='nft' trains a flow (velocity) model: sample.sampler "
+                       "must be 'sde', 'cps' or 'ode', not 'ddim'")
+    if not t.nft_beta > 0:
+      raise ValueError(f"train.nft_beta={t.nft_beta} must be > 0")
+    if t.cfg and float(s.guidance_scale) != 1.0:
+      raise ValueError(f"train.algorithm='nft' is CFG-free: set train.cfg=False (sampling may "
+                       f"still use sample.guidance_scale={s.guidance_scale}) or guidance 1")
+
+  def batch_fields(self, traj, advantages, adv_scales, rewards, config):
+    c = config.train.adv_clip_max
+    r = jnp.clip(jnp.clip(advantages, -c, c) / c / 2.0 + 0.5, 0.0, 1.0)
+    return ({"timesteps": traj.timesteps}, {"x0": traj.next_latents[:, -1], "optimality": r},
+            {"nft_optimality_mean": jnp.mean(r)})
+
+  def loss(self, model, params, batch, key, config):
+    beta, c = config.train.nft_beta, config.train.adv_clip_max
+    x0 = batch["x0"].astype(jnp.float32)
+    sigma = batch["timesteps"].astype(jnp.float32)  # (mb,) the sampling step's sigma
+    t = sigma.reshape((-1,) + (1,) * (x0.ndim - 1))
+    eps = jax.random.normal(key, x0.shape, jnp.float32)
+    x_t = (1.0 - t) * x0 + t * eps
+    v = model.velocity(params, x_t, sigma, batch["context"]).astype(jnp.float32)
+    v_old = jax.lax.stop_gradient(
+        model.velocity(model.sampling_params, x_t, sigma, batch["context"]).astype(jnp.float32))
+    dims = tuple(range(1, x0.ndim))
+
+    def weighted_error(v_implicit):
+      x0_hat = x_t - t * v_implicit
+      w = jax.lax.stop_gradient(jnp.maximum(jnp.mean(jnp.abs(x0_hat - x0), axis=dims), 1e-5))
+      return jnp.mean((x0_hat - x0) ** 2, axis=dims) / w
+
+    r = batch["optimality"]
+    positive = weighted_error(beta * v + (1.0 - beta) * v_old)
+    negative = weighted_error((1.0 + beta) * v_old - beta * v)
+    loss = c * jnp.mean(r * positive + (1.0 - r) * negative) / beta
+    return loss, {"loss": loss, "nft_old_deviation": jnp.mean((v - v_old) ** 2)}

@@ -1,0 +1,233 @@
+"""The flow-matching methods beside Flow-GRPO (issue 18): per-sample SDE windows (MixGRPO,
+Flow-GRPO-Fast), the shared noise of Fast's groups, DiffusionNFT's loss against NumPy, the
+rectified-flow digits MMDiT, and configs/digits_flow.py with its variants through the one
+training core, plus the bad combinations refused before anything compiles."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpo_jax import algorithms, digits, dynamics, flow, loop, parallel, train
+from ddpo_jax.algorithms.base import StepModel
+from helpers import load_config, one_update
+
+A = 0.7
+
+
+def _toy_velocity(params, x, t, context, labels=None):
+  return jnp.tanh(x) * (t[:, None, None, None] / 1000.0) - 0.3 * x
+
+
+def test_per_sample_sde_masks_equal_one_chain_per_sample():
+  """A (T, B) mask runs each sample with its own window: sample b's latents, log-probs and
+  stds are those of the same batch run with sample b's mask as a (T,) mask for all (same keys,
+  so the same noise rows), to float32 rounding; its log-probs are nonzero exactly on its
+  window."""
+  sigmas, timesteps = flow.FlowSchedule(shift=3.0).sigmas(5)
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, 4, 4, 1))
+  masks = np.array([[1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [1, 1, 1, 1, 1]], bool)  # (B, T)
+  keys = jax.random.split(jax.random.PRNGKey(2), 5)
+
+  def chain(x, mask):
+    return flow.flow_chain(_toy_velocity, None, x, keys, None, None, sigmas=sigmas,
+                           timesteps=timesteps, guidance_scale=1.0, sde_type="sde",
+                           noise_level=A, sde_steps=mask)
+  _, out = chain(x, masks.T)
+  assert out["std"].shape == (5, 3, 1, 1, 1)
+  for b in range(3):
+    _, alone = chain(x, masks[b])
+    for name in ("latents", "next_latents", "log_probs"):
+      np.testing.assert_allclose(np.asarray(out[name][:, b]), np.asarray(alone[name][:, b]),
+                                 rtol=0, atol=1e-6, err_msg=f"{name} of sample {b}")
+    np.testing.assert_allclose(np.asarray(out["std"][:, b, 0, 0, 0]),
+                               np.asarray(alone["std"]).reshape(5),
+                               rtol=0, atol=1e-7)
+    assert np.all((np.asarray(out["log_probs"][:, b]) != 0) == masks[b])
+  with pytest.raises(ValueError, match=r"or \(T, B\) = \(5, 3\)"):
+    chain(x, masks)  # (B, T): transposed
+
+
+def _sample_config(**changes):
+  config = load_config("digits_flow", "runlocal")
+  for k, v in changes.items():
+    config.sample[k] = v
+  return config.sample
+
+
+def test_window_schedules():
+  """MixGRPO's window moves one step every `sde_window_shift_every` epochs from step 0;
+  Fast's is drawn per (seed, epoch, batch) inside `sde_window_range`, the same on every call."""
+  s = _sample_config(num_steps=6, sde_window_size=2, sde_window_schedule="sliding",
+                     sde_window_shift_every=2)
+  starts = [int(np.argmax(dynamics.sde_window_steps(s, 0, e, 0))) for e in range(12)]
+  assert starts == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4, 4]
+  assert all(dynamics.sde_window_steps(s, 0, e, 0).sum() == 2 for e in range(12))
+  s = _sample_config(num_steps=10, sde_window_size=2, sde_window_schedule="random",
+                     sde_window_range=(0, 6))
+  drawn = {int(np.argmax(dynamics.sde_window_steps(s, 3, e, b))) for e in range(40) for b in range(2)}
+  assert drawn == {0, 1, 2, 3, 4}
+  np.testing.assert_array_equal(dynamics.sde_window_steps(s, 3, 7, 1),
+                                dynamics.sde_window_steps(s, 3, 7, 1))
+  assert dynamics.sde_window_steps(_sample_config(), 0, 0, 0) is None
+  assert dynamics.trained_steps_per_sample(s, 1.0) == 2
+  assert dynamics.trained_steps_per_sample(_sample_config(num_steps=10), 0.5) == 5
+
+
+def _nft_numpy(v, v_old, x0, eps, sigma, r, beta, c, fixed_weights=None):
+  """(loss, the adaptive weights (w+, w-)); `fixed_weights` holds them at given values (the
+  gradient treats them as constants)."""
+  t = sigma[:, None, None, None]
+  x_t = (1 - t) * x0 + t * eps
+  total, weights = 0.0, []
+  for i, (vi, weight) in enumerate(((beta * v + (1 - beta) * v_old, r),
+                                    ((1 + beta) * v_old - beta * v, 1 - r))):
+    x0_hat = x_t - t * vi
+    w = np.maximum(np.abs(x0_hat - x0).mean(axis=(1, 2, 3)), 1e-5)
+    w = w if fixed_weights is None else fixed_weights[i]
+    weights.append(w)
+    total = total + weight * ((x0_hat - x0) ** 2).mean(axis=(1, 2, 3)) / w
+  return c * total.mean() / beta, weights
+
+
+def test_nft_loss_matches_numpy():
+  """DiffusionNFT's loss on a linear velocity model v = a x + b sigma against a float64 NumPy
+  computation of docs/algorithms.md §6.6 (same noise), to 1e-5 relative; its gradient in a is
+  that of the NumPy loss (central differences, 1e-3 relative)."""
+  rng = np.random.default_rng(0)
+  x0 = rng.uniform(-1, 1, (4, 2, 2, 1)).astype(np.float32)
+  sigma = np.array([0.9, 0.6, 0.3, 0.1], np.float32)
+  adv = np.array([2.0, -1.0, 7.0, 0.0], np.float32)
+  config = load_config("digits_flow", "nft,runlocal", **{"train.nft_beta": 0.5})
+  c = config.train.adv_clip_max
+  r = np.clip(np.clip(adv, -c, c) / c / 2 + 0.5, 0, 1)
+
+  def velocity(p, x, s, context):
+    return p["a"] * x + p["b"] * s[:, None, None, None]
+  old = {"a": jnp.float32(0.8), "b": jnp.float32(-0.2)}
+  params = {"a": jnp.float32(1.1), "b": jnp.float32(0.3)}
+  model = StepModel(None, None, velocity, old)
+  nft = algorithms.get("nft")
+  key = jax.random.PRNGKey(5)
+  batch = {"x0": jnp.asarray(x0), "timesteps": jnp.asarray(sigma), "context": None,
+           "optimality": jnp.asarray(r)}
+  loss, metrics = nft.loss(model, params, batch, key, config)
+  eps = np.asarray(jax.random.normal(key, x0.shape, jnp.float32), np.float64)
+
+  def ref(a, b, fixed_weights=None):
+    t = sigma.astype(np.float64)[:, None, None, None]
+    x_t = (1 - t) * x0 + t * eps
+    return _nft_numpy(a * x_t + b * t, 0.8 * x_t - 0.2 * t, x0.astype(np.float64), eps,
+                      sigma.astype(np.float64), r, 0.5, c, fixed_weights)
+  value, weights = ref(1.1, 0.3)
+  np.testing.assert_allclose(float(loss), value, rtol=1e-5)
+  assert float(metrics["loss"]) == float(loss)
+  grad = jax.grad(lambda p: nft.loss(model, p, batch, key, config)[0])(params)
+  h = 1e-4  # the adaptive weights are constants of the gradient (stop-gradient)
+  fd = (ref(1.1 + h, 0.3, weights)[0] - ref(1.1 - h, 0.3, weights)[0]) / (2 * h)
+  np.testing.assert_allclose(float(grad["a"]), fd, rtol=1e-3)
+  fd_b = (ref(1.1, 0.3 + h, weights)[0] - ref(1.1, 0.3 - h, weights)[0]) / (2 * h)
+  np.testing.assert_allclose(float(grad["b"]), fd_b, rtol=1e-3)
+  # r from the advantages, as batch_fields computes it
+  per_step, per_sample, _ = nft.batch_fields(
+      type("T", (), {"timesteps": jnp.zeros((4, 3)), "next_latents": jnp.zeros((4, 3, 2, 2, 1))}),
+      jnp.asarray(adv), None, None, config)
+  np.testing.assert_allclose(np.asarray(per_sample["optimality"]), r, rtol=1e-6)
+
+
+def test_digits_mmdit_is_a_flow_model():
+  """The digits MMDiT: a velocity model on the rectified-flow schedule (sigmas from 1 to 0)."""
+  config = load_config("digits_flow", "runlocal")
+  policy = digits.make_policy(config)
+  assert policy.prediction_type == "flow"
+  sigmas, timesteps = policy.flow_sigmas(4)
+  np.testing.assert_allclose(sigmas, [1.0, 0.667, 0.334, 0.001, 0.0], atol=1e-3)
+  x = jnp.zeros((2,) + digits.IMAGE_SHAPE)
+  ctx = policy.encode_prompts(policy.params, jnp.asarray(policy.tokenize(["", "a handwritten 3"])))
+  assert policy.eps_fn(policy.params["unet"], x, jnp.full((2,), 500.0), ctx).shape == x.shape
+
+
+@pytest.mark.parametrize("variant", ["mixgrpo", "fast", "nft"])
+def test_update_at_init_for_each_method(variant):
+  """At learning rate 0 the update reproduces the sampler's log-probs on the window's steps
+  (approx_kl < 1e-10; an ODE step outside the window re-scored as an SDE step would give a
+  log-prob far from the stored 0), Fast's groups share their initial noise, and NFT's
+  loss is finite with the trained velocity equal to the sampler's (deviation 0)."""
+  config = load_config("digits_flow", f"{variant},runlocal")
+  policy, frozen, state, metrics = one_update(config, lr=0.0)
+  assert np.isfinite(metrics["loss"]), metrics
+  if variant == "nft":
+    assert metrics["nft_old_deviation"] == 0.0
+  else:
+    assert metrics["approx_kl"] < 1e-10 and metrics["clipfrac"] == 0.0, metrics
+
+
+def test_fast_groups_share_noise_and_branch_at_the_window():
+  config = load_config("digits_flow", "fast,runlocal")
+  policy = digits.make_policy(config)
+  dyn = dynamics.make_dynamics(policy, config)
+  assert dyn.noise_group_size == 2
+  window = dynamics.sde_window_steps(config.sample, config.seed, 0, 0)
+  n = config.sample.batch_size
+  prompts = list(np.repeat(policy.prompt_fn(np.random.default_rng(0), n // 2), 2))
+  ctx = policy.encode_prompts(policy.params, jnp.asarray(policy.tokenize(prompts)))
+  traj = dyn.sample(policy.eps_fn, policy.params["unet"], jax.random.PRNGKey(0), ctx,
+                    policy.encode_uncond(policy.params), guidance_scale=1.0,
+                    latent_shape=policy.latent_shape,
+                    sde_steps=jnp.broadcast_to(jnp.asarray(window), (n,) + window.shape))
+  first = int(np.argmax(window))
+  lat = np.asarray(traj.latents)
+  # the pair of a group is identical up to its first SDE step, different after it
+  np.testing.assert_array_equal(lat[0::2, :first + 1], lat[1::2, :first + 1])
+  assert np.abs(lat[0::2, first + 1:] - lat[1::2, first + 1:]).min() > 0
+  np.testing.assert_array_equal(np.asarray(traj.trained_steps[0]), window)
+
+
+def test_digits_flow_runlocal_trains_resumes_and_samples(tmp_path):
+  """configs/digits_flow.py:runlocal through `loop.train_and_evaluate`: 2 epochs, the held-out
+  judge logged, then one more epoch after a resume from the epoch-2 checkpoint."""
+  config = load_config("digits_flow", "runlocal")
+  workdir = str(tmp_path / "run")
+  last = loop.train_and_evaluate(config, workdir)
+  assert "digits_heldout_accuracy_mean" in last and np.isfinite(last["reward_mean"])
+  config.num_epochs = 3
+  loop.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert [r["epoch"] for r in rows] == [0, 1, 2]
+
+
+BAD = [
+    ({"sample.sampler": "ddim"}, "needs a 'epsilon'-predicting model; this one predicts 'flow'"),
+    ({"sample.sampler": "ode"}, "sample.sampler='ode' has no step log-probabilities"),
+    ({"sample.sde_window_size": 9}, r"sample.sde_window_size=9 must lie in \[0, "),
+    ({"sample.sde_window_size": 2, "sample.sde_window_range": (2, 3)},
+     r"sde_window_range=\(2, 3\) must hold a window of 2"),
+    ({"sample.sde_window_size": 2, "sample.sde_window_schedule": "sliding",
+      "sample.sde_window_shift_every": 0}, "shift_every=0"),
+    ({"sample.group_size": 3}, "sample.group_size=3 must be >= 1 and divide"),
+    ({"train.algorithm": "nft", "sample.guidance_scale": 2.0},
+     "train.algorithm='nft' is CFG-free"),
+    ({"train.algorithm": "nft", "train.nft_beta": 0.0}, "train.nft_beta=0.0 must be > 0"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD)
+def test_bad_digits_flow_configs_are_refused(overrides, message):
+  config = load_config("digits_flow", "runlocal", **overrides)
+  mesh = parallel.make_mesh(config.mesh)
+  with pytest.raises(ValueError, match=message):
+    train.validate_config(config, mesh)
+    dynamics.make_dynamics(digits.make_policy(config), config)
+
+
+def test_window_on_ddim_and_same_noise_without_groups_are_refused():
+  config = load_config("default", "runlocal", **{"sample.sde_window_size": 2})
+  with pytest.raises(ValueError, match="SDE windows are the flow samplers'"):
+    train.validate_config(config, parallel.make_mesh(config.mesh))
+  config = load_config("digits_flow", "runlocal", **{"sample.same_noise_per_group": True,
+                                                     "sample.group_size": 1})
+  with pytest.raises(ValueError, match="same_noise_per_group needs"):
+    train.validate_config(config, parallel.make_mesh(config.mesh))
