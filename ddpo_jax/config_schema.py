@@ -13,9 +13,10 @@ built-in one, no downloads) and "sd" (Stable Diffusion from a diffusers checkpoi
 
 Names follow kvablack/ddpo-pytorch so configs carry over. Differences: batch sizes are GLOBAL
 (all devices together), and `per_prompt_stat_tracking.enabled` switches tracking on/off.
-Three keys hold open mappings whose keys are names: `reward.weights` (reward name -> weight),
-`ctrl.conditions` (control name -> a `condition` section) and a condition's `data` (the keys of
-its source, see `ddpo_jax.ctrl.data.load_dataset`).
+Four keys hold open mappings whose keys are names: `reward.weights` (reward name -> weight),
+`reward.server_urls` (a remote term's NAME -> its server's URL), `ctrl.conditions` (control
+name -> a `condition` section) and a condition's `data` (the keys of its source, see
+`ddpo_jax.ctrl.data.load_dataset`).
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ COMMON = _keys(
     ("per_prompt_stat_tracking.buffer_size", 16, "rewards kept per prompt"),
     ("per_prompt_stat_tracking.min_count", 16, "below this many, the batch's statistics are used"),
     ("reward.weights", {"jpeg_compressibility": 1.0}, "reward name -> weight of the trained reward "
-     "(ddpo_jax/rewards)"),
+     "(ddpo_jax/rewards; 'remote' and 'remote_NAME' are reward-server terms)"),
     ("reward.metrics", (), "reward terms computed and logged but not trained on"),
     ("reward.classifier_seed", 0, "digits: seed of the reward classifier"),
     ("reward.clip_path", "openai/clip-vit-large-patch14", "aesthetic: CLIP vision dir or hub id"),
@@ -130,6 +131,8 @@ COMMON = _keys(
     ("reward.clip_tokenizer_path", "", "pickscore / clipscore: the tokenizer's dir if not the "
      "model's (PickScore's: laion/CLIP-ViT-H-14-laion2B-s32B-b79K)"),
     ("reward.server_url", "http://127.0.0.1:8000", "remote: a `python -m ddpo_jax.rewards.server`"),
+    ("reward.server_urls", {}, "remote_NAME terms: NAME -> the URL of its reward server (one "
+     "client per term; a term whose NAME is absent or '' here is refused, naming this key)"),
     ("prompt_fn", "", "named prompt set (ddpo_jax/prompts.py); '' = the model family's own "
      "(digits: the ten class names; SD needs a set)"),
     ("prompt_fn_kwargs.path", "", "prompt file ('' = the set's file under $DDPO_JAX_ASSETS)"),
@@ -231,7 +234,7 @@ CONDITION = _keys(
     ("classifier.input_size", 0, "resize images to this side first (0: as they are)"),
 )
 
-_OPEN = ("reward.weights", "ctrl.conditions")  # mappings whose keys are names
+_OPEN = ("reward.weights", "reward.server_urls", "ctrl.conditions")  # mappings keyed by names
 
 
 def keys_of(mode: str, model: str) -> tuple[Key, ...]:

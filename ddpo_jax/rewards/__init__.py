@@ -9,6 +9,12 @@ Two kinds, both with that signature:
 
 A training reward is a weighted sum of named terms (`config.reward.weights`); terms named in
 `config.reward.metrics` are computed and logged only. `make_rewards` builds them by name.
+
+Remote terms (host rewards scored by a `python -m ddpo_jax.rewards.server` over HTTP, each its
+own `RewardClient`): "remote" asks `config.reward.server_url`; "remote_NAME" asks
+`config.reward.server_urls.NAME`, so one config can weight scorers hosted on several servers
+(e.g. "remote_ocr" and "remote_geneval"). `remote_url` finds a term's URL and refuses a term
+without one.
 """
 from __future__ import annotations
 
@@ -71,13 +77,72 @@ def classifier_log_prob_reward(log_prob_fn: Callable[[jax.Array], jax.Array], la
   return fn
 
 
-def make_rewards(config, policy) -> list[tuple[float, Reward]]:
-  """Builds the (weight, Reward) terms of `config.reward`: training terms then metrics (weight 0)."""
+REMOTE = "remote"  # the term on `reward.server_url`
+REMOTE_PREFIX = "remote_"  # "remote_NAME": the term on `reward.server_urls.NAME`
+
+
+def is_remote(name: str) -> bool:
+  """Whether reward term `name` is scored by a reward server ("remote" or "remote_NAME")."""
+  return name == REMOTE or name.startswith(REMOTE_PREFIX)
+
+
+def remote_url(name: str, reward_config) -> str:
+  """The reward server URL of remote term `name` ("remote": `reward_config.server_url`;
+  "remote_NAME": `reward_config.server_urls.NAME`).
+
+  Raises:
+    ValueError: "remote_" without a NAME, a named term whose NAME `server_urls` lacks (or maps
+      to ''), or a URL that is not http(s); the message names the term and the key to set.
+  """
+  if name == REMOTE:
+    key, url = "config.reward.server_url", reward_config.server_url
+  else:
+    server = name[len(REMOTE_PREFIX):]
+    if not name.startswith(REMOTE_PREFIX) or not server:
+      raise ValueError(f"reward term {name!r} is not a remote term: name one 'remote' (its server "
+                       "at config.reward.server_url) or 'remote_NAME' (its server at "
+                       "config.reward.server_urls.NAME)")
+    urls = dict(reward_config.get("server_urls", {}))
+    key, url = f"config.reward.server_urls.{server}", urls.get(server, "")
+    flag = f"--{key}=http://HOST:PORT"
+    if server not in urls:
+      raise ValueError(
+          f"reward term {name!r} has no reward server: config.reward.server_urls lacks "
+          f"{server!r} (it names {sorted(urls)}). Add it in the config file, "
+          f"reward.server_urls = {{{server!r}: 'http://HOST:PORT'}} (a mapping may only be "
+          f"extended there, not on the command line, which can then set {flag})")
+    if not url:
+      raise ValueError(f"reward term {name!r} has no reward server: {key} is {url!r}; set it to "
+                       f"the URL of the reward server scoring it, e.g. {flag}")
+  if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+    raise ValueError(f"reward term {name!r}: {key}={url!r} must be a URL starting with http:// "
+                     "or https://")
+  return url
+
+
+def _term_names(config) -> dict[str, float]:
   names = dict(config.reward.weights)
   for name in config.reward.metrics:
     names.setdefault(name, 0.0)
+  return names
+
+
+def check_remote_terms(config, task_rewards=()) -> dict[str, str]:
+  """{term: URL} of every remote term of `config.reward` (weights and metrics), without
+  contacting any server; names in `task_rewards` (a task's own rewards) are not remote.
+  Raises the ValueError of `remote_url` for a term without a URL: call it before building or
+  compiling anything (`make_rewards` calls it before building its terms)."""
+  return {name: remote_url(name, config.reward) for name in _term_names(config)
+          if is_remote(name) and name not in task_rewards}
+
+
+def make_rewards(config, policy) -> list[tuple[float, Reward]]:
+  """Builds the (weight, Reward) terms of `config.reward`: training terms then metrics (weight 0).
+  Each remote term is its own `RewardClient` (its own batching and retries) on its own URL."""
+  names = _term_names(config)
   if not any(w != 0 for w in names.values()):
     raise ValueError("config.reward.weights must give at least one term a non-zero weight")
+  check_remote_terms(config, policy.rewards)  # every URL before any term is built
   terms = []
   for name, weight in names.items():
     terms.append((float(weight), _build(name, config, policy)))
@@ -106,12 +171,13 @@ def _build(name: str, config, policy) -> Reward:
   if name == "clipscore":
     return make_clipscore_reward(config.reward.clipscore_path, name=name,
                                  tokenizer_path=config.reward.clip_tokenizer_path or None)
-  if name == "remote":
-    return Reward(name, remote_reward(config.reward.server_url, batch_size=16, timeout=120.0,
-                                      retries=3, backoff=1.0), on_device=False)
+  if is_remote(name):
+    return Reward(name, remote_reward(remote_url(name, config.reward), batch_size=16,
+                                      timeout=120.0, retries=3, backoff=1.0), on_device=False)
   known = ", ".join(KNOWN_REWARDS + tuple(task_rewards))
   raise ValueError(f"unknown reward {name!r}; known: {known}")
 
 
 KNOWN_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility", "digit_class_logprob",
-                 "digits_heldout_accuracy", "aesthetic", "pickscore", "clipscore", "remote")
+                 "digits_heldout_accuracy", "aesthetic", "pickscore", "clipscore", "remote",
+                 "remote_NAME")  # remote_NAME: any NAME with a URL in reward.server_urls
