@@ -18,7 +18,9 @@ import types
 import numpy as np
 import pytest
 
+from ddpo_jax import config_schema
 from ddpo_jax.rewards import client as C
+from ddpo_jax.rewards import make_rewards
 from ddpo_jax.rewards import geneval as G
 from ddpo_jax.rewards import ocr as O
 from ddpo_jax.rewards import scorers as S
@@ -515,3 +517,72 @@ def test_geneval_specs_travel_as_per_sample_metadata():
   finally:
     server.shutdown()
     server.server_close()
+
+
+# ------------------------------------------------------------------------------------------
+# Several remote terms of one config, each on its own server
+# ------------------------------------------------------------------------------------------
+
+def test_one_config_with_ocr_and_geneval_on_two_servers_and_the_old_remote(tmp_path):
+  """`make_rewards` of a config with "remote_ocr" and "remote_geneval" (reward.server_urls) and
+  the plain "remote" (reward.server_url): three RewardClients, each scoring on its own
+  in-process server (`--scorer=ocr` / `geneval` with this module's engines, built-in
+  brightness) with its own weight; each server sees only its own term's requests."""
+  prompts = ['a photo of a red car and a sign that says "HI"',
+             'a photo of a blue car and a sign that says "OK"',
+             'a photo of a red car and a sign that says "HELLO"']
+  specs = tmp_path / "specs.jsonl"
+  specs.write_text("".join(json.dumps({**spec, "prompt": p}) + "\n" for p, spec in zip(
+      prompts, [COLOR, {"tag": "colors", "include": [{"class": "car", "count": 1,
+                                                        "color": "blue"}]}, COLOR])))
+  seen = {}
+  servers = {}
+
+  def start(name, scorer):
+    def recording(images, prompts, metadata):
+      seen.setdefault(name, []).append(list(prompts))
+      return scorer(images, prompts, metadata)
+    server = srv.RewardServer(("127.0.0.1", 0), recording, name=name)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                     daemon=True).start()
+    servers[name] = server
+    return server.url
+
+  try:
+    ocr_url = start("ocr", srv.resolve_scorer("ocr", {"engine": f"{__name__}:fake_reader"}))
+    geneval_url = start("geneval", srv.resolve_scorer(
+        "geneval", {"engine": f"{__name__}:fake_detector", "metadata_path": str(specs)}))
+    bright_url = start("brightness", srv.resolve_scorer("brightness"))
+    config = config_schema.new_config("ddpo", "sd")
+    config.reward.weights = {"remote_ocr": 0.5, "remote_geneval": 0.25, "remote": 1.0}
+    config.reward.server_urls = {"geneval": geneval_url + "/", "ocr": ocr_url, "unused": ""}
+    config.reward.server_url = bright_url
+    config.reward.metrics = ("remote_ocr",)  # already a term: not added twice
+    config_schema.validate(config)
+    terms = make_rewards(config, types.SimpleNamespace(rewards={}))
+    assert {r.name: (w, r.on_device, r.fn.url) for w, r in terms} == {
+        "remote_ocr": (0.5, False, ocr_url), "remote_geneval": (0.25, False, geneval_url),
+        "remote": (1.0, False, bright_url)}
+    assert len(terms) == 3
+    clients = [r.fn for _, r in terms]
+    assert all(isinstance(c, C.RewardClient) and c.batch_size == 16 for c in clients)
+    assert len({id(c) for c in clients}) == 3  # each term its own client
+
+    # Text rows on top (read by fake_reader), a red car below them (found by fake_detector).
+    images = np.stack([encode_text(t) for t in ["HI", "OX", "HELLO"]])
+    images[:2, 88:120, 16:64] = (255, 0, 0)
+    got = {r.name: r.fn(images, prompts, {}) for _, r in terms}
+    rewards, info = got["remote_ocr"]
+    np.testing.assert_allclose(rewards, [1.0, 0.5, 1.0])  # "ox" vs "ok": 1 - 1/2
+    assert info["ocr_text"].tolist() == ["HI", "OX", "HELLO"]
+    rewards, info = got["remote_geneval"]
+    np.testing.assert_allclose(rewards, [1.0, 0.5, 0.0])  # right / wrong colour / no car
+    assert info["strict_accuracy"].tolist() == [1, 0, 0]
+    decoded = np.stack([C.decode_jpeg(C.encode_jpeg(im)) for im in images])
+    np.testing.assert_array_equal(got["remote"][0],
+                                  np.float32(S.brightness(decoded, prompts, {})[0]))
+    assert seen == {"ocr": [prompts], "geneval": [prompts], "brightness": [prompts]}
+  finally:
+    for server in servers.values():
+      server.shutdown()
+      server.server_close()

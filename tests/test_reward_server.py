@@ -13,11 +13,18 @@ import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import json
+import types
+
 import msgpack
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from conftest import REPO
+from ddpo_jax import checkpoints, config_schema
+from ddpo_jax.rewards import check_remote_terms, make_rewards, remote_url
 from ddpo_jax.rewards import client as C
 from ddpo_jax.rewards import scorers as S
 from ddpo_jax.rewards import server as srv
@@ -200,6 +207,110 @@ def test_resolve_scorer():
     fail(_images(1), ["t"], {})
   with pytest.raises(AttributeError, match="has no attribute 'nope'"):
     srv.resolve_scorer("ddpo_jax.rewards.scorers:nope")
+
+
+# ------------------------------------------------------------------------------------------
+# Remote terms of a config: "remote" on reward.server_url, "remote_NAME" on server_urls.NAME
+# (two named terms on two servers: tests/test_reward_plugins.py)
+# ------------------------------------------------------------------------------------------
+NO_TASK = types.SimpleNamespace(rewards={})
+
+
+def _reward_config(weights, server_urls=None, **reward):
+  config = config_schema.new_config("ddpo", "sd")
+  config.reward.weights = weights
+  if server_urls is not None:
+    config.reward.server_urls = server_urls
+  for key, value in reward.items():
+    config.reward[key] = value
+  config_schema.validate(config)
+  return config
+
+
+def test_the_plain_remote_term_keeps_reward_server_url(server):
+  config = _reward_config({"remote": 2.0}, server_url=server)
+  [(weight, term)] = make_rewards(config, NO_TASK)
+  assert (weight, term.name, term.on_device, term.fn.url) == (2.0, "remote", False, server)
+  images, prompts = _images(3), ["a", "bb", "ccc"]
+  rewards, info = term.fn(images, prompts, {})
+  decoded = np.stack([C.decode_jpeg(C.encode_jpeg(im)) for im in images])
+  np.testing.assert_array_equal(rewards, np.float32(S.brightness(decoded, prompts, {})[0]))
+  assert info["prompt_length"].tolist() == [1, 2, 3]
+  # server_urls plays no part in "remote", and a named term may share a server with it.
+  config = _reward_config({"remote": 1.0, "remote_same": 1.0}, {"same": server, "x": ""},
+                          server_url=server)
+  assert check_remote_terms(config) == {"remote": server, "remote_same": server}
+
+
+def test_a_named_remote_term_without_a_url_is_refused_naming_the_key():
+  cases = [
+      ({"remote_ocr": 1.0}, {}, r"reward term 'remote_ocr' has no reward server: "
+       r"config.reward.server_urls lacks 'ocr' \(it names \[\]\)\. Add it in the config file"),
+      ({"remote_ocr": 1.0}, {"geneval": "http://h:1"}, r"lacks 'ocr' \(it names \['geneval'\]\)"),
+      ({"remote_ocr": 1.0}, {"ocr": ""}, "reward term 'remote_ocr' has no reward server: "
+       "config.reward.server_urls.ocr is ''; set it .* --config.reward.server_urls.ocr="
+       "http://HOST:PORT"),
+      ({"remote_ocr": 1.0}, {"ocr": "h:1"}, "reward term 'remote_ocr': config.reward."
+       "server_urls.ocr='h:1' must be a URL starting with http:// or https://"),
+      ({"remote_": 1.0}, {}, "reward term 'remote_' is not a remote term: name one 'remote'"),
+  ]
+  for weights, urls, message in cases:
+    config = _reward_config(weights, urls)
+    with pytest.raises(ValueError, match=message):
+      check_remote_terms(config)
+    with pytest.raises(ValueError, match=message):
+      make_rewards(config, NO_TASK)
+  # A metric-only term is checked too; every URL before any term is built (the PickScore
+  # directory below does not exist: building that term would fail differently).
+  config = _reward_config({"pickscore": 1.0}, {}, metrics=("remote_geneval",),
+                          pickscore_path="/nonexistent/PickScore")
+  with pytest.raises(ValueError, match="'remote_geneval' has no reward server"):
+    make_rewards(config, NO_TASK)
+  with pytest.raises(ValueError, match="config.reward.server_url='ftp://x' must be a URL"):
+    remote_url("remote", _reward_config({"remote": 1.0}, server_url="ftp://x").reward)
+  # A task's own reward of that name is not a remote term.
+  assert check_remote_terms(_reward_config({"remote_task": 1.0}), ("remote_task",)) == {}
+
+
+def test_server_urls_in_saved_configs_and_on_the_command_line():
+  """An older checkpoint's config (no reward.server_urls) reads it as {} and resumes without
+  a change; a config's JSON (a checkpoint's) keeps named terms; the command line sets a
+  listed server's URL and a named term's weight."""
+  old = json.loads(config_schema.new_config("ddpo", "sd").to_json())
+  del old["reward"]["server_urls"]
+  completed = config_schema.complete(old)
+  config_schema.validate(completed)
+  assert dict(completed.reward.server_urls) == {}
+  assert checkpoints.config_changes(json.dumps(old), config_schema.new_config("ddpo", "sd")) == {}
+
+  config = _reward_config({"remote_ocr": 0.5, "pickscore": 1.0}, {"ocr": "http://a:1"})
+  back = config_schema.complete(json.loads(config.to_json()))
+  config_schema.validate(back)
+  assert dict(back.reward.weights) == {"remote_ocr": 0.5, "pickscore": 1.0}
+  assert check_remote_terms(back) == {"remote_ocr": "http://a:1"}
+  assert checkpoints.config_changes(config.to_json(), back) == {}
+  moved = _reward_config({"remote_ocr": 0.5, "pickscore": 1.0}, {"ocr": "http://b:2"})
+  assert checkpoints.config_changes(config.to_json(), moved) == {
+      "reward.server_urls.ocr": ("http://a:1", "http://b:2")}
+
+  def parse(*overrides):
+    argv = ["main", f"--config={REPO}/configs/sd3_multi_reward.py:runlocal", *overrides]
+    values = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv,
+                                             lock_config=True)  # as ddpo_jax/main.py
+    values(argv)
+    config_schema.validate(holder.value)
+    return holder.value
+  parsed = parse("--config.reward.weights.remote_ocr=0.2",
+                 "--config.reward.server_urls.ocr=http://ocr:8085",
+                 "--config.reward.server_urls.geneval=http://geneval:8086")
+  assert dict(parsed.reward.weights) == {"pickscore": 1.0, "remote_ocr": 0.2,
+                                         "remote_geneval": 0.5}
+  assert check_remote_terms(parsed) == {"remote_ocr": "http://ocr:8085",
+                                        "remote_geneval": "http://geneval:8086"}
+  # The recipe without its URLs is refused, naming the key.
+  with pytest.raises(ValueError, match=r"config.reward.server_urls.geneval is ''"):
+    check_remote_terms(parse("--config.reward.server_urls.ocr=http://ocr:8085"))
 
 
 # ------------------------------------------------------------------------------------------
