@@ -39,8 +39,6 @@ class DDIMDynamics:
   prev_timesteps: np.ndarray  # (T,) int32
   eta: float
 
-  supports_kl_penalty = True
-  supports_denoising_loss = True
 
   def sample(self, pred_fn, params, key, context, uncond, *, guidance_scale, latent_shape,
              class_labels=None, uncond_class_labels=None, reference_params=None,
@@ -76,8 +74,6 @@ class FlowDynamics:
   noise_level: float
   noise_group_size: int = 1  # > 1: consecutive groups of this many samples share x_init
 
-  supports_kl_penalty = False  # the reference-model KL of §3.5 is written for DDIM steps
-  supports_denoising_loss = False  # RWR's denoising loss is eps-prediction's
 
   def __post_init__(self):
     flow.check_sde(self.sde_type, self.noise_level)
@@ -94,10 +90,8 @@ class FlowDynamics:
     consecutive samples when > 1: Flow-GRPO-Fast's one ODE trajectory per prompt that branches
     at the SDE steps). `sde_steps`: (B, T) bool, the SDE window of each sample (None: every
     step); the trajectory's `trained_steps` is it."""
-    del kl_reduction
-    if class_labels is not None or reference_params is not None:
-      raise ValueError("flow dynamics: class labels and the reference-model KL are not "
-                       "supported")
+    if class_labels is not None:
+      raise ValueError("flow dynamics: class labels are not supported")
     b = jax.tree.leaves(context)[0].shape[0]
     g = self.noise_group_size
     if b % g:
@@ -110,15 +104,19 @@ class FlowDynamics:
                              sigmas=self.sigmas, timesteps=self.timesteps,
                              guidance_scale=guidance_scale, sde_type=self.sde_type,
                              noise_level=self.noise_level,
-                             sde_steps=None if sde_steps is None else jnp.swapaxes(sde_steps, 0, 1))
+                             sde_steps=None if sde_steps is None else jnp.swapaxes(sde_steps, 0, 1),
+                             reference_params=reference_params, kl_reduction=kl_reduction)
     sig = jnp.asarray(self.sigmas, jnp.float32)
+    with_kl = reference_params is not None
     return diffusion.Trajectory(
         latents=jnp.swapaxes(out["latents"], 0, 1),
         next_latents=jnp.swapaxes(out["next_latents"], 0, 1),
         log_probs=jnp.swapaxes(out["log_probs"], 0, 1),
         timesteps=jnp.broadcast_to(sig[None, :-1], (b, n)),
         prev_timesteps=jnp.broadcast_to(sig[None, 1:], (b, n)), context=context,
-        trained_steps=None if sde_steps is None else jnp.asarray(sde_steps, bool))
+        trained_steps=None if sde_steps is None else jnp.asarray(sde_steps, bool),
+        kl=jnp.swapaxes(out["kl"], 0, 1) if with_kl else None,
+        reference_means=jnp.swapaxes(out["reference_means"], 0, 1) if with_kl else None)
 
   def step_log_prob(self, pred_fn, params, batch, uncond, *, guidance_scale,
                     uncond_class_labels=None):

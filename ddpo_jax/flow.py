@@ -226,7 +226,8 @@ def random_window_start(rng: np.random.Generator, num_steps: int, size: int,
 
 def flow_chain(velocity_fn, params: Any, x_init: Array, step_keys: Array, context: Any,
                uncond_context: Any, *, sigmas, timesteps, guidance_scale: float,
-               sde_type: str, noise_level, sde_steps=None) -> tuple[Array, dict]:
+               sde_type: str, noise_level, sde_steps=None, reference_params: Any = None,
+               kl_reduction: str = "mean") -> tuple[Array, dict]:
   """T guided flow steps in one `lax.scan`, with each step's log-probability.
 
   Step i: v = the guided velocity at x (`diffusion.guided_eps`), (mean, std) =
@@ -243,11 +244,16 @@ def flow_chain(velocity_fn, params: Any, x_init: Array, step_keys: Array, contex
     sde_type, noise_level: as `step_mean_std` (static sde_type).
     sde_steps: optional (T,) bool (one mask for the batch) or (T, B) (one per sample); None =
       every step stochastic.
+    reference_params: optional params of a reference velocity model (the pre-trained one) run
+      at the same x: each step's KL_t = KL(step under params || step under reference_params)
+      (`diffusion.gaussian_kl_shared_std`, `kl_reduction` "mean" or "sum" over the latent
+      dims; 0 on a deterministic step) and the reference step mean are returned too.
 
   Returns:
     (x at sigmas[-1] (B, ...) float32, per-step outputs on a leading T axis: "latents" x_i,
     "next_latents", "log_probs" (T, B) (`diffusion.gaussian_log_prob`, mean over the latent
-    dims; 0 on ODE steps), "std" (T,), or (T, B, 1, ..., 1) with per-sample masks).
+    dims; 0 on ODE steps), "std" (T,), or (T, B, 1, ..., 1) with per-sample masks; with
+    `reference_params` also "kl" (T, B) and "reference_means" (T, B, ...)).
   """
   check_sde(sde_type, noise_level)
   sigmas = jnp.asarray(sigmas, jnp.float32)
@@ -261,21 +267,32 @@ def flow_chain(velocity_fn, params: Any, x_init: Array, step_keys: Array, contex
                      f"({n}, {x_init.shape[0]})")
   sigma_max = sigmas[1] if n > 1 else sigmas[0]
 
-  def body(x, inputs):
-    sigma, sigma_next, t, key, stochastic = inputs
-    v = diffusion.guided_eps(velocity_fn, params, x, jnp.full((x.shape[0],), t), context,
+  def step(p, x, sigma, sigma_next, t, per_sample):
+    """(mean, std) of one step under params `p`."""
+    v = diffusion.guided_eps(velocity_fn, p, x, jnp.full((x.shape[0],), t), context,
                              uncond_context, guidance_scale)
     mean, std = step_mean_std(v, x, sigma, sigma_next, sde_type=sde_type,
                               noise_level=noise_level, sigma_max=sigma_max)
-    per_sample = stochastic.reshape(stochastic.shape + (1,) * (x.ndim - 1)) if stochastic.ndim \
-        else stochastic  # (B, 1, ..., 1) for per-sample masks
     std = jnp.where(per_sample, std, 0.0)
     if sde_type != "ode":
       mean = jnp.where(per_sample, mean, euler_step(x, v, sigma, sigma_next))
+    return mean, std
+
+  def body(x, inputs):
+    sigma, sigma_next, t, key, stochastic = inputs
+    per_sample = stochastic.reshape(stochastic.shape + (1,) * (x.ndim - 1)) if stochastic.ndim \
+        else stochastic  # (B, 1, ..., 1) for per-sample masks
+    mean, std = step(params, x, sigma, sigma_next, t, per_sample)
     x_next = mean + std * jax.random.normal(key, x.shape, mean.dtype)
     std_b = jnp.broadcast_to(std, x.shape).reshape(x.shape[0], -1)[:, 0]
     log_prob = jnp.where(std_b > 0, diffusion.gaussian_log_prob(x_next, mean, std), 0.0)
-    return x_next, {"latents": x, "next_latents": x_next, "log_probs": log_prob, "std": std}
+    out = {"latents": x, "next_latents": x_next, "log_probs": log_prob, "std": std}
+    if reference_params is not None:
+      ref_mean, _ = step(reference_params, x, sigma, sigma_next, t, per_sample)
+      kl = diffusion.gaussian_kl_shared_std(mean, ref_mean, std, reduction=kl_reduction)
+      out["kl"] = jnp.where(std_b > 0, kl, 0.0)
+      out["reference_means"] = ref_mean
+    return x_next, out
 
   return jax.lax.scan(body, x_init.astype(jnp.float32),
                       (sigmas[:-1], sigmas[1:], timesteps, step_keys, mask))

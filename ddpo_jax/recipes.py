@@ -216,8 +216,11 @@ def sd3_flow_grpo_config(task: str, arg=None) -> ml_collections.ConfigDict:
   - optimizer steps of 576 samples (288 x 2 accumulated), i.e. 2 per epoch; PPO clip 1e-4,
     advantages clipped to 5, lr 3e-4, AdamW as DDPO's, grad-norm clip 1, timestep fraction 0.99;
   - LoRA rank 32, alpha 64 on the joint-attention projections (`SD3_LORA_TARGETS`).
-  Not carried over (ddpo_jax has no equivalent yet): the KL loss to the reference model
-  (flow_grpo beta 0.01 pickscore / 0.04 ocr, geneval), the EMA of the weights.
+  Not carried over: the EMA of the weights; flow_grpo's KL loss to the reference model (beta
+  0.01 pickscore, 0.04 ocr / geneval) is left at 0 because its units differ: ddpo_jax's
+  `train.kl_coef` = α weighs the KL in reward units (maximise E[r] − α E[Σ_t KL_t],
+  docs/algorithms.md §3.5); flow_grpo adds beta · KL (mean over latent dims) to a loss in
+  advantage units, which is α ≈ beta · std(r) with `train.kl_reduction="sum"`.
   Rewards: PickScore on device (`reward.pickscore_path`); OCR and GenEval through the reward
   server (`reward.server_url`, a `python -m ddpo_jax.rewards.server` hosting the scorer).
   """

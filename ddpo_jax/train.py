@@ -23,7 +23,7 @@ import optax
 from ddpo_jax import algorithms, config_schema, diffusion, dynamics as dynamics_lib, flow
 from ddpo_jax import parallel
 from ddpo_jax.policy import Policy
-from ddpo_jax.rewards import Reward
+from ddpo_jax.rewards import Reward, check_remote_terms
 
 @flax.struct.dataclass
 class TrainState:
@@ -39,6 +39,7 @@ def validate_shared_config(config: ml_collections.ConfigDict) -> None:
   the schema (`config_schema.validate`: unknown or missing keys, values outside their
   choices): DDPO's and CTRL's `validate_config`."""
   config_schema.validate(config)
+  check_remote_terms(config)  # every remote reward term has a server URL
   t = config.train
   checks = [("train.learning_rate", t.learning_rate, ">= 0", t.learning_rate >= 0),
             ("train.max_grad_norm", t.max_grad_norm, "> 0 (the global-norm clip)",
@@ -66,10 +67,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
                      f"{t.algorithm!r} needs them (use 'sde' / 'cps', or train.algorithm 'nft')")
   if s.sampler != "ddim":
     flow.check_sde(s.sampler, float(s.noise_level))
-    if t.kl_coef > 0 or algorithm.uses_denoising_loss:
-      raise ValueError(f"sample.sampler={s.sampler!r}: the flow samplers train with "
-                       "train.algorithm 'ppo' / 'sf' and train.kl_coef=0 (the reference KL and "
-                       "RWR's eps regression are written for DDIM)")
+    if algorithm.uses_denoising_loss:
+      raise ValueError(f"sample.sampler={s.sampler!r}: train.algorithm={t.algorithm!r} is an "
+                       "eps regression, written for DDIM; the flow samplers train with 'ppo', "
+                       "'sf' or 'nft'")
   if int(s.group_size) < 1 or s.batch_size % int(s.group_size):
     raise ValueError(f"sample.group_size={s.group_size} must be >= 1 and divide "
                      f"sample.batch_size={s.batch_size} (each batch holds whole groups)")

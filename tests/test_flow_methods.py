@@ -50,6 +50,47 @@ def test_per_sample_sde_masks_equal_one_chain_per_sample():
     chain(x, masks)  # (B, T): transposed
 
 
+def test_chain_kl_to_a_reference_model():
+  """With reference params the chain's KL_t is ||mean − mean_ref||² / (2 std²) of the two
+  models' steps at the sampled x_t (mean over the latent dims), recomputed here with
+  `flow.step_mean_std` (1e-5 relative); 0 on the ODE steps outside the window."""
+  sigmas, timesteps = flow.FlowSchedule(shift=3.0).sigmas(5)
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, 4, 4, 1))
+  window = np.array([1, 1, 1, 0, 0], bool)
+
+  def velocity(p, x, t, context, labels=None):
+    return p * _toy_velocity(None, x, t, context)
+  _, out = flow.flow_chain(velocity, 1.0, x, jax.random.split(jax.random.PRNGKey(2), 5), None,
+                           None, sigmas=sigmas, timesteps=timesteps, guidance_scale=1.0,
+                           sde_type="sde", noise_level=A, sde_steps=window,
+                           reference_params=0.8)
+  for i in range(5):
+    xi = out["latents"][i]
+    t = jnp.full((3,), timesteps[i])
+    means = [flow.step_mean_std(velocity(p, xi, t, None), xi, sigmas[i], sigmas[i + 1],
+                                sde_type="sde", noise_level=A, sigma_max=sigmas[1]) for p in (1.0, 0.8)]
+    if not window[i]:
+      assert float(jnp.abs(out["kl"][i]).max()) == 0.0
+      continue
+    (m, std), (m_ref, _) = means
+    expected = np.mean(np.asarray((m - m_ref) ** 2 / (2 * std ** 2)), axis=(1, 2, 3))
+    np.testing.assert_allclose(np.asarray(out["kl"][i]), expected, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(out["reference_means"][i]), np.asarray(m_ref),
+                               rtol=0, atol=1e-6)
+    assert expected.min() > 0
+
+
+def test_flow_grpo_kl_penalty_at_init():
+  """train.kl_coef > 0 on the flow SDE: the sampler runs the pre-trained model too; at the
+  sampling params the policy is the reference, so the KL is 0 and the ratio 1 (to float error:
+  the sampler and the update are two programs)."""
+  config = load_config("digits_flow", "runlocal", **{"train.kl_coef": 0.1})
+  _, frozen, _, metrics = one_update(config, lr=0.0)
+  assert "reference_unet" in frozen
+  assert metrics["approx_kl"] < 1e-10 and metrics["kl_to_pretrained"] < 1e-10, metrics
+  assert metrics["path_kl"] < 1e-10
+
+
 def _sample_config(**changes):
   config = load_config("digits_flow", "runlocal")
   for k, v in changes.items():
@@ -211,6 +252,10 @@ BAD = [
     ({"train.algorithm": "nft", "sample.guidance_scale": 2.0},
      "train.algorithm='nft' is CFG-free"),
     ({"train.algorithm": "nft", "train.nft_beta": 0.0}, "train.nft_beta=0.0 must be > 0"),
+    ({"train.algorithm": "nft", "train.kl_coef": 0.1}, "the KL penalty needs kl_coef >= 0 and"),
+    ({"train.algorithm": "rwr"}, "'rwr' is an eps regression, written for DDIM"),
+    ({"reward.weights": {"remote_ocr": 1.0}},
+     "reward term 'remote_ocr' has no reward server: config.reward.server_urls lacks 'ocr'"),
 ]
 
 
