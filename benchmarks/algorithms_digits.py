@@ -1,6 +1,9 @@
-r"""The DDPO paper's central comparison (Black et al. 2023, Fig. 4) on the built-in digits task:
+r"""Method comparisons on the built-in digits task, several seeds each; the tables and plots in
+README.md.
+
+`--suite=ddpo` (default): the DDPO paper's central comparison (Black et al. 2023, Fig. 4):
 DDPO-IS (PPO-clipped importance sampling), DDPO-SF (score function), RWR and RWR-sparse at the
-same number of samples, several seeds each. Produces the table and plot in README.md.
+same number of samples, on the UNet digits model (configs/default.py).
 
   python benchmarks/algorithms_digits.py --root=/tmp/algorithms_digits --epochs=30 --seeds=0,1,2
 
@@ -10,9 +13,20 @@ epoch for every algorithm; the pre-trained digits model is the same for all runs
 `model.pretrain.seed`). DDPO-SF takes one optimizer step per data collection
 (docs/algorithms.md §3.3), so its run accumulates the epoch's 8 minibatches into one step
 (`train.gradient_accumulation_steps=8`); the others take the default's 8 steps per epoch.
+
+`--suite=flow`: the flow-matching methods on the digits MMDiT (configs/digits_flow.py and its
+variants): Flow-GRPO (SDE), CPS, MixGRPO, Flow-GRPO-Fast and DiffusionNFT, compared at the same
+wall-clock budget: with `--budget_s=B` each run's rows are cut at the last epoch whose summed
+`epoch_time_s` (sampling + reward + update, compilation and pre-training excluded) is at most B,
+so a cheaper method gets more epochs. The table adds the epochs within the budget and the
+denoiser evaluations per epoch (`model_evaluations_per_epoch`, counted from the config).
+
+  python benchmarks/algorithms_digits.py --suite=flow --root=/tmp/flow_digits --epochs=60 \
+      --budget_s=60 --seeds=0,1,2
+
 Finished runs (metrics.jsonl with EPOCHS rows) are not repeated.
 
-Writes ROOT/results.md (per algorithm: mean ± sample standard deviation over the seeds of the
+Writes ROOT/results.md (per method: mean ± sample standard deviation over the seeds of the
 reward and the held-out-judge accuracy, at the first epoch, the last epoch and over the last 3
 epochs) and ROOT/curves.png (per-epoch means, a band of ± one standard deviation), and prints
 the table.
@@ -32,7 +46,45 @@ ALGORITHMS = {  # name in the table -> ddpo_jax.main flags
     "RWR": ["--config.train.algorithm=rwr"],
     "RWR-sparse": ["--config.train.algorithm=rwr_sparse"],
 }
+FLOW_METHODS = {  # name in the table -> configs/digits_flow.py variant
+    "Flow-GRPO": "", "CPS": "cps", "MixGRPO": "mixgrpo", "Flow-GRPO-Fast": "fast",
+    "DiffusionNFT": "nft",
+}
+SUITES = {"ddpo": ALGORITHMS, "flow": FLOW_METHODS}
 JUDGE = "digits_heldout_accuracy_mean"
+
+
+def _command(suite: str, name: str) -> list[str]:
+  """The `ddpo_jax.main` flags of a method of `suite`."""
+  if suite == "ddpo":
+    return [f"--config={REPO}/configs/default.py", *ALGORITHMS[name]]
+  variant = FLOW_METHODS[name]
+  return [f"--config={REPO}/configs/digits_flow.py" + (f":{variant}" if variant else "")]
+
+
+def model_evaluations_per_epoch(config) -> int:
+  """Denoiser evaluations (one per sample per call; classifier-free guidance counts 2) of one
+  epoch of `config`: sampling's T steps for every sample, plus the update's K trained steps per
+  sample per inner epoch (DiffusionNFT evaluates the trained and the sampling params: 2)."""
+  from ddpo_jax import algorithms, dynamics
+  s, t = config.sample, config.train
+  n = s.batch_size * s.num_batches_per_epoch
+  guided = 2 if float(s.guidance_scale) != 1.0 else 1
+  update_guided = guided if t.cfg else 1
+  k = dynamics.trained_steps_per_sample(s, t.timestep_fraction)
+  per_step = 2 if algorithms.get(t.algorithm).needs_sampling_params else 1
+  return n * s.num_steps * guided + n * k * update_guided * per_step * t.num_inner_epochs
+
+
+def within_budget(rows: list[dict], budget_s: float) -> list[dict]:
+  """The leading rows whose summed `epoch_time_s` is at most `budget_s` (at least one row)."""
+  total, kept = 0.0, []
+  for row in rows:
+    total += row["epoch_time_s"]
+    if total > budget_s and kept:
+      break
+    kept.append(row)
+  return kept
 
 
 def _rows(workdir: str) -> list[dict]:
@@ -43,13 +95,14 @@ def _rows(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def run_one(root: str, name: str, seed: int, epochs: int) -> list[dict]:
-  """Runs (or reads back) one algorithm and seed; returns its metrics rows, one per epoch."""
+def run_one(root: str, name: str, seed: int, epochs: int, suite: str = "ddpo") -> list[dict]:
+  """Runs (or reads back) one method of `suite` and seed; returns its metrics rows, one per
+  epoch."""
   workdir = os.path.join(root, f"{name}_s{seed}")
   if len(_rows(workdir)) < epochs:
-    cmd = [sys.executable, "-m", "ddpo_jax.main", f"--config={REPO}/configs/default.py",
+    cmd = [sys.executable, "-m", "ddpo_jax.main", *_command(suite, name),
            f"--workdir={workdir}", f"--config.seed={seed}", f"--config.num_epochs={epochs}",
-           "--config.progress=False", "--config.log_image_freq=0", *ALGORITHMS[name]]
+           "--config.progress=False", "--config.log_image_freq=0"]
     print("running:", " ".join(cmd[1:]), flush=True)
     t0 = time.time()
     subprocess.run(cmd, cwd=REPO, check=True)
@@ -67,11 +120,16 @@ def _mean_sd(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
   return f"{m:.{digits}f} ± {sd:.{digits}f}"
 
 
-def table(results: dict[str, list[list[dict]]]) -> str:
-  """Markdown table: per algorithm, mean ± sd over seeds (judge accuracy in %)."""
-  lines = ["| algorithm | seeds | reward, epoch 0 | reward, last epoch | reward, last 3 epochs | "
+def table(results: dict[str, list[list[dict]]], evaluations: dict[str, int] | None = None
+          ) -> str:
+  """Markdown table: per algorithm, mean ± sd over seeds (judge accuracy in %); with
+  `evaluations` ({name: denoiser evaluations per epoch}) also the epochs run (mean ± sd) and
+  the evaluations per epoch."""
+  extra = evaluations is not None
+  lines = ["| algorithm | seeds | " + ("epochs | model evaluations / epoch | " if extra else "")
+           + "reward, epoch 0 | reward, last epoch | reward, last 3 epochs | "
            "judge %, epoch 0 | judge %, last epoch | judge %, last 3 epochs |",
-           "|---|---|---|---|---|---|---|---|"]
+           "|---|---|" + ("---|---|" if extra else "") + "---|---|---|---|---|---|"]
   for name, runs in results.items():
     cells = []
     for key, scale in (("reward_mean", 1.0), (JUDGE, 100.0)):
@@ -80,6 +138,8 @@ def table(results: dict[str, list[list[dict]]]) -> str:
       last3 = [statistics.mean(x[key] for x in r[-3:]) for r in runs]
       digits = 3 if scale == 1.0 else 1
       cells += [_mean_sd(v, scale, digits) for v in (first, last, last3)]
+    if extra:
+      cells = [_mean_sd([float(len(r)) for r in runs], 1.0, 1), str(evaluations[name])] + cells
     lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -91,8 +151,9 @@ def plot(results: dict[str, list[list[dict]]], path: str) -> None:
   import numpy as np
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
   for name, runs in results.items():
+    length = min(len(run) for run in runs)  # runs cut at a time budget differ in length
     for ax, key, scale in ((axes[0], "reward_mean", 1.0), (axes[1], JUDGE, 100.0)):
-      values = np.asarray([[row[key] for row in run] for run in runs]) * scale
+      values = np.asarray([[row[key] for row in run[:length]] for run in runs]) * scale
       mean = values.mean(0)
       sd = values.std(0, ddof=1) if len(runs) > 1 else np.zeros_like(mean)
       epochs = np.arange(len(mean))
@@ -107,22 +168,37 @@ def plot(results: dict[str, list[list[dict]]], path: str) -> None:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--suite", default="ddpo", choices=sorted(SUITES))
   parser.add_argument("--root", default="/tmp/algorithms_digits")
   parser.add_argument("--epochs", type=int, default=30)
   parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
+  parser.add_argument("--algorithms", default="", help="comma-separated; default: the suite's")
+  parser.add_argument("--budget_s", type=float, default=0.0,
+                      help="> 0: cut each run at this much summed epoch time (s)")
   args = parser.parse_args()
+  methods = SUITES[args.suite]
   seeds = [int(s) for s in args.seeds.split(",")]
-  names = args.algorithms.split(",")
-  unknown = sorted(set(names) - set(ALGORITHMS))
+  names = args.algorithms.split(",") if args.algorithms else list(methods)
+  unknown = sorted(set(names) - set(methods))
   if unknown:
-    parser.error(f"unknown algorithms {unknown}; known: {list(ALGORITHMS)}")
+    parser.error(f"unknown algorithms {unknown}; known: {list(methods)}")
   os.makedirs(args.root, exist_ok=True)
   results = {}
   for seed in seeds:  # seed-major: a stopped sweep has every algorithm at the first seeds
     for name in names:
-      results.setdefault(name, []).append(run_one(args.root, name, seed, args.epochs))
-  md = table(results)
+      rows = run_one(args.root, name, seed, args.epochs, args.suite)
+      results.setdefault(name, []).append(within_budget(rows, args.budget_s)
+                                          if args.budget_s > 0 else rows)
+  evaluations = None
+  if args.suite == "flow":
+    sys.path.insert(0, os.path.join(REPO, "configs"))
+    import digits_flow
+    evaluations = {name: model_evaluations_per_epoch(digits_flow.get_config(FLOW_METHODS[name]))
+                   for name in names}
+  md = table(results, evaluations)
+  if args.budget_s > 0:
+    md += (f"\n\nEach run cut at {args.budget_s:g} s of summed epoch time (sampling, reward, "
+           "update).")
   with open(os.path.join(args.root, "results.md"), "w") as f:
     f.write(md + "\n")
   plot(results, os.path.join(args.root, "curves.png"))

@@ -278,3 +278,25 @@ def test_memory_table_tiny_is_consistent():
   args.pixels = "tiny"
   table = memory.tables(list(rows.values()), args)
   assert table.count("| tiny SD3.5 ") == 6, table  # 3 rows in each of the two tables
+
+
+def test_flow_comparison_budget_and_model_evaluations():
+  """algorithms_digits.py --suite=flow: runs are cut at the summed epoch time, and the
+  denoiser evaluations per epoch are counted from the configs (256 samples x 10 steps of
+  sampling; the update's K = 5 of 10 steps, MixGRPO's 4-step window, Fast's 2, NFT's 5 at two
+  param sets)."""
+  bench = _module("algorithms_digits")
+  rows = [{"epoch": e, "epoch_time_s": t} for e, t in enumerate([3.0, 2.0, 2.0, 4.0])]
+  assert [r["epoch"] for r in bench.within_budget(rows, 7.0)] == [0, 1, 2]
+  assert [r["epoch"] for r in bench.within_budget(rows, 1.0)] == [0]  # at least one row
+  sys.path.insert(0, os.path.join(bench.REPO, "configs"))
+  import digits_flow
+  counts = {name: bench.model_evaluations_per_epoch(digits_flow.get_config(variant))
+            for name, variant in bench.FLOW_METHODS.items()}
+  sampling = 256 * 10
+  assert counts == {"Flow-GRPO": sampling + 256 * 5, "CPS": sampling + 256 * 5,
+                    "MixGRPO": sampling + 256 * 4, "Flow-GRPO-Fast": sampling + 256 * 2,
+                    "DiffusionNFT": sampling + 256 * 5 * 2}
+  table = bench.table({"Flow-GRPO": [[{"reward_mean": -1.0, bench.JUDGE: 0.5}] * 3] * 2},
+                      {"Flow-GRPO": counts["Flow-GRPO"]})
+  assert "| Flow-GRPO | 2 | 3.0 ± 0.0 | 3840 | -1.000 ± 0.000 |" in table, table
