@@ -44,7 +44,7 @@ DAMAGED_DIR = "damaged_checkpoints"
 # of them changes what an epoch already trained would have computed.
 CHANGEABLE_ON_RESUME = ("num_epochs", "save_freq", "keep_checkpoints", "log_image_freq",
                         "progress", "compilation_cache_dir", "cpu_devices", "mesh.*",
-                        "reward.server_url", "ctrl.eval_*")
+                        "reward.server_url", "reward.server_urls.*", "ctrl.eval_*")
 
 
 class DamagedCheckpointError(ValueError):

@@ -368,7 +368,8 @@ def _ddpo_epoch_fn(config, policy, terms, frozen, optimizer, mesh, tracker, stat
       f"{t_compile_update:.1f} s")
   concat = jax.jit(lambda trajs: jax.tree.map(lambda *xs: jnp.concatenate(xs), *trajs),
                    out_shardings=data)
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+  # one thread per host reward term (each its own server or scorer), at least 2
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, len(host_terms)))
 
   def epoch_fn(epoch, state):
     t0 = time.time()
