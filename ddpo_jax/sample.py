@@ -40,7 +40,9 @@ def sample_from_checkpoint(workdir: str, num: int, step=None, prompts=None, seed
 def sample_images(config, policy, params, num: int, prompts=None, seed: int = 0,
                   batch_size: int = 64, labels=None):
   """Returns (images uint8 (num,H,W,C), prompts list[str]) sampled from `params` (the
-  trainable params of `policy`, e.g. from `runs.restore_run`) with the run's `config`.
+  trainable params of `policy`, e.g. from `runs.restore_run`) with the run's `config` (its
+  sampler; a flow model's with the deterministic flow ODE, the training SDE's noise-free
+  limit, as flow_grpo evaluates).
 
   `prompts` are cycled over the samples (default: drawn by the task, seeded by `seed`). For
   CTRL runs the returned prompts are contexts "PROMPT||y=LABELS"
@@ -50,6 +52,10 @@ def sample_images(config, policy, params, num: int, prompts=None, seed: int = 0,
   """
   config = config.copy_and_resolve_references()
   config.train.kl_coef = 0.0  # only images are wanted: no KL to the pre-trained model
+  if policy.prediction_type == "flow":  # flow models are evaluated on the ODE (as flow_grpo's)
+    config.sample.sampler = "ode"
+    config.sample.sde_window_size = 0
+    config.sample.same_noise_per_group = False
   label_tuples = None
   if labels:
     if policy.ctrl is None:

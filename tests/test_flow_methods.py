@@ -12,6 +12,7 @@ import pytest
 
 from ddpo_jax import algorithms, digits, dynamics, flow, loop, parallel, train
 from ddpo_jax.algorithms.base import StepModel
+from ddpo_jax.sample import sample_from_checkpoint
 from helpers import load_config, one_update
 
 A = 0.7
@@ -226,20 +227,6 @@ def test_fast_groups_share_noise_and_branch_at_the_window():
   np.testing.assert_array_equal(np.asarray(traj.trained_steps[0]), window)
 
 
-def test_digits_flow_runlocal_trains_resumes_and_samples(tmp_path):
-  """configs/digits_flow.py:runlocal through `loop.train_and_evaluate`: 2 epochs, the held-out
-  judge logged, then one more epoch after a resume from the epoch-2 checkpoint."""
-  config = load_config("digits_flow", "runlocal")
-  workdir = str(tmp_path / "run")
-  last = loop.train_and_evaluate(config, workdir)
-  assert "digits_heldout_accuracy_mean" in last and np.isfinite(last["reward_mean"])
-  config.num_epochs = 3
-  loop.train_and_evaluate(config, workdir)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  assert [r["epoch"] for r in rows] == [0, 1, 2]
-
-
 BAD = [
     ({"sample.sampler": "ddim"}, "needs a 'epsilon'-predicting model; this one predicts 'flow'"),
     ({"sample.sampler": "ode"}, "sample.sampler='ode' has no step log-probabilities"),
@@ -276,3 +263,60 @@ def test_window_on_ddim_and_same_noise_without_groups_are_refused():
                                                      "sample.group_size": 1})
   with pytest.raises(ValueError, match="same_noise_per_group needs"):
     train.validate_config(config, parallel.make_mesh(config.mesh))
+
+
+DYING_SCORER = '''
+import os
+_calls = [0]
+
+def make_scorer(die_on_call):
+  """Brightness per image; the server process exits at call `die_on_call` (mid-epoch)."""
+  def scorer(images, prompts, metadata):
+    _calls[0] += 1
+    if _calls[0] == die_on_call:
+      os._exit(3)
+    return [float(im.mean()) / 255.0 for im in images], {}
+  return scorer
+'''
+
+
+def test_a_reward_server_dying_mid_epoch_stops_the_run_cleanly(tmp_path, monkeypatch):
+  """configs/digits_flow.py:runlocal (the digits MMDiT, Flow-GRPO) on a remote reward whose
+  server process exits during epoch 1: the run raises the client's error naming the server,
+  the checkpoint directory holds only the committed steps (0 and 1, nothing half-written),
+  metrics.jsonl only epoch 0 (with the held-out judge logged); with a new server (another URL:
+  allowed on resume) the run resumes at epoch 1 and finishes, and `sample.sample_from_checkpoint`
+  draws from it (on the flow ODE)."""
+  from test_reward_server import _start_server, _stop
+  from ddpo_jax.rewards.client import RewardServerError
+  (tmp_path / "dying_scorer.py").write_text(DYING_SCORER)
+  monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+  proc, url = _start_server(tmp_path / "server.log", "--scorer=dying_scorer:make_scorer",
+                            '--scorer_kwargs={"die_on_call": 2}')
+  workdir = str(tmp_path / "run")
+  config = load_config("digits_flow", "runlocal", **{
+      "reward.weights": {"remote": 1.0}, "reward.server_url": url, "num_epochs": 3})
+  try:
+    with pytest.raises(RewardServerError, match=url):
+      loop.train_and_evaluate(config, workdir)
+  finally:
+    _stop(proc)
+  assert proc.returncode == 3
+  entries = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  assert [e for e in entries if e.isdigit()] == ["0", "1"], entries
+  assert not [e for e in entries if "tmp" in e], entries
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert [json.loads(line)["epoch"] for line in f] == [0]
+  proc, url2 = _start_server(tmp_path / "server2.log", "--scorer=dying_scorer:make_scorer",
+                             '--scorer_kwargs={"die_on_call": 0}')
+  try:
+    config.reward.server_url = url2
+    last = loop.train_and_evaluate(config, workdir)
+  finally:
+    _stop(proc)
+  assert np.isfinite(last["reward_mean"]) and "digits_heldout_accuracy_mean" in last
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert [json.loads(line)["epoch"] for line in f] == [0, 1, 2]
+  images, prompts, step = sample_from_checkpoint(workdir, 4)
+  assert images.shape == (4,) + digits.IMAGE_SHAPE and images.dtype == np.uint8 and step == 3
+  assert all(p in digits.PROMPTS for p in prompts)
