@@ -8,7 +8,8 @@ contains PROMPT") at `reward.server_url`, queried by a thread pool while the dev
 sampling. 200 epochs × 288 samples (32 × 9); optimizer steps of 144 samples (8 × 18
 accumulated, as the torch port's 6 GPUs × 4 × 6), 2 per epoch; stat tracking buffer 32, min 16.
 
-  python -m ddpo_jax.rewards.server --scorer=llava_bertscore --port=8000 &   # on a GPU host
+  python -m ddpo_jax.rewards.server --scorer=llava_bertscore --port=8000 \
+      --scorer_kwargs='{"model": "llava-hf/llava-1.5-7b-hf"}' &   # on a GPU host (docs/rewards.md)
   DDPO_JAX_ASSETS=/path/to/assets python -m ddpo_jax.main \
       --config=configs/sd_alignment.py --workdir=/tmp/sd_alignment \
       --config.reward.server_url=http://127.0.0.1:8000
