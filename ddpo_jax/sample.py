@@ -29,16 +29,19 @@ from ddpo_jax.runs import restore_run
 
 
 def sample_from_checkpoint(workdir: str, num: int, step=None, prompts=None, seed: int = 0,
-                           batch_size: int = 64, labels=None):
+                           batch_size: int = 64, labels=None, num_steps: int | None = None,
+                           guidance_scale: float | None = None):
   """Returns (images uint8 (num,H,W,C), prompts list[str], step) from a run's checkpoint `step`
   (default: the latest; 0 = the pre-trained model). See `sample_images` for the arguments."""
   config, policy, params, step = restore_run(workdir, step)
-  images, prompts = sample_images(config, policy, params, num, prompts, seed, batch_size, labels)
+  images, prompts = sample_images(config, policy, params, num, prompts, seed, batch_size, labels,
+                                  num_steps=num_steps, guidance_scale=guidance_scale)
   return images, prompts, step
 
 
 def sample_images(config, policy, params, num: int, prompts=None, seed: int = 0,
-                  batch_size: int = 64, labels=None):
+                  batch_size: int = 64, labels=None, num_steps: int | None = None,
+                  guidance_scale: float | None = None):
   """Returns (images uint8 (num,H,W,C), prompts list[str]) sampled from `params` (the
   trainable params of `policy`, e.g. from `runs.restore_run`) with the run's `config` (its
   sampler; a flow model's with the deterministic flow ODE, the training SDE's noise-free
@@ -48,9 +51,15 @@ def sample_images(config, policy, params, num: int, prompts=None, seed: int = 0,
   CTRL runs the returned prompts are contexts "PROMPT||y=LABELS"
   (`ddpo_jax.ctrl.controls.parse_context` splits them); `labels` (label specs like "3" or "3:2")
   are cycled over the samples, otherwise labels are drawn uniformly. `batch_size`: images per
-  compiled call, rounded to a multiple of the device count.
+  compiled call, rounded to a multiple of the device count. `num_steps` / `guidance_scale`:
+  other sampling steps / guidance than the run's (e.g. flow_grpo trains 10 steps and
+  evaluates 40).
   """
   config = config.copy_and_resolve_references()
+  if num_steps is not None:
+    config.sample.num_steps = int(num_steps)
+  if guidance_scale is not None:
+    config.sample.guidance_scale = float(guidance_scale)
   config.train.kl_coef = 0.0  # only images are wanted: no KL to the pre-trained model
   if policy.prediction_type == "flow":  # flow models are evaluated on the ODE (as flow_grpo's)
     config.sample.sampler = "ode"
@@ -224,10 +233,12 @@ def _define_flags():
   _PIPELINE = flags.DEFINE_string(
       "pipeline", None, "A diffusers-format pipeline directory or Hub id (SD, SDXL, SD3, FLUX.1), "
       "sampled with its standard sampler (instead of --workdir).")
-  _STEPS = flags.DEFINE_integer("steps", None, "--pipeline: sampling steps (default: the "
-                                "diffusers pipeline's, e.g. 50 for SD, 28 for SD3 / FLUX).")
-  _GUIDANCE = flags.DEFINE_float("guidance", None, "--pipeline: guidance scale (default: the "
-                                 "diffusers pipeline's; FLUX.1-dev: the embedded guidance).")
+  _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: --workdir the run's, "
+                                "--pipeline the diffusers pipeline's, e.g. 50 for SD, 28 for "
+                                "SD3 / FLUX).")
+  _GUIDANCE = flags.DEFINE_float("guidance", None, "Guidance scale (default: --workdir the "
+                                 "run's, --pipeline the diffusers pipeline's; FLUX.1-dev: the "
+                                 "embedded guidance).")
   _RESOLUTION = flags.DEFINE_integer("resolution", None, "--pipeline: image side in pixels "
                                      "(default: the model's).")
   _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
@@ -264,12 +275,13 @@ def main(argv):
     source = _PIPELINE.value
     extra["pipeline"] = source
   else:
-    if _STEPS.value is not None or _GUIDANCE.value is not None or _RESOLUTION.value is not None:
-      raise app.UsageError("--steps, --guidance and --resolution belong to --pipeline (a run "
-                           "samples with its config's sampler)")
+    if _RESOLUTION.value is not None:
+      raise app.UsageError("--resolution belongs to --pipeline (a run samples at its config's)")
     images, prompts, step = sample_from_checkpoint(_WORKDIR.value, _NUM.value, _STEP.value,
                                                    _PROMPTS.value, _SEED.value,
-                                                   _BATCH.value or 64, _LABELS.value)
+                                                   _BATCH.value or 64, _LABELS.value,
+                                                   num_steps=_STEPS.value,
+                                                   guidance_scale=_GUIDANCE.value)
     source = f"step {step}"
     extra["step"] = step
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)

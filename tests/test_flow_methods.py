@@ -320,3 +320,5 @@ def test_a_reward_server_dying_mid_epoch_stops_the_run_cleanly(tmp_path, monkeyp
   images, prompts, step = sample_from_checkpoint(workdir, 4)
   assert images.shape == (4,) + digits.IMAGE_SHAPE and images.dtype == np.uint8 and step == 3
   assert all(p in digits.PROMPTS for p in prompts)
+  more_steps, _, _ = sample_from_checkpoint(workdir, 4, num_steps=8)  # trained 4, evaluated 8
+  assert more_steps.shape == images.shape and np.any(more_steps != images)
