@@ -144,7 +144,9 @@ def table(results: dict[str, list[list[dict]]], evaluations: dict[str, int] | No
   return "\n".join(lines)
 
 
-def plot(results: dict[str, list[list[dict]]], path: str) -> None:
+def plot(results: dict[str, list[list[dict]]], path: str, against_time: bool = False) -> None:
+  """Per-epoch means over the seeds ± one sd; `against_time`: x is the seeds' mean summed
+  epoch time (s) instead of the epoch."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -156,11 +158,15 @@ def plot(results: dict[str, list[list[dict]]], path: str) -> None:
       values = np.asarray([[row[key] for row in run[:length]] for run in runs]) * scale
       mean = values.mean(0)
       sd = values.std(0, ddof=1) if len(runs) > 1 else np.zeros_like(mean)
-      epochs = np.arange(len(mean))
-      ax.plot(epochs, mean, label=name)
-      ax.fill_between(epochs, mean - sd, mean + sd, alpha=0.2)
-  axes[0].set(xlabel="epoch (256 samples each)", ylabel="reward: log p̂(prompted class | image)")
-  axes[1].set(xlabel="epoch (256 samples each)", ylabel="held-out judge accuracy (%)")
+      x = np.arange(len(mean))
+      if against_time:
+        x = np.mean([np.cumsum([row["epoch_time_s"] for row in run[:length]]) for run in runs],
+                    axis=0)
+      ax.plot(x, mean, label=name)
+      ax.fill_between(x, mean - sd, mean + sd, alpha=0.2)
+  xlabel = "summed epoch time (s)" if against_time else "epoch (256 samples each)"
+  axes[0].set(xlabel=xlabel, ylabel="reward: log p̂(prompted class | image)")
+  axes[1].set(xlabel=xlabel, ylabel="held-out judge accuracy (%)")
   axes[1].legend()
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -201,7 +207,7 @@ def main():
            "update).")
   with open(os.path.join(args.root, "results.md"), "w") as f:
     f.write(md + "\n")
-  plot(results, os.path.join(args.root, "curves.png"))
+  plot(results, os.path.join(args.root, "curves.png"), against_time=args.suite == "flow")
   print(md)
   print(f"wrote {args.root}/results.md and {args.root}/curves.png")
 
