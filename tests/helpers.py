@@ -78,3 +78,43 @@ def one_update(config, lr=None):
   new_state, metrics = update_fn(state, frozen, traj, adv, scales,
                                  jnp.arange(n, dtype=jnp.float32), jax.random.PRNGKey(1))
   return policy, frozen, new_state, jax.device_get(metrics)
+
+
+def committed_steps(workdir) -> list[int]:
+  """The checkpoint steps committed in a run directory (Orbax's finished step directories; a
+  save in progress is a `*.orbax-checkpoint-tmp*` directory), sorted."""
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(e) for e in os.listdir(d) if e.isdigit()) if os.path.isdir(d) else []
+
+
+def kill_after_commit(cmd, workdir, step: int, env=None, timeout_s: float = 600) -> tuple:
+  """Starts `cmd` (a training run writing to `workdir`), SIGKILLs it as soon as a checkpoint
+  step >= `step` is committed, and returns (committed steps at the kill, the run's output).
+
+  Raises AssertionError if the run exits (or `timeout_s` passes) before that: a run that can
+  finish first (too few epochs) would not test the kill."""
+  import signal
+  import subprocess
+  import tempfile
+  import time
+  with tempfile.TemporaryFile("w+") as out:
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline, killed = time.monotonic() + timeout_s, False
+    try:
+      while proc.poll() is None and time.monotonic() < deadline:
+        steps = committed_steps(workdir)
+        if steps and steps[-1] >= step:
+          os.kill(proc.pid, signal.SIGKILL)
+          killed = True
+          break
+        time.sleep(0.005)
+    finally:
+      if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+      proc.wait()
+    out.seek(0)
+    text = out.read()
+  assert killed and proc.returncode == -signal.SIGKILL, (
+      f"the run ended (status {proc.returncode}) or timed out before checkpoint step {step} "
+      f"was committed and it could be killed:\n{text[-3000:]}")
+  return committed_steps(workdir), text
