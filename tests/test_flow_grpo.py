@@ -4,11 +4,15 @@ FLUX.1-dev-style pipelines, trained by `loop.train_and_evaluate` with the flow S
 (`sample.sampler="sde"`), groups of prompts, group-relative advantages and the PickScore reward
 of a tiny random CLIPModel: `python -m ddpo_jax.main` killed after its first update's
 checkpoint, the resumed run finishing with the update's log-probs equal to the sampler's at the
-sampling params, samples from the result; the bad combinations refused before anything
-compiles."""
+sampling params, samples from the result; the FLUX transformer split over a 4-device fsdp mesh
+with the single-device update; the bad combinations refused before anything compiles."""
+import inspect
 import json
 import os
+import pickle
+import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -20,7 +24,7 @@ from conftest import REPO  # noqa: E402
 import jax  # noqa: E402
 from ddpo_jax import (checkpoints, dynamics, families, loop, parallel, runs, sample,  # noqa: E402
                       train)
-from helpers import committed_steps, kill_after_commit  # noqa: E402
+from helpers import committed_steps, kill_after_commit, xla_flags  # noqa: E402
 from test_clip_score import _write_model as write_tiny_clip_model  # noqa: E402
 from test_sd import (compile_cache, load_config, sd_cache_dir, sd_overrides,  # noqa: F401,E402
                      subprocess_env, tiny_sd)
@@ -51,7 +55,7 @@ def _flow_overrides(tiny_sd3, tiny_pickscore, **extra):
 # The runlocal variant of each flow config: (config file, variant, pipeline fixture).
 # sd3_pickscore:full,runlocal (about 40 s on the 2-core CI machine, past the suite's time
 # budget) runs with DDPO_JAX_ALL_FLOW_RUNS=1; the full-fine-tuning path is the same `_full`
-# variant in flux_pickscore:full,runlocal, which CI runs.
+# variant in flux_pickscore:full,runlocal, which CI runs (and the fsdp test below).
 ALL_FLOW_RUNS = bool(os.environ.get("DDPO_JAX_ALL_FLOW_RUNS"))
 RUNLOCAL_RUNS = [
     pytest.param("sd3_pickscore", "runlocal", "tiny_sd3", id="sd3_pickscore:runlocal"),
@@ -165,3 +169,134 @@ def test_flux_dev_guidance_and_cfg_refused(tiny_flux, tiny_pickscore):
   with pytest.raises(ValueError, match=r"embeds its guidance scale .* set sample.guidance_scale=1"):
     families.build_policy(config, "")
 
+
+FSDP_MIN_SIZE = 256  # elements: every kernel of the tiny FLUX transformer is at least 16 x 16
+
+
+def _fsdp_check(flux, clip, prompts, min_size):
+  """Runs in a process with 4 CPU devices: configs/flux_pickscore.py:full,runlocal; one sampled
+  batch (one device), then one update on a (data 1, fsdp 4) mesh and one on a single device
+  (fsdp 1) from the same trajectory, keys and initial state. Returns, for each mesh, the update's
+  metrics, the parameter arrays (ndim >= 2, >= `min_size` elements) of the train state's params,
+  Adam moments and the frozen params that are NOT split in 4 over `fsdp` (path, shape, spec,
+  shard shape), and the host copies of the new params and of Adam's moments."""
+  import jax
+  import numpy as np
+  from helpers import load_config
+  from ddpo_jax import families, parallel, rl, train
+  assert jax.device_count() == 4, jax.devices()
+
+  def config_for(fsdp):
+    return load_config("flux_pickscore", "full,runlocal", **{
+        "model.pretrained_path": flux, "prompt_fn_kwargs.path": prompts,
+        "reward.pickscore_path": clip, "mesh.data": 1, "mesh.fsdp": fsdp,
+        "mesh.fsdp_min_size": min_size,
+        # 4 rows per micro-batch: one on each of the 4 devices the batch is split over
+        "train.batch_size": 4, "train.gradient_accumulation_steps": 1})
+
+  one = config_for(1)
+  policy = families.build_policy(one, "")
+  meshes = {4: parallel.make_mesh(config_for(4).mesh),
+            1: parallel.make_mesh(one.mesh, jax.devices()[:1])}
+  n = one.sample.batch_size
+  batch = policy.prompt_fn(np.random.default_rng(0), n)
+  meta = {k: np.asarray(v) for k, v in policy.prompt_metadata(batch).items()}
+  traj, _, _ = train.make_sample_fn(policy, one, [], meshes[1])(
+      policy.params["unet"], train.frozen_params(policy, one), jax.random.PRNGKey(0),
+      policy.tokenize(batch), meta)
+  traj = jax.device_get(traj)
+  adv, scales = (np.asarray(a, np.float32) for a in rl.normalize_advantages(
+      np.arange(n, dtype=np.float32), return_scale=True))
+
+  def unsplit(tree):
+    bad = []
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+      if x.ndim >= 2 and x.size >= min_size:
+        shard = x.addressable_shards[0].data.shape
+        if (parallel.FSDP_AXIS not in jax.tree.leaves(tuple(x.sharding.spec))
+            or 4 * int(np.prod(shard)) != x.size or len(x.sharding.device_set) != 4):
+          bad.append((parallel.path_str(path), x.shape, str(x.sharding.spec), shard))
+    return bad
+
+  out = {}
+  for fsdp, mesh in meshes.items():  # as loop.train_and_evaluate places the state
+    config = config_for(fsdp)
+    opt = train.make_optimizer(config.train)
+    params_sh, frozen_sh, state_sh = train.model_shardings(policy, config, opt, mesh)
+    repl = parallel.replicated(mesh)
+    frozen = parallel.put(train.frozen_params(policy, config), frozen_sh)
+    params = parallel.put(policy.params["unet"], params_sh)
+    opt_sh = state_sh.opt_state if isinstance(state_sh, train.TrainState) else repl
+    state = train.TrainState(step=parallel.put(np.zeros((), np.int32), repl), params=params,
+                             opt_state=jax.jit(opt.init, out_shardings=opt_sh)(params),
+                             rng=parallel.put(jax.random.PRNGKey(0), repl))
+    update = train.make_update_fn(policy, config, opt, mesh)
+    new, metrics = update(state, frozen, traj, adv, scales, np.arange(n, dtype=np.float32),
+                          jax.random.PRNGKey(1))
+    adam = new.opt_state[1][0]  # clip_by_global_norm, then adamw's (scale_by_adam, ...)
+    out[fsdp] = {"metrics": {k: float(v) for k, v in jax.device_get(metrics).items()},
+                 "unsplit": {"params": unsplit(new.params), "mu": unsplit(adam.mu),
+                             "nu": unsplit(adam.nu), "frozen": unsplit(frozen)},
+                 "mu_dtype": str(jax.tree.leaves(adam.mu)[0].dtype),
+                 "params": jax.device_get(new.params), "mu": jax.device_get(adam.mu),
+                 "nu": jax.device_get(adam.nu)}
+  return jax.device_get(policy.params["unet"]), one.train.learning_rate, out
+
+
+def test_fsdp_shards_the_flux_transformer_and_updates_as_one_device(tiny_flux, tiny_pickscore,
+                                                                    tmp_path):
+  """mesh (data 1, fsdp 4) on 4 CPU devices, configs/flux_pickscore.py:full,runlocal with
+  mesh.fsdp_min_size=256 (the tiny transformer's kernels are 16 x 16 to 256 x 16):
+  `parallel.PARAM_RULES` split every kernel of the FLUX transformer, its Adam moments and the
+  frozen VAE / text encoders' matrices in 4 over `fsdp` (each device holds a quarter), and the
+  update from one trajectory equals the single-device (fsdp 1) update (measured differences in
+  brackets):
+  - grad_norm to 1e-5 relative [4.5e-7]; the loss to 1e-5 absolute [4.5e-8: a mean of
+    +-advantage x ratio terms of size ~1 that cancel] and approx_kl to 1e-10 [1.9e-13];
+  - Adam's second moment (after one step 0.001 g^2, float32: each element's gradient
+    magnitude) to 3e-5 of each array's largest element [3.7e-6], the first moment (0.1 g,
+    bfloat16 under :full) to 1e-2 of it [2.8e-4];
+  - each parameter's change to 1e-2 of one learning-rate step [1.5e-3] (Adam's first step moves
+    each element by about lr, which it is asserted to do).
+  The same split check on the single-device state reports every such array (so it can fail)."""
+  clip, prompts = tiny_pickscore
+  out_file = tmp_path / "fsdp.pkl"
+  script = (textwrap.dedent(inspect.getsource(_fsdp_check)) +
+            "\nimport pickle\nwith open(%r, 'wb') as f:\n  pickle.dump(_fsdp_check(%r, %r, %r, %d), f)\n"
+            % (str(out_file), tiny_flux, clip, prompts, FSDP_MIN_SIZE))
+  # No JAX compilation-cache settings at all: nothing reuses these 4-device programs, and with
+  # a cache directory set (or JAX_ENABLE_COMPILATION_CACHE=false) the subprocess took twice the
+  # CPU time (measured on the 2-core machine: 25-34 s vs 13-14 s user).
+  env = {k: v for k, v in subprocess_env().items() if not k.startswith(
+      ("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "JAX_ENABLE_COMPILATION_CACHE"))}
+  env["XLA_FLAGS"] = xla_flags("--xla_force_host_platform_device_count=4")
+  env["PYTHONPATH"] = os.pathsep.join((REPO, os.path.join(REPO, "tests"), env["PYTHONPATH"]))
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  with open(out_file, "rb") as f:
+    start, lr, out = pickle.load(f)
+  sharded, single = out[4], out[1]
+  assert sharded["unsplit"] == {"params": [], "mu": [], "nu": [], "frozen": []}, sharded["unsplit"]
+  big = [x for x in jax.tree.leaves(start) if x.ndim >= 2 and x.size >= FSDP_MIN_SIZE]
+  assert len(big) >= 20 and len(single["unsplit"]["params"]) == len(big)
+  assert len(single["unsplit"]["nu"]) == len(big) and single["unsplit"]["frozen"]
+  assert sum(x.size for x in big) > 0.9 * sum(x.size for x in jax.tree.leaves(start))
+  assert sharded["mu_dtype"] == single["mu_dtype"] == "bfloat16"
+
+  m4, m1 = sharded["metrics"], single["metrics"]
+  assert all(np.isfinite(v) for v in m4.values()) and m4["grad_norm"] > 0, m4
+  np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
+  np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(m4["approx_kl"], m1["approx_kl"], rtol=0, atol=1e-10)
+  assert m4["clipfrac"] == m1["clipfrac"] == 0.0
+  for key, rel in (("nu", 3e-5), ("mu", 1e-2)):
+    for a, b in zip(jax.tree.leaves(sharded[key]), jax.tree.leaves(single[key])):
+      a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+      assert np.abs(b).max() > 0
+      np.testing.assert_allclose(a, b, rtol=0, atol=rel * np.abs(b).max(), err_msg=key)
+  for x0, a, b in zip(jax.tree.leaves(start), jax.tree.leaves(sharded["params"]),
+                      jax.tree.leaves(single["params"])):
+    np.testing.assert_allclose(a - x0, b - x0, rtol=0, atol=1e-2 * lr)
+  assert max(np.abs(b - x0).max() for x0, b in zip(
+      jax.tree.leaves(start), jax.tree.leaves(single["params"]))) > 0.5 * lr  # it did move
