@@ -13,6 +13,7 @@ from PIL import Image
 from ddpo_jax import classifier as clf_lib
 from ddpo_jax import diffusion, digits
 from ddpo_jax.ctrl import classifiers, data
+from ddpo_jax.config_schema import new_config
 
 
 def _arrays(n=30, k=3, size=8, seed=0):
@@ -417,7 +418,7 @@ def test_input_size_resizes_large_images():
 
 def test_noisy_classifier(tmp_path):
   alphas = np.asarray(diffusion.NoiseSchedule.from_config(
-      digits.scheduler_config(None)).alphas_cumprod)
+      digits.scheduler_config(new_config("ddpo", "digits").model)).alphas_cumprod)
   train, held = data.digits_class("train"), data.digits_class("heldout")
   model = classifiers.train_noisy_classifier(train.images * 2 - 1, train.labels, 10, alphas,
                                              seed=0, steps=150, batch_size=128)
