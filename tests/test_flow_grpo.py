@@ -13,6 +13,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from conftest import REPO  # noqa: E402
 import jax  # noqa: E402
 from ddpo_jax import (checkpoints, dynamics, families, loop, parallel, runs, sample,  # noqa: E402
                       train)
+from ddpo_jax.rewards import server as srv  # noqa: E402
 from helpers import committed_steps, kill_after_commit, xla_flags  # noqa: E402
 from test_clip_score import _write_model as write_tiny_clip_model  # noqa: E402
 from test_sd import (compile_cache, load_config, sd_cache_dir, sd_overrides,  # noqa: F401,E402
@@ -300,3 +302,58 @@ def test_fsdp_shards_the_flux_transformer_and_updates_as_one_device(tiny_flux, t
     np.testing.assert_allclose(a - x0, b - x0, rtol=0, atol=1e-2 * lr)
   assert max(np.abs(b - x0).max() for x0, b in zip(
       jax.tree.leaves(start), jax.tree.leaves(single["params"]))) > 0.5 * lr  # it did move
+
+
+# the test reader reads 128-px text images; the tiny pipeline's 16-px images read as "" (its
+# empty 4-px-inset slices warn)
+@pytest.mark.filterwarnings("ignore:Mean of empty slice", "ignore:invalid value encountered")
+def test_multi_reward_runlocal_trains_on_pickscore_ocr_and_geneval(tiny_sd3, tiny_pickscore,
+                                                                   compile_cache, tmp_path):
+  """configs/sd3_multi_reward.py:runlocal: PickScore on device plus the OCR and GenEval scorers
+  (tests/test_reward_plugins.py's deterministic engines) on two reward servers, 2 epochs
+  through `loop.train_and_evaluate`: every term is logged, and reward_mean is the weighted sum
+  1.0 pickscore + 0.5 remote_ocr + 0.5 remote_geneval of the terms' means; each server was
+  asked for every sampled image."""
+  clip, _ = tiny_pickscore
+  prompts = ['a photo of a red car and a sign that says "HI"',
+             'a photo of a blue car and a sign that says "OK"']
+  (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+  specs = tmp_path / "specs.jsonl"
+  specs.write_text("".join(json.dumps({"prompt": p, "tag": "colors", "include": [
+      {"class": "car", "count": 1, "color": c}]}) + "\n" for p, c in zip(prompts, ("red", "blue"))))
+  seen, servers = {}, []
+
+  def start(name, scorer):
+    def recording(images, prompts, metadata):
+      seen[name] = seen.get(name, 0) + len(images)
+      return scorer(images, prompts, metadata)
+    server = srv.RewardServer(("127.0.0.1", 0), recording, name=name)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                     daemon=True).start()
+    servers.append(server)
+    return server.url
+  try:
+    urls = {"ocr": start("ocr", srv.resolve_scorer(
+                "ocr", {"engine": "test_reward_plugins:fake_reader"})),
+            "geneval": start("geneval", srv.resolve_scorer(
+                "geneval", {"engine": "test_reward_plugins:fake_detector",
+                            "metadata_path": str(specs)}))}
+    overrides = {**_flow_overrides(tiny_sd3, tiny_pickscore),
+                 "prompt_fn_kwargs.path": str(tmp_path / "prompts.txt"),
+                 "reward.server_urls.ocr": urls["ocr"],
+                 "reward.server_urls.geneval": urls["geneval"]}
+    config = load_config("sd3_multi_reward", "runlocal", **overrides)
+    assert config.reward.pickscore_path == clip
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
+  finally:
+    for server in servers:
+      server.shutdown()
+      server.server_close()
+  rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  assert [r["epoch"] for r in rows] == [0, 1]
+  for row in rows:
+    total = row["pickscore_mean"] + 0.5 * row["remote_ocr_mean"] + 0.5 * row["remote_geneval_mean"]
+    np.testing.assert_allclose(row["reward_mean"], total, rtol=1e-5, atol=1e-6)
+    assert 0.0 <= row["remote_ocr_mean"] <= 1.0 and "remote_geneval_strict_accuracy_mean" in row
+  n = config.sample.batch_size * config.sample.num_batches_per_epoch * 2
+  assert seen == {"ocr": n, "geneval": n}
