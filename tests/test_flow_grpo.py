@@ -322,22 +322,12 @@ def test_multi_reward_runlocal_trains_on_pickscore_ocr_and_geneval(tiny_sd3, tin
   specs.write_text("".join(json.dumps({"prompt": p, "tag": "colors", "include": [
       {"class": "car", "count": 1, "color": c}]}) + "\n" for p, c in zip(prompts, ("red", "blue"))))
   seen, servers = {}, []
-
-  def start(name, scorer):
-    def recording(images, prompts, metadata):
-      seen[name] = seen.get(name, 0) + len(images)
-      return scorer(images, prompts, metadata)
-    server = srv.RewardServer(("127.0.0.1", 0), recording, name=name)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                     daemon=True).start()
-    servers.append(server)
-    return server.url
   try:
-    urls = {"ocr": start("ocr", srv.resolve_scorer(
-                "ocr", {"engine": "test_reward_plugins:fake_reader"})),
-            "geneval": start("geneval", srv.resolve_scorer(
+    urls = {"ocr": _start_thread_server("ocr", srv.resolve_scorer(
+                "ocr", {"engine": "test_reward_plugins:fake_reader"}), servers, seen),
+            "geneval": _start_thread_server("geneval", srv.resolve_scorer(
                 "geneval", {"engine": "test_reward_plugins:fake_detector",
-                            "metadata_path": str(specs)}))}
+                            "metadata_path": str(specs)}), servers, seen)}
     overrides = {**_flow_overrides(tiny_sd3, tiny_pickscore),
                  "prompt_fn_kwargs.path": str(tmp_path / "prompts.txt"),
                  "reward.server_urls.ocr": urls["ocr"],
@@ -357,3 +347,64 @@ def test_multi_reward_runlocal_trains_on_pickscore_ocr_and_geneval(tiny_sd3, tin
     assert 0.0 <= row["remote_ocr_mean"] <= 1.0 and "remote_geneval_strict_accuracy_mean" in row
   n = config.sample.batch_size * config.sample.num_batches_per_epoch * 2
   assert seen == {"ocr": n, "geneval": n}
+
+
+def _start_thread_server(name, scorer, servers, seen):
+  """An in-process reward server (a thread) around `scorer`, counting the images it scored in
+  seen[name]; appended to `servers` (the caller shuts them down). Returns its URL."""
+  def recording(images, prompts, metadata):
+    seen[name] = seen.get(name, 0) + len(images)
+    return scorer(images, prompts, metadata)
+  server = srv.RewardServer(("127.0.0.1", 0), recording, name=name)
+  threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                   daemon=True).start()
+  servers.append(server)
+  return server.url
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice", "ignore:invalid value encountered")
+@pytest.mark.parametrize("name", ["sd3_ocr", "sd3_geneval"])
+def test_remote_reward_runlocal_resumes_after_a_kill_and_samples(name, tiny_sd3, compile_cache,
+                                                                 tmp_path):
+  """configs/sd3_ocr.py and sd3_geneval.py :runlocal with their scorer (the OCR / GenEval
+  plug-in with tests/test_reward_plugins.py's engines) behind a reward server: the training
+  process is SIGKILLed once checkpoint step 1 is committed, the resumed run finishes with each
+  epoch logged once (the remote reward's mean finite, the ratio 1 at the sampling params), and
+  the result samples."""
+  prompts = ['a photo of a red car and a sign that says "HI"',
+             'a photo of a blue car and a sign that says "OK"']
+  (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+  specs = tmp_path / "specs.jsonl"
+  specs.write_text("".join(json.dumps({"prompt": p, "tag": "colors", "include": [
+      {"class": "car", "count": 1, "color": c}]}) + "\n" for p, c in zip(prompts, ("red", "blue"))))
+  kind = name.split("_")[1]
+  kwargs = ({"engine": "test_reward_plugins:fake_reader"} if kind == "ocr" else
+            {"engine": "test_reward_plugins:fake_detector", "metadata_path": str(specs)})
+  servers, seen = [], {}
+  try:
+    url = _start_thread_server(kind, srv.resolve_scorer(kind, kwargs), servers, seen)
+    overrides = {"model.pretrained_path": tiny_sd3,
+                 "prompt_fn_kwargs.path": str(tmp_path / "prompts.txt"), "reward.server_url": url}
+    workdir = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "ddpo_jax.main", f"--config={REPO}/configs/{name}.py:runlocal",
+           f"--workdir={workdir}", "--config.num_epochs=50",
+           *[f"--config.{k}={v}" for k, v in overrides.items()]]
+    committed, _ = kill_after_commit(cmd, workdir, step=1, env=subprocess_env(compile_cache))
+    resume = committed[-1]
+    config = load_config(name, "runlocal", **overrides, num_epochs=resume + 1)
+    logs = []
+    loop.train_and_evaluate(config, workdir, log=logs.append)
+  finally:
+    for server in servers:
+      server.shutdown()
+      server.server_close()
+  assert f"resuming from checkpoint step {resume} (epoch {resume})" in "\n".join(map(str, logs))
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["epoch"] for r in rows] == list(range(resume + 1))
+  for row in rows:
+    assert np.isfinite(row["remote_mean"]) and row["approx_kl"] < 1e-10, row
+  assert seen[kind] >= config.sample.batch_size * (resume + 1)
+  run_config, policy, params, step = runs.restore_run(workdir)
+  assert step == resume + 1
+  images, _ = sample.sample_images(run_config, policy, params, 4, prompts[:1])
+  assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8
