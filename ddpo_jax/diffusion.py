@@ -253,6 +253,12 @@ def ddim_step_mean_std(alphas_cumprod: Array, eps: Array, t: Array, prev_t: Arra
   return mean, std
 
 
+def per_sample_std(std: Array, shape) -> Array:
+  """(B,) the std of each sample of a step whose std broadcasts to `shape` (B, ...): a scalar,
+  (B, 1, ..., 1) or a per-sample mask's 0 (all dims of a sample share one std)."""
+  return jnp.broadcast_to(std, shape).reshape(shape[0], -1)[:, 0]
+
+
 def gaussian_log_prob(x: Array, mean: Array, std: Array) -> Array:
   """Per-sample log-density of x under N(mean, std^2 I), MEAN-reduced over non-batch dims.
 

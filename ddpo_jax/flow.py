@@ -284,7 +284,7 @@ def flow_chain(velocity_fn, params: Any, x_init: Array, step_keys: Array, contex
         else stochastic  # (B, 1, ..., 1) for per-sample masks
     mean, std = step(params, x, sigma, sigma_next, t, per_sample)
     x_next = mean + std * jax.random.normal(key, x.shape, mean.dtype)
-    std_b = jnp.broadcast_to(std, x.shape).reshape(x.shape[0], -1)[:, 0]
+    std_b = diffusion.per_sample_std(std, x.shape)
     log_prob = jnp.where(std_b > 0, diffusion.gaussian_log_prob(x_next, mean, std), 0.0)
     out = {"latents": x, "next_latents": x_next, "log_probs": log_prob, "std": std}
     if reference_params is not None:
@@ -322,9 +322,8 @@ def step_log_prob(velocity_fn, params: Any, latents: Array, sigma: Array, sigma_
                            uncond_context, guidance_scale)
   mean, std = step_mean_std(v, latents, sigma, sigma_next, sde_type=sde_type,
                             noise_level=noise_level, sigma_max=sigma_max)
-  per_sample_std = jnp.broadcast_to(std, mean.shape).reshape(mean.shape[0], -1)[:, 0]
   log_prob = diffusion.gaussian_log_prob(next_latents, mean, std)
-  return jnp.where(per_sample_std > 0, log_prob, 0.0), mean, std
+  return jnp.where(diffusion.per_sample_std(std, mean.shape) > 0, log_prob, 0.0), mean, std
 
 
 def flow_matching_loss_terms(velocity_fn, params: Any, key: Array, x0: Array, context: Any,

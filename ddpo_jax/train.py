@@ -272,8 +272,7 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   def micro_loss(unet_params, frozen, uncond, batch, key):
     """`algorithm.loss` of one minibatch at one chosen timestep per sample: (loss, metrics)."""
     unet_params = policy.assemble_unet(unet_params, frozen)  # e.g. LoRA merged into the base
-    sampling = (policy.assemble_unet(frozen["sampling_unet"], frozen)
-                if algorithm.needs_sampling_params else None)
+    sampling = frozen["sampling_unet"] if algorithm.needs_sampling_params else None
     return algorithm.loss(step_model(uncond, sampling), unet_params, batch, key, config)
 
   local_grad_fn = jax.grad(micro_loss, has_aux=True)
@@ -341,7 +340,8 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
                **jax.tree.map(lambda x: to_micro(x, False), per_sample)}
     uncond = policy.encode_uncond({**frozen, "unet": state.params})
     if algorithm.needs_sampling_params:  # the params the samples were drawn with, held fixed
-      frozen = {**frozen, "sampling_unet": state.params}
+      # (assembled once here, e.g. LoRA merged, not in every micro-step)
+      frozen = {**frozen, "sampling_unet": policy.assemble_unet(state.params, frozen)}
 
     def opt_step(state, xs):
       step_batches, step_key = xs

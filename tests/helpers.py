@@ -50,7 +50,7 @@ def load_config(name, variant=None, **overrides):
 def one_update(config, lr=None):
   """Samples one batch of `sample.batch_size` and takes one update call with advantages
   increasing with the sample index. Returns (policy, frozen, new state, metrics on the host)."""
-  from ddpo_jax import parallel, rl, train
+  from ddpo_jax import dynamics, parallel, rl, train
   from ddpo_jax.families import build_policy
   if lr is not None:
     config.train.learning_rate = lr
@@ -63,7 +63,6 @@ def one_update(config, lr=None):
   n = config.sample.batch_size
   prompts = policy.prompt_fn(np.random.default_rng(0), n)
   metadata = {k: jnp.asarray(v) for k, v in policy.prompt_metadata(prompts).items()}
-  from ddpo_jax import dynamics
   window = dynamics.sde_window_steps(config.sample, config.seed, 0, 0)  # as the loop's batch 0
   if window is not None:
     metadata["sde_steps"] = jnp.broadcast_to(jnp.asarray(window), (n,) + window.shape)

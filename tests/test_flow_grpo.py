@@ -315,12 +315,7 @@ def test_multi_reward_runlocal_trains_on_pickscore_ocr_and_geneval(tiny_sd3, tin
   1.0 pickscore + 0.5 remote_ocr + 0.5 remote_geneval of the terms' means; each server was
   asked for every sampled image."""
   clip, _ = tiny_pickscore
-  prompts = ['a photo of a red car and a sign that says "HI"',
-             'a photo of a blue car and a sign that says "OK"']
-  (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
-  specs = tmp_path / "specs.jsonl"
-  specs.write_text("".join(json.dumps({"prompt": p, "tag": "colors", "include": [
-      {"class": "car", "count": 1, "color": c}]}) + "\n" for p, c in zip(prompts, ("red", "blue"))))
+  prompts, specs = _write_text_and_colour_prompts(tmp_path)
   seen, servers = {}, []
   try:
     urls = {"ocr": _start_thread_server("ocr", srv.resolve_scorer(
@@ -349,6 +344,18 @@ def test_multi_reward_runlocal_trains_on_pickscore_ocr_and_geneval(tiny_sd3, tin
   assert seen == {"ocr": n, "geneval": n}
 
 
+def _write_text_and_colour_prompts(tmp_path):
+  """Two prompts that suit both the OCR and the GenEval scorer, in tmp_path/prompts.txt, and
+  their GenEval specs in tmp_path/specs.jsonl. Returns (prompts, the specs' path)."""
+  prompts = ['a photo of a red car and a sign that says "HI"',
+             'a photo of a blue car and a sign that says "OK"']
+  (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+  specs = tmp_path / "specs.jsonl"
+  specs.write_text("".join(json.dumps({"prompt": p, "tag": "colors", "include": [
+      {"class": "car", "count": 1, "color": c}]}) + "\n" for p, c in zip(prompts, ("red", "blue"))))
+  return prompts, specs
+
+
 def _start_thread_server(name, scorer, servers, seen):
   """An in-process reward server (a thread) around `scorer`, counting the images it scored in
   seen[name]; appended to `servers` (the caller shuts them down). Returns its URL."""
@@ -371,12 +378,7 @@ def test_remote_reward_runlocal_resumes_after_a_kill_and_samples(name, tiny_sd3,
   process is SIGKILLed once checkpoint step 1 is committed, the resumed run finishes with each
   epoch logged once (the remote reward's mean finite, the ratio 1 at the sampling params), and
   the result samples."""
-  prompts = ['a photo of a red car and a sign that says "HI"',
-             'a photo of a blue car and a sign that says "OK"']
-  (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
-  specs = tmp_path / "specs.jsonl"
-  specs.write_text("".join(json.dumps({"prompt": p, "tag": "colors", "include": [
-      {"class": "car", "count": 1, "color": c}]}) + "\n" for p, c in zip(prompts, ("red", "blue"))))
+  prompts, specs = _write_text_and_colour_prompts(tmp_path)
   kind = name.split("_")[1]
   kwargs = ({"engine": "test_reward_plugins:fake_reader"} if kind == "ocr" else
             {"engine": "test_reward_plugins:fake_detector", "metadata_path": str(specs)})

@@ -14,12 +14,7 @@ from ddpo_jax import algorithms, digits, dynamics, flow, loop, parallel, train
 from ddpo_jax.algorithms.base import StepModel
 from ddpo_jax.sample import sample_from_checkpoint
 from helpers import load_config, one_update
-
-A = 0.7
-
-
-def _toy_velocity(params, x, t, context, labels=None):
-  return jnp.tanh(x) * (t[:, None, None, None] / 1000.0) - 0.3 * x
+from test_flow_sde import A, _toy_velocity  # noise level 0.7, a nonlinear stand-in velocity
 
 
 def test_per_sample_sde_masks_equal_one_chain_per_sample():

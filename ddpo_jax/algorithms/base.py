@@ -121,8 +121,8 @@ class PolicyGradient(Algorithm):
     if tc.kl_coef > 0:  # the reference's step mean at this x_t, as the sampler computed it
       kl = diffusion.gaussian_kl_shared_std(mean, batch["reference_means"], std,
                                             reduction=tc.kl_reduction)
-      per_sample_std = jnp.broadcast_to(std, mean.shape).reshape(mean.shape[0], -1)[:, 0]
-      kl = jnp.where(per_sample_std > 0, kl, 0.0)  # a deterministic step (CPS's last): no KL
+      # a deterministic step (CPS's last): no KL
+      kl = jnp.where(diffusion.per_sample_std(std, mean.shape) > 0, kl, 0.0)
       metrics["kl_to_pretrained"] = jnp.mean(kl)
       loss = loss + jnp.mean(batch["kl_weights"] * kl)
     metrics["loss"] = loss
