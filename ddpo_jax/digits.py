@@ -14,11 +14,14 @@ NHWC float32 in [0, 1] (pixel value / 16); the diffusion variable is the image s
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
 import os
 import time
+import uuid
 from typing import Sequence
 
 import flax.linen as nn
@@ -258,57 +261,88 @@ def _cache_dir(kind: str, spec: dict) -> str:
   return os.path.join(root, f"{kind}_{digest}")
 
 
+@contextlib.contextmanager
+def _exclusive(path: str):
+  """Holds an exclusive lock on `path`/.lock (created, with `path`, if absent) while the block
+  runs: one process at a time makes a cache entry; the others wait and then load it."""
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, ".lock"), "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _load_verified(path: str, abstract, what: str, log):
+  """The params saved at `path`/params, checked against `path`/checksums.json; None if there
+  are none, or if they are damaged (then moved aside to `path`/params.damaged-TIME, said)."""
+  import orbax.checkpoint as ocp
+  params_dir, sums_file = os.path.join(path, "params"), os.path.join(path, "checksums.json")
+  if not os.path.isdir(params_dir):
+    return None
+  log(f"loading {what} from {path}")
+  try:
+    params = ocp.StandardCheckpointer().restore(params_dir, abstract)
+    problem = None
+  except Exception as e:  # noqa: BLE001 (unreadable files are damage)
+    params, problem = None, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+  if problem is None and os.path.isfile(sums_file):
+    with open(sums_file) as f:
+      saved = json.load(f)
+    bad = checkpoints.checksum_mismatches(saved, params)
+    if bad:
+      problem = f"{len(bad)} arrays differ from {sums_file}: {', '.join(bad[:3])}"
+  elif problem is None:
+    log(f"{what} in {path} has no checksums.json (made before checksums): loaded unverified")
+  if problem is None:
+    return params
+  aside = f"{params_dir}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+  os.replace(params_dir, aside)
+  log(f"{what} in {path} is damaged ({problem}); moved it to {aside} and making it again")
+  return None
+
+
 def _load_or_make(path: str, abstract, make, what: str, log) -> dict:
   """The params tree saved at `path`/params (shapes of `abstract`), else `make()` saved there.
 
   Restores onto this process's first device (not the device that saved it: in a multi-process
-  run that device may belong to another process). Orbax writes to a temporary directory and
-  renames it on success: an interrupted save leaves no `params` directory, so the next run
-  makes them again instead of loading junk. The arrays' checksums
+  run that device may belong to another process). The arrays' checksums
   (`checkpoints.state_checksums`) are written to `path`/checksums.json after them and checked
   on every load: a damaged cache is moved aside (`path`/params.damaged-TIME, never deleted),
-  said, and made again. A cache from before checksums loads unverified (said)."""
+  said, and made again. A cache from before checksums loads unverified (said).
+
+  Making an entry holds a lock (`path`/.lock): the processes of a multi-process run, or runs
+  started together, that all find no entry make it once; the others wait, then load it. Orbax
+  writes to a temporary directory and renames it on success, so an interrupted save leaves no
+  `params` directory and the next run makes them again instead of loading junk."""
   import orbax.checkpoint as ocp
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
-  ckptr = ocp.StandardCheckpointer()
-  params_dir, sums_file = os.path.join(path, "params"), os.path.join(path, "checksums.json")
-  if os.path.isdir(params_dir):
-    log(f"loading {what} from {path}")
-    try:
-      params = ckptr.restore(params_dir, abstract)
-      problem = None
-    except Exception as e:  # noqa: BLE001 (unreadable files are damage)
-      params, problem = None, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
-    if problem is None and os.path.isfile(sums_file):
-      with open(sums_file) as f:
-        saved = json.load(f)
-      bad = checkpoints.checksum_mismatches(saved, params)
-      if bad:
-        problem = f"{len(bad)} arrays differ from {sums_file}: {', '.join(bad[:3])}"
-    elif problem is None:
-      log(f"{what} in {path} has no checksums.json (made before checksums): loaded unverified")
-    if problem is None:
-      return params
-    aside = f"{params_dir}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
-    os.replace(params_dir, aside)
-    log(f"{what} in {path} is damaged ({problem}); moved it to {aside} and making it again")
-  params = make()
-  os.makedirs(path, exist_ok=True)
-  try:
-    ckptr.save(params_dir, jax.device_get(params))  # host arrays: any topology
-    ckptr.wait_until_finished()
-  except ValueError:
-    if not os.path.isdir(params_dir):
-      raise
-    # Another run (e.g. a seed sweep started at once) made and saved the same params while
-    # this one made them: theirs stays; this run goes on with its own, equal ones.
-    log(f"{what}: another run saved {params_dir} meanwhile; kept it, using this run's own")
+  params = _load_verified(path, abstract, what, log)  # a made entry loads without the lock
+  if params is not None:
     return params
-  tmp = f"{sums_file}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(checkpoints.state_checksums(params), f)
-  os.replace(tmp, sums_file)
+  params_dir, sums_file = os.path.join(path, "params"), os.path.join(path, "checksums.json")
+  with _exclusive(path):
+    params = _load_verified(path, abstract, what, log)  # made while this process waited
+    if params is not None:
+      return params
+    params = make()
+    ckptr = ocp.StandardCheckpointer()
+    try:
+      ckptr.save(params_dir, jax.device_get(params))  # host arrays: any topology
+      ckptr.wait_until_finished()
+    except (ValueError, FileExistsError):
+      if not os.path.isdir(params_dir):
+        raise
+      # A writer that does not take the lock (a filesystem without flock) saved the same
+      # params while this one made them: theirs stays; this run goes on with its own.
+      log(f"{what}: another run saved {params_dir} meanwhile; kept it, using this run's own")
+      return params
+    tmp = f"{sums_file}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+      json.dump(checkpoints.state_checksums(params), f)
+    os.replace(tmp, sums_file)
   return params
 
 

@@ -3,6 +3,8 @@ newest intact step restored (issue 16), on the real digits `TrainState` (params 
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from conftest import REPO
 from helpers import load_config
 
 from ddpo_jax import checkpoints, config_schema, train
@@ -331,6 +334,61 @@ def test_two_runs_making_the_same_model_cache_at_once(tmp_path):
   assert any("another run saved" in m for m in said), said
   again = digits._load_or_make(path, abstract, lambda: 1 / 0, "the test model", said.append)
   jax.tree.map(np.testing.assert_array_equal, _host(again), value)  # loads the other's
+
+
+_MAKE_AT_ONCE = """
+import os, sys, time
+import numpy as np
+from ddpo_jax import digits
+import jax
+path, barrier, me, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+value = {"w": np.arange(4096, dtype=np.float32).reshape(64, 64), "b": np.arange(7, dtype=np.int32)}
+abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), value)
+
+
+def make():
+  with open(os.path.join(barrier, "made_by"), "a") as f:
+    f.write(me + "\\n")
+  time.sleep(1.0)  # the others are waiting by now
+  return value
+
+
+open(os.path.join(barrier, me), "w").close()  # all processes look for the entry at once
+deadline = time.time() + 120
+while len([e for e in os.listdir(barrier) if e.isdigit()]) < n and time.time() < deadline:
+  time.sleep(0.001)
+got = digits._load_or_make(path, abstract, make, "the test model", print)
+np.testing.assert_array_equal(np.asarray(got["w"]), value["w"])
+print("done", me)
+"""
+
+
+def test_processes_making_the_same_model_cache_at_once(tmp_path):
+  """The processes of a multi-process run (or runs started together) find no cache entry at the
+  same moment: one makes it, the others wait for it and load it, and every one finishes. (They
+  used to all make it and share one temporary checksums file and Orbax's temporary directory:
+  the first rename took them from the others, which crashed with FileNotFoundError or
+  FileExistsError; seen on every 2-process digits launch with an empty cache.)"""
+  from ddpo_jax import digits
+  n = 3
+  script, barrier, path = tmp_path / "make.py", tmp_path / "barrier", str(tmp_path / "cache")
+  script.write_text(_MAKE_AT_ONCE)
+  barrier.mkdir()
+  procs = [subprocess.Popen([sys.executable, str(script), path, str(barrier), str(i), str(n)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(n)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0 and f"done {i}" in out, out[-3000:]
+  assert len((barrier / "made_by").read_text().split()) == 1, outs  # made once
+  assert sum("loading the test model" in out for out in outs) == n - 1, outs
+  assert not [e for e in os.listdir(path) if ".tmp" in e]
+  said = []
+  abstract = {"w": jax.ShapeDtypeStruct((64, 64), np.float32),
+              "b": jax.ShapeDtypeStruct((7,), np.int32)}
+  got = digits._load_or_make(path, abstract, lambda: 1 / 0, "the test model", said.append)
+  np.testing.assert_array_equal(_host(got)["w"], np.arange(4096, dtype=np.float32).reshape(64, 64))
+  assert not any("unverified" in m or "damaged" in m for m in said), said
 
 
 def test_a_key_added_to_the_schema_since_the_checkpoint_is_no_config_change():
