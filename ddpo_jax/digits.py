@@ -312,10 +312,12 @@ def _load_or_make(path: str, abstract, make, what: str, log) -> dict:
   on every load: a damaged cache is moved aside (`path`/params.damaged-TIME, never deleted),
   said, and made again. A cache from before checksums loads unverified (said).
 
-  Making an entry holds a lock (`path`/.lock): the processes of a multi-process run, or runs
-  started together, that all find no entry make it once; the others wait, then load it. Orbax
-  writes to a temporary directory and renames it on success, so an interrupted save leaves no
-  `params` directory and the next run makes them again instead of loading junk."""
+  Runs started together (a seed sweep) that all find no entry make it once: making holds a
+  lock (`path`/.lock), and the others wait, then load it. The processes of one multi-process
+  run all make it (Orbax's save is collective there: every process takes part, so none may
+  wait on a lock), each writing the checksums through its own temporary file. Orbax writes to
+  a temporary directory and renames it on success, so an interrupted save leaves no `params`
+  directory and the next run makes them again instead of loading junk."""
   import orbax.checkpoint as ocp
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
@@ -323,7 +325,7 @@ def _load_or_make(path: str, abstract, make, what: str, log) -> dict:
   if params is not None:
     return params
   params_dir, sums_file = os.path.join(path, "params"), os.path.join(path, "checksums.json")
-  with _exclusive(path):
+  with _exclusive(path) if jax.process_count() == 1 else contextlib.nullcontext():
     params = _load_verified(path, abstract, what, log)  # made while this process waited
     if params is not None:
       return params
@@ -339,7 +341,7 @@ def _load_or_make(path: str, abstract, make, what: str, log) -> dict:
       # params while this one made them: theirs stays; this run goes on with its own.
       log(f"{what}: another run saved {params_dir} meanwhile; kept it, using this run's own")
       return params
-    tmp = f"{sums_file}.tmp.{os.getpid()}"
+    tmp = f"{sums_file}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"  # this writer's own
     with open(tmp, "w") as f:
       json.dump(checkpoints.state_checksums(params), f)
     os.replace(tmp, sums_file)

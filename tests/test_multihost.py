@@ -77,7 +77,9 @@ def test_two_processes_equal_one_process_after_kill_and_resume(digits_cache, tmp
 
   multi = [LAUNCHER, "2", f"--workdir={tmp_path / 'multi'}", *common, "--config.mesh.fsdp=2",
            "--config.mesh.fsdp_min_size=64", f"--config.compilation_cache_dir={tmp_path / 'xla'}"]
-  env = {**os.environ, "DEVICES_PER_PROCESS": "2"}
+  # Their own, empty model cache: both processes pre-train the digits model at once and save
+  # it together (Orbax's save is collective), as a first multi-process run does.
+  env = {**os.environ, "DEVICES_PER_PROCESS": "2", "DDPO_JAX_CACHE": str(tmp_path / "cache")}
   # First launch: killed, all processes at once, as soon as checkpoint 1 is committed (the run
   # is then in epoch 1 of 2).
   log = tmp_path / "killed.log"
@@ -93,6 +95,7 @@ def test_two_processes_equal_one_process_after_kill_and_resume(digits_cache, tmp
     proc.wait()
   killed = log.read_text()
   assert "2 processes, mesh {'data': 2, 'fsdp': 2}); fsdp splits" in killed
+  assert "pre-training one" in killed
   assert "epoch 1:" not in killed, killed[-3000:]
   run = subprocess.run(multi, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
