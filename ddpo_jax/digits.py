@@ -264,9 +264,16 @@ def _cache_dir(kind: str, spec: dict) -> str:
 @contextlib.contextmanager
 def _exclusive(path: str):
   """Holds an exclusive lock on `path`/.lock (created, with `path`, if absent) while the block
-  runs: one process at a time makes a cache entry; the others wait and then load it."""
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, ".lock"), "a") as f:
+  runs: one process at a time makes a cache entry; the others wait and then load it. Where
+  the lock file cannot be made (a read-only directory, e.g. a `model.pretrained_dir` written
+  before checksums existed), the block runs unlocked: nothing can be written there anyway."""
+  try:
+    os.makedirs(path, exist_ok=True)
+    f = open(os.path.join(path, ".lock"), "a")
+  except OSError:
+    yield
+    return
+  with f:
     fcntl.flock(f, fcntl.LOCK_EX)
     try:
       yield
@@ -321,10 +328,13 @@ def _load_or_make(path: str, abstract, make, what: str, log) -> dict:
   import orbax.checkpoint as ocp
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
-  params = _load_verified(path, abstract, what, log)  # a made entry loads without the lock
-  if params is not None:
-    return params
   params_dir, sums_file = os.path.join(path, "params"), os.path.join(path, "checksums.json")
+  # A finished entry (params and checksums) loads without the lock; params without checksums
+  # may be an entry still being written: the lock below waits for its writer.
+  if os.path.isfile(sums_file):
+    params = _load_verified(path, abstract, what, log)
+    if params is not None:
+      return params
   with _exclusive(path) if jax.process_count() == 1 else contextlib.nullcontext():
     params = _load_verified(path, abstract, what, log)  # made while this process waited
     if params is not None:

@@ -391,6 +391,25 @@ def test_processes_making_the_same_model_cache_at_once(tmp_path):
   assert not any("unverified" in m or "damaged" in m for m in said), said
 
 
+def test_a_model_cache_from_before_checksums_loads_unverified(tmp_path):
+  """An entry with params but no checksums.json (written by a version before checksums): it
+  loads, through the lock (it might be an entry still being written), said to be unverified;
+  it is not made again."""
+  from ddpo_jax import digits
+  import orbax.checkpoint as ocp
+  value = {"w": np.arange(12, dtype=np.float32).reshape(3, 4)}
+  path = tmp_path / "cache"
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(str(path / "params"), value)
+  ckptr.wait_until_finished()
+  said = []
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), value)
+  got = digits._load_or_make(str(path), abstract, lambda: 1 / 0, "the test model", said.append)
+  jax.tree.map(np.testing.assert_array_equal, _host(got), value)
+  assert any("has no checksums.json (made before checksums): loaded unverified" in m
+             for m in said), said
+
+
 def test_a_key_added_to_the_schema_since_the_checkpoint_is_no_config_change():
   """A run saved before a key existed resumes: the key counts at its default; setting it to
   something else, or a key outside the schema, is still a change."""
