@@ -263,12 +263,11 @@ def _cache_dir(kind: str, spec: dict) -> str:
 
 @contextlib.contextmanager
 def _exclusive(path: str):
-  """Holds an exclusive lock on `path`/.lock (created, with `path`, if absent) while the block
-  runs: one process at a time makes a cache entry; the others wait and then load it. Where
-  the lock file cannot be made (a read-only directory, e.g. a `model.pretrained_dir` written
-  before checksums existed), the block runs unlocked: nothing can be written there anyway."""
+  """Holds an exclusive lock on `path`/.lock (created if absent; `path` must exist) while the
+  block runs: one process at a time makes a cache entry; the others wait and then load it.
+  Where the lock file cannot be made (a read-only directory, e.g. a `model.pretrained_dir`
+  written before checksums existed), the block runs unlocked: nothing can be written there."""
   try:
-    os.makedirs(path, exist_ok=True)
     f = open(os.path.join(path, ".lock"), "a")
   except OSError:
     yield
@@ -335,6 +334,7 @@ def _load_or_make(path: str, abstract, make, what: str, log) -> dict:
     params = _load_verified(path, abstract, what, log)
     if params is not None:
       return params
+  os.makedirs(path, exist_ok=True)  # for the lock, the save and the checksums alike
   with _exclusive(path) if jax.process_count() == 1 else contextlib.nullcontext():
     params = _load_verified(path, abstract, what, log)  # made while this process waited
     if params is not None:

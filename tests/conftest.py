@@ -90,8 +90,8 @@ def random_aesthetic_mlp(tmp_path_factory):
 def digits_cache(tmp_path_factory):
   """A fresh DDPO_JAX_CACHE so tests pre-train their own tiny digits models (and reward
   classifiers), once per test session: the pytest-xdist workers share it (the parent of their
-  base temporary directories is the session's). The cache saves atomically; two workers making
-  the same entry at once both go on, one's copy kept (`ddpo_jax.digits._load_or_make`)."""
+  base temporary directories is the session's). Two workers needing the same entry at once
+  make it once: the other waits on its lock, then loads it (`ddpo_jax.digits._load_or_make`)."""
   if os.environ.get("PYTEST_XDIST_WORKER"):
     path = str(tmp_path_factory.getbasetemp().parent / "ddpo_jax_cache")
     os.makedirs(path, exist_ok=True)

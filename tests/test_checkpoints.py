@@ -364,11 +364,12 @@ print("done", me)
 
 
 def test_processes_making_the_same_model_cache_at_once(tmp_path):
-  """The processes of a multi-process run (or runs started together) find no cache entry at the
-  same moment: one makes it, the others wait for it and load it, and every one finishes. (They
-  used to all make it and share one temporary checksums file and Orbax's temporary directory:
-  the first rename took them from the others, which crashed with FileNotFoundError or
-  FileExistsError; seen on every 2-process digits launch with an empty cache.)"""
+  """Separate runs started together (a seed sweep) find no cache entry at the same moment: one
+  makes it, the others wait on its lock and load it, and every one finishes. (They used to all
+  make it and share Orbax's temporary directory and one temporary checksums file: the first
+  rename took them from the others, which crashed with FileExistsError or FileNotFoundError.
+  Inside one multi-process run every process makes the entry, as Orbax's save is collective:
+  test_multihost's kill-and-resume test starts from an empty cache for that.)"""
   from ddpo_jax import digits
   n = 3
   script, barrier, path = tmp_path / "make.py", tmp_path / "barrier", str(tmp_path / "cache")
