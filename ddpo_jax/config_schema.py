@@ -21,6 +21,8 @@ name -> a `condition` section) and a condition's `data` (the keys of its source,
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 import ml_collections
@@ -36,17 +38,167 @@ LORA_DEFAULT_TARGETS = (r"(^|/)to_q$", r"(^|/)to_k$", r"(^|/)to_v$", r"(^|/)to_o
 
 
 @dataclasses.dataclass(frozen=True)
+class Range:
+  """The valid values of a numeric key: lo <= v <= hi (an open end excludes its bound; an
+  infinite bound is always open, so inf and nan never pass), integers only if `integer`, plus
+  the listed `special` values (e.g. mesh.data's -1). A tuple value is checked element-wise."""
+  lo: float = -math.inf
+  hi: float = math.inf
+  lo_open: bool = False
+  hi_open: bool = False
+  integer: bool = False
+  special: tuple = ()
+
+  def contains(self, value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+      return False
+    if value in self.special:
+      return True
+    if self.integer and not isinstance(value, numbers.Integral):
+      return False
+    v = float(value)
+    if not math.isfinite(v):
+      return False
+    above = v > self.lo if self.lo_open else v >= self.lo
+    below = v < self.hi if self.hi_open else v <= self.hi
+    return above and below
+
+  def __str__(self) -> str:
+    lo = "(" if self.lo_open or math.isinf(self.lo) else "["
+    hi = ")" if self.hi_open or math.isinf(self.hi) else "]"
+    def num(x):
+      return ("inf" if x > 0 else "-inf") if math.isinf(x) else f"{x:g}"
+    text = f"{lo}{num(self.lo)}, {num(self.hi)}{hi}"
+    if self.integer:
+      text = "an integer in " + text
+    if self.special:
+      text += " or " + " or ".join(repr(v) for v in self.special)
+    return text
+
+
+def _range(spec: str) -> Range:
+  """A `Range` from its written form: 'int [1, inf)', '(0, 1]', 'int [1, inf) | -1'."""
+  spec, *special = [part.strip() for part in spec.split("|")]
+  integer = spec.startswith("int ")
+  spec = spec[4:].strip() if integer else spec
+  lo, hi = (x.strip() for x in spec[1:-1].split(","))
+  return Range(float(lo), float(hi), spec[0] == "(", spec[-1] == ")", integer,
+               tuple(int(v) for v in special))
+
+
+@dataclasses.dataclass(frozen=True)
 class Key:
   """One config key: dotted `path`, `default`, one-line `meaning`, allowed `choices` (() = any
-  value of the default's type)."""
+  value of the default's type), and for a numeric key its valid `range` (from `RANGES`)."""
   path: str
   default: Any
   meaning: str
   choices: tuple = ()
+  range: "Range | None" = None
+
+
+def _is_numeric(value) -> bool:
+  """A number (not a bool), or a non-empty tuple of numbers."""
+  if isinstance(value, (tuple, list)):
+    return bool(value) and all(_is_numeric(v) for v in value)
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+# Every numeric key's valid values (a test checks that each numeric key has one and each entry
+# names a key). Written as `_range` reads them: 'int' for integers, ( ) open and [ ] closed ends.
+RANGES = {path: _range(spec) for path, spec in {
+    "seed": "int [0, 4294967296)",
+    "num_epochs": "int [1, inf)",
+    "save_freq": "int [1, inf)",
+    "keep_checkpoints": "int [0, inf)",
+    "log_image_freq": "int [0, inf)",
+    "cpu_devices": "int [0, inf)",
+    "mesh.data": "int [1, inf) | -1",
+    "mesh.fsdp": "int [1, inf)",
+    "mesh.fsdp_min_size": "int [0, inf)",
+    "sample.num_steps": "int [1, inf)",
+    # DDIM's step std is eta times the DDPM posterior's; above 1 it can exceed the remaining
+    # noise and the direction term's square root turns NaN.
+    "sample.eta": "[0, 1]",
+    # Flow-GRPO uses 0.7; 'cps' further needs <= 1 (checked with the sampler).
+    "sample.noise_level": "(0, 2]",
+    "sample.group_size": "int [1, inf)",
+    "sample.sde_window_size": "int [0, inf)",
+    "sample.sde_window_range": "int [0, inf)",
+    "sample.sde_window_shift_every": "int [1, inf)",
+    "sample.guidance_scale": "[0, inf)",
+    "sample.batch_size": "int [1, inf)",
+    "sample.num_batches_per_epoch": "int [1, inf)",
+    "train.batch_size": "int [1, inf)",
+    "train.learning_rate": "[0, inf)",
+    "train.adam_beta1": "[0, 1)",
+    "train.adam_beta2": "[0, 1)",
+    "train.adam_weight_decay": "[0, inf)",
+    "train.adam_epsilon": "(0, inf)",
+    "train.max_grad_norm": "(0, inf)",
+    "train.gradient_accumulation_steps": "int [1, inf)",
+    "train.num_inner_epochs": "int [1, inf)",
+    "train.adv_clip_max": "(0, inf)",
+    "train.clip_range": "(0, inf)",
+    "train.timestep_fraction": "(0, 1]",
+    "train.kl_coef": "[0, inf)",
+    "train.nft_beta": "(0, inf)",
+    "train.rwr_beta": "(0, inf)",
+    "train.rwr_quantile": "[0, 1]",
+    "train.control_learning_rate": "[0, inf)",
+    "per_prompt_stat_tracking.buffer_size": "int [1, inf)",
+    "per_prompt_stat_tracking.min_count": "int [1, inf)",
+    "reward.classifier_seed": "int [0, inf)",
+    "model.channels": "int [1, inf)",
+    "model.layers_per_block": "int [1, inf)",
+    "model.attention_heads": "int [1, inf)",
+    "model.mmdit_layers": "int [1, inf)",
+    "model.mmdit_head_dim": "int [1, inf)",
+    "model.context_dim": "int [1, inf)",
+    "model.norm_num_groups": "int [1, inf)",
+    "model.pretrain.seed": "int [0, inf)",
+    "model.pretrain.steps": "int [1, inf)",
+    "model.pretrain.batch_size": "int [1, inf)",
+    "model.pretrain.label_noise": "[0, 1]",
+    "model.pretrain.learning_rate": "(0, inf)",
+    "model.pretrain.uncond_prob": "[0, 1)",
+    "model.pretrain.ema_decay": "[0, 1)",
+    "model.resolution": "int [8, inf)",
+    "model.embedded_guidance": "[0, inf)",
+    "model.lora.rank": "int [1, inf)",
+    "model.lora.alpha": "(0, inf)",
+    "model.lora.init_std": "[0, inf)",
+    "model.lora.seed": "int [0, inf)",
+    "ctrl.reward_weight": "[0, inf)",
+    "ctrl.kl_weight": "[0, inf)",
+    "ctrl.control_min_timestep": "int [0, inf)",
+    "ctrl.truncation_steps": "int [1, inf)",
+    "ctrl.batch_size": "int [1, inf)",
+    "ctrl.gradient_accumulation_steps": "int [1, inf)",
+    "ctrl.steps_per_epoch": "int [1, inf)",
+    "ctrl.label_dropout": "[0, 1)",
+    "ctrl.label_guidance_scale": "[0, inf)",
+    "ctrl.noisy_classifier_steps": "int [1, inf)",
+    "ctrl.classifier_guidance_scale": "[0, inf)",
+    "ctrl.eval_num_samples": "int [0, inf)",
+    # a control's section (ctrl.conditions.NAME.*)
+    "num_classes": "int [0, inf)",
+    "weight": "[0, inf)",
+    "data.num_labelled": "int [0, inf)",
+    "data.seed": "int [0, inf)",
+    "classifier.steps": "int [1, inf)",
+    "classifier.seed": "int [0, inf)",
+    "classifier.val_fraction": "(0, 1)",
+    "classifier.augment_noise": "[0, inf)",
+    "classifier.augment_shift": "int [0, inf)",
+    "classifier.input_size": "int [0, inf)",
+}.items()}
 
 
 def _keys(*rows) -> tuple[Key, ...]:
-  return tuple(Key(*row) for row in rows)
+  keys = tuple(Key(*row) for row in rows)
+  return tuple(dataclasses.replace(k, range=RANGES[k.path]) if k.path in RANGES else k
+               for k in keys)
 
 
 COMMON = _keys(
@@ -314,6 +466,12 @@ def _check(node, rows, where: str) -> None:
   for path, k in expected.items():
     if k.choices and found[path] not in k.choices:
       raise ValueError(f"{where}{path}={found[path]!r}; choose one of {k.choices}")
+    if k.range is not None:
+      value = found[path]
+      several = isinstance(value, (tuple, list))
+      if not all(k.range.contains(v) for v in (value if several else (value,))):
+        raise ValueError(f"{where}{path}={value!r} is outside its valid range: "
+                         f"{'each element ' if several else ''}must be {k.range}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -334,6 +492,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     unknown = sorted(set(config.ctrl.controls) - set(config.ctrl.conditions))
     if unknown:
       raise ValueError(f"ctrl.controls names {unknown[0]!r}, which ctrl.conditions lacks")
+  for name, weight in config.reward.weights.items():
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
+      raise ValueError(f"reward.weights.{name}={weight!r} must be a finite number")
   if model == "digits" and config.prompt_fn:
     raise ValueError(f"prompt_fn={config.prompt_fn!r}: the digits model has its own prompts "
                      "(the ten class names); leave prompt_fn ''")
@@ -363,7 +524,7 @@ def markdown() -> str:
     lines = [f"## {title}", "", "| key | default | meaning |", "|---|---|---|"]
     for k in rows:
       meaning = k.meaning + (f" (one of: {', '.join(repr(c) for c in k.choices)})"
-                             if k.choices else "")
+                             if k.choices else "") + (f"; valid: {k.range}" if k.range else "")
       lines.append(f"| `{k.path}` | `{k.default!r}` | {meaning.replace('|', '/')} |")
     return lines + [""]
   out = ["# Config keys", "",

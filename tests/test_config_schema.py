@@ -122,3 +122,33 @@ def test_command_line_unknown_key_fails_before_anything_runs(kind, tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0 and "lerning_rate" in result.stderr, result.stderr[-2000:]
   assert not workdir.exists()
+
+
+def test_every_numeric_key_has_a_valid_range_that_holds_its_default():
+  """Each number (or tuple of numbers) in the schema has its range in RANGES, each RANGES entry
+  names a key, and every default lies inside its range."""
+  rows = list(config_schema.COMMON) + list(config_schema.CTRL) + list(config_schema.CONDITION)
+  for model in config_schema.MODEL_KINDS:
+    rows += list(config_schema.MODELS[model])
+  for mode, default in config_schema.CTRL_DEFAULTS.items():
+    rows.append(config_schema.Key(mode, default, "", (), config_schema.RANGES.get(mode)))
+  numeric = {k.path for k in rows if config_schema._is_numeric(k.default)}
+  assert numeric - set(config_schema.RANGES) == set()
+  assert set(config_schema.RANGES) - {k.path for k in rows} == set()
+  for k in rows:
+    if k.path in numeric:
+      values = k.default if isinstance(k.default, tuple) else (k.default,)
+      assert all(config_schema.RANGES[k.path].contains(v) for v in values), k
+
+
+def test_ranges_reject_nan_inf_bools_and_non_integers():
+  r = config_schema.Range(0.0, 1.0, lo_open=True)
+  assert [r.contains(v) for v in (0.0, 1e-9, 1.0, 1.0000001, float("nan"), float("inf"))] == [
+      False, True, True, False, False, False]
+  whole = config_schema.RANGES["mesh.data"]
+  assert [whole.contains(v) for v in (-1, 0, 1, 7, 2.0, True)] == [
+      True, False, True, True, False, False]
+  unbounded = config_schema.RANGES["train.learning_rate"]
+  assert not unbounded.contains(float("inf")) and unbounded.contains(1e6)
+  assert str(config_schema.RANGES["train.adam_beta1"]) == "[0, 1)"
+  assert str(whole) == "an integer in [1, inf) or -1"
