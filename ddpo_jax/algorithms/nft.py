@@ -37,8 +37,6 @@ class NFT(Algorithm):
     if s.sampler == "ddim":
       raise ValueError("train.algorithm='nft' trains a flow (velocity) model: sample.sampler "
                        "must be 'sde', 'cps' or 'ode', not 'ddim'")
-    if not t.nft_beta > 0:
-      raise ValueError(f"train.nft_beta={t.nft_beta} must be > 0")
     if t.cfg and float(s.guidance_scale) != 1.0:
       raise ValueError(f"train.algorithm='nft' is CFG-free: set train.cfg=False (sampling may "
                        f"still use sample.guidance_scale={s.guidance_scale}) or guidance 1")

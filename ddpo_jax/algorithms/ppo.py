@@ -11,11 +11,6 @@ class PPO(PolicyGradient):
 
   name = "ppo"
 
-  def validate(self, config, samples_per_epoch, samples_per_step):
-    clip = config.train.clip_range
-    if not clip > 0:
-      raise ValueError(f"train.clip_range={clip} must be > 0 (the PPO ratio clip, 1 ± ε)")
-
   def surrogate(self, log_prob, batch, train_config):
     loss, info = rl.ppo_clipped_loss(log_prob, batch["log_probs"], batch["advantages"],
                                      train_config.clip_range, train_config.adv_clip_max)
