@@ -2,7 +2,10 @@
 
 Loopback only; every server is stopped by its fixture. Retries use millisecond backoffs.
 """
+import contextlib
+import http.client
 import os
+import re
 import select
 import socket
 import subprocess
@@ -642,3 +645,175 @@ def test_connections_over_the_limit_are_503_then_served_again(limited):
       break
     time.sleep(0.05)
   assert status == 200, answer
+
+
+# ------------------------------------------------------------------------------------------
+# Shapes, deadlines and per-client limits (in-process servers on 127.0.0.1; a second client
+# address is 127.0.0.2, also loopback)
+# ------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _serving(scorer, name="scorer", **limits):
+  """An in-process `RewardServer` of `scorer` with `limits`, stopped on exit; yields it."""
+  server = srv.RewardServer(("127.0.0.1", 0), scorer, name=name, **limits)
+  thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                            daemon=True)
+  thread.start()
+  try:
+    yield server
+  finally:
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_rewards_of_any_shape_but_one_per_image_are_500():
+  """A scorer's (B/2, 2) rewards were flattened into B rewards (each image got another's)."""
+  def paired(images, prompts, metadata):
+    return np.arange(len(prompts), dtype=np.float32).reshape(-1, 2), {}
+
+  def column(images, prompts, metadata):
+    return np.zeros((len(prompts), 1)), {}
+  with _serving(paired, name="paired") as server:
+    status, answer = _post_raw(server.url, _score_body(_images(4, h=8, w=8)))
+    assert status == 500, answer
+    assert ("scorer paired returned rewards of shape (2, 2) for 4 images; it must return one "
+            "reward per image, shape (4,)") in answer["error"]
+    with pytest.raises(C.RewardServerError, match=r"HTTP 500: scorer paired .*shape \(2, 2\)"):
+      C.RewardClient(server.url, retries=1)(_images(4, h=8, w=8), list("abcd"))
+  with _serving(column, name="column", batch_size=2) as server:  # per scorer call of 2
+    status, answer = _post_raw(server.url, _score_body(_images(3, h=8, w=8)))
+    assert status == 500 and "shape (2, 1) for 2 images" in answer["error"], answer
+
+
+def _drip_open(url, source="127.0.0.1", in_headers=False):
+  """A connection from `source` that starts a POST /score and is then to be dripped: in its
+  body (10 kB declared) or, with `in_headers`, in an unfinished header line."""
+  host, port = url.split("//")[1].split(":")
+  sock = socket.create_connection((host, int(port)), timeout=5, source_address=(source, 0))
+  head = "POST /score HTTP/1.0\r\n" + ("X-Slow: " if in_headers else
+                                       "Content-Length: 10000\r\n\r\n")
+  sock.sendall(head.encode())
+  return sock
+
+
+class _Dripper(threading.Thread):
+  """Sends one byte on each of `socks` every `every` s until the server answers it (its whole
+  answer, to EOF) or `limit_s` passes. answers: {index: (answer bytes, seconds after start)};
+  sent: bytes sent per socket."""
+
+  def __init__(self, socks, every=0.1, limit_s=6.0):
+    super().__init__(daemon=True)
+    self.socks, self.every, self.limit_s = socks, every, limit_s
+    self.answers, self.sent, self.stop = {}, [0] * len(socks), threading.Event()
+
+  def _answer(self, sock):
+    sock.settimeout(2)
+    data = b""
+    for _ in range(100):
+      try:
+        chunk = sock.recv(65536)
+      except OSError:
+        break
+      if not chunk:
+        break
+      data += chunk
+    return data
+
+  def run(self):
+    t0 = time.monotonic()
+    for _ in range(int(self.limit_s / self.every) + 1):
+      if self.stop.is_set() or len(self.answers) == len(self.socks) or \
+          time.monotonic() - t0 > self.limit_s:
+        return
+      for i, sock in enumerate(self.socks):
+        if i in self.answers:
+          continue
+        if select.select([sock], [], [], 0)[0]:
+          self.answers[i] = (self._answer(sock), time.monotonic() - t0)
+          continue
+        try:
+          sock.send(b"x")
+          self.sent[i] += 1
+        except OSError as e:
+          self.answers[i] = (repr(e).encode(), time.monotonic() - t0)
+      self.stop.wait(self.every)
+
+
+def test_a_slow_drip_request_is_cut_at_the_request_deadline():
+  """A byte every 0.1 s keeps the 0.5 s read timeout from firing, in the body or in the
+  headers: the whole-request deadline (1 s) cuts both (they used to run for as long as the
+  client kept dripping)."""
+  with _serving(S.brightness, read_timeout_s=0.5, request_deadline_s=1.0) as server:
+    socks = [_drip_open(server.url), _drip_open(server.url, in_headers=True)]
+    dripper = _Dripper(socks, every=0.1, limit_s=5.0)
+    dripper.start()
+    dripper.join(7)
+    dripper.stop.set()
+    for sock in socks:
+      sock.close()
+    assert sorted(dripper.answers) == [0, 1], dripper.answers
+    for i, what in enumerate([b"the request body", b"the request's headers"]):
+      answer, seconds = dripper.answers[i]
+      assert answer.startswith(b"HTTP/1.0 408"), answer[:300]
+      assert what + b" was not received within 1.0 s of the connection (--request_deadline_s)" \
+          in answer, answer
+      assert 0.9 < seconds < 2.0 and dripper.sent[i] >= 7, (seconds, dripper.sent)
+    status, _ = _post_raw(server.url, _score_body(_images(1, h=8, w=8)))
+    assert status == 200
+
+
+def _post_from(url, body, source):
+  """POST /score of `body` from the local address `source` -> (status, decoded answer)."""
+  host, port = url.split("//")[1].split(":")
+  conn = http.client.HTTPConnection(host, int(port), timeout=5, source_address=(source, 0))
+  try:
+    conn.request("POST", "/score", body=body, headers={"Content-Type": C.CONTENT_TYPE})
+    resp = conn.getresponse()
+    return resp.status, msgpack.unpackb(resp.read())
+  finally:
+    conn.close()
+
+
+def test_one_client_address_cannot_take_every_slot():
+  """Slow connections from 127.0.0.1 at its per-client bound (2 of 4 slots): another from
+  127.0.0.1 is answered 503 at once while 127.0.0.2 is served; once the slow ones are cut at
+  the request deadline, 127.0.0.1 is served again."""
+  with pytest.raises(ValueError, match=r"max_connections_per_client \(5\) must be <= "
+                                       r"max_connections \(4\)"):
+    srv.RewardServer(("127.0.0.1", 0), S.brightness, max_connections=4,
+                     max_connections_per_client=5)
+  body = _score_body(_images(1, h=8, w=8))
+  with _serving(S.brightness, read_timeout_s=0.5, request_deadline_s=2.0, max_connections=4,
+                max_connections_per_client=2) as server:
+    socks = [_drip_open(server.url) for _ in range(2)]
+    dripper = _Dripper(socks, every=0.1, limit_s=6.0)
+    dripper.start()
+    try:
+      time.sleep(0.2)  # both accepted: their handlers hold 127.0.0.1's 2 connections
+      t0 = time.monotonic()
+      status, answer = _post_from(server.url, body, "127.0.0.1")
+      assert status == 503, answer
+      assert time.monotonic() - t0 < 1.0
+      assert ("server busy: 2 connections already open from 127.0.0.1, the limit per client "
+              "(--max_connections_per_client=2); retry later") == answer["error"]
+      status, answer = _post_from(server.url, body, "127.0.0.2")
+      assert status == 200 and len(answer["rewards"]) == 1, answer
+      assert not dripper.answers  # the slow connections were open all along
+      dripper.join(7)
+      assert sorted(dripper.answers) == [0, 1], dripper.answers
+      assert all(a.startswith(b"HTTP/1.0 408") for a, _ in dripper.answers.values())
+      for _ in range(50):  # their slots are released as their handler threads end
+        status, answer = _post_from(server.url, body, "127.0.0.1")
+        if status == 200:
+          break
+        time.sleep(0.1)
+      assert status == 200, answer
+      for _ in range(50):  # every connection's count is given back as its handler ends
+        if not server.per_client:
+          break
+        time.sleep(0.1)
+      assert server.per_client == {}
+    finally:
+      dripper.stop.set()
+      for sock in socks:
+        sock.close()

@@ -13,7 +13,9 @@ the one the system chose).
 
 Protocol: see `ddpo_jax.rewards.client`. Requests are handled in threads; scorer calls are
 serialised by a lock (one model, one device). A scorer exception answers HTTP 500 with
-{"error", "traceback"} for that request only; a malformed request answers 400.
+{"error", "traceback"} for that request only, and so do rewards of any shape but (B,) for the
+B images of a scorer call (a (B/2, 2) array is not flattened into B rewards); a malformed
+request answers 400.
 
 Limits, so that one client cannot take the server down (each an argument / flag):
 - `max_request_bytes` (512 MiB): a larger Content-Length answers 413 before anything is read;
@@ -23,7 +25,14 @@ Limits, so that one client cannot take the server down (each an argument / flag)
   166 MB to 1.86 GB resident);
 - `read_timeout_s` (30 s) per socket read: a client that declares a body and sends nothing is
   answered 408 and disconnected instead of holding a thread forever;
-- `max_connections` (64) connections at once: one more is answered 503 at once.
+- `request_deadline_s` (120 s) for the whole request (request line, headers and body, from the
+  connection's accept): a client that sends a byte now and then, each within `read_timeout_s`,
+  is answered 408 at the deadline and disconnected (64 such connections sending a byte every
+  10 s used to hold every slot for as long as they liked);
+- `max_connections` (64) connections at once: one more is answered 503 at once;
+- `max_connections_per_client` (16) connections at once from one client address (the peer's
+  IP): one more from that address is answered 503 at once, so that one slow or hostile client
+  cannot take every slot and lock the trainer's client out.
 Only the standard library's `http.server` and `msgpack` are used: with these limits it serves
 the trainer's few large requests, and an ASGI server would add a dependency for no feature used
 here (benchmarks/reward_server_load.py measures requests/s and latency at 1, 10, 50 clients).
@@ -34,8 +43,10 @@ import argparse
 import io
 import json
 import signal
+import socket
 import sys
 import threading
+import time
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
@@ -51,7 +62,9 @@ MAX_REQUEST_BYTES = 512 * 2**20
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_REQUEST_PIXELS = 64 * 1024 * 1024
 READ_TIMEOUT_S = 30.0
+REQUEST_DEADLINE_S = 120.0
 MAX_CONNECTIONS = 64
+MAX_CONNECTIONS_PER_CLIENT = 16
 
 
 class BadRequest(ValueError):
@@ -60,6 +73,36 @@ class BadRequest(ValueError):
 
 class TooLarge(ValueError):
   """A request over one of the server's size limits (answered with HTTP 413)."""
+
+
+class DeadlinePassed(TimeoutError):
+  """The request was not received within the server's `request_deadline_s` (HTTP 408)."""
+
+
+class _DeadlineReader(io.RawIOBase):
+  """A connection's bytes: each socket read bounded by `read_timeout_s` seconds and all of
+  them by `deadline` (a `time.monotonic()` time). A read past the deadline, or one that times
+  out because the deadline came first, raises `DeadlinePassed`; one that times out on
+  `read_timeout_s` raises the socket's TimeoutError."""
+
+  def __init__(self, sock: socket.socket, read_timeout_s: float, deadline: float):
+    super().__init__()
+    self.sock, self.read_timeout_s, self.deadline = sock, read_timeout_s, deadline
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buffer) -> int:
+    left = self.deadline - time.monotonic()
+    if left <= 0:
+      raise DeadlinePassed("the request deadline passed")
+    self.sock.settimeout(min(self.read_timeout_s, left))
+    try:
+      return self.sock.recv_into(buffer)
+    except TimeoutError:
+      if left <= self.read_timeout_s:
+        raise DeadlinePassed("the request deadline passed") from None
+      raise
 
 
 def resolve_scorer(spec: str, kwargs: dict | None = None) -> Callable:
@@ -154,8 +197,10 @@ class RewardServer(ThreadingHTTPServer):
     name: shown by /health and in error messages.
     batch_size: at most this many images per scorer call (None: the whole request).
     verbose: log every request on stderr.
-    max_request_bytes, max_image_pixels, max_request_pixels, read_timeout_s, max_connections:
-      the limits of the module docstring.
+    max_request_bytes, max_image_pixels, max_request_pixels, read_timeout_s (s),
+      request_deadline_s (s), max_connections, max_connections_per_client: the limits of the
+      module docstring (max_connections_per_client <= max_connections; None: the smaller of
+      16 and max_connections).
   """
   daemon_threads = True
 
@@ -164,21 +209,36 @@ class RewardServer(ThreadingHTTPServer):
                max_request_bytes: int = MAX_REQUEST_BYTES,
                max_image_pixels: int = MAX_IMAGE_PIXELS,
                max_request_pixels: int = MAX_REQUEST_PIXELS,
-               read_timeout_s: float = READ_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS):
+               read_timeout_s: float = READ_TIMEOUT_S,
+               request_deadline_s: float = REQUEST_DEADLINE_S,
+               max_connections: int = MAX_CONNECTIONS,
+               max_connections_per_client: int | None = None):
     if batch_size is not None and batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_connections_per_client is None:
+      max_connections_per_client = min(MAX_CONNECTIONS_PER_CLIENT, max_connections)
     for label, value in (("max_request_bytes", max_request_bytes),
                          ("max_image_pixels", max_image_pixels),
                          ("max_request_pixels", max_request_pixels),
-                         ("read_timeout_s", read_timeout_s), ("max_connections", max_connections)):
+                         ("read_timeout_s", read_timeout_s),
+                         ("request_deadline_s", request_deadline_s),
+                         ("max_connections", max_connections),
+                         ("max_connections_per_client", max_connections_per_client)):
       if not value > 0:
         raise ValueError(f"{label} must be > 0, got {value}")
+    if max_connections_per_client > max_connections:
+      raise ValueError(f"max_connections_per_client ({max_connections_per_client}) must be <= "
+                       f"max_connections ({max_connections}); lower it or raise max_connections")
     self.scorer, self.name, self.batch_size = scorer, name, batch_size
     self.verbose, self.max_request_bytes = verbose, max_request_bytes
     self.max_image_pixels, self.max_request_pixels = max_image_pixels, max_request_pixels
     self.read_timeout_s = float(read_timeout_s)
+    self.request_deadline_s = float(request_deadline_s)
     self.max_connections = int(max_connections)
+    self.max_connections_per_client = int(max_connections_per_client)
     self.connections = threading.BoundedSemaphore(self.max_connections)
+    self.per_client: dict[str, int] = {}  # open connections per client address (peer IP)
+    self.per_client_lock = threading.Lock()
     # The listen backlog (socketserver's default is 5): connections beyond it were reset by
     # the kernel (measured: 61 of ~1300 requests of 50 concurrent clients) instead of being
     # served or answered 503.
@@ -201,11 +261,12 @@ class RewardServer(ThreadingHTTPServer):
       with self.lock:
         r, i = self.scorer(images[start:stop], prompts[start:stop],
                            _slice(metadata, start, stop, n))
-      r = np.asarray(r, np.float64).reshape(-1).tolist()
-      if len(r) != stop - start:
-        raise ValueError(f"scorer {self.name} returned {len(r)} rewards for "
-                         f"{stop - start} images")
-      rewards.extend(r)
+      r = np.asarray(r, np.float64)
+      if r.shape != (stop - start,):
+        raise ValueError(f"scorer {self.name} returned rewards of shape {r.shape} for "
+                         f"{stop - start} images; it must return one reward per image, shape "
+                         f"({stop - start},)")
+      rewards.extend(r.tolist())
       for key, value in dict(i or {}).items():
         value = to_builtin(value)
         if isinstance(value, list) and len(value) == stop - start:
@@ -220,24 +281,71 @@ class _Handler(BaseHTTPRequestHandler):
   protocol_version = "HTTP/1.0"
 
   def setup(self):
-    self.timeout = self.server.read_timeout_s  # every read of this connection's socket
+    self.timeout = self.server.read_timeout_s  # writes; reads are bounded by _DeadlineReader
+    self.deadline = time.monotonic() + self.server.request_deadline_s
     super().setup()
+    self.rfile.close()  # the socket's own reader, replaced by one bounded by the deadline
+    self.rfile = io.BufferedReader(
+        _DeadlineReader(self.connection, self.server.read_timeout_s, self.deadline))
+
+  def _reject(self, error: str):
+    """Answers 503 with `error` after reading the request line and headers (bounded by the
+    read timeout and the deadline; the answer needs the request's HTTP version)."""
+    self.close_connection = True
+    try:
+      self.raw_requestline = self.rfile.readline(65537)
+      if self.raw_requestline and self.parse_request():
+        self._send(503, {"error": error})
+    except OSError:  # TimeoutError (and DeadlinePassed) included: nothing to answer
+      pass
 
   def handle(self):
-    if not self.server.connections.acquire(blocking=False):
-      self.close_connection = True
-      try:  # read the request line and headers (bounded by the timeout) to answer properly
-        self.raw_requestline = self.rfile.readline(65537)
-        if self.parse_request():
-          self._send(503, {"error": f"server busy: {self.server.max_connections} connections "
-                                    "already open (--max_connections); retry later"})
-      except OSError:
-        pass
+    server, peer = self.server, str(self.client_address[0])
+    with server.per_client_lock:
+      mine = server.per_client.get(peer, 0)
+      if mine < server.max_connections_per_client:
+        server.per_client[peer] = mine + 1
+    if mine >= server.max_connections_per_client:
+      self._reject(f"server busy: {mine} connections already open from {peer}, the limit per "
+                   f"client (--max_connections_per_client={server.max_connections_per_client}); "
+                   "retry later")
       return
     try:
-      super().handle()
+      if not server.connections.acquire(blocking=False):
+        self._reject(f"server busy: {server.max_connections} connections already open "
+                     "(--max_connections); retry later")
+        return
+      try:
+        super().handle()
+      finally:
+        server.connections.release()
     finally:
-      self.server.connections.release()
+      with server.per_client_lock:
+        server.per_client[peer] -= 1
+        if not server.per_client[peer]:
+          del server.per_client[peer]
+
+  def _timed_out(self, error: TimeoutError, what: str):
+    """Answers 408 naming the limit that `error` (raised reading `what`) hit."""
+    self.close_connection = True
+    if isinstance(error, DeadlinePassed):
+      message = (f"{what} was not received within {self.server.request_deadline_s} s of the "
+                 "connection (--request_deadline_s); send it faster, or raise the server's "
+                 "--request_deadline_s")
+    else:
+      message = (f"{what} was not received within {self.server.read_timeout_s} s of the last "
+                 "bytes (--read_timeout_s)")
+    try:
+      self._send(408, {"error": message})
+    except OSError:
+      pass
+
+  def parse_request(self) -> bool:
+    try:
+      return super().parse_request()
+    except TimeoutError as e:  # the headers (the request line is read, its version known)
+      self._timed_out(e, "the request's headers")
+      return False
 
   def log_message(self, format, *args):  # noqa: A002 (BaseHTTPRequestHandler's signature)
     if self.server.verbose:
@@ -245,6 +353,7 @@ class _Handler(BaseHTTPRequestHandler):
 
   def _send(self, status: int, payload: dict):
     import msgpack
+    self.connection.settimeout(self.server.read_timeout_s)  # reads may have left it shorter
     body = msgpack.packb(payload, use_bin_type=True)
     self.send_response(status)
     self.send_header("Content-Type", CONTENT_TYPE)
@@ -273,10 +382,8 @@ class _Handler(BaseHTTPRequestHandler):
       return
     try:
       body = self.rfile.read(length)
-    except TimeoutError:
-      self.close_connection = True
-      self._send(408, {"error": f"the request body was not received within "
-                                f"{self.server.read_timeout_s} s of the last bytes"})
+    except TimeoutError as e:
+      self._timed_out(e, "the request body")
       return
     if len(body) != length:
       self._send(400, {"error": f"malformed request: the body ended after {len(body)} of "
@@ -323,8 +430,15 @@ def main(argv: list[str] | None = None):
                       help="most pixels of all images of one request; more: HTTP 413")
   parser.add_argument("--read_timeout_s", type=float, default=READ_TIMEOUT_S,
                       help="seconds a connection may stay silent mid-request; then HTTP 408")
+  parser.add_argument("--request_deadline_s", type=float, default=REQUEST_DEADLINE_S,
+                      help="seconds for a whole request (line, headers, body) to arrive from "
+                           "the connection's accept; then HTTP 408")
   parser.add_argument("--max_connections", type=int, default=MAX_CONNECTIONS,
                       help="connections served at once; one more is answered HTTP 503")
+  parser.add_argument("--max_connections_per_client", type=int, default=None,
+                      help="connections served at once from one client address (peer IP); one "
+                           "more from it is answered HTTP 503 (default: "
+                           f"{MAX_CONNECTIONS_PER_CLIENT}, at most --max_connections)")
   args = parser.parse_args(argv)
   kwargs = None
   if args.scorer_kwargs is not None:
@@ -339,7 +453,10 @@ def main(argv: list[str] | None = None):
                         batch_size=args.batch_size, verbose=args.verbose,
                         max_image_pixels=args.max_image_pixels,
                         max_request_pixels=args.max_request_pixels,
-                        read_timeout_s=args.read_timeout_s, max_connections=args.max_connections)
+                        read_timeout_s=args.read_timeout_s,
+                        request_deadline_s=args.request_deadline_s,
+                        max_connections=args.max_connections,
+                        max_connections_per_client=args.max_connections_per_client)
 
   def stop(signum, frame):
     del signum, frame
