@@ -685,6 +685,49 @@ def test_rewards_of_any_shape_but_one_per_image_are_500():
     assert status == 500 and "shape (2, 1) for 2 images" in answer["error"], answer
 
 
+def test_a_frozen_server_is_given_up_at_the_call_deadline_with_progress_lines():
+  """A frozen server used to stall a call for retries x timeout (3 x 120 s) without a word:
+  the call now logs while it waits and ends at its deadline, naming the setting."""
+  release = threading.Event()
+
+  def frozen(images, prompts, metadata):
+    release.wait(10)
+    return [0.0] * len(prompts), {}
+  lines = []
+  with _serving(frozen, name="frozen") as server:
+    try:
+      client = C.RewardClient(server.url, timeout=0.6, retries=3, backoff=0.0, deadline_s=1.5,
+                              progress_every_s=0.25, log=lines.append)
+      t0 = time.monotonic()
+      with pytest.raises(C.RewardServerError,
+                         match=rf"reward server at {server.url} did not finish within the "
+                               r"deadline of 1.5 s for the whole call \(all batches and tries; "
+                               r"at batch 1/1, try 3/3; last error: .*timed out\); if the server "
+                               r"is only slow, raise config.reward.server_deadline_s"):
+        client(_images(1, h=8, w=8), ["a"])
+      assert 1.4 < time.monotonic() - t0 < 2.5
+    finally:
+      release.set()
+  assert 4 <= len(lines) <= 8, lines
+  for line in lines:
+    assert re.fullmatch(rf"waiting for reward server {server.url}: \d+ s, batch 1/1, try [123]/3 "
+                        r"\(deadline 1.5 s for the whole call\)", line), line
+  assert "try 1/3" in lines[0] and "try 3/3" in lines[-1], lines
+
+  def slow(images, prompts, metadata):
+    time.sleep(0.4)
+    return [1.0] * len(prompts), {}
+  with _serving(slow, name="slow") as server:  # the deadline spans all batches of a call
+    client = C.RewardClient(server.url, batch_size=1, timeout=5, retries=2, backoff=0.0,
+                            deadline_s=1.0, log=lines.append)
+    t0 = time.monotonic()
+    with pytest.raises(C.RewardServerError, match=r"deadline of 1.0 s .*at batch 3/3, try 1/2"):
+      client(_images(3, h=8, w=8), list("abc"))
+    assert 0.9 < time.monotonic() - t0 < 2.0
+    rewards, _ = C.RewardClient(server.url, deadline_s=1.0)(_images(2, h=8, w=8), ["a", "b"])
+    assert rewards.tolist() == [1.0, 1.0]  # one batch of 2 fits
+
+
 def _drip_open(url, source="127.0.0.1", in_headers=False):
   """A connection from `source` that starts a POST /score and is then to be dripped: in its
   body (10 kB declared) or, with `in_headers`, in an unfinished header line."""

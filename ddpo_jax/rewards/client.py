@@ -8,29 +8,38 @@ Protocol (msgpack bodies, binary-safe):
      408 / 413 -> {"error": "..."}  body not sent in time / over a size or pixel limit (not
        retried; the message names the limit)
      500 -> {"error": "...", "traceback": "..."}  the scorer raised (retried)
-     503 -> {"error": "..."}  the server has its maximum of connections open (retried)
+     503 -> {"error": "..."}  the server has its maximum of connections open, in all or from
+       this client's address (retried)
   GET /health -> 200 {"status": "ok", "scorer": NAME}
 
 As the reference (kvablack/ddpo-pytorch `llava_bertscore`): images are JPEG-encoded at quality
 80 and sent in batches of 16, each POST with a 120 s timeout, retried on server errors. Unlike
 the reference (1000 retries), retries are bounded and end in a `RewardServerError` that names
-the server and the last error, and every response is validated.
+the server and the last error, every response is validated, a whole call (all its batches and
+retries) has a deadline (600 s), and a wait is logged every 30 s (a frozen server used to stall
+training for 3 x 120 s without a word).
 """
 from __future__ import annotations
 
 import http.client
 import io
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
 JPEG_QUALITY = 80
 CONTENT_TYPE = "application/msgpack"
+TIMEOUT_S = 120.0
+DEADLINE_S = 600.0
+PROGRESS_EVERY_S = 30.0
+# What a deadline error tells the user to change (the trainer's key, then this class's argument).
+DEADLINE_SETTING = "config.reward.server_deadline_s (RewardClient's deadline_s)"
 
 
 class RewardServerError(RuntimeError):
@@ -101,26 +110,38 @@ class RewardClient:
   Args:
     url: the server's base URL, e.g. "http://127.0.0.1:8085" (a trailing "/score" is accepted).
     batch_size: images per POST (16, as the reference).
-    timeout: seconds for one POST (connect + response).
+    timeout: seconds for one POST (connect + response), 120 s; a POST that takes longer is a
+      failed attempt (retried).
     retries: attempts per batch (>= 1), on connection errors, timeouts and HTTP 5xx; a 4xx or an
       invalid response is not retried.
     backoff: seconds before the 2nd attempt, doubled for each further one, capped at
       `max_backoff`.
     jpeg_quality: JPEG quality of the uploaded images (80, as the reference).
     use_env_proxy: honour http_proxy/no_proxy environment variables (default: connect directly).
+    deadline_s: seconds for a whole call (`client(...)` or `score_batch`: all its batches, tries
+      and backoffs together), 600 s; past it the call raises `RewardServerError` naming the
+      server and the deadline. Each POST's timeout is cut to what is left of it.
+    progress_every_s: while waiting for the server, `log` is called every this many seconds of
+      the call (30 s) with "waiting for reward server URL: N s, batch i/n, try k/retries ...".
+    log: called with each progress line (a str); default `print`.
 
   Attributes:
     last_attempts: attempts made for the last batch sent (for tests and logging).
   """
 
-  def __init__(self, url: str, batch_size: int = 16, timeout: float = 120.0, retries: int = 3,
-               backoff: float = 1.0, max_backoff: float = 30.0,
-               jpeg_quality: int = JPEG_QUALITY, use_env_proxy: bool = False):
+  def __init__(self, url: str, batch_size: int = 16, timeout: float = TIMEOUT_S,
+               retries: int = 3, backoff: float = 1.0, max_backoff: float = 30.0,
+               jpeg_quality: int = JPEG_QUALITY, use_env_proxy: bool = False,
+               deadline_s: float = DEADLINE_S, progress_every_s: float = PROGRESS_EVERY_S,
+               log: Callable[[str], Any] = print):
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
       raise ValueError(f"RewardClient: url must start with http:// or https://, got {url!r}")
     if batch_size < 1 or retries < 1 or timeout <= 0 or backoff < 0 or max_backoff < 0:
       raise ValueError(f"RewardClient: need batch_size >= 1, retries >= 1, timeout > 0, "
                        f"backoff >= 0 (got {batch_size}, {retries}, {timeout}, {backoff})")
+    if not deadline_s > 0 or not progress_every_s > 0:
+      raise ValueError(f"RewardClient: need deadline_s > 0 and progress_every_s > 0 (got "
+                       f"{deadline_s}, {progress_every_s})")
     url = url.rstrip("/")
     if url.endswith("/score"):
       url = url[:-len("/score")]
@@ -131,12 +152,16 @@ class RewardClient:
     self.backoff = float(backoff)
     self.max_backoff = float(max_backoff)
     self.jpeg_quality = int(jpeg_quality)
+    self.deadline_s = float(deadline_s)
+    self.progress_every_s = float(progress_every_s)
+    self.log = log
     handlers = [] if use_env_proxy else [urllib.request.ProxyHandler({})]
     self._opener = urllib.request.build_opener(*handlers)
     self.last_attempts = 0
 
   def __repr__(self):
-    return f"RewardClient({self.url!r}, batch_size={self.batch_size}, retries={self.retries})"
+    return (f"RewardClient({self.url!r}, batch_size={self.batch_size}, timeout={self.timeout}, "
+            f"retries={self.retries}, deadline_s={self.deadline_s})")
 
   # -- HTTP -------------------------------------------------------------------------------------
 
@@ -150,19 +175,69 @@ class RewardClient:
       raise RewardServerError(f"reward server at {self.url} is not healthy: "
                               f"{type(e).__name__}: {e}") from e
 
-  def _post(self, body: bytes) -> bytes:
-    """POSTs to /score with bounded retries; returns the body of a 200 answer."""
+  def _deadline_error(self, call: "_Call", attempt: int, last_error: str) -> RewardServerError:
+    return RewardServerError(
+        f"reward server at {self.url} did not finish within the deadline of {self.deadline_s} "
+        f"s for the whole call (all batches and tries; at batch {call.batch}/{call.batches}, "
+        f"try {attempt}/{self.retries}; last error: {last_error}); if the server is only slow, "
+        f"raise {DEADLINE_SETTING}, else check the server")
+
+  def _open(self, request: urllib.request.Request, timeout: float, call: "_Call",
+            attempt: int) -> bytes:
+    """One POST, its socket timeout `timeout` s, in a daemon thread while this one logs
+    progress. Raises what the POST raised, TimeoutError if it has not finished within
+    `timeout` s (plus a moment for its own timeout to fire), or the deadline's error."""
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def post():
+      try:
+        with self._opener.open(request, timeout=timeout) as resp:
+          outcome["body"] = resp.read()
+      except BaseException as e:  # noqa: BLE001 (handed to the waiting thread)
+        outcome["error"] = e
+      finally:
+        done.set()
+    threading.Thread(target=post, daemon=True, name="RewardClient POST").start()
+    give_up = time.monotonic() + timeout + 0.25
+    while True:
+      now = time.monotonic()
+      if now >= call.next_log:
+        self.log(f"waiting for reward server {self.url}: {now - call.start:.0f} s, batch "
+                 f"{call.batch}/{call.batches}, try {attempt}/{self.retries} (deadline "
+                 f"{self.deadline_s:g} s for the whole call)")
+        while call.next_log <= now:
+          call.next_log += self.progress_every_s
+      if done.wait(max(0.0, min(call.next_log, give_up) - now)):
+        break
+      if time.monotonic() >= give_up:
+        if time.monotonic() >= call.end:
+          raise self._deadline_error(call, attempt, f"no answer within {timeout:.3g} s")
+        raise TimeoutError(f"no answer within {timeout:.3g} s")  # a dripping answer
+    if "error" in outcome:
+      raise outcome["error"]
+    return outcome["body"]
+
+  def _post(self, body: bytes, call: "_Call") -> bytes:
+    """POSTs to /score with bounded retries within `call`'s deadline; returns the body of a
+    200 answer."""
     last_error, reachable = "no attempt", False
     self.last_attempts = 0
     for attempt in range(self.retries):
       if attempt:
-        time.sleep(min(self.backoff * 2 ** (attempt - 1), self.max_backoff))
+        pause = min(self.backoff * 2 ** (attempt - 1), self.max_backoff)
+        if time.monotonic() + pause >= call.end:
+          raise self._deadline_error(call, attempt, last_error)
+        time.sleep(pause)
+      left = call.end - time.monotonic()
+      if left <= 0:
+        raise self._deadline_error(call, attempt, last_error)
       self.last_attempts = attempt + 1
       request = urllib.request.Request(self.url + "/score", data=body, method="POST",
                                        headers={"Content-Type": CONTENT_TYPE})
+      cut = left < self.timeout  # this try's timeout is what is left of the deadline
       try:
-        with self._opener.open(request, timeout=self.timeout) as resp:
-          return resp.read()
+        return self._open(request, min(self.timeout, left), call, attempt + 1)
       except urllib.error.HTTPError as e:
         reachable = True
         message = _error_message(e.read())
@@ -174,6 +249,10 @@ class RewardClient:
               socket.timeout, TimeoutError, OSError) as e:
         reason = getattr(e, "reason", None) or e
         last_error = f"{type(reason).__name__}: {reason}"
+        if cut and isinstance(reason, TimeoutError):
+          raise self._deadline_error(call, attempt + 1, last_error) from None
+      if time.monotonic() >= call.end:
+        raise self._deadline_error(call, attempt + 1, last_error)
     what = "failed" if reachable else "is not reachable"
     raise RewardServerError(f"reward server at {self.url} {what} after {self.retries} tries: "
                             f"{last_error}")
@@ -181,15 +260,18 @@ class RewardClient:
   # -- scoring ----------------------------------------------------------------------------------
 
   def score_batch(self, images: np.ndarray, prompts: Sequence[str],
-                  metadata: Mapping[str, Any] | None = None) -> tuple[np.ndarray, dict]:
-    """One POST (with retries) of all of `images` (n, H, W, C) uint8 -> (rewards (n,), info)."""
+                  metadata: Mapping[str, Any] | None = None,
+                  call: "_Call | None" = None) -> tuple[np.ndarray, dict]:
+    """One POST (with retries) of all of `images` (n, H, W, C) uint8 -> (rewards (n,), info),
+    within `call`'s deadline (default: a call of its own, `deadline_s` from now)."""
     import msgpack
     body = msgpack.packb({
         "images": [encode_jpeg(img, self.jpeg_quality) for img in images],
         "prompts": list(prompts),
         "metadata": dict(metadata or {}),
     }, use_bin_type=True)
-    return self._parse(self._post(body), len(images), prompts)
+    call = call or _Call(self, batches=1)
+    return self._parse(self._post(body, call), len(images), prompts)
 
   def _parse(self, data: bytes, n: int, prompts: Sequence[str]) -> tuple[np.ndarray, dict]:
     import msgpack
@@ -236,7 +318,8 @@ class RewardClient:
 
     Raises:
       ValueError / TypeError: bad images or prompts.
-      RewardServerError: the server is unreachable, keeps failing, or answers invalid data.
+      RewardServerError: the server is unreachable, keeps failing, answers invalid data, or
+        the call is not done within `deadline_s` seconds.
     """
     images = np.asarray(images)
     if images.dtype != np.uint8:
@@ -251,10 +334,12 @@ class RewardClient:
     if len(prompts) != total:
       raise ValueError(f"RewardClient: {total} images but {len(prompts)} prompts")
     rewards, infos, sizes = [], [], []
+    call = _Call(self, batches=-(-total // self.batch_size))
     for start in range(0, total, self.batch_size):
       stop = min(start + self.batch_size, total)
+      call.batch = start // self.batch_size + 1
       r, info = self.score_batch(images[start:stop], prompts[start:stop],
-                                 _slice_metadata(metadata, start, stop, total))
+                                 _slice_metadata(metadata, start, stop, total), call)
       rewards.append(r)
       infos.append(info)
       sizes.append(stop - start)
@@ -266,6 +351,17 @@ class RewardClient:
       merged[key] = np.asarray([x for v in values for x in v] if per_sample else values)
     out = np.concatenate(rewards) if rewards else np.zeros((0,), np.float32)
     return out, merged
+
+
+class _Call:
+  """One call's clock (`time.monotonic()` seconds): its start, its deadline `end`, when the
+  next progress line is due, and the batch (1-based) of `batches` being sent."""
+
+  def __init__(self, client: RewardClient, batches: int):
+    self.start = time.monotonic()
+    self.end = self.start + client.deadline_s
+    self.next_log = self.start + client.progress_every_s
+    self.batch, self.batches = 1, batches
 
 
 def _error_message(data: bytes) -> str:
