@@ -442,12 +442,14 @@ def model_flops(policy, config, s, frozen, lora_or_unet):
   component programs (abstract inputs: nothing is allocated), times how often each runs."""
   import jax
   import jax.numpy as jnp
-  from ddpo_jax import diffusion, rl, train
-  sched, timesteps, prev = train._schedule(policy, config.sample.num_steps)
+  from ddpo_jax import diffusion, dynamics, rl
+  # The trainer's own DDIM dynamics of this config (its noise schedule and eta).
+  dyn = dynamics.make_dynamics(policy, config)
+  sched = dyn.schedule
   B, mb, T, K = s["sample_batch_size"], s["train_batch_size"], s["steps"], s["K"]
   g = float(config.sample.guidance_scale)
   step_kw = dict(alphas_cumprod=sched.alphas_cumprod, final_alpha_cumprod=sched.final_alpha_cumprod,
-                 eta=config.sample.eta, guidance_scale=g)
+                 eta=dyn.eta, guidance_scale=g)
   abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
   ids = jax.ShapeDtypeStruct((B, policy.tokenize(["x"]).shape[1]), jnp.int32)
   params_a, frozen_a, trainable_a = abstract(policy.params), abstract(frozen), abstract(lora_or_unet)
