@@ -164,6 +164,83 @@ def test_save_never_replaces_what_it_did_not_write(pipe, tmp_path):
   assert "model_index.json" in os.listdir(empty)
 
 
+def test_overwrite_replaces_only_what_the_export_wrote(pipe, tmp_path):
+  """overwrite=True (export --overwrite) replaces an earlier export only while it holds just
+  the files listed in its ddpo_jax_pipeline.json, unchanged: a file the user put into it, a
+  directory of theirs, an exported file they edited, or an export from before the list
+  existed are refused, naming them, and left as they were."""
+  out = P.save_pipeline(pipe, str(tmp_path / "saved"))
+  notes = os.path.join(out, "notes.txt")
+  with open(notes, "w") as f:
+    f.write("mine")
+  os.makedirs(os.path.join(out, "unet", "my_eval"))
+  with open(os.path.join(out, "unet", "my_eval", "scores.csv"), "w") as f:
+    f.write("1,2")
+  with pytest.raises(FileExistsError, match="not replaced, even with overwrite") as info:
+    P.save_pipeline(pipe, out, overwrite=True)
+  message = str(info.value)
+  assert "notes.txt (not written by the export)" in message, message
+  assert os.path.join("unet", "my_eval") + os.sep + " (a directory" in message, message
+  assert "\n" not in message and "move them out" in message
+  with open(notes) as f:
+    assert f.read() == "mine"
+  assert os.path.isfile(os.path.join(out, "unet", "my_eval", "scores.csv"))
+  assert sorted(os.listdir(tmp_path)) == ["saved"]  # no temporary directory left
+
+  # Once they are moved out, the unchanged export is replaced.
+  os.remove(notes)
+  shutil.rmtree(os.path.join(out, "unet", "my_eval"))
+  P.save_pipeline(pipe, out, overwrite=True)
+  assert sorted(os.listdir(tmp_path)) == ["saved"]
+  P.load_pipeline(out)
+  with open(os.path.join(out, pipeline_io.WRITTEN_BY)) as f:
+    manifest = json.load(f)  # every file's size beside its SHA-256
+  assert manifest["bytes"]["model_index.json"] == os.path.getsize(
+      os.path.join(out, "model_index.json"))
+
+  # An exported file the user edited is theirs now.
+  scheduler = os.path.join(out, "scheduler", "scheduler_config.json")
+  with open(scheduler, "a") as f:
+    f.write(" ")
+  with pytest.raises(FileExistsError,
+                     match=r"scheduler_config.json \(changed since the export\)"):
+    P.save_pipeline(pipe, out, overwrite=True)
+  with open(scheduler) as f:
+    assert f.read().endswith("\n ")
+
+  # An export from before exports listed their files: nothing tells its files from the user's.
+  with open(os.path.join(out, pipeline_io.WRITTEN_BY), "w") as f:
+    json.dump({"written_by": "ddpo_jax.models.pipeline.save_pipeline"}, f)
+  with pytest.raises(FileExistsError, match="lists no files.*delete the directory yourself"):
+    P.save_pipeline(pipe, out, overwrite=True)
+  assert os.path.isfile(scheduler) and sorted(os.listdir(tmp_path)) == ["saved"]
+
+
+def test_overwrite_refuses_a_file_added_just_before_the_replacement(tmp_path, monkeypatch):
+  """A file written into the old export after the last check, before it is moved aside, is
+  seen in the moved-aside copy: the old directory is put back with it."""
+  def fill(tmp):
+    with open(os.path.join(tmp, "model_index.json"), "w") as f:
+      f.write("{}")
+
+  out = pipeline_io.save_directory(tmp_path / "saved", False, fill, "test")
+  real_check, calls = pipeline_io.check_output_dir, []
+
+  def check_then_write(path, overwrite):
+    real_check(path, overwrite)
+    calls.append(path)
+    if len(calls) == 2:  # the check after filling: the user's file lands right after it
+      with open(os.path.join(path, "late.txt"), "w") as f:
+        f.write("mine")
+
+  monkeypatch.setattr(pipeline_io, "check_output_dir", check_then_write)
+  with pytest.raises(FileExistsError, match=r"saved holds 1 entry .*late.txt"):
+    pipeline_io.save_directory(out, True, fill, "test")
+  assert sorted(os.listdir(out)) == sorted(["late.txt", "model_index.json",
+                                            pipeline_io.WRITTEN_BY])
+  assert sorted(os.listdir(tmp_path)) == ["saved"]
+
+
 def test_init_pipeline_save_and_diffusers_load(pipe, tmp_path):
   new = P.init_pipeline(pipe.unet_config, pipe.vae_config, pipe.text_config,
                         jax.random.PRNGKey(3), tokenizer=pipe.tokenizer)

@@ -9,24 +9,32 @@ What the family modules (`pipeline` for SD / SDXL, `flow_pipeline` for SD3 / FLU
 * `weight_files`: a component's safetensors, single or sharded with their index, plain or a
   precision variant (`.fp16`, `.bf16`: `model.fp16.safetensors`, or a sharded variant whose
   index is `model.safetensors.index.fp16.json` as diffusers names it).
+* `parse_config`: a component's config.json as its config dataclass, every value checked
+  against the field's type (a string where an int belongs names the file and the key).
 * `LazySafetensors`: those files as a read-only mapping that reads one tensor when it is
   asked for, so a converter that places each parameter as it goes (`weights.torch_to_flax` with
-  a `placement`) holds one tensor on the host at a time, not the component twice.
+  a `placement`) holds one tensor on the host at a time, not the component twice. Every
+  tensor's byte range is checked against the file size when the headers are read: a truncated
+  file is named with its first incomplete tensor.
 * `save_directory`: a pipeline assembled in a temporary directory beside the target and
-  renamed into place, with the SHA-256 of every file in `WRITTEN_BY`; `check_output_dir`
-  refuses to replace anything this library did not write; `verify_written_files` checks the
-  digests on load.
+  renamed into place, with the SHA-256 and size of every file in `WRITTEN_BY`;
+  `check_output_dir` refuses to replace anything this library did not write: an earlier
+  pipeline is replaced (with `overwrite`) only while it holds nothing but those files,
+  unchanged; `verify_written_files` checks the digests on load.
 
 Every error is raised before anything is compiled and names the file, the component or the key.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import types
+import typing
 from collections.abc import Mapping
 from typing import Callable, Iterator
 
@@ -35,8 +43,9 @@ import numpy as np
 from ddpo_jax.models.weights import WeightLoadingError
 
 # The file that marks a directory as a pipeline `save_directory` wrote (diffusers ignores it):
-# only such a directory is ever replaced by a later save. It lists the SHA-256 of every file
-# written beside it, which `verify_written_files` checks.
+# {"written_by": writer, "sha256": {relative path: hex digest}, "bytes": {relative path: size}}
+# of every file written beside it. Only such a directory, holding only those files unchanged,
+# is ever replaced by a later save; `verify_written_files` checks the digests on load.
 WRITTEN_BY = "ddpo_jax_pipeline.json"
 WEIGHT_VARIANTS = ("", "fp16", "bf16")
 
@@ -136,14 +145,134 @@ def component_dirs(root: str, model_index: dict, components: Mapping[str, tuple[
 
 
 def parse_config(directory: str, name: str, from_dict: Callable):
-  """`from_dict` of `directory`/config.json; its ValueError/TypeError as a PipelineLoadError
-  naming the file."""
+  """`from_dict` of `directory`/config.json, every value checked against the type of its
+  config dataclass field (`from_dict.__self__`, e.g. `UNetConfig`).
+
+  Raises:
+    PipelineLoadError: naming the file and the key of a value of the wrong type (a string
+      where an int is expected, e.g. "sample_size": "64"), or the file and `from_dict`'s
+      ValueError / TypeError.
+  """
   file = os.path.join(directory, "config.json")
   raw = read_json(file, f"{name} config")
+  if not isinstance(raw, dict):
+    raise PipelineLoadError(f"{file}: holds a JSON {type(raw).__name__}, expected an object "
+                            f"of {name} config keys; restore the component's config.json")
+  cls = getattr(from_dict, "__self__", None)
   try:
-    return from_dict(raw)
+    config = from_dict(raw)
   except (ValueError, TypeError) as e:
-    raise PipelineLoadError(f"{file}: {e}") from e
+    # A value of the wrong type often fails inside `from_dict` ("%d" % "4", len(64)): name its
+    # key rather than the symptom.
+    wrong = _wrong_type(raw, cls, file) if dataclasses.is_dataclass(cls) else None
+    raise PipelineLoadError(wrong or f"{file}: {e}") from e
+  if dataclasses.is_dataclass(config):
+    wrong = _wrong_type({f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
+                        type(config), file)
+    if wrong:
+      raise PipelineLoadError(wrong)
+  return config
+
+
+def _wrong_type(values: Mapping, cls, file: str) -> str | None:
+  """The error message naming `file`, the first key of `values` that is a field of the
+  dataclass `cls` whose value is of another JSON type than the field's annotation
+  (`_has_type`), and the type expected; None if every value fits."""
+  hints = _field_types(cls)
+  for key, value in values.items():
+    hint = hints.get(key)
+    if hint is not None and not _has_type(value, hint):
+      shown = _to_json(value)
+      return (f"{file}: key {key!r} is {json.dumps(shown, default=repr)} "
+              f"({_json_type(shown)}), expected {_type_name(hint)}; correct it in the file")
+  return None
+
+
+@functools.cache
+def _field_types(cls) -> dict:
+  """{field name: resolved annotation} of the dataclass `cls` ({} if they cannot be resolved)."""
+  try:
+    hints = typing.get_type_hints(cls)
+  except Exception:  # an annotation this module cannot evaluate: nothing is checked
+    return {}
+  return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name in hints}
+
+
+def _has_type(value, hint) -> bool:
+  """Whether the JSON-derived `value` (a list may already be a tuple) has the JSON type of the
+  annotation `hint`: int (not a bool), float (an int too), bool (0 / 1 too), str, unions,
+  tuple[...] / list[...]; any other annotation accepts everything.
+
+  Lenient where diffusers configs are looser than the annotations: null is accepted anywhere
+  (diffusers writes it for "the default", e.g. SDXL's "upcast_attention": null), and an element
+  of a list may be a list of that element type (transformer_layers_per_block, one list per
+  block)."""
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if value is None or hint is typing.Any:
+    return True
+  if origin in (typing.Union, types.UnionType):
+    return any(_has_type(value, arm) for arm in args)
+  if hint is type(None):
+    return False
+  if hint is bool:
+    return isinstance(value, (bool, np.bool_)) or (
+        isinstance(value, (int, np.integer)) and value in (0, 1))
+  if hint is int:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+  if hint is float:
+    return (isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, bool))
+  if hint is str:
+    return isinstance(value, str)
+  if origin in (tuple, list) or hint in (tuple, list):
+    if not isinstance(value, (tuple, list)):
+      return False
+    if not args:
+      return True
+    if origin is list or (len(args) == 2 and args[1] is Ellipsis):
+      return all(_has_element_type(v, args[0]) for v in value)
+    return len(value) == len(args) and all(_has_element_type(v, a) for v, a in zip(value, args))
+  return True
+
+
+def _has_element_type(value, hint) -> bool:
+  """`_has_type` of a list element, which may itself be a list of that type."""
+  if isinstance(value, (tuple, list)) and not _has_type(value, hint):
+    return all(_has_element_type(v, hint) for v in value)
+  return _has_type(value, hint)
+
+
+def _to_json(value):
+  """A config value as JSON shows it (tuples as lists)."""
+  return [_to_json(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _json_type(value) -> str:
+  """The JSON type of a value: "string", "number", "boolean", "list", "null", "object"."""
+  if value is None:
+    return "null"
+  if isinstance(value, bool):
+    return "boolean"
+  if isinstance(value, (int, float)):
+    return "number"
+  if isinstance(value, str):
+    return "string"
+  return "list" if isinstance(value, list) else "object" if isinstance(value, dict) else (
+      type(value).__name__)
+
+
+def _type_name(hint) -> str:
+  """`hint` as a reader of config.json thinks of it: "int", "int or a list of int", ..."""
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if origin in (typing.Union, types.UnionType):
+    return " or ".join(_type_name(a) for a in args)
+  if hint is type(None):
+    return "null"
+  if origin in (tuple, list):
+    if len(args) == 2 and args[1] is Ellipsis or origin is list:
+      return f"a list of {_type_name(args[0])}"
+    return f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+  return getattr(hint, "__name__", str(hint))
 
 
 def _variant(filename: str, variant: str) -> str:
@@ -214,33 +343,58 @@ class LazySafetensors(Mapping):
     self._where: dict[str, tuple[str, np.dtype, tuple[int, ...], int, int]] = {}
     for file in self.files:
       try:
+        file_bytes = os.path.getsize(file)
         with open(file, "rb") as f:
           size = int.from_bytes(f.read(8), "little")
-          if not 0 < size < os.path.getsize(file):
+          if not 0 < size < file_bytes:
             raise ValueError(f"header length {size} does not fit the file")
           header = json.loads(f.read(size))
+        data_bytes = file_bytes - 8 - size
         for key, info in header.items():
           if key == "__metadata__":
             continue
           if info["dtype"] not in _SAFETENSORS_DTYPES:
             raise ValueError(f"tensor {key!r} has unsupported dtype {info['dtype']}")
-          begin, end = info["data_offsets"]
-          self._where[key] = (file, _numpy_dtype(_SAFETENSORS_DTYPES[info["dtype"]]),
-                              tuple(info["shape"]), 8 + size + begin, end - begin)
+          dtype = _numpy_dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+          shape = tuple(int(n) for n in info["shape"])
+          begin, end = (int(n) for n in info["data_offsets"])
+          needed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+          if not 0 <= begin <= end or end - begin != needed:
+            raise ValueError(f"tensor {key!r} has data offsets [{begin}, {end}) for shape "
+                             f"{shape} of {dtype} ({needed} bytes)")
+          if end > data_bytes:
+            raise ValueError(
+                f"truncated: tensor {key!r} (shape {shape}, {dtype}) needs data bytes "
+                f"[{begin}, {end}) but the file holds only {data_bytes} bytes of data "
+                f"({file_bytes} in all); download or save the file again")
+          self._where[key] = (file, dtype, shape, 8 + size + begin, end - begin)
       except (OSError, ValueError, KeyError, TypeError) as e:
         raise WeightLoadingError(f"{file}: cannot read safetensors "
                                  f"({type(e).__name__}: {e})") from e
 
   def __getitem__(self, key: str) -> np.ndarray:
+    """The tensor `key` (its shape, read as little-endian `dtype`, cast to the mapping's dtype
+    if floating).
+
+    Raises:
+      WeightLoadingError: naming the file and the tensor, if its data cannot be read in full
+        (the file was truncated or replaced since its header was read).
+    """
     file, dtype, shape, offset, nbytes = self._where[key]
     count = int(np.prod(shape, dtype=np.int64))
-    if count * dtype.itemsize != nbytes:
-      raise WeightLoadingError(f"{file}: tensor {key!r} has {nbytes} bytes for shape {shape} "
-                               f"of {dtype}")
-    with open(file, "rb") as f:
-      f.seek(offset)
-      value = np.fromfile(f, dtype=dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype,
-                          count=count).reshape(shape)
+    try:
+      with open(file, "rb") as f:
+        f.seek(offset)
+        value = np.fromfile(f, dtype=dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype,
+                            count=count)
+    except (OSError, ValueError) as e:
+      raise WeightLoadingError(f"{file}: cannot read tensor {key!r} "
+                               f"({type(e).__name__}: {e})") from e
+    if value.size != count:
+      raise WeightLoadingError(
+          f"{file}: truncated: tensor {key!r} (shape {shape}, {dtype}) has {value.size} of its "
+          f"{count} values; download or save the file again")
+    value = value.reshape(shape)
     floating = np.issubdtype(value.dtype, np.floating) or value.dtype.kind == "V"  # ml_dtypes
     if self._dtype is not None and floating and value.dtype != self._dtype:
       value = value.astype(self._dtype)
@@ -308,15 +462,18 @@ def _sha256(path: str) -> str:
   return h.hexdigest()
 
 
-def _written_files(root: str) -> dict[str, str]:
-  """{path relative to `root`: SHA-256} of every file under `root` but the `WRITTEN_BY` marker."""
-  out = {}
+def _manifest(root: str, writer: str) -> dict:
+  """The `WRITTEN_BY` contents of the pipeline written into `root`: `writer`, and of every file
+  under `root` (paths relative to it) its SHA-256 ("sha256", hex) and size ("bytes")."""
+  digests, sizes = {}, {}
   for directory, _, files in os.walk(root):
     for name in files:
       rel = os.path.relpath(os.path.join(directory, name), root)
       if rel != WRITTEN_BY:
-        out[rel] = _sha256(os.path.join(root, rel))
-  return dict(sorted(out.items()))
+        digests[rel] = _sha256(os.path.join(root, rel))
+        sizes[rel] = os.path.getsize(os.path.join(root, rel))
+  return {"written_by": writer, "sha256": dict(sorted(digests.items())),
+          "bytes": dict(sorted(sizes.items()))}
 
 
 def verify_written_files(root: str) -> None:
@@ -347,17 +504,24 @@ def verify_written_files(root: str) -> None:
 def check_output_dir(path: str, overwrite: bool) -> None:
   """Refuses to write a pipeline where that would destroy something else: `path` may be
   missing or an empty directory; a pipeline this library wrote (it holds `WRITTEN_BY`) is
-  replaced only with `overwrite`; anything else (a file, a directory with other contents) is
-  never replaced.
+  replaced only with `overwrite`, and only while it holds nothing but the files listed in
+  `WRITTEN_BY`, unchanged (`foreign_files`); anything else (a file, a directory with other
+  contents) is never replaced.
 
   Raises:
     FileExistsError: what `path` holds, and what would allow the write.
   """
-  if not os.path.lexists(path):
+  _check_output_dir(path, overwrite, path)
+
+
+def _check_output_dir(path: str, overwrite: bool, scanned: str) -> None:
+  """`check_output_dir` of the directory `scanned`, named `path` in errors (`save_directory`
+  checks the old directory once more after moving it aside)."""
+  if not os.path.lexists(scanned):
     return
-  if not os.path.isdir(path) or os.path.islink(path):
+  if not os.path.isdir(scanned) or os.path.islink(scanned):
     raise FileExistsError(f"{path} exists and is not a directory: not replaced by a pipeline")
-  entries = os.listdir(path)
+  entries = os.listdir(scanned)
   if not entries:
     return
   if WRITTEN_BY not in entries:
@@ -368,6 +532,88 @@ def check_output_dir(path: str, overwrite: bool) -> None:
   if not overwrite:
     raise FileExistsError(f"{path} already holds an exported pipeline: pass overwrite=True "
                           "(--overwrite) to replace it")
+  try:
+    foreign = foreign_files(scanned)
+  except FileExistsError as e:
+    raise FileExistsError(str(e).replace(scanned, path)) from e
+  if foreign:
+    raise FileExistsError(
+        f"{path} holds {len(foreign)} {'entry' if len(foreign) == 1 else 'entries'} the "
+        f"earlier export did not write or that changed since ({'; '.join(foreign[:3])}"
+        f"{'; ...' if len(foreign) > 3 else ''}): not replaced, even with overwrite; move "
+        "them out (or delete the directory yourself) and export again")
+
+
+def foreign_files(root: str) -> list[str]:
+  """What a replacement of the pipeline `root` (it holds `WRITTEN_BY`) would destroy that
+  `save_directory` did not write: every entry under `root` that is not a file listed in
+  `WRITTEN_BY` with its recorded SHA-256 (a file added or edited since, a link, a directory
+  holding no listed file), as "RELATIVE_PATH (why)", sorted. Listed files that are missing
+  are not foreign.
+
+  Raises:
+    FileExistsError: `WRITTEN_BY` lists no files (written before the list existed) or cannot
+      be read: then nothing in `root` can be told apart from a user's file.
+  """
+  try:
+    with open(os.path.join(root, WRITTEN_BY)) as f:
+      manifest = json.load(f)
+    listed = manifest["sha256"]
+    if not isinstance(listed, dict):
+      raise TypeError(f"'sha256' is a {type(listed).__name__}, not a file list")
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise FileExistsError(
+        f"{root}: its {WRITTEN_BY} lists no files ({type(e).__name__}: {e}; exports made "
+        "before exports listed their files have none), so its files cannot be told apart from "
+        "yours: not replaced; delete the directory yourself or choose another") from e
+  sizes = manifest.get("bytes") or {}
+  parents = set()  # the directories that hold listed files
+  for rel in listed:
+    parent = os.path.dirname(rel)
+    while parent:
+      parents.add(parent)
+      parent = os.path.dirname(parent)
+  foreign = []
+  for directory, subdirs, files in os.walk(root):
+    kept = []
+    for name in subdirs:
+      rel = os.path.relpath(os.path.join(directory, name), root)
+      if os.path.islink(os.path.join(directory, name)):
+        foreign.append(f"{rel} (a link the export did not write)")
+      elif rel not in parents:
+        foreign.append(f"{rel}{os.sep} (a directory the export did not write)")
+      else:
+        kept.append(name)
+    subdirs[:] = kept  # os.walk descends only into these
+    for name in files:
+      file = os.path.join(directory, name)
+      rel = os.path.relpath(file, root)
+      if rel == WRITTEN_BY:
+        continue
+      if os.path.islink(file) or not os.path.isfile(file):
+        foreign.append(f"{rel} (not a file the export wrote)")
+      elif rel not in listed:
+        foreign.append(f"{rel} (not written by the export)")
+      elif os.path.getsize(file) != sizes.get(rel, os.path.getsize(file)) or (
+          _sha256_unless_known(file) != listed[rel]):
+        foreign.append(f"{rel} (changed since the export)")
+  return sorted(foreign)
+
+
+_DIGESTS: dict[tuple, str] = {}  # (device, inode, size, mtime, ctime) -> SHA-256
+
+
+def _sha256_unless_known(file: str) -> str:
+  """`_sha256(file)`, from `_DIGESTS` if this process hashed the same file (device, inode)
+  unchanged (size, mtime, and ctime, which every write and metadata change moves) before:
+  the directory a save replaces is checked up to four times (`export`, `save_directory`)."""
+  st = os.stat(file)
+  key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+  if key not in _DIGESTS:
+    if len(_DIGESTS) > 10_000:
+      _DIGESTS.clear()
+    _DIGESTS[key] = _sha256(file)
+  return _DIGESTS[key]
 
 
 def save_directory(path, overwrite: bool, fill: Callable[[str], None], writer: str) -> str:
@@ -388,12 +634,18 @@ def save_directory(path, overwrite: bool, fill: Callable[[str], None], writer: s
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
   try:
     fill(tmp)
-    write_json({"written_by": writer, "sha256": _written_files(tmp)},
-               os.path.join(tmp, WRITTEN_BY))
+    write_json(_manifest(tmp, writer), os.path.join(tmp, WRITTEN_BY))
     check_output_dir(path, overwrite)  # again: something may have appeared meanwhile
     if os.path.exists(path):
       old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-      os.rename(path, os.path.join(old, "x"))
+      aside = os.path.join(old, "x")
+      os.rename(path, aside)
+      try:  # once more, out of reach: a file written between the check and the move
+        _check_output_dir(path, overwrite, aside)
+      except BaseException:
+        os.rename(aside, path)
+        os.rmdir(old)
+        raise
       os.rename(tmp, path)
       shutil.rmtree(old, ignore_errors=True)
     else:
