@@ -7,8 +7,12 @@ the pre-trained model), assembles the UNet (`Policy.assemble_unet`: a LoRA run's
 merged into the base kernels) and writes the whole pipeline (UNet, VAE, text encoder, tokenizer,
 scheduler) with `save_pipeline`: float32 safetensors in the diffusers layout, loadable by
 `diffusers.StableDiffusionPipeline.from_pretrained(OUT_DIR)`. OUT_DIR is written atomically (a
-temporary directory renamed at the end). It must be new or empty, or a pipeline exported before
-(replaced only with --overwrite); never the run's WORKDIR, a directory inside it or one holding it.
+temporary directory renamed at the end), with `ddpo_jax_pipeline.json` listing every file written
+(size and SHA-256). It must be new or empty, or a pipeline exported before; never the run's
+WORKDIR, a directory inside it or one holding it. --overwrite replaces an earlier export only
+while it holds nothing but the files its `ddpo_jax_pipeline.json` lists, unchanged: a file or
+directory added to it, an exported file edited since, or an export from before exports listed
+their files is refused (naming them), and nothing is replaced.
 """
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ def export_pipeline(workdir: str, out: str, step: int | None = None,
     ValueError: the run is not a Stable Diffusion run (`config.model.kind != "sd"`), or `out`
       is the WORKDIR, inside it or above it.
     FileExistsError: `out` holds something that is not replaced
-      (`models.pipeline_io.check_output_dir`; a pipeline exported before needs `overwrite`).
+      (`models.pipeline_io.check_output_dir`): a pipeline exported before needs `overwrite`,
+      and is replaced only while it holds just the files it was exported with, unchanged.
   """
   run, target = os.path.realpath(workdir), os.path.realpath(out)
   if os.path.commonpath([run, target]) in (run, target):
@@ -67,7 +72,8 @@ def _define_flags():
   flags.DEFINE_string("workdir", None, "Run directory written by ddpo_jax.main.", required=True)
   flags.DEFINE_string("out", None, "Output diffusers pipeline directory.", required=True)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest; 0 = pre-trained).")
-  flags.DEFINE_bool("overwrite", False, "Replace --out if it holds a pipeline exported before.")
+  flags.DEFINE_bool("overwrite", False, "Replace --out if it holds a pipeline exported before "
+                    "and nothing else (no file added or edited since).")
 
 
 if __name__ == "__main__":

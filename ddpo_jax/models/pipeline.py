@@ -432,9 +432,11 @@ def load_pipeline(path, dtype: Dtype = jnp.float32, *, attention_implementation:
   Raises:
     PipelineLoadError: not a directory / no model_index.json / a pipeline class other than
       `PIPELINE_CLASSES` / a missing component or one of another class / an unsupported or
-      inconsistent config (the message names the file and the key).
+      inconsistent config, or a config value of the wrong type (the message names the file
+      and the key).
     WeightLoadingError: missing/unexpected weight keys or shape mismatches (names file and keys);
-      a file of a pipeline `save_pipeline` wrote whose SHA-256 changed since.
+      a truncated safetensors file (names it and the first incomplete tensor); a file of a
+      pipeline `save_pipeline` wrote whose SHA-256 changed since.
   """
   root = pipeline_io.resolve(path, _HUB_PATTERNS)
   pipeline_io.verify_written_files(root)
@@ -522,7 +524,8 @@ def save_pipeline(pipe, path, overwrite: bool = False) -> str:
   safety_checker, feature_extractor) are set to null. The output is assembled in a temporary
   directory next to `path` and renamed into place at the end, so `path` never holds a
   half-written pipeline. `path` must be missing or empty, or (with `overwrite`) a pipeline
-  written here before (`pipeline_io.check_output_dir`): nothing else is ever replaced.
+  written here before that holds only the files listed in its `ddpo_jax_pipeline.json`,
+  unchanged (`pipeline_io.check_output_dir`): nothing else is ever replaced.
 
   Returns:
     `path`.
