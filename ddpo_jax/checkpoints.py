@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import fnmatch
+import hashlib
 import json
 import os
 from typing import Any, Callable, Sequence
@@ -44,7 +45,8 @@ DAMAGED_DIR = "damaged_checkpoints"
 # of them changes what an epoch already trained would have computed.
 CHANGEABLE_ON_RESUME = ("num_epochs", "save_freq", "keep_checkpoints", "log_image_freq",
                         "progress", "compilation_cache_dir", "cpu_devices", "mesh.*",
-                        "reward.server_url", "reward.server_urls.*", "ctrl.eval_*")
+                        "reward.server_url", "reward.server_urls.*", "reward.server_timeout_s",
+                        "reward.server_deadline_s", "ctrl.eval_*")
 
 
 class DamagedCheckpointError(ValueError):
@@ -53,6 +55,43 @@ class DamagedCheckpointError(ValueError):
 
 class ConfigChangedError(ValueError):
   """The config given to resume a run differs from the one its checkpoint was written with."""
+
+
+class BaseWeightsChangedError(ValueError):
+  """The pre-trained weights a run starts from differ from those its checkpoint was written
+  with (`families.base_weights`)."""
+
+
+def check_base_weights(step: int, meta: dict, current: dict | None, directory: str,
+                       allowed: Sequence[str] = ()) -> list[str]:
+  """The files that differ between the base weights saved with checkpoint `step` (`meta`) and
+  `current` (a moved directory with the same files is the same base). [] when either side has
+  none (a checkpoint from before fingerprints).
+
+  Raises:
+    BaseWeightsChangedError: files differ and "base_weights" is not in `allowed` (the message
+      names the files, sizes and digests).
+  """
+  saved = meta.get("base_weights")
+  if not saved or current is None:
+    return []
+  old, new = saved["files"], current["files"]
+  differ = []
+  for rel in sorted(set(old) | set(new)):
+    if rel not in new:
+      differ.append(f"{rel} (missing now)")
+    elif rel not in old:
+      differ.append(f"{rel} (new)")
+    elif list(old[rel]) != list(new[rel]):
+      differ.append(f"{rel} ({old[rel][0]} bytes sha256 {old[rel][1][:12]}... -> "
+                    f"{new[rel][0]} bytes sha256 {new[rel][1][:12]}...)")
+  if differ and not _allowed("base_weights", allowed):
+    raise BaseWeightsChangedError(
+        f"checkpoint step {step} in {directory} was trained from other base weights than those "
+        f"at {current['path']} (saved from {saved['path']}): {'; '.join(differ[:5])}"
+        f"{' ...' if len(differ) > 5 else ''}. Point the config at the original weights, or "
+        "accept the change with --allow_config_change=base_weights")
+  return differ
 
 
 class CheckpointSaveError(RuntimeError):
@@ -192,10 +231,62 @@ def _allowed(key: str, patterns: Sequence[str]) -> bool:
   return any(fnmatch.fnmatchcase(key, p) for p in patterns)
 
 
+def _refuse_config_changes(step: int, meta: dict, config, allowed: Sequence[str],
+                           directory: str) -> dict[str, tuple[Any, Any]]:
+  """The config changes against checkpoint `step`'s `meta` (all allowed).
+
+  Raises:
+    ConfigChangedError: a changed key is not in `allowed` (the message names each).
+  """
+  changes = config_changes(meta["config"], config)
+  refused = {k: v for k, v in changes.items() if not _allowed(k, allowed)}
+  if refused:
+    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+    raise ConfigChangedError(
+        f"checkpoint step {step} in {directory} was written with another config: {listed}. "
+        f"Resume with the saved config, or allow these changes with "
+        f"--allow_config_change={','.join(refused)} (train_and_evaluate's "
+        "allow_config_change)")
+  return changes
+
+
+def check_saved_config(workdir: str, config, allow_config_change: Sequence[str] = ()) -> None:
+  """Before anything is built: the config check of a resume (`RunCheckpoints.start` repeats it
+  for the step it restores), against the newest step whose meta reads back intact (damaged
+  steps are left for `start` to set aside). Nothing when WORKDIR has no checkpoint.
+
+  Raises:
+    ConfigChangedError: as `RunCheckpoints.start`, naming every refused key.
+  """
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return
+  mngr = manager(workdir, read_only=True)
+  try:
+    for step in sorted(mngr.all_steps(), reverse=True):
+      try:
+        meta = read_meta(mngr, step)
+      except DamagedCheckpointError:
+        continue
+      _refuse_config_changes(step, meta, config,
+                             tuple(CHANGEABLE_ON_RESUME) + tuple(allow_config_change),
+                             str(mngr.directory))
+      return
+  finally:
+    mngr.close()
+
+
 # ----------------------------------------------------------------------------- save / restore
+def _meta_checksum(meta: dict) -> str:
+  """SHA-256 of `meta` without its own checksum, as canonical JSON (sorted keys)."""
+  body = {k: v for k, v in meta.items() if k != "meta_checksum"}
+  return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-  """Starts the asynchronous save of `state` and `meta` (+ the state's checksums) as `step`."""
+  """Starts the asynchronous save of `state` and `meta` (+ the state's checksums, + the
+  SHA-256 of the whole meta JSON) as `step`."""
   meta = {**meta, "checksums": state_checksums(state)}
+  meta["meta_checksum"] = _meta_checksum(meta)
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           meta=ocp.args.JsonSave(meta)))
 
@@ -214,6 +305,10 @@ def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
     raise _damaged(step, mngr, "its meta JSON cannot be read", e) from e
   if not isinstance(meta, dict) or "epoch" not in meta or "config" not in meta:
     raise _damaged(step, mngr, "its meta JSON lacks the epoch or the config")
+  # Steps written before the meta checksum existed have none and are read unverified.
+  if "meta_checksum" in meta and meta["meta_checksum"] != _meta_checksum(meta):
+    raise _damaged(step, mngr, "its meta JSON (epoch, loop state, config, array checksums) "
+                   "differs from the SHA-256 saved with it")
   return meta
 
 
@@ -321,30 +416,30 @@ class RunCheckpoints:
     workdir: the run's directory.
     config: the run's config; saved with every step, compared with the saved one on resume.
     allow_config_change: config keys (or fnmatch patterns) that may differ from the saved
-      config on resume, beyond CHANGEABLE_ON_RESUME; each change is logged.
+      config on resume, beyond CHANGEABLE_ON_RESUME; each change is logged ("base_weights":
+      other base weights than the saved ones).
     log: where messages go (process 0 prints them).
+    base_weights: the run's `families.base_weights`, saved with every step and compared with
+      the saved one on resume (None: not recorded).
   """
 
   def __init__(self, workdir: str, config, allow_config_change: Sequence[str] = (),
-               log: Callable[[str], Any] = print):
+               log: Callable[[str], Any] = print, base_weights: dict | None = None):
     self.workdir = os.path.abspath(workdir)
     self.config = config
+    self.base_weights = base_weights
     self.allowed = tuple(CHANGEABLE_ON_RESUME) + tuple(allow_config_change)
     self.log = log
     self.mngr = manager(workdir, keep=int(config.keep_checkpoints))
+    self.fresh = False  # set by `start`: True when the run had no step and saved step 0
 
   def _check_config(self, step: int, meta: dict) -> None:
-    changes = config_changes(meta["config"], self.config)
-    refused = {k: v for k, v in changes.items() if not _allowed(k, self.allowed)}
-    if refused:
-      listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
-      raise ConfigChangedError(
-          f"checkpoint step {step} in {self.mngr.directory} was written with another config: "
-          f"{listed}. Resume with the saved config, or allow these changes with "
-          f"--allow_config_change={','.join(refused)} (train_and_evaluate's "
-          "allow_config_change)")
-    for k, (a, b) in changes.items():
+    for k, (a, b) in _refuse_config_changes(step, meta, self.config, self.allowed,
+                                            str(self.mngr.directory)).items():
       self.log(f"config change on resume: {k}: {a!r} -> {b!r}")
+    for change in check_base_weights(step, meta, self.base_weights, str(self.mngr.directory),
+                                     self.allowed):
+      self.log(f"base weights changed on resume (allowed): {change}")
 
   def _set_aside(self, step: int, error: DamagedCheckpointError) -> str:
     """Moves the step's directory to WORKDIR/damaged_checkpoints/ with a note; its new path."""
@@ -369,6 +464,7 @@ class RunCheckpoints:
 
     Raises:
       ConfigChangedError: the saved config differs in keys that are not allowed.
+      BaseWeightsChangedError: the base weights differ from the saved ones (not allowed).
       ValueError: the saved arrays do not fit `state` (another model).
       DamagedCheckpointError: steps exist but none is intact (they have been moved aside; a
         new start then begins the run afresh).
@@ -390,6 +486,7 @@ class RunCheckpoints:
           f"no intact checkpoint in {self.mngr.directory}: every step was damaged and has been "
           f"moved aside ({', '.join(moved)}); running again starts the run afresh")
     self.save(0, state, meta)
+    self.fresh = True
     self.log(f"saved the starting point as step 0 in {self.mngr.directory}")
     return state, meta
 
@@ -406,7 +503,8 @@ class RunCheckpoints:
     """Saves `step` (asynchronously) after the previous save has committed."""
     self.wait()
     try:
-      save(self.mngr, step, state, {**meta, "config": self.config.to_json()})
+      extra = {} if self.base_weights is None else {"base_weights": self.base_weights}
+      save(self.mngr, step, state, {**meta, "config": self.config.to_json(), **extra})
     except Exception as e:  # noqa: BLE001
       raise CheckpointSaveError(f"saving checkpoint step {step} to {self.mngr.directory} "
                                 f"failed: {type(e).__name__}: {e}") from e

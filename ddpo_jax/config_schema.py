@@ -149,6 +149,8 @@ RANGES = {path: _range(spec) for path, spec in {
     "per_prompt_stat_tracking.buffer_size": "int [1, inf)",
     "per_prompt_stat_tracking.min_count": "int [1, inf)",
     "reward.classifier_seed": "int [0, inf)",
+    "reward.server_timeout_s": "(0, inf)",
+    "reward.server_deadline_s": "(0, inf)",
     "model.channels": "int [1, inf)",
     "model.layers_per_block": "int [1, inf)",
     "model.attention_heads": "int [1, inf)",
@@ -285,6 +287,10 @@ COMMON = _keys(
     ("reward.server_url", "http://127.0.0.1:8000", "remote: a `python -m ddpo_jax.rewards.server`"),
     ("reward.server_urls", {}, "remote_NAME terms: NAME -> the URL of its reward server (one "
      "client per term; a term whose NAME is absent or '' here is refused, naming this key)"),
+    ("reward.server_timeout_s", 120.0, "remote terms: seconds for one POST to a reward server "
+     "(a slower one is a failed try, retried)"),
+    ("reward.server_deadline_s", 600.0, "remote terms: seconds for one reward call (all its "
+     "batches, tries and backoffs); past it the run stops naming the server"),
     ("prompt_fn", "", "named prompt set (ddpo_jax/prompts.py); '' = the model family's own "
      "(digits: the ten class names; SD needs a set)"),
     ("prompt_fn_kwargs.path", "", "prompt file ('' = the set's file under $DDPO_JAX_ASSETS)"),

@@ -369,13 +369,18 @@ def _cache_spec(model_config) -> dict:
   return {k: v for k, v in model_config.to_dict().items() if k not in drop}
 
 
+def pretrained_path(model_config, seed: int) -> str:
+  """The directory of the pre-trained digits params: `model.pretrained_dir`, or the cache entry
+  keyed by the model config and `seed` (it holds params/ and checksums.json)."""
+  if model_config.pretrained_dir:
+    return os.path.abspath(os.path.expanduser(model_config.pretrained_dir))
+  return _cache_dir("digits_pretrained", {"model": _cache_spec(model_config), "seed": seed})
+
+
 def load_or_pretrain(model_config, seed: int, log=print) -> dict:
   """Loads the pre-trained digits params from the cache (`model.pretrained_dir`, or one keyed
   by the model config and seed), pre-training them first if absent."""
-  if model_config.pretrained_dir:
-    path = os.path.abspath(os.path.expanduser(model_config.pretrained_dir))
-  else:
-    path = _cache_dir("digits_pretrained", {"model": _cache_spec(model_config), "seed": seed})
+  path = pretrained_path(model_config, seed)
 
   def make():
     log(f"no pre-trained digits model at {path}: pre-training one "

@@ -2,11 +2,16 @@
 
 `build_base_policy(config)` builds the family of `config.model.kind` (`FAMILIES`: the built-in
 digits model, Stable Diffusion 1.x/2.x); `build_policy(config, workdir)` wraps it in CTRL's
-augmented model when the config has a `ctrl` section. The training loops, sampling, export and
+augmented model when the config has a `ctrl` section. `base_weights(config)` identifies the
+pre-trained weights a run starts from (saved with every checkpoint, checked on resume, sample
+and export). The training loops, sampling, export and
 evaluation build policies only through here, so a new family is one entry in `FAMILIES`.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
 from typing import Callable
 
 from ddpo_jax import digits, sd
@@ -34,3 +39,46 @@ def build_policy(config, workdir: str, log=print) -> Policy:
   if config.mode == "ctrl":
     return ctrl_policy.make_policy(config, workdir, base, log=log)
   return base
+
+
+# The files of a diffusers directory that the loaders read (weights, configs, tokenizers).
+_WEIGHT_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
+
+
+@functools.lru_cache(maxsize=256)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+  del size, mtime_ns  # the cache key: a rewritten file is hashed again
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def fingerprint_files(directory: str, relpaths) -> dict[str, list]:
+  """{relative path: [size in bytes, SHA-256 hex]} of `relpaths` under `directory` (hashed once
+  per process while a file's size and mtime stay the same)."""
+  out = {}
+  for rel in sorted(relpaths):
+    path = os.path.realpath(os.path.join(directory, rel))
+    st = os.stat(path)
+    out[rel] = [st.st_size, _file_sha256(path, st.st_size, st.st_mtime_ns)]
+  return out
+
+
+def base_weights(config) -> dict:
+  """{"path": directory, "files": {relative path: [size, SHA-256]}} of the pre-trained weights
+  `config` starts from: every weight, config and tokenizer file of an SD-family pipeline
+  directory (a Hub id: its local snapshot), or the digits model's checksums.json (its params
+  are verified against it when loaded). Its directory must exist (call after the model has
+  been loaded or pre-trained once)."""
+  if config.model.kind == "digits":
+    directory = digits.pretrained_path(config.model, config.model.pretrain.seed)
+    return {"path": directory, "files": fingerprint_files(directory, ["checksums.json"])}
+  directory = sd.pretrained_directory(config.model)
+  files = []
+  for root, dirs, names in os.walk(directory, followlinks=True):
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    files += [os.path.relpath(os.path.join(root, n), directory) for n in names
+              if n.endswith(_WEIGHT_SUFFIXES) and not n.startswith(".")]
+  return {"path": directory, "files": fingerprint_files(directory, files)}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import time
@@ -37,57 +38,87 @@ import numpy as np
 import tqdm
 
 from ddpo_jax import checkpoints, dynamics, parallel, rl
-from ddpo_jax.families import build_policy
+from ddpo_jax import workdir as workdir_lib
+from ddpo_jax.families import base_weights, build_policy
 from ddpo_jax.rewards import Reward, make_rewards, to_uint8
 from ddpo_jax.train import (TrainState, frozen_params, make_optimizer, make_sample_fn,
                             make_update_fn, model_shardings, params_finite, validate_config)
 
 
 class MetricsWriter:
-  """WORKDIR/metrics.jsonl (one object per epoch) plus TensorBoard summaries."""
+  """WORKDIR/metrics.jsonl (one object per epoch) plus TensorBoard summaries.
 
-  def __init__(self, workdir: str, resume_epoch: int, log=print):
+  Opening it drops the rows of epochs from `resume_epoch` on (they are recomputed). A new run
+  (`fresh`: the workdir had no checkpoint) never drops an old file's rows: a metrics.jsonl with
+  rows is moved aside to metrics.jsonl.before-TIMESTAMP, and said."""
+
+  def __init__(self, workdir: str, resume_epoch: int, log=print, fresh: bool = False):
     self.path = os.path.join(workdir, "metrics.jsonl")
-    # Drop rows of epochs after the checkpoint we resume from: they are recomputed. A last line
-    # cut short by a crash (no newline, not valid JSON) is dropped too, and said.
+    self.log = log
     if os.path.exists(self.path):
-      with open(self.path) as f:
-        lines = f.read().split("\n")
-      rows = []
-      for i, line in enumerate(lines):
-        if not line.strip():
-          continue
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError:
-          if any(l.strip() for l in lines[i + 1:]):
-            raise ValueError(f"{self.path}: line {i + 1} is not valid JSON and is not the last "
-                             f"line (not a write cut short by a crash): {line[:200]!r}")
-          log(f"{self.path}: dropping its last line, cut short (not valid JSON): {line[:200]!r}")
-      self._write_rows([row for row in rows if row["epoch"] < resume_epoch])
+      if fresh and self._rows():
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = f"{self.path}.before-{stamp}"
+        os.replace(self.path, aside)
+        log(f"{self.path} held the rows of an earlier run but WORKDIR has no checkpoint of it: "
+            f"kept them as {aside}; this run starts a new metrics.jsonl")
+      else:
+        self.keep_epochs_before(resume_epoch)
     # TensorBoard's writer is made on a thread: importing tensorboardX imports PyTorch when it
     # is installed (~1.5 s), which then overlaps the compilation that follows.
     pool = concurrent.futures.ThreadPoolExecutor(1)
     self._tb = pool.submit(_summary_writer, os.path.join(workdir, "tensorboard"))
     pool.shutdown(wait=False)
 
+  def _rows(self) -> list[tuple[int, dict | None]]:
+    """(byte offset, row) of each line of the file; a last line cut short by a crash (no
+    newline, not valid JSON) has row None.
+
+    Raises:
+      ValueError: a line before the last is not valid JSON (not a write cut short by a crash).
+    """
+    with open(self.path, "rb") as f:
+      data = f.read()
+    rows, offset = [], 0
+    lines = data.split(b"\n")
+    for i, line in enumerate(lines):
+      if line.strip():
+        try:
+          rows.append((offset, json.loads(line)))
+        except json.JSONDecodeError:
+          if any(l.strip() for l in lines[i + 1:]):
+            raise ValueError(f"{self.path}: line {i + 1} is not valid JSON and is not the last "
+                             f"line (not a write cut short by a crash): {line[:200]!r}") from None
+          rows.append((offset, None))
+      offset += len(line) + 1
+    return rows
+
+  def keep_epochs_before(self, epoch: int) -> None:
+    """Drops the rows of `epoch` and later (and a last line cut short by a crash). The rows
+    kept are a prefix of the file (rows are written in epoch order), so the file is cut in
+    place (`os.truncate`): that needs no free disk space, and a crash leaves the old or the new
+    length. A file whose rows are out of order is rewritten (temporary file, one rename)."""
+    if not os.path.exists(self.path):
+      return
+    rows = self._rows()
+    drop = [i for i, (_, row) in enumerate(rows) if row is None or row["epoch"] >= epoch]
+    if not drop:
+      return
+    if rows[drop[-1]][1] is None:
+      self.log(f"{self.path}: dropping its last line, cut short (not valid JSON)")
+    if drop == list(range(drop[0], len(rows))):
+      os.truncate(self.path, rows[drop[0]][0])
+      return
+    tmp = self.path + ".tmp"  # replaced in one rename: a crash leaves the old or the new file
+    with open(tmp, "w") as f:
+      for i, (_, row) in enumerate(rows):
+        if i not in drop:
+          f.write(json.dumps(row) + "\n")
+    os.replace(tmp, self.path)
+
   @property
   def tb(self):
     return self._tb.result()
-
-  def _write_rows(self, rows: list[dict]) -> None:
-    tmp = self.path + ".tmp"  # replaced in one rename: a crash leaves the old or the new file
-    with open(tmp, "w") as f:
-      for row in rows:
-        f.write(json.dumps(row) + "\n")
-    os.replace(tmp, self.path)
-
-  def keep_epochs_before(self, epoch: int) -> None:
-    """Drops the rows of `epoch` and later (after a run stops: those past its last checkpoint)."""
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-      self._write_rows([row for row in rows if row["epoch"] < epoch])
 
   def write(self, epoch: int, metrics: dict) -> None:
     row = {"epoch": epoch, **{k: float(v) for k, v in metrics.items()}}
@@ -218,29 +249,61 @@ class TrainingRun:
 
 @contextlib.contextmanager
 def training_run(config: ml_collections.ConfigDict, workdir: str, state: TrainState,
-                 meta: dict, log=print, allow_config_change: tuple[str, ...] = ()
-                 ) -> Iterator[TrainingRun]:
+                 meta: dict, log=print, allow_config_change: tuple[str, ...] = (),
+                 base_weights: dict | None = None) -> Iterator[TrainingRun]:
   """Opens a run in `workdir`: resumes `state` (a template with the run's shardings) and
   `meta` (the checkpoint metadata of a fresh start; its "epoch" 0) from the newest intact
   checkpoint, or saves them as step 0. Its saved config must equal `config` except in
   `checkpoints.CHANGEABLE_ON_RESUME` and the keys (or fnmatch patterns) of
-  `allow_config_change`. On leaving the block, waits for the saves to commit; on an error
+  `allow_config_change`, and its base weights must be `base_weights` (`families.base_weights`,
+  saved with every step). A new run (no checkpoint) moves an old metrics.jsonl with rows aside
+  instead of dropping them. On leaving the block, waits for the saves to commit; on an error
   (a failed save included), stops the saves and cuts metrics.jsonl back to the epochs of the
-  last committed checkpoint (they are retrained on resume). In a multi-process run every
-  process opens it; process 0 writes metrics."""
-  ckpts = checkpoints.RunCheckpoints(workdir, config, allow_config_change, log)
+  last committed checkpoint (they are retrained on resume); a full disk is said as such
+  (`DiskFullError`). In a multi-process run every process opens it; process 0 writes
+  metrics."""
+  ckpts = checkpoints.RunCheckpoints(workdir, config, allow_config_change, log, base_weights)
   writer = None
   try:
     state, meta = ckpts.start(state, meta)
     if parallel.is_main_process():
-      writer = MetricsWriter(workdir, int(meta["epoch"]), log)
+      writer = MetricsWriter(workdir, int(meta["epoch"]), log, fresh=ckpts.fresh)
     yield TrainingRun(config, workdir, ckpts, writer, state, meta, log)
     ckpts.close()
-  except BaseException:
+  except BaseException as e:
     committed = ckpts.abort()
     if writer is not None:
-      writer.keep_epochs_before(0 if committed is None else committed)
+      try:
+        writer.keep_epochs_before(0 if committed is None else committed)
+      except Exception as cut:  # noqa: BLE001  (the run's own error is the one to report)
+        log(f"could not cut {writer.path} back to the epochs of checkpoint step {committed}: "
+            f"{type(cut).__name__}: {cut}")
+    full = _disk_full(e)
+    if full is not None:
+      raise DiskFullError(
+          f"no space left on the device holding {workdir} ({full}): free "
+          f"space there, then run the same command again to resume from checkpoint step "
+          f"{committed} (metrics.jsonl has been cut back to it)") from e
     raise
+
+
+class DiskFullError(OSError):
+  """The run stopped because the disk holding WORKDIR (or a file it writes) is full."""
+
+
+def _disk_full(error: BaseException) -> str | None:
+  """What ran out of space behind `error` (itself, its causes or contexts: an ENOSPC OSError,
+  or TensorStore's RESOURCE_EXHAUSTED error with os_error_code 28 that Orbax raises as a
+  ValueError), else None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+      return str(error.filename or error)
+    if "No space left on device" in str(error):
+      return str(error).strip().splitlines()[0][:300]
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=print,
@@ -249,21 +312,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
 
   Resuming restores the newest intact checkpoint (`checkpoints.RunCheckpoints`); its saved
   config must equal `config` except in `checkpoints.CHANGEABLE_ON_RESUME` and the keys (or
-  fnmatch patterns) of `allow_config_change`. If the run stops on an error (a failed save
-  included), metrics.jsonl is cut back to the epochs of the last committed checkpoint.
+  fnmatch patterns) of `allow_config_change`, checked before the model is built. If the run
+  stops on an error (a failed save included), metrics.jsonl is cut back to the epochs of the
+  last committed checkpoint. The run holds WORKDIR's lock (`ddpo_jax.workdir`) throughout: a
+  second run on the same WORKDIR stops before touching anything.
 
   In a multi-process run every process calls this with the same config and workdir (on a
   filesystem all hosts share); process 0 writes metrics, image grids and the log.
   """
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  main_process = parallel.is_main_process()
-  if not main_process:
+  workdir = workdir_lib.resolve(workdir)
+  if not parallel.is_main_process():
     log = lambda *a, **k: None  # noqa: E731
-  enable_compilation_cache(config.compilation_cache_dir, log)
-  parallel.check_same_on_all_processes("config", config.to_json())
   mesh = parallel.make_mesh(config.mesh)
   validate_config(config, mesh)
+  with workdir_lib.lock(workdir, log):
+    checkpoints.check_saved_config(workdir, config, allow_config_change)
+    return _train_and_evaluate(config, workdir, mesh, log, allow_config_change)
+
+
+def _train_and_evaluate(config, workdir, mesh, log, allow_config_change) -> dict:
+  enable_compilation_cache(config.compilation_cache_dir, log)
+  parallel.check_same_on_all_processes("config", config.to_json())
   policy = build_policy(config, workdir)
   terms = make_rewards(config, policy)
   optimizer = make_optimizer(config.train, policy.learning_rates)
@@ -287,7 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   tracker = rl.PerPromptStatTracker(config.per_prompt_stat_tracking.buffer_size,
                                     config.per_prompt_stat_tracking.min_count)
   with training_run(config, workdir, state, {"epoch": 0, "stat_tracker": tracker.state_dict()},
-                    log, allow_config_change) as run:
+                    log, allow_config_change, base_weights(config)) as run:
     tracker.load_state_dict(run.meta["stat_tracker"])
     log(f"training on {parallel.describe_mesh(mesh)}{fsdp_note}")
     epoch_fn = _ddpo_epoch_fn(config, policy, terms, frozen, optimizer, mesh, tracker,
@@ -408,8 +477,15 @@ def _ddpo_epoch_fn(config, policy, terms, frozen, optimizer, mesh, tracker, stat
       total += w * values
       epoch_metrics[f"{r.name}_mean"] = values.mean()
       for k in parts[0][1]:
-        epoch_metrics[f"{r.name}_{k}_mean"] = np.concatenate(
-            [np.asarray(p[1][k]).reshape(-1) for p in parts]).mean()
+        # An info field is logged only: a NaN/inf in it is named and left out of its mean, and
+        # the run goes on (only the trained reward's values stop it).
+        info = np.concatenate([np.asarray(p[1][k], np.float64).reshape(-1) for p in parts])
+        finite = np.isfinite(info)
+        if not finite.all():
+          log(f"epoch {epoch}: reward {r.name!r}'s info field {k!r} has {int((~finite).sum())} "
+              f"NaN/inf of {info.size} values (logged only: left out of {r.name}_{k}_mean)")
+        if finite.any():
+          epoch_metrics[f"{r.name}_{k}_mean"] = info[finite].mean()
 
     if group > 1:
       advantages, scales = rl.group_relative_advantages(

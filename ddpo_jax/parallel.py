@@ -164,7 +164,8 @@ def initialize_distributed(mode: str = "auto", coordinator_address: str | None =
 
 
 def exit_on_uncaught_exception() -> None:
-  """After an uncaught exception, print it and exit at once (status 1); for the CLIs.
+  """After an uncaught exception, print it (its traceback, then one line: the process, the
+  error's type and its message's first line) and exit at once (status 1); for the CLIs.
 
   A normal exit waits for non-daemon threads and runs `jax.distributed.shutdown`: after a failed
   checkpoint save, Orbax's background threads wait up to 5 minutes for signals that never come,
@@ -179,8 +180,10 @@ def exit_on_uncaught_exception() -> None:
   def hook(exc_type, exc, tb):
     try:
       previous(exc_type, exc, tb)
-      print(f"process {jax.process_index()}: exiting after an uncaught "
-            f"{exc_type.__name__}", file=sys.stderr)
+      # The traceback's chain can end in a secondary error; the last line names this one.
+      first = (str(exc).strip().splitlines() or [""])[0]
+      print(f"process {jax.process_index()}: stopped by {exc_type.__name__}: {first}",
+            file=sys.stderr)
       sys.stdout.flush()
       sys.stderr.flush()
     finally:

@@ -16,7 +16,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from ddpo_jax import checkpoints, config_schema, train
-from ddpo_jax.families import build_policy
+from ddpo_jax import workdir as workdir_lib
+from ddpo_jax.families import base_weights, build_policy
 from ddpo_jax.policy import Policy
 
 
@@ -46,11 +47,15 @@ def restore_run(workdir: str, step: int | None = None, log=print
   verified against the checksums saved with them.
 
   Raises:
+    ValueError: `workdir` is empty.
     FileNotFoundError: no checkpoint directory, or no complete checkpoint in it.
     ValueError: `step` is not a saved step, or the checkpoint does not fit the policy.
+    checkpoints.BaseWeightsChangedError: the base weights at the config's path differ from
+      those the checkpoint was trained from (the message names the files).
     checkpoints.DamagedCheckpointError: the given step (or, with none given, every step) is
       damaged.
   """
+  workdir = workdir_lib.resolve(workdir)
   if not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
     raise FileNotFoundError(f"no checkpoints in {checkpoints.checkpoint_dir(workdir)}")
   mngr = checkpoints.manager(workdir, read_only=True)
@@ -63,6 +68,7 @@ def restore_run(workdir: str, step: int | None = None, log=print
         meta = checkpoints.read_meta(mngr, s)
         config = config_schema.complete(json.loads(meta["config"]))  # older runs: new keys at defaults
         policy = build_policy(config, workdir)
+        checkpoints.check_base_weights(s, meta, base_weights(config), str(mngr.directory))
         params = policy.params["unet"]
         optimizer = train.make_optimizer(config.train, policy.learning_rates)
         template = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,

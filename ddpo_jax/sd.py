@@ -73,6 +73,16 @@ def _load(path: str, stamp, dtype: str, compute_dtype: str, attention: str, rema
                        attention_implementation=attention, remat=remat)
 
 
+def pretrained_directory(model_config) -> str:
+  """The local directory `model.pretrained_path` loads from: the directory itself, or a Hub
+  id's snapshot in the local Hugging Face cache (no download: the model loads first)."""
+  path = os.path.expanduser(model_config.pretrained_path)
+  if os.path.isdir(path):
+    return os.path.abspath(path)
+  from huggingface_hub import snapshot_download
+  return snapshot_download(path, local_files_only=True)
+
+
 def load_model_pipeline(model_config):
   """The `Pipeline` of `config.model` (raises `PipelineLoadError` for a bad path)."""
   path = model_config.pretrained_path

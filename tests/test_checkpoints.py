@@ -144,9 +144,29 @@ def _each_data_file(do):
   return damage
 
 
+def _edit_meta(**changes):
+  """Edits keys of a step's meta JSON (epoch, loop state, config) as a user or a bad disk could:
+  valid JSON, other values."""
+  def edit(step_dir):
+    path = os.path.join(step_dir, "meta", "metadata")
+    with open(path) as f:
+      meta = json.load(f)
+    edits = dict(changes)
+    if edits.get("config") == "edit the learning rate":
+      edits["config"] = meta["config"].replace('"learning_rate": 0.0003', '"learning_rate": 0.003')
+      assert edits["config"] != meta["config"]
+    meta.update(edits)
+    with open(path, "w") as f:
+      json.dump(meta, f)
+  return edit
+
+
 # Each damage: (what it does to the workdir given the newest step's directory, the step that is
 # then restored, the step set aside).
 DAMAGES = {
+    "edited epoch in the meta JSON": (_edit_meta(epoch=5), 1, 2),
+    "edited loop state in the meta JSON": (_edit_meta(stat_tracker={"a cat": [1.0, 2.0]}), 1, 2),
+    "edited config in the meta JSON": (_edit_meta(config="edit the learning rate"), 1, 2),
     "bit flips in each data file": (_each_data_file(
         lambda f: [_flip(f, os.path.getsize(f) * k // 8) for k in range(1, 8)]), 1, 2),
     "truncated data files": (_each_data_file(_truncate), 1, 2),
@@ -232,6 +252,7 @@ def test_checksum_mismatch_names_the_arrays(saved_run, tmp_path):
   meta_file = os.path.join(workdir, "checkpoints", "2", "meta", "metadata")
   meta = json.load(open(meta_file))
   meta["checksums"]["params/conv_in/kernel"][0] += 1
+  meta["meta_checksum"] = checkpoints._meta_checksum(meta)  # the meta itself reads as intact
   json.dump(meta, open(meta_file, "w"))
   mngr = checkpoints.manager(workdir, read_only=True)
   with pytest.raises(checkpoints.DamagedCheckpointError,
@@ -425,3 +446,78 @@ def test_a_key_added_to_the_schema_since_the_checkpoint_is_no_config_change():
   saved["reward"]["not_a_key"] = 1
   assert checkpoints.config_changes(json.dumps(saved), config) == {
       "reward.not_a_key": (1, "<absent>")}
+
+
+# ----------------------------------------------------------------------------- base weights
+def test_base_weights_name_the_changed_files_of_a_pipeline_directory(tmp_path):
+  """The fingerprint of an SD-family directory covers its weight, config and tokenizer files:
+  another UNet at the same path is named; the same files moved elsewhere are the same base."""
+  from tiny_models import save_tiny_pipeline
+  from ddpo_jax.families import base_weights
+  path = save_tiny_pipeline(str(tmp_path / "base"), seed=0)
+  config = config_schema.new_config("ddpo", "sd")
+  config.model.pretrained_path = path
+  saved = base_weights(config)
+  assert "unet/diffusion_pytorch_model.safetensors" in saved["files"]
+  assert "model_index.json" in saved["files"] and "tokenizer/tokenizer_config.json" in saved["files"]
+  meta = {"base_weights": saved}
+  moved = shutil.copytree(path, str(tmp_path / "moved"))
+  config.model.pretrained_path = moved
+  assert checkpoints.check_base_weights(3, meta, base_weights(config), "DIR") == []
+  other = save_tiny_pipeline(str(tmp_path / "other"), seed=1)
+  shutil.copy(os.path.join(other, "unet", "diffusion_pytorch_model.safetensors"),
+              os.path.join(moved, "unet", "diffusion_pytorch_model.safetensors"))
+  with pytest.raises(checkpoints.BaseWeightsChangedError,
+                     match=r"checkpoint step 3 in DIR was trained from other base weights than "
+                           rf"those at {moved} \(saved from {path}\): "
+                           r"unet/diffusion_pytorch_model.safetensors \(\d+ bytes sha256 "
+                           r"[0-9a-f]{12}\.\.\. -> \d+ bytes sha256 [0-9a-f]{12}\.\.\.\)\. "
+                           r".*--allow_config_change=base_weights"):
+    checkpoints.check_base_weights(3, meta, base_weights(config), "DIR")
+  allowed = checkpoints.check_base_weights(3, meta, base_weights(config), "DIR", ["base_weights"])
+  assert len(allowed) == 1 and allowed[0].startswith("unet/diffusion_pytorch_model.safetensors (")
+
+
+def test_a_changed_base_model_stops_resume_and_sample_naming_it(digits_cache, tmp_path):
+  """A digits run's checkpoints written from `model.pretrained_dir`; that directory then holds
+  another pre-trained model (another seed's): resuming and restoring (sample, export) refuse,
+  naming the file; allowing the change resumes, saying so."""
+  from ddpo_jax import digits, runs
+  from ddpo_jax.families import base_weights
+  base = str(tmp_path / "base")
+  config = load_config("default", "runlocal")
+  digits.load_or_pretrain(config.model, 0, log=lambda m: None)
+  shutil.copytree(digits.pretrained_path(config.model, 0), base)
+  config.model.pretrained_dir = base
+  policy = build_policy(config, "")
+  optimizer = train.make_optimizer(config.train)
+  params = policy.params["unet"]
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=jax.jit(optimizer.init)(params), rng=jax.random.PRNGKey(0))
+  workdir = str(tmp_path / "run")
+  ckpts = checkpoints.RunCheckpoints(workdir, config, log=lambda m: None,
+                                     base_weights=base_weights(config))
+  ckpts.start(state, {"epoch": 0})
+  ckpts.save(1, state, {"epoch": 1})
+  ckpts.close()
+  assert runs.restore_run(workdir, log=lambda m: None)[3] == 1
+  other = load_config("default", "runlocal").model
+  digits.load_or_pretrain(other, 1, log=lambda m: None)  # another seed's model
+  shutil.rmtree(base)
+  shutil.copytree(digits.pretrained_path(other, 1), base)
+  ckpts = checkpoints.RunCheckpoints(workdir, config, log=lambda m: None,
+                                     base_weights=base_weights(config))
+  with pytest.raises(checkpoints.BaseWeightsChangedError,
+                     match=rf"checkpoint step 1 in .* was trained from other base weights than "
+                           rf"those at {base} .*checksums.json \("):
+    ckpts.start(state, {"epoch": 0})
+  ckpts.abort()
+  with pytest.raises(checkpoints.BaseWeightsChangedError, match=r"checksums.json \("):
+    runs.restore_run(workdir, log=lambda m: None)
+  said = []
+  ckpts = checkpoints.RunCheckpoints(workdir, config, ("base_weights",), log=said.append,
+                                     base_weights=base_weights(config))
+  assert ckpts.start(state, {"epoch": 0})[1]["epoch"] == 1
+  ckpts.close()
+  assert any(line.startswith("base weights changed on resume (allowed): checksums.json")
+             for line in said), said

@@ -31,7 +31,6 @@ tree), so `python -m ddpo_jax.sample --labels=...` samples any of them.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
@@ -39,9 +38,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpo_jax import config_schema, diffusion, loop, parallel, train
+from ddpo_jax import checkpoints, config_schema, diffusion, loop, parallel, train
+from ddpo_jax import workdir as workdir_lib
 from ddpo_jax.ctrl import classifiers, evaluate
-from ddpo_jax.families import build_policy
+from ddpo_jax.families import base_weights, build_policy
 from ddpo_jax.policy import Policy
 from ddpo_jax.rewards import make_rewards
 
@@ -85,18 +85,9 @@ def validate_config(config, mesh) -> None:
   """Raises ValueError for impossible CTRL settings, before anything is built or compiled."""
   c = config.ctrl
   train.validate_shared_config(config)
-  if not config.train.control_learning_rate >= 0:
-    raise ValueError(f"train.control_learning_rate={config.train.control_learning_rate} must be "
-                     ">= 0 (0: the control tables at train.learning_rate)")
-  if int(c.control_min_timestep) < 0:
-    raise ValueError(f"ctrl.control_min_timestep={c.control_min_timestep} must be >= 0 "
-                     "(0: the control acts at every step)")
   if c.method == "ctrl" and c.solver == "ddpo":
     train.validate_config(ddpo_solver_config(config), mesh)
     return
-  for name in ("batch_size", "steps_per_epoch", "gradient_accumulation_steps"):
-    if int(c[name]) < 1:
-      raise ValueError(f"ctrl.{name}={c[name]} must be a positive integer")
   if c.truncation == "fixed" and not 1 <= int(c.truncation_steps) <= config.sample.num_steps:
     raise ValueError(f"ctrl.truncation_steps={c.truncation_steps} must lie in "
                      f"[1, sample.num_steps={config.sample.num_steps}]")
@@ -268,9 +259,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
                        allow_config_change: tuple[str, ...] = ()) -> dict:
   """Runs (or resumes) a CTRL / baseline run in `workdir`; returns the last epoch's metrics
   (plus the final evaluation's, written to WORKDIR/eval.json). Resuming and
-  `allow_config_change` work as in `train.train_and_evaluate`."""
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  `allow_config_change` work as in `loop.train_and_evaluate`, and so does WORKDIR's lock."""
+  workdir = workdir_lib.resolve(workdir)
   c = config.ctrl
   fsdp = int(config.mesh.fsdp)
   if fsdp > 1 and not (c.method == "ctrl" and c.solver == "ddpo"):
@@ -281,16 +271,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
         "data-parallel only (mesh.fsdp=1); the ddpo solver (ctrl.solver='ddpo') shards with fsdp")
   mesh = parallel.make_mesh(config.mesh)
   validate_config(config, mesh)
-  if c.method == "ctrl" and c.solver == "ddpo":
-    last = loop.train_and_evaluate(ddpo_solver_config(config), workdir, log=log,
-                                  allow_config_change=allow_config_change)
-  else:
-    last = _train_loop(config, workdir, mesh, log, allow_config_change)
-  if int(c.eval_num_samples) > 0:
-    result = evaluate.evaluate_run(workdir, num=int(c.eval_num_samples), seed=int(config.seed))
-    log("evaluation: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                     for k, v in result.items() if not isinstance(v, dict)}))
-    last = {**last, **{f"eval_{k}": v for k, v in result.items() if isinstance(v, float)}}
+  with workdir_lib.lock(workdir, log):
+    if c.method == "ctrl" and c.solver == "ddpo":
+      last = loop.train_and_evaluate(ddpo_solver_config(config), workdir, log=log,
+                                    allow_config_change=allow_config_change)
+    else:
+      checkpoints.check_saved_config(workdir, config, allow_config_change)
+      last = _train_loop(config, workdir, mesh, log, allow_config_change)
+    if int(c.eval_num_samples) > 0:
+      result = evaluate.evaluate_run(workdir, num=int(c.eval_num_samples), seed=int(config.seed))
+      log("evaluation: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                       for k, v in result.items() if not isinstance(v, dict)}))
+      last = {**last, **{f"eval_{k}": v for k, v in result.items() if isinstance(v, float)}}
   return last
 
 
@@ -312,7 +304,8 @@ def _train_loop(config, workdir: str, mesh, log, allow_config_change) -> dict:
                            opt_state=jax.jit(optimizer.init, out_shardings=repl)(unet0),
                            rng=jax.random.PRNGKey(config.seed))
   state = jax.device_put(state, repl)
-  with loop.training_run(config, workdir, state, {"epoch": 0}, log, allow_config_change) as run:
+  with loop.training_run(config, workdir, state, {"epoch": 0}, log, allow_config_change,
+                         base_weights(config)) as run:
     log(f"training on {parallel.describe_mesh(mesh)}")
     if c.method == "classifier_guidance":  # one "epoch": the noisy classifiers
       def epoch_fn(epoch, state):

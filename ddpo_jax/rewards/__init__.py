@@ -172,12 +172,11 @@ def _build(name: str, config, policy) -> Reward:
     return make_clipscore_reward(config.reward.clipscore_path, name=name,
                                  tokenizer_path=config.reward.clip_tokenizer_path or None)
   if is_remote(name):
-    # server_timeout_s (one POST) and server_deadline_s (a whole call: all batches and tries)
-    # are read with their defaults so that configs without them keep working.
+    # server_timeout_s: one POST; server_deadline_s: a whole call (all batches and tries).
     return Reward(name, remote_reward(
         remote_url(name, config.reward), batch_size=16,
-        timeout=float(config.reward.get("server_timeout_s", 120.0)), retries=3, backoff=1.0,
-        deadline_s=float(config.reward.get("server_deadline_s", 600.0))), on_device=False)
+        timeout=float(config.reward.server_timeout_s), retries=3, backoff=1.0,
+        deadline_s=float(config.reward.server_deadline_s)), on_device=False)
   known = ", ".join(KNOWN_REWARDS + tuple(task_rewards))
   raise ValueError(f"unknown reward {name!r}; known: {known}")
 
