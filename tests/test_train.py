@@ -271,6 +271,37 @@ def test_nan_reward_stops_without_saving(digits_cache, tmp_path, monkeypatch):
   assert real is not rewards.jpeg_compressibility
 
 
+def test_nan_in_a_logged_only_info_field_is_named_and_the_run_goes_on(digits_cache, tmp_path,
+                                                                      monkeypatch):
+  """A scorer's info values are logged, not trained on: a NaN there is named (reward and field)
+  and left out of that field's mean; only the trained reward's NaN stops a run (above)."""
+  from ddpo_jax import rewards
+  real = rewards.jpeg_compressibility
+  seen = []
+
+  def with_nan_info(images, prompts, metadata):
+    r, info = real(images, prompts, metadata)
+    kb = np.asarray(info["jpeg_kb"], np.float64).copy()
+    seen.append(kb.copy())
+    kb[0] = np.nan
+    return r, {"jpeg_kb": kb, "always_nan": np.full(len(kb), np.nan)}
+
+  monkeypatch.setattr(rewards, "jpeg_compressibility", with_nan_info)
+  said = []
+  config = _config(**{"num_epochs": 1, "reward.weights": {"jpeg_compressibility": 1.0},
+                      "reward.metrics": ()})
+  row = loop.train_and_evaluate(config, str(tmp_path / "run"), log=said.append)
+  batches = np.stack(seen)
+  expected = np.concatenate([b[1:] for b in batches]).mean()
+  np.testing.assert_allclose(row["jpeg_compressibility_jpeg_kb_mean"], expected, rtol=1e-6)
+  assert "jpeg_compressibility_always_nan_mean" not in row
+  n = batches.size
+  assert (f"epoch 0: reward 'jpeg_compressibility''s info field 'jpeg_kb' has {len(batches)} "
+          f"NaN/inf of {n} values (logged only: left out of jpeg_compressibility_jpeg_kb_mean)"
+          in said), said
+  assert any("info field 'always_nan' has" in line for line in said)
+
+
 def test_nan_loss_stops_without_saving(digits_cache, tmp_path):
   """A learning rate that blows the parameters up: clear error, the bad epoch is not saved."""
   workdir = str(tmp_path / "nan_loss")

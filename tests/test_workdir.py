@@ -196,3 +196,36 @@ def test_a_full_disk_says_so_keeps_the_workdir_consistent_and_resumes(small_disk
   os.remove(filler)
   assert _run(workdir, 5) == {"value": 8.0}
   assert [(r["epoch"], r["value"]) for r in _rows(workdir)] == [(e, 2.0 * e) for e in range(5)]
+
+
+# ----------------------------------------------------------------------------- checked first
+@pytest.mark.parametrize("key, value, message", [
+    ("train.learning_rate", float("inf"), r"train.learning_rate=inf is outside its valid range"),
+    ("sample.guidance_scale", float("inf"), r"sample.guidance_scale=inf is outside"),
+    ("train.rwr_beta", 0.0, r"train.rwr_beta=0.0 is outside .* \(0, inf\)"),
+    ("seed", -1, r"seed=-1 is outside its valid range"),
+])
+def test_bad_values_stop_the_run_before_anything_is_built_or_saved(key, value, message,
+                                                                    tmp_path):
+  workdir = str(tmp_path / "run")
+  config = load_config("default", "runlocal", **{key: value})
+  start = time.time()
+  with pytest.raises(ValueError, match=message):
+    loop.train_and_evaluate(config, workdir)
+  assert time.time() - start < 5  # no model built, nothing compiled
+  assert not os.path.exists(workdir)  # nothing saved: the corrected re-run starts cleanly
+
+
+def test_a_changed_model_config_stops_a_resume_before_the_model_is_built(tmp_path, monkeypatch):
+  """The saved-config check comes first: a changed model is named without pre-training it."""
+  workdir = str(tmp_path / "run")
+  _run(workdir, 1)
+  cache = tmp_path / "empty_cache"
+  cache.mkdir()
+  monkeypatch.setenv("DDPO_JAX_CACHE", str(cache))
+  config = load_config("default", "runlocal", **{"model.channels": (12, 24)})
+  said = []
+  with pytest.raises(checkpoints.ConfigChangedError,
+                     match=r"model.channels: \[8, 16\] -> \[12, 24\]"):
+    loop.train_and_evaluate(config, workdir, log=said.append)
+  assert os.listdir(cache) == [] and not any("pre-training" in line for line in said)
