@@ -105,7 +105,10 @@ class MetricsWriter:
     if not drop:
       return
     if rows[drop[-1]][1] is None:
-      self.log(f"{self.path}: dropping its last line, cut short (not valid JSON)")
+      with open(self.path, "rb") as f:
+        f.seek(rows[drop[-1]][0])
+        cut = f.read(200).decode(errors="replace")
+      self.log(f"{self.path}: dropping its last line, cut short (not valid JSON): {cut!r}")
     if drop == list(range(drop[0], len(rows))):
       os.truncate(self.path, rows[drop[0]][0])
       return

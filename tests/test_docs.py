@@ -57,3 +57,23 @@ def test_no_citation_of_a_document_outside_the_repository():
       if re.search(r"\bSPEC(\.md)?\b( §| section)", line) or "shared/SPEC" in line:
         offending.append(f"{os.path.relpath(path, REPO)}:{i}: {line.strip()}")
   assert not offending, "\n".join(offending)
+
+
+def test_every_test_that_docs_reliability_cites_exists():
+  """docs/reliability.md names the test behind each guarantee: `tests/FILE.py::test_name`, or
+  `::test_name` for another test of the file named last."""
+  import ast
+  text = open(os.path.join(REPO, "docs", "reliability.md"), encoding="utf-8").read()
+  defined, cited, current = {}, [], None
+  for m in re.finditer(r"`(tests/[\w/]+\.py)?(?:::(\w+))?", text):
+    file, name = m.group(1), m.group(2)
+    if file:
+      current = file
+      if file not in defined:
+        tree = ast.parse(open(os.path.join(REPO, file), encoding="utf-8").read())
+        defined[file] = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    if name:
+      cited.append((current, name))
+  assert len(cited) > 30, cited
+  missing = [f"{f}::{n}" for f, n in cited if n not in defined[f]]
+  assert not missing, missing
