@@ -308,10 +308,11 @@ class FluxTransformer2DModel(nn.Module):
 def abstract_flux_params(config: FluxConfig, dtype: Dtype = jnp.float32) -> dict:
   """The parameter tree as `jax.ShapeDtypeStruct`s (no allocation, no compilation)."""
   model = FluxTransformer2DModel(config, param_dtype=dtype)
-  inputs = (jnp.zeros((1, 1, config.in_channels)), jnp.zeros((1, 1, config.joint_attention_dim)),
-            jnp.zeros((1, config.pooled_projection_dim)), jnp.zeros((1,)),
+  inputs = (np.zeros((1, 1, config.in_channels), np.float32),
+            np.zeros((1, 1, config.joint_attention_dim), np.float32),
+            np.zeros((1, config.pooled_projection_dim), np.float32), np.zeros((1,), np.float32),
             np.zeros((1, 3), np.float32), np.zeros((1, 3), np.float32),
-            jnp.zeros((1,)) if config.guidance_embeds else None)
+            np.zeros((1,), np.float32) if config.guidance_embeds else None)
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   return jax.eval_shape(lambda k: model.init(k, *inputs), key)["params"]
 

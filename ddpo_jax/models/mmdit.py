@@ -377,9 +377,9 @@ def abstract_mmdit_params(config: MMDiTConfig, dtype: Dtype = jnp.float32) -> di
   """The parameter tree as `jax.ShapeDtypeStruct`s (no allocation, no compilation)."""
   model = SD3Transformer2DModel(config, param_dtype=dtype)
   p = config.patch_size
-  inputs = (jnp.zeros((1, p, p, config.in_channels)), jnp.zeros((1,)),
-            jnp.zeros((1, 1, config.joint_attention_dim)),
-            jnp.zeros((1, config.pooled_projection_dim)))
+  inputs = (np.zeros((1, p, p, config.in_channels), np.float32), np.zeros((1,), np.float32),
+            np.zeros((1, 1, config.joint_attention_dim), np.float32),
+            np.zeros((1, config.pooled_projection_dim), np.float32))
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   return jax.eval_shape(lambda k: model.init(k, *inputs), key)["params"]
 
