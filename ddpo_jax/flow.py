@@ -224,6 +224,26 @@ def random_window_start(rng: np.random.Generator, num_steps: int, size: int,
   return int(rng.integers(lo, hi - size + 1))
 
 
+def transition_log_prob(x_next: Array, mean: Array, std: Array, sde_type: str) -> Array:
+  """Per-sample log-probability of a stochastic step x_next ~ N(mean, std^2 I), as the
+  reference (flow_grpo's `sde_step_with_logprob`) scores it, MEAN-reduced over non-batch dims:
+
+  * "sde": the normalised Gaussian, -(x' - mean)^2 / (2 std^2) - log std - log sqrt(2 pi)
+    (`diffusion.gaussian_log_prob`);
+  * "cps": -(x' - mean)^2, with the 1 / (2 std^2) and the constants removed on purpose (the
+    reference's "remove all constants"): PPO's ratio exp(lp - lp_old) is then taken on squared
+    distances, so the clip range means what it means in flow_grpo's CPS runs (docs/algorithms.md
+    §6.3).
+
+  x_next is not differentiated (`stop_gradient`). Args: x_next, mean (B, ...); std broadcastable
+  to mean (used by "sde" only). Returns (B,) float32.
+  """
+  if sde_type == "cps":
+    d = jax.lax.stop_gradient(x_next).astype(jnp.float32) - mean.astype(jnp.float32)
+    return -jnp.mean(d * d, axis=tuple(range(1, d.ndim)))
+  return diffusion.gaussian_log_prob(x_next, mean, std)
+
+
 def flow_chain(velocity_fn, params: Any, x_init: Array, step_keys: Array, context: Any,
                uncond_context: Any, *, sigmas, timesteps, guidance_scale: float,
                sde_type: str, noise_level, sde_steps=None, reference_params: Any = None,
@@ -251,8 +271,8 @@ def flow_chain(velocity_fn, params: Any, x_init: Array, step_keys: Array, contex
 
   Returns:
     (x at sigmas[-1] (B, ...) float32, per-step outputs on a leading T axis: "latents" x_i,
-    "next_latents", "log_probs" (T, B) (`diffusion.gaussian_log_prob`, mean over the latent
-    dims; 0 on ODE steps), "std" (T,), or (T, B, 1, ..., 1) with per-sample masks; with
+    "next_latents", "log_probs" (T, B) (`transition_log_prob`, mean over the latent dims; 0 on
+    ODE steps), "std" (T,), or (T, B, 1, ..., 1) with per-sample masks; with
     `reference_params` also "kl" (T, B) and "reference_means" (T, B, ...)).
   """
   check_sde(sde_type, noise_level)
@@ -285,7 +305,7 @@ def flow_chain(velocity_fn, params: Any, x_init: Array, step_keys: Array, contex
     mean, std = step(params, x, sigma, sigma_next, t, per_sample)
     x_next = mean + std * jax.random.normal(key, x.shape, mean.dtype)
     std_b = diffusion.per_sample_std(std, x.shape)
-    log_prob = jnp.where(std_b > 0, diffusion.gaussian_log_prob(x_next, mean, std), 0.0)
+    log_prob = jnp.where(std_b > 0, transition_log_prob(x_next, mean, std, sde_type), 0.0)
     out = {"latents": x, "next_latents": x_next, "log_probs": log_prob, "std": std}
     if reference_params is not None:
       ref_mean, _ = step(reference_params, x, sigma, sigma_next, t, per_sample)
@@ -314,15 +334,15 @@ def step_log_prob(velocity_fn, params: Any, latents: Array, sigma: Array, sigma_
     sde_type, noise_level, sigma_max: as `step_mean_std` (`flow_chain` uses sigmas[1]).
 
   Returns:
-    log_prob (B,) float32 (0 on a deterministic step, std = 0: CPS's last, as `flow_chain`
-    records it), mean (B, ...) float32, std (B, 1, ..., 1) float32.
+    log_prob (B,) float32 (`transition_log_prob`: for "cps" -mean((x' - mean)^2); 0 on a
+    deterministic step, std = 0: CPS's last, as `flow_chain` records it), mean (B, ...) float32, std (B, 1, ..., 1) float32.
   """
   sigma = jnp.asarray(sigma, jnp.float32)
   v = diffusion.guided_eps(velocity_fn, params, latents, 1000.0 * sigma, context,
                            uncond_context, guidance_scale)
   mean, std = step_mean_std(v, latents, sigma, sigma_next, sde_type=sde_type,
                             noise_level=noise_level, sigma_max=sigma_max)
-  log_prob = diffusion.gaussian_log_prob(next_latents, mean, std)
+  log_prob = transition_log_prob(next_latents, mean, std, sde_type)
   return jnp.where(diffusion.per_sample_std(std, mean.shape) > 0, log_prob, 0.0), mean, std
 
 

@@ -35,9 +35,14 @@ def _numpy_step(x, v, sigma, sigma_next, sde_type, a, sigma_max):
   return (1 - sigma_next) * x0 + math.sqrt(sigma_next ** 2 - c ** 2) * eps, c
 
 
-def _numpy_log_prob(x_next, mean, std):
-  """Gaussian log-density per sample, mean over the latent dims, float64."""
-  lp = -((x_next - mean) ** 2) / (2 * std ** 2) - math.log(std) - 0.5 * math.log(2 * math.pi)
+def _numpy_log_prob(x_next, mean, std, sde_type="sde"):
+  """The reference's step log-prob per sample, mean over the latent dims, float64: the Gaussian
+  log-density for "sde"; for "cps" -(x' - mean)^2 (flow_grpo's sde_step_with_logprob, sde_type
+  'cps': "remove all constants")."""
+  if sde_type == "cps":
+    lp = -((x_next - mean) ** 2)
+  else:
+    lp = -((x_next - mean) ** 2) / (2 * std ** 2) - math.log(std) - 0.5 * math.log(2 * math.pi)
   return lp.reshape(lp.shape[0], -1).mean(axis=1)
 
 
@@ -59,9 +64,9 @@ def test_step_and_log_prob_match_numpy(sde_type):
     if ref_std == 0:  # CPS's last step (sigma_next = 0) is deterministic
       continue
     x_next = ref_mean + ref_std * rng.standard_normal(x.shape)
-    lp = diffusion.gaussian_log_prob(jnp.asarray(x_next, jnp.float32), mean, std)
-    np.testing.assert_allclose(np.asarray(lp), _numpy_log_prob(x_next, ref_mean, ref_std),
-                               rtol=0, atol=1e-4)
+    lp = flow.transition_log_prob(jnp.asarray(x_next, jnp.float32), mean, std, sde_type)
+    np.testing.assert_allclose(np.asarray(lp), _numpy_log_prob(x_next, ref_mean, ref_std,
+                                                               sde_type), rtol=0, atol=1e-4)
 
 
 def _chain(velocity_fn, x, sde_type, sigmas, timesteps, key, sde_steps=None, a=A):
@@ -103,7 +108,7 @@ def test_chain_log_probs_recompute_exactly_from_the_trajectory(sde_type):
       assert float(std) == 0.0 and float(out["log_probs"][i].max()) == 0.0
       np.testing.assert_allclose(np.asarray(xn), np.asarray(mean), rtol=0, atol=1e-6)
       continue
-    lp = diffusion.gaussian_log_prob(xn, mean, std)
+    lp = flow.transition_log_prob(xn, mean, std, sde_type)
     approx_kl = float(jnp.mean((lp - out["log_probs"][i]) ** 2) / 2)
     assert approx_kl < 1e-10, approx_kl
     assert float(std) > 0 and float(jnp.abs(xn - mean).max()) > 0
