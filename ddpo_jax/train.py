@@ -175,6 +175,23 @@ def model_shardings(policy: Policy, config, optimizer, mesh):
           parallel.param_shardings(frozen, mesh, min_size), state)
 
 
+def trained_step_indices(key: jax.Array, window: jax.Array, K: int, in_order: bool) -> jax.Array:
+  """(N, K) int32: the K timesteps each of N trajectories is trained on, among its `window`
+  ((N, T) bool: the steps that may be trained, an SDE window or all T).
+
+  `in_order` (the flow samplers, as flow_grpo's train_sd3.py `range(num_train_timesteps)`):
+  the first K steps of the window, ascending, so with timestep_fraction < 1 the last steps are
+  never trained. Otherwise (DDIM, as ddpo-pytorch): K of the window's steps drawn at random,
+  independently per trajectory (`key`)."""
+  n, T = window.shape
+  if in_order:
+    order = jnp.arange(T, dtype=jnp.float32)[None, :] + 2.0 * T * ~window
+    return jnp.argsort(order, axis=1)[:, :K].astype(jnp.int32)
+  keys = jax.random.split(key, n)
+  return jax.vmap(lambda k, w: jnp.argsort(jax.random.uniform(k, (T,)) + 2.0 * ~w)[:K])(
+      keys, window).astype(jnp.int32)
+
+
 def make_update_fn(policy: Policy, config, optimizer, mesh):
   """Compiles `update(state, frozen, traj, advantages, adv_scales, rewards, key) -> (state, metrics)`.
 
@@ -199,9 +216,10 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   The update's gradient is then the exact gradient of the objective times scale / (T · D)
   (tests/test_ctrl_gmm.py checks it against backpropagation through the chain).
 
-  One call is one inner epoch over the whole batch of N trajectories: shuffle; per sample an
-  independent permutation of its T timesteps of which the first K = int(T·timestep_fraction)
-  are trained on; minibatches of `train.batch_size`; gradients averaged over K timesteps ×
+  One call is one inner epoch over the whole batch of N trajectories: shuffle; per sample K =
+  int(T·timestep_fraction) trained timesteps (DDIM: the first K of an independent permutation
+  of its T; the flow samplers: its first K in order, or its SDE window's first K, as
+  flow_grpo); minibatches of `train.batch_size`; gradients averaged over K timesteps ×
   `gradient_accumulation_steps` minibatches, then one optimizer step. `state` is donated.
 
   Communication: with the params replicated (`mesh.fsdp` = 1) and S > 1 batch shards, each
@@ -216,6 +234,7 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   dynamics = dynamics_lib.make_dynamics(policy, config)
   T = config.sample.num_steps
   K = dynamics_lib.trained_steps_per_sample(config.sample, tc.timestep_fraction)
+  flow_steps_in_order = config.sample.sampler != "ddim"
   accum, mb = tc.gradient_accumulation_steps, tc.batch_size
   guidance = float(config.sample.guidance_scale) if tc.cfg else 1.0
   _, frozen_sh, state_sh = model_shardings(policy, config, optimizer, mesh)
@@ -285,15 +304,9 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
     per_sample = {**per_sample, "context": traj.context, "class_labels": traj.class_labels}
     per_step = jax.tree.map(lambda x: x[perm], per_step)
     per_sample = jax.tree.map(lambda x: x[perm], per_sample)
-    # Per sample, an independent permutation of its T timesteps (of its SDE window's, when
-    # the trajectory has one: those steps first, in random order); keep the first K.
-    time_keys = jax.random.split(k_time, n)
-    if traj.trained_steps is None:
-      t_idx = jax.vmap(lambda k: jax.random.permutation(k, T)[:K])(time_keys)
-    else:
-      window = traj.trained_steps[perm]
-      t_idx = jax.vmap(lambda k, w: jnp.argsort(jax.random.uniform(k, (T,)) + 2.0 * ~w)[:K])(
-          time_keys, window)
+    window = (jnp.ones((n, T), bool) if traj.trained_steps is None
+              else traj.trained_steps[perm])
+    t_idx = trained_step_indices(k_time, window, K, in_order=flow_steps_in_order)
 
     def take_time(x):  # (N, T, ...) -> (N, K, ...)
       idx = t_idx.reshape(t_idx.shape + (1,) * (x.ndim - 2))

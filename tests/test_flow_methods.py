@@ -317,3 +317,28 @@ def test_a_reward_server_dying_mid_epoch_stops_the_run_cleanly(tmp_path, monkeyp
   assert all(p in digits.PROMPTS for p in prompts)
   more_steps, _, _ = sample_from_checkpoint(workdir, 4, num_steps=8)  # trained 4, evaluated 8
   assert more_steps.shape == images.shape and np.any(more_steps != images)
+
+
+def test_trained_steps_are_the_first_of_the_window_for_flows_and_random_for_ddim():
+  """flow_grpo's train_sd3.py trains `for j in range(int(T * timestep_fraction))` (in a
+  window: its first steps); ddpo-pytorch draws K random steps per sample. Checked against those
+  two rules written in NumPy."""
+  from ddpo_jax import train
+  T, K = 10, 9
+  windows = np.ones((6, T), bool)
+  windows[3:] = False
+  for row, start in zip(range(3, 6), (0, 4, 7)):
+    windows[row, start:start + 3] = True
+  got = np.asarray(train.trained_step_indices(jax.random.PRNGKey(0), jnp.asarray(windows[:3]),
+                                              K, in_order=True))
+  np.testing.assert_array_equal(got, np.tile(np.arange(K), (3, 1)))  # never step T - 1
+  got = np.asarray(train.trained_step_indices(jax.random.PRNGKey(0), jnp.asarray(windows[3:]),
+                                              2, in_order=True))
+  np.testing.assert_array_equal(got, [np.flatnonzero(w)[:2] for w in windows[3:]])
+  draws = np.asarray(train.trained_step_indices(jax.random.PRNGKey(1), jnp.ones((200, T), bool),
+                                                K, in_order=False))
+  assert all(len(set(row)) == K for row in draws)
+  assert (draws == T - 1).any(axis=1).mean() > 0.8  # the last step is trained about 9 in 10
+  inside = np.asarray(train.trained_step_indices(jax.random.PRNGKey(2), jnp.asarray(windows[3:]),
+                                                 2, in_order=False))
+  assert all(set(row) <= set(np.flatnonzero(w)) for row, w in zip(inside, windows[3:]))

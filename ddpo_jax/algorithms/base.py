@@ -6,8 +6,9 @@ The update (one compiled program per inner epoch) does, for every algorithm:
   1. `algorithm.batch_fields(traj, advantages, adv_scales, rewards, config)` -> (per_step,
      per_sample, metrics): arrays (N, T, ...) read at the trained timesteps and arrays (N, ...)
      shared by a sample's steps; the trainer adds the conditioning (`context`, `class_labels`).
-  2. shuffles the samples, picks K = int(T · train.timestep_fraction) timesteps per sample,
-     cuts minibatches of `train.batch_size`;
+  2. shuffles the samples, picks K = int(T · train.timestep_fraction) timesteps per sample
+     (DDIM: K at random; flow samplers: the first K, as flow_grpo), cuts minibatches of
+     `train.batch_size`;
   3. differentiates `algorithm.loss(model, params, batch, key, config)` per micro-step (one
      timestep per sample of a minibatch) and takes one optimizer step per
      `gradient_accumulation_steps` minibatches × K timesteps.
