@@ -217,7 +217,8 @@ def test_rewards_under_jit(tmp_path_factory):
   assert scores.shape == (4,) and scores.dtype == jnp.float32 and set(info) == {"cosine"}
   cos = np.asarray(info["cosine"])
   assert np.all(np.abs(cos) <= 1 + 1e-6)
-  np.testing.assert_allclose(scores, model.logit_scale * cos, rtol=1e-5)
+  # flow_grpo's pickscore_scorer: logit_scale.exp() * cos / 26
+  np.testing.assert_allclose(scores, model.logit_scale * cos / 26, rtol=1e-5)
   np.testing.assert_allclose(scores_p, scores, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(info_c["cosine"], cos, atol=1e-6)
   np.testing.assert_allclose(s_clip, 2.5 * np.maximum(cos, 0), atol=1e-6)

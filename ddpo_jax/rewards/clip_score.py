@@ -6,7 +6,7 @@ Both scores compare a CLIP image embedding with a CLIP text embedding of the pro
   PickScore = exp(logit_scale) * cos                           (Kirstain et al. 2023; the
               reference computes `model.logit_scale.exp() * (text_embs @ image_embs.T)` and
               takes the diagonal; PickScore_v1's exp(logit_scale) is about 100, so scores are
-              about 15-25)
+              about 15-25; the PickScore *reward* is the score / 26, as flow_grpo's)
   CLIPScore = w * max(cos, 0), w = 2.5                         (Hessel et al. 2021, CLIP-S)
               or 100 * cos                                     (`variant="torchmetrics"`: the
               per-sample value of torchmetrics' `clip_score`, which clamps only the mean over
@@ -566,7 +566,7 @@ class ClipRewardFn:
                        f"{CLIPSCORE_VARIANTS}")
 
   def apply(self, params: Params, images, prompt_ids, metadata):
-    """Pure: (scores (B,) float32, {"cosine": (B,) float32})."""
+    """Pure: (rewards (B,) float32: PickScore / 26 or CLIPScore, {"cosine": (B,) float32})."""
     del prompt_ids  # the policy's tokenisation; CLIP's comes in the metadata
     images = jnp.asarray(images)
     ids = clip_ids_from_metadata(metadata, images.shape[0],
@@ -574,7 +574,7 @@ class ClipRewardFn:
     cos = cosine(self.model, params, images, ids, quantize=self.quantize,
                  round_like_pil=self.round_like_pil)
     if self.kind == "pickscore":
-      scores = pickscore_from_cosine(params, cos)
+      scores = pickscore_from_cosine(params, cos) / PICKSCORE_REWARD_DIVISOR
     else:
       scores = clipscore_from_cosine(cos, self.variant, self.w)
     return scores, {"cosine": cos}
@@ -591,14 +591,21 @@ class ClipRewardFn:
     return {CLIP_IDS_KEY: self.tokenize(prompts)}
 
 
+# flow_grpo's PickScore reward (flow_grpo/pickscore_scorer.py) is the score divided by 26, so
+# that it is about 0.6-1.0: the reward, its logged mean and a KL coefficient in its units (beta)
+# are on the reference's scale. (Group-normalised advantages do not depend on it.)
+PICKSCORE_REWARD_DIVISOR = 26.0
+
+
 def make_pickscore_reward(path: str | os.PathLike, dtype: Dtype = jnp.float32, *,
                           name: str = "pickscore",
                           tokenizer_path: str | os.PathLike | None = None,
                           quantize: bool = True, round_like_pil: bool | None = None):
   """The PickScore device `Reward` (on_device=True) of a CLIPModel directory / Hub id
   (`yuvalkirstain/PickScore_v1`; `tokenizer_path` as `load_clip_model`). Its `fn` is a
-  `ClipRewardFn`: scores exp(logit_scale) * cos, info {"cosine"}; needs metadata["clip_ids"]
-  from `reward.fn.tokenize(prompts)`."""
+  `ClipRewardFn`: rewards exp(logit_scale) * cos / 26 (PickScore on flow_grpo's reward scale,
+  `PICKSCORE_REWARD_DIVISOR`), info {"cosine"}; needs metadata["clip_ids"] from
+  `reward.fn.tokenize(prompts)`."""
   model = load_clip_model(path, dtype, tokenizer_path=tokenizer_path)
   fn = ClipRewardFn(model, "pickscore", quantize=quantize, round_like_pil=round_like_pil)
   return Reward(name, fn, on_device=True, prompt_metadata=fn.prompt_metadata)
