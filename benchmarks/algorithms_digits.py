@@ -24,7 +24,9 @@ denoiser evaluations per epoch (`model_evaluations_per_epoch`, counted from the 
   python benchmarks/algorithms_digits.py --suite=flow --root=/tmp/flow_digits --epochs=60 \
       --budget_s=60 --seeds=0,1,2
 
-Finished runs (metrics.jsonl with EPOCHS rows) are not repeated.
+Finished runs (metrics.jsonl with EPOCHS rows) are not repeated. `--variants=runlocal` adds
+the configs' `runlocal` variant to every run (the tiny digits model, 8 samples of 4 steps per
+epoch: seconds; what tests/test_benchmarks.py runs).
 
 Writes ROOT/results.md (per method: mean ± sample standard deviation over the seeds of the
 reward and the held-out-judge accuracy, at the first epoch, the last epoch and over the last 3
@@ -54,12 +56,19 @@ SUITES = {"ddpo": ALGORITHMS, "flow": FLOW_METHODS}
 JUDGE = "digits_heldout_accuracy_mean"
 
 
-def _command(suite: str, name: str) -> list[str]:
-  """The `ddpo_jax.main` flags of a method of `suite`."""
+def _variant_arg(*variants: str) -> str:
+  """The config variants `variants` (comma-separated lists, blanks dropped) as one argument."""
+  return ",".join(v for arg in variants for v in arg.split(",") if v.strip())
+
+
+def _command(suite: str, name: str, variants: str = "") -> list[str]:
+  """The `ddpo_jax.main` flags of a method of `suite`; `variants`: config variants added to
+  the method's (e.g. "runlocal")."""
   if suite == "ddpo":
-    return [f"--config={REPO}/configs/default.py", *ALGORITHMS[name]]
-  variant = FLOW_METHODS[name]
-  return [f"--config={REPO}/configs/digits_flow.py" + (f":{variant}" if variant else "")]
+    arg = _variant_arg(variants)
+    return [f"--config={REPO}/configs/default.py" + (f":{arg}" if arg else ""), *ALGORITHMS[name]]
+  arg = _variant_arg(FLOW_METHODS[name], variants)
+  return [f"--config={REPO}/configs/digits_flow.py" + (f":{arg}" if arg else "")]
 
 
 def model_evaluations_per_epoch(config) -> int:
@@ -95,12 +104,13 @@ def _rows(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def run_one(root: str, name: str, seed: int, epochs: int, suite: str = "ddpo") -> list[dict]:
+def run_one(root: str, name: str, seed: int, epochs: int, suite: str = "ddpo",
+            variants: str = "") -> list[dict]:
   """Runs (or reads back) one method of `suite` and seed; returns its metrics rows, one per
   epoch."""
   workdir = os.path.join(root, f"{name}_s{seed}")
   if len(_rows(workdir)) < epochs:
-    cmd = [sys.executable, "-m", "ddpo_jax.main", *_command(suite, name),
+    cmd = [sys.executable, "-m", "ddpo_jax.main", *_command(suite, name, variants),
            f"--workdir={workdir}", f"--config.seed={seed}", f"--config.num_epochs={epochs}",
            "--config.progress=False", "--config.log_image_freq=0"]
     print("running:", " ".join(cmd[1:]), flush=True)
@@ -172,7 +182,7 @@ def plot(results: dict[str, list[list[dict]]], path: str, against_time: bool = F
   fig.savefig(path, dpi=110)
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--suite", default="ddpo", choices=sorted(SUITES))
   parser.add_argument("--root", default="/tmp/algorithms_digits")
@@ -181,7 +191,10 @@ def main():
   parser.add_argument("--algorithms", default="", help="comma-separated; default: the suite's")
   parser.add_argument("--budget_s", type=float, default=0.0,
                       help="> 0: cut each run at this much summed epoch time (s)")
-  args = parser.parse_args()
+  parser.add_argument("--variants", default="",
+                      help="config variants added to every run's, comma-separated (runlocal: "
+                           "the tiny digits model and few steps, seconds per run; for the tests)")
+  args = parser.parse_args(argv)
   methods = SUITES[args.suite]
   seeds = [int(s) for s in args.seeds.split(",")]
   names = args.algorithms.split(",") if args.algorithms else list(methods)
@@ -192,15 +205,15 @@ def main():
   results = {}
   for seed in seeds:  # seed-major: a stopped sweep has every algorithm at the first seeds
     for name in names:
-      rows = run_one(args.root, name, seed, args.epochs, args.suite)
+      rows = run_one(args.root, name, seed, args.epochs, args.suite, args.variants)
       results.setdefault(name, []).append(within_budget(rows, args.budget_s)
                                           if args.budget_s > 0 else rows)
   evaluations = None
   if args.suite == "flow":
     sys.path.insert(0, os.path.join(REPO, "configs"))
     import digits_flow
-    evaluations = {name: model_evaluations_per_epoch(digits_flow.get_config(FLOW_METHODS[name]))
-                   for name in names}
+    evaluations = {name: model_evaluations_per_epoch(digits_flow.get_config(
+        _variant_arg(FLOW_METHODS[name], args.variants))) for name in names}
   md = table(results, evaluations)
   if args.budget_s > 0:
     md += (f"\n\nEach run cut at {args.budget_s:g} s of summed epoch time (sampling, reward, "

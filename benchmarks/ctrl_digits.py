@@ -11,7 +11,8 @@ Replicate r > 0 (`--replicates=N` runs r = 0 … N−1) is the same run in
 ROOT/TASK_METHOD_BUDGET_rR with every seed moved by r: `config.seed` (training, classifier
 guidance's noisy classifier, the evaluation samples), each control's `data.seed` (which
 labelled examples a budget draws) and `classifier.seed` (the offline p̂'s split and training);
-replicate 0 is the configs' defaults.
+replicate 0 is the configs' defaults. `--variants=runlocal` adds the configs' `runlocal` variant
+to every run (the tiny digits model, few steps: seconds; what tests/test_benchmarks.py runs).
 Prints one markdown table, and with replicates a second one of means ± sample standard
 deviations (and writes ROOT/results.md and ROOT/results.jsonl).
 """
@@ -44,10 +45,13 @@ def replicate_flags(task: str, replicate: int) -> list[str]:
 
 
 def run_one(root: str, task: str, method: str, budget: str, extra: list[str],
-            replicate: int = 0) -> dict:
+            replicate: int = 0, variants: str = "") -> dict:
+  """Runs (or reads back) one (task, method, budget, replicate); `variants`: config variants
+  added to the method's and the budget's (e.g. "runlocal")."""
   workdir = os.path.join(root, f"{task}_{method}_{budget}" + (f"_r{replicate}" if replicate else ""))
   eval_path = os.path.join(workdir, "eval.json")
-  variants = [v for v in (METHOD_VARIANT[method], "" if budget == "all" else f"n{budget}") if v]
+  variants = [v for v in (METHOD_VARIANT[method], "" if budget == "all" else f"n{budget}",
+                          *variants.split(",")) if v.strip()]
   config = f"{REPO}/configs/ctrl_digits_{task}.py" + (":" + ",".join(variants) if variants else "")
   cmd = [sys.executable, "-m", "ddpo_jax.main", f"--config={config}", f"--workdir={workdir}",
          "--config.progress=False", *replicate_flags(task, replicate), *extra]
@@ -104,7 +108,7 @@ def replicate_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--root", default="/tmp/ctrl_digits")
   p.add_argument("--tasks", default="class,thickness,multi")
@@ -113,7 +117,10 @@ def main():
   p.add_argument("--extra", default="", help="extra flags for ddpo_jax.main, space-separated")
   p.add_argument("--replicates", type=int, default=1,
                  help="runs per row, replicate r with every seed moved by r")
-  args = p.parse_args()
+  p.add_argument("--variants", default="",
+                 help="config variants added to every run's, comma-separated (runlocal: the tiny "
+                      "digits model and few steps, seconds per run; for the tests)")
+  args = p.parse_args(argv)
   if args.replicates < 1:
     p.error(f"--replicates={args.replicates} must be at least 1")
   os.makedirs(args.root, exist_ok=True)
@@ -122,7 +129,8 @@ def main():
     for budget in args.budgets.split(","):
       for method in args.methods.split(","):
         for replicate in range(args.replicates):
-          rows.append(run_one(args.root, task, method, budget, args.extra.split(), replicate))
+          rows.append(run_one(args.root, task, method, budget, args.extra.split(), replicate,
+                              args.variants))
           with open(os.path.join(args.root, "results.jsonl"), "a") as f:
             f.write(json.dumps(rows[-1]) + "\n")
   md = table(rows)

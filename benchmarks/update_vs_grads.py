@@ -12,6 +12,7 @@ the guided step, 16 UNet rows) in 4 AdamW steps. Prints the update's wall time (
 `jax.grad` of the same PPO loss on one minibatch at one timestep) and their ratio
 update / (80 x gradient): 1 means the loop costs nothing beyond its gradients.
 `--conv=lax` uses `lax.conv_general_dilated` instead of `ddpo_jax.models.conv` (the old code).
+`--steps=T` changes the 20 DDIM steps (4 T micro-steps; the tests run T = 2).
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def main(argv=None):
   p.add_argument("--lora", action="store_true", help="LoRA rank 4 instead of the full UNet")
   p.add_argument("--conv", choices=("ours", "lax"), default="ours")
   p.add_argument("--repeats", type=int, default=2)
+  p.add_argument("--steps", type=int, default=20,
+                 help="DDIM steps per trajectory (all trained: 4 x steps micro-steps)")
   p.add_argument("--cache_dir", default=os.path.join(tempfile.gettempdir(), "ddpo_jax_bench"))
   args = p.parse_args(argv)
 
@@ -77,7 +80,7 @@ def main(argv=None):
   config.train.adam_mu_dtype = ""
   config.prompt_fn = "list"
   config.prompt_fn_kwargs.prompts = ("cat", "dog")
-  config.sample.num_steps = 20
+  config.sample.num_steps = args.steps
   config.sample.batch_size = 16
   config.sample.num_batches_per_epoch = 2
   config.train.batch_size = 8

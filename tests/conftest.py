@@ -99,3 +99,9 @@ def digits_cache(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("ddpo_jax_cache"))
   os.environ["DDPO_JAX_CACHE"] = path
   return path
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: takes over about a minute on the 2-core CPU (a benchmark's smallest run "
+                 "end to end); deselect with -m 'not slow'")

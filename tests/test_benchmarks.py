@@ -4,10 +4,18 @@ has the SD-2 layout, and --rows=all passes the flags on to one process per row a
 ctrl_digits.py's replicates move every seed and its replicate table gives means and sample
 standard deviations; algorithms_digits.py tabulates and plots runs' metrics rows.
 
-The TRL benchmark itself needs the `bench` extra (TRL) and minutes of CPU; CI installs only
-`.[test]`.
+Every script in benchmarks/ also runs end to end, as its docs say (`python benchmarks/X.py ...`),
+on its smallest setting (the smoke tests at the end; `slow` where it takes over about a minute on
+the 2-core CPU), and no script reaches a private (`_name`) of a ddpo_jax module: a benchmark that
+nothing runs broke silently when `train._schedule` moved (vs_trl.py --size=tiny crashed in
+model_flops). vs_trl.py's TRL side needs the `bench` extra (TRL), which CI does not install: its
+run skips without TRL, and its ddpo_jax side (--only=ddpo_jax: compilation, epochs, model FLOPs,
+the train_and_evaluate cross-check) runs without it.
 """
+import ast
+import glob
 import importlib
+import re
 import os
 import subprocess
 import sys
@@ -54,12 +62,10 @@ def test_settings_match_trl_rules():
 def test_ctrl_classifier_table_runs():
   """benchmarks/ctrl_classifiers.py trains the thickness config's 100-label classifier as the
   config does and scores it on the held-out split: one table row, above chance (1/3)."""
-  script = os.path.join(REPO, "benchmarks", "ctrl_classifiers.py")
-  result = subprocess.run([sys.executable, script, "--tasks=thickness", "--budgets=100",
-                           "--shifts=1"], capture_output=True, text=True, timeout=300, cwd=REPO)
-  assert result.returncode == 0, result.stderr[-2000:]
-  rows = [r for r in result.stdout.splitlines() if r.startswith("| thickness |")]
-  assert len(rows) == 1 and "| 100 (80/20) | 1 |" in rows[0], result.stdout
+  out = _run_script("ctrl_classifiers.py", "--tasks=thickness", "--budgets=100", "--shifts=1",
+                    timeout=300)
+  rows = [r for r in out.splitlines() if r.startswith("| thickness |")]
+  assert len(rows) == 1 and "| 100 (80/20) | 1 |" in rows[0], out
   accuracy = float(rows[0].split("|")[5])
   assert 0.6 < accuracy <= 1.0, rows[0]
 
@@ -300,3 +306,186 @@ def test_flow_comparison_budget_and_model_evaluations():
   table = bench.table({"Flow-GRPO": [[{"reward_mean": -1.0, bench.JUDGE: 0.5}] * 3] * 2},
                       {"Flow-GRPO": counts["Flow-GRPO"]})
   assert "| Flow-GRPO | 2 | 3.0 ± 0.0 | 3840 | -1.000 ± 0.000 |" in table, table
+
+
+# ------------------------------------------------------------------------------------------------
+# No private ddpo_jax names in benchmarks/
+# ------------------------------------------------------------------------------------------------
+BENCHMARK_SCRIPTS = sorted(glob.glob(os.path.join(REPO, "benchmarks", "*.py")))
+
+
+def _is_private(name: str) -> bool:
+  return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def private_ddpo_jax_names(source: str) -> list[str]:
+  """"LINE: NAME" for each private name of a ddpo_jax module that `source` imports or reaches:
+  `from ddpo_jax.m import _f`, `import ddpo_jax._m`, and attribute chains from a name bound to
+  something of ddpo_jax (`from ddpo_jax import train` ... `train._schedule`, `ddpo_jax.m._f`,
+  `getattr(train, "_f")`). Names are tracked per file, not per scope (a benchmark script is
+  small; a false alarm would name the line)."""
+  tree = ast.parse(source)
+  bound, found = set(), []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      for alias in node.names:
+        if alias.name.split(".")[0] != "ddpo_jax":
+          continue
+        found += [f"{node.lineno}: {alias.name}" for part in alias.name.split(".")
+                  if _is_private(part)][:1]
+        bound.add(alias.asname or "ddpo_jax")
+    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
+        node.module.split(".")[0] == "ddpo_jax":
+      if any(_is_private(part) for part in node.module.split(".")):
+        found.append(f"{node.lineno}: {node.module}")
+      for alias in node.names:
+        if _is_private(alias.name):
+          found.append(f"{node.lineno}: {node.module}.{alias.name}")
+        bound.add(alias.asname or alias.name)
+
+  def root(node):
+    while isinstance(node, ast.Attribute):
+      node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Attribute) and _is_private(node.attr) and root(node) in bound:
+      found.append(f"{node.lineno}: {ast.unparse(node)}")
+    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+        node.func.id in ("getattr", "hasattr", "setattr") and len(node.args) >= 2 and \
+        root(node.args[0]) in bound and isinstance(node.args[1], ast.Constant) and \
+        isinstance(node.args[1].value, str) and _is_private(node.args[1].value):
+      found.append(f"{node.lineno}: {ast.unparse(node)}")
+  return sorted(set(found), key=lambda f: int(f.split(":")[0]))
+
+
+def test_private_name_check_flags_what_broke():
+  """The check finds the access that crashed vs_trl.py (and the other forms), and passes
+  public names, other packages' private names and private attributes of TRL's objects."""
+  broken = ("def model_flops(policy, config):\n"
+            "  from ddpo_jax import diffusion, rl, train\n"
+            "  sched, timesteps, prev = train._schedule(policy, config.sample.num_steps)\n")
+  assert private_ddpo_jax_names(broken) == ["3: train._schedule"]
+  assert private_ddpo_jax_names(
+      "import ddpo_jax.models.unet as unet_lib\nfrom ddpo_jax.train import _schedule as s\n"
+      "import ddpo_jax._hidden\nx = unet_lib._conv(1)\ny = ddpo_jax.train._schedule\n"
+      "z = getattr(unet_lib, '_conv')\n") == [
+          "2: ddpo_jax.train._schedule", "3: ddpo_jax._hidden", "4: unet_lib._conv",
+          "5: ddpo_jax.train._schedule", "6: getattr(unet_lib, '_conv')"]
+  assert private_ddpo_jax_names(
+      "from ddpo_jax import dynamics, train\nfrom jax._src import core\nimport trl\n"
+      "d = dynamics.make_dynamics(1, 2).schedule\ntr = trl.DDPOTrainer()\n"
+      "tr._generate_samples = 1\nv = ddpo_jax.__version__\n") == []
+
+
+@pytest.mark.parametrize("path", BENCHMARK_SCRIPTS, ids=os.path.basename)
+def test_benchmarks_use_public_names_only(path):
+  with open(path, encoding="utf-8") as f:
+    found = private_ddpo_jax_names(f.read())
+  assert not found, (f"{os.path.relpath(path, REPO)} reaches private ddpo_jax names (use or add "
+                     f"a public function): {found}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Each script end to end on its smallest setting
+# ------------------------------------------------------------------------------------------------
+def _run_script(name: str, *args: str, timeout: int = 600) -> str:
+  """`python benchmarks/NAME ARGS` from the repository root; its stdout (fails on an error)."""
+  result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", name), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+  assert result.returncode == 0, (f"{name} {' '.join(args)} exited {result.returncode}:\n"
+                                  f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+  return result.stdout
+
+
+def test_every_benchmark_has_a_smoke_test():
+  """A new script in benchmarks/ needs its run here (a test that names it)."""
+  with open(__file__, encoding="utf-8") as f:
+    source = f.read()
+  untested = [os.path.basename(p) for p in BENCHMARK_SCRIPTS
+              if f'_run_script("{os.path.basename(p)}"' not in source]
+  assert not untested, f"benchmarks without a smoke test: {untested}"
+
+
+# vs_trl.py's smallest row: 4 prompts in one sampling call, 2 DDIM steps, minibatch 2 (2 AdamW
+# steps), one timed epoch and no warm-up epoch, a pipeline of its own under tmp_path.
+VS_TRL_SMALLEST = ("--size=tiny", "--num_prompts=4", "--sample_batch_size=4",
+                   "--train_batch_size=2", "--steps=2", "--epochs=1", "--warmup_epochs=0")
+
+
+@pytest.mark.slow
+def test_vs_trl_ddpo_jax_side_runs_without_trl(tmp_path):
+  """--only=ddpo_jax: the pipeline is written and loaded, both programs compile, an epoch runs,
+  the model FLOPs / MFU are counted (model_flops: where the missing train._schedule crashed)
+  and train_and_evaluate's cross-check runs; the ratio is n/a without TRL's side."""
+  out = _run_script("vs_trl.py", *VS_TRL_SMALLEST, "--only=ddpo_jax",
+                    f"--cache_dir={tmp_path / 'cache'}", f"--json_out={tmp_path / 'r.json'}")
+  assert "ddpo_jax model FLOPs per epoch (XLA cost analysis)" in out, out[-3000:]
+  assert "ddpo_jax train_and_evaluate epochs (cross-check" in out, out[-3000:]
+  assert out.rstrip().splitlines()[-1] == "ratio=n/a", out[-3000:]
+  import json
+  r = json.load(open(tmp_path / "r.json"))["ddpo_jax"]
+  assert r["flops_sample"] > 0 and r["flops_train"] > 0 and r["tae_samples_per_s"] > 0, r
+
+
+@pytest.mark.slow
+def test_vs_trl_runs_both_sides(tmp_path):
+  """The benchmark as its docs run it, on the smallest row: TRL's DDPOTrainer and ddpo_jax on
+  one pipeline, ending with the ratio line (needs the `bench` extra)."""
+  pytest.importorskip("trl", reason="vs_trl.py's TRL side needs the bench extra: "
+                                    "pip install -e '.[bench]'")
+  out = _run_script("vs_trl.py", *VS_TRL_SMALLEST, f"--cache_dir={tmp_path / 'cache'}")
+  assert "TRL 0.23.1 DDPOTrainer" in out and "ddpo_jax model FLOPs per epoch" in out, out[-3000:]
+  assert re.fullmatch(r"ratio=\d+\.\d\d", out.rstrip().splitlines()[-1]), out[-3000:]
+
+
+@pytest.mark.slow
+def test_grad_loop_runs():
+  out = _run_script("grad_loop.py", "--style=sd1", "--batch=1", "--micro_steps=2",
+                    "--repeats=1")
+  assert "sd1 UNet, batch 1" in out and "2 separate calls" in out, out
+  assert re.search(r"\((\d+) of \1 convolutions canonical\)", out), out
+
+
+@pytest.mark.slow
+def test_update_vs_grads_runs(tmp_path):
+  out = _run_script("update_vs_grads.py", "--style=sd1", "--lora", "--repeats=1", "--steps=2",
+                    f"--cache_dir={tmp_path}", timeout=1200)
+  assert re.search(r"sd1 LoRA conv=ours.*update [\d.]+ s .* ratio [\d.]+$", out.strip()), out
+
+
+def test_memory_tiny_runs():
+  """One row (tiny SD3.5, LoRA, no remat) compiled at its real depth only: both tables."""
+  out = _run_script("memory.py", "--tiny", "--markdown", "--models=sd35_medium",
+                    "--rows=lora-off", "--depths=full")
+  assert out.count("| tiny SD3.5 ") == 2, out
+
+
+def test_reward_server_load_runs():
+  out = _run_script("reward_server_load.py", "--clients=1,2", "--seconds=0.5", "--images=2",
+                    "--size=16")
+  lines = [l for l in out.splitlines() if l.startswith("clients=")]
+  assert [l.split(":")[0] for l in lines] == ["clients=1", "clients=2"], out
+  assert all(l.endswith("failed 0") for l in lines), out
+
+
+@pytest.mark.slow
+def test_kill_resume_runs(tmp_path, digits_cache):
+  out = _run_script("kill_resume.py", "--kills=1", "--epochs=2", "--window_epochs=1",
+                    f"--workdir={tmp_path}")
+  assert "params bit-identical: True" in out and "each epoch once: True" in out, out
+
+
+@pytest.mark.slow
+def test_algorithms_digits_runs(tmp_path, digits_cache):
+  out = _run_script("algorithms_digits.py", "--variants=runlocal", "--epochs=1", "--seeds=0",
+                    "--algorithms=RWR", f"--root={tmp_path}")
+  assert "| RWR | 1 |" in out and os.path.exists(tmp_path / "curves.png"), out
+
+
+@pytest.mark.slow
+def test_ctrl_digits_runs(tmp_path, digits_cache):
+  out = _run_script("ctrl_digits.py", "--variants=runlocal", "--tasks=class", "--budgets=100",
+                    "--methods=cfg", f"--root={tmp_path}")
+  assert "| class | 100 | classifier-free guidance | digit " in out, out
+  assert os.path.exists(tmp_path / "class_cfg_100" / "eval.json")
