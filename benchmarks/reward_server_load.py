@@ -25,10 +25,16 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _start(repo: str):
+def _start(repo: str, clients: int):
+  """The server on a free loopback port. Every simulated client connects from 127.0.0.1, and a
+  client's next connection can open before the server's thread for its last one has ended, so
+  both connection bounds are twice the largest client count (the defaults bound a trainer's
+  few sequential connections, not 50 concurrent clients on one address)."""
   env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu")
   proc = subprocess.Popen([sys.executable, "-m", "ddpo_jax.rewards.server", "--scorer=brightness",
-                           "--host=127.0.0.1", "--port=0"], cwd=repo, env=env,
+                           "--host=127.0.0.1", "--port=0",
+                           f"--max_connections={2 * clients}",
+                           f"--max_connections_per_client={2 * clients}"], cwd=repo, env=env,
                           stdout=subprocess.PIPE, text=True)
   ready, _, _ = select.select([proc.stdout], [], [], 60)
   line = proc.stdout.readline() if ready else ""
@@ -55,9 +61,10 @@ def main():
   body = msgpack.packb({"images": [encode_jpeg(im) for im in images],
                         "prompts": ["a prompt"] * args.images}, use_bin_type=True)
   opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-  proc, url = _start(os.path.abspath(args.repo))
+  counts = [int(c) for c in args.clients.split(",")]
+  proc, url = _start(os.path.abspath(args.repo), max(counts))
   try:
-    for n in [int(c) for c in args.clients.split(",")]:
+    for n in counts:
       latencies, failures = [], []
       stop = time.monotonic() + args.seconds
 
@@ -70,7 +77,7 @@ def main():
               resp.read()
             latencies.append(time.monotonic() - t0)
           except Exception as e:  # noqa: BLE001 (counted and reported)
-            failures.append(type(e).__name__)
+            failures.append(f"{type(e).__name__} {getattr(e, 'code', '')}".strip())
 
       threads = [threading.Thread(target=client) for _ in range(n)]
       t_start = time.monotonic()
