@@ -177,9 +177,11 @@ def test_bad_input_errors_before_training(digits_cache, tmp_path):
   for field, value, match in [("ctrl.method", "magic", "ctrl.method"),
                               ("ctrl.truncation", "half", "ctrl.truncation"),
                               ("ctrl.kl_reduction", "max", "kl_reduction"),
-                              ("ctrl.batch_size", 0, "positive"),
-                              ("train.control_learning_rate", -0.1, "must be >= 0"),
-                              ("keep_checkpoints", -2, "must be >= 0")]:
+                              ("ctrl.batch_size", 0, r"ctrl.batch_size=0 is outside its valid "
+                               r"range: must be an integer in \[1, inf\)"),
+                              ("train.control_learning_rate", -0.1,
+                               r"train.control_learning_rate=-0.1 is outside .* \[0, inf\)"),
+                              ("keep_checkpoints", -2, r"keep_checkpoints=-2 is outside")]:
     with pytest.raises(ValueError, match=match):
       trainer.train_and_evaluate(load_config("ctrl_digits_class", "runlocal", **{field: value}),
                                  str(tmp_path / "c"))
