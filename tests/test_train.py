@@ -322,6 +322,9 @@ def test_resume_checks_the_config_and_skips_a_damaged_step(digits_cache, tmp_pat
     loop.train_and_evaluate(_config(**{"num_epochs": 3, "train.learning_rate": 1e-3}), workdir)
   with pytest.raises(ValueError, match="does not match this model/config"):
     loop.train_and_evaluate(_config(**{"num_epochs": 3, "model.channels": (8, 8)}), workdir,
+                             allow_config_change=("model.channels", "base_weights"))
+  with pytest.raises(checkpoints.BaseWeightsChangedError, match=r"checksums.json \("):
+    loop.train_and_evaluate(_config(**{"num_epochs": 3, "model.channels": (8, 8)}), workdir,
                              allow_config_change=("model.channels",))
   assert [json.loads(l)["epoch"] for l in open(os.path.join(workdir, "metrics.jsonl"))] == [0, 1]
 
