@@ -9,13 +9,12 @@ evaluation build policies only through here, so a new family is one entry in `FA
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
 from typing import Callable
 
 from ddpo_jax import digits, sd
 from ddpo_jax.ctrl import policy as ctrl_policy
+from ddpo_jax.models import pipeline_io
 from ddpo_jax.policy import Policy
 
 # config.model.kind -> make_policy(config) -> Policy
@@ -45,24 +44,13 @@ def build_policy(config, workdir: str, log=print) -> Policy:
 _WEIGHT_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
 
 
-@functools.lru_cache(maxsize=256)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-  del size, mtime_ns  # the cache key: a rewritten file is hashed again
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 22), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def fingerprint_files(directory: str, relpaths) -> dict[str, list]:
   """{relative path: [size in bytes, SHA-256 hex]} of `relpaths` under `directory` (hashed once
-  per process while a file's size and mtime stay the same)."""
+  per process while a file stays unchanged: `pipeline_io.file_sha256`)."""
   out = {}
   for rel in sorted(relpaths):
     path = os.path.realpath(os.path.join(directory, rel))
-    st = os.stat(path)
-    out[rel] = [st.st_size, _file_sha256(path, st.st_size, st.st_mtime_ns)]
+    out[rel] = [os.path.getsize(path), pipeline_io.file_sha256(path)]
   return out
 
 

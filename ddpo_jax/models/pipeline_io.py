@@ -595,7 +595,7 @@ def foreign_files(root: str) -> list[str]:
       elif rel not in listed:
         foreign.append(f"{rel} (not written by the export)")
       elif os.path.getsize(file) != sizes.get(rel, os.path.getsize(file)) or (
-          _sha256_unless_known(file) != listed[rel]):
+          file_sha256(file) != listed[rel]):
         foreign.append(f"{rel} (changed since the export)")
   return sorted(foreign)
 
@@ -603,10 +603,11 @@ def foreign_files(root: str) -> list[str]:
 _DIGESTS: dict[tuple, str] = {}  # (device, inode, size, mtime, ctime) -> SHA-256
 
 
-def _sha256_unless_known(file: str) -> str:
+def file_sha256(file: str) -> str:
   """`_sha256(file)`, from `_DIGESTS` if this process hashed the same file (device, inode)
   unchanged (size, mtime, and ctime, which every write and metadata change moves) before:
-  the directory a save replaces is checked up to four times (`export`, `save_directory`)."""
+  the directory a save replaces is checked up to four times (`export`, `save_directory`), and
+  a run's base weights are fingerprinted at every start (`families.base_weights`)."""
   st = os.stat(file)
   key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
   if key not in _DIGESTS:
