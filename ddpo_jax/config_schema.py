@@ -143,6 +143,10 @@ RANGES = {path: _range(spec) for path, spec in {
     "train.timestep_fraction": "(0, 1]",
     "train.kl_coef": "[0, inf)",
     "train.nft_beta": "(0, inf)",
+    "train.nft_decay_type": "int [0, 2]",
+    "train.kl_beta": "[0, inf)",
+    "train.ema.decay": "[0, 1)",
+    "train.ema.update_interval": "int [1, inf)",
     "train.rwr_beta": "(0, inf)",
     "train.rwr_quantile": "[0, 1]",
     "train.control_learning_rate": "[0, inf)",
@@ -267,6 +271,18 @@ COMMON = _keys(
      "(the exact KL)", KL_REDUCTIONS),
     ("train.nft_beta", 1.0, "nft: beta, the step from the sampling policy to the implicit "
      "positive one (docs/algorithms.md §6.6)"),
+    ("train.nft_decay_type", 1, "nft: the old (sampling) policy's EMA schedule, DiffusionNFT's "
+     "decay_type: 0 = the current policy, 1 = min(0.001 step, 0.5), 2 = 0 below step 75, then "
+     "min(0.0075 (step - 75), 0.999) (docs/algorithms.md §6.6)"),
+    ("train.kl_beta", 0.0, "beta > 0: flow_grpo's / DiffusionNFT's direct KL term to the "
+     "pre-trained model in their units (ppo / sf on 'sde' / 'cps'; nft: velocity MSE), "
+     "docs/algorithms.md §3.5"),
+    ("train.drop_zero_advantage", False, "drop the samples whose advantage is 0 (flow_grpo: "
+     "groups whose rewards are all equal) from the update's loss"),
+    ("train.ema.enabled", False, "keep an EMA of the trained params; sample / export / "
+     "evaluation read it (docs/algorithms.md §3.6)"),
+    ("train.ema.decay", 0.9, "EMA decay (capped by (1 + step) / (10 + step))"),
+    ("train.ema.update_interval", 8, "optimizer steps between EMA updates"),
     ("train.rwr_beta", 5.0, "RWR weights proportional to exp(reward / beta)"),
     ("train.rwr_quantile", 0.9, "RWR-sparse trains on samples with reward >= this batch quantile"),
     ("per_prompt_stat_tracking.enabled", True, "advantages normalised per prompt (else per batch)"),

@@ -147,27 +147,34 @@ def check_sde_window(sample_config) -> None:
   if not 0 < w <= n:
     raise ValueError(f"sample.sde_window_size={w} must lie in [0, sample.num_steps={n}]")
   if s.sde_window_schedule == "sliding":
-    flow.mixgrpo_window_start(0, n, w, int(s.sde_window_shift_every))
+    flow.mixgrpo_window_start(0, n, w, int(s.sde_window_shift_every),
+                              window_range=_window_range(s, sliding=True))
   else:
     flow.random_window_start(np.random.default_rng(0), n, w, _window_range(s))
 
 
-def _window_range(s) -> tuple[int, int]:
+def _window_range(s, sliding: bool = False) -> tuple[int, int] | None:
+  """(lo, hi) of `sample.sde_window_range`; () is every step for the random window and
+  MixGRPO's [0, T - 2) for the sliding one (None: `flow.mixgrpo_window_start`'s default)."""
   if len(s.sde_window_range) not in (0, 2):
     raise ValueError(f"sample.sde_window_range={tuple(s.sde_window_range)} must be (lo, hi) or ()")
-  return tuple(int(v) for v in s.sde_window_range) or (0, int(s.num_steps))
+  given = tuple(int(v) for v in s.sde_window_range)
+  if sliding:
+    return given or None
+  return given or (0, int(s.num_steps))
 
 
 def sde_window_steps(sample_config, seed: int, epoch: int, batch: int) -> np.ndarray | None:
   """(T,) bool, the SDE steps of sampling call `batch` of `epoch` (`flow.sde_window`): MixGRPO's
-  sliding window or Flow-GRPO-Fast's random one (drawn from (seed, epoch, batch): the same on
+  sliding window (one per epoch, rolling back to its start: `flow.mixgrpo_window_start`) or Flow-GRPO-Fast's random one (drawn from (seed, epoch, batch): the same on
   every process and on resume); None without a window (`sample.sde_window_size` 0)."""
   s = sample_config
   w, n = int(s.sde_window_size), int(s.num_steps)
   if w == 0:
     return None
   if s.sde_window_schedule == "sliding":
-    start = flow.mixgrpo_window_start(epoch, n, w, int(s.sde_window_shift_every))
+    start = flow.mixgrpo_window_start(epoch, n, w, int(s.sde_window_shift_every),
+                                      window_range=_window_range(s, sliding=True))
   else:
     rng = np.random.default_rng([seed, epoch, batch, 0x5DE])
     start = flow.random_window_start(rng, n, w, _window_range(s))

@@ -204,13 +204,39 @@ def sde_window(num_steps: int, start: int, size: int) -> np.ndarray:
 
 
 def mixgrpo_window_start(epoch: int, num_steps: int, size: int, shift_every: int,
-                         stride: int = 1) -> int:
-  """MixGRPO's sliding window: it starts at the first (noisiest) step and moves `stride` steps
-  later every `shift_every` epochs, then stays at the last position, num_steps - size."""
+                         stride: int = 1, window_range: tuple[int, int] | None = None) -> int:
+  """MixGRPO's sliding window (`GRPOTrainingStates.update_iteration`, "progressive" with
+  `prog_overlap` and `roll_back`, in Tencent-Hunyuan/MixGRPO's fastvideo/utils/grpo_states.py):
+  the start is lo at epoch 0 and moves `stride` steps later every `shift_every` epochs; once a
+  move would carry the window past hi it rolls back to lo, so the schedule is periodic.
+
+  window_range = [lo, hi) bounds the window's steps; None is the reference's
+  [0, num_steps - 2) (fastvideo/train_grpo_flux.py builds the states with
+  `max_timesteps=sampling_steps - 2` and `get_current_timesteps` cuts the window there, so the
+  last two steps are never SDE steps).
+
+  Returns the start s = lo + stride * ((epoch // shift_every) mod P), P = (hi - lo - size) //
+  stride + 1 the number of full windows in [lo, hi). The reference goes on past the last full
+  window with windows cut short at hi (size - 1, ..., 1 steps) and one empty one (a start of
+  exactly hi, whose update has no step to train) before it rolls back; ours rolls back after
+  the last full window, because the update trains a fixed number of steps per compiled program
+  (`dynamics.trained_steps_per_sample`). The two agree at every epoch before the first
+  shortened window (epochs < P * shift_every), and the period differs by those positions.
+
+  Raises:
+    ValueError: shift_every or stride < 1, size < 1, or a range outside the steps or shorter
+      than the window.
+  """
   if shift_every < 1 or stride < 1:
     raise ValueError(f"shift_every={shift_every} and stride={stride} must be >= 1")
   sde_window(num_steps, 0, size)  # checks the size
-  return min(epoch // shift_every * stride, num_steps - size)
+  lo, hi = (0, num_steps - 2) if window_range is None else window_range
+  if not 0 <= lo < hi <= num_steps or hi - lo < size:
+    raise ValueError(f"sde_window_range={(lo, hi)} must hold a window of {size} steps inside "
+                     f"[0, {num_steps}) (the sliding window's default range is MixGRPO's "
+                     f"[0, num_steps - 2))")
+  positions = (hi - lo - size) // stride + 1
+  return lo + stride * ((epoch // shift_every) % positions)
 
 
 def random_window_start(rng: np.random.Generator, num_steps: int, size: int,

@@ -95,12 +95,13 @@ def _sample_config(**changes):
 
 
 def test_window_schedules():
-  """MixGRPO's window moves one step every `sde_window_shift_every` epochs from step 0;
+  """MixGRPO's window moves one step every `sde_window_shift_every` epochs from step 0 inside
+  [0, T - 2) and then rolls back;
   Fast's is drawn per (seed, epoch, batch) inside `sde_window_range`, the same on every call."""
   s = _sample_config(num_steps=6, sde_window_size=2, sde_window_schedule="sliding",
                      sde_window_shift_every=2)
   starts = [int(np.argmax(dynamics.sde_window_steps(s, 0, e, 0))) for e in range(12)]
-  assert starts == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4, 4]
+  assert starts == [0, 0, 1, 1, 2, 2, 0, 0, 1, 1, 2, 2]
   assert all(dynamics.sde_window_steps(s, 0, e, 0).sum() == 2 for e in range(12))
   s = _sample_config(num_steps=10, sde_window_size=2, sde_window_schedule="random",
                      sde_window_range=(0, 6))

@@ -244,11 +244,14 @@ def test_bad_sampler_settings():
 
 
 def test_sde_windows():
-  """MixGRPO's window slides from step 0 by `stride` every `shift_every` epochs and stops at
-  the end; Flow-GRPO-Fast's start is uniform over the starts that keep it in its range."""
+  """MixGRPO's window slides from step 0 by `stride` every `shift_every` epochs inside
+  [0, T - 2) and rolls back; Flow-GRPO-Fast's start is uniform over the starts that keep it in
+  its range."""
   np.testing.assert_array_equal(flow.sde_window(6, 2, 3), [0, 0, 1, 1, 1, 0])
   starts = [flow.mixgrpo_window_start(e, 10, 4, shift_every=2, stride=3) for e in range(10)]
-  assert starts == [0, 0, 3, 3, 6, 6, 6, 6, 6, 6]
+  assert starts == [0, 0, 3, 3, 0, 0, 3, 3, 0, 0]  # full windows of 4 in [0, 8): starts 0, 3
+  starts = [flow.mixgrpo_window_start(e, 10, 4, 1, window_range=(2, 10)) for e in range(7)]
+  assert starts == [2, 3, 4, 5, 6, 2, 3]
   rng = np.random.default_rng(0)
   drawn = {flow.random_window_start(rng, 10, 2, (1, 5)) for _ in range(200)}
   assert drawn == {1, 2, 3}
@@ -256,10 +259,54 @@ def test_sde_windows():
     flow.sde_window(6, 5, 3)
   with pytest.raises(ValueError, match="size 0"):
     flow.mixgrpo_window_start(0, 6, 0, shift_every=1)
+  with pytest.raises(ValueError, match=r"sde_window_range=\(0, 4\) must hold a window of 5"):
+    flow.mixgrpo_window_start(0, 6, 5, shift_every=1)
   with pytest.raises(ValueError, match=r"sde_window_range=\(3, 4\) must hold a window of 2"):
     flow.random_window_start(rng, 10, 2, (3, 4))
   with pytest.raises(ValueError, match=r"sde_window_range=\(0, 12\)"):
     flow.random_window_start(rng, 10, 2, (0, 12))
+
+
+def _mixgrpo_reference_windows(iterations, sampling_steps, group_size, iters_per_group,
+                               prog_overlap_step):
+  """The windows of MixGRPO's training loop, written from its code (Tencent-Hunyuan/MixGRPO,
+  fastvideo/train_grpo_flux.py `main` and fastvideo/utils/grpo_states.py `GRPOTrainingStates`,
+  sample_strategy "progressive", prog_overlap and roll_back on, as its published
+  finetune_flux_grpo_MixGRPO.sh): before each iteration the trained steps are
+  range(cur, min(cur + group_size, max_timesteps)), max_timesteps = sampling_steps - 2; then
+  the iteration counter advances, every iters_per_group iterations cur += prog_overlap_step,
+  and cur > max_timesteps rolls cur back to 0."""
+  max_timesteps = sampling_steps - 2
+  cur, it_in_group, windows = 0, 0, []
+  for _ in range(iterations):
+    windows.append(list(range(cur, min(cur + group_size, max_timesteps))))
+    it_in_group += 1
+    if it_in_group >= iters_per_group:
+      it_in_group = 0
+      cur += prog_overlap_step
+    if cur > max_timesteps:
+      cur, it_in_group = 0, 0
+  return windows
+
+
+@pytest.mark.parametrize("steps,size,shift", [(25, 4, 25), (10, 4, 3), (8, 2, 1)])
+def test_mixgrpo_window_over_two_sweeps_matches_the_reference(steps, size, shift):
+  """Every epoch of two full sweeps (and more): the reference's full-size windows, in order,
+  are ours, epoch for epoch until its first shortened window; its shortened and empty windows
+  (starts past T - 2 - size) are the only ones we skip (docs/algorithms.md, MixGRPO)."""
+  ref = _mixgrpo_reference_windows(3 * (steps - 1) * shift, steps, size, shift, 1)
+  ours = [list(np.flatnonzero(flow.sde_window(
+      steps, flow.mixgrpo_window_start(e, steps, size, shift), size))) for e in range(len(ref))]
+  assert all(len(w) == size for w in ours)
+  first_short = next(i for i, w in enumerate(ref) if len(w) < size)
+  assert first_short == (steps - 2 - size + 1) * shift
+  assert ours[:first_short] == ref[:first_short]
+  full = [w for w in ref if len(w) == size]
+  assert ours[:len(full)] == full
+  sweep = (steps - 2 - size + 1) * shift  # our period: every full window, shift epochs each
+  assert ours[sweep:2 * sweep] == ours[:sweep] and ours[0] == list(range(size))
+  assert sorted({w[0] for w in ours}) == list(range(steps - 2 - size + 1))
+  assert max(w[-1] for w in ours) == steps - 3  # the last two steps are never SDE steps
 
 
 @pytest.fixture(scope="module")
