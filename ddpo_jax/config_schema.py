@@ -240,10 +240,14 @@ COMMON = _keys(
     ("sample.sde_window_size", 0, "'sde' / 'cps': only this many consecutive steps are SDE steps, "
      "the rest ODE steps, and only they are trained on (MixGRPO, Flow-GRPO-Fast); 0: every step"),
     ("sample.sde_window_schedule", "random", "where the window lies: 'random' (a fresh start per "
-     "sampling call inside sde_window_range: Flow-GRPO-Fast) or 'sliding' (from the first step, "
-     "one step later every sde_window_shift_every epochs: MixGRPO)", ("random", "sliding")),
-    ("sample.sde_window_range", (), "'random': (lo, hi), the window lies inside steps [lo, hi); "
-     "(): every step"),
+     "sampling call inside sde_window_range: Flow-GRPO-Fast) or 'sliding' (from the range's "
+     "first step, one step later every sde_window_shift_every epochs, back to the first after "
+     "the last: MixGRPO)", ("random", "sliding")),
+    ("sample.sde_window_range", (), "(lo, hi): the window lies inside steps [lo, hi); (): every "
+     "step ('random'), [0, num_steps - 2) ('sliding', MixGRPO's)"),
+    ("sample.prompt_sampling", "with_replacement", "how each sampling call's prompts are drawn: "
+     "'with_replacement' (DDPO's) or 'epoch_unique' (no prompt twice in an epoch: flow_grpo's "
+     "DistributedKRepeatSampler; ddpo_jax/prompts.py)", ("with_replacement", "epoch_unique")),
     ("sample.sde_window_shift_every", 1, "'sliding': epochs between moves of the window"),
     ("sample.guidance_scale", 5.0, "classifier-free guidance weight of the prompt (1: none)"),
     ("sample.batch_size", 8, "samples per sampling call (global)"),

@@ -38,6 +38,7 @@ import numpy as np
 import tqdm
 
 from ddpo_jax import checkpoints, dynamics, parallel, rl
+from ddpo_jax import prompts as prompts_lib
 from ddpo_jax import workdir as workdir_lib
 from ddpo_jax.families import base_weights, build_policy
 from ddpo_jax.rewards import Reward, make_rewards, to_uint8
@@ -397,10 +398,13 @@ def _ddpo_epoch_fn(config, policy, terms, frozen, optimizer, mesh, tracker, stat
   def local_batch(epoch, b):
     """(global prompts, this process's prompts, their metadata) of batch b of `epoch`."""
     rng = np.random.default_rng([config.seed, epoch, b])
-    if group > 1:  # GRPO: B / G prompts, each G times in a row (whole groups per batch)
-      prompts = np.repeat(np.asarray(policy.prompt_fn(rng, B // group), object), group)
-    else:
-      prompts = policy.prompt_fn(rng, B)
+    if config.sample.prompt_sampling == "epoch_unique":  # flow_grpo: no repeats in an epoch
+      drawn = prompts_lib.epoch_unique_prompts(policy.prompt_fn, config.seed, epoch, b, nb,
+                                               B // group)
+    else:  # DDPO: with replacement
+      drawn = policy.prompt_fn(rng, B // group)
+    # GRPO: B / G prompts, each G times in a row (whole groups per batch)
+    prompts = np.repeat(np.asarray(drawn, object), group) if group > 1 else drawn
     local = list(prompts[rows])
     meta = dict(policy.prompt_metadata(local))
     for _, r in device_terms:  # e.g. a CLIP reward's own token ids

@@ -18,6 +18,10 @@ as arguments (the project does not ship copies; the reference files are `imagene
 
 Lines are stripped of surrounding whitespace; blank lines are skipped. Each returned function
 is a `PromptFn`, whose `prompts` attribute lists the whole set (in file order).
+
+The training loop draws with replacement by default (DDPO's recipes); `sample.prompt_sampling
+= "epoch_unique"` draws each epoch's prompts without replacement instead (`epoch_unique_prompts`:
+flow_grpo's sampler; the flow / GRPO recipes).
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ IMAGENET_ANIMALS = 398  # ImageNet classes 0..397 are animals
 ASSETS_ENV = "DDPO_JAX_ASSETS"
 
 NAMES = ("imagenet_animals", "simple_animals", "simple_animals_activities", "from_file", "list")
+# How the training loop draws each sampling call's prompts (`sample.prompt_sampling`).
+PROMPT_SAMPLING = ("with_replacement", "epoch_unique")
 
 
 def load_lines(path: str | os.PathLike) -> list[str]:
@@ -167,6 +173,46 @@ def from_list(prompts: Sequence[str]) -> PromptFn:
   if not prompts:
     raise ValueError("prompt set 'list': `prompts` is empty")
   return PromptFn("list", prompts)
+
+
+def epoch_unique_prompts(prompt_fn, seed: int, epoch: int, batch: int, num_batches: int,
+                         n: int) -> list[str]:
+  """The `n` distinct prompts of sampling call `batch` of `epoch` when an epoch draws its
+  num_batches * n prompts WITHOUT replacement from the whole set: a permutation of the set drawn
+  from (seed, epoch), its first num_batches * n entries cut into num_batches consecutive blocks.
+  The training loop repeats each of them `sample.group_size` times (the group).
+
+  This is flow_grpo's `DistributedKRepeatSampler` (flow_grpo/sampler.py, used by
+  scripts/train_flux.py; train_sd3_fast.py's copy draws per call): per epoch
+  `torch.randperm(len(dataset))[:m]` unique prompts, each repeated k times. Ours, not the
+  reference's: a group stays in one sampling call (the reference shuffles the m * k repeats
+  over calls and processes).
+
+  Args:
+    prompt_fn: a `PromptFn` (its `prompts` attribute is the set).
+    seed, epoch, batch: the run's seed, the epoch and the call (0 <= batch < num_batches).
+    n: prompts per call (sample.batch_size / sample.group_size).
+
+  Returns:
+    A list of n str.
+
+  Raises:
+    ValueError: a prompt function without a `prompts` set, or a set smaller than
+      num_batches * n (an epoch's prompts could not all differ).
+  """
+  pool = getattr(prompt_fn, "prompts", None)
+  if pool is None:
+    raise ValueError("sample.prompt_sampling='epoch_unique' needs a prompt set (ddpo_jax/"
+                     "prompts.py); this model's prompt function has none")
+  m = num_batches * n
+  if m > len(pool):
+    raise ValueError(f"sample.prompt_sampling='epoch_unique': an epoch draws {m} distinct "
+                     f"prompts (sample.num_batches_per_epoch {num_batches} x {n} per call), "
+                     f"more than the {len(pool)} of the prompt set")
+  if not 0 <= batch < num_batches:
+    raise ValueError(f"batch={batch} must lie in [0, num_batches={num_batches})")
+  chosen = np.random.default_rng([seed, epoch, 0xE90C]).permutation(len(pool))[:m]
+  return [pool[i] for i in chosen[batch * n:(batch + 1) * n]]
 
 
 def make_prompt_fn(name: str, path: str | os.PathLike | None = None,

@@ -18,8 +18,9 @@ from ddpo_jax.config_schema import condition, new_config
 __all__ = ["Variant", "apply_variants", "condition", "runlocal", "sd_task_config", "SD_TASKS",
            "ctrl_digits_config", "ctrl_sd_config", "CTRL_VARIANTS", "ctrl_sd_variants",
            "SD_VARIANTS", "DIGITS_VARIANTS", "sd3_flow_grpo_config", "FLOW_TASKS",
-           "FLOW_VARIANTS", "SD3_LORA_TARGETS", "flux_flow_grpo_config", "FLUX_VARIANTS",
-           "digits_flow_config", "DIGITS_FLOW_VARIANTS"]
+           "FLOW_VARIANTS", "SD3_LORA_TARGETS", "FLUX_LORA_TARGETS", "flux_flow_grpo_config",
+           "FLUX_VARIANTS", "FAST_TASKS", "sd3_flow_grpo_fast_config", "FAST_VARIANTS",
+           "NFT_TASKS", "sd3_nft_config", "digits_flow_config", "DIGITS_FLOW_VARIANTS"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +189,14 @@ def sd_task_config(task: str, arg=None) -> ml_collections.ConfigDict:
 # streams: to_q/k/v/out, add_q/k/v_proj, to_add_out).
 SD3_LORA_TARGETS = (r"(^|/)attn/(to_q|to_k|to_v|to_out_0|add_q_proj|add_k_proj|add_v_proj|"
                     r"to_add_out)$",)
+# flow_grpo's FLUX LoRA (scripts/train_flux.py `main`): the same attention projections plus the
+# feed-forward layers of both streams of the double-stream blocks (ff.net.0.proj, ff.net.2,
+# ff_context.net.0.proj, ff_context.net.2; the single-stream blocks have no `ff`).
+FLUX_LORA_TARGETS = SD3_LORA_TARGETS + (r"(^|/)(ff|ff_context)/(net_0/proj|net_2)$",)
 FLOW_TASKS = ("pickscore", "ocr", "geneval")
+# flow_grpo's KL weight `train.beta` per task (config/grpo.py `pickscore_sd3`, `general_ocr_sd3`,
+# `geneval_sd3`), in its units: `train.kl_beta`.
+_FLOW_GRPO_KL_BETA = {"pickscore": 0.01, "ocr": 0.04, "geneval": 0.04}
 
 
 def _flow_runlocal(config) -> None:
@@ -210,17 +218,17 @@ def sd3_flow_grpo_config(task: str, arg=None) -> ml_collections.ConfigDict:
 
   - 512 px; the SDE sampler (noise level 0.7) with 10 steps and CFG 4.5 in sampling and in the
     update (flow_grpo evaluates with 40 steps: `python -m ddpo_jax.sample --pipeline`);
-  - groups of 24 images per prompt, 48 prompts per epoch: 1152 samples = 4 sampling calls of
-    288 (flow_grpo's 9 per GPU x 32 GPUs); advantages relative to the group's mean over the
+  - groups of 24 images per prompt, 48 distinct prompts per epoch (`sample.prompt_sampling`
+    "epoch_unique": flow_grpo's `DistributedKRepeatSampler`, flow_grpo/sampler.py): 1152
+    samples = 4 sampling calls of 288 (flow_grpo's 9 per GPU x 32 GPUs); advantages relative to the group's mean over the
     whole batch's std (flow_grpo's `global_std=True`);
   - optimizer steps of 576 samples (288 x 2 accumulated), i.e. 2 per epoch; PPO clip 1e-4,
     advantages clipped to 5, lr 3e-4, AdamW as DDPO's, grad-norm clip 1, timestep fraction 0.99;
-  - LoRA rank 32, alpha 64 on the joint-attention projections (`SD3_LORA_TARGETS`).
-  Not carried over: the EMA of the weights; flow_grpo's KL loss to the reference model (beta
-  0.01 pickscore, 0.04 ocr / geneval) is left at 0 because its units differ: ddpo_jax's
-  `train.kl_coef` = α weighs the KL in reward units (maximise E[r] − α E[Σ_t KL_t],
-  docs/algorithms.md §3.5); flow_grpo adds beta · KL (mean over latent dims) to a loss in
-  advantage units, which is α ≈ beta · std(r) with `train.kl_reduction="sum"`.
+  - LoRA rank 32, alpha 64 on the joint-attention projections (`SD3_LORA_TARGETS`);
+  - flow_grpo's KL weight beta (0.01 pickscore, 0.04 ocr / geneval) as `train.kl_beta`, its
+    units (beta · KL, mean over latent dims, added to a loss in advantage units); ddpo_jax's
+    own `train.kl_coef` (reward units, docs/algorithms.md §3.5) stays 0.
+  Not carried over here: the EMA of the weights (`train.ema.*`).
   Rewards: PickScore on device (`reward.pickscore_path`); OCR and GenEval through the reward
   server (`reward.server_url`, a `python -m ddpo_jax.rewards.server` hosting the scorer).
   """
@@ -233,6 +241,7 @@ def sd3_flow_grpo_config(task: str, arg=None) -> ml_collections.ConfigDict:
   config.model.lora.alpha = 64.0
   config.model.lora.targets = SD3_LORA_TARGETS
   config.prompt_fn = "from_file"  # flow_grpo's dataset/{pickscore,ocr,geneval}/train.txt
+  config.sample.prompt_sampling = "epoch_unique"  # its DistributedKRepeatSampler
   config.reward.weights = ml_collections.ConfigDict(
       {"pickscore": 1.0} if task == "pickscore" else {"remote": 1.0})
   config.num_epochs = 10000
@@ -253,13 +262,109 @@ def sd3_flow_grpo_config(task: str, arg=None) -> ml_collections.ConfigDict:
   t.timestep_fraction = 0.99
   t.clip_range = 1e-4
   t.learning_rate = 3e-4
+  t.kl_beta = _FLOW_GRPO_KL_BETA[task]
   config.per_prompt_stat_tracking.enabled = False
   return apply_variants(config, arg, FLOW_VARIANTS, "SD3 Flow-GRPO")
+
+
+FAST_TASKS = ("pickscore", "geneval")
+
+
+def _fast_runlocal(config) -> None:
+  """`runlocal` for the Fast recipes: `_flow_runlocal` with a window of 2 CPS steps in the first
+  3 of its 4 steps."""
+  _flow_runlocal(config)
+  config.sample.sde_window_size = 2
+  config.sample.sde_window_range = (0, 3)
+
+
+FAST_VARIANTS = (Variant("full", _full, "full transformer fine-tuning"),
+                 Variant("runlocal", _fast_runlocal, "seconds on a CPU against a tiny pipeline"))
+
+
+def sd3_flow_grpo_fast_config(task: str, arg=None) -> ml_collections.ConfigDict:
+  """Flow-GRPO-Fast on SD3.5-Medium (configs/sd3_fast_TASK.py): flow_grpo's
+  `pickscore_sd3_fast_nocfg` / `geneval_sd3_fast_nocfg` (config/grpo.py, 32 GPUs, trained by
+  scripts/train_sd3_fast.py) at GLOBAL batch sizes. The reference's values:
+
+  - 10 steps, CPS (`sde_type="cps"`) at noise level 0.8, only inside a window of 3 consecutive
+    steps whose start is drawn per sampling call from [0, 2] (`sde_window_size` 3,
+    `sde_window_range` (0, num_steps // 2) = (0, 5)); ODE (Euler) steps elsewhere;
+  - no CFG: guidance 1 in sampling and `train.cfg` False;
+  - the update trains every window step (train_sd3_fast.py: `num_train_timesteps =
+    sde_window_size`; here `train.timestep_fraction` 1); PPO clip 1e-5; KL beta 0;
+  - pickscore: 18 images per prompt, 64 prompts per epoch; geneval: 24 per prompt, 48
+    prompts; 9 per GPU per sampling call (288 global), 4 calls per epoch; optimizer steps of
+    288 x 2 accumulated, 2 per epoch; advantages (r - group mean) / std of the whole batch;
+  - the initial noise is NOT shared within a group: these configs leave `sample.same_latent`
+    at its False (config/base.py), so `sample.same_noise_per_group` stays False.
+  Ours, not the reference's: the window is drawn per global sampling call from (seed, epoch,
+  call) (`dynamics.sde_window_steps`), the same for all its samples; flow_grpo draws it with
+  Python's `random`, seeded per process, i.e. one window per GPU per call. Not carried over:
+  the EMA of the weights and the dropping of zero-advantage samples.
+  """
+  if task not in FAST_TASKS:
+    raise ValueError(f"unknown Flow-GRPO-Fast task {task!r}; known: {FAST_TASKS}")
+  config = sd3_flow_grpo_config(task)
+  s, t = config.sample, config.train
+  s.sampler = "cps"
+  s.noise_level = 0.8
+  s.guidance_scale = 1.0
+  s.sde_window_size = 3
+  s.sde_window_schedule = "random"
+  s.sde_window_range = (0, 5)
+  s.same_noise_per_group = False
+  s.group_size = 18 if task == "pickscore" else 24
+  t.cfg = False
+  t.clip_range = 1e-5
+  t.timestep_fraction = 1.0
+  t.kl_beta = 0.0
+  return apply_variants(config, arg, FAST_VARIANTS, "SD3 Flow-GRPO-Fast")
+
+
+NFT_TASKS = ("pickscore", "ocr", "geneval")
+
+
+def sd3_nft_config(task: str, arg=None) -> ml_collections.ConfigDict:
+  """DiffusionNFT on SD3.5-Medium (configs/sd3_nft_TASK.py): NVlabs/DiffusionNFT's
+  config/nft.py `sd3_pickscore` / `sd3_ocr` / `sd3_geneval` (`_get_config`, 8 GPUs; trained
+  by scripts/train_nft_sd3.py) at GLOBAL batch sizes. The reference's values:
+
+  - 512 px, 10 deterministic sampling steps without CFG (guidance 1, `train.cfg` False);
+  - groups of 24, 48 prompts (1152 images) per epoch in 16 sampling calls of 72 (9 per GPU);
+    optimizer steps of 72 x 16 accumulated, 1 per epoch (ocr: 72 x 8, 2 per epoch);
+    advantages (r - group mean) / std of the whole batch, clipped to 5;
+  - NFT's beta 1 and old-policy decay_type 1 (ocr: beta 0.1, decay_type 2), KL beta 1e-4
+    (`train.kl_beta`), timestep fraction 0.99, lr 3e-4;
+  - LoRA rank 32, alpha 64 on the joint-attention projections (`SD3_LORA_TARGETS`).
+  Ours, not the reference's: the sampler is the flow ODE's Euler step (`sample.sampler="ode"`);
+  the reference samples with its 2nd-order DPM solver (`sample.solver="dpm2"`). Not carried
+  over: the EMA of the weights.
+  """
+  if task not in NFT_TASKS:
+    raise ValueError(f"unknown DiffusionNFT task {task!r}; known: {NFT_TASKS}")
+  config = sd3_flow_grpo_config(task)
+  s, t = config.sample, config.train
+  s.sampler = "ode"
+  s.guidance_scale = 1.0
+  s.group_size = 24
+  s.batch_size = 72
+  s.num_batches_per_epoch = 16
+  t.algorithm = "nft"
+  t.cfg = False
+  t.batch_size = 72
+  t.gradient_accumulation_steps = 8 if task == "ocr" else 16
+  t.nft_beta = 0.1 if task == "ocr" else 1.0
+  t.nft_decay_type = 2 if task == "ocr" else 1
+  t.kl_beta = 1e-4
+  t.timestep_fraction = 0.99
+  return apply_variants(config, arg, FLOW_VARIANTS, "SD3 DiffusionNFT")
 
 
 def _flux_runlocal(config) -> None:
   """`runlocal` for the FLUX recipe: `_flow_runlocal` on a tiny FLUX pipeline."""
   _flow_runlocal(config)
+  config.model.lora.targets = FLUX_LORA_TARGETS
   config.sample.guidance_scale = 1.0  # FLUX: no CFG (runlocal's SD default is 2)
 
 
@@ -273,14 +378,19 @@ def flux_flow_grpo_config(task: str, arg=None) -> ml_collections.ConfigDict:
   guidance 3.5 and no classifier-free guidance (FLUX.1-dev is guidance-distilled), groups of 24,
   48 prompts (1152 images) per epoch in 12 sampling calls of 96 (3 per GPU), optimizer steps of
   576 (96 x 6 accumulated), 2 per epoch; global std, timestep fraction 0.99, PPO clip 1e-4, lr
-  3e-4, LoRA rank 32 / alpha 64 on the attention projections of the double- and single-stream
-  blocks (`SD3_LORA_TARGETS` match both). flow_grpo's beta is 0 here too; its EMA is not
-  carried over."""
+  3e-4. LoRA as flow_grpo's scripts/train_flux.py: rank 64, alpha 128 on the attention
+  projections of the double- and single-stream blocks and the feed-forward layers of the
+  double-stream ones (`FLUX_LORA_TARGETS`). flow_grpo's beta is 0 here (`train.kl_beta` 0); its
+  EMA is not carried over."""
   if task != "pickscore":
     raise ValueError(f"unknown FLUX task {task!r}; known: ('pickscore',)")
   config = sd3_flow_grpo_config("pickscore")
   config.model.pretrained_path = "black-forest-labs/FLUX.1-dev"
   config.model.embedded_guidance = 3.5
+  config.model.lora.rank = 64
+  config.model.lora.alpha = 128.0
+  config.model.lora.targets = FLUX_LORA_TARGETS
+  config.train.kl_beta = 0.0
   s, t = config.sample, config.train
   s.num_steps = 6
   s.noise_level = 0.9
@@ -308,9 +418,12 @@ def _digits_mixgrpo(config) -> None:
 
 
 def _digits_fast(config) -> None:
-  """Flow-GRPO-Fast: a group shares its initial noise and ODE steps, and branches into the SDE
-  at 2 consecutive steps drawn per sampling call from the first 6 (flow_grpo's
-  sde_window_size 2, sde_window_range (0, 6) of its 10 steps); the update trains those 2."""
+  """Flow-GRPO-Fast's window on the digits model: SDE steps only at 2 consecutive steps drawn
+  per sampling call from the first 6 of the 10; the update trains those 2. The window size 2 is
+  flow_grpo's config/base.py default; the range (0, 6) is ours (flow_grpo's Fast configs use 3
+  CPS steps in (0, num_steps // 2): `sd3_flow_grpo_fast_config`). Also ours: a group shares
+  its initial noise and ODE steps up to the window (`sample.same_noise_per_group`; flow_grpo's
+  Fast configs do not share it), so its members differ only by the window's noise."""
   s = config.sample
   s.same_noise_per_group = True
   s.sde_window_size = 2

@@ -1,5 +1,6 @@
 """Prompt sets: the paper's files (shared assets, skipped if absent) and synthetic files in their
 format (always), user files and lists."""
+import collections
 import os
 
 import numpy as np
@@ -125,3 +126,47 @@ def test_errors(tmp_path, monkeypatch):
     P.make_prompt_fn("foo")
   with pytest.raises(ValueError, match="n must be"):
     P.make_prompt_fn("list", prompts=["a"])(np.random.default_rng(0), -1)
+
+
+def _k_repeat_epoch(num_prompts, m, k, rng):
+  """flow_grpo's DistributedKRepeatSampler (flow_grpo/sampler.py `__iter__`), one epoch, as
+  index lists: m distinct indices from a permutation of the set, each repeated k times."""
+  indices = rng.permutation(num_prompts)[:m]
+  return [i for i in indices for _ in range(k)]
+
+
+@pytest.mark.parametrize("num_batches,per_call,group", [(4, 3, 2), (1, 5, 4), (3, 4, 1)])
+def test_epoch_unique_prompts_are_the_k_repeat_sampler(num_batches, per_call, group):
+  """Every epoch, the calls' prompts repeated `group` times hold m = num_batches * per_call
+  distinct prompts exactly `group` times each, as the reference's repeated indices do; the
+  draw depends on (seed, epoch) only, differs between epochs and covers the whole set."""
+  fn = P.from_list([f"p{i}" for i in range(20)])
+  m = num_batches * per_call
+  ref_counts = sorted(collections.Counter(
+      _k_repeat_epoch(len(fn), m, group, np.random.default_rng(0))).values())
+  seen, epochs = set(), []
+  for epoch in range(30):
+    calls = [P.epoch_unique_prompts(fn, 7, epoch, b, num_batches, per_call)
+             for b in range(num_batches)]
+    assert all(len(c) == per_call for c in calls)
+    drawn = [p for c in calls for p in c]
+    assert len(set(drawn)) == m
+    repeated = [p for p in drawn for _ in range(group)]  # the loop's np.repeat
+    assert sorted(collections.Counter(repeated).values()) == ref_counts == [group] * m
+    assert calls == [P.epoch_unique_prompts(fn, 7, epoch, b, num_batches, per_call)
+                     for b in range(num_batches)]
+    seen.update(drawn)
+    epochs.append(tuple(drawn))
+  assert len(set(epochs)) > 1 and seen == set(fn.prompts)
+
+
+def test_with_replacement_repeats_prompts_within_an_epoch():
+  """DDPO's default (`PromptFn.__call__`, ddpo-pytorch's random.choice) draws with replacement:
+  10 draws from 20 prompts hold a repeat here; epoch_unique refuses an epoch larger than the
+  set."""
+  assert len(set(P.from_list([f"p{i}" for i in range(20)])(np.random.default_rng(0), 10))) < 10
+  fn = P.from_list(["a", "b", "c", "d", "e"])
+  with pytest.raises(ValueError, match="an epoch draws 6 distinct prompts"):
+    P.epoch_unique_prompts(fn, 0, 0, 0, 2, 3)
+  with pytest.raises(ValueError, match="needs a prompt set"):
+    P.epoch_unique_prompts(lambda rng, n: ["a"] * n, 0, 0, 0, 1, 1)
