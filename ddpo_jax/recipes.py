@@ -409,7 +409,10 @@ def _digits_cps(config) -> None:
 
 def _digits_mixgrpo(config) -> None:
   """MixGRPO: SDE steps only in a window of 4 of the 10 steps that starts at the first step and
-  moves one step later every 5 epochs; ODE elsewhere; the update trains the window's steps."""
+  moves one step later every 5 epochs inside steps [0, 8) (MixGRPO's [0, T - 2)), back to the
+  first step after the start 4 (`flow.mixgrpo_window_start`); ODE elsewhere; the update trains
+  the window's steps. Window 4 and one step per move are MixGRPO's published values; 5 epochs
+  per move (its 25 iterations) and 10 steps (its 25) are ours, for a short digits run."""
   s = config.sample
   s.sde_window_size = 4
   s.sde_window_schedule = "sliding"
