@@ -42,8 +42,9 @@ from ddpo_jax import prompts as prompts_lib
 from ddpo_jax import workdir as workdir_lib
 from ddpo_jax.families import base_weights, build_policy
 from ddpo_jax.rewards import Reward, make_rewards, to_uint8
-from ddpo_jax.train import (TrainState, frozen_params, make_optimizer, make_sample_fn,
-                            make_update_fn, model_shardings, params_finite, validate_config)
+from ddpo_jax.train import (TrainState, frozen_params, keeps_old_params, make_old_policy_fn,
+                            make_optimizer, make_sample_fn, make_update_fn, model_shardings,
+                            params_finite, sampling_params, validate_config)
 
 
 class MetricsWriter:
@@ -354,9 +355,14 @@ def _train_and_evaluate(config, workdir, mesh, log, allow_config_change) -> dict
   frozen = parallel.put(frozen_params(policy, config), frozen_sh)
   unet0 = parallel.put(policy.params["unet"], params_sh)
   opt_sh = state_sh.opt_state if isinstance(state_sh, TrainState) else repl
+  # The weight EMA and DiffusionNFT's old policy start as copies of the pre-trained params.
   state = TrainState(step=parallel.put(np.zeros((), np.int32), repl), params=unet0,
                      opt_state=jax.jit(optimizer.init, out_shardings=opt_sh)(unet0),
-                     rng=parallel.put(jax.random.PRNGKey(config.seed), repl))
+                     rng=parallel.put(jax.random.PRNGKey(config.seed), repl),
+                     ema_params=(parallel.put(policy.params["unet"], params_sh)
+                                 if config.train.ema.enabled else None),
+                     old_params=(parallel.put(policy.params["unet"], params_sh)
+                                 if keeps_old_params(config) else None))
   tracker = rl.PerPromptStatTracker(config.per_prompt_stat_tracking.buffer_size,
                                     config.per_prompt_stat_tracking.min_count)
   with training_run(config, workdir, state, {"epoch": 0, "stat_tracker": tracker.state_dict()},
@@ -431,7 +437,7 @@ def _ddpo_epoch_fn(config, policy, terms, frozen, optimizer, mesh, tracker, stat
   key_abs = _abstract(rng_host, repl)
   t0 = time.time()
   sample_fn = make_sample_fn(policy, config, device_terms, mesh).lower(
-      state.params, frozen, key_abs, _abstract(ids0, data, B),
+      sampling_params(state), frozen, key_abs, _abstract(ids0, data, B),
       {k: _abstract(v, data, B) for k, v in meta0.items()}).compile()
   t_compile_sample = time.time() - t0
   traj_abs = jax.tree.map(lambda x: _abstract(x, data, B * nb), sample_fn.out_info[0])
@@ -439,6 +445,9 @@ def _ddpo_epoch_fn(config, policy, terms, frozen, optimizer, mesh, tracker, stat
   update_fn = make_update_fn(policy, config, optimizer, mesh).lower(
       state, frozen, traj_abs, *[jax.ShapeDtypeStruct((B * nb,), jnp.float32, sharding=data)] * 3,
       key_abs).compile()
+  old_policy_fn = make_old_policy_fn(config, optimizer, policy, mesh)  # DiffusionNFT, else None
+  if old_policy_fn is not None:
+    old_policy_fn = old_policy_fn.lower(state).compile()
   t_compile_update = time.time() - t0
   log(f"compiled the sample step in {t_compile_sample:.1f} s and the update step in "
       f"{t_compile_update:.1f} s")
@@ -456,7 +465,8 @@ def _ddpo_epoch_fn(config, policy, terms, frozen, optimizer, mesh, tracker, stat
       prompts, local, meta = local_batch(epoch, b)
       ids = parallel.to_global(policy.tokenize(local), mesh)
       meta_dev = parallel.to_global(sampler_inputs(epoch, b, meta), mesh)
-      traj, images, rewards = sample_fn(state.params, frozen, put_key(epoch, b), ids, meta_dev)
+      traj, images, rewards = sample_fn(sampling_params(state), frozen, put_key(epoch, b), ids,
+                                        meta_dev)
       # Host rewards of this process's rows run on the pool while the device samples on.
       futures.append({r.name: pool.submit(_host_reward, r, images, local, meta)
                       for _, r in host_terms})
@@ -509,6 +519,8 @@ def _ddpo_epoch_fn(config, policy, terms, frozen, optimizer, mesh, tracker, stat
     for inner in range(config.train.num_inner_epochs):
       state, metrics = update_fn(state, frozen, traj, adv_dev, scale_dev, rew_dev,
                                  put_key(epoch, 10_000, inner))
+    if old_policy_fn is not None:  # DiffusionNFT: the old policy moves once, after the epoch
+      state = old_policy_fn(state)
     metrics = parallel.to_host(metrics)
     t_updated = time.time()
     n = B * nb

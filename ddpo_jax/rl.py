@@ -185,7 +185,8 @@ def kl_penalised_advantages(advantages: Array, scales: Array, kl: Array, alpha: 
 
 
 def ppo_clipped_loss(log_prob: Array, old_log_prob: Array, advantages: Array,
-                     clip_range: float, adv_clip_max: float) -> tuple[Array, dict[str, Array]]:
+                     clip_range: float, adv_clip_max: float,
+                     weights: Array | None = None) -> tuple[Array, dict[str, Array]]:
   """DDPO-IS clipped surrogate for one chosen timestep per sample (docs/algorithms.md §3.2).
 
       A_c   = clip(A, -adv_clip_max, adv_clip_max)
@@ -198,6 +199,7 @@ def ppo_clipped_loss(log_prob: Array, old_log_prob: Array, advantages: Array,
     advantages: (B,) advantages (treated as constants).
     clip_range: epsilon (1e-4 in DDPO).
     adv_clip_max: advantage clip (5 torch port / 10 JAX original).
+    weights: optional (B,) per-sample weights (constants): L = mean(w * max(...)).
 
   Returns:
     loss: float32 scalar; info: {"approx_kl": 0.5 mean((lp - old)^2), "clipfrac":
@@ -209,7 +211,10 @@ def ppo_clipped_loss(log_prob: Array, old_log_prob: Array, advantages: Array,
   ratio = jnp.exp(diff)
   unclipped = -adv * ratio
   clipped = -adv * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
-  loss = jnp.mean(jnp.maximum(unclipped, clipped))
+  terms = jnp.maximum(unclipped, clipped)
+  if weights is not None:
+    terms = jax.lax.stop_gradient(weights) * terms
+  loss = jnp.mean(terms)
   info = jax.lax.stop_gradient({
       "approx_kl": 0.5 * jnp.mean(diff ** 2),
       "clipfrac": jnp.mean((jnp.abs(ratio - 1.0) > clip_range).astype(jnp.float32)),
@@ -218,16 +223,20 @@ def ppo_clipped_loss(log_prob: Array, old_log_prob: Array, advantages: Array,
   return loss, info
 
 
-def score_function_loss(log_prob: Array, advantages: Array, adv_clip_max: float) -> Array:
-  """DDPO-SF (REINFORCE) loss: -mean(clip(A, -adv_clip_max, adv_clip_max) * log_prob).
+def score_function_loss(log_prob: Array, advantages: Array, adv_clip_max: float,
+                        weights: Array | None = None) -> Array:
+  """DDPO-SF (REINFORCE) loss: -mean(w * clip(A, -adv_clip_max, adv_clip_max) * log_prob).
 
   Args:
     log_prob: (B,) differentiable log-probs. advantages: (B,) (constants).
+    weights: optional (B,) per-sample weights w (constants); None: 1.
 
   Returns:
     float32 scalar.
   """
   adv = jnp.clip(jax.lax.stop_gradient(advantages), -adv_clip_max, adv_clip_max)
+  if weights is not None:
+    adv = jax.lax.stop_gradient(weights) * adv
   return -jnp.mean(adv * log_prob)
 
 

@@ -3,7 +3,9 @@ restore a run (training resumes through `checkpoints.RunCheckpoints` with its ow
 
 `restore_run(workdir, step)` -> (config, policy, trainable params, step): the config saved with
 checkpoint `step` (default: the latest; step 0 is the pre-trained starting point), the policy
-that config builds, and the checkpoint's trainable params on the default device.
+that config builds, and the checkpoint's trainable params on the default device: its weight EMA
+when the run kept one (`train.ema.enabled`), as flow_grpo's evaluation and saved checkpoints
+use the EMA weights.
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -44,7 +45,8 @@ def restore_run(workdir: str, step: int | None = None, log=print
 
   The policy is built from the checkpoint's config; the trainable params are `params["unet"]`
   of its layout (LoRA factors for a LoRA run, plus CTRL's control tables), float32 as saved,
-  verified against the checksums saved with them.
+  verified against the checksums saved with them; with `train.ema.enabled` they are the
+  state's `ema_params` (flow_grpo's `eval` and `save_ckpt` swap the EMA weights in).
 
   Raises:
     ValueError: `workdir` is empty.
@@ -71,11 +73,11 @@ def restore_run(workdir: str, step: int | None = None, log=print
         checkpoints.check_base_weights(s, meta, base_weights(config), str(mngr.directory))
         params = policy.params["unet"]
         optimizer = train.make_optimizer(config.train, policy.learning_rates)
-        template = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                    opt_state=jax.jit(optimizer.init)(params),
-                                    rng=jax.random.PRNGKey(0))
+        template = train.new_train_state(config, params, jax.jit(optimizer.init)(params),
+                                         jax.random.PRNGKey(0))
         state, _ = checkpoints.restore(mngr, s, template, meta)
-        return config, policy, state.params, s
+        return config, policy, (state.ema_params if state.ema_params is not None
+                                else state.params), s
       except checkpoints.DamagedCheckpointError as e:
         if step is not None:
           raise

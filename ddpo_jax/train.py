@@ -31,6 +31,91 @@ class TrainState:
   params: Any  # the trainable denoiser params
   opt_state: Any
   rng: jax.Array  # base PRNG key of the run; epoch e uses fold_in(rng, e)
+  # `train.ema.enabled`: the weight EMA of `params` (same tree, shapes and dtypes), updated in
+  # the update program (`ema_update`); sample / export / evaluation read it. Else None.
+  ema_params: Any = None
+  # train.algorithm 'nft': DiffusionNFT's old policy (same tree as `params`), the one the
+  # epoch's samples are drawn with and v_old; updated once per epoch (`make_old_policy_fn`).
+  # Else None.
+  old_params: Any = None
+
+
+def keeps_old_params(config) -> bool:
+  """Whether the train state carries an old (sampling) policy: `Algorithm.keeps_old_params`."""
+  return algorithms.get(config.train.algorithm).keeps_old_params
+
+
+def new_train_state(config, params, opt_state, rng, step=None) -> TrainState:
+  """A train state at its start: `ema_params` and `old_params` (when the config keeps them)
+  are copies of `params` (the state is donated to the update, so they may not share buffers).
+
+  Args:
+    params: the trainable tree; opt_state: `optimizer.init(params)`; rng: a PRNG key;
+    step: int32 scalar (default 0).
+  """
+  copy = lambda t: jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, t)  # noqa: E731
+  return TrainState(step=jnp.zeros((), jnp.int32) if step is None else step, params=params,
+                    opt_state=opt_state, rng=rng,
+                    ema_params=copy(params) if config.train.ema.enabled else None,
+                    old_params=copy(params) if keeps_old_params(config) else None)
+
+
+def ema_decay_at(step, decay: float):
+  """flow_grpo's `EMAModuleWrapper.get_current_decay`: min((1 + step) / (10 + step), decay),
+  `step` the optimizer steps taken (int32 scalar or Python int). float32."""
+  s = jnp.asarray(step, jnp.float32)
+  return jnp.minimum((1.0 + s) / (10.0 + s), jnp.float32(decay))
+
+
+def ema_update(ema_params, params, step, decay: float, interval: int, calls: int = 1):
+  """The weight EMA after optimizer step `step` (the steps taken, counting this one):
+
+      if (step + 1) % interval == 0:  ema <- params + d^calls (ema - params),
+      d = min((1 + step) / (10 + step), decay)
+
+  as `EMAModuleWrapper.step(params, step)` called `calls` times with the same params and step
+  (flow_grpo's train_sd3.py calls it once per minibatch: `gradient_accumulation_steps` calls
+  per optimizer step; DiffusionNFT's train_nft_sd3.py once per optimizer step). Leaves keep
+  their dtype; the arithmetic is float32 (or wider).
+
+  Args:
+    ema_params, params: the same pytree; step: int32 scalar; decay in [0, 1); interval >= 1;
+    calls >= 1 (static).
+  """
+  d = ema_decay_at(step, decay) ** calls
+  keep = jnp.where((step + 1) % interval == 0, d, jnp.float32(1.0))
+
+  def one(e, p):
+    dtype = jnp.promote_types(e.dtype, jnp.float32)
+    return (p.astype(dtype) + keep * (e.astype(dtype) - p.astype(dtype))).astype(e.dtype)
+  return jax.tree.map(one, ema_params, params)
+
+
+NFT_DECAY_TYPES = {0: (0, 0.0, 0.0), 1: (0, 0.001, 0.5), 2: (75, 0.0075, 0.999)}
+
+
+def nft_old_decay(step, decay_type: int):
+  """DiffusionNFT's `return_decay(step, decay_type)` (scripts/train_nft_sd3.py): with (flat,
+  uprate, uphold) = (0, 0, 0), (0, 0.001, 0.5), (75, 0.0075, 0.999) for types 0, 1, 2:
+  0 below step `flat`, else min((step - flat) uprate, uphold). `step`: the optimizer steps
+  taken (int32 scalar or int). float32 scalar."""
+  flat, uprate, uphold = NFT_DECAY_TYPES[int(decay_type)]
+  s = jnp.asarray(step, jnp.float32)
+  return jnp.where(s < flat, 0.0, jnp.minimum((s - flat) * uprate, uphold)).astype(jnp.float32)
+
+
+def sampling_params(state: TrainState):
+  """The params the epoch's samples are drawn with: the old policy when the state keeps one
+  (DiffusionNFT: its "old" adapter samples), else the trained params."""
+  return state.params if state.old_params is None else state.old_params
+
+
+def sampler_runs_reference(config) -> bool:
+  """Whether the sampling program also runs the pre-trained model (each step's KL and the
+  reference step means in the trajectory): the KL penalty (`train.kl_coef` > 0) or flow_grpo's
+  KL term (`train.kl_beta` > 0 with a policy-gradient algorithm)."""
+  t = config.train
+  return t.kl_coef > 0 or (t.kl_beta > 0 and algorithms.get(t.algorithm).supports_kl_penalty)
 
 
 def validate_shared_config(config: ml_collections.ConfigDict) -> None:
@@ -39,6 +124,10 @@ def validate_shared_config(config: ml_collections.ConfigDict) -> None:
   reward term without a server: DDPO's and CTRL's `validate_config`."""
   config_schema.validate(config)
   check_remote_terms(config)  # every remote reward term has a server URL
+  t = config.train
+  if config.mode != "ddpo" and (t.ema.enabled or t.kl_beta > 0 or t.drop_zero_advantage):
+    raise ValueError(f"config.mode={config.mode!r}: train.ema.enabled, train.kl_beta and "
+                     "train.drop_zero_advantage are DDPO's (config.mode='ddpo')")
 
 
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
@@ -83,6 +172,23 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
         f"train.kl_coef={t.kl_coef} with train.cfg=False and sample.guidance_scale="
         f"{s.guidance_scale}: the KL penalty compares the sampled (guided) steps, so the update "
         "must recompute them with guidance too (train.cfg=True), or sample without it")
+  if t.kl_beta > 0:
+    if algorithm.supports_kl_penalty and s.sampler not in ("sde", "cps"):
+      raise ValueError(
+          f"train.kl_beta={t.kl_beta} with sample.sampler={s.sampler!r}: flow_grpo's KL term "
+          "(docs/algorithms.md §3.5) divides by the flow SDE's std; use sample.sampler 'sde' or "
+          "'cps' (train.kl_coef is the KL penalty of any stochastic sampler)")
+    if not algorithm.supports_kl_penalty and t.algorithm != "nft":
+      raise ValueError(f"train.kl_beta={t.kl_beta}: the direct KL term is flow_grpo's (ppo / "
+                       f"sf on 'sde' / 'cps') and DiffusionNFT's ('nft'), not {t.algorithm!r}'s")
+    if algorithm.supports_kl_penalty and not t.cfg and float(s.guidance_scale) != 1.0:
+      raise ValueError(
+          f"train.kl_beta={t.kl_beta} with train.cfg=False and sample.guidance_scale="
+          f"{s.guidance_scale}: the KL term compares the sampled (guided) step means, so the "
+          "update must recompute them with guidance too (train.cfg=True), or sample without it")
+  if t.drop_zero_advantage and not isinstance(algorithm, algorithms.PolicyGradient):
+    raise ValueError(f"train.drop_zero_advantage is flow_grpo's sample filter of the policy "
+                     f"gradient (ppo / sf), not {t.algorithm!r}'s")
   dynamics_lib.check_sde_window(s)
   if s.same_noise_per_group and (s.sampler == "ddim" or int(s.group_size) < 2):
     raise ValueError("sample.same_noise_per_group needs a flow sampler and sample.group_size > 1 "
@@ -125,11 +231,12 @@ def make_sample_fn(policy: Policy, config, device_rewards: list[tuple[float, Rew
   (rewards (B,), info). Prompt ids / metadata come sharded over the data axis. With
   `train.kl_coef` > 0 the trajectory also carries each step's KL to the pre-trained model
   (`frozen["reference_unet"]`) and that model's step means, for the KL-penalised update (one
-  more UNet call per step).
+  more UNet call per step); so it does with `train.kl_beta` > 0 and a policy-gradient algorithm.
+  `unet_params` are `sampling_params(state)`: the old policy for DiffusionNFT.
   """
   dynamics = dynamics_lib.make_dynamics(policy, config)
   guidance = float(config.sample.guidance_scale)
-  use_kl = config.train.kl_coef > 0
+  use_kl = sampler_runs_reference(config)
 
   def sample(unet_params, frozen, key, prompt_ids, metadata):
     params = {**frozen, "unet": unet_params}
@@ -169,8 +276,8 @@ def model_shardings(policy: Policy, config, optimizer, mesh):
   state = None
   if optimizer is not None:
     state = parallel.param_shardings(jax.eval_shape(
-        lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
-                             rng=jax.random.PRNGKey(0)), unet), mesh, min_size)
+        lambda p: new_train_state(config, p, optimizer.init(p), jax.random.PRNGKey(0)), unet),
+        mesh, min_size)
   return (parallel.param_shardings(unet, mesh, min_size),
           parallel.param_shardings(frozen, mesh, min_size), state)
 
@@ -219,8 +326,12 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   One call is one inner epoch over the whole batch of N trajectories: shuffle; per sample K =
   int(T·timestep_fraction) trained timesteps (DDIM: the first K of an independent permutation
   of its T; the flow samplers: its first K in order, or its SDE window's first K, as
-  flow_grpo); minibatches of `train.batch_size`; gradients averaged over K timesteps ×
-  `gradient_accumulation_steps` minibatches, then one optimizer step. `state` is donated.
+  flow_grpo; DiffusionNFT: K of a per-sample permutation, as its train_nft_sd3.py); minibatches
+  of `train.batch_size`; gradients averaged over K timesteps × `gradient_accumulation_steps`
+  minibatches, then one optimizer step, then (`train.ema.enabled`) the weight EMA
+  (`ema_update`, docs/algorithms.md §3.6). `state` is donated. DiffusionNFT's v_old is
+  `state.old_params`, which this program never changes (`make_old_policy_fn` does, once per
+  epoch), so several inner epochs all regress against the sampling policy.
 
   Communication: with the params replicated (`mesh.fsdp` = 1) and S > 1 batch shards, each
   shard accumulates the gradient of its own rows of every micro-batch (a `vmap` over a leading
@@ -234,7 +345,9 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   dynamics = dynamics_lib.make_dynamics(policy, config)
   T = config.sample.num_steps
   K = dynamics_lib.trained_steps_per_sample(config.sample, tc.timestep_fraction)
-  flow_steps_in_order = config.sample.sampler != "ddim"
+  flow_steps_in_order = config.sample.sampler != "ddim" and algorithm.flow_timesteps_in_order
+  ema = tc.ema
+  ema_calls = algorithm.ema_calls_per_step(config)
   accum, mb = tc.gradient_accumulation_steps, tc.batch_size
   guidance = float(config.sample.guidance_scale) if tc.cfg else 1.0
   _, frozen_sh, state_sh = model_shardings(policy, config, optimizer, mesh)
@@ -247,7 +360,7 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
       return grads
     return jax.lax.with_sharding_constraint(grads, state_sh.params)
 
-  def step_model(uncond, sampling_params=None) -> algorithms.StepModel:
+  def step_model(uncond, sampling_params=None, reference_params=None) -> algorithms.StepModel:
     """The policy's step computations with the update's guidance (`train.cfg`)."""
     def step_log_prob(unet_params, batch):
       return dynamics.step_log_prob(policy.eps_fn, unet_params, batch, uncond,
@@ -264,13 +377,15 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
                                             dynamics.schedule.alphas_cumprod)
     def velocity(p, x, sigma, context):
       return diffusion.guided_eps(policy.eps_fn, p, x, 1000.0 * sigma, context, uncond, guidance)
-    return algorithms.StepModel(step_log_prob, denoising_loss_terms, velocity, sampling_params)
+    return algorithms.StepModel(step_log_prob, denoising_loss_terms, velocity, sampling_params,
+                                reference_params)
 
   def micro_loss(unet_params, frozen, uncond, batch, key):
     """`algorithm.loss` of one minibatch at one chosen timestep per sample: (loss, metrics)."""
     unet_params = policy.assemble_unet(unet_params, frozen)  # e.g. LoRA merged into the base
     sampling = frozen["sampling_unet"] if algorithm.needs_sampling_params else None
-    return algorithm.loss(step_model(uncond, sampling), unet_params, batch, key, config)
+    return algorithm.loss(step_model(uncond, sampling, frozen.get("reference_assembled")),
+                          unet_params, batch, key, config)
 
   local_grad_fn = jax.grad(micro_loss, has_aux=True)
   if not per_shard:
@@ -331,17 +446,28 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
                **jax.tree.map(lambda x: to_micro(x, False), per_sample)}
     uncond = policy.encode_uncond({**frozen, "unet": state.params})
     if algorithm.needs_sampling_params:  # the params the samples were drawn with, held fixed
-      # (assembled once here, e.g. LoRA merged, not in every micro-step)
-      frozen = {**frozen, "sampling_unet": policy.assemble_unet(state.params, frozen)}
+      # (assembled once here, e.g. LoRA merged, not in every micro-step): the old policy when
+      # the state keeps one (DiffusionNFT: fixed through the epoch's inner epochs)
+      if algorithm.keeps_old_params and state.old_params is None:
+        raise ValueError(f"train.algorithm={tc.algorithm!r} samples with an old policy: build "
+                         "the train state with train.new_train_state (old_params)")
+      frozen = {**frozen, "sampling_unet": policy.assemble_unet(sampling_params(state), frozen)}
+    if algorithm.needs_reference_params(config):  # the pre-trained model, assembled once
+      frozen = {**frozen, "reference_assembled": policy.assemble_unet(frozen["reference_unet"],
+                                                                       frozen)}
 
     def opt_step(state, xs):
       step_batches, step_key = xs
       keys = jax.random.split(step_key, accum * K)
-      return accumulated_step(
+      state, metrics = accumulated_step(
           state, optimizer, lambda p, x: grad_fn(p, frozen, uncond, *x), (step_batches, keys),
           accumulator_layout=(lambda g: jax.lax.with_sharding_constraint(g, shard_spec))
           if per_shard else _constrain,
           per_shard=per_shard, constrain=_constrain)
+      if ema.enabled:  # the weight EMA, in this program: no extra dispatch or host sync
+        state = state.replace(ema_params=ema_update(state.ema_params, state.params, state.step,
+                                                    ema.decay, ema.update_interval, ema_calls))
+      return state, metrics
 
     state, metrics = jax.lax.scan(opt_step, state, (batches, jax.random.split(k_loss, steps)))
     return state, {**jax.tree.map(jnp.mean, metrics), **extra_metrics}
@@ -349,6 +475,28 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   data, repl = parallel.data_sharding(mesh), parallel.replicated(mesh)
   return jax.jit(update, in_shardings=(state_sh, frozen_sh, data, data, data, data, repl),
                  out_shardings=(state_sh, repl), donate_argnums=(0,))
+
+
+def make_old_policy_fn(config, optimizer, policy: Policy, mesh):
+  """Compiles `refresh(state) -> state`, DiffusionNFT's end of an epoch (train_nft_sd3.py, after
+  the inner epochs): old <- d old + (1 - d) params with d = `nft_old_decay(state.step,
+  train.nft_decay_type)`, `state.step` the optimizer steps taken so far; None when the config
+  keeps no old policy. `state` is donated. Decay type 0 (d = 0) makes the old policy the
+  current one, what ddpo_jax did before it kept one."""
+  if not keeps_old_params(config):
+    return None
+  decay_type = int(config.train.nft_decay_type)
+  _, _, state_sh = model_shardings(policy, config, optimizer, mesh)
+
+  def refresh(state: TrainState) -> TrainState:
+    d = nft_old_decay(state.step, decay_type)
+
+    def one(old, p):
+      dtype = jnp.promote_types(old.dtype, jnp.float32)
+      return (old.astype(dtype) * d + p.astype(dtype) * (1.0 - d)).astype(old.dtype)
+    return state.replace(old_params=jax.tree.map(one, state.old_params, state.params))
+
+  return jax.jit(refresh, in_shardings=(state_sh,), out_shardings=state_sh, donate_argnums=(0,))
 
 
 def accumulated_step(state: TrainState, optimizer: optax.GradientTransformation, grad_fn,
@@ -396,7 +544,7 @@ def accumulated_step(state: TrainState, optimizer: optax.GradientTransformation,
 def frozen_params(policy: Policy, config) -> dict:
   """The params the update reads but never trains (+ the pre-trained UNet for the KL penalty)."""
   frozen = {k: v for k, v in policy.params.items() if k != "unet"}
-  if config.train.kl_coef > 0:
+  if config.train.kl_coef > 0 or config.train.kl_beta > 0:
     frozen["reference_unet"] = policy.params["unet"]
   return frozen
 

@@ -70,8 +70,7 @@ def one_update(config, lr=None):
                          jnp.asarray(policy.tokenize(prompts)), metadata)
   assert traj.log_probs.shape == (n, config.sample.num_steps)
   trainable = jax.tree.map(jnp.copy, policy.params["unet"])  # the state is donated
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
-                           opt_state=opt.init(trainable), rng=jax.random.PRNGKey(0))
+  state = train.new_train_state(config, trainable, opt.init(trainable), jax.random.PRNGKey(0))
   adv, scales = (jnp.asarray(a, jnp.float32) for a in
                  rl.normalize_advantages(np.arange(n, dtype=np.float32), return_scale=True))
   new_state, metrics = update_fn(state, frozen, traj, adv, scales,

@@ -34,9 +34,9 @@ def _run_main(workdir, *args, env=None, wait=True):
   return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
 
 
-def _final_params(workdir):
+def _final_params(workdir, field="params"):
   step, state, _ = checkpoints.read_state(str(workdir))
-  return step, jax.tree.map(np.asarray, state["params"])
+  return step, jax.tree.map(np.asarray, state[field])
 
 
 def test_train_and_evaluate_one_run(digits_cache, tmp_path):
@@ -135,8 +135,10 @@ def test_an_algorithm_is_one_registered_unit(digits_cache):
 
 
 def test_resume_after_kill_equals_uninterrupted(digits_cache, tmp_path):
-  """kill -9 while the first checkpoint after step 0 is being written, restart: identical params."""
-  overrides = _cli_overrides(num_epochs=3, save_freq=1)
+  """kill -9 while the first checkpoint after step 0 is being written, restart: identical params
+  and weight EMA (`train.ema`, updated every optimizer step here), bit for bit."""
+  overrides = _cli_overrides(num_epochs=3, save_freq=1, **{"train.ema.enabled": True,
+                                                           "train.ema.update_interval": 1})
   ref = tmp_path / "ref"
   result = _run_main(ref, *overrides)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -161,6 +163,12 @@ def test_resume_after_kill_equals_uninterrupted(digits_cache, tmp_path):
   step_b, params_b = _final_params(killed)
   assert step_a == step_b == 3
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  _, ema_a = _final_params(ref, "ema_params")
+  _, ema_b = _final_params(killed, "ema_params")
+  jax.tree.map(np.testing.assert_array_equal, ema_a, ema_b)
+  # the EMA is not the trained params
+  differs = jax.tree.map(lambda a, b: bool(np.any(a != b)), ema_a, params_a)
+  assert any(jax.tree.leaves(differs))
   rows = [json.loads(l)["epoch"] for l in open(killed / "metrics.jsonl")]
   assert rows == [0, 1, 2]
 

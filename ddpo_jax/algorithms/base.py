@@ -42,14 +42,17 @@ class StepModel(NamedTuple):
     clean latents `batch["x0"]` at one random timestep each (`diffusion.denoising_loss_terms`).
   velocity(params, x (mb, *latent), sigma (mb,), context) -> (mb, *latent): a flow model's
     velocity at sigma (called at t = 1000 sigma) with the update's guidance.
-  sampling_params: the denoiser params the epoch's samples were drawn with (the params at the
-    start of the update, not differentiated), for algorithms with `needs_sampling_params`;
-    None otherwise.
+  sampling_params: the denoiser params the epoch's samples were drawn with (the old policy
+    for algorithms with `keeps_old_params`, else the params at the start of the update; not
+    differentiated), for algorithms with `needs_sampling_params`; None otherwise.
+  reference_params: the pre-trained denoiser (assembled), for algorithms whose
+    `needs_reference_params(config)`; None otherwise.
   """
   step_log_prob: Callable[[Any, dict], tuple[Array, Array, Array]]
   denoising_loss_terms: Callable[[Any, dict, Array], Array]
   velocity: Callable[[Any, Array, Array, Any], Array] | None = None
   sampling_params: Any = None
+  reference_params: Any = None
 
 
 class Algorithm:
@@ -65,6 +68,20 @@ class Algorithm:
   needs_log_probs: bool = True
   # Whether `loss` reads `StepModel.sampling_params` (the trainer then passes them).
   needs_sampling_params: bool = False
+  # Whether the train state keeps an old policy (`TrainState.old_params`) that samples and is
+  # `sampling_params`, refreshed once per epoch (`train.make_old_policy_fn`).
+  keeps_old_params: bool = False
+  # Flow samplers: train each sample's first K steps in order (flow_grpo), else K at random.
+  flow_timesteps_in_order: bool = True
+
+  def needs_reference_params(self, config) -> bool:
+    """Whether `loss` reads `StepModel.reference_params` (the pre-trained model)."""
+    return False
+
+  def ema_calls_per_step(self, config) -> int:
+    """How many `EMAModuleWrapper.step` calls the reference makes per optimizer step (the
+    weight EMA, `train.ema_update`): flow_grpo's train_sd3.py calls it once per minibatch."""
+    return int(config.train.gradient_accumulation_steps)
 
   def validate(self, config, samples_per_epoch: int, samples_per_step: int) -> None:
     """Raises ValueError for a config the algorithm cannot run (before anything compiles).
@@ -86,22 +103,61 @@ class Algorithm:
 STEP_FIELDS = ("latents", "next_latents", "timesteps", "prev_timesteps", "log_probs")
 
 
+def flow_grpo_kl(mean: Array, reference_mean: Array, std: Array, sigma: Array,
+                 sigma_next: Array, sampler: str) -> Array:
+  """flow_grpo's KL term of one step (train_sd3.py: `((prev_sample_mean - prev_sample_mean_ref)
+  ** 2).mean(dims) / (2 * std_dev_t ** 2)`), per sample, (mb,) float32.
+
+  std_dev_t is what its `sde_step_with_logprob` returns: the SDE's s = std / sqrt(-dt) for
+  'sde' (dt = sigma_next - sigma < 0), the step std sigma_next sin(a pi / 2) itself for 'cps'.
+  So for 'sde' the term is (-dt) times the per-dimension Gaussian KL of the step
+  (docs/algorithms.md §3.5), for 'cps' that KL itself. 0 where the step is deterministic.
+
+  Args: mean, reference_mean (mb, *latent); std broadcastable to mean (the step's std);
+  sigma, sigma_next (mb,); sampler 'sde' or 'cps' (static).
+  """
+  d = mean.astype(jnp.float32) - reference_mean.astype(jnp.float32)
+  sq = jnp.mean(d * d, axis=tuple(range(1, d.ndim)))
+  step_std = diffusion.per_sample_std(std, mean.shape).astype(jnp.float32)
+  if sampler == "sde":
+    s2 = step_std ** 2 / (sigma - sigma_next).astype(jnp.float32)
+  elif sampler == "cps":
+    s2 = step_std ** 2
+  else:
+    raise ValueError(f"sampler={sampler!r}: flow_grpo's KL term is the 'sde' / 'cps' samplers'")
+  positive = step_std > 0
+  return jnp.where(positive, sq / (2.0 * jnp.where(positive, s2, 1.0)), 0.0)
+
+
 class PolicyGradient(Algorithm):
   """DDPO's policy-gradient family (docs/algorithms.md §3.1–§3.5): a surrogate of the step
   log-prob recomputed under the current params against the one sampled, with the optional
-  KL-to-pre-trained penalty. Subclasses implement `surrogate`."""
+  KL-to-pre-trained penalty (`train.kl_coef`), flow_grpo's KL term (`train.kl_beta`) and
+  flow_grpo's zero-advantage filter (`train.drop_zero_advantage`). Subclasses implement
+  `surrogate`."""
 
   supports_kl_penalty = True
 
   def surrogate(self, log_prob: Array, batch: dict, train_config) -> tuple[Array, Metrics]:
     """(loss, metrics) from the recomputed log-probs (mb,) and the batch (`log_probs` as sampled,
-    `advantages`: (mb,) terminal or per-step KL-penalised)."""
+    `advantages`: (mb,) terminal or per-step KL-penalised; `sample_weights` (mb,) when
+    `train.drop_zero_advantage`: each sample's term is weighted, a mean over the batch)."""
     raise NotImplementedError
 
   def batch_fields(self, traj, advantages, adv_scales, rewards, config):
     tc = config.train
     per_step = {k: getattr(traj, k) for k in STEP_FIELDS}
     per_sample, metrics = {}, {}
+    if tc.drop_zero_advantage:
+      # flow_grpo's train_sd3.py drops the samples whose advantages are all 0 (a group of equal
+      # rewards) before the update; with static shapes they get weight 0 and the others
+      # N / n_kept, so a mean over the N samples is the mean over the kept ones.
+      keep = (advantages != 0).astype(jnp.float32)
+      kept = jnp.sum(keep)
+      per_sample["sample_weights"] = keep * (keep.shape[0] / jnp.maximum(kept, 1.0))
+      metrics["kept_fraction"] = kept / keep.shape[0]
+    if tc.kl_beta > 0:
+      per_step["reference_means"] = traj.reference_means
     if tc.kl_coef > 0:  # per-step advantages of r − α Σ KL, and the direct term's weight
       per_step["reference_means"] = traj.reference_means
       per_step["advantages"] = rl.kl_penalised_advantages(advantages, adv_scales, traj.kl,
@@ -119,12 +175,19 @@ class PolicyGradient(Algorithm):
     tc = config.train
     log_prob, mean, std = model.step_log_prob(params, batch)
     loss, metrics = self.surrogate(log_prob, batch, tc)
+    weights = batch.get("sample_weights")
+    w = 1.0 if weights is None else weights
     if tc.kl_coef > 0:  # the reference's step mean at this x_t, as the sampler computed it
       kl = diffusion.gaussian_kl_shared_std(mean, batch["reference_means"], std,
                                             reduction=tc.kl_reduction)
       # a deterministic step (CPS's last): no KL
       kl = jnp.where(diffusion.per_sample_std(std, mean.shape) > 0, kl, 0.0)
       metrics["kl_to_pretrained"] = jnp.mean(kl)
-      loss = loss + jnp.mean(batch["kl_weights"] * kl)
+      loss = loss + jnp.mean(w * batch["kl_weights"] * kl)
+    if tc.kl_beta > 0:  # flow_grpo's direct term, beta * its KL (docs/algorithms.md §3.5)
+      kl_beta = flow_grpo_kl(mean, batch["reference_means"], std, batch["timesteps"],
+                             batch["prev_timesteps"], config.sample.sampler)
+      metrics["kl_loss"] = jnp.mean(kl_beta)
+      loss = loss + tc.kl_beta * jnp.mean(w * kl_beta)
     metrics["loss"] = loss
     return loss, metrics

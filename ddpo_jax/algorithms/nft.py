@@ -3,18 +3,24 @@
 
 A flow-matching regression on the sampled images' clean latents x0, not a policy gradient: no
 step log-probabilities are used, so any sampler works (the flow ODE included). With the
-sampling policy's velocity v_old (the params at the start of the update, held fixed) and the
-trained one v_θ at x_t = (1 − t) x0 + t ε, t a sampling step's sigma,
+old policy's velocity v_old (`TrainState.old_params`, held fixed) and the trained one v_θ at
+x_t = (1 − t) x0 + t ε, t a sampling step's sigma (K of them per sample, drawn as a per-sample
+permutation's first K),
 
     v⁺ = β v_θ + (1 − β) v_old            (the implicit positive policy)
     v⁻ = (1 + β) v_old − β v_θ            (the implicit negative policy)
     x̂0± = x_t − t v±,   w± = sg(mean |x̂0± − x0|)   (adaptive weights, at least 1e-5)
     L = c · E[ r mean (x̂0⁺ − x0)² / w⁺ + (1 − r) mean (x̂0⁻ − x0)² / w⁻ ] / β
+        + β_KL · E[ mean (v_θ − v_ref)² ]
 
 with r = clip(A / c / 2 + 1/2, 0, 1) the optimality probability from the clipped advantage A
-(c = `train.adv_clip_max`). Pulling v⁺ towards high-reward samples and v⁻ towards low-reward
-ones moves v_θ away from the low-reward ones. The old policy is the sampler's, refreshed every
-epoch (DiffusionNFT's `decay_type` 0: no EMA of the old policy).
+(c = `train.adv_clip_max`), v_ref the pre-trained model's velocity (β_KL = `train.kl_beta`;
+the reference's `train.beta`, 1e-4 in its configs). Pulling v⁺ towards high-reward samples and
+v⁻ towards low-reward ones moves v_θ away from the low-reward ones.
+
+The old policy samples the epoch and gives v_old; after the epoch (all inner epochs) it moves
+towards the trained params, old ← d old + (1 − d) θ, d = DiffusionNFT's `return_decay(step,
+decay_type)` (`train.nft_decay_type`, `train.make_old_policy_fn`; type 0: the current policy).
 """
 from __future__ import annotations
 
@@ -31,6 +37,14 @@ class NFT(Algorithm):
   name = "nft"
   needs_log_probs = False
   needs_sampling_params = True
+  keeps_old_params = True
+  flow_timesteps_in_order = False  # train_nft_sd3.py: a per-sample permutation of the steps
+
+  def needs_reference_params(self, config):
+    return config.train.kl_beta > 0
+
+  def ema_calls_per_step(self, config):
+    return 1  # train_nft_sd3.py steps its EMAModuleWrapper once per optimizer step
 
   def validate(self, config, samples_per_epoch, samples_per_step):
     s, t = config.sample, config.train
@@ -68,4 +82,13 @@ class NFT(Algorithm):
     positive = weighted_error(beta * v + (1.0 - beta) * v_old)
     negative = weighted_error((1.0 + beta) * v_old - beta * v)
     loss = c * jnp.mean(r * positive + (1.0 - r) * negative) / beta
-    return loss, {"loss": loss, "nft_old_deviation": jnp.mean((v - v_old) ** 2)}
+    metrics = {"nft_old_deviation": jnp.mean((v - v_old) ** 2)}
+    kl_beta = config.train.kl_beta
+    if kl_beta > 0:  # train_nft_sd3.py's kl_div_loss against the pre-trained model
+      v_ref = jax.lax.stop_gradient(
+          model.velocity(model.reference_params, x_t, sigma, batch["context"]).astype(jnp.float32))
+      kl = jnp.mean(jnp.mean((v - v_ref) ** 2, axis=dims))
+      metrics["kl_div"] = kl
+      loss = loss + kl_beta * kl
+    metrics["loss"] = loss
+    return loss, metrics

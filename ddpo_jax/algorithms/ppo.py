@@ -13,5 +13,6 @@ class PPO(PolicyGradient):
 
   def surrogate(self, log_prob, batch, train_config):
     loss, info = rl.ppo_clipped_loss(log_prob, batch["log_probs"], batch["advantages"],
-                                     train_config.clip_range, train_config.adv_clip_max)
+                                     train_config.clip_range, train_config.adv_clip_max,
+                                     batch.get("sample_weights"))
     return loss, {"approx_kl": info["approx_kl"], "clipfrac": info["clipfrac"]}
