@@ -332,6 +332,12 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
     saved = mngr.item_metadata(step)["state"]
   except Exception as e:  # noqa: BLE001
     raise _damaged(step, mngr, "its array metadata cannot be read", e) from e
+  # A DiffusionNFT run saved before the train state kept an old policy sampled with its trained
+  # params: its old policy is a copy of them (`train.TrainState.old_params`, decay type 0).
+  fill_old = (getattr(abstract_state, "old_params", None) is not None
+              and not _saved_field(saved, "old_params"))
+  if fill_old:
+    abstract_state = abstract_state.replace(old_params=None)
   have, want = _leaf_signature(saved), _leaf_signature(abstract_state)
   if have != want:
     extra = [s for s in have if s not in want][:3]
@@ -352,7 +358,17 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
       raise _damaged(step, mngr, f"{len(bad)} of {len(expected)} arrays differ from the "
                      f"checksums saved with them: {', '.join(bad[:5])}"
                      f"{' ...' if len(bad) > 5 else ''}")
+  if fill_old:
+    state = state.replace(old_params=jax.tree.map(lambda x: x.copy(), state.params))
   return state, meta
+
+
+def _saved_field(saved, name: str) -> bool:
+  """Whether the saved state's metadata holds arrays under its field `name`."""
+  try:
+    return name in saved.keys() and bool(jax.tree.leaves(saved[name]))
+  except (AttributeError, KeyError, TypeError):
+    return False
 
 
 def _agreed(ok: bool) -> bool:

@@ -390,3 +390,30 @@ def test_drop_zero_advantage_is_the_mean_over_the_kept_samples():
                               per_sample["sample_weights"])
   np.testing.assert_allclose(float(sf), -np.mean(adv[mask] * log_prob[mask].astype(np.float64)),
                              rtol=0, atol=1e-9)
+
+
+def test_an_nft_checkpoint_without_an_old_policy_restores_with_old_equal_params(tmp_path):
+  """A DiffusionNFT checkpoint written before the train state kept an old policy (old_params
+  None) restores into a template that has one, with old = the saved params (what it sampled
+  with), bit for bit; one that has it restores it as saved."""
+  from ddpo_jax import checkpoints
+  params = {"w": jnp.arange(6, dtype=jnp.float32).reshape(2, 3)}
+  opt = train.make_optimizer(load_config("digits_flow", "nft,runlocal").train)
+  old_style = train.TrainState(step=jnp.int32(3), params=params, opt_state=opt.init(params),
+                               rng=jax.random.PRNGKey(0))
+  mngr = checkpoints.manager(str(tmp_path / "a"))
+  checkpoints.save(mngr, 3, old_style, {"epoch": 3, "config": "{}"})
+  mngr.wait_until_finished()
+  template = old_style.replace(params=jax.tree.map(jnp.zeros_like, params),
+                               old_params=jax.tree.map(jnp.zeros_like, params))
+  state, _ = checkpoints.restore(mngr, 3, template)
+  np.testing.assert_array_equal(np.asarray(state.old_params["w"]), np.asarray(params["w"]))
+  np.testing.assert_array_equal(np.asarray(state.params["w"]), np.asarray(params["w"]))
+  mngr.close()
+  new_style = old_style.replace(old_params={"w": params["w"] * 0.5})
+  mngr = checkpoints.manager(str(tmp_path / "b"))
+  checkpoints.save(mngr, 3, new_style, {"epoch": 3, "config": "{}"})
+  mngr.wait_until_finished()
+  state, _ = checkpoints.restore(mngr, 3, template)
+  np.testing.assert_array_equal(np.asarray(state.old_params["w"]), np.asarray(params["w"]) * 0.5)
+  mngr.close()
