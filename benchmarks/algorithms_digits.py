@@ -24,6 +24,13 @@ denoiser evaluations per epoch (`model_evaluations_per_epoch`, counted from the 
   python benchmarks/algorithms_digits.py --suite=flow --root=/tmp/flow_digits --epochs=60 \
       --budget_s=60 --seeds=0,1,2
 
+`--suite=lora`: Flow-GRPO on the digits MMDiT with LoRA factors beside the frozen base, the
+base and activations in float32 or in bfloat16 (configs/digits_flow.py variants `lora`,
+`lora,bf16`), the same epochs: the bfloat16 curve should match the float32 one within seeds.
+
+  python benchmarks/algorithms_digits.py --suite=lora --root=/tmp/lora_digits --epochs=20 \
+      --seeds=0,1
+
 Finished runs (metrics.jsonl with EPOCHS rows) are not repeated. `--variants=runlocal` adds
 the configs' `runlocal` variant to every run (the tiny digits model, 8 samples of 4 steps per
 epoch: seconds; what tests/test_benchmarks.py runs).
@@ -52,7 +59,10 @@ FLOW_METHODS = {  # name in the table -> configs/digits_flow.py variant
     "Flow-GRPO": "", "CPS": "cps", "MixGRPO": "mixgrpo", "Flow-GRPO-Fast": "fast",
     "DiffusionNFT": "nft",
 }
-SUITES = {"ddpo": ALGORITHMS, "flow": FLOW_METHODS}
+LORA_PRECISIONS = {  # name in the table -> configs/digits_flow.py variants (Flow-GRPO, SDE)
+    "LoRA float32": "lora", "LoRA bfloat16": "lora,bf16",
+}
+SUITES = {"ddpo": ALGORITHMS, "flow": FLOW_METHODS, "lora": LORA_PRECISIONS}
 JUDGE = "digits_heldout_accuracy_mean"
 
 
@@ -67,7 +77,7 @@ def _command(suite: str, name: str, variants: str = "") -> list[str]:
   if suite == "ddpo":
     arg = _variant_arg(variants)
     return [f"--config={REPO}/configs/default.py" + (f":{arg}" if arg else ""), *ALGORITHMS[name]]
-  arg = _variant_arg(FLOW_METHODS[name], variants)
+  arg = _variant_arg(SUITES[suite][name], variants)
   return [f"--config={REPO}/configs/digits_flow.py" + (f":{arg}" if arg else "")]
 
 

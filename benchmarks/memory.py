@@ -15,8 +15,9 @@ Rows: model x {LoRA, full fine-tuning} x remat {off, on} (`remat` of the modules
 `nn.remat`). Compute dtype bfloat16 everywhere. Assumptions:
   * full: fp32 master weights (4 B/param), gradients fp32, AdamW mu + nu fp32 (8 B/param).
   * LoRA: the frozen base in bfloat16 (2 B/param), fp32 factors A (fan_in, r) and B (r, out)
-    merged into the kernels (`lora.merge_lora`) inside the step; gradients and AdamW state for
-    the factors only. Targets: the joint-attention projections of flow_grpo's SD3 LoRA
+    applied beside the kernels, unmerged (`models.adapters.apply`; rows "lora_merged": merged
+    into the kernels inside the step, the library's earlier application); gradients and AdamW
+    state for the factors only. Targets: the joint-attention projections of flow_grpo's SD3 LoRA
     (attn/to_q, to_k, to_v, to_out_0, add_q_proj, add_k_proj, add_v_proj, to_add_out; not
     SD3.5-M's image-only attn2), the same regexes on FLUX (they also match the single blocks'
     attn/to_q,k,v). SD3.5-M rank 32 alpha 64, FLUX rank 32 alpha 32 (alpha changes no byte).
@@ -69,7 +70,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from ddpo_jax import lora, parallel  # noqa: E402
-from ddpo_jax.models import flux, mmdit  # noqa: E402
+from ddpo_jax.models import adapters, flux, mmdit  # noqa: E402
 
 GiB = float(1 << 30)
 # XLA:CPU's LLVM optimisation level changes code generation only, not buffer assignment; level
@@ -89,8 +90,9 @@ FSDP_MIN_SIZE = 2 ** 18  # config_schema's mesh.fsdp_min_size default
 T5_XXL_PARAMS = 4_762_310_656  # the T5-XXL encoder, bf16 when resident
 ATTN_TARGETS = (r"(^|/)attn/(to_q|to_k|to_v|to_out_0|add_q_proj|add_k_proj|add_v_proj|"
                 r"to_add_out)$",)
-ROWS = ("lora-off", "lora-on", "full-off", "full-on")
+ROWS = ("lora-off", "lora-on", "lora_merged-off", "lora_merged-on", "full-off", "full-on")
 MAX_BATCH = 256
+METHOD_LABELS = {"lora": "LoRA", "lora_merged": "LoRA merged (before)", "full": "full"}
 
 
 # ================================================================================== models
@@ -133,7 +135,7 @@ def _sd3_spec(name, label, base: dict, real: tuple[int, int], latent: tuple[int,
   def velocity(module, params, batch):
     t = batch["t"][:, None, None, None]
     x_t = (1 - t) * batch["x0"] + t * batch["noise"]
-    v = module.apply({"params": params}, x_t, batch["t"] * 1000.0, batch["context"],
+    v = adapters.apply(module, params, x_t, batch["t"] * 1000.0, batch["context"],
                      batch["pooled"])
     return v, batch["noise"] - batch["x0"]
 
@@ -167,7 +169,7 @@ def _flux_spec(name, label, base: dict, real: tuple[int, int], latent: tuple[int
   def velocity(module, params, batch):
     t = batch["t"][:, None, None, None]
     x_t = (1 - t) * batch["x0"] + t * batch["noise"]
-    v = module.apply({"params": params}, flux.pack_latents(x_t), batch["context"],
+    v = adapters.apply(module, params, flux.pack_latents(x_t), batch["context"],
                      batch["pooled"], batch["t"], img_ids, txt_ids, batch["guidance"])
     return v, flux.pack_latents(batch["noise"] - batch["x0"])
 
@@ -254,12 +256,15 @@ def per_device_state_bytes(trainable, frozen, fsdp: int) -> int:
 # ================================================================================== compile
 def flow_loss(spec: ModelSpec, config, method: str, remat: bool, dtype=jnp.bfloat16):
   """The flow-matching loss mean((v_pred - v_target)^2) of (trainable, frozen, batch); LoRA
-  factors merged into the frozen base inside it."""
+  factors applied beside the frozen base ("lora", the library's `models.adapters.apply`) or
+  merged into its kernels inside the step ("lora_merged", what the library did before)."""
   module = spec.make_module(config, remat, dtype)
   scale = spec.lora.scale
 
   def loss(trainable, frozen, batch):
-    params = trainable if method == "full" else lora.merge_lora(frozen, trainable, scale)
+    params = trainable if method == "full" else adapters.LoraAdapted(frozen, trainable, scale)
+    if method == "lora_merged":  # the earlier application: factors merged into the kernels
+      params = adapters.merged(params)
     v_pred, v_target = spec.velocity(module, params, batch)
     return jnp.mean(jnp.square(v_pred.astype(jnp.float32) - v_target))
 
@@ -342,7 +347,7 @@ def measure_row(spec: ModelSpec, method: str, remat: bool, depths: str, p: int,
              # output (below, `compiled_grad_bytes`) cross-checks it up to buffer alignment
              grad_bytes=4 * count(trainable),
              trees=(trainable, frozen), inputs1=nbytes(spec.inputs(1)), compiles=[])
-  if method == "lora":
+  if method != "full":
     row["lora_modules"] = len(lora.select_targets(frozen, spec.lora.targets))
   tag = f"{spec.name} {method} remat={'on' if remat else 'off'}"
 
@@ -432,7 +437,7 @@ def fmt_gib(b: float) -> str:
 
 
 def row_name(row) -> str:
-  return f"{row['label']} {'LoRA' if row['method'] == 'lora' else 'full'}" \
+  return f"{row['label']} {METHOD_LABELS[row['method']]}" \
          f" remat {'on' if row['remat'] else 'off'}"
 
 
@@ -517,10 +522,11 @@ NOTES = """Notes:
   params column gives both). Gradients (fp32, 4 B per trainable param; the compiled step's
   output less the loss agrees to within its buffers' alignment, a few KiB) and AdamW mu + nu
   (fp32) cover the trainable parameters only.
-* LoRA merges its factors into the kernels inside the step (`lora.merge_lora`): the merged
-  fp32 kernels of every targeted projection and their 16-bit copies are temporaries, most of
-  LoRA's activation column (FLUX.1-dev: 2.51 B targeted params x 6 B = 14.0 GiB; SD3.5-M:
-  0.45 B, 2.5 GiB; batch independent). Applying x W + (x A) B unmerged would not hold them.
+* LoRA applies its factors beside the kernels, unmerged: y = x W + s (x A) B
+  (`models.adapters.apply`). The "LoRA merged (before)" rows merge them into the kernels
+  inside the step, as the library did before: the merged fp32 kernels of every targeted
+  projection and their 16-bit copies are temporaries (FLUX.1-dev: 2.51 B targeted params x
+  6 B = 14.0 GiB; SD3.5-M: 0.45 B, 2.5 GiB; batch independent).
 * Activations: temp bytes of one jitted value_and_grad micro-step compiled by XLA:CPU in a
   GPU-like way: float16 in place of bfloat16 (same bytes) with the passes `change-op-data-type`
   (16-bit dots -> f32 dots on f32 copies of the operands, weights included) and

@@ -318,6 +318,20 @@ COMMON = _keys(
     ("prompt_fn_kwargs.activities_path", "", "activities file of the *_activities sets"),
 )
 
+def _lora_keys(enabled: bool) -> tuple[tuple, ...]:
+  """The `model.lora.*` rows (the adapter is applied unmerged: `ddpo_jax.models.adapters`)."""
+  return (
+      ("model.lora.enabled", enabled, "train LoRA factors beside the frozen denoiser (else "
+       "the whole denoiser)"),
+      ("model.lora.rank", 4, "LoRA rank"),
+      ("model.lora.alpha", 4.0, "LoRA scale alpha / rank (4 / 4 = 1, as diffusers')"),
+      ("model.lora.targets", LORA_DEFAULT_TARGETS, "regexes searched in the denoiser's module "
+       "paths"),
+      ("model.lora.init_std", 0.0, "std of A at init; 0 = 1 / rank"),
+      ("model.lora.seed", 0, "seed of the LoRA init"),
+  )
+
+
 MODELS = {
     "digits": _keys(
         ("model.kind", "digits", "the model family", MODEL_KINDS),
@@ -338,6 +352,11 @@ MODELS = {
         ("model.pretrain.learning_rate", 2e-3, "pre-training learning rate"),
         ("model.pretrain.uncond_prob", 0.1, "probability of the null prompt (for CFG)"),
         ("model.pretrain.ema_decay", 0.995, "EMA decay of the saved params"),
+        ("model.dtype", "float32", "dtype of the fine-tuned denoiser's weights (with LoRA: of "
+         "the frozen base)", ("float32", "bfloat16")),
+        ("model.compute_dtype", "float32", "activation dtype of the denoiser",
+         ("float32", "bfloat16")),
+        *_lora_keys(False),
     ),
     "sd": _keys(
         ("model.kind", "sd", "the model family", MODEL_KINDS),
@@ -351,12 +370,7 @@ MODELS = {
         ("model.remat", False, "gradient checkpointing of the UNet blocks (less memory, ~30% slower)"),
         ("model.embedded_guidance", 3.5, "FLUX.1-dev-style transformers: the guidance scale fed "
          "to the transformer in sampling and the update (their CFG, sample.guidance_scale, is 1)"),
-        ("model.lora.enabled", True, "train LoRA factors (else the full UNet)"),
-        ("model.lora.rank", 4, "LoRA rank"),
-        ("model.lora.alpha", 4.0, "LoRA scale alpha / rank (4 / 4 = 1, as diffusers')"),
-        ("model.lora.targets", LORA_DEFAULT_TARGETS, "regexes searched in UNet module paths"),
-        ("model.lora.init_std", 0.0, "std of A at init; 0 = 1 / rank"),
-        ("model.lora.seed", 0, "seed of the LoRA init"),
+        *_lora_keys(True),
     ),
 }
 

@@ -32,6 +32,8 @@ import numpy as np
 import optax
 
 from ddpo_jax import checkpoints, classifier, diffusion, flow
+from ddpo_jax import lora as lora_lib
+from ddpo_jax.models import adapters
 from ddpo_jax.models.mmdit import MMDiTConfig, SD3Transformer2DModel
 from ddpo_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ddpo_jax.models.weights import host_random_params
@@ -138,22 +140,25 @@ def scheduler_config(model_config) -> dict:
           "prediction_type": "epsilon"}
 
 
-def _modules(model_config):
+def _modules(model_config, compute_dtype=jnp.float32):
   """(denoiser module, prompt embedding, denoiser function (params, x, t, context,
-  class_labels=None, added_time_emb=None) -> prediction (N, 8, 8, 1))."""
+  class_labels=None, added_time_emb=None) -> prediction (N, 8, 8, 1) float32). The params may
+  be a plain tree or a `models.adapters.LoraAdapted` (LoRA, applied unmerged); the denoiser's
+  activations are in `compute_dtype`."""
   enc = PromptEmbedding(dim=model_config.context_dim)
   if is_flow(model_config):
-    net = SD3Transformer2DModel(config=mmdit_config(model_config))
+    net = SD3Transformer2DModel(config=mmdit_config(model_config), dtype=compute_dtype)
 
     def fn(p, x, t, context, class_labels=None, added_time_emb=None):
       if class_labels is not None or added_time_emb is not None:
         raise ValueError("the digits MMDiT takes no class labels or added time embeddings")
-      return net.apply({"params": p}, x, t, context, context[:, 0])
+      return adapters.apply(net, p, x, t, context, context[:, 0]).astype(jnp.float32)
   else:
-    net = UNet2DConditionModel(config=unet_config(model_config))
+    net = UNet2DConditionModel(config=unet_config(model_config), dtype=compute_dtype)
 
     def fn(p, x, t, context, class_labels=None, added_time_emb=None):
-      return net.apply({"params": p}, x, t, context, class_labels, added_time_emb)
+      out = adapters.apply(net, p, x, t, context, class_labels, added_time_emb)
+      return out.astype(jnp.float32)
   return net, enc, fn
 
 
@@ -360,12 +365,14 @@ def _load_or_make(path: str, abstract, make, what: str, log) -> dict:
 
 _UNET_ONLY = ("channels", "layers_per_block", "norm_num_groups")
 _MMDIT_ONLY = ("denoiser", "mmdit_layers", "mmdit_head_dim")
+_FINE_TUNING_ONLY = ("dtype", "compute_dtype", "lora")
 
 
 def _cache_spec(model_config) -> dict:
   """The model settings that decide the pre-trained params: those of the chosen denoiser (a
-  UNet's cache key is the same as before `model.denoiser` existed)."""
-  drop = _UNET_ONLY if is_flow(model_config) else _MMDIT_ONLY
+  UNet's cache key is the same as before `model.denoiser` existed), not how it is fine-tuned
+  (its dtypes, LoRA): pre-training runs in float32."""
+  drop = (_UNET_ONLY if is_flow(model_config) else _MMDIT_ONLY) + _FINE_TUNING_ONLY
   return {k: v for k, v in model_config.to_dict().items() if k not in drop}
 
 
@@ -391,9 +398,16 @@ def load_or_pretrain(model_config, seed: int, log=print) -> dict:
 
 
 def make_policy(config) -> Policy:
+  """The digits policy: the pre-trained denoiser in `model.dtype` (trained whole, or frozen
+  beside LoRA factors when `model.lora.enabled`), activations in `model.compute_dtype`."""
   model_config = config.model
-  net, enc, eps_fn = _modules(model_config)
+  # .get: runs saved before these keys existed are float32 without LoRA
+  net, enc, eps_fn = _modules(model_config, jnp.dtype(model_config.get("compute_dtype",
+                                                                       "float32")))
   params = load_or_pretrain(model_config, model_config.pretrain.seed)
+  dtype = jnp.dtype(model_config.get("dtype", "float32"))
+  params = {**params, "unet": jax.tree.map(lambda x: x.astype(dtype), params["unet"])}
+  params, assemble = lora_lib.adapted_policy_params(params, model_config)
   flow_model = is_flow(model_config)
   if flow_model and config.mode == "ctrl":
     raise ValueError("model.denoiser='mmdit': CTRL's control embedding is the UNet's "
@@ -410,6 +424,7 @@ def make_policy(config) -> Policy:
 
   return Policy(params=params, eps_fn=eps_fn, tokenize=tokenize, encode_prompts=encode_prompts,
                 decode=decode, encode_images=encode_images, latent_shape=IMAGE_SHAPE,
+                assemble_unet=assemble,
                 scheduler_config=scheduler_config(model_config), prompt_fn=prompt_fn,
                 prompt_metadata=prompt_metadata,
                 time_embed_dim=0 if flow_model else net.config.time_embed_dim,

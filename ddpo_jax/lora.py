@@ -1,12 +1,12 @@
-"""LoRA (low-rank adaptation) of a Flax parameter tree, applied by merging into the kernels.
+"""LoRA (low-rank adaptation) of a Flax parameter tree: targets, initialisation, policy setup.
 
-A LoRA of a layer with kernel W (fan_in..., out) is a pair A (fan_in, r), B (r, out) with
-
-    W' = W + (alpha / r) · reshape(A @ B, W.shape)
-
-(fan_in is the product of all but the last kernel axis, so 1×1 convolutions work as Dense
-layers do). B starts at zero, so at initialisation W' == W bit for bit and the adapted model is
-the base model. Only A and B are trained; the base tree is frozen.
+A LoRA of a layer with kernel W (fan_in..., out) is a pair A (fan_in, r), B (r, out); the
+adapted layer computes y = layer_W(x) + (alpha / r) · layer_A(x) @ B beside the frozen W,
+unmerged, in float32 (`ddpo_jax.models.adapters`: sampling and training run this one
+application; `adapters.merged` folds the factors into the kernels for export). fan_in is the
+product of all but the last kernel axis, so convolutions work as Dense layers do. B starts at
+zero, so at initialisation the adapted model is the base model exactly. Only A and B are
+trained; the base tree is frozen.
 
 The defaults follow kvablack/ddpo-pytorch (diffusers' `LoRAAttnProcessor`): rank 4, A drawn
 from N(0, (1/r)²), B = 0, scale alpha / r = 1, on the q/k/v/out projections of every attention
@@ -25,6 +25,7 @@ the "/"-joined keys down to the dict holding "kernel", e.g.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Sequence
 
@@ -35,6 +36,7 @@ from flax import traverse_util
 
 # The attention projections of diffusers' UNet (self- and cross-attention).
 from ddpo_jax.config_schema import LORA_DEFAULT_TARGETS as DEFAULT_TARGETS
+from ddpo_jax.models.adapters import LoraAdapted
 
 Params = Any
 
@@ -130,35 +132,31 @@ def init_lora(base_params: Params, config: LoraConfig, key: jax.Array) -> Params
   return traverse_util.unflatten_dict(out)
 
 
-def merge_lora(base_params: Params, lora_params: Params, scale: float = 1.0) -> Params:
-  """UNet params with every adapted kernel replaced by W + scale · reshape(A @ B, W.shape).
-
-  Pure and jit-able; differentiable in `lora_params`. Leaves that are not adapted are returned
-  as they are (no copy). Merged kernels are float32 if W is float32 or lower precision (the
-  module casts them to its compute dtype), so a LoRA on bfloat16 base weights keeps its update.
-  With B == 0 the merged kernels equal W exactly.
-
-  Args:
-    base_params: the frozen base tree.
-    lora_params: a tree from `init_lora` (sparse, {"a", "b"} leaves).
-    scale: alpha / rank.
+def adapted_policy_params(params: dict, model_config) -> tuple[dict, Any]:
+  """A family's {"unet": denoiser, ...frozen} params set up for LoRA training when
+  `model_config.lora.enabled`: ({"unet": factors, "base_unet": the denoiser as given (its
+  dtype is the family's `model.dtype`), ...}, assemble) with assemble(trainable, frozen) =
+  `LoraAdapted(frozen["base_unet"], trainable, scale)`, the `Policy.assemble_unet` the
+  denoiser function takes unmerged. Without LoRA: (params, identity).
 
   Raises:
-    KeyError: a LoRA module missing from `base_params`.
+    LoraTargetError, ValueError: see `init_lora`.
   """
-  flat = dict(traverse_util.flatten_dict(base_params))
-  lora_flat = traverse_util.flatten_dict(lora_params)
-  modules = sorted({k[:-1] for k in lora_flat})
-  for m in modules:
-    kkey = m + ("kernel",)
-    if kkey not in flat:
-      raise KeyError(f"LoRA module {'/'.join(m)!r} has no kernel in the base params")
-    w = flat[kkey]
-    a, b = lora_flat[m + ("a",)], lora_flat[m + ("b",)]
-    delta = (a.astype(jnp.float32) @ b.astype(jnp.float32)).reshape(w.shape)
-    dtype = jnp.promote_types(w.dtype, jnp.float32)
-    flat[kkey] = w.astype(dtype) + jnp.asarray(scale, dtype) * delta.astype(dtype)
-  return traverse_util.unflatten_dict(flat)
+  if not model_config.get("lora") or not model_config.lora.enabled:
+    return params, _trainable_tree
+  config = LoraConfig.from_config(model_config.lora)
+  factors = init_lora(params["unet"], config, jax.random.PRNGKey(int(model_config.lora.seed)))
+  return ({**params, "unet": factors, "base_unet": params["unet"]},
+          functools.partial(_adapt, scale=config.scale))
+
+
+def _trainable_tree(trainable, frozen):
+  del frozen
+  return trainable
+
+
+def _adapt(trainable, frozen, scale: float) -> LoraAdapted:
+  return LoraAdapted(frozen["base_unet"], trainable, scale)
 
 
 def num_params(tree: Params) -> int:

@@ -444,6 +444,22 @@ def _digits_nft(config) -> None:
   config.train.nft_beta = 1.0
 
 
+def _digits_lora(config) -> None:
+  """LoRA on the digits MMDiT's attention projections (rank 8, alpha 16: flow_grpo's alpha /
+  rank = 2), the frozen base beside it; the learning rate stays 3e-4 (flow_grpo's LoRA one)."""
+  lora = config.model.lora
+  lora.enabled = True
+  lora.rank = 8
+  lora.alpha = 16.0
+
+
+def _digits_bf16(config) -> None:
+  """The denoiser's weights (with LoRA: the frozen base) and activations in bfloat16; LoRA
+  factors, optimizer state and the losses stay float32."""
+  config.model.dtype = "bfloat16"
+  config.model.compute_dtype = "bfloat16"
+
+
 def _digits_flow_runlocal(config) -> None:
   """Seconds on a CPU: a 1-block MMDiT (20 pre-training steps), 2 epochs, 4 steps, groups of 2."""
   config.num_epochs = 2
@@ -472,6 +488,8 @@ DIGITS_FLOW_VARIANTS = (
     Variant("mixgrpo", _digits_mixgrpo, "MixGRPO's sliding SDE window"),
     Variant("fast", _digits_fast, "Flow-GRPO-Fast: shared noise, 2 random SDE steps"),
     Variant("nft", _digits_nft, "DiffusionNFT on ODE samples"),
+    Variant("lora", _digits_lora, "LoRA factors (rank 8) beside the frozen MMDiT"),
+    Variant("bf16", _digits_bf16, "bfloat16 weights and activations"),
     Variant("runlocal", _digits_flow_runlocal, "seconds, for tests"))
 
 

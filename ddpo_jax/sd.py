@@ -17,10 +17,11 @@ Two fine-tuning modes:
   `model.dtype` (float32 master weights), activations in `model.compute_dtype` (bfloat16);
   optionally Adam's first moment in bfloat16 (`train.adam_mu_dtype`), as the JAX original.
 - LoRA (`model.lora.enabled = True`, the PyTorch port's default): `params["unet"]` holds only
-  the LoRA factors (`ddpo_jax.lora`), the base UNet sits frozen in `params["base_unet"]`, and
-  `Policy.assemble_unet(lora, frozen)` merges them inside the compiled sampling and update
-  programs (once per call, not per denoising step; only the adapted kernels are copied). At init
-  the merged UNet equals the base one exactly.
+  the LoRA factors (`ddpo_jax.lora`), the base UNet sits frozen in `params["base_unet"]` (in
+  `model.dtype`), and `Policy.assemble_unet(lora, frozen)` pairs them
+  (`models.adapters.LoraAdapted`): sampling and the update both run each adapted layer as
+  x W + s (x A) B, unmerged, the adapter branch in float32 (no merged copy of the kernels). At
+  init the adapted UNet equals the base one exactly. `export` merges the factors.
 
 Config (`config.model`, docs/config.md): pretrained_path, resolution, dtype,
 compute_dtype, attention_implementation, remat, lora.{enabled, rank, alpha, targets, init_std,
@@ -128,14 +129,7 @@ def make_policy(config) -> Policy:
   # The trained denoiser is params["unet"] whatever the family (a UNet or a transformer);
   # the rest (vae, text encoders) is frozen.
   params = {("unet" if k == pipe.denoiser else k): v for k, v in pipe.params.items()}
-  lora_cfg = None
-  assemble = _identity_unet
-  if mc.lora.enabled:
-    lora_cfg = lora_lib.LoraConfig.from_config(mc.lora)
-    lora_params = lora_lib.init_lora(params["unet"], lora_cfg,
-                                     jax.random.PRNGKey(int(mc.lora.seed)))
-    params = {**params, "unet": lora_params, "base_unet": params["unet"]}
-    assemble = functools.partial(_merge_lora_into_base, scale=lora_cfg.scale)
+  params, assemble = lora_lib.adapted_policy_params(params, mc)
 
   def eps_fn(p_unet, x, t, cond, class_labels=None, added_time_emb=None):
     """The denoiser's prediction (N,H,W,C) float32 of latents x at timesteps t (N,) under
@@ -168,17 +162,6 @@ def make_policy(config) -> Policy:
                 uncond_fn=pipe.uncond, prediction_type=pipe.prediction_type,
                 flow_sigmas=(functools.partial(pipe.sigmas, height=shape[0], width=shape[1])
                              if pipe.prediction_type == "flow" else None))
-
-
-def _identity_unet(trainable, frozen):
-  del frozen
-  return trainable
-
-
-def _merge_lora_into_base(trainable, frozen, scale: float):
-  """`Policy.assemble_unet` of a LoRA run: the base UNet (frozen["base_unet"]) with the LoRA
-  factors merged into its kernels."""
-  return lora_lib.merge_lora(frozen["base_unet"], trainable, scale)
 
 
 def prompt_metadata(prompts: Sequence[str]) -> dict[str, np.ndarray]:

@@ -244,7 +244,8 @@ def test_memory_table_tiny_is_consistent():
   """benchmarks/memory.py on the tiny SD3.5 config (compiled at its real depth, no weights):
   fp32 params are 4 B each and the LoRA base 2 B, the compiled gradients are 4 B per trainable
   param, AdamW holds 8 B per trainable param, remat saves activations, the mesh split gives
-  the unsplit state at fsdp=1 and less with fsdp; the depth fit is exact on linear data."""
+  the unsplit state at fsdp=1 and less with fsdp; the depth fit is exact on linear data; the
+  merged-LoRA rows (the earlier application) hold the same state."""
   import math
   import numpy as np
   from flax import traverse_util
@@ -252,7 +253,7 @@ def test_memory_table_tiny_is_consistent():
   spec = memory.TINY_MODELS["sd35_medium"]
   log = lambda msg: None
   rows = {(m, r): memory.measure_row(spec, m, r, "full", 1, 0.0, log, plain=False)
-          for m, r in (("lora", False), ("lora", True), ("full", True))}
+          for m, r in (("lora", False), ("lora", True), ("lora_merged", False), ("full", True))}
   for (method, remat), row in rows.items():
     n = row["trainable_params"]
     assert row["grad_bytes"] == 4 * n and row["optimizer_bytes"] == 8 * n, row
@@ -276,6 +277,9 @@ def test_memory_table_tiny_is_consistent():
     fit = memory.mesh_fit(row, 8, 80 * memory.GiB)
     assert all(best == memory.MAX_BATCH for _, best, _, _ in fit.values())
   lora_off, lora_on = rows["lora", False], rows["lora", True]
+  merged = rows["lora_merged", False]
+  assert (merged["param_bytes"], merged["grad_bytes"]) == (lora_off["param_bytes"],
+                                                           lora_off["grad_bytes"])
   assert lora_on["temp1"] <= lora_off["temp1"] and lora_on["residuals1"] < lora_off["residuals1"]
   a = memory.fit_linear([((1, 1), 10.0 + 3 + 5), ((2, 1), 10.0 + 6 + 5), ((1, 2), 10.0 + 3 + 10)])
   assert np.allclose(a, [10.0, 3.0, 5.0])
@@ -283,7 +287,8 @@ def test_memory_table_tiny_is_consistent():
   args = memory.build_parser().parse_args(["--tiny", "--markdown"])
   args.pixels = "tiny"
   table = memory.tables(list(rows.values()), args)
-  assert table.count("| tiny SD3.5 ") == 6, table  # 3 rows in each of the two tables
+  assert table.count("| tiny SD3.5 ") == 8, table  # 4 rows in each of the two tables
+  assert table.count("| tiny SD3.5 LoRA merged (before) ") == 2, table
 
 
 def test_flow_comparison_budget_and_model_evaluations():

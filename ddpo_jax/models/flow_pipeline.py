@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpo_jax import flow
+from ddpo_jax.models import adapters
 from ddpo_jax.models import clip as clip_lib
 from ddpo_jax.models import flux as flux_lib
 from ddpo_jax.models import mmdit as mmdit_lib
@@ -331,12 +332,12 @@ class FlowPipeline:
     embedded guidance scale (required); other models take none."""
     b, h, w, _ = latents.shape
     t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (b,))
-    p = {"params": params_transformer}
     if self.is_sd3:
       if guidance is not None:
         raise ValueError("SD3 transformers take no embedded guidance (use classifier-free "
                          "guidance)")
-      out = self.transformer.apply(p, latents, t, cond["context"], cond["pooled"])
+      out = adapters.apply(self.transformer, params_transformer, latents, t, cond["context"],
+                           cond["pooled"])
       return out.astype(jnp.float32)
     if self.guidance_embedded != (guidance is not None):
       raise ValueError("FLUX: " + ("this transformer embeds the guidance scale (FLUX.1-dev): "
@@ -345,9 +346,9 @@ class FlowPipeline:
     if guidance is not None:
       guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (b,))
     text_ids = np.zeros((cond["context"].shape[1], 3), np.float32)
-    out = self.transformer.apply(p, flux_lib.pack_latents(latents), cond["context"],
-                                 cond["pooled"], t / 1000.0, flux_lib.image_ids(h, w), text_ids,
-                                 guidance)
+    out = adapters.apply(self.transformer, params_transformer, flux_lib.pack_latents(latents),
+                         cond["context"], cond["pooled"], t / 1000.0, flux_lib.image_ids(h, w),
+                         text_ids, guidance)
     return flux_lib.unpack_latents(out.astype(jnp.float32), h, w)
 
 

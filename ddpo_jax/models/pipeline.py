@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpo_jax.models import adapters
 from ddpo_jax.models import clip as clip_lib
 from ddpo_jax.models import flow_pipeline, pipeline_io
 from ddpo_jax.models.pipeline_io import PipelineLoadError, write_json
@@ -279,8 +280,8 @@ def _make_functions(pipe: Pipeline):
     if pipe.is_sdxl and time_ids is None:
       b, h, w = latents.shape[:3]
       time_ids = sdxl_time_ids(h * factor, w * factor, b)
-    out = unet.apply({"params": params_unet}, latents, timesteps, context, class_labels,
-                     added_time_emb, text_embeds, time_ids)
+    out = adapters.apply(unet, params_unet, latents, timesteps, context, class_labels,
+                         added_time_emb, text_embeds, time_ids)
     return out.astype(jnp.float32)
 
   def vae_encode(params_vae, images):
