@@ -14,6 +14,7 @@ diffusers pipelines' default steps, guidance and resolution unless given.
 Writes `images` (uint8, NHWC) and `prompts` to the npz (and PNGs to --png_dir if given).
 Deterministic for a given --seed.
 """
+import dataclasses
 import os
 
 from absl import app, flags
@@ -23,25 +24,26 @@ import numpy as np
 
 from ddpo_jax import diffusion, flow, parallel, train
 from ddpo_jax.ctrl.controls import format_context, parse_context, parse_label_spec
-from ddpo_jax.models import load_pipeline
+from ddpo_jax.models import adapters, load_pipeline
 from ddpo_jax.rewards import to_uint8
 from ddpo_jax.runs import restore_run
 
 
 def sample_from_checkpoint(workdir: str, num: int, step=None, prompts=None, seed: int = 0,
                            batch_size: int = 64, labels=None, num_steps: int | None = None,
-                           guidance_scale: float | None = None):
+                           guidance_scale: float | None = None, merge_lora: bool = False):
   """Returns (images uint8 (num,H,W,C), prompts list[str], step) from a run's checkpoint `step`
   (default: the latest; 0 = the pre-trained model). See `sample_images` for the arguments."""
   config, policy, params, step = restore_run(workdir, step)
   images, prompts = sample_images(config, policy, params, num, prompts, seed, batch_size, labels,
-                                  num_steps=num_steps, guidance_scale=guidance_scale)
+                                  num_steps=num_steps, guidance_scale=guidance_scale,
+                                  merge_lora=merge_lora)
   return images, prompts, step
 
 
 def sample_images(config, policy, params, num: int, prompts=None, seed: int = 0,
                   batch_size: int = 64, labels=None, num_steps: int | None = None,
-                  guidance_scale: float | None = None):
+                  guidance_scale: float | None = None, merge_lora: bool = False):
   """Returns (images uint8 (num,H,W,C), prompts list[str]) sampled from `params` (the
   trainable params of `policy`, e.g. from `runs.restore_run`) with the run's `config` (its
   sampler; a flow model's with the deterministic flow ODE, the training SDE's noise-free
@@ -53,7 +55,10 @@ def sample_images(config, policy, params, num: int, prompts=None, seed: int = 0,
   are cycled over the samples, otherwise labels are drawn uniformly. `batch_size`: images per
   compiled call, rounded to a multiple of the device count. `num_steps` / `guidance_scale`:
   other sampling steps / guidance than the run's (e.g. flow_grpo trains 10 steps and
-  evaluates 40).
+  evaluates 40). `merge_lora`: sample a LoRA run with its factors merged into the kernels
+  (`models.adapters.merged`, once per compiled call) instead of beside them, as trained: one
+  matmul per adapted layer instead of three; with bfloat16 weights the merged kernels are
+  rounded to bfloat16 (docs/models.md gives the measured image difference).
   """
   config = config.copy_and_resolve_references()
   if num_steps is not None:
@@ -61,6 +66,12 @@ def sample_images(config, policy, params, num: int, prompts=None, seed: int = 0,
   if guidance_scale is not None:
     config.sample.guidance_scale = float(guidance_scale)
   config.train.kl_coef = 0.0  # only images are wanted: no KL to the pre-trained model
+  if merge_lora:
+    if not config.model.get("lora") or not config.model.lora.enabled:
+      raise ValueError("merge_lora: the run trains no LoRA (model.lora.enabled is False)")
+    adapted = policy.assemble_unet
+    policy = dataclasses.replace(
+        policy, assemble_unet=lambda trainable, frozen: adapters.merged(adapted(trainable, frozen)))
   if policy.prediction_type == "flow":  # flow models are evaluated on the ODE (as flow_grpo's)
     config.sample.sampler = "ode"
     config.sample.sde_window_size = 0
@@ -227,7 +238,7 @@ def _define_flags():
   """The CLI's flags (defined only when run as a program, so importing this module from
   another absl program does not clash with its flags)."""
   global _WORKDIR, _STEP, _NUM, _OUT, _PROMPTS, _SEED, _BATCH, _PNG_DIR, _LABELS
-  global _PIPELINE, _STEPS, _GUIDANCE, _RESOLUTION, _DTYPE
+  global _PIPELINE, _STEPS, _GUIDANCE, _RESOLUTION, _DTYPE, _MERGE_LORA
   _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by ddpo_jax.main "
                                  "(or give --pipeline).")
   _PIPELINE = flags.DEFINE_string(
@@ -251,6 +262,9 @@ def _define_flags():
   _BATCH = flags.DEFINE_integer("batch_size", None, "Images per compiled sampling call "
                                 "(default: 64 with --workdir, 8 with --pipeline).")
   _PNG_DIR = flags.DEFINE_string("png_dir", None, "Also write one PNG per image here.")
+  _MERGE_LORA = flags.DEFINE_bool("merge_lora", False, "--workdir LoRA runs: sample with the "
+                                  "factors merged into the kernels (faster; with bfloat16 "
+                                  "weights not exactly the trained model: docs/models.md).")
   _LABELS = flags.DEFINE_list(
       "labels", None, "CTRL runs: control labels cycled over --num, one per control joined by ':' "
       "(e.g. 3 or 3:2; 'null' for a control's null label). Default: drawn uniformly.")
@@ -281,7 +295,8 @@ def main(argv):
                                                    _PROMPTS.value, _SEED.value,
                                                    _BATCH.value or 64, _LABELS.value,
                                                    num_steps=_STEPS.value,
-                                                   guidance_scale=_GUIDANCE.value)
+                                                   guidance_scale=_GUIDANCE.value,
+                                                   merge_lora=_MERGE_LORA.value)
     source = f"step {step}"
     extra["step"] = step
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)

@@ -272,3 +272,30 @@ def test_export_merged_loads_in_diffusers_and_matches(tiny_sd, prompt_assets, co
   export.export_pipeline(workdir, out, overwrite=True)
   assert os.path.getmtime(os.path.join(out, "model_index.json")) >= before
   assert sorted(os.listdir(tmp_path)) == ["exported", "run"]
+
+
+def test_sampling_with_merged_factors():
+  """`sample_images(merge_lora=True)` (the sampling speed-up) gives the unmerged sampler's
+  images: the same uint8 images in float32 (up to one level); with bfloat16 weights the merged
+  kernels are rounded (a few levels at most, on average a small fraction of one). A run without
+  LoRA is refused."""
+  import sys
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  import digits_flow
+  from ddpo_jax import families, sample
+  for variant, max_levels, mean_levels in (("lora,runlocal", 1, 0.01),
+                                           ("lora,bf16,runlocal", 4, 0.5)):
+    config = digits_flow.get_config(variant)
+    policy = families.build_base_policy(config)
+    trained = jax.tree.map(  # factors away from init (B = 0 would make merging trivial)
+        lambda v: v + 0.02 * jax.random.normal(jax.random.PRNGKey(0), v.shape),
+        policy.params["unet"])
+    unmerged, _ = sample.sample_images(config, policy, trained, 32, seed=0)
+    merged, _ = sample.sample_images(config, policy, trained, 32, seed=0, merge_lora=True)
+    levels = np.abs(unmerged.astype(np.int32) - merged.astype(np.int32))
+    assert levels.max() <= max_levels and levels.mean() <= mean_levels, (
+        variant, levels.max(), levels.mean())
+  config = digits_flow.get_config("runlocal")
+  policy = families.build_base_policy(config)
+  with pytest.raises(ValueError, match="trains no LoRA"):
+    sample.sample_images(config, policy, policy.params["unet"], 4, merge_lora=True)
