@@ -361,7 +361,8 @@ def step_log_prob(velocity_fn, params: Any, latents: Array, sigma: Array, sigma_
 
   Returns:
     log_prob (B,) float32 (`transition_log_prob`: for "cps" -mean((x' - mean)^2); 0 on a
-    deterministic step, std = 0: CPS's last, as `flow_chain` records it), mean (B, ...) float32, std (B, 1, ..., 1) float32.
+    deterministic step, std = 0: CPS's last, as `flow_chain` records it), mean (B, ...)
+    float32, std (B, 1, ..., 1) float32.
   """
   sigma = jnp.asarray(sigma, jnp.float32)
   v = diffusion.guided_eps(velocity_fn, params, latents, 1000.0 * sigma, context,
