@@ -226,8 +226,9 @@ COMMON = _keys(
     ("mesh.fsdp_min_size", 2 ** 18, "fsdp splits only arrays of at least this many elements"),
     ("model.kind", "digits", "the model family", MODEL_KINDS),
     ("sample.sampler", "ddim", "the sampling dynamics (ddpo_jax/dynamics.py): 'ddim' (DDPO's, "
-     "noise-predicting models) or the flow models' 'sde' (Flow-GRPO) / 'cps' / 'ode' (no "
-     "log-probs: train.algorithm 'nft' only)", ("ddim", "sde", "cps", "ode")),
+     "noise-predicting models) or the flow models' 'sde' (Flow-GRPO) / 'cps' / 'ode' / 'dpm2' "
+     "(DiffusionNFT's DPM-Solver; 'ode' and 'dpm2' have no log-probs: train.algorithm 'nft' "
+     "only)", ("ddim", "sde", "cps", "ode", "dpm2")),
     ("sample.num_steps", 50, "sampling steps per sample"),
     ("sample.eta", 1.0, "DDIM eta (the step noise; DDPO needs > 0)"),
     ("sample.noise_level", 0.7, "'sde' / 'cps': the noise level a (docs/algorithms.md §6.3)"),

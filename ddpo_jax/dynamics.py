@@ -9,7 +9,9 @@ stored steps again:
   (docs/algorithms.md §1). DDPO's sampler, unchanged.
 * `FlowDynamics` (`sample.sampler="sde"` or `"cps"`): Flow-GRPO's SDE or coefficients-
   preserving sampling on a velocity-predicting model (SD3 / SD3.5, FLUX.1),
-  `flow.flow_chain` / `flow.step_log_prob` (docs/algorithms.md §6.3).
+  `flow.flow_chain` / `flow.step_log_prob` (docs/algorithms.md §6.3); with
+  `sample.sampler="dpm2"` DiffusionNFT's deterministic multistep DPM-Solver of the flow ODE
+  (`dpm2_chain`, no log-probabilities: train.algorithm 'nft' only, docs/algorithms.md §6.6).
 
 Both return a `diffusion.Trajectory`; its per-step `timesteps` / `prev_timesteps` hold what the
 step needs: DDIM's integer timesteps t and prev_t, or the flow's float32 sigma and sigma_next.
@@ -28,7 +30,67 @@ import numpy as np
 from ddpo_jax import diffusion, flow
 
 # sampler -> prediction type
-SAMPLERS = {"ddim": "epsilon", "sde": "flow", "cps": "flow", "ode": "flow"}
+SAMPLERS = {"ddim": "epsilon", "sde": "flow", "cps": "flow", "ode": "flow", "dpm2": "flow"}
+# Samplers without step log-probabilities (deterministic): DiffusionNFT only.
+DETERMINISTIC_SAMPLERS = ("ode", "dpm2")
+
+
+def dpm2_chain(velocity_fn, params: Any, x_init: jax.Array, context: Any, uncond_context: Any,
+               *, sigmas, timesteps, guidance_scale: float) -> tuple[jax.Array, jax.Array]:
+  """DiffusionNFT's deterministic sampler (`run_sampling(..., solver="dpm2",
+  determistic=True)`, flow_grpo/diffusers_patch/solver.py `dpm_step` with order 2): the
+  multistep DPM-Solver++(2M) in x0 = x − σ v on the flow schedule, alpha = 1 − σ,
+  λ = log(alpha / σ):
+
+      step 0 and the last step:  the Euler step (its `ddim_update` with eta 0)
+      step i otherwise:          h = λ_{i+1} − λ_i,  r = (λ_i − λ_{i−1}) / h,
+                                 D = m_i + (m_i − m_{i−1}) / (2 r)        (m_i = x0 at step i)
+                                 x_{i+1} = (σ_{i+1} / σ_i) x_i − alpha_{i+1} (e^{−h} − 1) D
+
+  (at σ_{i−1} = 1, λ_{i−1} = −inf: r = inf, the first-order DPM-Solver step, as the reference's
+  arithmetic gives). Step coefficients in float64 on the host, x in float32.
+
+  Args:
+    velocity_fn, params, context, uncond_context, guidance_scale: as `flow.sample_ode`.
+    x_init: (B, ...) noise at sigmas[0].
+    sigmas: (T + 1,) and timesteps: (T,) (`FlowSchedule.sigmas`), T >= 1.
+
+  Returns:
+    (latents (T, B, ...): x_i at each step, next_latents (T, B, ...): x_{i+1}), float32.
+  """
+  sig = np.asarray(sigmas, np.float64)
+  n = len(sig) - 1
+  if np.shape(timesteps) != (n,):
+    raise ValueError(f"sigmas {sig.shape} must be (T + 1,) for timesteps {np.shape(timesteps)}")
+  # per step: x_{i+1} = a_i x_i + b_i m_i + c_i m_{i-1}
+  a, b, c = np.zeros(n), np.zeros(n), np.zeros(n)
+  with np.errstate(divide="ignore"):
+    lam = np.log(1.0 - sig) - np.log(sig)  # -inf at sigma 1, +inf at sigma 0
+  for i in range(n):
+    if i == 0 or i == n - 1:  # Euler: x + (s' - s) v with v = (x - m) / s
+      a[i], b[i] = sig[i + 1] / sig[i], 1.0 - sig[i + 1] / sig[i]
+      continue
+    h = lam[i + 1] - lam[i]
+    phi = -(1.0 - sig[i + 1]) * np.expm1(-h)  # - alpha_{i+1} (e^{-h} - 1)
+    inv_r = 0.0 if np.isinf(lam[i - 1]) else h / (lam[i] - lam[i - 1])
+    a[i], b[i], c[i] = sig[i + 1] / sig[i], phi * (1.0 + 0.5 * inv_r), -phi * 0.5 * inv_r
+  sig32 = jnp.asarray(sig, jnp.float32)
+  coefs = tuple(jnp.asarray(v, jnp.float32) for v in (a, b, c))
+
+  def step(carry, inputs):
+    x, m_prev = carry
+    sigma, t, ai, bi, ci = inputs
+    v = diffusion.guided_eps(velocity_fn, params, x, jnp.full((x.shape[0],), t), context,
+                             uncond_context, guidance_scale).astype(jnp.float32)
+    m = x - sigma * v
+    x_next = ai * x + bi * m + ci * m_prev
+    return (x_next, m), (x, x_next)
+
+  x0 = x_init.astype(jnp.float32)
+  _, (latents, next_latents) = jax.lax.scan(
+      step, (x0, jnp.zeros_like(x0)),
+      (sig32[:-1], jnp.asarray(timesteps, jnp.float32)) + coefs)
+  return latents, next_latents
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +138,8 @@ class FlowDynamics:
 
 
   def __post_init__(self):
-    flow.check_sde(self.sde_type, self.noise_level)
+    if self.sde_type != "dpm2":
+      flow.check_sde(self.sde_type, self.noise_level)
 
   @property
   def sigma_max(self):
@@ -100,13 +163,25 @@ class FlowDynamics:
     x = jax.random.normal(k_init, (b // g,) + tuple(latent_shape), jnp.float32)
     x = jnp.repeat(x, g, axis=0) if g > 1 else x
     n = len(self.timesteps)
+    sig = jnp.asarray(self.sigmas, jnp.float32)
+    if self.sde_type == "dpm2":  # deterministic: no log-probabilities (0), no KL
+      if sde_steps is not None or reference_params is not None:
+        raise ValueError("sample.sampler='dpm2' is deterministic: no SDE window, no KL")
+      latents, next_latents = dpm2_chain(pred_fn, params, x, context, uncond,
+                                         sigmas=self.sigmas, timesteps=self.timesteps,
+                                         guidance_scale=guidance_scale)
+      return diffusion.Trajectory(
+          latents=jnp.swapaxes(latents, 0, 1), next_latents=jnp.swapaxes(next_latents, 0, 1),
+          log_probs=jnp.zeros((b, n), jnp.float32),
+          timesteps=jnp.broadcast_to(sig[None, :-1], (b, n)),
+          prev_timesteps=jnp.broadcast_to(sig[None, 1:], (b, n)), context=context,
+          trained_steps=None, kl=None, reference_means=None)
     _, out = flow.flow_chain(pred_fn, params, x, jax.random.split(k_steps, n), context, uncond,
                              sigmas=self.sigmas, timesteps=self.timesteps,
                              guidance_scale=guidance_scale, sde_type=self.sde_type,
                              noise_level=self.noise_level,
                              sde_steps=None if sde_steps is None else jnp.swapaxes(sde_steps, 0, 1),
                              reference_params=reference_params, kl_reduction=kl_reduction)
-    sig = jnp.asarray(self.sigmas, jnp.float32)
     with_kl = reference_params is not None
     return diffusion.Trajectory(
         latents=jnp.swapaxes(out["latents"], 0, 1),
@@ -124,6 +199,8 @@ class FlowDynamics:
     sigma "timesteps" and sigma_next "prev_timesteps" (B,), "context") under `params`; 0 on a
     deterministic step (CPS's last), as the sampler recorded it."""
     del uncond_class_labels
+    if self.sde_type == "dpm2":
+      raise ValueError("sample.sampler='dpm2' has no step log-probabilities")
     return flow.step_log_prob(
         pred_fn, params, batch["latents"], batch["timesteps"], batch["prev_timesteps"],
         batch["next_latents"], batch["context"], uncond, guidance_scale=guidance_scale,

@@ -138,11 +138,16 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
   if s.sampler == "ddim" and not s.eta > 0:
     raise ValueError(f"sample.eta={s.eta}: DDPO needs eta > 0 (the log-probability of a "
                      "deterministic DDIM step is undefined)")
-  if s.sampler == "ode" and algorithm.needs_log_probs:
-    raise ValueError(f"sample.sampler='ode' has no step log-probabilities; train.algorithm="
-                     f"{t.algorithm!r} needs them (use 'sde' / 'cps', or train.algorithm 'nft')")
-  if s.sampler != "ddim":
+  if s.sampler in dynamics_lib.DETERMINISTIC_SAMPLERS and algorithm.needs_log_probs:
+    raise ValueError(f"sample.sampler={s.sampler!r} has no step log-probabilities; "
+                     f"train.algorithm={t.algorithm!r} needs them (use 'sde' / 'cps', or "
+                     "train.algorithm 'nft')")
+  if s.sampler == "dpm2" and int(s.sde_window_size):
+    raise ValueError(f"sample.sampler='dpm2' is deterministic: sample.sde_window_size="
+                     f"{s.sde_window_size} needs 'sde' or 'cps'")
+  if s.sampler not in ("ddim", "dpm2"):
     flow.check_sde(s.sampler, float(s.noise_level))
+  if s.sampler != "ddim":
     if algorithm.uses_denoising_loss:
       raise ValueError(f"sample.sampler={s.sampler!r}: train.algorithm={t.algorithm!r} is an "
                        "eps regression, written for DDIM; the flow samplers train with 'ppo', "

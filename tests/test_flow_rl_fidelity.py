@@ -417,3 +417,86 @@ def test_an_nft_checkpoint_without_an_old_policy_restores_with_old_equal_params(
   state, _ = checkpoints.restore(mngr, 3, template)
   np.testing.assert_array_equal(np.asarray(state.old_params["w"]), np.asarray(params["w"]) * 0.5)
   mngr.close()
+
+
+# ------------------------------------------------------------ DiffusionNFT's sampler ("dpm2")
+def _reference_dpm2(v_pred_fn, z, sigmas):
+  """run_sampling(v_pred_fn, z, sigmas, solver="dpm2", determistic=True) of DiffusionNFT's
+  flow_grpo/diffusers_patch/solver.py, in float64 NumPy: DPMState(order=2), dpm_step with
+  convert_model_output, ddim_update (eta 0), dpm_solver_first_order_update and
+  multistep_dpm_solver_second_order_update. Returns all latents [z_0, ..., z_T]."""
+  order, model_outputs, lower_order_nums = 2, [None, None], 0
+  timesteps = sigmas[:-1]
+  all_latents = [z]
+  for i in range(len(sigmas) - 1):
+    sigma = sigmas[i]
+    pred = v_pred_fn(z, sigma)
+    lower_order_final = i == len(timesteps) - 1
+    model_output = z - sigmas[i] * pred  # convert_model_output: x0_pred
+    model_outputs = [model_outputs[1], model_output]
+    if order == 1 or lower_order_nums < 1 or lower_order_final:
+      if i == 0 or lower_order_final:
+        t, s = sigmas[i + 1], sigmas[i]
+        noise_pred = (z - (1 - s) * model_output) / s
+        z = (1 - t) * model_output + np.sqrt(t ** 2) * noise_pred
+      else:
+        st, ss = sigmas[i + 1], sigmas[i]
+        h = (np.log(1 - st) - np.log(st)) - (np.log(1 - ss) - np.log(ss))
+        z = (st / ss) * z - ((1 - st) * (np.exp(-h) - 1.0)) * model_output
+    else:
+      st, s0, s1 = sigmas[i + 1], sigmas[i], sigmas[i - 1]
+      with np.errstate(divide="ignore"):
+        lt, l0, l1 = (np.log(1 - v) - np.log(v) for v in (st, s0, s1))
+      m0, m1 = model_outputs[-1], model_outputs[-2]
+      h, h_0 = lt - l0, l0 - l1
+      r0 = h_0 / h
+      d0, d1 = m0, (1.0 / r0) * (m0 - m1)
+      z = ((st / s0) * z - ((1 - st) * (np.exp(-h) - 1.0)) * d0
+           - 0.5 * ((1 - st) * (np.exp(-h) - 1.0)) * d1)
+    if lower_order_nums < order:
+      lower_order_nums += 1
+    all_latents.append(z)
+  return all_latents
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 3, 10])
+def test_dpm2_chain_is_diffusion_nft_solver(num_steps):
+  """`dynamics.dpm2_chain` on a nonlinear velocity model against DiffusionNFT's dpm2 solver in
+  float64 NumPy, every step's latents to 1e-5 (float32); with 10 steps it differs from the
+  Euler ODE (a second-order method)."""
+  from ddpo_jax import dynamics
+  sigmas = np.linspace(1.0, 0.0, num_steps + 1)
+  sigmas = 3 * sigmas / (1 + 2 * sigmas)  # SD3's shift 3
+  rng = np.random.default_rng(5)
+  z0 = rng.normal(size=(2, 3, 3, 1))
+  target = rng.normal(size=(2, 3, 3, 1))
+
+  def v_np(x, sigma):
+    return np.tanh(x) - target + 0.3 * sigma * x
+
+  def v_jax(p, x, t, context, class_labels=None):
+    return jnp.tanh(x) - p + 0.3 * (t / 1000.0)[:, None, None, None] * x
+  ref = _reference_dpm2(v_np, z0, sigmas)
+  latents, next_latents = dynamics.dpm2_chain(
+      v_jax, jnp.asarray(target, jnp.float32), jnp.asarray(z0, jnp.float32), None, None,
+      sigmas=sigmas.astype(np.float32), timesteps=(1000 * sigmas[:-1]).astype(np.float32),
+      guidance_scale=1.0)
+  for i in range(num_steps):
+    np.testing.assert_allclose(np.asarray(latents[i]), ref[i], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(next_latents[i]), ref[i + 1], atol=1e-5)
+  if num_steps == 10:
+    euler = z0
+    for i in range(num_steps):
+      euler = euler + (sigmas[i + 1] - sigmas[i]) * v_np(euler, sigmas[i])
+    assert np.abs(euler - ref[-1]).max() > 1e-3
+
+
+def test_dpm2_sampler_is_nft_only(digits_cache):
+  """'dpm2' (no log-probabilities) is refused for PPO before compiling and runs with NFT."""
+  config = load_config("digits_flow", "runlocal", **{"sample.sampler": "dpm2"})
+  with pytest.raises(ValueError, match="'dpm2' has no step log-probabilities"):
+    train.validate_config(config, parallel.make_mesh())
+  config = load_config("digits_flow", "nft,runlocal", **{"sample.sampler": "dpm2"})
+  train.validate_config(config, parallel.make_mesh())
+  _, _, state, metrics = one_update(config, lr=0.0)  # samples with it and trains on them
+  assert np.isfinite(metrics["loss"]) and metrics["nft_old_deviation"] == 0.0

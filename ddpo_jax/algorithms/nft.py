@@ -31,7 +31,8 @@ from ddpo_jax.algorithms.base import Algorithm
 
 
 class NFT(Algorithm):
-  """`train.algorithm = "nft"` on a flow model (`sample.sampler` 'sde', 'cps' or 'ode');
+  """`train.algorithm = "nft"` on a flow model (`sample.sampler` 'sde', 'cps', 'ode' or
+  'dpm2', the reference's);
   `train.nft_beta` is β. Trains CFG-free (`train.cfg` False or guidance 1)."""
 
   name = "nft"
@@ -50,7 +51,7 @@ class NFT(Algorithm):
     s, t = config.sample, config.train
     if s.sampler == "ddim":
       raise ValueError("train.algorithm='nft' trains a flow (velocity) model: sample.sampler "
-                       "must be 'sde', 'cps' or 'ode', not 'ddim'")
+                       "must be 'sde', 'cps', 'ode' or 'dpm2', not 'ddim'")
     if t.cfg and float(s.guidance_scale) != 1.0:
       raise ValueError(f"train.algorithm='nft' is CFG-free: set train.cfg=False (sampling may "
                        f"still use sample.guidance_scale={s.guidance_scale}) or guidance 1")
