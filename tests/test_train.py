@@ -166,9 +166,13 @@ def test_resume_after_kill_equals_uninterrupted(digits_cache, tmp_path):
   _, ema_a = _final_params(ref, "ema_params")
   _, ema_b = _final_params(killed, "ema_params")
   jax.tree.map(np.testing.assert_array_equal, ema_a, ema_b)
-  # the EMA is not the trained params
+  # the EMA is not the trained params, and a finished run's reader (sample, export) gets it
   differs = jax.tree.map(lambda a, b: bool(np.any(a != b)), ema_a, params_a)
   assert any(jax.tree.leaves(differs))
+  from ddpo_jax import runs
+  _, _, restored, step = runs.restore_run(str(killed))
+  assert step == 3
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored), ema_a)
   rows = [json.loads(l)["epoch"] for l in open(killed / "metrics.jsonl")]
   assert rows == [0, 1, 2]
 
