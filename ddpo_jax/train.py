@@ -387,7 +387,7 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
 
   def micro_loss(unet_params, frozen, uncond, batch, key):
     """`algorithm.loss` of one minibatch at one chosen timestep per sample: (loss, metrics)."""
-    unet_params = policy.assemble_unet(unet_params, frozen)  # e.g. LoRA merged into the base
+    unet_params = policy.assemble_unet(unet_params, frozen)  # e.g. LoRA factors beside the base
     sampling = frozen["sampling_unet"] if algorithm.needs_sampling_params else None
     return algorithm.loss(step_model(uncond, sampling, frozen.get("reference_assembled")),
                           unet_params, batch, key, config)
