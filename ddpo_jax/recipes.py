@@ -227,8 +227,10 @@ def sd3_flow_grpo_config(task: str, arg=None) -> ml_collections.ConfigDict:
   - LoRA rank 32, alpha 64 on the joint-attention projections (`SD3_LORA_TARGETS`);
   - flow_grpo's KL weight beta (0.01 pickscore, 0.04 ocr / geneval) as `train.kl_beta`, its
     units (beta · KL, mean over latent dims, added to a loss in advantage units); ddpo_jax's
-    own `train.kl_coef` (reward units, docs/algorithms.md §3.5) stays 0.
-  Not carried over here: the EMA of the weights (`train.ema.*`).
+    own `train.kl_coef` (reward units, docs/algorithms.md §3.5) stays 0;
+  - the EMA of the trained weights that sampling / export read (flow_grpo/ema.py
+    `EMAModuleWrapper`, decay 0.9, every 8 steps: `train.ema.*`) and the dropping of samples
+    whose advantage is 0 (train_sd3.py: `train.drop_zero_advantage`).
   Rewards: PickScore on device (`reward.pickscore_path`); OCR and GenEval through the reward
   server (`reward.server_url`, a `python -m ddpo_jax.rewards.server` hosting the scorer).
   """
@@ -263,6 +265,10 @@ def sd3_flow_grpo_config(task: str, arg=None) -> ml_collections.ConfigDict:
   t.clip_range = 1e-4
   t.learning_rate = 3e-4
   t.kl_beta = _FLOW_GRPO_KL_BETA[task]
+  t.drop_zero_advantage = True
+  t.ema.enabled = True
+  t.ema.decay = 0.9
+  t.ema.update_interval = 8
   config.per_prompt_stat_tracking.enabled = False
   return apply_variants(config, arg, FLOW_VARIANTS, "SD3 Flow-GRPO")
 
@@ -300,8 +306,8 @@ def sd3_flow_grpo_fast_config(task: str, arg=None) -> ml_collections.ConfigDict:
     at its False (config/base.py), so `sample.same_noise_per_group` stays False.
   Ours, not the reference's: the window is drawn per global sampling call from (seed, epoch,
   call) (`dynamics.sde_window_steps`), the same for all its samples; flow_grpo draws it with
-  Python's `random`, seeded per process, i.e. one window per GPU per call. Not carried over:
-  the EMA of the weights and the dropping of zero-advantage samples.
+  Python's `random`, seeded per process, i.e. one window per GPU per call. The weight EMA and
+  the zero-advantage filter as `sd3_flow_grpo_config` (train_sd3_fast.py keeps both).
   """
   if task not in FAST_TASKS:
     raise ValueError(f"unknown Flow-GRPO-Fast task {task!r}; known: {FAST_TASKS}")
@@ -337,15 +343,16 @@ def sd3_nft_config(task: str, arg=None) -> ml_collections.ConfigDict:
   - NFT's beta 1 and old-policy decay_type 1 (ocr: beta 0.1, decay_type 2), KL beta 1e-4
     (`train.kl_beta`), timestep fraction 0.99, lr 3e-4;
   - LoRA rank 32, alpha 64 on the joint-attention projections (`SD3_LORA_TARGETS`).
-  Ours, not the reference's: the sampler is the flow ODE's Euler step (`sample.sampler="ode"`);
-  the reference samples with its 2nd-order DPM solver (`sample.solver="dpm2"`). Not carried
-  over: the EMA of the weights.
+  - its sampler, the deterministic 2nd-order DPM solver (`sample.sampler="dpm2"`, config/nft.py
+    `solver="dpm2"`);
+  - the EMA of the trained weights for evaluation (train_nft_sd3.py: decay 0.9, every step:
+    `train.ema.*`), beside NFT's own old policy; no zero-advantage filter (the reference has none).
   """
   if task not in NFT_TASKS:
     raise ValueError(f"unknown DiffusionNFT task {task!r}; known: {NFT_TASKS}")
   config = sd3_flow_grpo_config(task)
   s, t = config.sample, config.train
-  s.sampler = "ode"
+  s.sampler = "dpm2"
   s.guidance_scale = 1.0
   s.group_size = 24
   s.batch_size = 72
@@ -358,6 +365,8 @@ def sd3_nft_config(task: str, arg=None) -> ml_collections.ConfigDict:
   t.nft_decay_type = 2 if task == "ocr" else 1
   t.kl_beta = 1e-4
   t.timestep_fraction = 0.99
+  t.drop_zero_advantage = False
+  t.ema.update_interval = 1
   return apply_variants(config, arg, FLOW_VARIANTS, "SD3 DiffusionNFT")
 
 
@@ -380,8 +389,8 @@ def flux_flow_grpo_config(task: str, arg=None) -> ml_collections.ConfigDict:
   576 (96 x 6 accumulated), 2 per epoch; global std, timestep fraction 0.99, PPO clip 1e-4, lr
   3e-4. LoRA as flow_grpo's scripts/train_flux.py: rank 64, alpha 128 on the attention
   projections of the double- and single-stream blocks and the feed-forward layers of the
-  double-stream ones (`FLUX_LORA_TARGETS`). flow_grpo's beta is 0 here (`train.kl_beta` 0); its
-  EMA is not carried over."""
+  double-stream ones (`FLUX_LORA_TARGETS`). flow_grpo's beta is 0 here (`train.kl_beta` 0); the
+  weight EMA and the zero-advantage filter as `sd3_flow_grpo_config`."""
   if task != "pickscore":
     raise ValueError(f"unknown FLUX task {task!r}; known: ('pickscore',)")
   config = sd3_flow_grpo_config("pickscore")

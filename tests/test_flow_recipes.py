@@ -52,7 +52,12 @@ def test_sd3_fast_recipe_is_flow_grpo_fast_nocfg(task):
 # flow_grpo config/grpo.py: train.beta of pickscore_sd3 / general_ocr_sd3 / geneval_sd3
 @pytest.mark.parametrize("task,beta", [("pickscore", 0.01), ("ocr", 0.04), ("geneval", 0.04)])
 def test_sd3_flow_grpo_kl_beta(task, beta):
-  assert load_config(f"sd3_{task}").train.kl_beta == beta
+  """config/grpo.py: train.beta per task and train.ema = True (train_sd3.py's EMAModuleWrapper
+  decay 0.9, update_step_interval 8); train_sd3.py drops zero-advantage samples."""
+  t = load_config(f"sd3_{task}").train
+  assert t.kl_beta == beta
+  assert t.ema.enabled and t.ema.decay == 0.9 and t.ema.update_interval == 8
+  assert t.drop_zero_advantage
 
 
 # NVlabs/DiffusionNFT config/nft.py `_get_config(base_model="sd3", n_gpus=8, ...)`:
@@ -70,7 +75,10 @@ def test_sd3_nft_recipe_is_diffusion_nft(task):
   ref = NFT[task]
   c = load_config(f"sd3_nft_{task}")
   s, t = c.sample, c.train
-  assert t.algorithm == "nft" and s.sampler == "ode"
+  # config/nft.py: solver="dpm2" (deterministic); train_nft_sd3.py: EMA decay 0.9 every step
+  assert t.algorithm == "nft" and s.sampler == "dpm2"
+  assert t.ema.enabled and t.ema.decay == 0.9 and t.ema.update_interval == 1
+  assert not t.drop_zero_advantage
   assert c.model.resolution == 512 and s.num_steps == 10
   assert s.guidance_scale == 1.0 and not t.cfg
   assert s.group_size == 24 and s.batch_size == 8 * 9 and s.num_batches_per_epoch == 16
