@@ -231,7 +231,9 @@ def _fsdp_check(flux, clip, prompts, min_size):
     opt_sh = state_sh.opt_state if isinstance(state_sh, train.TrainState) else repl
     state = train.TrainState(step=parallel.put(np.zeros((), np.int32), repl), params=params,
                              opt_state=jax.jit(opt.init, out_shardings=opt_sh)(params),
-                             rng=parallel.put(jax.random.PRNGKey(0), repl))
+                             rng=parallel.put(jax.random.PRNGKey(0), repl),
+                             ema_params=(parallel.put(policy.params["unet"], params_sh)
+                                         if config.train.ema.enabled else None))
     update = train.make_update_fn(policy, config, opt, mesh)
     new, metrics = update(state, frozen, traj, adv, scales, np.arange(n, dtype=np.float32),
                           jax.random.PRNGKey(1))
