@@ -201,10 +201,12 @@ _FLOW_GRPO_KL_BETA = {"pickscore": 0.01, "ocr": 0.04, "geneval": 0.04}
 
 def _flow_runlocal(config) -> None:
   """`runlocal` for the flow recipes: the SD one (a tiny pipeline that
-  --config.model.pretrained_path=DIR names, 16x16 images) with groups of 2 in batches of 4."""
+  --config.model.pretrained_path=DIR names, 16x16 images) with groups of 2 in batches of 4;
+  the weight EMA (when the recipe keeps one) updated every step, so that its few steps move it."""
   runlocal(config)
   config.sample.group_size = 2
   config.model.lora.targets = SD3_LORA_TARGETS
+  config.train.ema.update_interval = 1
 
 
 FLOW_VARIANTS = (Variant("full", _full, "full transformer fine-tuning"),
@@ -220,8 +222,8 @@ def sd3_flow_grpo_config(task: str, arg=None) -> ml_collections.ConfigDict:
     update (flow_grpo evaluates with 40 steps: `python -m ddpo_jax.sample --pipeline`);
   - groups of 24 images per prompt, 48 distinct prompts per epoch (`sample.prompt_sampling`
     "epoch_unique": flow_grpo's `DistributedKRepeatSampler`, flow_grpo/sampler.py): 1152
-    samples = 4 sampling calls of 288 (flow_grpo's 9 per GPU x 32 GPUs); advantages relative to the group's mean over the
-    whole batch's std (flow_grpo's `global_std=True`);
+    samples = 4 sampling calls of 288 (flow_grpo's 9 per GPU x 32 GPUs); advantages relative
+    to the group's mean over the whole batch's std (flow_grpo's `global_std=True`);
   - optimizer steps of 576 samples (288 x 2 accumulated), i.e. 2 per epoch; PPO clip 1e-4,
     advantages clipped to 5, lr 3e-4, AdamW as DDPO's, grad-norm clip 1, timestep fraction 0.99;
   - LoRA rank 32, alpha 64 on the joint-attention projections (`SD3_LORA_TARGETS`);
