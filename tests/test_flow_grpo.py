@@ -143,7 +143,7 @@ def test_bad_flow_configs_are_refused_before_compiling(tiny_sd3, tiny_sd, prompt
       dynamics.make_dynamics(families.build_policy(config, ""), config)
 
   refused({}, r"sample.sampler='ddim' needs a 'epsilon'-predicting model; this one predicts "
-          r"'flow' \(use sample.sampler in \['sde', 'cps', 'ode'\]\)")
+          r"'flow' \(use sample.sampler in \['sde', 'cps', 'ode', 'dpm2'\]\)")
   refused({"sample.sampler": "sde"}, r"'sde' needs a 'flow'-predicting model; this one "
           r"predicts 'epsilon'", path=tiny_sd)
   refused({"sample.sampler": "sde", "sample.group_size": 3}, r"sample.group_size=3 must "
