@@ -77,6 +77,11 @@ def _adapter_branch(layer: nn.Module, x, a, b, scale: float):
   return scale * (h @ b.astype(jnp.float32))
 
 
+def _output_dtype(layer: nn.Module, x):
+  """What the layer returns: its compute dtype, or (None) its operands' promoted dtype."""
+  return layer.dtype or jnp.result_type(x, layer.variables["params"]["kernel"])
+
+
 def _base_branch_float32(layer: nn.Module, x):
   """layer_W(x) with the layer's operand dtypes (bfloat16 inputs and kernel stay bfloat16) but
   a float32 result (`preferred_element_type`: the accumulator the hardware keeps anyway), so
@@ -87,7 +92,7 @@ def _base_branch_float32(layer: nn.Module, x):
   against float32 copies of every adapted kernel (measured: +5 GiB of temporaries in a
   compiled FLUX.1 LoRA step, benchmarks/memory.py)."""
   params = layer.variables["params"]
-  out_dtype = layer.dtype or jnp.result_type(x, params["kernel"])
+  out_dtype = _output_dtype(layer, x)
   if isinstance(layer, nn.Conv):
     conv = layer.conv_general_dilated or lax.conv_general_dilated
     wide = layer.clone(parent=None, conv_general_dilated=functools.partial(
@@ -139,9 +144,8 @@ def apply(module: nn.Module, params: Params | LoraAdapted, *args, **kwargs):
       return next_fun(*call_args, **call_kwargs)
     used.add(tuple(layer.path))
     x = call_args[0] if call_args else call_kwargs["inputs"]
-    out_dtype = layer.dtype or jnp.result_type(x, layer.variables["params"]["kernel"])
     y = _base_branch_float32(layer, x) + _adapter_branch(layer, x, *ab, params.scale)
-    return y.astype(out_dtype)
+    return y.astype(_output_dtype(layer, x))
 
   with nn.intercept_methods(interceptor):
     out = module.apply({"params": params.base}, *args, **kwargs)
