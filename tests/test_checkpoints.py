@@ -1,5 +1,5 @@
 """Checkpoint integrity: checksums against NumPy, damaged steps found, named and set aside, the
-newest intact step restored (issue 16), on the real digits `TrainState` (params + AdamW state)."""
+newest intact step restored, on the real digits `TrainState` (params + AdamW state)."""
 import json
 import os
 import shutil
@@ -209,7 +209,7 @@ def test_resume_restores_the_newest_intact_step_and_sets_the_damaged_one_aside(
 def test_bit_flips_never_restore_wrong_numbers(saved_run, tmp_path):
   """Single-bit flips at 12 offsets spread over every array data file of a step, each read by a
   new manager: each restore either fails, naming the step as damaged, or gives exactly the
-  saved arrays (a flip in bytes that hold no array value). Without checksums, issue 16's probe
+  saved arrays (a flip in bytes that hold no array value). Without checksums, the same probe
   saw 5 of 6 flips restore silently with wrong elements."""
   config, _, template, saved = saved_run
   workdir = _copy(saved_run, tmp_path)

@@ -1,4 +1,4 @@
-"""Flow-GRPO through the one training core (issue 18): configs/sd3_pickscore.py and
+"""Flow-GRPO through the one training core: configs/sd3_pickscore.py and
 configs/flux_pickscore.py (:runlocal, LoRA, and :full,runlocal) on tiny random SD3.5- and
 FLUX.1-dev-style pipelines, trained by `loop.train_and_evaluate` with the flow SDE
 (`sample.sampler="sde"`), groups of prompts, group-relative advantages and the PickScore reward

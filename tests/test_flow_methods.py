@@ -1,4 +1,4 @@
-"""The flow-matching methods beside Flow-GRPO (issue 18): per-sample SDE windows (MixGRPO,
+"""The flow-matching methods beside Flow-GRPO: per-sample SDE windows (MixGRPO,
 Flow-GRPO-Fast), the shared noise of Fast's groups, DiffusionNFT's loss against NumPy, the
 rectified-flow digits MMDiT, and configs/digits_flow.py with its variants through the one
 training core, plus the bad combinations refused before anything compiles."""
