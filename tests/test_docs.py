@@ -5,8 +5,8 @@ import re
 from conftest import REPO
 
 ALGORITHMS = os.path.join(REPO, "docs", "algorithms.md")
-CITED_DIRS = ("ddpo_jax", "configs", "launch", "benchmarks", "tests")
-CITED_FILES = ("README.md", "BENCHMARKS.md")
+CITED_DIRS = ("ddpo_jax", "configs", "launch", "benchmarks", "tests", "docs")
+CITED_FILES = ("README.md",)
 
 
 def _text_files():
