@@ -1,5 +1,5 @@
 r"""Method comparisons on the built-in digits task, several seeds each; the tables and plots in
-README.md.
+docs/results.md.
 
 `--suite=ddpo` (default): the DDPO paper's central comparison (Black et al. 2023, Fig. 4):
 DDPO-IS (PPO-clipped importance sampling), DDPO-SF (score function), RWR and RWR-sparse at the

@@ -1,6 +1,6 @@
 r"""CTRL's offline digits classifiers p̂(y | x), as the digits configs train them, scored on the
 held-out split: accuracy, NLL (nats per example) and ECE after temperature scaling, per task,
-label budget and random-shift augmentation. Produces the classifier table in README.md.
+label budget and random-shift augmentation. Produces the classifier table in docs/results.md.
 
   python benchmarks/ctrl_classifiers.py --tasks=class,thickness,multi --budgets=100,300,all \
       --shifts=0,1

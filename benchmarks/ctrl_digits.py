@@ -1,5 +1,5 @@
 r"""The digits CTRL experiments: CTRL vs classifier-free guidance vs classifier guidance, for
-each task and label budget, on CPU. Produces the table in README.md.
+each task and label budget, on CPU. Produces the table in docs/results.md.
 
   python benchmarks/ctrl_digits.py --root=/tmp/ctrl_digits \
       --tasks=class,thickness,multi --budgets=100,300,all --methods=ctrl,cfg,cg [--replicates=3]

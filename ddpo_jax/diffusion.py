@@ -356,7 +356,7 @@ def guided_eps(eps_fn: EpsFn, params: Any, x: Array, t: Array, context: Array,
   eps_u + w (eps_c - eps_u): eps_c = eps(c, y) with `class_labels`, eps_u = eps(∅, y_u) with
   `uncond_class_labels` (None: the same labels as eps_c). CTRL passes its null labels as y_u,
   as its reference code does, so w scales the control's effect as it scales the prompt's:
-  eps(∅, null) + w (eps(c, y) − eps(∅, null)) (README, "CTRL").
+  eps(∅, null) + w (eps(c, y) − eps(∅, null)) (docs/algorithms.md §5.2).
 
   Args:
     x: (B, H, W, C). t: (B,) int32. context: (B, L, D). uncond_context: (1, L, D) or (B, L, D)

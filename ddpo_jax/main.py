@@ -7,7 +7,7 @@ saved with (`--allow_config_change=KEY,...` to resume with other values of those
 Several processes (hosts): start one per host (or per GPU) with the same arguments; they find
 each other through SLURM's or a TPU VM pod's environment, or through
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (HOST:PORT of process 0).
-See launch/ and README.md ("Multi-host and launch").
+See launch/ and docs/operations.md ("Multi-host and launch").
 """
 import os
 

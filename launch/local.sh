@@ -3,7 +3,7 @@
 #   launch/local.sh WORKDIR [CONFIG] [--config.key=value ...]
 #   launch/local.sh /tmp/ddpo_digits configs/default.py --config.num_epochs=20
 # Several processes: launch/local_multiprocess.sh (CPU, this machine), launch/tpu_vm.sh (TPU VM
-# pods), launch/slurm.sbatch (multi-node GPUs); see README.md "Multi-host and launch".
+# pods), launch/slurm.sbatch (multi-node GPUs); see docs/operations.md "Multi-host and launch".
 set -euo pipefail
 if [ $# -lt 1 ]; then
   echo "usage: $0 WORKDIR [CONFIG] [--config.key=value ...]" >&2
