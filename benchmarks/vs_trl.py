@@ -34,7 +34,7 @@ cached (`$DDPO_JAX_CACHE/bench/`, default ~/.cache/ddpo_jax/bench/): ddpo_jax th
 `config.model.pretrained_path` (`ddpo_jax.sd`), TRL through `DefaultDDPOStableDiffusionPipeline`.
 Both then run the same work per epoch: N prompts (drawn from one list) in sampling calls of B,
 T DDIM steps with eta 1 and classifier-free guidance (one batched UNet call per step), the JPEG
-compressibility reward (`ddpo_jax.rewards.jpeg_compressibility`, PIL quality 95, on the host),
+compressibility reward (`ddpo_jax.rewards.jpeg.jpeg_compressibility`, PIL quality 95, on the host),
 advantages normalised over the batch (no per-prompt tracking on either side), then
 `inner_epochs` passes of PPO-clip over minibatches of `train_batch_size`, K = int(T ·
 timestep_fraction) timesteps per sample, gradients accumulated over K × `grad_accum`
@@ -263,7 +263,7 @@ def describe(s: dict) -> str:
 
 
 def jpeg_reward_np(images_uint8):
-  from ddpo_jax.rewards import jpeg_compressibility
+  from ddpo_jax.rewards.jpeg import jpeg_compressibility
   return jpeg_compressibility(images_uint8, None, None)
 
 

@@ -339,7 +339,7 @@ def _train_and_evaluate(config, workdir, mesh, log, allow_config_change) -> dict
   enable_compilation_cache(config.compilation_cache_dir, log)
   parallel.check_same_on_all_processes("config", config.to_json())
   policy = build_policy(config, workdir)
-  terms = make_rewards(config, policy)
+  terms = make_rewards(config, policy, log)
   optimizer = make_optimizer(config.train, policy.learning_rates)
   repl = parallel.replicated(mesh)
   params_sh, frozen_sh, state_sh = model_shardings(policy, config, optimizer, mesh)

@@ -23,7 +23,7 @@ import optax
 from ddpo_jax import algorithms, config_schema, diffusion, dynamics as dynamics_lib, flow
 from ddpo_jax import parallel
 from ddpo_jax.policy import Policy
-from ddpo_jax.rewards import Reward, check_remote_terms
+from ddpo_jax.rewards import Reward, check_terms
 
 @flax.struct.dataclass
 class TrainState:
@@ -120,10 +120,12 @@ def sampler_runs_reference(config) -> bool:
 
 def validate_shared_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError for a config that does not fit the schema (`config_schema.validate`:
-  unknown or missing keys, values outside their choices or valid ranges) or names a remote
-  reward term without a server: DDPO's and CTRL's `validate_config`."""
+  unknown or missing keys, values outside their choices or valid ranges) or names a reward
+  term that cannot be built (`rewards.check_terms`: an unknown name, an empty path key it needs,
+  a remote term without a server): DDPO's and CTRL's `validate_config`."""
   config_schema.validate(config)
-  check_remote_terms(config)  # every remote reward term has a server URL
+  # Every reward term can be built; a task's own reward names (CTRL's) are known with its policy.
+  check_terms(config, task_rewards=None if config.mode == "ctrl" else ())
   t = config.train
   if config.mode != "ddpo" and (t.ema.enabled or t.kl_beta > 0 or t.drop_zero_advantage):
     raise ValueError(f"config.mode={config.mode!r}: train.ema.enabled, train.kl_beta and "

@@ -271,24 +271,24 @@ def test_unknown_config_key_is_rejected(tmp_path):
 
 
 def test_nan_reward_stops_without_saving(digits_cache, tmp_path, monkeypatch):
-  from ddpo_jax import rewards
-  real = rewards.jpeg_compressibility
-  monkeypatch.setattr(rewards, "jpeg_compressibility",
+  from ddpo_jax.rewards import jpeg
+  real = jpeg.jpeg_compressibility
+  monkeypatch.setattr(jpeg, "jpeg_compressibility",
                       lambda *a: (np.full(len(a[0]), np.nan, np.float32), {}))
   workdir = str(tmp_path / "nan")
   config = _config(**{"reward.weights": {"jpeg_compressibility": 1.0}, "reward.metrics": ()})
   with pytest.raises(FloatingPointError, match="NaN"):
     loop.train_and_evaluate(config, workdir)
   assert checkpoints.manager(workdir, read_only=True).all_steps() == [0]
-  assert real is not rewards.jpeg_compressibility
+  assert real is not jpeg.jpeg_compressibility
 
 
 def test_nan_in_a_logged_only_info_field_is_named_and_the_run_goes_on(digits_cache, tmp_path,
                                                                       monkeypatch):
   """A scorer's info values are logged, not trained on: a NaN there is named (reward and field)
   and left out of that field's mean; only the trained reward's NaN stops a run (above)."""
-  from ddpo_jax import rewards
-  real = rewards.jpeg_compressibility
+  from ddpo_jax.rewards import jpeg
+  real = jpeg.jpeg_compressibility
   seen = []
 
   def with_nan_info(images, prompts, metadata):
@@ -298,7 +298,7 @@ def test_nan_in_a_logged_only_info_field_is_named_and_the_run_goes_on(digits_cac
     kb[0] = np.nan
     return r, {"jpeg_kb": kb, "always_nan": np.full(len(kb), np.nan)}
 
-  monkeypatch.setattr(rewards, "jpeg_compressibility", with_nan_info)
+  monkeypatch.setattr(jpeg, "jpeg_compressibility", with_nan_info)
   said = []
   config = _config(**{"num_epochs": 1, "reward.weights": {"jpeg_compressibility": 1.0},
                       "reward.metrics": ()})

@@ -7,7 +7,7 @@ distribution, the config's DDIM steps / eta / guidance), measure a scalar per im
 into `num_classes` quantile levels (level 0 = the smallest values). Sources
 (`config.ctrl.conditions.NAME.data.source`):
 
-- "sampled_jpeg_levels": JPEG file size in kB (`ddpo_jax.rewards.jpeg_size_kb`, PIL at
+- "sampled_jpeg_levels": JPEG file size in kB (`ddpo_jax.rewards.jpeg.jpeg_size_kb`, PIL at
   `quality`, default 95) of the full-size uint8 sample; level 0 = the most compressible;
 - "sampled_aesthetic_levels": the LAION aesthetic score (`ddpo_jax.rewards.aesthetic`,
   `config.reward.clip_path` + `config.reward.aesthetic_mlp_path`); level 0 = the least aesthetic.
@@ -44,7 +44,8 @@ from ddpo_jax import parallel, train
 from ddpo_jax.ctrl import data as data_lib
 from ddpo_jax.models.clip import load_clip_vision
 from ddpo_jax.policy import Policy
-from ddpo_jax.rewards import aesthetic, jpeg_size_kb, to_uint8
+from ddpo_jax.rewards import aesthetic, to_uint8
+from ddpo_jax.rewards.jpeg import jpeg_size_kb
 
 SOURCES = ("sampled_jpeg_levels", "sampled_aesthetic_levels")
 MEASURES = {"sampled_jpeg_levels": "jpeg_kb", "sampled_aesthetic_levels": "aesthetic_score"}

@@ -8,82 +8,39 @@ Two kinds, both with that signature:
   and NumPy metadata; the trainer runs them on a thread pool so they overlap with sampling.
 
 A training reward is a weighted sum of named terms (`config.reward.weights`); terms named in
-`config.reward.metrics` are computed and logged only. `make_rewards` builds them by name.
-
-Remote terms (host rewards scored by a `python -m ddpo_jax.rewards.server` over HTTP, each its
-own `RewardClient`): "remote" asks `config.reward.server_url`; "remote_NAME" asks
-`config.reward.server_urls.NAME`, so one config can weight scorers hosted on several servers
-(e.g. "remote_ocr" and "remote_geneval"). `remote_url` finds a term's URL and refuses a term
-without one.
+`config.reward.metrics` are computed and logged only. `make_rewards` builds them by name, looking
+each up in this order:
+- the task's own rewards (`Policy.rewards`, e.g. CTRL's log-likelihood and judge accuracies);
+- the registry (`register`, `names`, `get`: ddpo_jax/rewards/registry.py), where each reward
+  module registers its names; this package imports the built-in ones:
+    jpeg.py             "jpeg_compressibility", "jpeg_incompressibility"   (host)
+    digit_classifier.py "digit_class_logprob" (device), "digits_heldout_accuracy" (host)
+    aesthetic.py        "aesthetic"                                        (device)
+    clip_score.py       "pickscore", "clipscore"                           (device)
+- remote terms (host rewards scored by a `python -m ddpo_jax.rewards.server` over HTTP, each its
+  own `RewardClient`): "remote" asks `config.reward.server_url`; "remote_NAME" asks
+  `config.reward.server_urls.NAME`, so one config can weight scorers hosted on several servers
+  (e.g. "remote_ocr" and "remote_geneval"). `remote_url` finds a term's URL and refuses a term
+  without one.
+`check_terms` refuses a config whose terms cannot be built (an unknown name, an empty path key a
+reward needs, a remote term without a URL) before anything is loaded; docs/rewards.md, "Adding
+a reward", shows how to add one.
 """
 from __future__ import annotations
 
-import io
-from typing import Callable
-
-import jax
-import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
-from ddpo_jax import digits
-from ddpo_jax.rewards.aesthetic import make_aesthetic_reward
+# The built-in reward modules, imported for their registrations (in this order in `names()`).
+from ddpo_jax.rewards import jpeg, digit_classifier, aesthetic, clip_score  # noqa: F401
 from ddpo_jax.rewards.base import Reward
-from ddpo_jax.rewards.clip_score import make_clipscore_reward, make_pickscore_reward
 from ddpo_jax.rewards.client import remote_reward
+from ddpo_jax.rewards.registry import (REMOTE, REMOTE_PREFIX, RegisteredReward, get, is_remote,
+                                       names, register, unregister)
 
 
 def to_uint8(images) -> np.ndarray:
   """Float images in [0, 1] -> uint8 with rounding and clamping (before any image reward)."""
   return np.clip(np.round(np.asarray(images, np.float32) * 255.0), 0, 255).astype(np.uint8)
-
-
-def jpeg_size_kb(images_uint8: np.ndarray, quality: int = 95) -> np.ndarray:
-  """JPEG file size in kB (1000 bytes) of each uint8 image (B,H,W,C), PIL at `quality`."""
-  sizes = []
-  for img in images_uint8:
-    pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
-    buf = io.BytesIO()
-    pil.save(buf, format="JPEG", quality=quality)
-    sizes.append(buf.tell() / 1000.0)
-  return np.asarray(sizes, np.float32)
-
-
-def jpeg_compressibility(images, prompts, metadata):
-  """Reward = −JPEG size in kB (PIL quality 95). Host reward."""
-  size = jpeg_size_kb(images)
-  return -size, {"jpeg_kb": size}
-
-
-def jpeg_incompressibility(images, prompts, metadata):
-  """Reward = +JPEG size in kB (PIL quality 95). Host reward."""
-  size = jpeg_size_kb(images)
-  return size, {"jpeg_kb": size}
-
-
-def classifier_log_prob_reward(log_prob_fn: Callable[[jax.Array], jax.Array], label_key: str):
-  """Device reward log p̂(y | x) of the label `metadata[label_key]` under a classifier.
-
-  Args:
-    log_prob_fn: images (B,H,W,C) float32 in [0,1] -> (B, K) log-probabilities.
-    label_key: the metadata entry holding the wanted label (B,) int32.
-  """
-  def fn(images, prompt_ids, metadata):
-    log_probs = log_prob_fn(images)
-    labels = metadata[label_key]
-    reward = jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
-    accuracy = (jnp.argmax(log_probs, -1) == labels).astype(jnp.float32)
-    return reward, {"classifier_accuracy": accuracy}
-  return fn
-
-
-REMOTE = "remote"  # the term on `reward.server_url`
-REMOTE_PREFIX = "remote_"  # "remote_NAME": the term on `reward.server_urls.NAME`
-
-
-def is_remote(name: str) -> bool:
-  """Whether reward term `name` is scored by a reward server ("remote" or "remote_NAME")."""
-  return name == REMOTE or name.startswith(REMOTE_PREFIX)
 
 
 def remote_url(name: str, reward_config) -> str:
@@ -121,66 +78,108 @@ def remote_url(name: str, reward_config) -> str:
 
 
 def _term_names(config) -> dict[str, float]:
-  names = dict(config.reward.weights)
+  """{term name: weight} of `config.reward.weights`, then each `config.reward.metrics` name not
+  already there at weight 0."""
+  terms = dict(config.reward.weights)
   for name in config.reward.metrics:
-    names.setdefault(name, 0.0)
-  return names
+    terms.setdefault(name, 0.0)
+  return terms
 
 
 def check_remote_terms(config, task_rewards=()) -> dict[str, str]:
   """{term: URL} of every remote term of `config.reward` (weights and metrics), without
   contacting any server; names in `task_rewards` (a task's own rewards) are not remote.
-  Raises the ValueError of `remote_url` for a term without a URL: call it before building or
-  compiling anything (`make_rewards` calls it before building its terms)."""
+  Raises the ValueError of `remote_url` for a term without a URL (`check_terms` calls it)."""
   return {name: remote_url(name, config.reward) for name in _term_names(config)
           if is_remote(name) and name not in task_rewards}
 
 
-def make_rewards(config, policy) -> list[tuple[float, Reward]]:
-  """Builds the (weight, Reward) terms of `config.reward`: training terms then metrics (weight 0).
-  Each remote term is its own `RewardClient` (its own batching and retries) on its own URL."""
-  names = _term_names(config)
-  if not any(w != 0 for w in names.values()):
+
+
+def _config_value(config, key: str):
+  """The value of dotted key `key` ("reward.pickscore_path") in `config`, None if absent."""
+  node = config
+  for part in key.split("."):
+    if not hasattr(node, "keys") or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def check_terms(config, task_rewards=None) -> None:
+  """Refuses, before anything is loaded or compiled, a `config.reward` whose terms (weights and
+  metrics) cannot all be built.
+
+  Args:
+    config: the run config.
+    task_rewards: the names of the task's own rewards (`Policy.rewards`), or None while they are
+      not known yet (CTRL's, before its policy is built): then a name that is neither registered
+      nor remote is left to `make_rewards`.
+
+  Raises:
+    ValueError: no term has a non-zero weight; a name that is neither the task's, registered
+      (`names()`) nor remote (the message lists the known ones); a registered term whose `needs`
+      key is not a non-empty string (naming the key); a remote term without a URL
+      (`remote_url`'s message).
+  """
+  terms = _term_names(config)
+  if not any(w != 0 for w in terms.values()):
     raise ValueError("config.reward.weights must give at least one term a non-zero weight")
-  check_remote_terms(config, policy.rewards)  # every URL before any term is built
-  terms = []
-  for name, weight in names.items():
-    terms.append((float(weight), _build(name, config, policy)))
-  return terms
+  own = () if task_rewards is None else tuple(task_rewards)
+  for name in terms:
+    if name in own or is_remote(name):
+      continue
+    if name not in names():
+      if task_rewards is None:
+        continue
+      known = ", ".join(names() + (REMOTE, REMOTE_PREFIX + "NAME") + own)
+      raise ValueError(f"unknown reward {name!r} (config.reward.weights / metrics); known: "
+                       f"{known} (remote_NAME: any NAME with a URL in "
+                       "config.reward.server_urls; a new reward registers its name with "
+                       "ddpo_jax.rewards.register, docs/rewards.md)")
+    for key in get(name).needs:
+      value = _config_value(config, key)
+      if not isinstance(value, str) or not value:
+        raise ValueError(f"reward {name!r} needs config.{key}, which is {value!r}; set it, "
+                         f"e.g. --config.{key}=PATH")
+  check_remote_terms(config, own)
 
 
-def _build(name: str, config, policy) -> Reward:
+def make_rewards(config, policy, log=print) -> list[tuple[float, Reward]]:
+  """Builds the (weight, Reward) terms of `config.reward`: training terms then metrics (weight 0),
+  each looked up in `policy.rewards` (the task's own), then the registry, then as a remote term
+  (its own `RewardClient` on its own URL). Every term is checked (`check_terms`) before any is
+  built; `log` receives the builders' progress messages.
+
+  Raises:
+    ValueError: `check_terms`'s, or a registered builder that returned a `Reward` of another
+      name or kind than it registered.
+  """
   task_rewards = policy.rewards  # rewards a task defines (e.g. CTRL's)
+  check_terms(config, task_rewards)
+  return [(float(weight), _build(name, config, task_rewards, log))
+          for name, weight in _term_names(config).items()]
+
+
+def _build(name: str, config, task_rewards, log) -> Reward:
   if name in task_rewards:
     return task_rewards[name]
-  if name == "jpeg_compressibility":
-    return Reward(name, jpeg_compressibility, on_device=False)
-  if name == "jpeg_incompressibility":
-    return Reward(name, jpeg_incompressibility, on_device=False)
-  if name in ("digit_class_logprob", "digits_heldout_accuracy"):
-    if name == "digit_class_logprob":
-      clf = digits.reward_classifier(config.reward.classifier_seed)
-      return Reward(name, classifier_log_prob_reward(clf.log_probs, "class_label"), True)
-    return Reward(name, digits.heldout_accuracy_metric(), on_device=False)
-  if name == "aesthetic":
-    return Reward(name, make_aesthetic_reward(config.reward.clip_path,
-                                              config.reward.aesthetic_mlp_path), on_device=True)
-  if name == "pickscore":
-    return make_pickscore_reward(config.reward.pickscore_path, name=name,
-                                 tokenizer_path=config.reward.clip_tokenizer_path or None)
-  if name == "clipscore":
-    return make_clipscore_reward(config.reward.clipscore_path, name=name,
-                                 tokenizer_path=config.reward.clip_tokenizer_path or None)
   if is_remote(name):
     # server_timeout_s: one POST; server_deadline_s: a whole call (all batches and tries).
     return Reward(name, remote_reward(
         remote_url(name, config.reward), batch_size=16,
         timeout=float(config.reward.server_timeout_s), retries=3, backoff=1.0,
         deadline_s=float(config.reward.server_deadline_s)), on_device=False)
-  known = ", ".join(KNOWN_REWARDS + tuple(task_rewards))
-  raise ValueError(f"unknown reward {name!r}; known: {known}")
+  registered = get(name)
+  reward = registered.make(config, log)
+  if not isinstance(reward, Reward) or reward.name != name or \
+      reward.on_device != registered.on_device:
+    raise ValueError(f"reward {name!r}: its registered builder {registered.make.__qualname__} "
+                     f"returned {reward!r}; expected a Reward named {name!r} with on_device="
+                     f"{registered.on_device} (as registered)")
+  return reward
 
 
-KNOWN_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility", "digit_class_logprob",
-                 "digits_heldout_accuracy", "aesthetic", "pickscore", "clipscore", "remote",
-                 "remote_NAME")  # remote_NAME: any NAME with a URL in reward.server_urls
+__all__ = ["REMOTE", "REMOTE_PREFIX", "RegisteredReward", "Reward", "check_remote_terms",
+           "check_terms", "get", "is_remote", "make_rewards", "names", "register", "remote_url",
+           "to_uint8", "unregister"]

@@ -29,6 +29,8 @@ import numpy as np
 
 from ddpo_jax.models.clip import ClipVision, load_clip_vision
 from ddpo_jax.models.weights import WeightLoadingError
+from ddpo_jax.rewards.base import Reward
+from ddpo_jax.rewards.registry import register
 
 Params = Any
 
@@ -348,3 +350,13 @@ def make_aesthetic_reward(clip_path: str | os.PathLike, mlp_path: str | os.PathL
   """Loads CLIP (transformers directory or Hub id, e.g. `openai/clip-vit-large-patch14`) and
   the MLP `.pth`, and returns `aesthetic_reward_fn(clip, mlp)`."""
   return aesthetic_reward_fn(load_clip_vision(clip_path, dtype=dtype), load_aesthetic_mlp(mlp_path))
+
+
+@register("aesthetic", on_device=True, needs=("reward.clip_path", "reward.aesthetic_mlp_path"))
+def make_aesthetic_term(config, log) -> Reward:
+  """The "aesthetic" device reward of `config.reward.clip_path` (CLIP ViT-L/14 vision tower)
+  and `config.reward.aesthetic_mlp_path` (the LAION MLP `.pth`)."""
+  del log
+  return Reward("aesthetic", make_aesthetic_reward(config.reward.clip_path,
+                                                   config.reward.aesthetic_mlp_path),
+                on_device=True)

@@ -69,6 +69,7 @@ from ddpo_jax.models.clip import (CLIP_MEAN, CLIP_STD, LIST_NAMES, CLIPTextConfi
 from ddpo_jax.models.weights import WeightLoadingError, flax_path_to_torch_key
 from ddpo_jax.rewards.aesthetic import float_to_uint8_values
 from ddpo_jax.rewards.base import Reward
+from ddpo_jax.rewards.registry import register
 
 Params = Any
 Dtype = Any
@@ -623,3 +624,21 @@ def make_clipscore_reward(path: str | os.PathLike, dtype: Dtype = jnp.float32, *
   fn = ClipRewardFn(model, "clipscore", variant=variant, w=w, quantize=quantize,
                     round_like_pil=round_like_pil)
   return Reward(name, fn, on_device=True, prompt_metadata=fn.prompt_metadata)
+
+
+@register("pickscore", on_device=True, needs=("reward.pickscore_path",))
+def make_pickscore_term(config, log) -> Reward:
+  """The "pickscore" device reward of `config.reward.pickscore_path` (tokenizer:
+  `config.reward.clip_tokenizer_path`, or the model's own when '')."""
+  del log
+  return make_pickscore_reward(config.reward.pickscore_path, name="pickscore",
+                               tokenizer_path=config.reward.clip_tokenizer_path or None)
+
+
+@register("clipscore", on_device=True, needs=("reward.clipscore_path",))
+def make_clipscore_term(config, log) -> Reward:
+  """The "clipscore" device reward of `config.reward.clipscore_path` (tokenizer:
+  `config.reward.clip_tokenizer_path`, or the model's own when '')."""
+  del log
+  return make_clipscore_reward(config.reward.clipscore_path, name="clipscore",
+                               tokenizer_path=config.reward.clip_tokenizer_path or None)
