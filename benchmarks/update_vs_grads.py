@@ -66,12 +66,14 @@ def main(argv=None):
   from jax import lax
 
   import ddpo_jax.models.unet as unet_lib
-  from ddpo_jax import diffusion, parallel, recipes, rl, train
+  from ddpo_jax import diffusion, parallel, rl, train
   from ddpo_jax.families import build_policy
   if args.conv == "lax":
     unet_lib.conv_general_dilated = lax.conv_general_dilated
 
-  config = recipes.sd_task_config("compressibility", None if args.lora else "full")
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  import sd_compressibility
+  config = sd_compressibility.get_config(None if args.lora else "full")
   config.model.pretrained_path = tiny_pipeline(
       args.style, os.path.join(args.cache_dir, f"update_vs_grads_{args.style}"))
   config.model.resolution = 32

@@ -6,7 +6,7 @@ fine-tunes the UNet by backpropagating log p̂(y | x_0) − Σ_t KL_t through th
 chain, the KL mean-reduced over the 64 pixels (the reference code's reduction; α = 1 / 64 in
 the theory's terms, target p(x) p̂(y | x)^(1/α) / Z). The exact summed KL at α = 1 (target
 p(x | y); `--config.ctrl.kl_reduction=sum`) learns the class far less on this chain (see
-`recipes.ctrl_digits_config` and the README's digits results).
+`ddpo_jax.config_base.ctrl_digits_base` and the README's digits results).
 p̂ is a SmallCNN trained on the labelled subset of the digits training split and
 temperature-calibrated; the judge is an SVC trained on the held-out split.
 
@@ -17,13 +17,13 @@ Variants (`--config=configs/ctrl_digits_class.py:VARIANT`, comma-separated): `n1
 (label budget), `cfg` / `cg` (the baselines on the same labelled data), `ddpo` (the PPO
 solver), `runlocal` (seconds, for tests).
 """
-from ddpo_jax import recipes
-from ddpo_jax.recipes import condition
+from ddpo_jax import config_base
+from ddpo_jax.config_schema import condition
 
 
 def get_config(arg=None):
-  config = recipes.ctrl_digits_config()
+  config = config_base.ctrl_digits_base()
   config.ctrl.controls = ("digit",)
   config.ctrl.conditions.digit = condition("digits_class", 10, split="train")
   config.ctrl.prompts = ("",)
-  return recipes.apply_variants(config, arg, recipes.CTRL_VARIANTS, "CTRL")
+  return config_base.apply_variants(config, arg, config_base.CTRL_VARIANTS, "CTRL")

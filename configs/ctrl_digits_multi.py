@@ -8,17 +8,18 @@ prompt is "" (the unconditional model). Labels are written `class:thickness`.
   python -m ddpo_jax.main --config=configs/ctrl_digits_multi.py --workdir=/tmp/ctrl_multi
   python -m ddpo_jax.sample --workdir=/tmp/ctrl_multi --labels=3:0,3:2,8:0,8:2 --num=16
 
-Variants: `n100`, `n300`, `cfg`, `cg`, `ddpo`, `runlocal` (see ddpo_jax/recipes.py).
+Variants: `n100`, `n300`, `cfg`, `cg`, `ddpo`, `runlocal`
+(`ddpo_jax.config_base.CTRL_VARIANTS`).
 """
-from ddpo_jax import recipes
-from ddpo_jax.recipes import condition
+from ddpo_jax import config_base
+from ddpo_jax.config_schema import condition
 
 
 def get_config(arg=None):
-  config = recipes.ctrl_digits_config()
+  config = config_base.ctrl_digits_base()
   config.ctrl.controls = ("digit", "thickness")
   config.ctrl.conditions.digit = condition("digits_class", 10, split="train", part=0, num_parts=2)
   config.ctrl.conditions.thickness = condition("digits_thickness", 3, split="train", part=1,
                                                num_parts=2)
   config.ctrl.prompts = ("",)
-  return recipes.apply_variants(config, arg, recipes.CTRL_VARIANTS, "CTRL")
+  return config_base.apply_variants(config, arg, config_base.CTRL_VARIANTS, "CTRL")

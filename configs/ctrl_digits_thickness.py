@@ -12,15 +12,16 @@ table and the UNet trained, KL mean-reduced over pixels with weight 1: α = 1 / 
   python -m ddpo_jax.sample --workdir=/tmp/ctrl_thick --labels=0,1,2 --num=30 \
       --prompts="a handwritten 8"
 
-Variants: `n100`, `n300`, `cfg`, `cg`, `ddpo`, `runlocal` (see ddpo_jax/recipes.py).
+Variants: `n100`, `n300`, `cfg`, `cg`, `ddpo`, `runlocal`
+(`ddpo_jax.config_base.CTRL_VARIANTS`).
 """
-from ddpo_jax import recipes
-from ddpo_jax.recipes import condition
+from ddpo_jax import config_base
+from ddpo_jax.config_schema import condition
 
 
 def get_config(arg=None):
-  config = recipes.ctrl_digits_config()
+  config = config_base.ctrl_digits_base()
   config.ctrl.controls = ("thickness",)
   config.ctrl.conditions.thickness = condition("digits_thickness", 3, split="train")
   config.ctrl.prompts = ()  # the digits task's prompts: one of the ten classes
-  return recipes.apply_variants(config, arg, recipes.CTRL_VARIANTS, "CTRL")
+  return config_base.apply_variants(config, arg, config_base.CTRL_VARIANTS, "CTRL")

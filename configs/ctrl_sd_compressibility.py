@@ -25,19 +25,19 @@ Variants (`--config=configs/ctrl_sd_compressibility.py:VARIANT`, comma-separated
 (label budget), `cfg` / `cg` (the baselines on the same sampled data), `ddpo` (the PPO solver),
 `runlocal` (seconds on a CPU against a tiny pipeline: add --config.model.pretrained_path=DIR).
 """
-from ddpo_jax import recipes
-from ddpo_jax.recipes import condition
+from ddpo_jax import config_base
+from ddpo_jax.config_schema import condition
 
 NUM_LEVELS = 4
 
 
 def get_config(arg=None):
-  config = recipes.ctrl_sd_config("imagenet_animals")
+  config = config_base.ctrl_sd_base("imagenet_animals")
   config.ctrl.controls = ("jpeg",)
   jpeg = config.ctrl.conditions.jpeg = condition(
       "sampled_jpeg_levels", NUM_LEVELS, name="jpeg", path="", num_images=2048, sample_seed=0,
       batch_size=0, quality=95)
   jpeg.classifier.input_size = 64
   jpeg.classifier.augment_noise = 0.0
-  return recipes.apply_variants(config, arg, recipes.ctrl_sd_variants(runlocal_eval_samples=8),
-                                "CTRL")  # 2 per level
+  variants = config_base.ctrl_sd_variants(runlocal_eval_samples=8)  # runlocal: 2 per level
+  return config_base.apply_variants(config, arg, variants, "CTRL")

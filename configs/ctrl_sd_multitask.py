@@ -26,14 +26,14 @@ KL; --config.ctrl.kl_reduction=sum for the exact KL).
 Variants as configs/ctrl_sd_compressibility.py (`nN`, `cfg`, `cg`, `ddpo`, `runlocal`; the
 latter also needs --config.reward.clip_path=DIR of a CLIP vision tower with projection_dim 768).
 """
-from ddpo_jax import recipes
-from ddpo_jax.recipes import condition
+from ddpo_jax import config_base
+from ddpo_jax.config_schema import condition
 
 NUM_LEVELS = 4
 
 
 def get_config(arg=None):
-  config = recipes.ctrl_sd_config("simple_animals")
+  config = config_base.ctrl_sd_base("simple_animals")
   config.ctrl.controls = ("aesthetic", "jpeg")
   aesthetic = config.ctrl.conditions.aesthetic = condition(
       "sampled_aesthetic_levels", NUM_LEVELS, name="aesthetic", path="", num_images=2048,
@@ -45,5 +45,5 @@ def get_config(arg=None):
     cond.classifier.input_size = 64
   jpeg.classifier.augment_noise = 0.0  # pixel noise changes the JPEG size
   # runlocal: 32 evaluation samples = 2 per label combination
-  return recipes.apply_variants(config, arg, recipes.ctrl_sd_variants(runlocal_eval_samples=32),
-                                "CTRL")
+  variants = config_base.ctrl_sd_variants(runlocal_eval_samples=32)
+  return config_base.apply_variants(config, arg, variants, "CTRL")

@@ -9,7 +9,7 @@ SVC trained on the held-out split) is logged as an independent judge.
 
 Variant: `:runlocal` (seconds, for tests). Keys and defaults: docs/config.md.
 """
-from ddpo_jax import recipes
+from ddpo_jax import config_base
 from ddpo_jax.config_schema import new_config
 
 
@@ -31,4 +31,4 @@ def get_config(arg=None):
   config.train.clip_range = 0.2
   config.reward.weights = {"digit_class_logprob": 1.0}
   config.reward.metrics = ("digits_heldout_accuracy",)
-  return recipes.apply_variants(config, arg, recipes.DIGITS_VARIANTS, "digits")
+  return config_base.apply_variants(config, arg, config_base.DIGITS_VARIANTS, "digits")

@@ -7,10 +7,11 @@ Writes the EMA parameters to `model.pretrained_dir` (default: the cache director
 
 Variant: `:runlocal` (the tiny model of the runlocal tests).
 """
-from ddpo_jax import recipes
+from ddpo_jax import config_base
 from ddpo_jax.config_schema import new_config
 
 
 def get_config(arg=None):
   config = new_config("pretrain", "digits")
-  return recipes.apply_variants(config, arg, recipes.DIGITS_VARIANTS, "digits pre-training")
+  return config_base.apply_variants(config, arg, config_base.DIGITS_VARIANTS,
+                                    "digits pre-training")

@@ -1,6 +1,8 @@
-r"""Flow-GRPO-Fast on Stable Diffusion 3.5 Medium, geneval reward (flow_grpo's
-`geneval_sd3_fast_nocfg` at global batch sizes; `ddpo_jax.recipes.sd3_flow_grpo_fast_config` lists the
-hyperparameters and their source).
+r"""Flow-GRPO-Fast on Stable Diffusion 3.5 Medium, GenEval reward: flow_grpo's config/grpo.py
+`geneval_sd3_fast_nocfg` (trained by scripts/train_sd3_fast.py) at global batch sizes. The values
+the two Fast configs share (CPS in a random window of 3 of the 10 steps, no CFG, PPO clip 1e-5, KL
+beta 0; each with its source) are `ddpo_jax.config_base.sd3_flow_grpo_fast_base`; this task's own
+are below.
 
   python -m ddpo_jax.main --config=configs/sd3_fast_geneval.py --workdir=/tmp/sd3_fast_geneval \
       --config.prompt_fn_kwargs.path=PROMPTS.txt --config.reward.server_url=URL
@@ -9,8 +11,17 @@ Variants: `:full` (full transformer fine-tuning), `:runlocal` (seconds on a CPU;
 --config.model.pretrained_path=TINY_SD3_PIPELINE_DIR).
 """
 
-from ddpo_jax import recipes
+import ml_collections
+
+from ddpo_jax import config_base
 
 
 def get_config(arg=None):
-  return recipes.sd3_flow_grpo_fast_config("geneval", arg)
+  config = config_base.sd3_flow_grpo_fast_base()
+  # the GenEval scorer behind the reward server (`reward.server_url`, a
+  # `python -m ddpo_jax.rewards.server --scorer=geneval`)
+  config.reward.weights = ml_collections.ConfigDict({"remote": 1.0})
+  # `geneval_sd3_fast_nocfg`: 24 images per prompt, 48 prompts per epoch
+  config.sample.group_size = 24
+  return config_base.apply_variants(config, arg, config_base.FAST_VARIANTS,
+                                    "SD3 Flow-GRPO-Fast")

@@ -1,11 +1,12 @@
 r"""Flow-GRPO on Stable Diffusion 3.5 Medium with three rewards: PickScore (weight 1.0, on device),
 the OCR reward (0.5) and the GenEval reward (0.5), each behind its own reward server; otherwise
-configs/sd3_pickscore.py (`ddpo_jax.recipes.sd3_flow_grpo_config` lists the hyperparameters and
-their source). The trained reward is 1.0 * pickscore + 0.5 * remote_ocr + 0.5 * remote_geneval
-(flow_grpo's multi-reward weighted sum); metrics.jsonl logs each term (pickscore_mean,
-remote_ocr_mean, remote_geneval_mean), their numeric info (remote_ocr_edit_distance_mean,
-remote_geneval_strict_accuracy_mean, ...) and their sum (reward_mean). docs/rewards.md explains
-hosting the scorers (installs, the GenEval checkpoint and specs).
+configs/sd3_pickscore.py (`ddpo_jax.config_base.sd3_flow_grpo_base` lists the shared
+hyperparameters and their source; the KL weight is pickscore's). The trained reward is 1.0 *
+pickscore + 0.5 * remote_ocr + 0.5 * remote_geneval (flow_grpo's multi-reward weighted sum);
+metrics.jsonl logs each term (pickscore_mean, remote_ocr_mean, remote_geneval_mean), their numeric
+info (remote_ocr_edit_distance_mean, remote_geneval_strict_accuracy_mean, ...) and their sum
+(reward_mean). docs/rewards.md explains hosting the scorers (installs, the GenEval checkpoint and
+specs).
 
   # the OCR scorer machine
   python -m ddpo_jax.rewards.server --scorer=ocr --host=0.0.0.0 --port=8085
@@ -35,12 +36,14 @@ Variants: `:full` (full transformer fine-tuning), `:runlocal` (seconds on a CPU;
 
 import ml_collections
 
-from ddpo_jax import recipes
+from ddpo_jax import config_base
 
 
 def get_config(arg=None):
-  config = recipes.sd3_flow_grpo_config("pickscore", arg)
+  config = config_base.sd3_flow_grpo_base()
   config.reward.weights = ml_collections.ConfigDict(
       {"pickscore": 1.0, "remote_ocr": 0.5, "remote_geneval": 0.5})
   config.reward.server_urls = ml_collections.ConfigDict({"ocr": "", "geneval": ""})
-  return config
+  # flow_grpo's KL weight `train.beta` of `pickscore_sd3`, in its units
+  config.train.kl_beta = 0.01
+  return config_base.apply_variants(config, arg, config_base.FLOW_VARIANTS, "SD3 Flow-GRPO")

@@ -1,5 +1,7 @@
-r"""Flow-GRPO on Stable Diffusion 3.5 Medium, ocr reward (flow_grpo's `general_ocr_sd3` at global
-batch sizes; `ddpo_jax.recipes.sd3_flow_grpo_config` lists the hyperparameters and their source).
+r"""Flow-GRPO on Stable Diffusion 3.5 Medium, OCR reward: flow_grpo's config/grpo.py
+`general_ocr_sd3` at global batch sizes. The values the three SD3 Flow-GRPO configs share
+(sampler, groups, batches, LoRA, weight EMA; each with its source) are
+`ddpo_jax.config_base.sd3_flow_grpo_base`; this task's own are below.
 
   python -m ddpo_jax.main --config=configs/sd3_ocr.py --workdir=/tmp/sd3_ocr \
       --config.prompt_fn_kwargs.path=PROMPTS.txt --config.reward.server_url=http://HOST:PORT
@@ -8,8 +10,16 @@ Variants: `:full` (full transformer fine-tuning), `:runlocal` (seconds on a CPU;
 --config.model.pretrained_path=TINY_SD3_PIPELINE_DIR).
 """
 
-from ddpo_jax import recipes
+import ml_collections
+
+from ddpo_jax import config_base
 
 
 def get_config(arg=None):
-  return recipes.sd3_flow_grpo_config("ocr", arg)
+  config = config_base.sd3_flow_grpo_base()
+  # the OCR scorer behind the reward server (`reward.server_url`, a
+  # `python -m ddpo_jax.rewards.server --scorer=ocr`)
+  config.reward.weights = ml_collections.ConfigDict({"remote": 1.0})
+  # flow_grpo's KL weight `train.beta` of `general_ocr_sd3`, in its units
+  config.train.kl_beta = 0.04
+  return config_base.apply_variants(config, arg, config_base.FLOW_VARIANTS, "SD3 Flow-GRPO")

@@ -15,8 +15,24 @@ works too.) Variants: `:full`, `:runlocal` (the latter also needs --config.rewar
 of a CLIP vision tower with projection_dim 768).
 """
 
-from ddpo_jax import recipes
+import ml_collections
+
+from ddpo_jax import config_base
+from ddpo_jax.config_schema import new_config
 
 
 def get_config(arg=None):
-  return recipes.sd_task_config("aesthetic", arg)
+  config = new_config("ddpo", "sd")  # LoRA rank 4, lr 3e-4, 50 DDIM steps, eta 1, CFG 5
+  config.prompt_fn = "simple_animals"
+  config.reward.weights = ml_collections.ConfigDict({"aesthetic": 1.0})
+  config.save_freq = 1  # a checkpoint every epoch (LoRA checkpoints are small)
+  config.num_epochs = 200
+  # 256 samples per epoch: 32 per sampling call x 8
+  config.sample.batch_size = 32
+  config.sample.num_batches_per_epoch = 8
+  # optimizer steps of 128 samples: 8 x 16 accumulated (the torch port's 8 GPUs x 4 x 4), 2 per
+  # epoch
+  config.train.batch_size = 8
+  config.train.gradient_accumulation_steps = 16
+  config.per_prompt_stat_tracking.buffer_size = 32  # min 16 (the schema's default)
+  return config_base.apply_variants(config, arg, config_base.SD_VARIANTS, "Stable Diffusion")

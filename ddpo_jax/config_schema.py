@@ -1,10 +1,10 @@
 """The one config schema: every key of every run kind, its default and a one-line meaning.
 
-`new_config(mode, model)` builds a complete config from the tables below; the recipes
-(configs/*.py, through `ddpo_jax.recipes`) override it; `validate` checks a config against it
-(no unknown or missing key, enumerated values among their choices) before anything is built or
-compiled; `complete` fills a saved config of an older version up to the current keys.
-docs/config.md is `markdown()` (a test keeps them equal).
+`new_config(mode, model)` builds a complete config from the tables below; the configs
+(configs/*.py; what several of them share: ddpo_jax/config_base.py) override it; `validate`
+checks a config against it (no unknown or missing key, enumerated values among their choices)
+before anything is built or compiled; `complete` fills a saved config of an older version up
+to the current keys. docs/config.md is `markdown()` (a test keeps them equal).
 
 Run kinds (`config.mode`, the one switch): "ddpo" fine-tunes with an RL algorithm
 (`train.algorithm`); "ctrl" adds a control (the `ctrl` section, docs/algorithms.md §4);
@@ -380,7 +380,7 @@ CTRL = _keys(
     ("ctrl.solver", "backprop", "'backprop' (direct, the reference's) or 'ddpo' (PPO)",
      CTRL_SOLVERS),
     ("ctrl.controls", (), "the controls' names, in the order of labels in '3:2'"),
-    ("ctrl.conditions", {}, "control name -> its section (`recipes.condition`)"),
+    ("ctrl.conditions", {}, "control name -> its section (`config_schema.condition`)"),
     ("ctrl.prompts", (), "fixed prompts c to draw from; () = the model's prompt distribution"),
     ("ctrl.train_base", True, "also train the base model's trainable tree (LoRA / full UNet)"),
     ("ctrl.reward_weight", 1.0, "weight of sum_i w_i log p_i(y_i | x_0)"),
@@ -525,7 +525,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if mode == "ctrl":
     for name, cond in config.ctrl.conditions.items():
       if not isinstance(cond, ml_collections.ConfigDict):
-        raise ValueError(f"ctrl.conditions.{name} must be a condition section (recipes.condition)")
+        raise ValueError(f"ctrl.conditions.{name} must be a condition section "
+                         "(config_schema.condition)")
       data = cond.get("data", {})
       own = {k.path for k in CONDITION if k.path.startswith("data.")}
       extra = tuple(Key(f"data.{n}", None, "") for n in data if f"data.{n}" not in own)
@@ -571,8 +572,13 @@ def markdown() -> str:
   out = ["# Config keys", "",
          "Generated from `ddpo_jax/config_schema.py` (`python -c \"from ddpo_jax import "
          "config_schema; print(config_schema.markdown())\" > docs/config.md`). Every config is "
-         "`config_schema.new_config(mode, model)` overridden by a recipe in `configs/` and the "
-         "command line (`--config.KEY=VALUE`); `validate` rejects a key not listed here.", ""]
+         "`config_schema.new_config(mode, model)` overridden by the `get_config(arg)` of a file in "
+         "`configs/` (what several configs share: `ddpo_jax/config_base.py`) and by the command "
+         "line (`--config.KEY=VALUE`); `validate` rejects a key not listed here. A config's "
+         "variants follow its path, comma-separated: `--config=configs/FILE.py:V1,V2` (e.g. "
+         "`:runlocal`, `:full,runlocal`, `:lora,bf16`); they apply in the order of the config's "
+         "variant table whatever their order there, and an unknown name is an error listing "
+         "the known ones (each config's docstring lists its variants).", ""]
   out += table(COMMON, "Every run kind")
   for name, rows in MODELS.items():
     out += table([k for k in rows if k.path != "model.kind"], f"`model.kind = {name!r}`")

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO
 from helpers import load_config
-from ddpo_jax import config_schema, recipes
+from ddpo_jax import config_base, config_schema
 
 CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py"))
 # One config of each run kind and model family.
@@ -103,13 +103,13 @@ def test_complete_fills_keys_an_older_run_lacks():
 
 def test_variants_apply_in_table_order_and_reject_typos():
   seen = []
-  table = (recipes.Variant("nN", lambda c, n: seen.append(("n", n))),
-           recipes.Variant("a", lambda c: seen.append("a")),
-           recipes.Variant("b", lambda c: seen.append("b")))
-  recipes.apply_variants(None, "b, n12,a", table, "test")
+  table = (config_base.Variant("nN", lambda c, n: seen.append(("n", n))),
+           config_base.Variant("a", lambda c: seen.append("a")),
+           config_base.Variant("b", lambda c: seen.append("b")))
+  config_base.apply_variants(None, "b, n12,a", table, "test")
   assert seen == [("n", 12), "a", "b"]
   with pytest.raises(ValueError, match="unknown test config variant 'n1x'; known: nN, a, b"):
-    recipes.apply_variants(None, "n1x", table, "test")
+    config_base.apply_variants(None, "n1x", table, "test")
 
 
 @pytest.mark.parametrize("kind", ["ddpo/digits", "ctrl/digits", "pretrain/digits"])

@@ -1,10 +1,11 @@
-"""The flow recipes' key values against the reference repositories' configs, written here as
-literals with the file and function each comes from (ddpo_jax/recipes.py)."""
+"""The flow configs' key values against the reference repositories' configs, written here as
+literals with the file and function each comes from (configs/sd3_*.py, configs/flux_pickscore.py,
+ddpo_jax/config_base.py)."""
 import re
 
 import pytest
 
-from ddpo_jax import recipes
+from ddpo_jax import config_base
 from helpers import load_config
 
 # flow_grpo, config/grpo.py; GPUs 32, per-GPU batch 9 (`sample.train_batch_size`):
@@ -90,7 +91,7 @@ def test_sd3_nft_recipe_is_diffusion_nft(task):
   assert s.group_std == "global"  # config/base.py: sample.global_std = True
   # scripts/train_nft_sd3.py `main`: LoraConfig(r=32, lora_alpha=64) on the attention projections
   assert c.model.lora.rank == 32 and c.model.lora.alpha == 64.0
-  assert tuple(c.model.lora.targets) == recipes.SD3_LORA_TARGETS
+  assert tuple(c.model.lora.targets) == config_base.SD3_LORA_TARGETS
 
 
 # flow_grpo scripts/train_flux.py `main`: LoraConfig(r=64, lora_alpha=128, target_modules=...)

@@ -15,8 +15,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import tiny_models as tm  # noqa: E402
-from helpers import edit_json  # noqa: E402
-from ddpo_jax import diffusion, export, loop, recipes, sd  # noqa: E402
+from helpers import edit_json, load_config  # noqa: E402
+from ddpo_jax import config_base, diffusion, export, loop, sd  # noqa: E402
 from ddpo_jax.models import pipeline as P  # noqa: E402
 
 TOL = 1e-4  # max abs error, float32: networks and prompt encoding
@@ -151,7 +151,7 @@ def test_bad_sdxl_pipelines(tiny_dir, tmp_path):
 
 
 def _runlocal_config(tiny_dir, **model):
-  config = recipes.sd_task_config("compressibility", "runlocal")
+  config = load_config("sd_compressibility", "runlocal")
   config.model.pretrained_path = tiny_dir
   config.model.update(model)
   config.prompt_fn = "list"
@@ -215,7 +215,7 @@ def test_ddpo_trains_sdxl_and_exports_for_diffusers(tiny_dir, tmp_path):
 
 
 def test_ctrl_refuses_sdxl_clearly(tiny_dir):
-  config = recipes.ctrl_sd_config("imagenet_animals")
+  config = config_base.ctrl_sd_base("imagenet_animals")
   config.model.pretrained_path = tiny_dir
   config.prompt_fn = "list"
   config.prompt_fn_kwargs.prompts = list(PROMPTS)
