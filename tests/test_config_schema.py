@@ -32,6 +32,26 @@ def test_every_recipe_fits_the_schema(name, variant):
   assert set(config_schema.new_config(config.mode, config.model.kind).keys()) == set(config.keys())
 
 
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # config_flags' loader
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_variant_loads_from_the_command_line_form(name):
+  """Each variant a config knows (listed by its unknown-variant error), alone and with
+  `runlocal`, through ml_collections' `--config=configs/NAME.py:VARIANTS` and valid."""
+  from absl import flags
+  from ml_collections import config_flags
+  with pytest.raises(ValueError, match="config variant 'no_such_variant'; known: ") as error:
+    load_config(name, "no_such_variant")
+  known = str(error.value).split("; known: ")[1].split(", ")
+  assert "runlocal" in known
+  for variant in known:
+    variant = "n100" if variant == "nN" else variant  # a label budget
+    for arg in {variant, f"{variant},runlocal"}:
+      flag_values = flags.FlagValues()
+      config_flags.DEFINE_config_file("config", flag_values=flag_values)
+      flag_values(["main", f"--config={REPO}/configs/{name}.py:{arg}"])
+      config_schema.validate(flag_values.config)
+
+
 def test_keys_of_each_kind():
   ddpo, ctrl = config_schema.new_config("ddpo", "sd"), config_schema.new_config("ctrl", "sd")
   assert "ctrl" not in ddpo and "control_learning_rate" not in ddpo.train
