@@ -626,19 +626,16 @@ def make_clipscore_reward(path: str | os.PathLike, dtype: Dtype = jnp.float32, *
   return Reward(name, fn, on_device=True, prompt_metadata=fn.prompt_metadata)
 
 
-@register("pickscore", on_device=True, needs=("reward.pickscore_path",))
-def make_pickscore_term(config, log) -> Reward:
-  """The "pickscore" device reward of `config.reward.pickscore_path` (tokenizer:
-  `config.reward.clip_tokenizer_path`, or the model's own when '')."""
-  del log
-  return make_pickscore_reward(config.reward.pickscore_path, name="pickscore",
-                               tokenizer_path=config.reward.clip_tokenizer_path or None)
+def _register_clip_term(name: str, make_reward) -> None:
+  """Registers device reward `name` ("pickscore" / "clipscore"): `make_reward` of the CLIPModel
+  at `config.reward.<name>_path`, its tokenizer at `config.reward.clip_tokenizer_path` (the
+  model's own when '')."""
+  @register(name, on_device=True, needs=(f"reward.{name}_path",))
+  def make_term(config, log) -> Reward:
+    del log
+    return make_reward(config.reward[f"{name}_path"], name=name,
+                       tokenizer_path=config.reward.clip_tokenizer_path or None)
 
 
-@register("clipscore", on_device=True, needs=("reward.clipscore_path",))
-def make_clipscore_term(config, log) -> Reward:
-  """The "clipscore" device reward of `config.reward.clipscore_path` (tokenizer:
-  `config.reward.clip_tokenizer_path`, or the model's own when '')."""
-  del log
-  return make_clipscore_reward(config.reward.clipscore_path, name="clipscore",
-                               tokenizer_path=config.reward.clip_tokenizer_path or None)
+_register_clip_term("pickscore", make_pickscore_reward)
+_register_clip_term("clipscore", make_clipscore_reward)
