@@ -206,6 +206,7 @@ def test_resume_restores_the_newest_intact_step_and_sets_the_damaged_one_aside(
   assert damaged_step not in checkpoints.manager(workdir, read_only=True).all_steps()
 
 
+@pytest.mark.slow  # 12 restores; the damage test above flips bits in every data file, fast
 def test_bit_flips_never_restore_wrong_numbers(saved_run, tmp_path):
   """Single-bit flips at 12 offsets spread over every array data file of a step, each read by a
   new manager: each restore either fails, naming the step as damaged, or gives exactly the
@@ -478,6 +479,8 @@ def test_base_weights_name_the_changed_files_of_a_pipeline_directory(tmp_path):
   assert len(allowed) == 1 and allowed[0].startswith("unet/diffusion_pytorch_model.safetensors (")
 
 
+@pytest.mark.slow  # pre-trains a second digits model; the fast tier's base-weights check is
+# test_base_weights_name_the_changed_files_of_a_pipeline_directory
 def test_a_changed_base_model_stops_resume_and_sample_naming_it(digits_cache, tmp_path):
   """A digits run's checkpoints written from `model.pretrained_dir`; that directory then holds
   another pre-trained model (another seed's): resuming and restoring (sample, export) refuse,

@@ -113,11 +113,15 @@ _DDPO_OVERRIDES = ("--config.ctrl.kl_weight=0.5", "--config.ctrl.reward_weight=2
                    "--config.ctrl.kl_reduction=sum")
 
 
+# Each run takes 2-5 minutes on the 2-core CPU: CTRL's own solver (class) is in the fast tier,
+# the baselines and the ddpo solver in the slow one (their configs are validated in the fast
+# tier by test_bad_input_errors_before_training and tests/test_config_schema.py).
 @pytest.mark.parametrize("config_name,variant,labels,overrides", [
     ("ctrl_digits_class", "runlocal", "0,1,2,3", ()),
-    ("ctrl_digits_multi", "runlocal,cfg", "3:0,3:2", ()),
-    ("ctrl_digits_thickness", "runlocal,cg", "0,2", ()),
-    ("ctrl_digits_class", "runlocal,ddpo", "5", _DDPO_OVERRIDES),
+    pytest.param("ctrl_digits_multi", "runlocal,cfg", "3:0,3:2", (), marks=pytest.mark.slow),
+    pytest.param("ctrl_digits_thickness", "runlocal,cg", "0,2", (), marks=pytest.mark.slow),
+    pytest.param("ctrl_digits_class", "runlocal,ddpo", "5", _DDPO_OVERRIDES,
+                 marks=pytest.mark.slow),
 ])
 def test_train_sample_evaluate_cli(digits_cache, tmp_path, config_name, variant, labels, overrides):
   """`ddpo_jax.main` trains (and evaluates) each method on the digits configs' two CPU devices
@@ -145,6 +149,7 @@ def test_train_sample_evaluate_cli(digits_cache, tmp_path, config_name, variant,
   assert npz["images"].shape[0] == 5
 
 
+@pytest.mark.slow  # two in-process runs; resuming is checked in the fast tier on DDPO's loop
 def test_backprop_run_resumes(digits_cache, tmp_path):
   """A direct-backprop run stopped after one epoch continues from its checkpoint: the second
   call trains only epoch 1, its optimizer step count continues, and the control tables moved

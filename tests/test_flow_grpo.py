@@ -54,20 +54,20 @@ def _flow_overrides(tiny_sd3, tiny_pickscore, **extra):
           "reward.pickscore_path": clip, **extra}
 
 
-# The runlocal variant of each flow config: (config file, variant, pipeline fixture).
-# sd3_pickscore:full,runlocal (about 40 s on the 2-core CI machine, past the suite's time
-# budget) runs with DDPO_JAX_ALL_FLOW_RUNS=1; the full-fine-tuning path is the same `_full`
-# variant in flux_pickscore:full,runlocal, which CI runs (and the fsdp test below).
-ALL_FLOW_RUNS = bool(os.environ.get("DDPO_JAX_ALL_FLOW_RUNS"))
+# The runlocal variant of each flow config: (config file, variant, pipeline fixture). Slow tier
+# (a minute or more each on the 2-core CPU): the fast tier's kill-and-resume test is
+# tests/test_train.py's, and its Flow-GRPO training is below: SD3 with LoRA in
+# test_multi_reward_runlocal_trains_on_pickscore_ocr_and_geneval, the FLUX full,runlocal update
+# in test_fsdp_shards_the_flux_transformer_and_updates_as_one_device.
 RUNLOCAL_RUNS = [
     pytest.param("sd3_pickscore", "runlocal", "tiny_sd3", id="sd3_pickscore:runlocal"),
-    pytest.param("sd3_pickscore", "full,runlocal", "tiny_sd3", id="sd3_pickscore:full,runlocal",
-                 marks=pytest.mark.skipif(not ALL_FLOW_RUNS, reason="set DDPO_JAX_ALL_FLOW_RUNS=1")),
+    pytest.param("sd3_pickscore", "full,runlocal", "tiny_sd3", id="sd3_pickscore:full,runlocal"),
     pytest.param("flux_pickscore", "runlocal", "tiny_flux", id="flux_pickscore:runlocal"),
     pytest.param("flux_pickscore", "full,runlocal", "tiny_flux", id="flux_pickscore:full,runlocal"),
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, variant, pipeline", RUNLOCAL_RUNS)
 def test_runlocal_trains_resumes_after_a_kill_and_samples(name, variant, pipeline, request,
                                                           tiny_pickscore, compile_cache, tmp_path):
@@ -371,6 +371,7 @@ def _start_thread_server(name, scorer, servers, seen):
   return server.url
 
 
+@pytest.mark.slow  # the OCR and GenEval terms train in the fast tier in the multi-reward test
 @pytest.mark.filterwarnings("ignore:Mean of empty slice", "ignore:invalid value encountered")
 @pytest.mark.parametrize("name", ["sd3_ocr", "sd3_geneval"])
 def test_remote_reward_runlocal_resumes_after_a_kill_and_samples(name, tiny_sd3, compile_cache,

@@ -58,6 +58,7 @@ def get_config(arg=None):
 """
 
 
+@pytest.mark.slow  # three launches; the fast tier's kill-and-resume test is tests/test_train.py's
 def test_two_processes_equal_one_process_after_kill_and_resume(digits_cache, tmp_path):
   """2 processes × 2 CPU devices with mesh (data 2, fsdp 2), killed (SIGKILL to every process)
   during epoch 1 and launched again, end with the parameters of one uninterrupted 4-device
