@@ -1,6 +1,7 @@
 """End-to-end DDPO on the tiny digits config: train, resume after kill -9, devices, CLIs, bad input."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,10 +40,17 @@ def _final_params(workdir, field="params"):
   return step, jax.tree.map(np.asarray, state[field])
 
 
-def test_train_and_evaluate_one_run(digits_cache, tmp_path):
+@pytest.fixture(scope="module")
+def two_epoch_run(digits_cache, tmp_path_factory):
+  """The digits runlocal run (2 epochs, checkpoints 0..2) trained once for this module's tests
+  (read it, or copy it before resuming). Returns (its workdir, the last epoch's metrics)."""
+  workdir = str(tmp_path_factory.mktemp("two_epoch_run") / "run")
+  return workdir, loop.train_and_evaluate(_config(), workdir)
+
+
+def test_train_and_evaluate_one_run(two_epoch_run, tmp_path):
   """Two epochs: metrics rows, checkpoints 0..2, the sample CLI from step 0 and the latest."""
-  workdir = str(tmp_path / "run")
-  metrics = loop.train_and_evaluate(_config(), workdir)
+  workdir, metrics = two_epoch_run
   for key in ("reward_mean", "reward_std", "approx_kl", "clipfrac", "loss", "samples_per_s"):
     assert np.isfinite(metrics[key]), key
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -177,6 +185,8 @@ def test_resume_after_kill_equals_uninterrupted(digits_cache, tmp_path):
   assert rows == [0, 1, 2]
 
 
+@pytest.mark.slow  # two CLI runs; multi-device updates are checked in the fast tier by
+# test_gradient_is_reduced_once_per_optimizer_step and tests/test_flow_grpo.py's fsdp test
 def test_four_devices_equal_one_device(digits_cache, tmp_path):
   """The same global batch on 4 fake CPU devices gives the run of 1 device.
 
@@ -322,12 +332,12 @@ def test_nan_loss_stops_without_saving(digits_cache, tmp_path):
   assert checkpoints.manager(workdir, read_only=True).all_steps() == [0]
 
 
-def test_resume_checks_the_config_and_skips_a_damaged_step(digits_cache, tmp_path):
+def test_resume_checks_the_config_and_skips_a_damaged_step(two_epoch_run, tmp_path):
   """Resuming with a changed config fails naming the keys, and runs once they are allowed;
   another model does not fit the checkpoint; a damaged latest step (bits flipped in each of its
   data files) is set aside and the run continues from the step before it."""
   workdir = str(tmp_path / "run")
-  loop.train_and_evaluate(_config(num_epochs=2), workdir)
+  shutil.copytree(two_epoch_run[0], workdir)  # the 2-epoch run, resumed here
   with pytest.raises(checkpoints.ConfigChangedError,
                      match=r"train.learning_rate: 0.0003 -> 0.001\. .*"
                            r"--allow_config_change=train.learning_rate"):
@@ -412,7 +422,7 @@ ids = jnp.asarray(policy.tokenize(policy.prompt_fn(np.random.default_rng(0), n))
 lat = (n, T) + tuple(policy.latent_shape)
 f32 = lambda s, d=jnp.float32: jax.ShapeDtypeStruct(s, d)
 traj = diffusion.Trajectory(latents=f32(lat), next_latents=f32(lat), log_probs=f32((n, T)),
-                            timesteps=f32((n, T), jnp.int32), prev_timesteps=f32((n, T), jnp.int32),
+                            times=f32((n, T), jnp.int32), next_times=f32((n, T), jnp.int32),
                             context=jax.eval_shape(policy.encode_prompts, policy.params, ids),
                             class_labels=f32((n,), jnp.int32))
 hlo = update.lower(state, jax.tree.map(spec, train.frozen_params(policy, config)), traj,
