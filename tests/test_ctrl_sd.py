@@ -167,6 +167,7 @@ def random_aesthetic_mlp(tmp_path_factory):
   return str(path)
 
 
+@pytest.mark.slow  # CTRL on SD trains in the fast tier in test_compressibility_runlocal
 def test_multitask_runlocal(tiny_sd, tiny_clip_768, random_aesthetic_mlp, compile_cache,
                             tmp_path):
   """Two controls, each from its own sampled dataset, trained in-process; the judges recompute

@@ -179,9 +179,14 @@ def tiny_clip_768(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------
-# Each config's runlocal variant: 2 epochs (1, then resumed for the 2nd), the sample CLI
+# Each config's runlocal variant: 2 epochs (1, then resumed for the 2nd), the sample CLI. The
+# fast tier runs sd_compressibility; the other three (the same loop with another reward, each
+# reward checked on its own in tests/test_rewards.py, test_aesthetic.py and
+# test_reward_server.py) run in the slow tier.
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", [
+    name if name == "sd_compressibility" else pytest.param(name, marks=pytest.mark.slow)
+    for name in CONFIGS])
 def test_runlocal_trains_resumes_and_samples(name, tiny_sd, prompt_assets, compile_cache, request,
                                              tmp_path):
   from ddpo_jax import checkpoints, loop

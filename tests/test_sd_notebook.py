@@ -8,12 +8,15 @@ skip the pip cell.
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from conftest import REPO
 from test_sd import compile_cache, sd_cache_dir, tiny_clip_768, tiny_sd  # noqa: F401
 
 
+@pytest.mark.slow  # its steps (train, resume, sample, export) are fast-tier tests in
+# tests/test_sd.py and tests/test_lora.py; the fast tier executes notebooks/quickstart_digits.ipynb
 def test_sd_colab_notebook_runs(tiny_sd, tiny_clip_768, random_aesthetic_mlp, prompt_assets,
                                 compile_cache, tmp_path, monkeypatch):
   workdir = tmp_path / "run"

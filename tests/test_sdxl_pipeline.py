@@ -192,6 +192,7 @@ def test_policy_sampler_matches_diffusers_pipeline(tiny_dir, torch_pipe):
   assert err <= SAMPLE_TOL
 
 
+@pytest.mark.slow  # SDXL's sampler and export format are checked in the fast tier above
 def test_ddpo_trains_sdxl_and_exports_for_diffusers(tiny_dir, tmp_path):
   """One runlocal DDPO epoch (LoRA) on the tiny SDXL pipeline: on-policy at the first
   minibatch, then exported as a StableDiffusionXLPipeline with the trained UNet."""
