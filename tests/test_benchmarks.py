@@ -459,6 +459,8 @@ def test_update_vs_grads_runs(tmp_path):
   assert re.search(r"sd1 LoRA conv=ours.*update [\d.]+ s .* ratio [\d.]+$", out.strip()), out
 
 
+@pytest.mark.slow  # memory.measure_row, what it runs, is checked in the fast tier by
+# test_memory_table_tiny_is_consistent (four rows of the same tiny model)
 def test_memory_tiny_runs():
   """One row (tiny SD3.5, LoRA, no remat) compiled at its real depth only: both tables."""
   out = _run_script("memory.py", "--tiny", "--markdown", "--models=sd35_medium",
