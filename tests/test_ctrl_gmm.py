@@ -129,6 +129,8 @@ def test_init_is_pretrained_and_kl_zero():
 @pytest.mark.parametrize("num_steps", [25])
 def test_alpha_one_matches_reweighted_pretrained_sampler(num_steps):
   """α = 1: per-component mean and std of CTRL samples match the pre-trained sampler's samples
+@pytest.mark.slow  # 1500 optimizer steps and 40k reference chains; CTRL's fast checks on the
+# mixture: test_init_is_pretrained_and_kl_zero (and the digits runs in tests/test_ctrl.py)
   reweighted by p(y | x), within 0.1 (means) and 12% (stds), for both components."""
   policy = gmm_policy()
   config = gmm_config(num_steps)
@@ -173,6 +175,8 @@ def _flat(tree):
 def test_ppo_route_gradient_is_the_exact_kl_regularised_gradient():
   """The DDPO (PPO) solver's KL penalty is exact: at the sampling params, the update's
   gradient × T · D / scale equals the gradient of E[log p(y | x_0)] − α E[Σ_t KL_t] (α = 1,
+@pytest.mark.slow  # 131k chains per side; the KL penalty is checked fast in tests/test_rl.py
+# (test_kl_penalised_advantages_against_a_loop) and tests/test_diffusion.py (test_kl_shared_std)
   summed KL) obtained by backpropagating through the whole chain (`make_backprop_loss`), within
   2% relative L2 over all params (Monte Carlo: 131k chains per side; measured 0.3%). Without
   the later steps' KL in each step's return (the direct term alone) it is off by > 5%
