@@ -83,6 +83,8 @@ def test_quantile_levels():
     sampled_data.quantile_cuts(values, 1)
 
 
+@pytest.mark.slow  # samples the offline data, trains and evaluates: minutes on the 2-core CPU;
+# CTRL's solver trains fast in tests/test_ctrl.py, SD with LoRA in tests/test_sd.py
 def test_compressibility_runlocal(tiny_sd, compile_cache, tmp_path):
   """The runlocal config trains (sampling 16 offline images first) and is evaluated with the
   real-JPEG judge; the sample CLI writes the requested labels."""
@@ -167,7 +169,7 @@ def random_aesthetic_mlp(tmp_path_factory):
   return str(path)
 
 
-@pytest.mark.slow  # CTRL on SD trains in the fast tier in test_compressibility_runlocal
+@pytest.mark.slow  # as test_compressibility_runlocal, with two sampled data sets
 def test_multitask_runlocal(tiny_sd, tiny_clip_768, random_aesthetic_mlp, compile_cache,
                             tmp_path):
   """Two controls, each from its own sampled dataset, trained in-process; the judges recompute

@@ -332,6 +332,8 @@ def test_nan_loss_stops_without_saving(digits_cache, tmp_path):
   assert checkpoints.manager(workdir, read_only=True).all_steps() == [0]
 
 
+@pytest.mark.slow  # four more runs on the loop; each check is fast in tests/test_checkpoints.py
+# (config changes, base weights, damaged steps) and tests/test_workdir.py (another model)
 def test_resume_checks_the_config_and_skips_a_damaged_step(two_epoch_run, tmp_path):
   """Resuming with a changed config fails naming the keys, and runs once they are allowed;
   another model does not fit the checkpoint; a damaged latest step (bits flipped in each of its
