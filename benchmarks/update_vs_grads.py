@@ -113,16 +113,16 @@ def main(argv=None):
     times.append(time.perf_counter() - t0)
   update_s = min(times[1:])
 
-  sched = diffusion.NoiseSchedule.from_config(policy.scheduler_config)
+  sched = diffusion.NoiseSchedule.from_config(policy.denoiser.scheduler_config)
   uncond = policy.encode_uncond({**frozen, "unet": state.params})
   mb, t = config.train.batch_size, 3
-  batch = (traj.latents[:mb, t], traj.timesteps[:mb, t], traj.prev_timesteps[:mb, t],
+  batch = (traj.latents[:mb, t], traj.times[:mb, t], traj.next_times[:mb, t],
            traj.next_latents[:mb, t], traj.context[:mb], traj.log_probs[:mb, t])
 
   def micro_loss(params, batch):
     latents, ts, prev, nxt, ctx, old = batch
     log_prob, _, _ = diffusion.step_log_prob(
-        policy.eps_fn, policy.assemble_unet(params, frozen), latents, ts, prev, nxt, ctx, uncond,
+        policy.denoiser, policy.assemble_denoiser(params, frozen), latents, ts, prev, nxt, ctx, uncond,
         guidance_scale=float(config.sample.guidance_scale), class_labels=None,
         alphas_cumprod=sched.alphas_cumprod, final_alpha_cumprod=sched.final_alpha_cumprod,
         eta=config.sample.eta)

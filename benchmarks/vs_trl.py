@@ -444,7 +444,7 @@ def model_flops(policy, config, s, frozen, lora_or_unet):
   import jax.numpy as jnp
   from ddpo_jax import diffusion, dynamics, rl
   # The trainer's own DDIM dynamics of this config (its noise schedule and eta).
-  dyn = dynamics.make_dynamics(policy, config)
+  dyn = dynamics.make_dynamics(policy.denoiser, config.sample)
   sched = dyn.schedule
   B, mb, T, K = s["sample_batch_size"], s["train_batch_size"], s["steps"], s["K"]
   g = float(config.sample.guidance_scale)
@@ -455,23 +455,23 @@ def model_flops(policy, config, s, frozen, lora_or_unet):
   params_a, frozen_a, trainable_a = abstract(policy.params), abstract(frozen), abstract(lora_or_unet)
   ctx_a = jax.eval_shape(policy.encode_prompts, params_a, ids)
   unc_a = jax.ShapeDtypeStruct((1,) + ctx_a.shape[1:], ctx_a.dtype)
-  assembled_a = jax.eval_shape(policy.assemble_unet, trainable_a, frozen_a)
+  assembled_a = jax.eval_shape(policy.assemble_denoiser, trainable_a, frozen_a)
 
   def lat(n):
-    return jax.ShapeDtypeStruct((n,) + tuple(policy.latent_shape), jnp.float32)
+    return jax.ShapeDtypeStruct((n,) + tuple(policy.denoiser.latent_shape), jnp.float32)
 
   def vec(n, dtype=jnp.int32):
     return jax.ShapeDtypeStruct((n,), dtype)
 
   def guided_step(p, x, t, pt, nx, ctx, unc):
-    return diffusion.step_log_prob(policy.eps_fn, p, x, t, pt, nx, ctx, unc, **step_kw)
+    return diffusion.step_log_prob(policy.denoiser, p, x, t, pt, nx, ctx, unc, **step_kw)
 
   def ctx_of(n):
     return jax.ShapeDtypeStruct((n,) + ctx_a.shape[1:], ctx_a.dtype)
 
   def loss(trainable, fz, x, t, pt, nx, ctx, unc, old_lp, adv):
-    p = policy.assemble_unet(trainable, fz)
-    lp, _, _ = diffusion.step_log_prob(policy.eps_fn, p, x, t, pt, nx, ctx, unc, **step_kw)
+    p = policy.assemble_denoiser(trainable, fz)
+    lp, _, _ = diffusion.step_log_prob(policy.denoiser, p, x, t, pt, nx, ctx, unc, **step_kw)
     return rl.ppo_clipped_loss(lp, old_lp, adv, 1e-4, 5.0)[0]
 
   parts, secs = {}, 0.0
@@ -479,7 +479,7 @@ def model_flops(policy, config, s, frozen, lora_or_unet):
       ("encode", policy.encode_prompts, (params_a, ids)),
       ("encode1", policy.encode_prompts,
        (params_a, jax.ShapeDtypeStruct((1, ids.shape[1]), jnp.int32))),
-      ("assemble", policy.assemble_unet, (trainable_a, frozen_a)),
+      ("assemble", policy.assemble_denoiser, (trainable_a, frozen_a)),
       ("step", guided_step, (assembled_a, lat(B), vec(B), vec(B), lat(B), ctx_of(B), unc_a)),
       ("decode", policy.decode, (params_a, lat(B))),
       ("grad", jax.grad(loss), (trainable_a, frozen_a, lat(mb), vec(mb), vec(mb), lat(mb),

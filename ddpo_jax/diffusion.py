@@ -402,8 +402,10 @@ class Trajectory:
     latents: (B, T, H, W, C) float32, the input x_t of each step (x_T, ..., x_1).
     next_latents: (B, T, H, W, C) float32, the output of each step; next_latents[:, -1] is x_0.
     log_probs: (B, T) float32, log p(next_latents | latents) under the sampling params.
-    timesteps: (B, T) int32, t of each step.
-    prev_timesteps: (B, T) int32, prev_t of each step (< 0 on the last one).
+    times: (B, T), the dynamics' time of each step (`denoiser.Denoiser`): DDIM's int32 t, or
+      the flow's float32 sigma.
+    next_times: (B, T), the time each step moves to: DDIM's prev_t (< 0 on the last one), or
+      the flow's sigma_next.
     context: (B, L, D) prompt embedding (or a pytree of (B, ...) leaves, see the module
       docstring).
     class_labels: (B,) int32 or None.
@@ -419,8 +421,8 @@ class Trajectory:
   latents: Array
   next_latents: Array
   log_probs: Array
-  timesteps: Array
-  prev_timesteps: Array
+  times: Array
+  next_times: Array
   context: Any
   class_labels: Optional[Array] = None
   kl: Optional[Array] = None
@@ -616,8 +618,8 @@ def sample_trajectory(eps_fn: EpsFn, params: Any, key: Array, context: Array,
       latents=batch_major("latents"),
       next_latents=batch_major("next_latents"),
       log_probs=batch_major("log_probs"),
-      timesteps=jnp.broadcast_to(ts[None], (b, n_steps)),
-      prev_timesteps=jnp.broadcast_to(pts[None], (b, n_steps)),
+      times=jnp.broadcast_to(ts[None], (b, n_steps)),
+      next_times=jnp.broadcast_to(pts[None], (b, n_steps)),
       context=context,
       class_labels=class_labels,
       kl=batch_major("kl"),

@@ -37,6 +37,7 @@ from ddpo_jax.models import adapters
 from ddpo_jax.models.mmdit import MMDiTConfig, SD3Transformer2DModel
 from ddpo_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ddpo_jax.models.weights import host_random_params
+from ddpo_jax.denoiser import Denoiser
 from ddpo_jax.policy import Policy
 
 NUM_CLASSES = 10
@@ -141,25 +142,39 @@ def scheduler_config(model_config) -> dict:
 
 
 def _modules(model_config, compute_dtype=jnp.float32):
-  """(denoiser module, prompt embedding, denoiser function (params, x, t, context,
-  class_labels=None, added_time_emb=None) -> prediction (N, 8, 8, 1) float32). The params may
+  """(denoiser module, prompt embedding, network (params, x, t, context, class_labels,
+  added_time_emb) -> prediction (N, 8, 8, 1) float32, at the network's own time: the integer
+  timestep (UNet) or 1000 sigma (MMDiT); `denoiser.Denoiser`'s `network`). The params may
   be a plain tree or a `models.adapters.LoraAdapted` (LoRA, applied unmerged); the denoiser's
   activations are in `compute_dtype`."""
   enc = PromptEmbedding(dim=model_config.context_dim)
   if is_flow(model_config):
     net = SD3Transformer2DModel(config=mmdit_config(model_config), dtype=compute_dtype)
 
-    def fn(p, x, t, context, class_labels=None, added_time_emb=None):
+    def fn(p, x, t, context, class_labels, added_time_emb):
       if class_labels is not None or added_time_emb is not None:
         raise ValueError("the digits MMDiT takes no class labels or added time embeddings")
       return adapters.apply(net, p, x, t, context, context[:, 0]).astype(jnp.float32)
   else:
     net = UNet2DConditionModel(config=unet_config(model_config), dtype=compute_dtype)
 
-    def fn(p, x, t, context, class_labels=None, added_time_emb=None):
+    def fn(p, x, t, context, class_labels, added_time_emb):
       out = adapters.apply(net, p, x, t, context, class_labels, added_time_emb)
       return out.astype(jnp.float32)
   return net, enc, fn
+
+
+def _denoiser(model_config, compute_dtype=jnp.float32) -> tuple[nn.Module, nn.Module, Denoiser]:
+  """(denoiser module, prompt embedding, `Denoiser`): the UNet as an "eps" denoiser on the
+  DDPM schedule, or the MMDiT as a "velocity" one on the rectified flow (no shift)."""
+  net, enc, network = _modules(model_config, compute_dtype)
+  schedule = scheduler_config(model_config)
+  if is_flow(model_config):
+    sigmas = flow.FlowSchedule.from_config(schedule).sigmas
+    return net, enc, Denoiser(prediction="velocity", network=network, latent_shape=IMAGE_SHAPE,
+                              scheduler_config=schedule, flow_sigmas=lambda n: sigmas(n)[0])
+  return net, enc, Denoiser(prediction="eps", network=network, latent_shape=IMAGE_SHAPE,
+                            scheduler_config=schedule, time_embed_dim=net.config.time_embed_dim)
 
 
 def abstract_params(model_config) -> dict:
@@ -201,7 +216,7 @@ def pretrain(model_config, seed: int, log=print) -> dict:
   Returns the EMA parameters {"unet", "text_encoder"}.
   """
   cfg = model_config.pretrain
-  _, enc, denoiser = _modules(model_config)
+  _, enc, denoiser = _denoiser(model_config)
   images, labels = load_digits_split("train")
   x_all = jnp.asarray(images * 2.0 - 1.0)
   y_all = jnp.asarray(labels)
@@ -384,6 +399,13 @@ def pretrained_path(model_config, seed: int) -> str:
   return _cache_dir("digits_pretrained", {"model": _cache_spec(model_config), "seed": seed})
 
 
+def weight_files(model_config) -> tuple[str, list[str]]:
+  """(directory, ["checksums.json"]) of the pre-trained digits model of `model_config`: the
+  params are verified against the checksums when loaded, so fingerprinting that file
+  (`families.base_weights`) covers the weights."""
+  return pretrained_path(model_config, model_config.pretrain.seed), ["checksums.json"]
+
+
 def load_or_pretrain(model_config, seed: int, log=print) -> dict:
   """Loads the pre-trained digits params from the cache (`model.pretrained_dir`, or one keyed
   by the model config and seed), pre-training them first if absent."""
@@ -402,7 +424,7 @@ def make_policy(config) -> Policy:
   beside LoRA factors when `model.lora.enabled`), activations in `model.compute_dtype`."""
   model_config = config.model
   # .get: runs saved before these keys existed are float32 without LoRA
-  net, enc, eps_fn = _modules(model_config, jnp.dtype(model_config.get("compute_dtype",
+  _, enc, denoiser = _denoiser(model_config, jnp.dtype(model_config.get("compute_dtype",
                                                                        "float32")))
   params = load_or_pretrain(model_config, model_config.pretrain.seed)
   dtype = jnp.dtype(model_config.get("dtype", "float32"))
@@ -422,15 +444,9 @@ def make_policy(config) -> Policy:
   def encode_images(p, images):
     return images.astype(jnp.float32) * 2.0 - 1.0
 
-  return Policy(params=params, eps_fn=eps_fn, tokenize=tokenize, encode_prompts=encode_prompts,
-                decode=decode, encode_images=encode_images, latent_shape=IMAGE_SHAPE,
-                assemble_unet=assemble,
-                scheduler_config=scheduler_config(model_config), prompt_fn=prompt_fn,
-                prompt_metadata=prompt_metadata,
-                time_embed_dim=0 if flow_model else net.config.time_embed_dim,
-                prediction_type="flow" if flow_model else "epsilon",
-                flow_sigmas=(flow.FlowSchedule.from_config(scheduler_config(model_config)).sigmas
-                             if flow_model else None))
+  return Policy(params=params, denoiser=denoiser, tokenize=tokenize,
+                encode_prompts=encode_prompts, decode=decode, encode_images=encode_images,
+                assemble_denoiser=assemble, prompt_fn=prompt_fn, prompt_metadata=prompt_metadata)
 
 
 @functools.lru_cache(maxsize=4)

@@ -13,8 +13,9 @@ stored steps again:
   `sample.sampler="dpm2"` DiffusionNFT's deterministic multistep DPM-Solver of the flow ODE
   (`dpm2_chain`, no log-probabilities: train.algorithm 'nft' only, docs/algorithms.md §6.6).
 
-Both return a `diffusion.Trajectory`; its per-step `timesteps` / `prev_timesteps` hold what the
-step needs: DDIM's integer timesteps t and prev_t, or the flow's float32 sigma and sigma_next.
+Both return a `diffusion.Trajectory`; its per-step `times` / `next_times` are the dynamics' time
+(`denoiser.Denoiser`'s convention): DDIM's integer timesteps t and prev_t, or the flow's float32
+sigma and sigma_next.
 `make_dynamics(policy, config)` picks the kind from `config.sample.sampler` and refuses a
 sampler the model's prediction type cannot take, naming both.
 """
@@ -29,14 +30,15 @@ import numpy as np
 
 from ddpo_jax import diffusion, flow
 
-# sampler -> prediction type
-SAMPLERS = {"ddim": "epsilon", "sde": "flow", "cps": "flow", "ode": "flow", "dpm2": "flow"}
+# sampler -> the `denoiser.Denoiser.prediction` it moves
+SAMPLERS = {"ddim": "eps", "sde": "velocity", "cps": "velocity", "ode": "velocity",
+            "dpm2": "velocity"}
 # Samplers without step log-probabilities (deterministic): DiffusionNFT only.
 DETERMINISTIC_SAMPLERS = ("ode", "dpm2")
 
 
 def dpm2_chain(velocity_fn, params: Any, x_init: jax.Array, context: Any, uncond_context: Any,
-               *, sigmas, timesteps, guidance_scale: float) -> tuple[jax.Array, jax.Array]:
+               *, sigmas, guidance_scale: float) -> tuple[jax.Array, jax.Array]:
   """DiffusionNFT's deterministic sampler (`run_sampling(..., solver="dpm2",
   determistic=True)`, flow_grpo/diffusers_patch/solver.py `dpm_step` with order 2): the
   multistep DPM-Solver++(2M) in x0 = x − σ v on the flow schedule, alpha = 1 − σ,
@@ -53,15 +55,15 @@ def dpm2_chain(velocity_fn, params: Any, x_init: jax.Array, context: Any, uncond
   Args:
     velocity_fn, params, context, uncond_context, guidance_scale: as `flow.sample_ode`.
     x_init: (B, ...) noise at sigmas[0].
-    sigmas: (T + 1,) and timesteps: (T,) (`FlowSchedule.sigmas`), T >= 1.
+    sigmas: (T + 1,) ending in 0 (`FlowSchedule.sigmas`), T >= 1.
 
   Returns:
     (latents (T, B, ...): x_i at each step, next_latents (T, B, ...): x_{i+1}), float32.
   """
   sig = np.asarray(sigmas, np.float64)
   n = len(sig) - 1
-  if np.shape(timesteps) != (n,):
-    raise ValueError(f"sigmas {sig.shape} must be (T + 1,) for timesteps {np.shape(timesteps)}")
+  if sig.ndim != 1 or n < 1:
+    raise ValueError(f"sigmas {sig.shape} must be (T + 1,) with T >= 1")
   # per step: x_{i+1} = a_i x_i + b_i m_i + c_i m_{i-1}
   a, b, c = np.zeros(n), np.zeros(n), np.zeros(n)
   with np.errstate(divide="ignore"):
@@ -79,8 +81,8 @@ def dpm2_chain(velocity_fn, params: Any, x_init: jax.Array, context: Any, uncond
 
   def step(carry, inputs):
     x, m_prev = carry
-    sigma, t, ai, bi, ci = inputs
-    v = diffusion.guided_eps(velocity_fn, params, x, jnp.full((x.shape[0],), t), context,
+    sigma, ai, bi, ci = inputs
+    v = diffusion.guided_eps(velocity_fn, params, x, jnp.full((x.shape[0],), sigma), context,
                              uncond_context, guidance_scale).astype(jnp.float32)
     m = x - sigma * v
     x_next = ai * x + bi * m + ci * m_prev
@@ -89,7 +91,7 @@ def dpm2_chain(velocity_fn, params: Any, x_init: jax.Array, context: Any, uncond
   x0 = x_init.astype(jnp.float32)
   _, (latents, next_latents) = jax.lax.scan(
       step, (x0, jnp.zeros_like(x0)),
-      (sig32[:-1], jnp.asarray(timesteps, jnp.float32)) + coefs)
+      (sig32[:-1],) + coefs)
   return latents, next_latents
 
 
@@ -102,27 +104,28 @@ class DDIMDynamics:
   eta: float
 
 
-  def sample(self, pred_fn, params, key, context, uncond, *, guidance_scale, latent_shape,
-             class_labels=None, uncond_class_labels=None, reference_params=None,
-             kl_reduction="sum", sde_steps=None) -> diffusion.Trajectory:
+  def sample(self, denoiser, params, key, context, uncond, *, guidance_scale,
+             class_labels=None, reference_params=None, kl_reduction="sum",
+             sde_steps=None) -> diffusion.Trajectory:
+    """`diffusion.sample_trajectory` of `denoiser` (an "eps" `denoiser.Denoiser`, its
+    latent shape and null labels) under `params`."""
     if sde_steps is not None:
       raise ValueError("DDIM dynamics: every step is stochastic (no SDE window)")
     return diffusion.sample_trajectory(
-        pred_fn, params, key, context, uncond, alphas_cumprod=self.schedule.alphas_cumprod,
+        denoiser, params, key, context, uncond, alphas_cumprod=self.schedule.alphas_cumprod,
         timesteps=self.timesteps, prev_timesteps=self.prev_timesteps,
-        latent_shape=latent_shape, eta=self.eta, guidance_scale=guidance_scale,
-        class_labels=class_labels, uncond_class_labels=uncond_class_labels,
+        latent_shape=denoiser.latent_shape, eta=self.eta, guidance_scale=guidance_scale,
+        class_labels=class_labels, uncond_class_labels=denoiser.null_labels,
         final_alpha_cumprod=self.schedule.final_alpha_cumprod,
         reference_params=reference_params, kl_reduction=kl_reduction)
 
-  def step_log_prob(self, pred_fn, params, batch, uncond, *, guidance_scale,
-                    uncond_class_labels=None):
+  def step_log_prob(self, denoiser, params, batch, uncond, *, guidance_scale):
     """(log_prob (B,), mean, std) of the stored steps `batch` ("latents", "next_latents",
-    "timesteps", "prev_timesteps" (B,), "context", "class_labels") under `params`."""
+    "times", "next_times" (B,), "context", "class_labels") under `params`."""
     return diffusion.step_log_prob(
-        pred_fn, params, batch["latents"], batch["timesteps"], batch["prev_timesteps"],
+        denoiser, params, batch["latents"], batch["times"], batch["next_times"],
         batch["next_latents"], batch["context"], uncond, guidance_scale=guidance_scale,
-        class_labels=batch["class_labels"], uncond_class_labels=uncond_class_labels,
+        class_labels=batch["class_labels"], uncond_class_labels=denoiser.null_labels,
         alphas_cumprod=self.schedule.alphas_cumprod, eta=self.eta,
         final_alpha_cumprod=self.schedule.final_alpha_cumprod)
 
@@ -131,7 +134,6 @@ class DDIMDynamics:
 class FlowDynamics:
   """Flow-GRPO's SDE or CPS (`flow.SDE_TYPES`) on the flow schedule `sigmas` (T + 1,)."""
   sigmas: np.ndarray  # (T + 1,) float32, ending in 0
-  timesteps: np.ndarray  # (T,) float32 = 1000 sigma
   sde_type: str
   noise_level: float
   noise_group_size: int = 1  # > 1: consecutive groups of this many samples share x_init
@@ -146,9 +148,9 @@ class FlowDynamics:
     """Flow-GRPO's stand-in for sigma = 1 in the SDE's 1 - sigma (`flow.flow_chain`)."""
     return self.sigmas[1] if len(self.sigmas) > 2 else self.sigmas[0]
 
-  def sample(self, pred_fn, params, key, context, uncond, *, guidance_scale, latent_shape,
-             class_labels=None, uncond_class_labels=None, reference_params=None,
-             kl_reduction="sum", sde_steps=None) -> diffusion.Trajectory:
+  def sample(self, denoiser, params, key, context, uncond, *, guidance_scale,
+             class_labels=None, reference_params=None, kl_reduction="sum",
+             sde_steps=None) -> diffusion.Trajectory:
     """`flow.flow_chain` from N(0, I) noise (shared by each group of `noise_group_size`
     consecutive samples when > 1: Flow-GRPO-Fast's one ODE trajectory per prompt that branches
     at the SDE steps). `sde_steps`: (B, T) bool, the SDE window of each sample (None: every
@@ -160,25 +162,23 @@ class FlowDynamics:
     if b % g:
       raise ValueError(f"flow dynamics: batch {b} is not a multiple of the noise group {g}")
     k_init, k_steps = jax.random.split(key)
-    x = jax.random.normal(k_init, (b // g,) + tuple(latent_shape), jnp.float32)
+    x = jax.random.normal(k_init, (b // g,) + denoiser.latent_shape, jnp.float32)
     x = jnp.repeat(x, g, axis=0) if g > 1 else x
-    n = len(self.timesteps)
+    n = len(self.sigmas) - 1
     sig = jnp.asarray(self.sigmas, jnp.float32)
     if self.sde_type == "dpm2":  # deterministic: no log-probabilities (0), no KL
       if sde_steps is not None or reference_params is not None:
         raise ValueError("sample.sampler='dpm2' is deterministic: no SDE window, no KL")
-      latents, next_latents = dpm2_chain(pred_fn, params, x, context, uncond,
-                                         sigmas=self.sigmas, timesteps=self.timesteps,
-                                         guidance_scale=guidance_scale)
+      latents, next_latents = dpm2_chain(denoiser, params, x, context, uncond,
+                                         sigmas=self.sigmas, guidance_scale=guidance_scale)
       return diffusion.Trajectory(
           latents=jnp.swapaxes(latents, 0, 1), next_latents=jnp.swapaxes(next_latents, 0, 1),
           log_probs=jnp.zeros((b, n), jnp.float32),
-          timesteps=jnp.broadcast_to(sig[None, :-1], (b, n)),
-          prev_timesteps=jnp.broadcast_to(sig[None, 1:], (b, n)), context=context,
+          times=jnp.broadcast_to(sig[None, :-1], (b, n)),
+          next_times=jnp.broadcast_to(sig[None, 1:], (b, n)), context=context,
           trained_steps=None, kl=None, reference_means=None)
-    _, out = flow.flow_chain(pred_fn, params, x, jax.random.split(k_steps, n), context, uncond,
-                             sigmas=self.sigmas, timesteps=self.timesteps,
-                             guidance_scale=guidance_scale, sde_type=self.sde_type,
+    _, out = flow.flow_chain(denoiser, params, x, jax.random.split(k_steps, n), context, uncond,
+                             sigmas=self.sigmas, guidance_scale=guidance_scale, sde_type=self.sde_type,
                              noise_level=self.noise_level,
                              sde_steps=None if sde_steps is None else jnp.swapaxes(sde_steps, 0, 1),
                              reference_params=reference_params, kl_reduction=kl_reduction)
@@ -187,22 +187,20 @@ class FlowDynamics:
         latents=jnp.swapaxes(out["latents"], 0, 1),
         next_latents=jnp.swapaxes(out["next_latents"], 0, 1),
         log_probs=jnp.swapaxes(out["log_probs"], 0, 1),
-        timesteps=jnp.broadcast_to(sig[None, :-1], (b, n)),
-        prev_timesteps=jnp.broadcast_to(sig[None, 1:], (b, n)), context=context,
+        times=jnp.broadcast_to(sig[None, :-1], (b, n)),
+        next_times=jnp.broadcast_to(sig[None, 1:], (b, n)), context=context,
         trained_steps=None if sde_steps is None else jnp.asarray(sde_steps, bool),
         kl=jnp.swapaxes(out["kl"], 0, 1) if with_kl else None,
         reference_means=jnp.swapaxes(out["reference_means"], 0, 1) if with_kl else None)
 
-  def step_log_prob(self, pred_fn, params, batch, uncond, *, guidance_scale,
-                    uncond_class_labels=None):
+  def step_log_prob(self, denoiser, params, batch, uncond, *, guidance_scale):
     """(log_prob (B,), mean, std) of the stored steps `batch` ("latents", "next_latents",
-    sigma "timesteps" and sigma_next "prev_timesteps" (B,), "context") under `params`; 0 on a
+    sigma "times" and sigma_next "next_times" (B,), "context") under `params`; 0 on a
     deterministic step (CPS's last), as the sampler recorded it."""
-    del uncond_class_labels
     if self.sde_type == "dpm2":
       raise ValueError("sample.sampler='dpm2' has no step log-probabilities")
     return flow.step_log_prob(
-        pred_fn, params, batch["latents"], batch["timesteps"], batch["prev_timesteps"],
+        denoiser, params, batch["latents"], batch["times"], batch["next_times"],
         batch["next_latents"], batch["context"], uncond, guidance_scale=guidance_scale,
         sde_type=self.sde_type, noise_level=self.noise_level, sigma_max=self.sigma_max)
 
@@ -265,28 +263,28 @@ def trained_steps_per_sample(sample_config, timestep_fraction: float) -> int:
   return int((w or int(sample_config.num_steps)) * timestep_fraction)
 
 
-def make_dynamics(policy, config) -> Dynamics:
-  """The dynamics of `config.sample.sampler` for `policy` (its `prediction_type` and
-  `scheduler_config`; flow schedules need the latent's token count, from `policy.flow_sigmas`).
+def make_dynamics(denoiser, sample_config) -> Dynamics:
+  """The dynamics of `sample_config.sampler` (`config.sample`) for `denoiser`
+  (`denoiser.Denoiser`: its `prediction` picks DDIM or the flow chains, its `scheduler_config`
+  or `flow_sigmas` the schedule).
 
   Raises:
-    ValueError: an unknown sampler, or one the model's prediction type cannot take (DDPO's
-      DDIM on a flow model, a flow SDE on a noise-predicting model).
+    ValueError: an unknown sampler, or one the model's prediction cannot take (DDPO's DDIM on
+      a velocity model, a flow SDE on a noise-predicting model).
   """
-  s = config.sample
+  s = sample_config
   sampler = s.sampler
   if sampler not in SAMPLERS:
     raise ValueError(f"sample.sampler={sampler!r}; choose from {', '.join(SAMPLERS)}")
-  prediction = policy.prediction_type
+  prediction = denoiser.prediction
   if SAMPLERS[sampler] != prediction:
     fits = [k for k, v in SAMPLERS.items() if v == prediction]
     raise ValueError(f"sample.sampler={sampler!r} needs a {SAMPLERS[sampler]!r}-predicting "
                      f"model; this one predicts {prediction!r} (use sample.sampler in {fits})")
   if sampler == "ddim":
-    sched = diffusion.NoiseSchedule.from_config(policy.scheduler_config)
+    sched = diffusion.NoiseSchedule.from_config(denoiser.scheduler_config)
     ts, prev = sched.ddim_timesteps(s.num_steps)
     return DDIMDynamics(sched, ts, prev, float(s.eta))
-  sigmas, timesteps = policy.flow_sigmas(int(s.num_steps))
-  return FlowDynamics(np.asarray(sigmas, np.float32), np.asarray(timesteps, np.float32),
+  return FlowDynamics(np.asarray(denoiser.flow_sigmas(int(s.num_steps)), np.float32),
                       sampler, float(s.noise_level),
                       int(s.group_size) if s.same_noise_per_group else 1)

@@ -3,7 +3,7 @@ r"""Exports a fine-tuned Stable Diffusion run as a diffusers pipeline directory.
   python -m ddpo_jax.export --workdir=DIR --out=OUT_DIR [--step=N]
 
 Reads the run's config and the trained params of checkpoint `--step` (default: the latest; 0 is
-the pre-trained model), assembles the UNet (`Policy.assemble_unet`, then
+the pre-trained model), assembles the UNet (`Policy.assemble_denoiser`, then
 `models.adapters.merged`: a LoRA run's factors are merged into the base kernels) and writes the
 whole pipeline (UNet, VAE, text encoder, tokenizer, scheduler) with `save_pipeline`: float32 safetensors in the diffusers layout, loadable by
 `diffusers.StableDiffusionPipeline.from_pretrained(OUT_DIR)`. OUT_DIR is written atomically (a
@@ -52,7 +52,7 @@ def export_pipeline(workdir: str, out: str, step: int | None = None,
     raise ValueError(f"{workdir}: model.kind={config.model.kind!r}; only Stable Diffusion runs "
                      "(model.kind='sd') export to a diffusers pipeline")
   frozen = train.frozen_params(policy, config)
-  unet = jax.jit(lambda t, f: adapters.merged(policy.assemble_unet(t, f)))(trainable, frozen)
+  unet = jax.jit(lambda t, f: adapters.merged(policy.assemble_denoiser(t, f)))(trainable, frozen)
   unet = jax.tree.map(lambda x: np.asarray(x, np.float32), unet)
   pipe = policy.pipeline
   out_pipe = dataclasses.replace(pipe, params={**pipe.params, pipe.denoiser: unet})  # frozen: as loaded

@@ -1,14 +1,18 @@
 """Model families: the one place that maps a config to its `Policy`.
 
-`build_base_policy(config)` builds the family of `config.model.kind` (`FAMILIES`: the built-in
-digits model, Stable Diffusion 1.x/2.x); `build_policy(config, workdir)` wraps it in CTRL's
-augmented model when the config has a `ctrl` section. `base_weights(config)` identifies the
-pre-trained weights a run starts from (saved with every checkpoint, checked on resume, sample
-and export). The training loops, sampling, export and
-evaluation build policies only through here, so a new family is one entry in `FAMILIES`.
+`FAMILIES` is the registry, `config.model.kind` -> `Family`: the built-in digits model
+(`ddpo_jax.digits`: a UNet or an MMDiT) and the diffusers pipelines (`ddpo_jax.sd`: SD 1.x/2.x,
+SDXL, SD3/3.5, FLUX.1). Each family module provides the two functions of its entry: the policy
+(with its `denoiser.Denoiser`) and the files of the pre-trained weights a run starts from.
+`build_base_policy(config)` builds the family of `config.model.kind`; `build_policy(config,
+workdir)` wraps it in CTRL's augmented model when `config.mode` is "ctrl".
+`base_weights(config)` fingerprints the pre-trained weights (saved with every checkpoint,
+checked on resume, sample and export). The training loops, sampling, export and evaluation
+build policies only through here, so a new family is its module plus one line in `FAMILIES`.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable
 
@@ -17,17 +21,40 @@ from ddpo_jax.ctrl import policy as ctrl_policy
 from ddpo_jax.models import pipeline_io
 from ddpo_jax.policy import Policy
 
-# config.model.kind -> make_policy(config) -> Policy
-FAMILIES: dict[str, Callable[..., Policy]] = {"digits": digits.make_policy, "sd": sd.make_policy}
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A model family's entry in `FAMILIES`.
+
+  Attributes:
+    make_policy: config -> `Policy` (raises ValueError / FileNotFoundError for bad settings
+      before anything is compiled).
+    weight_files: config.model -> (directory, [paths relative to it]) of the pre-trained
+      weights, configs and tokenizers a run starts from (the directory exists once the model
+      has been loaded or pre-trained).
+  """
+  make_policy: Callable[..., Policy]
+  weight_files: Callable[..., tuple[str, list[str]]]
 
 
-def build_base_policy(config) -> Policy:
-  """The policy of the model family `config.model.kind` alone."""
+FAMILIES: dict[str, Family] = {
+    "digits": Family(digits.make_policy, digits.weight_files),
+    "sd": Family(sd.make_policy, sd.weight_files),
+}
+
+
+def family(config) -> Family:
+  """The `Family` of `config.model.kind` (ValueError naming the known kinds otherwise)."""
   kind = config.model.kind
   if kind not in FAMILIES:
     raise ValueError(f"config.model.kind={kind!r} is not a known model family; known: "
                      f"{', '.join(repr(k) for k in FAMILIES)}")
-  return FAMILIES[kind](config)
+  return FAMILIES[kind]
+
+
+def build_base_policy(config) -> Policy:
+  """The policy of the model family `config.model.kind` alone."""
+  return family(config).make_policy(config)
 
 
 def build_policy(config, workdir: str, log=print) -> Policy:
@@ -38,10 +65,6 @@ def build_policy(config, workdir: str, log=print) -> Policy:
   if config.mode == "ctrl":
     return ctrl_policy.make_policy(config, workdir, base, log=log)
   return base
-
-
-# The files of a diffusers directory that the loaders read (weights, configs, tokenizers).
-_WEIGHT_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
 
 
 def fingerprint_files(directory: str, relpaths) -> dict[str, list]:
@@ -56,17 +79,7 @@ def fingerprint_files(directory: str, relpaths) -> dict[str, list]:
 
 def base_weights(config) -> dict:
   """{"path": directory, "files": {relative path: [size, SHA-256]}} of the pre-trained weights
-  `config` starts from: every weight, config and tokenizer file of an SD-family pipeline
-  directory (a Hub id: its local snapshot), or the digits model's checksums.json (its params
-  are verified against it when loaded). Its directory must exist (call after the model has
-  been loaded or pre-trained once)."""
-  if config.model.kind == "digits":
-    directory = digits.pretrained_path(config.model, config.model.pretrain.seed)
-    return {"path": directory, "files": fingerprint_files(directory, ["checksums.json"])}
-  directory = sd.pretrained_directory(config.model)
-  files = []
-  for root, dirs, names in os.walk(directory, followlinks=True):
-    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-    files += [os.path.relpath(os.path.join(root, n), directory) for n in names
-              if n.endswith(_WEIGHT_SUFFIXES) and not n.startswith(".")]
+  `config` starts from (`Family.weight_files`). Call after the model has been loaded or
+  pre-trained once."""
+  directory, files = family(config).weight_files(config.model)
   return {"path": directory, "files": fingerprint_files(directory, files)}

@@ -3,7 +3,8 @@ the sampler of SD3 / SD3.5 and FLUX.1 (docs/algorithms.md §6).
 
 A rectified-flow model predicts the velocity v = eps - x0 of x_sigma = (1 - sigma) x0 +
 sigma eps; sampling integrates dx/dsigma = v from sigma = 1 (noise) to 0 with Euler steps
-x_next = x + (sigma_next - sigma) v. The model is called at timestep t = 1000 sigma.
+x_next = x + (sigma_next - sigma) v. Every function here calls the velocity model at sigma
+(`denoiser.Denoiser` converts it to the network's own timestep, 1000 sigma for diffusers).
 
 `FlowSchedule.sigmas` reproduces diffusers' `set_timesteps` for the two ways the pipelines use
 it, including its quirks (the static shift is applied to the grid's end point twice, as
@@ -271,7 +272,7 @@ def transition_log_prob(x_next: Array, mean: Array, std: Array, sde_type: str) -
 
 
 def flow_chain(velocity_fn, params: Any, x_init: Array, step_keys: Array, context: Any,
-               uncond_context: Any, *, sigmas, timesteps, guidance_scale: float,
+               uncond_context: Any, *, sigmas, guidance_scale: float,
                sde_type: str, noise_level, sde_steps=None, reference_params: Any = None,
                kl_reduction: str = "mean") -> tuple[Array, dict]:
   """T guided flow steps in one `lax.scan`, with each step's log-probability.
@@ -285,8 +286,7 @@ def flow_chain(velocity_fn, params: Any, x_init: Array, step_keys: Array, contex
     velocity_fn, params, context, uncond_context, guidance_scale: as `sample_ode`.
     x_init: (B, ...) x at sigmas[0] (noise).
     step_keys: (T, 2) uint32 PRNG keys.
-    sigmas (T + 1,), timesteps (T,): `FlowSchedule.sigmas` (Flow-GRPO's sigma_max is
-      sigmas[1]).
+    sigmas (T + 1,): `FlowSchedule.sigmas`, ending in 0 (Flow-GRPO's sigma_max is sigmas[1]).
     sde_type, noise_level: as `step_mean_std` (static sde_type).
     sde_steps: optional (T,) bool (one mask for the batch) or (T, B) (one per sample); None =
       every step stochastic.
@@ -303,19 +303,18 @@ def flow_chain(velocity_fn, params: Any, x_init: Array, step_keys: Array, contex
   """
   check_sde(sde_type, noise_level)
   sigmas = jnp.asarray(sigmas, jnp.float32)
-  timesteps = jnp.asarray(timesteps, jnp.float32)
-  n = timesteps.shape[0]
-  if sigmas.shape != (n + 1,):
-    raise ValueError(f"sigmas {sigmas.shape} must be (T + 1,) for timesteps {timesteps.shape}")
+  if sigmas.ndim != 1 or sigmas.shape[0] < 2:
+    raise ValueError(f"sigmas {sigmas.shape} must be (T + 1,) with T >= 1")
+  n = sigmas.shape[0] - 1
   mask = jnp.ones((n,), bool) if sde_steps is None else jnp.asarray(sde_steps, bool)
   if mask.shape not in ((n,), (n, x_init.shape[0])):
     raise ValueError(f"sde_steps {mask.shape} must be (T,) = ({n},) or (T, B) = "
                      f"({n}, {x_init.shape[0]})")
   sigma_max = sigmas[1] if n > 1 else sigmas[0]
 
-  def step(p, x, sigma, sigma_next, t, per_sample):
+  def step(p, x, sigma, sigma_next, per_sample):
     """(mean, std) of one step under params `p`."""
-    v = diffusion.guided_eps(velocity_fn, p, x, jnp.full((x.shape[0],), t), context,
+    v = diffusion.guided_eps(velocity_fn, p, x, jnp.full((x.shape[0],), sigma), context,
                              uncond_context, guidance_scale)
     mean, std = step_mean_std(v, x, sigma, sigma_next, sde_type=sde_type,
                               noise_level=noise_level, sigma_max=sigma_max)
@@ -325,23 +324,23 @@ def flow_chain(velocity_fn, params: Any, x_init: Array, step_keys: Array, contex
     return mean, std
 
   def body(x, inputs):
-    sigma, sigma_next, t, key, stochastic = inputs
+    sigma, sigma_next, key, stochastic = inputs
     per_sample = stochastic.reshape(stochastic.shape + (1,) * (x.ndim - 1)) if stochastic.ndim \
         else stochastic  # (B, 1, ..., 1) for per-sample masks
-    mean, std = step(params, x, sigma, sigma_next, t, per_sample)
+    mean, std = step(params, x, sigma, sigma_next, per_sample)
     x_next = mean + std * jax.random.normal(key, x.shape, mean.dtype)
     std_b = diffusion.per_sample_std(std, x.shape)
     log_prob = jnp.where(std_b > 0, transition_log_prob(x_next, mean, std, sde_type), 0.0)
     out = {"latents": x, "next_latents": x_next, "log_probs": log_prob, "std": std}
     if reference_params is not None:
-      ref_mean, _ = step(reference_params, x, sigma, sigma_next, t, per_sample)
+      ref_mean, _ = step(reference_params, x, sigma, sigma_next, per_sample)
       kl = diffusion.gaussian_kl_shared_std(mean, ref_mean, std, reduction=kl_reduction)
       out["kl"] = jnp.where(std_b > 0, kl, 0.0)
       out["reference_means"] = ref_mean
     return x_next, out
 
   return jax.lax.scan(body, x_init.astype(jnp.float32),
-                      (sigmas[:-1], sigmas[1:], timesteps, step_keys, mask))
+                      (sigmas[:-1], sigmas[1:], step_keys, mask))
 
 
 def step_log_prob(velocity_fn, params: Any, latents: Array, sigma: Array, sigma_next: Array,
@@ -365,7 +364,7 @@ def step_log_prob(velocity_fn, params: Any, latents: Array, sigma: Array, sigma_
     float32, std (B, 1, ..., 1) float32.
   """
   sigma = jnp.asarray(sigma, jnp.float32)
-  v = diffusion.guided_eps(velocity_fn, params, latents, 1000.0 * sigma, context,
+  v = diffusion.guided_eps(velocity_fn, params, latents, sigma, context,
                            uncond_context, guidance_scale)
   mean, std = step_mean_std(v, latents, sigma, sigma_next, sde_type=sde_type,
                             noise_level=noise_level, sigma_max=sigma_max)
@@ -378,7 +377,7 @@ def flow_matching_loss_terms(velocity_fn, params: Any, key: Array, x0: Array, co
   """Per-sample rectified-flow (conditional flow matching) loss, the flow models' pre-training.
 
   sigma ~ U(0, 1), eps ~ N(0, I), x = (1 - sigma) x0 + sigma eps, target velocity eps - x0:
-  loss = mean_{h,w,c} (velocity_fn(params, x, 1000 sigma, context, class_labels) - (eps - x0))^2.
+  loss = mean_{h,w,c} (velocity_fn(params, x, sigma, context, class_labels) - (eps - x0))^2.
 
   Args:
     key: PRNG key. x0: (B, H, W, C) clean samples. context: the conditioning (batch on axis 0).
@@ -391,34 +390,34 @@ def flow_matching_loss_terms(velocity_fn, params: Any, key: Array, x0: Array, co
   sigma = jax.random.uniform(k_t, (x0.shape[0],), jnp.float32)
   eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
   s = sigma.reshape((-1,) + (1,) * (x0.ndim - 1))
-  v = velocity_fn(params, (1.0 - s) * x0 + s * eps, 1000.0 * sigma, context, class_labels)
+  v = velocity_fn(params, (1.0 - s) * x0 + s * eps, sigma, context, class_labels)
   return jnp.mean((v.astype(jnp.float32) - (eps - x0)) ** 2, axis=tuple(range(1, x0.ndim)))
 
 
 def sample_ode(velocity_fn, params: Any, x_init: Array, context: Any, uncond_context: Any, *,
-               sigmas, timesteps, guidance_scale: float) -> Array:
+               sigmas, guidance_scale: float) -> Array:
   """Integrates the flow ODE with Euler steps from `x_init` (at sigmas[0]) to sigmas[-1].
 
   Args:
-    velocity_fn: (params, x (B,...), t (B,) float32 = 1000 sigma, context, class_labels=None)
-      -> velocity (B,...); `context` is any pytree with the batch on axis 0.
+    velocity_fn: (params, x (B,...), sigma (B,) float32, context, class_labels=None)
+      -> velocity (B,...) (a velocity `denoiser.Denoiser`); `context` is any pytree with the
+      batch on axis 0.
     x_init: (B, ...) noise.
     context / uncond_context: the conditioning and the unconditional one (batch 1 or B; used
       when guidance_scale != 1), as `diffusion.guided_eps` takes them.
-    sigmas: (T + 1,) and timesteps: (T,), from `FlowSchedule.sigmas`.
+    sigmas: (T + 1,), from `FlowSchedule.sigmas`.
     guidance_scale: classifier-free guidance weight (static).
 
   Returns:
     x at sigmas[-1], (B, ...) float32.
   """
   sigmas = jnp.asarray(sigmas, jnp.float32)
-  timesteps = jnp.asarray(timesteps, jnp.float32)
 
   def step(x, inputs):
-    sigma, sigma_next, t = inputs
-    v = diffusion.guided_eps(velocity_fn, params, x, jnp.full((x.shape[0],), t), context,
+    sigma, sigma_next = inputs
+    v = diffusion.guided_eps(velocity_fn, params, x, jnp.full((x.shape[0],), sigma), context,
                              uncond_context, guidance_scale)
     return euler_step(x, v, sigma, sigma_next), None
 
-  x, _ = jax.lax.scan(step, x_init.astype(jnp.float32), (sigmas[:-1], sigmas[1:], timesteps))
+  x, _ = jax.lax.scan(step, x_init.astype(jnp.float32), (sigmas[:-1], sigmas[1:]))
   return x

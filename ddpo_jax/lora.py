@@ -136,7 +136,7 @@ def adapted_policy_params(params: dict, model_config) -> tuple[dict, Any]:
   """A family's {"unet": denoiser, ...frozen} params set up for LoRA training when
   `model_config.lora.enabled`: ({"unet": factors, "base_unet": the denoiser as given (its
   dtype is the family's `model.dtype`), ...}, assemble) with assemble(trainable, frozen) =
-  `LoraAdapted(frozen["base_unet"], trainable, scale)`, the `Policy.assemble_unet` the
+  `LoraAdapted(frozen["base_unet"], trainable, scale)`, the `Policy.assemble_denoiser` the
   denoiser function takes unmerged. Without LoRA: (params, identity).
 
   Raises:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpo_jax import diffusion, flow, parallel, train
+from ddpo_jax import diffusion, flow, parallel, sd, train
 from ddpo_jax.ctrl.controls import format_context, parse_context, parse_label_spec
 from ddpo_jax.models import adapters, load_pipeline
 from ddpo_jax.rewards import to_uint8
@@ -69,10 +69,10 @@ def sample_images(config, policy, params, num: int, prompts=None, seed: int = 0,
   if merge_lora:
     if not config.model.get("lora") or not config.model.lora.enabled:
       raise ValueError("merge_lora: the run trains no LoRA (model.lora.enabled is False)")
-    adapted = policy.assemble_unet
-    policy = dataclasses.replace(
-        policy, assemble_unet=lambda trainable, frozen: adapters.merged(adapted(trainable, frozen)))
-  if policy.prediction_type == "flow":  # flow models are evaluated on the ODE (as flow_grpo's)
+    adapted = policy.assemble_denoiser
+    policy = dataclasses.replace(policy, assemble_denoiser=lambda trainable, frozen: (
+        adapters.merged(adapted(trainable, frozen))))
+  if policy.denoiser.prediction == "velocity":  # evaluated on the ODE, as flow_grpo's
     config.sample.sampler = "ode"
     config.sample.sde_window_size = 0
     config.sample.same_noise_per_group = False
@@ -109,10 +109,10 @@ def sample_images(config, policy, params, num: int, prompts=None, seed: int = 0,
 def pipeline_sampler(pipe, *, num_steps: int, guidance_scale: float, resolution: int):
   """The family's standard text-to-image sampler, as one pure function to compile.
 
-  * prediction_type "epsilon" (SD 1.x/2.x, SDXL): deterministic DDIM (`diffusion.ddim_sample`)
-    on the pipeline's noise schedule (diffusers' `DDIMScheduler.from_config` of its scheduler
+  * an "eps" denoiser (`sd.make_denoiser`; SD 1.x/2.x, SDXL): deterministic DDIM
+    (`diffusion.ddim_sample`) on the pipeline's noise schedule (diffusers' `DDIMScheduler.from_config` of its scheduler
     config, eta 0), classifier-free guidance with `pipe.uncond`.
-  * prediction_type "flow" (SD3 / 3.5, FLUX.1): Euler steps of the flow ODE
+  * a "velocity" denoiser (SD3 / 3.5, FLUX.1): Euler steps of the flow ODE
     (`flow.sample_ode`) on `pipe.sigmas`.
   * `guidance_scale` as `pipe.guidance_kind` says: "cfg" classifier-free guidance with
     `pipe.uncond` (SD, SDXL, SD3), "embedded" the transformer's guidance input (FLUX.1-dev),
@@ -134,26 +134,20 @@ def pipeline_sampler(pipe, *, num_steps: int, guidance_scale: float, resolution:
     raise ValueError(f"guidance_kind={pipe.guidance_kind!r}: no standard sampler")
   cfg = float(guidance_scale) if pipe.guidance_kind == "cfg" else 1.0
   guidance = float(guidance_scale) if pipe.guidance_kind == "embedded" else None
-  denoiser = pipe.denoiser
-  if pipe.prediction_type == "epsilon":
-    schedule = diffusion.NoiseSchedule.from_config(pipe.scheduler_config)
+  denoiser = sd.make_denoiser(pipe, (h, w, c), guidance)
+  if denoiser.prediction == "eps":
+    schedule = diffusion.NoiseSchedule.from_config(denoiser.scheduler_config)
     ts, prev_ts = schedule.ddim_timesteps(num_steps)
 
     def chain(params, x, cond, uncond):
       return diffusion.ddim_sample(
-          lambda p, x, t, c, y=None: pipe.denoise(p, x, t, c), params[denoiser], x, cond,
-          uncond, alphas_cumprod=schedule.alphas_cumprod, timesteps=ts, prev_timesteps=prev_ts,
+          denoiser, params[pipe.denoiser], x, cond, uncond,
+          alphas_cumprod=schedule.alphas_cumprod, timesteps=ts, prev_timesteps=prev_ts,
           guidance_scale=cfg, final_alpha_cumprod=schedule.final_alpha_cumprod)
-  elif pipe.prediction_type == "flow":
-    sigmas, ts = pipe.sigmas(num_steps, h, w)
-
-    def chain(params, x, cond, uncond):
-      return flow.sample_ode(
-          lambda p, x, t, c, y=None: pipe.denoise(p, x, t, c, guidance=guidance),
-          params[denoiser], x, cond, uncond, sigmas=sigmas, timesteps=ts,
-          guidance_scale=cfg)
   else:
-    raise ValueError(f"prediction_type={pipe.prediction_type!r}: no standard sampler")
+    def chain(params, x, cond, uncond):
+      return flow.sample_ode(denoiser, params[pipe.denoiser], x, cond, uncond,
+                             sigmas=denoiser.flow_sigmas(num_steps), guidance_scale=cfg)
 
   def sample(params, ids, x_init):
     cond = pipe.encode(params, ids)

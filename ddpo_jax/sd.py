@@ -18,7 +18,7 @@ Two fine-tuning modes:
   optionally Adam's first moment in bfloat16 (`train.adam_mu_dtype`), as the JAX original.
 - LoRA (`model.lora.enabled = True`, the PyTorch port's default): `params["unet"]` holds only
   the LoRA factors (`ddpo_jax.lora`), the base UNet sits frozen in `params["base_unet"]` (in
-  `model.dtype`), and `Policy.assemble_unet(lora, frozen)` pairs them
+  `model.dtype`), and `Policy.assemble_denoiser(lora, frozen)` pairs them
   (`models.adapters.LoraAdapted`): sampling and the update both run each adapted layer as
   x W + s (x A) B, unmerged, the adapter branch in float32 (no merged copy of the kernels). At
   init the adapted UNet equals the base one exactly. `export` merges the factors.
@@ -40,6 +40,7 @@ import numpy as np
 
 from ddpo_jax import lora as lora_lib
 from ddpo_jax import prompts as prompts_lib
+from ddpo_jax.denoiser import Denoiser
 from ddpo_jax.policy import Policy
 from ddpo_jax.models.pipeline import load_pipeline
 
@@ -84,6 +85,24 @@ def pretrained_directory(model_config) -> str:
   return snapshot_download(path, local_files_only=True)
 
 
+# The files of a diffusers directory that a run's weights fingerprint covers (weights, configs,
+# tokenizers).
+_WEIGHT_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
+
+
+def weight_files(model_config) -> tuple[str, list[str]]:
+  """(directory, relative paths) of every weight, config and tokenizer file of the pipeline
+  `model.pretrained_path` loads (a Hub id: its local snapshot); `families.base_weights`
+  fingerprints them."""
+  directory = pretrained_directory(model_config)
+  files = []
+  for root, dirs, names in os.walk(directory, followlinks=True):
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    files += [os.path.relpath(os.path.join(root, n), directory) for n in names
+              if n.endswith(_WEIGHT_SUFFIXES) and not n.startswith(".")]
+  return directory, files
+
+
 def load_model_pipeline(model_config):
   """The `Pipeline` of `config.model` (raises `PipelineLoadError` for a bad path)."""
   path = model_config.pretrained_path
@@ -98,6 +117,33 @@ def load_model_pipeline(model_config):
     stamp = os.path.getmtime(index) if os.path.exists(index) else None
   return _load(path, stamp, model_config.dtype, model_config.compute_dtype,
                model_config.attention_implementation, bool(model_config.remat))
+
+
+def make_denoiser(pipe, latent_shape, embedded_guidance: float | None = None) -> Denoiser:
+  """The `Denoiser` of a loaded pipeline's UNet or transformer at `latent_shape` (h, w, C):
+  "eps" on the UNet's DDPM schedule (SD 1.x/2.x, SDXL; it takes CTRL's added time
+  embedding), "velocity" on the flow schedule at that resolution (SD3 / 3.5, FLUX.1; called
+  at 1000 sigma). `embedded_guidance`: FLUX.1-dev's guidance input (None: none)."""
+
+  def network(p_unet, x, t, cond, labels, added_time_emb):
+    """The network's prediction (N,h,w,C) float32 of latents x at its own timesteps t (N,)
+    (integer for SD / SDXL; 1000 sigma for SD3 / FLUX) under `cond` (`pipe.encode`)."""
+    if labels is not None:
+      raise ValueError("a diffusers pipeline's denoiser takes no class labels")
+    if embedded_guidance is not None:  # FLUX.1-dev: the guidance scale is a transformer input
+      return pipe.denoise(p_unet, x, t, cond, guidance=embedded_guidance)
+    if added_time_emb is None:
+      return pipe.denoise(p_unet, x, t, cond)
+    return pipe.denoise(p_unet, x, t, cond, added_time_emb=added_time_emb)
+
+  h, w = latent_shape[0], latent_shape[1]
+  if pipe.prediction_type == "flow":
+    return Denoiser(prediction="velocity", network=network, latent_shape=latent_shape,
+                    scheduler_config=dict(pipe.scheduler_config),
+                    flow_sigmas=lambda n: pipe.sigmas(n, height=h, width=w)[0])
+  return Denoiser(prediction="eps", network=network, latent_shape=latent_shape,
+                  scheduler_config=dict(pipe.scheduler_config),
+                  time_embed_dim=getattr(getattr(pipe, "unet_config", None), "time_embed_dim", 0))
 
 
 def make_policy(config) -> Policy:
@@ -131,16 +177,7 @@ def make_policy(config) -> Policy:
   params = {("unet" if k == pipe.denoiser else k): v for k, v in pipe.params.items()}
   params, assemble = lora_lib.adapted_policy_params(params, mc)
 
-  def eps_fn(p_unet, x, t, cond, class_labels=None, added_time_emb=None):
-    """The denoiser's prediction (N,H,W,C) float32 of latents x at timesteps t (N,) under
-    `cond` (`pipe.encode`): eps (SD, SDXL) or the flow velocity (SD3 / FLUX, t = 1000 sigma).
-    `added_time_emb` (N, time_embed_dim) is CTRL's control embedding (UNets only)."""
-    del class_labels  # SD has no class conditioning
-    if embedded is not None:  # FLUX.1-dev: the guidance scale is a transformer input
-      return pipe.denoise(p_unet, x, t, cond, guidance=embedded)
-    if added_time_emb is None:
-      return pipe.denoise(p_unet, x, t, cond)
-    return pipe.denoise(p_unet, x, t, cond, added_time_emb=added_time_emb)
+  denoiser = make_denoiser(pipe, shape, embedded)
 
   def decode(p, x0):
     """Diffusion latents (N,h,w,4) -> images (N,H,W,3) float32 in [0, 1]."""
@@ -154,14 +191,10 @@ def make_policy(config) -> Policy:
     """Prompts -> (N, model_max_length) int32 ids, padded and truncated (SDXL: (N, 2, L))."""
     return pipe.tokenize(list(prompts))
 
-  return Policy(params=params, eps_fn=eps_fn, tokenize=tokenize, encode_prompts=pipe.encode,
-                decode=decode, encode_images=encode_images, latent_shape=shape,
-                scheduler_config=dict(pipe.scheduler_config), prompt_fn=prompt_fn,
-                prompt_metadata=prompt_metadata, pipeline=pipe, assemble_unet=assemble,
-                time_embed_dim=getattr(getattr(pipe, "unet_config", None), "time_embed_dim", 0),
-                uncond_fn=pipe.uncond, prediction_type=pipe.prediction_type,
-                flow_sigmas=(functools.partial(pipe.sigmas, height=shape[0], width=shape[1])
-                             if pipe.prediction_type == "flow" else None))
+  return Policy(params=params, denoiser=denoiser, tokenize=tokenize,
+                encode_prompts=pipe.encode, decode=decode, encode_images=encode_images,
+                prompt_fn=prompt_fn, prompt_metadata=prompt_metadata, pipeline=pipe,
+                assemble_denoiser=assemble, uncond_fn=pipe.uncond)
 
 
 def prompt_metadata(prompts: Sequence[str]) -> dict[str, np.ndarray]:

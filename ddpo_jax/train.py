@@ -241,7 +241,8 @@ def make_sample_fn(policy: Policy, config, device_rewards: list[tuple[float, Rew
   more UNet call per step); so it does with `train.kl_beta` > 0 and a policy-gradient algorithm.
   `unet_params` are `sampling_params(state)`: the old policy for DiffusionNFT.
   """
-  dynamics = dynamics_lib.make_dynamics(policy, config)
+  denoiser = policy.denoiser
+  dynamics = dynamics_lib.make_dynamics(denoiser, config.sample)
   guidance = float(config.sample.guidance_scale)
   use_kl = sampler_runs_reference(config)
 
@@ -250,11 +251,10 @@ def make_sample_fn(policy: Policy, config, device_rewards: list[tuple[float, Rew
     context = policy.encode_prompts(params, prompt_ids)
     uncond = policy.encode_uncond(params)
     traj = dynamics.sample(
-        policy.eps_fn, policy.assemble_unet(unet_params, frozen), key, context, uncond,
-        latent_shape=policy.latent_shape, guidance_scale=guidance,
-        class_labels=metadata[policy.class_label_key] if policy.class_label_key else None,
-        uncond_class_labels=policy.null_class_labels,
-        reference_params=(policy.assemble_unet(frozen["reference_unet"], frozen)
+        denoiser, policy.assemble_denoiser(unet_params, frozen), key, context, uncond,
+        guidance_scale=guidance,
+        class_labels=metadata[denoiser.labels_key] if denoiser.labels_key else None,
+        reference_params=(policy.assemble_denoiser(frozen["reference_unet"], frozen)
                           if use_kl else None),
         kl_reduction=config.train.kl_reduction, sde_steps=metadata.get("sde_steps"))
     images = policy.decode(params, traj.next_latents[:, -1])
@@ -349,7 +349,7 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   """
   tc = config.train
   algorithm = algorithms.get(tc.algorithm)
-  dynamics = dynamics_lib.make_dynamics(policy, config)
+  dynamics = dynamics_lib.make_dynamics(policy.denoiser, config.sample)
   T = config.sample.num_steps
   K = dynamics_lib.trained_steps_per_sample(config.sample, tc.timestep_fraction)
   flow_steps_in_order = config.sample.sampler != "ddim" and algorithm.flow_timesteps_in_order
@@ -370,26 +370,25 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   def step_model(uncond, sampling_params=None, reference_params=None) -> algorithms.StepModel:
     """The policy's step computations with the update's guidance (`train.cfg`)."""
     def step_log_prob(unet_params, batch):
-      return dynamics.step_log_prob(policy.eps_fn, unet_params, batch, uncond,
-                                    guidance_scale=guidance,
-                                    uncond_class_labels=policy.null_class_labels)
+      return dynamics.step_log_prob(policy.denoiser, unet_params, batch, uncond,
+                                    guidance_scale=guidance)
 
     def guided_eps(p, x, t, context, labels):
-      return diffusion.guided_eps(policy.eps_fn, p, x, t, context, uncond, guidance, labels,
-                                  policy.null_class_labels)
+      return diffusion.guided_eps(policy.denoiser, p, x, t, context, uncond, guidance, labels,
+                                  policy.denoiser.null_labels)
 
     def denoising_loss_terms(unet_params, batch, key):
       return diffusion.denoising_loss_terms(guided_eps, unet_params, key, batch["x0"],
                                             batch["context"], batch["class_labels"],
                                             dynamics.schedule.alphas_cumprod)
     def velocity(p, x, sigma, context):
-      return diffusion.guided_eps(policy.eps_fn, p, x, 1000.0 * sigma, context, uncond, guidance)
+      return diffusion.guided_eps(policy.denoiser, p, x, sigma, context, uncond, guidance)
     return algorithms.StepModel(step_log_prob, denoising_loss_terms, velocity, sampling_params,
                                 reference_params)
 
   def micro_loss(unet_params, frozen, uncond, batch, key):
     """`algorithm.loss` of one minibatch at one chosen timestep per sample: (loss, metrics)."""
-    unet_params = policy.assemble_unet(unet_params, frozen)  # e.g. LoRA factors beside the base
+    unet_params = policy.assemble_denoiser(unet_params, frozen)  # e.g. LoRA factors beside the base
     sampling = frozen["sampling_unet"] if algorithm.needs_sampling_params else None
     return algorithm.loss(step_model(uncond, sampling, frozen.get("reference_assembled")),
                           unet_params, batch, key, config)
@@ -458,9 +457,9 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
       if algorithm.keeps_old_params and state.old_params is None:
         raise ValueError(f"train.algorithm={tc.algorithm!r} samples with an old policy: build "
                          "the train state with train.new_train_state (old_params)")
-      frozen = {**frozen, "sampling_unet": policy.assemble_unet(sampling_params(state), frozen)}
+      frozen = {**frozen, "sampling_unet": policy.assemble_denoiser(sampling_params(state), frozen)}
     if algorithm.needs_reference_params(config):  # the pre-trained model, assembled once
-      frozen = {**frozen, "reference_assembled": policy.assemble_unet(frozen["reference_unet"],
+      frozen = {**frozen, "reference_assembled": policy.assemble_denoiser(frozen["reference_unet"],
                                                                        frozen)}
 
     def opt_step(state, xs):

@@ -53,21 +53,21 @@ def test_augmented_model_equals_pretrained_at_init(digits_cache, tmp_path):
   same key and prompt, whatever labels are asked for; KL to the pre-trained model is 0."""
   config = load_config("ctrl_digits_class", "runlocal")
   policy = build_policy(config, str(tmp_path))
-  np.testing.assert_array_equal(policy.null_class_labels, [10])  # guidance's unconditional half
+  np.testing.assert_array_equal(policy.denoiser.null_labels, [10])  # guidance's unconditional half
   base = build_base_policy(config)
-  sched = diffusion.NoiseSchedule.from_config(base.scheduler_config)
+  sched = diffusion.NoiseSchedule.from_config(base.denoiser.scheduler_config)
   ts, prev = sched.ddim_timesteps(config.sample.num_steps)
   n = 8
   ctx = base.encode_prompts(base.params, jnp.asarray(base.tokenize([""] * n)))
   kw = dict(alphas_cumprod=sched.alphas_cumprod, timesteps=ts, prev_timesteps=prev,
-            latent_shape=base.latent_shape, eta=1.0, guidance_scale=1.0,
+            latent_shape=base.denoiser.latent_shape, eta=1.0, guidance_scale=1.0,
             final_alpha_cumprod=sched.final_alpha_cumprod)
   key = jax.random.PRNGKey(0)
   frozen = {k: v for k, v in policy.params.items() if k != "unet"}
-  unet = policy.assemble_unet(policy.params["unet"], frozen)
+  unet = policy.assemble_denoiser(policy.params["unet"], frozen)
   labels = jnp.arange(n)[:, None] % 10
-  a = diffusion.sample_trajectory(policy.eps_fn, unet, key, ctx, None, class_labels=labels, **kw)
-  b = diffusion.sample_trajectory(base.eps_fn, base.params["unet"], key, ctx, None, **kw)
+  a = diffusion.sample_trajectory(policy.denoiser, unet, key, ctx, None, class_labels=labels, **kw)
+  b = diffusion.sample_trajectory(base.denoiser, base.params["unet"], key, ctx, None, **kw)
   np.testing.assert_array_equal(np.asarray(a.final_latents), np.asarray(b.final_latents))
   loss_fn = trainer.make_backprop_loss(policy, config, policy.rewards["ctrl_log_likelihood"].fn)
   ids = jnp.asarray(policy.tokenize([ctrl_controls.format_context("", [0])] * n))
@@ -85,15 +85,15 @@ def test_control_min_timestep_gates_the_control(digits_cache, tmp_path):
   base = build_base_policy(config)
   frozen = {k: v for k, v in policy.params.items() if k != "unet"}
   trainable = jax.tree.map(lambda x: x + 1.0, policy.params["unet"])  # non-zero tables only
-  unet = policy.assemble_unet(trainable, frozen)
+  unet = policy.assemble_denoiser(trainable, frozen)
   n = 4
-  x = jax.random.normal(jax.random.PRNGKey(0), (n,) + tuple(base.latent_shape))
+  x = jax.random.normal(jax.random.PRNGKey(0), (n,) + tuple(base.denoiser.latent_shape))
   ctx = base.encode_prompts(base.params, jnp.asarray(base.tokenize([""] * n)))
   labels = jnp.arange(n)[:, None]
   for t, gated in ((499, True), (500, False)):
     tt = jnp.full((n,), t, jnp.int32)
-    a = np.asarray(policy.eps_fn(unet, x, tt, ctx, labels))
-    b = np.asarray(base.eps_fn(base.params["unet"], x, tt, ctx, None))
+    a = np.asarray(policy.denoiser(unet, x, tt, ctx, labels))
+    b = np.asarray(base.denoiser(base.params["unet"], x, tt, ctx, None))
     if gated:
       np.testing.assert_array_equal(a, b)
     else:

@@ -20,6 +20,7 @@ from ddpo_jax.config_schema import new_config
 from ddpo_jax.ctrl import trainer
 from ddpo_jax.ctrl import controls as ctrl_controls
 from ddpo_jax.ctrl import policy as ctrl_policy
+from ddpo_jax.denoiser import Denoiser
 from ddpo_jax.policy import Policy
 from helpers import compile_optimized
 
@@ -66,7 +67,7 @@ def gmm_policy(dim=8):
   corr = Correction()
   params = corr.init(jax.random.PRNGKey(1), jnp.zeros((1, 2)), jnp.zeros((1,)), jnp.zeros((1, dim)))
 
-  def eps_fn(p, x, t, context, labels, added_time_emb=None):
+  def network(p, x, t, context, labels, added_time_emb):
     emb = ctrl_policy.control_embedding(p["control"], labels, CONTROLS)
     flat = x.reshape(x.shape[0], 2)
     return (exact_eps(flat, t) + corr.apply(p["net"], flat, t.astype(jnp.float32), emb)).reshape(x.shape)
@@ -75,10 +76,12 @@ def gmm_policy(dim=8):
     return x0  # the "image" is the 2-D point itself, (N, 1, 1, 2)
 
   trainable = {"control": ctrl_policy.init_control_tables(CONTROLS, dim), "net": params}
-  return Policy(params={"unet": trainable}, eps_fn=eps_fn, tokenize=lambda c: np.zeros((len(c), 1), np.int32),
+  denoiser = Denoiser(prediction="eps", network=network, latent_shape=(1, 1, 2),
+                      scheduler_config=SCHEDULER, time_embed_dim=dim, labels_key="control_label")
+  return Policy(params={"unet": trainable}, denoiser=denoiser,
+                tokenize=lambda c: np.zeros((len(c), 1), np.int32),
                 encode_prompts=lambda p, ids: jnp.zeros(ids.shape + (1,)), decode=decode,
-                latent_shape=(1, 1, 2), scheduler_config=SCHEDULER, prompt_fn=None,
-                prompt_metadata=None, time_embed_dim=dim, class_label_key="control_label")
+                prompt_fn=None, prompt_metadata=None)
 
 
 def gmm_config(num_steps):
@@ -105,7 +108,7 @@ def sample(policy, params, key, labels, num_steps):
   def final(params, key, labels):
     ctx = jnp.zeros((len(labels), 1, 1))
     return diffusion.sample_trajectory(
-        policy.eps_fn, params, key, ctx, None, alphas_cumprod=ALPHAS, timesteps=ts,
+        policy.denoiser, params, key, ctx, None, alphas_cumprod=ALPHAS, timesteps=ts,
         prev_timesteps=prev, latent_shape=(1, 1, 2), eta=1.0, guidance_scale=1.0,
         class_labels=labels, final_alpha_cumprod=sched.final_alpha_cumprod).final_latents
 
@@ -117,8 +120,8 @@ def test_init_is_pretrained_and_kl_zero():
   policy, T = gmm_policy(), 10
   p0 = policy.params["unet"]
   labels = jnp.asarray(np.random.default_rng(0).integers(0, 2, (64, 1)), jnp.int32)
-  pre = dataclasses.replace(policy, eps_fn=lambda p, x, t, c, y, added_time_emb=None:
-                            exact_eps(x.reshape(-1, 2), t).reshape(x.shape))
+  pre = dataclasses.replace(policy, denoiser=policy.denoiser.wrap(
+      lambda p, x, t, c, y, added_time_emb: exact_eps(x.reshape(-1, 2), t).reshape(x.shape)))
   key = jax.random.PRNGKey(3)
   np.testing.assert_array_equal(sample(policy, p0, key, labels, T), sample(pre, p0, key, labels, T))
   loss_fn = trainer.make_backprop_loss(policy, gmm_config(T), reward_fn)
@@ -126,11 +129,11 @@ def test_init_is_pretrained_and_kl_zero():
   assert float(metrics["kl_to_pretrained"]) == 0.0
 
 
+@pytest.mark.slow  # 1500 optimizer steps and 40k reference chains; CTRL's fast checks on the
+# mixture: test_init_is_pretrained_and_kl_zero (and the digits runs in tests/test_ctrl.py)
 @pytest.mark.parametrize("num_steps", [25])
 def test_alpha_one_matches_reweighted_pretrained_sampler(num_steps):
   """α = 1: per-component mean and std of CTRL samples match the pre-trained sampler's samples
-@pytest.mark.slow  # 1500 optimizer steps and 40k reference chains; CTRL's fast checks on the
-# mixture: test_init_is_pretrained_and_kl_zero (and the digits runs in tests/test_ctrl.py)
   reweighted by p(y | x), within 0.1 (means) and 12% (stds), for both components."""
   policy = gmm_policy()
   config = gmm_config(num_steps)
@@ -172,11 +175,11 @@ def _flat(tree):
   return jnp.concatenate([x.ravel() for x in jax.tree.leaves(tree)])
 
 
+@pytest.mark.slow  # 131k chains per side; the KL penalty is checked fast in tests/test_rl.py
+# (test_kl_penalised_advantages_against_a_loop) and tests/test_diffusion.py (test_kl_shared_std)
 def test_ppo_route_gradient_is_the_exact_kl_regularised_gradient():
   """The DDPO (PPO) solver's KL penalty is exact: at the sampling params, the update's
   gradient × T · D / scale equals the gradient of E[log p(y | x_0)] − α E[Σ_t KL_t] (α = 1,
-@pytest.mark.slow  # 131k chains per side; the KL penalty is checked fast in tests/test_rl.py
-# (test_kl_penalised_advantages_against_a_loop) and tests/test_diffusion.py (test_kl_shared_std)
   summed KL) obtained by backpropagating through the whole chain (`make_backprop_loss`), within
   2% relative L2 over all params (Monte Carlo: 131k chains per side; measured 0.3%). Without
   the later steps' KL in each step's return (the direct term alone) it is off by > 5%
@@ -210,7 +213,7 @@ def test_ppo_route_gradient_is_the_exact_kl_regularised_gradient():
   sgd = optax.sgd(1.0)  # new params = params − gradient
   update_fn = train.make_update_fn(policy, config, sgd, mesh)
   frozen = train.frozen_params(policy, config)
-  dims = int(np.prod(policy.latent_shape))
+  dims = int(np.prod(policy.denoiser.latent_shape))
 
   def ppo_gradient(key, kl_in_return):
     metadata = {"control_label": labels(key)}

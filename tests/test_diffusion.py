@@ -294,9 +294,9 @@ def test_sample_trajectory_log_probs_and_cfg(guidance_scale):
   T = len(ts)
   assert traj.latents.shape == (B, T, H, W, C) and traj.next_latents.shape == (B, T, H, W, C)
   assert traj.log_probs.shape == (B, T) and traj.log_probs.dtype == jnp.float32
-  assert traj.timesteps.shape == (B, T) and traj.timesteps.dtype == jnp.int32
-  np.testing.assert_array_equal(traj.timesteps[1], ts)
-  np.testing.assert_array_equal(traj.prev_timesteps[2], prev)
+  assert traj.times.shape == (B, T) and traj.times.dtype == jnp.int32
+  np.testing.assert_array_equal(traj.times[1], ts)
+  np.testing.assert_array_equal(traj.next_times[2], prev)
   np.testing.assert_array_equal(traj.latents[:, 1:], traj.next_latents[:, :-1])
   np.testing.assert_array_equal(traj.class_labels, labels)
 
@@ -317,7 +317,7 @@ def test_sample_trajectory_log_probs_and_cfg(guidance_scale):
     assert lp_err(traj.log_probs[:, i], ref_lp) < 1e-5
     # and the shared re-scoring path used by the update
     lp, m, s = diffusion.step_log_prob(
-        eps_fn, params, traj.latents[:, i], traj.timesteps[:, i], traj.prev_timesteps[:, i],
+        eps_fn, params, traj.latents[:, i], traj.times[:, i], traj.next_times[:, i],
         traj.next_latents[:, i], traj.context, uncond, alphas_cumprod=ac, eta=1.0,
         guidance_scale=guidance_scale, class_labels=traj.class_labels)
     assert lp_err(lp, traj.log_probs[:, i]) < 1e-5

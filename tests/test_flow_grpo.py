@@ -140,12 +140,12 @@ def test_bad_flow_configs_are_refused_before_compiling(tiny_sd3, tiny_sd, prompt
                                                                           **overrides))
     with pytest.raises(ValueError, match=match):
       train.validate_config(config, mesh)
-      dynamics.make_dynamics(families.build_policy(config, ""), config)
+      dynamics.make_dynamics(families.build_policy(config, "").denoiser, config.sample)
 
-  refused({}, r"sample.sampler='ddim' needs a 'epsilon'-predicting model; this one predicts "
-          r"'flow' \(use sample.sampler in \['sde', 'cps', 'ode', 'dpm2'\]\)")
-  refused({"sample.sampler": "sde"}, r"'sde' needs a 'flow'-predicting model; this one "
-          r"predicts 'epsilon'", path=tiny_sd)
+  refused({}, r"sample.sampler='ddim' needs a 'eps'-predicting model; this one predicts "
+          r"'velocity' \(use sample.sampler in \['sde', 'cps', 'ode', 'dpm2'\]\)")
+  refused({"sample.sampler": "sde"}, r"'sde' needs a 'velocity'-predicting model; this one "
+          r"predicts 'eps'", path=tiny_sd)
   refused({"sample.sampler": "sde", "sample.group_size": 3}, r"sample.group_size=3 must "
           r"divide sample.batch_size=4")
   refused({"sample.sampler": "sde", "sample.group_size": 2}, "set per_prompt_stat_tracking"

@@ -22,15 +22,14 @@ def test_per_sample_sde_masks_equal_one_chain_per_sample():
   stds are those of the same batch run with sample b's mask as a (T,) mask for all (same keys,
   so the same noise rows), to float32 rounding; its log-probs are nonzero exactly on its
   window."""
-  sigmas, timesteps = flow.FlowSchedule(shift=3.0).sigmas(5)
+  sigmas, _ = flow.FlowSchedule(shift=3.0).sigmas(5)
   x = jax.random.normal(jax.random.PRNGKey(1), (3, 4, 4, 1))
   masks = np.array([[1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [1, 1, 1, 1, 1]], bool)  # (B, T)
   keys = jax.random.split(jax.random.PRNGKey(2), 5)
 
   def chain(x, mask):
     return flow.flow_chain(_toy_velocity, None, x, keys, None, None, sigmas=sigmas,
-                           timesteps=timesteps, guidance_scale=1.0, sde_type="sde",
-                           noise_level=A, sde_steps=mask)
+                           guidance_scale=1.0, sde_type="sde", noise_level=A, sde_steps=mask)
   _, out = chain(x, masks.T)
   assert out["std"].shape == (5, 3, 1, 1, 1)
   for b in range(3):
@@ -50,19 +49,19 @@ def test_chain_kl_to_a_reference_model():
   """With reference params the chain's KL_t is ||mean − mean_ref||² / (2 std²) of the two
   models' steps at the sampled x_t (mean over the latent dims), recomputed here with
   `flow.step_mean_std` (1e-5 relative); 0 on the ODE steps outside the window."""
-  sigmas, timesteps = flow.FlowSchedule(shift=3.0).sigmas(5)
+  sigmas, _ = flow.FlowSchedule(shift=3.0).sigmas(5)
   x = jax.random.normal(jax.random.PRNGKey(1), (3, 4, 4, 1))
   window = np.array([1, 1, 1, 0, 0], bool)
 
   def velocity(p, x, t, context, labels=None):
     return p * _toy_velocity(None, x, t, context)
   _, out = flow.flow_chain(velocity, 1.0, x, jax.random.split(jax.random.PRNGKey(2), 5), None,
-                           None, sigmas=sigmas, timesteps=timesteps, guidance_scale=1.0,
+                           None, sigmas=sigmas, guidance_scale=1.0,
                            sde_type="sde", noise_level=A, sde_steps=window,
                            reference_params=0.8)
   for i in range(5):
     xi = out["latents"][i]
-    t = jnp.full((3,), timesteps[i])
+    t = jnp.full((3,), sigmas[i])
     means = [flow.step_mean_std(velocity(p, xi, t, None), xi, sigmas[i], sigmas[i + 1],
                                 sde_type="sde", noise_level=A, sigma_max=sigmas[1]) for p in (1.0, 0.8)]
     if not window[i]:
@@ -149,7 +148,7 @@ def test_nft_loss_matches_numpy():
   model = StepModel(None, None, velocity, old)
   nft = algorithms.get("nft")
   key = jax.random.PRNGKey(5)
-  batch = {"x0": jnp.asarray(x0), "timesteps": jnp.asarray(sigma), "context": None,
+  batch = {"x0": jnp.asarray(x0), "times": jnp.asarray(sigma), "context": None,
            "optimality": jnp.asarray(r)}
   loss, metrics = nft.loss(model, params, batch, key, config)
   eps = np.asarray(jax.random.normal(key, x0.shape, jnp.float32), np.float64)
@@ -170,7 +169,7 @@ def test_nft_loss_matches_numpy():
   np.testing.assert_allclose(float(grad["b"]), fd_b, rtol=1e-3)
   # r from the advantages, as batch_fields computes it
   per_step, per_sample, _ = nft.batch_fields(
-      type("T", (), {"timesteps": jnp.zeros((4, 3)), "next_latents": jnp.zeros((4, 3, 2, 2, 1))}),
+      type("T", (), {"times": jnp.zeros((4, 3)), "next_latents": jnp.zeros((4, 3, 2, 2, 1))}),
       jnp.asarray(adv), None, None, config)
   np.testing.assert_allclose(np.asarray(per_sample["optimality"]), r, rtol=1e-6)
 
@@ -179,12 +178,16 @@ def test_digits_mmdit_is_a_flow_model():
   """The digits MMDiT: a velocity model on the rectified-flow schedule (sigmas from 1 to 0)."""
   config = load_config("digits_flow", "runlocal")
   policy = digits.make_policy(config)
-  assert policy.prediction_type == "flow"
-  sigmas, timesteps = policy.flow_sigmas(4)
+  assert policy.denoiser.prediction == "velocity"
+  sigmas = policy.denoiser.flow_sigmas(4)
   np.testing.assert_allclose(sigmas, [1.0, 0.667, 0.334, 0.001, 0.0], atol=1e-3)
   x = jnp.zeros((2,) + digits.IMAGE_SHAPE)
   ctx = policy.encode_prompts(policy.params, jnp.asarray(policy.tokenize(["", "a handwritten 3"])))
-  assert policy.eps_fn(policy.params["unet"], x, jnp.full((2,), 500.0), ctx).shape == x.shape
+  # the denoiser takes sigma and calls the MMDiT at its own timestep 1000 sigma
+  v = policy.denoiser(policy.params["unet"], x, jnp.full((2,), 0.5), ctx)
+  assert v.shape == x.shape
+  np.testing.assert_array_equal(
+      v, policy.denoiser.network(policy.params["unet"], x, jnp.full((2,), 500.0), ctx, None, None))
 
 
 @pytest.mark.parametrize("variant", ["mixgrpo", "fast", "nft"])
@@ -205,15 +208,14 @@ def test_update_at_init_for_each_method(variant):
 def test_fast_groups_share_noise_and_branch_at_the_window():
   config = load_config("digits_flow", "fast,runlocal")
   policy = digits.make_policy(config)
-  dyn = dynamics.make_dynamics(policy, config)
+  dyn = dynamics.make_dynamics(policy.denoiser, config.sample)
   assert dyn.noise_group_size == 2
   window = dynamics.sde_window_steps(config.sample, config.seed, 0, 0)
   n = config.sample.batch_size
   prompts = list(np.repeat(policy.prompt_fn(np.random.default_rng(0), n // 2), 2))
   ctx = policy.encode_prompts(policy.params, jnp.asarray(policy.tokenize(prompts)))
-  traj = dyn.sample(policy.eps_fn, policy.params["unet"], jax.random.PRNGKey(0), ctx,
+  traj = dyn.sample(policy.denoiser, policy.params["unet"], jax.random.PRNGKey(0), ctx,
                     policy.encode_uncond(policy.params), guidance_scale=1.0,
-                    latent_shape=policy.latent_shape,
                     sde_steps=jnp.broadcast_to(jnp.asarray(window), (n,) + window.shape))
   first = int(np.argmax(window))
   lat = np.asarray(traj.latents)
@@ -224,7 +226,7 @@ def test_fast_groups_share_noise_and_branch_at_the_window():
 
 
 BAD = [
-    ({"sample.sampler": "ddim"}, "needs a 'epsilon'-predicting model; this one predicts 'flow'"),
+    ({"sample.sampler": "ddim"}, "needs a 'eps'-predicting model; this one predicts 'velocity'"),
     ({"sample.sampler": "ode"}, "sample.sampler='ode' has no step log-probabilities"),
     ({"sample.sde_window_size": 9}, r"sample.sde_window_size=9 must lie in \[0, "),
     ({"sample.sde_window_size": 2, "sample.sde_window_range": (2, 3)},
@@ -248,7 +250,7 @@ def test_bad_digits_flow_configs_are_refused(overrides, message):
   mesh = parallel.make_mesh(config.mesh)
   with pytest.raises(ValueError, match=message):
     train.validate_config(config, mesh)
-    dynamics.make_dynamics(digits.make_policy(config), config)
+    dynamics.make_dynamics(digits.make_policy(config).denoiser, config.sample)
 
 
 def test_window_on_ddim_and_same_noise_without_groups_are_refused():

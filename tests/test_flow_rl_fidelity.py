@@ -149,9 +149,9 @@ def test_nft_loss_with_an_ema_old_policy_over_two_inner_epochs():
   for k in old:
     np.testing.assert_allclose(float(state.old_params[k]), old[k], rtol=1e-6)
   nft = algorithms.get("nft")
-  batch = {"x0": jnp.asarray(x0), "timesteps": jnp.asarray(sigma), "context": None,
+  batch = {"x0": jnp.asarray(x0), "times": jnp.asarray(sigma), "context": None,
            "optimality": nft.batch_fields(
-               type("T", (), {"timesteps": jnp.zeros((4, 3)),
+               type("T", (), {"times": jnp.zeros((4, 3)),
                               "next_latents": jnp.broadcast_to(jnp.asarray(x0)[:, None],
                                                                (4, 3, 2, 2, 1))}),
                jnp.asarray(adv), None, None, config)[1]["optimality"]}
@@ -293,7 +293,7 @@ def test_policy_gradient_adds_beta_times_flow_grpo_kl():
   model = StepModel(step_log_prob, None)
   mean0, std0 = step(0.5 * jnp.asarray(x))
   batch = {"latents": jnp.asarray(x), "next_latents": mean0 + std0 * 0.3,
-           "timesteps": jnp.asarray(sigma), "prev_timesteps": jnp.asarray(sigma_next),
+           "times": jnp.asarray(sigma), "next_times": jnp.asarray(sigma_next),
            "log_probs": jnp.zeros(4), "advantages": jnp.asarray([1.0, -1.0, 0.5, 2.0]),
            "reference_means": ref_mean}
   ppo = algorithms.get("ppo")
@@ -362,7 +362,7 @@ def test_drop_zero_advantage_is_the_mean_over_the_kept_samples():
   config = load_config("digits_flow", "runlocal", **{"train.drop_zero_advantage": True})
   n, T = 8, 3
   traj = type("T", (), {k: jnp.zeros((n, T) + ((2, 2, 1) if "lat" in k else ()))
-                        for k in ("latents", "next_latents", "timesteps", "prev_timesteps",
+                        for k in ("latents", "next_latents", "times", "next_times",
                                   "log_probs")})
   ppo = algorithms.get("ppo")
   _, per_sample, metrics = ppo.batch_fields(traj, jnp.asarray(adv), jnp.ones(n), None, config)
@@ -474,13 +474,12 @@ def test_dpm2_chain_is_diffusion_nft_solver(num_steps):
   def v_np(x, sigma):
     return np.tanh(x) - target + 0.3 * sigma * x
 
-  def v_jax(p, x, t, context, class_labels=None):
-    return jnp.tanh(x) - p + 0.3 * (t / 1000.0)[:, None, None, None] * x
+  def v_jax(p, x, sigma, context, class_labels=None):
+    return jnp.tanh(x) - p + 0.3 * sigma[:, None, None, None] * x
   ref = _reference_dpm2(v_np, z0, sigmas)
   latents, next_latents = dynamics.dpm2_chain(
       v_jax, jnp.asarray(target, jnp.float32), jnp.asarray(z0, jnp.float32), None, None,
-      sigmas=sigmas.astype(np.float32), timesteps=(1000 * sigmas[:-1]).astype(np.float32),
-      guidance_scale=1.0)
+      sigmas=sigmas.astype(np.float32), guidance_scale=1.0)
   for i in range(num_steps):
     np.testing.assert_allclose(np.asarray(latents[i]), ref[i], atol=1e-5)
     np.testing.assert_allclose(np.asarray(next_latents[i]), ref[i + 1], atol=1e-5)

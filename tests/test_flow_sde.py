@@ -14,7 +14,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import tiny_models as tm  # noqa: E402
-from ddpo_jax import diffusion, flow  # noqa: E402
+from ddpo_jax import diffusion, flow, sd  # noqa: E402
 from ddpo_jax.models import load_pipeline  # noqa: E402
 
 A = 0.7  # Flow-GRPO's default noise level
@@ -69,16 +69,16 @@ def test_step_and_log_prob_match_numpy(sde_type):
                                                                sde_type), rtol=0, atol=1e-4)
 
 
-def _chain(velocity_fn, x, sde_type, sigmas, timesteps, key, sde_steps=None, a=A):
-  keys = jax.random.split(key, len(timesteps))
+def _chain(velocity_fn, x, sde_type, sigmas, key, sde_steps=None, a=A):
+  keys = jax.random.split(key, len(sigmas) - 1)
   return flow.flow_chain(velocity_fn, None, x, keys, None, None, sigmas=sigmas,
-                         timesteps=timesteps, guidance_scale=1.0, sde_type=sde_type,
-                         noise_level=a, sde_steps=sde_steps)
+                         guidance_scale=1.0, sde_type=sde_type, noise_level=a,
+                         sde_steps=sde_steps)
 
 
-def _toy_velocity(params, x, t, context, labels=None):
-  """A nonlinear stand-in for a network (t = 1000 sigma)."""
-  return jnp.tanh(x) * (t[:, None, None, None] / 1000.0) - 0.3 * x
+def _toy_velocity(params, x, sigma, context, labels=None):
+  """A nonlinear stand-in for a network, called at sigma (B,) as a velocity Denoiser is."""
+  return jnp.tanh(x) * sigma[:, None, None, None] - 0.3 * x
 
 
 @pytest.mark.parametrize("sde_type", ["sde", "cps"])
@@ -87,15 +87,15 @@ def test_chain_log_probs_recompute_exactly_from_the_trajectory(sde_type):
   sampling params it equals the sampler's (approx_kl = mean((lp - lp')^2) / 2 < 1e-10); ODE steps
   (outside `sde_steps`) are the Euler steps (to 1e-6), with log-prob 0 and std 0, and so is
   CPS's last step (std = sigma_next sin(.) = 0)."""
-  sigmas, timesteps = flow.FlowSchedule(shift=3.0).sigmas(6)
+  sigmas, _ = flow.FlowSchedule(shift=3.0).sigmas(6)
   x = jax.random.normal(jax.random.PRNGKey(1), (4, 4, 4, 2))
   window = np.array([False, True, True, False, False, True])
-  x0, out = jax.jit(lambda x, k: _chain(_toy_velocity, x, sde_type, sigmas, timesteps, k, window)
+  x0, out = jax.jit(lambda x, k: _chain(_toy_velocity, x, sde_type, sigmas, k, window)
                     )(x, jax.random.PRNGKey(2))
   np.testing.assert_array_equal(np.asarray(out["next_latents"][-1]), np.asarray(x0))
   for i in range(6):
     xi, xn = out["latents"][i], out["next_latents"][i]
-    v = _toy_velocity(None, xi, jnp.full((4,), timesteps[i]), None)
+    v = _toy_velocity(None, xi, jnp.full((4,), sigmas[i]), None)
     if not window[i]:
       # (to float32 rounding: the chain is one compiled program, this is eager)
       np.testing.assert_allclose(np.asarray(xn), np.asarray(
@@ -115,11 +115,10 @@ def test_chain_log_probs_recompute_exactly_from_the_trajectory(sde_type):
 
 
 def test_ode_chain_is_sample_ode():
-  sigmas, timesteps = flow.FlowSchedule(shift=3.0).sigmas(5)
+  sigmas, _ = flow.FlowSchedule(shift=3.0).sigmas(5)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 2))
-  x0, out = _chain(_toy_velocity, x, "ode", sigmas, timesteps, jax.random.PRNGKey(0))
-  ref = flow.sample_ode(_toy_velocity, None, x, None, None, sigmas=sigmas, timesteps=timesteps,
-                        guidance_scale=1.0)
+  x0, out = _chain(_toy_velocity, x, "ode", sigmas, jax.random.PRNGKey(0))
+  ref = flow.sample_ode(_toy_velocity, None, x, None, None, sigmas=sigmas, guidance_scale=1.0)
   np.testing.assert_allclose(np.asarray(x0), np.asarray(ref), rtol=0, atol=1e-6)
   assert float(jnp.abs(out["log_probs"]).max()) == 0.0
 
@@ -132,8 +131,8 @@ MU = np.array([1.5, -0.5])
 COV = np.array([[0.16, 0.06], [0.06, 0.09]])
 
 
-def _exact_velocity(params, x, t, context, labels=None):
-  sigma = t[0] / 1000.0
+def _exact_velocity(params, x, sigma, context, labels=None):
+  sigma = sigma[0]
   c = (1 - sigma) ** 2 * jnp.asarray(COV, jnp.float32) + sigma ** 2 * jnp.eye(2)
   r = x - (1 - sigma) * jnp.asarray(MU, jnp.float32)
   c_inv_r = jnp.linalg.solve(c, r.T).T
@@ -197,9 +196,9 @@ def test_samplers_driven_by_the_exact_velocity_reproduce_gaussian_data(sde_type,
     sampler, not a discretisation error (it does not shrink with the steps);
   * a velocity 5% too large fails the data check (SDE at a = 0.7)."""
   n, steps = 40_000, 200
-  sigmas, timesteps = flow.FlowSchedule(shift=3.0).sigmas(steps)
+  sigmas, _ = flow.FlowSchedule(shift=3.0).sigmas(steps)
   x = jax.random.normal(jax.random.PRNGKey(0), (n, 2))
-  run = jax.jit(lambda x, k: _chain(_exact_velocity, x, sde_type, sigmas, timesteps, k, a=a))
+  run = jax.jit(lambda x, k: _chain(_exact_velocity, x, sde_type, sigmas, k, a=a))
   x0, out = run(x, jax.random.PRNGKey(1))
   law = _exact_moments(sigmas, sde_type, a)
   assert _close(x0, *law[-1], n)
@@ -225,7 +224,7 @@ def test_samplers_driven_by_the_exact_velocity_reproduce_gaussian_data(sde_type,
     assert np.all((0.75 < ratio) & (ratio < 0.9)), ratio
   if sde_type == "sde" and a == 0.7:
     wrong = lambda p, x, t, c, y=None: 1.05 * _exact_velocity(p, x, t, c)  # noqa: E731
-    x0_wrong, _ = _chain(wrong, x, sde_type, sigmas, timesteps, jax.random.PRNGKey(1))
+    x0_wrong, _ = _chain(wrong, x, sde_type, sigmas, jax.random.PRNGKey(1))
     assert not _close(x0_wrong, MU, COV, n)
 
 
@@ -237,9 +236,9 @@ def test_bad_sampler_settings():
     flow.step_mean_std(x, x, 0.5, 0.4, sde_type="sde", noise_level=0)
   with pytest.raises(ValueError, match="noise_level=1.5: CPS needs"):
     flow.step_mean_std(x, x, 0.5, 0.4, sde_type="cps", noise_level=1.5)
-  sigmas, timesteps = flow.FlowSchedule().sigmas(4)
+  sigmas, _ = flow.FlowSchedule().sigmas(4)
   with pytest.raises(ValueError, match=r"sde_steps \(3,\) must be \(T,\) = \(4,\)"):
-    _chain(_toy_velocity, jnp.zeros((1, 2, 2, 1)), "sde", sigmas, timesteps,
+    _chain(_toy_velocity, jnp.zeros((1, 2, 2, 1)), "sde", sigmas,
            jax.random.PRNGKey(0), sde_steps=np.ones(3, bool))
 
 
@@ -326,13 +325,12 @@ def test_sampler_and_update_log_probs_agree_on_a_tiny_sd3_transformer(sde_type, 
   params = pipe.params["transformer"]
   cond = pipe.encode(pipe.params, jnp.asarray(pipe.tokenize(["a cat", "the red dog"])))
   uncond = pipe.uncond(pipe.params)
-  sigmas, timesteps = pipe.sigmas(4, 8, 8)
-  velocity = lambda p, x, t, c, y=None: pipe.denoise(p, x, t, c)  # noqa: E731
+  velocity = sd.make_denoiser(pipe, (8, 8, 16))
+  sigmas = velocity.flow_sigmas(4)
   kw = dict(guidance_scale=4.5, sde_type=sde_type, noise_level=A)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 16))
   _, out = jax.jit(lambda p, x, k: flow.flow_chain(
-      velocity, p, x, jax.random.split(k, 4), cond, uncond, sigmas=sigmas, timesteps=timesteps,
-      **kw))(params, x, jax.random.PRNGKey(1))
+      velocity, p, x, jax.random.split(k, 4), cond, uncond, sigmas=sigmas, **kw))(params, x, jax.random.PRNGKey(1))
   rescore = jax.jit(lambda p, x, s, s_next, x_next: flow.step_log_prob(
       velocity, p, x, s, s_next, x_next, cond, uncond, sigma_max=sigmas[1], **kw)[0])
   for i in range(4):

@@ -162,16 +162,16 @@ def test_flux_dev_flow_sampling_matches_the_diffusers_pipeline():
   img_ids, txt_ids = F.image_ids(*latents.shape[1:3]), np.zeros((5, 3), np.float32)
   g = np.full((2,), guidance, np.float32)
 
-  def velocity(p, x, t, cond, labels=None):
+  def velocity(p, x, sigma, cond, labels=None):  # FLUX's timestep input is sigma itself
     del labels
-    return module.apply({"params": p}, x, cond["context"], cond["pooled"], t / 1000.0, img_ids,
+    return module.apply({"params": p}, x, cond["context"], cond["pooled"], sigma, img_ids,
                         txt_ids, g)
 
-  sigmas, timesteps = flow.FlowSchedule.from_config(dict(scheduler.config)).sigmas(
+  sigmas, _ = flow.FlowSchedule.from_config(dict(scheduler.config)).sigmas(
       steps, image_seq_len=tokens.shape[1])
   sample = jax.jit(lambda p, x0: flow.sample_ode(
       velocity, p, x0, {"context": context, "pooled": pooled}, None, sigmas=sigmas,
-      timesteps=timesteps, guidance_scale=1.0), compiler_options=FAST_COMPILE)
+      guidance_scale=1.0), compiler_options=FAST_COMPILE)
   ours = np.asarray(sample(params, tokens))
   err = float(np.abs(ours - ref).max())
   print(f"FLUX.1-dev flow sampling ({steps} steps, guidance {guidance}) vs diffusers: max abs "

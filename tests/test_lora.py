@@ -32,7 +32,7 @@ def lora_policy(tiny_sd, prompt_assets):
 
 def _eps_inputs(policy, n=2, seed=0):
   rng = np.random.RandomState(seed)
-  x = jnp.asarray(rng.randn(n, *policy.latent_shape).astype(np.float32))
+  x = jnp.asarray(rng.randn(n, *policy.denoiser.latent_shape).astype(np.float32))
   t = jnp.asarray([999, 1][:n], jnp.int32)
   ids = jnp.asarray(policy.tokenize(["a cat", "a dog"][:n]))
   return x, t, policy.encode_prompts(policy.params, ids)
@@ -53,13 +53,13 @@ def test_init_targets_and_exact_identity(lora_policy):
       assert np.std(np.asarray(leaf)) > 0.1 and leaf.shape[1] == 2  # std 1/rank
 
   frozen = {k: v for k, v in policy.params.items() if k != "unet"}
-  adapted = policy.assemble_unet(lora_params, frozen)
+  adapted = policy.assemble_denoiser(lora_params, frozen)
   assert isinstance(adapted, adapters.LoraAdapted) and adapted.base is base  # no copy
   merged = jax.jit(adapters.merged)(adapted)
   jax.tree.map(np.testing.assert_array_equal, merged, base)  # bit for bit
   x, t, ctx = _eps_inputs(policy)
-  eps_fn = jax.jit(policy.eps_fn)
-  eps_lora = jax.jit(lambda p, f: policy.eps_fn(policy.assemble_unet(p, f), x, t, ctx))
+  eps_fn = jax.jit(policy.denoiser)
+  eps_lora = jax.jit(lambda p, f: policy.denoiser(policy.assemble_denoiser(p, f), x, t, ctx))
   np.testing.assert_array_equal(eps_lora(lora_params, frozen), eps_fn(base, x, t, ctx))
 
 
@@ -235,9 +235,9 @@ def test_export_merged_loads_in_diffusers_and_matches(tiny_sd, prompt_assets, co
   _, policy, trained, step = runs.restore_run(workdir)
   assert step == 1
   frozen = train.frozen_params(policy, config)
-  adapted = policy.assemble_unet(trained, frozen)
+  adapted = policy.assemble_denoiser(trained, frozen)
   x, t, ctx = _eps_inputs(policy)
-  ours = np.asarray(jax.jit(policy.eps_fn)(adapted, x, t, ctx))  # unmerged, as trained
+  ours = np.asarray(jax.jit(policy.denoiser)(adapted, x, t, ctx))  # unmerged, as trained
 
   pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
   base_pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)

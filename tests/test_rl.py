@@ -164,21 +164,23 @@ def test_rwr_sparse_weights():
 def _prompt_linear_policy():
   """A denoiser whose eps depends on the prompt: eps = a·x + b·mean(context), context a
   per-prompt constant (prompt i -> i + 1, "" -> 0), 2x2x1 latents."""
+  from ddpo_jax.denoiser import Denoiser
   from ddpo_jax.policy import Policy
   scheduler = {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
                "num_train_timesteps": 1000, "steps_offset": 1, "set_alpha_to_one": False,
                "prediction_type": "epsilon"}
   prompts = ["", "p1", "p2"]
 
-  def eps_fn(p, x, t, context, labels, added_time_emb=None):
+  def network(p, x, t, context, labels, added_time_emb):
     return p["a"] * x + p["b"] * jnp.mean(context, axis=(1, 2))[:, None, None, None]
 
   return Policy(
-      params={"unet": {"a": jnp.float32(0.3), "b": jnp.float32(0.7)}}, eps_fn=eps_fn,
+      params={"unet": {"a": jnp.float32(0.3), "b": jnp.float32(0.7)}},
+      denoiser=Denoiser(prediction="eps", network=network, latent_shape=(2, 2, 1),
+                        scheduler_config=scheduler),
       tokenize=lambda ps: np.asarray([[prompts.index(q)] for q in ps], np.int32),
       encode_prompts=lambda p, ids: ids[..., None].astype(jnp.float32),
-      decode=lambda p, x0: jnp.clip(x0 / 2 + 0.5, 0, 1), latent_shape=(2, 2, 1),
-      scheduler_config=scheduler,
+      decode=lambda p, x0: jnp.clip(x0 / 2 + 0.5, 0, 1),
       prompt_fn=lambda rng, n: [prompts[1 + int(i)] for i in rng.integers(0, 2, n)],
       prompt_metadata=lambda ps: {})
 
@@ -194,12 +196,12 @@ def test_rwr_regresses_the_guided_eps_with_train_cfg(algorithm):
   policy = _prompt_linear_policy()
   w = 5.0
 
-  def guided(p, x, t, context, labels, added_time_emb=None):
+  def guided(p, x, t, context, labels, added_time_emb):
     uncond = jnp.zeros((1,) + context.shape[1:])
-    return diffusion.guided_eps(policy.eps_fn, p, x, t, context, uncond, w, labels)
+    return diffusion.guided_eps(policy.denoiser, p, x, t, context, uncond, w, labels)
 
   losses = {}
-  for name, pol, cfg in (("cfg", policy, True), ("guided_eps", dataclasses.replace(policy, eps_fn=guided), False),
+  for name, pol, cfg in (("cfg", policy, True), ("guided_eps", dataclasses.replace(policy, denoiser=policy.denoiser.wrap(guided)), False),
                          ("unguided", policy, False)):
     config = load_config("default", "runlocal", **{
         "train.algorithm": algorithm, "train.cfg": cfg, "sample.guidance_scale": w,

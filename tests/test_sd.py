@@ -109,8 +109,8 @@ def test_policy_matches_diffusers_components(tiny_sd, prompt_assets):
     ref_ctx = tpipe.text_encoder(torch.from_numpy(ref.astype(np.int64)))[0].numpy()
   np.testing.assert_allclose(context, ref_ctx, atol=1e-4)
 
-  assert policy.latent_shape == (8, 8, 4)
-  assert policy.scheduler_config["beta_schedule"] == "scaled_linear"
+  assert policy.denoiser.latent_shape == (8, 8, 4)
+  assert policy.denoiser.scheduler_config["beta_schedule"] == "scaled_linear"
   assert policy.prompt_metadata(["a cat"]) == {}
   assert len(policy.prompt_fn(np.random.default_rng(0), 5)) == 5
   latents = np.random.RandomState(0).randn(2, 8, 8, 4).astype(np.float32)

@@ -160,29 +160,29 @@ def _runlocal_config(tiny_dir, **model):
 
 
 def test_policy_sampler_matches_diffusers_pipeline(tiny_dir, torch_pipe):
-  """The SDXL policy (pooled embedding and time ids inside eps_fn, zero unconditional
+  """The SDXL policy (pooled embedding and time ids inside its denoiser, zero unconditional
   conditioning) through DDPO's own sampler, `diffusion.sample_trajectory`. The sampler refuses
   eta = 0 (no log-probability), so both sample at eta = 1e-6: each step's noise std is at most
   1e-6, far below the tolerance, and the two chains are deterministic up to it."""
   config = _runlocal_config(tiny_dir, lora=dict(enabled=False))
   policy = sd.make_policy(config)
   steps, guidance = 4, 5.0
-  schedule = diffusion.NoiseSchedule.from_config(policy.scheduler_config)
+  schedule = diffusion.NoiseSchedule.from_config(policy.denoiser.scheduler_config)
   timesteps, prev = schedule.ddim_timesteps(steps)
-  latents = np.random.default_rng(2).standard_normal((2,) + policy.latent_shape).astype(
+  latents = np.random.default_rng(2).standard_normal((2,) + policy.denoiser.latent_shape).astype(
       np.float32)
 
   def sample(params, ids, x):
     traj = diffusion.sample_trajectory(
-        policy.eps_fn, params["unet"], jax.random.PRNGKey(0), policy.encode_prompts(params, ids),
+        policy.denoiser, params["unet"], jax.random.PRNGKey(0), policy.encode_prompts(params, ids),
         policy.encode_uncond(params), alphas_cumprod=schedule.alphas_cumprod,
-        timesteps=timesteps, prev_timesteps=prev, latent_shape=policy.latent_shape, eta=ETA,
+        timesteps=timesteps, prev_timesteps=prev, latent_shape=policy.denoiser.latent_shape, eta=ETA,
         guidance_scale=guidance, final_alpha_cumprod=schedule.final_alpha_cumprod,
         initial_latents=x)
     return traj.final_latents
 
   ours = _jit(sample)(policy.params, jnp.asarray(policy.tokenize(list(PROMPTS))), latents)
-  side = policy.latent_shape[0] * policy.pipeline.vae_scale_factor
+  side = policy.denoiser.latent_shape[0] * policy.pipeline.vae_scale_factor
   with torch.no_grad():
     ref = torch_pipe(list(PROMPTS), height=side, width=side, num_inference_steps=steps,
                      guidance_scale=guidance, eta=ETA, latents=tm.to_nchw(latents),

@@ -415,7 +415,7 @@ state = jax.eval_shape(lambda p: train.TrainState(step=jnp.zeros((), jnp.int32),
                        opt_state=opt.init(p), rng=jax.random.PRNGKey(0)), policy.params["unet"])
 n, T = config.sample.batch_size, config.sample.num_steps
 ids = jnp.asarray(policy.tokenize(policy.prompt_fn(np.random.default_rng(0), n)))
-lat = (n, T) + tuple(policy.latent_shape)
+lat = (n, T) + tuple(policy.denoiser.latent_shape)
 f32 = lambda s, d=jnp.float32: jax.ShapeDtypeStruct(s, d)
 traj = diffusion.Trajectory(latents=f32(lat), next_latents=f32(lat), log_probs=f32((n, T)),
                             times=f32((n, T), jnp.int32), next_times=f32((n, T), jnp.int32),

@@ -36,12 +36,13 @@ class StepModel(NamedTuple):
 
   step_log_prob(params, batch) -> (log_prob (mb,), mean (mb, *latent), std (mb, 1, ...)):
     the DDIM step's Gaussian log-prob of `batch["next_latents"]` given `batch["latents"]` at
-    `batch["timesteps"]` -> `batch["prev_timesteps"]` (`diffusion.step_log_prob`, mean-reduced
+    `batch["times"]` -> `batch["next_times"]` (`diffusion.step_log_prob`, mean-reduced
     over the latent dims, docs/algorithms.md §1.2–§1.3), and the step's mean and std.
   denoising_loss_terms(params, batch, key) -> (mb,): the per-sample eps-regression loss of the
     clean latents `batch["x0"]` at one random timestep each (`diffusion.denoising_loss_terms`).
   velocity(params, x (mb, *latent), sigma (mb,), context) -> (mb, *latent): a flow model's
-    velocity at sigma (called at t = 1000 sigma) with the update's guidance.
+    velocity at sigma (the `denoiser.Denoiser` converts sigma to the network's own timestep)
+    with the update's guidance.
   sampling_params: the denoiser params the epoch's samples were drawn with (the old policy
     for algorithms with `keeps_old_params`, else the params at the start of the update; not
     differentiated), for algorithms with `needs_sampling_params`; None otherwise.
@@ -100,7 +101,7 @@ class Algorithm:
     raise NotImplementedError
 
 
-STEP_FIELDS = ("latents", "next_latents", "timesteps", "prev_timesteps", "log_probs")
+STEP_FIELDS = ("latents", "next_latents", "times", "next_times", "log_probs")
 
 
 def flow_grpo_kl(mean: Array, reference_mean: Array, std: Array, sigma: Array,
@@ -185,8 +186,8 @@ class PolicyGradient(Algorithm):
       metrics["kl_to_pretrained"] = jnp.mean(kl)
       loss = loss + jnp.mean(w * batch["kl_weights"] * kl)
     if tc.kl_beta > 0:  # flow_grpo's direct term, beta * its KL (docs/algorithms.md §3.5)
-      kl_beta = flow_grpo_kl(mean, batch["reference_means"], std, batch["timesteps"],
-                             batch["prev_timesteps"], config.sample.sampler)
+      kl_beta = flow_grpo_kl(mean, batch["reference_means"], std, batch["times"],
+                             batch["next_times"], config.sample.sampler)
       metrics["kl_loss"] = jnp.mean(kl_beta)
       loss = loss + tc.kl_beta * jnp.mean(w * kl_beta)
     metrics["loss"] = loss

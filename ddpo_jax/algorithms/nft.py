@@ -59,13 +59,13 @@ class NFT(Algorithm):
   def batch_fields(self, traj, advantages, adv_scales, rewards, config):
     c = config.train.adv_clip_max
     r = jnp.clip(jnp.clip(advantages, -c, c) / c / 2.0 + 0.5, 0.0, 1.0)
-    return ({"timesteps": traj.timesteps}, {"x0": traj.next_latents[:, -1], "optimality": r},
+    return ({"times": traj.times}, {"x0": traj.next_latents[:, -1], "optimality": r},
             {"nft_optimality_mean": jnp.mean(r)})
 
   def loss(self, model, params, batch, key, config):
     beta, c = config.train.nft_beta, config.train.adv_clip_max
     x0 = batch["x0"].astype(jnp.float32)
-    sigma = batch["timesteps"].astype(jnp.float32)  # (mb,) the sampling step's sigma
+    sigma = batch["times"].astype(jnp.float32)  # (mb,) the sampling step's sigma
     t = sigma.reshape((-1,) + (1,) * (x0.ndim - 1))
     eps = jax.random.normal(key, x0.shape, jnp.float32)
     x_t = (1.0 - t) * x0 + t * eps

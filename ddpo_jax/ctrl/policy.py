@@ -137,7 +137,7 @@ def make_policy(config, workdir: str, base: Policy, log=print) -> Policy:
   method = config.ctrl.method
   if method not in METHODS:
     raise ValueError(f"config.ctrl.method={method!r}; choose one of {METHODS}")
-  if not base.time_embed_dim:
+  if not base.denoiser.time_embed_dim:
     raise ValueError(f"model kind {config.model.kind!r} does not expose its time embedding")
   controls, datasets, clfs = load_controls(config, workdir, base, log=log)
   fixed_prompts = tuple(config.ctrl.prompts)
@@ -174,18 +174,15 @@ def make_policy(config, workdir: str, base: Policy, log=print) -> Policy:
   extension = ControlledModel(method=method, controls=tuple(controls), datasets=datasets,
                               classifiers=clfs, base_policy=base)
   common = dict(tokenize=tokenize, encode_prompts=base.encode_prompts, decode=base.decode,
-                encode_images=base.encode_images,
-                latent_shape=base.latent_shape, scheduler_config=base.scheduler_config,
-                prompt_fn=prompt_fn, prompt_metadata=prompt_metadata,
-                rewards={**base.rewards, **rewards}, pipeline=base.pipeline,
-                time_embed_dim=base.time_embed_dim, class_label_key="control_label",
-                learning_rates=control_learning_rates(config))
+                encode_images=base.encode_images, prompt_fn=prompt_fn,
+                prompt_metadata=prompt_metadata, rewards={**base.rewards, **rewards},
+                pipeline=base.pipeline, learning_rates=control_learning_rates(config))
 
   if method == "classifier_guidance":
     return _classifier_guidance_policy(config, base, controls, base_frozen, common, extension)
 
   train_base = bool(config.ctrl.train_base) or method == "cfg"
-  tables = init_control_tables(controls, base.time_embed_dim)
+  tables = init_control_tables(controls, base.denoiser.time_embed_dim)
   if train_base:
     trainable = {"control": tables, "base": base.params["unet"]}
     frozen = base_frozen
@@ -195,7 +192,7 @@ def make_policy(config, workdir: str, base: Policy, log=print) -> Policy:
 
   def assemble(tr, fr):
     base_tr = tr["base"] if "base" in tr else fr["ctrl_base"]
-    return {"control": tr["control"], "base": base.assemble_unet(base_tr, fr)}
+    return {"control": tr["control"], "base": base.assemble_denoiser(base_tr, fr)}
 
   min_t = int(config.ctrl.control_min_timestep)
 
@@ -203,17 +200,17 @@ def make_policy(config, workdir: str, base: Policy, log=print) -> Policy:
     emb = control_embedding(p["control"], labels, controls)
     if min_t > 0:  # the control acts only at the noisier steps t >= min_t
       emb = emb * (t >= min_t).astype(emb.dtype)[:, None]
-    return base.eps_fn(p["base"], x, t, context, None, emb)
+    return base.denoiser.network(p["base"], x, t, context, None, emb)
 
   if method == "ctrl":
-    def eps_fn(p, x, t, context, class_labels, added_time_emb=None):
+    def network(p, x, t, context, class_labels, added_time_emb):
       del added_time_emb
       return conditional_eps(p, x, t, context, class_labels)
   else:  # "cfg": guidance on the labels, composed over the controls
     w = float(config.ctrl.label_guidance_scale)
     nulls = np.asarray([c.null_label for c in controls], np.int32)
 
-    def eps_fn(p, x, t, context, class_labels, added_time_emb=None):
+    def network(p, x, t, context, class_labels, added_time_emb):
       del added_time_emb
       n, m = class_labels.shape
       variants = [jnp.broadcast_to(jnp.asarray(nulls), (n, m))]
@@ -227,32 +224,33 @@ def make_policy(config, workdir: str, base: Policy, log=print) -> Policy:
 
   # Prompt guidance runs its unconditional half with the null controls (the reference's CFG).
   nulls = np.asarray([c.null_label for c in controls], np.int32)
-  return Policy(params={**frozen, "unet": trainable}, eps_fn=eps_fn, assemble_unet=assemble,
-                null_class_labels=nulls,
+  denoiser = base.denoiser.wrap(network, labels_key="control_label", null_labels=nulls)
+  return Policy(params={**frozen, "unet": trainable}, denoiser=denoiser,
+                assemble_denoiser=assemble,
                 ctrl=dataclasses.replace(extension, conditional_eps=conditional_eps), **common)
 
 
 def _classifier_guidance_policy(config, base: Policy, controls, base_frozen, common,
                                 extension: ControlledModel):
   """The classifier-guidance baseline: the pre-trained eps corrected by noisy classifiers."""
-  sched = diffusion.NoiseSchedule.from_config(base.scheduler_config)
+  sched = diffusion.NoiseSchedule.from_config(base.denoiser.scheduler_config)
   alphas_cumprod = sched.alphas_cumprod
   w = float(config.ctrl.classifier_guidance_scale)
   modules, init = {}, {}
   for c in controls:
     module = classifiers.NoisyClassifier(num_classes=c.num_classes)
-    shape = (1,) + tuple(base.latent_shape)
+    shape = (1,) + tuple(base.denoiser.latent_shape)
     init[c.name] = host_init(module, jax.random.PRNGKey(0), jnp.zeros(shape),
                              jnp.zeros((1,), jnp.int32))
     modules[c.name] = module
   frozen = {**base_frozen, "ctrl_base": base.params["unet"]}
 
   def assemble(tr, fr):
-    return {"classifiers": tr["classifiers"], "base": base.assemble_unet(fr["ctrl_base"], fr)}
+    return {"classifiers": tr["classifiers"], "base": base.assemble_denoiser(fr["ctrl_base"], fr)}
 
-  def eps_fn(p, x, t, context, class_labels, added_time_emb=None):
+  def network(p, x, t, context, class_labels, added_time_emb):
     del added_time_emb
-    eps = base.eps_fn(p["base"], x, t, context, None)
+    eps = base.denoiser.network(p["base"], x, t, context, None, None)
 
     def log_p(x_in):
       total = 0.0
@@ -266,6 +264,7 @@ def _classifier_guidance_policy(config, base: Policy, controls, base_frozen, com
     sigma = jnp.sqrt(1.0 - alphas_cumprod[t]).reshape((-1,) + (1,) * (x.ndim - 1))
     return eps - w * sigma * grad
 
-  return Policy(params={**frozen, "unet": {"classifiers": init}}, eps_fn=eps_fn,
-                assemble_unet=assemble,
+  return Policy(params={**frozen, "unet": {"classifiers": init}},
+                denoiser=base.denoiser.wrap(network, labels_key="control_label"),
+                assemble_denoiser=assemble,
                 ctrl=dataclasses.replace(extension, noisy_classifier_modules=modules), **common)

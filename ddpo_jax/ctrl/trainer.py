@@ -116,7 +116,7 @@ def make_backprop_loss(policy: Policy, config, reward_fn):
   `reward_fn(images, ids, {"control_label": labels})`.
   """
   c = config.ctrl
-  sched = diffusion.NoiseSchedule.from_config(policy.scheduler_config)
+  sched = diffusion.NoiseSchedule.from_config(policy.denoiser.scheduler_config)
   timesteps, prev = sched.ddim_timesteps(config.sample.num_steps)
   T = len(timesteps)
   guidance = float(config.sample.guidance_scale)
@@ -127,19 +127,19 @@ def make_backprop_loss(policy: Policy, config, reward_fn):
     params = {**frozen, "unet": trainable}
     context = policy.encode_prompts(params, ids)
     uncond = policy.encode_uncond(params)
-    unet = policy.assemble_unet(trainable, frozen)
-    ref = policy.assemble_unet(frozen["reference_unet"], frozen) if use_kl else None
+    unet = policy.assemble_denoiser(trainable, frozen)
+    ref = policy.assemble_denoiser(frozen["reference_unet"], frozen) if use_kl else None
     b = ids.shape[0]
     k_init, k_steps, k_trunc = jax.random.split(key, 3)
-    x_init = jax.random.normal(k_init, (b,) + tuple(policy.latent_shape), jnp.float32)
+    x_init = jax.random.normal(k_init, (b,) + tuple(policy.denoiser.latent_shape), jnp.float32)
     keep = truncation_mask(k_trunc, T, c.truncation, int(c.truncation_steps))
 
     x0, steps = diffusion.ddim_chain(
-        policy.eps_fn, unet, x_init, jax.random.split(k_steps, T), context, uncond,
+        policy.denoiser, unet, x_init, jax.random.split(k_steps, T), context, uncond,
         alphas_cumprod=sched.alphas_cumprod, timesteps=timesteps, prev_timesteps=prev, eta=eta,
         guidance_scale=guidance, class_labels=labels,
         final_alpha_cumprod=sched.final_alpha_cumprod,
-        uncond_class_labels=policy.null_class_labels, reference_params=ref,
+        uncond_class_labels=policy.denoiser.null_labels, reference_params=ref,
         kl_reduction=c.kl_reduction, keep_gradient=keep, remat=True)
     kls = steps["kl"] if use_kl else jnp.zeros((T, b), jnp.float32)
     images = policy.decode(params, x0)
@@ -157,7 +157,7 @@ def make_cfg_loss(policy: Policy, config):
   """`loss(trainable, frozen, key, images (B,h,w,c) in [0,1], labels (B,M)) -> (loss, metrics)`:
   denoising score matching of the augmented model on labelled data; each label is replaced by
   the null label with probability `ctrl.label_dropout`; the prompt is ""."""
-  sched = diffusion.NoiseSchedule.from_config(policy.scheduler_config)
+  sched = diffusion.NoiseSchedule.from_config(policy.denoiser.scheduler_config)
   controls = policy.ctrl.controls
   nulls = jnp.asarray([c.null_label for c in controls], jnp.int32)
   p_drop = float(config.ctrl.label_dropout)
@@ -165,7 +165,7 @@ def make_cfg_loss(policy: Policy, config):
 
   def loss_fn(trainable, frozen, key, images, labels):
     params = {**frozen, "unet": trainable}
-    unet = policy.assemble_unet(trainable, frozen)
+    unet = policy.assemble_denoiser(trainable, frozen)
     k_drop, k_loss = jax.random.split(key)
     drop = jax.random.uniform(k_drop, labels.shape) < p_drop
     labels = jnp.where(drop, nulls[None, :], labels)
@@ -242,7 +242,7 @@ def encode_in_chunks(encode, params, images: np.ndarray, chunk: int = ENCODE_CHU
 def _train_noisy_classifiers(policy: Policy, config, log) -> dict:
   """The classifier-guidance baseline's training: one noise-conditional classifier per control
   on its labelled data, in the diffusion variable's space. Returns {"classifiers": {...}}."""
-  sched = diffusion.NoiseSchedule.from_config(policy.scheduler_config)
+  sched = diffusion.NoiseSchedule.from_config(policy.denoiser.scheduler_config)
   out = {}
   for c in policy.ctrl.controls:
     ds = policy.ctrl.datasets[c.name]
