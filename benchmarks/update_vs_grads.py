@@ -103,7 +103,7 @@ def main(argv=None):
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                            opt_state=optimizer.init(trainable), rng=jax.random.PRNGKey(0))
   adv, scales = (jnp.asarray(a, jnp.float32) for a in
-                 rl.normalize_advantages(np.arange(n, dtype=np.float32), return_scale=True))
+                 rl.advantages(np.arange(n, dtype=np.float32), None, rl.AdvantageSettings()))
 
   times = []
   for i in range(args.repeats + 1):

@@ -624,7 +624,7 @@ class JaxSide:
     t_sample = time.perf_counter() - t0
     rewards = np.concatenate([np.asarray(f.result(), np.float32) for f in futures])
     adv, scales = (jax.device_put(a.astype(np.float32), self.data)
-                   for a in rl.normalize_advantages(rewards, return_scale=True))
+                   for a in rl.advantages(rewards, None, rl.AdvantageSettings()))
     rew = jax.device_put(rewards, self.data)
     t1 = time.perf_counter()
     for inner in range(s["inner_epochs"]):

@@ -9,11 +9,11 @@ checkpoint every `save_freq` epochs; on any error, saves are stopped and metrics
 back to the last committed step. DDPO (`train_and_evaluate` below) and CTRL's solvers and
 baselines (`ddpo_jax.ctrl.trainer`) give it their epoch function.
 
-DDPO's epoch = `sample.num_batches_per_epoch` calls of the compiled sampling program
-(`train.make_sample_fn`), host rewards on a thread pool overlapping with sampling, advantages
-from the per-prompt stat tracker, then `train.num_inner_epochs` calls of the compiled update
-program (`train.make_update_fn`). Both programs are compiled ahead of time before the first
-epoch.
+DDPO's epoch (`DDPOEpoch.run_epoch`) = `sample.num_batches_per_epoch` calls of the compiled
+sampling program (`train.make_sample_fn`), host rewards on a thread pool overlapping with
+sampling, advantages (`rl.advantages`: group-relative, per-prompt or whole-batch), then
+`train.num_inner_epochs` calls of the compiled update program (`train.make_update_fn`). Both
+programs are compiled ahead of time before the first epoch.
 
 Multi-host: every process draws the same global prompts, samples and rewards its own rows
 (`parallel.process_rows`) and gathers all rewards, so the stat tracker and advantages are the
@@ -369,8 +369,8 @@ def _train_and_evaluate(config, workdir, mesh, log, allow_config_change) -> dict
                     log, allow_config_change, base_weights(config)) as run:
     tracker.load_state_dict(run.meta["stat_tracker"])
     log(f"training on {parallel.describe_mesh(mesh)}{fsdp_note}")
-    epoch_fn = _ddpo_epoch_fn(config, policy, terms, frozen, optimizer, mesh, tracker,
-                              run.state, run.start_epoch, log)
+    epoch_fn = DDPOEpoch(config, policy, terms, frozen, optimizer, mesh, tracker, run.state,
+                         run.start_epoch, log)
     try:
       last = run.run_epochs(
           config.num_epochs, epoch_fn, describe=_describe_ddpo,
@@ -386,146 +386,77 @@ def _describe_ddpo(row: dict) -> str:
           f"  {row['samples_per_s']:.1f} samples/s")
 
 
-def _ddpo_epoch_fn(config, policy, terms, frozen, optimizer, mesh, tracker, state, start_epoch,
-                   log):
-  """Compiles DDPO's sampling and update programs ahead of time (shapes from `state` and the
-  first batch's host data) and returns the epoch function (`EpochFn`); its `pool` (the host
-  rewards' threads) is the caller's to shut down."""
-  main_process = parallel.is_main_process()
-  device_terms = [(w, r) for w, r in terms if r.on_device]
-  host_terms = [(w, r) for w, r in terms if not r.on_device]
-  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  B, nb = config.sample.batch_size, config.sample.num_batches_per_epoch
-  group = int(config.sample.group_size)
-  rows = parallel.process_rows(mesh, B)  # this process's rows of every sampled batch
-  rows_epoch = parallel.process_rows(mesh, B * nb)  # ... and of the epoch's concatenation
-  rng_host = np.asarray(parallel.to_host(state.rng))
+@dataclasses.dataclass
+class SampledEpoch:
+  """An epoch's samples (`DDPOEpoch.sample_batches`), N = sample.batch_size × num_batches.
 
-  def local_batch(epoch, b):
-    """(global prompts, this process's prompts, their metadata) of batch b of `epoch`."""
-    rng = np.random.default_rng([config.seed, epoch, b])
-    if config.sample.prompt_sampling == "epoch_unique":  # flow_grpo: no repeats in an epoch
-      drawn = prompts_lib.epoch_unique_prompts(policy.prompt_fn, config.seed, epoch, b, nb,
-                                               B // group)
-    else:  # DDPO: with replacement
-      drawn = policy.prompt_fn(rng, B // group)
-    # GRPO: B / G prompts, each G times in a row (whole groups per batch)
-    prompts = np.repeat(np.asarray(drawn, object), group) if group > 1 else drawn
-    local = list(prompts[rows])
-    meta = dict(policy.prompt_metadata(local))
-    for _, r in device_terms:  # e.g. a CLIP reward's own token ids
-      if r.prompt_metadata is not None:
-        meta.update(r.prompt_metadata(local))
-    return prompts, local, {k: np.asarray(v) for k, v in meta.items()}
+  traj: the N trajectories (`diffusion.Trajectory`, leading axis N, sharded over the data axis).
+  prompts: the N global prompts, in row order.
+  device_rewards: per batch, {reward name: (rewards (B,), info)} of the device rewards.
+  host_rewards: per batch, {reward name: Future of this process's (rewards, info)} of the host
+    rewards, running on the thread pool.
+  grid_images: the first batch's images, (B, h, w, c) float32 in [0, 1] (the sample grid).
+  """
+  traj: object
+  prompts: list
+  device_rewards: list
+  host_rewards: list
+  grid_images: object
 
-  def sampler_inputs(epoch, b, meta):
-    """The sampling program's metadata: the prompts', plus the SDE window (B, T) if any."""
-    window = dynamics.sde_window_steps(config.sample, config.seed, epoch, b)
-    if window is None:
-      return meta
-    return {**meta, "sde_steps": np.broadcast_to(window, (rows.stop - rows.start,) + window.shape).copy()}
 
-  def put_key(*folds):
-    key = rng_host
-    for f in folds:
-      key = jax.random.fold_in(key, f)
-    return parallel.put(np.asarray(key), repl)
+class DDPOEpoch:
+  """DDPO's epoch function (`EpochFn`): `run_epoch` = sample every batch (host rewards on a
+  thread pool overlapping the sampling), gather the rewards, advantages (`rl.advantages`),
+  the update's inner epochs (and DiffusionNFT's old-policy refresh), the metrics row.
 
-  _, local0, meta0 = local_batch(start_epoch, 0)
-  meta0 = sampler_inputs(start_epoch, 0, meta0)
-  ids0 = policy.tokenize(local0)
-  key_abs = _abstract(rng_host, repl)
-  t0 = time.time()
-  sample_fn = make_sample_fn(policy, config, device_terms, mesh).lower(
-      sampling_params(state), frozen, key_abs, _abstract(ids0, data, B),
-      {k: _abstract(v, data, B) for k, v in meta0.items()}).compile()
-  t_compile_sample = time.time() - t0
-  traj_abs = jax.tree.map(lambda x: _abstract(x, data, B * nb), sample_fn.out_info[0])
-  t0 = time.time()
-  update_fn = make_update_fn(policy, config, optimizer, mesh).lower(
-      state, frozen, traj_abs, *[jax.ShapeDtypeStruct((B * nb,), jnp.float32, sharding=data)] * 3,
-      key_abs).compile()
-  old_policy_fn = make_old_policy_fn(config, optimizer, policy, mesh)  # DiffusionNFT, else None
-  if old_policy_fn is not None:
-    old_policy_fn = old_policy_fn.lower(state).compile()
-  t_compile_update = time.time() - t0
-  log(f"compiled the sample step in {t_compile_sample:.1f} s and the update step in "
-      f"{t_compile_update:.1f} s")
-  concat = jax.jit(lambda trajs: jax.tree.map(lambda *xs: jnp.concatenate(xs), *trajs),
-                   out_shardings=data)
-  # one thread per host reward term (each its own server or scorer), at least 2
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, len(host_terms)))
+  Made once per run: compiles the sampling and update programs ahead of time (shapes from
+  `state` and the first batch's host data). Its `pool` (the host rewards' threads) is the
+  caller's to shut down.
 
-  def epoch_fn(epoch, state):
+  RNG: batch b of epoch e samples with key fold_in(fold_in(rng, e), b) and draws its prompts
+  from `np.random.default_rng([seed, e, b])`; inner epoch i updates with fold_in(fold_in(
+  fold_in(rng, e), 10_000), i), rng the run's initial `TrainState.rng`.
+  """
+
+  def __init__(self, config, policy, terms, frozen, optimizer, mesh, tracker, state,
+               start_epoch: int, log):
+    self.config, self.policy, self.terms, self.frozen, self.mesh = (config, policy, terms,
+                                                                    frozen, mesh)
+    self.optimizer, self.tracker, self.log = optimizer, tracker, log
+    self.advantage_settings = rl.AdvantageSettings.from_config(config)
+    self.device_terms = [(w, r) for w, r in terms if r.on_device]
+    self.host_terms = [(w, r) for w, r in terms if not r.on_device]
+    self.B, self.num_batches = config.sample.batch_size, config.sample.num_batches_per_epoch
+    self.rows = parallel.process_rows(mesh, self.B)  # this process's rows of every batch
+    # ... and of the epoch's concatenation
+    self.rows_epoch = parallel.process_rows(mesh, self.B * self.num_batches)
+    self.rng_host = np.asarray(parallel.to_host(state.rng))
+    self._compile(state, start_epoch)
+    self.concat = jax.jit(lambda trajs: jax.tree.map(lambda *xs: jnp.concatenate(xs), *trajs),
+                          out_shardings=parallel.data_sharding(mesh))
+    # one thread per host reward term (each its own server or scorer), at least 2
+    self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, len(self.host_terms)))
+
+  def __call__(self, epoch: int, state: TrainState):
+    return self.run_epoch(epoch, state)
+
+  def run_epoch(self, epoch: int, state: TrainState):
+    """One epoch: (state after it, metrics row, the sample grid's images function)."""
     t0 = time.time()
-    trajs, futures, all_prompts, dev_rewards = [], [], [], []
-    grid_images = None  # the first batch's images, for the sample grid
-    for b in tqdm.trange(nb, desc=f"epoch {epoch} sampling", leave=False,
-                         disable=not (config.progress and main_process)):
-      prompts, local, meta = local_batch(epoch, b)
-      ids = parallel.to_global(policy.tokenize(local), mesh)
-      meta_dev = parallel.to_global(sampler_inputs(epoch, b, meta), mesh)
-      traj, images, rewards = sample_fn(sampling_params(state), frozen, put_key(epoch, b), ids,
-                                        meta_dev)
-      # Host rewards of this process's rows run on the pool while the device samples on.
-      futures.append({r.name: pool.submit(_host_reward, r, images, local, meta)
-                      for _, r in host_terms})
-      trajs.append(traj)
-      all_prompts.extend(prompts)
-      dev_rewards.append(rewards)
-      if grid_images is None:
-        grid_images = images
-    traj = concat(trajs)
-    # The sampling program runs asynchronously: its time ends when its results are ready.
-    jax.block_until_ready((traj, dev_rewards))
+    sampled = self.sample_batches(epoch, state)
     t_sampled = time.time()
-
-    total = np.zeros(B * nb, np.float32)
-    epoch_metrics = {}
-    for w, r in terms:  # every process gathers every reward, in the same order
-      if r.on_device:
-        parts = [parallel.to_host(d[r.name]) for d in dev_rewards]
-      else:
-        parts = [parallel.gather_rows(fs[r.name].result()) for fs in futures]
-      values = np.concatenate([p[0] for p in parts]).astype(np.float32)
-      if not np.all(np.isfinite(values)):
-        raise FloatingPointError(f"epoch {epoch}: reward {r.name!r} returned NaN/inf; "
-                                 "stopping without saving this epoch")
-      total += w * values
-      epoch_metrics[f"{r.name}_mean"] = values.mean()
-      for k in parts[0][1]:
-        # An info field is logged only: a NaN/inf in it is named and left out of its mean, and
-        # the run goes on (only the trained reward's values stop it).
-        info = np.concatenate([np.asarray(p[1][k], np.float64).reshape(-1) for p in parts])
-        finite = np.isfinite(info)
-        if not finite.all():
-          log(f"epoch {epoch}: reward {r.name!r}'s info field {k!r} has {int((~finite).sum())} "
-              f"NaN/inf of {info.size} values (logged only: left out of {r.name}_{k}_mean)")
-        if finite.any():
-          epoch_metrics[f"{r.name}_{k}_mean"] = info[finite].mean()
-
-    if group > 1:
-      advantages, scales = rl.group_relative_advantages(
-          total, group, std=config.sample.group_std, return_scale=True)
-    elif config.per_prompt_stat_tracking.enabled:
-      advantages, scales = tracker.update(all_prompts, total, return_scale=True)
-    else:
-      advantages, scales = rl.normalize_advantages(total, return_scale=True)
-    adv_dev, scale_dev = (parallel.to_global(a.astype(np.float32)[rows_epoch], mesh)
-                          for a in (advantages, scales))
-    rew_dev = parallel.to_global(total[rows_epoch], mesh)
-
+    rewards, reward_metrics = self.gather_rewards(epoch, sampled)
+    advantages, scales = rl.advantages(rewards, sampled.prompts, self.advantage_settings,
+                                       self.tracker)
+    # this process's rows of the advantages, their scales and the rewards, on the devices
+    update_inputs = [parallel.to_global(a.astype(np.float32)[self.rows_epoch], self.mesh)
+                     for a in (advantages, scales, rewards)]
     t_rewarded = time.time()  # host rewards (overlapping sampling until then), advantages
-    for inner in range(config.train.num_inner_epochs):
-      state, metrics = update_fn(state, frozen, traj, adv_dev, scale_dev, rew_dev,
-                                 put_key(epoch, 10_000, inner))
-    if old_policy_fn is not None:  # DiffusionNFT: the old policy moves once, after the epoch
-      state = old_policy_fn(state)
-    metrics = parallel.to_host(metrics)
+    state, update_metrics = self.update(epoch, state, sampled.traj, *update_inputs)
     t_updated = time.time()
-    n = B * nb
-    row = {"reward_mean": total.mean(), "reward_std": total.std(),
-           "reward_stderr": total.std() / np.sqrt(n), **epoch_metrics, **metrics,
+    n = rewards.shape[0]
+    row = {"reward_mean": rewards.mean(), "reward_std": rewards.std(),
+           "reward_stderr": rewards.std() / np.sqrt(n), **reward_metrics, **update_metrics,
            # Phase wall times (s); they add up to epoch_time_s (the finiteness check,
            # checkpointing and image grids come after it).
            "samples_per_s": n / (t_updated - t0), "epoch_time_s": t_updated - t0,
@@ -534,7 +465,130 @@ def _ddpo_epoch_fn(config, policy, terms, frozen, optimizer, mesh, tracker, stat
            "optimizer_step": int(parallel.to_host(state.step))}
     for k in ("approx_kl", "clipfrac"):
       row.setdefault(k, 0.0)
-    return state, row, lambda: to_uint8(parallel.local_rows(grid_images))
+    return state, row, lambda: to_uint8(parallel.local_rows(sampled.grid_images))
 
-  epoch_fn.pool = pool
-  return epoch_fn
+  # ------------------------------------------------------------------------ the phases
+  def sample_batches(self, epoch: int, state: TrainState) -> SampledEpoch:
+    """Samples the epoch's batches; each batch's host rewards start on the pool at once (they
+    overlap the sampling of the next batches). Its time ends when the samples are ready."""
+    sampled = SampledEpoch(None, [], [], [], None)
+    trajs = []
+    for b in tqdm.trange(self.num_batches, desc=f"epoch {epoch} sampling", leave=False,
+                         disable=not (self.config.progress and parallel.is_main_process())):
+      prompts, local, meta = self.batch_prompts(epoch, b)
+      ids = parallel.to_global(self.policy.tokenize(local), self.mesh)
+      meta_dev = parallel.to_global(self.sampler_inputs(epoch, b, meta), self.mesh)
+      traj, images, rewards = self.sample_fn(sampling_params(state), self.frozen,
+                                             self.put_key(epoch, b), ids, meta_dev)
+      # Host rewards of this process's rows run on the pool while the device samples on.
+      sampled.host_rewards.append({r.name: self.pool.submit(_host_reward, r, images, local, meta)
+                                   for _, r in self.host_terms})
+      trajs.append(traj)
+      sampled.prompts.extend(prompts)
+      sampled.device_rewards.append(rewards)
+      if sampled.grid_images is None:
+        sampled.grid_images = images
+    sampled.traj = self.concat(trajs)
+    # The sampling program runs asynchronously: its time ends when its results are ready.
+    jax.block_until_ready((sampled.traj, sampled.device_rewards))
+    return sampled
+
+  def gather_rewards(self, epoch: int, sampled: SampledEpoch) -> tuple[np.ndarray, dict]:
+    """(the weighted sum of the reward terms, (N,) float32; {"NAME_mean", "NAME_FIELD_mean"}).
+
+    Every process gathers every reward, in the same order. A NaN/inf reward stops the run
+    (FloatingPointError); a NaN/inf in an info field (logged only) is named and left out of
+    its mean."""
+    total = np.zeros(self.B * self.num_batches, np.float32)
+    metrics = {}
+    for w, r in self.terms:
+      if r.on_device:
+        parts = [parallel.to_host(d[r.name]) for d in sampled.device_rewards]
+      else:
+        parts = [parallel.gather_rows(fs[r.name].result()) for fs in sampled.host_rewards]
+      values = np.concatenate([p[0] for p in parts]).astype(np.float32)
+      if not np.all(np.isfinite(values)):
+        raise FloatingPointError(f"epoch {epoch}: reward {r.name!r} returned NaN/inf; "
+                                 "stopping without saving this epoch")
+      total += w * values
+      metrics[f"{r.name}_mean"] = values.mean()
+      for k in parts[0][1]:
+        info = np.concatenate([np.asarray(p[1][k], np.float64).reshape(-1) for p in parts])
+        finite = np.isfinite(info)
+        if not finite.all():
+          self.log(f"epoch {epoch}: reward {r.name!r}'s info field {k!r} has "
+                   f"{int((~finite).sum())} NaN/inf of {info.size} values (logged only: left "
+                   f"out of {r.name}_{k}_mean)")
+        if finite.any():
+          metrics[f"{r.name}_{k}_mean"] = info[finite].mean()
+    return total, metrics
+
+  def update(self, epoch: int, state: TrainState, traj, advantages, scales, rewards):
+    """`train.num_inner_epochs` calls of the update program, then (DiffusionNFT) the old
+    policy's refresh: (state, the last inner epoch's metrics on the host)."""
+    for inner in range(self.config.train.num_inner_epochs):
+      state, metrics = self.update_fn(state, self.frozen, traj, advantages, scales, rewards,
+                                      self.put_key(epoch, 10_000, inner))
+    if self.old_policy_fn is not None:  # DiffusionNFT: the old policy moves once per epoch
+      state = self.old_policy_fn(state)
+    return state, parallel.to_host(metrics)
+
+  # ----------------------------------------------------------------------- the inputs
+  def batch_prompts(self, epoch: int, b: int):
+    """(global prompts, this process's prompts, their metadata) of batch b of `epoch`."""
+    config, policy, group = self.config, self.policy, int(self.config.sample.group_size)
+    rng = np.random.default_rng([config.seed, epoch, b])
+    if config.sample.prompt_sampling == "epoch_unique":  # flow_grpo: no repeats in an epoch
+      drawn = prompts_lib.epoch_unique_prompts(policy.prompt_fn, config.seed, epoch, b,
+                                               self.num_batches, self.B // group)
+    else:  # DDPO: with replacement
+      drawn = policy.prompt_fn(rng, self.B // group)
+    # GRPO: B / G prompts, each G times in a row (whole groups per batch)
+    prompts = np.repeat(np.asarray(drawn, object), group) if group > 1 else drawn
+    local = list(prompts[self.rows])
+    meta = dict(policy.prompt_metadata(local))
+    for _, r in self.device_terms:  # e.g. a CLIP reward's own token ids
+      if r.prompt_metadata is not None:
+        meta.update(r.prompt_metadata(local))
+    return prompts, local, {k: np.asarray(v) for k, v in meta.items()}
+
+  def sampler_inputs(self, epoch: int, b: int, meta: dict) -> dict:
+    """The sampling program's metadata: the prompts', plus the SDE window (B, T) if any."""
+    window = dynamics.sde_window_steps(self.config.sample, self.config.seed, epoch, b)
+    if window is None:
+      return meta
+    rows = self.rows.stop - self.rows.start
+    return {**meta, "sde_steps": np.broadcast_to(window, (rows,) + window.shape).copy()}
+
+  def put_key(self, *folds: int):
+    """The run's initial key folded with `folds`, replicated on the devices."""
+    key = self.rng_host
+    for f in folds:
+      key = jax.random.fold_in(key, f)
+    return parallel.put(np.asarray(key), parallel.replicated(self.mesh))
+
+  def _compile(self, state: TrainState, start_epoch: int) -> None:
+    """Compiles `sample_fn`, `update_fn` and `old_policy_fn` (DiffusionNFT, else None)."""
+    config, policy, mesh, B = self.config, self.policy, self.mesh, self.B
+    repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    _, local0, meta0 = self.batch_prompts(start_epoch, 0)
+    meta0 = self.sampler_inputs(start_epoch, 0, meta0)
+    ids0 = policy.tokenize(local0)
+    key_abs = _abstract(self.rng_host, repl)
+    t0 = time.time()
+    self.sample_fn = make_sample_fn(policy, config, self.device_terms, mesh).lower(
+        sampling_params(state), self.frozen, key_abs, _abstract(ids0, data, B),
+        {k: _abstract(v, data, B) for k, v in meta0.items()}).compile()
+    t_compile_sample = time.time() - t0
+    N = B * self.num_batches
+    traj_abs = jax.tree.map(lambda x: _abstract(x, data, N), self.sample_fn.out_info[0])
+    t0 = time.time()
+    self.update_fn = make_update_fn(policy, config, self.optimizer, mesh).lower(
+        state, self.frozen, traj_abs, *[jax.ShapeDtypeStruct((N,), jnp.float32, sharding=data)] * 3,
+        key_abs).compile()
+    self.old_policy_fn = make_old_policy_fn(config, self.optimizer, policy, mesh)
+    if self.old_policy_fn is not None:
+      self.old_policy_fn = self.old_policy_fn.lower(state).compile()
+    t_compile_update = time.time() - t0
+    self.log(f"compiled the sample step in {t_compile_sample:.1f} s and the update step in "
+             f"{t_compile_update:.1f} s")

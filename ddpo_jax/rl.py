@@ -1,7 +1,11 @@
 """Advantages and policy-gradient losses of DDPO (docs/algorithms.md §2–§3).
 
+* `advantages`: the epoch's advantages, the one entry point of the trainers: group-relative
+  (GRPO), per-prompt (`PerPromptStatTracker`) or whole-batch (`normalize_advantages`), as
+  `AdvantageSettings` says.
 * `PerPromptStatTracker`: per-prompt reward normalisation (host-side NumPy, checkpointable).
 * `normalize_advantages`: whole-batch normalisation (no tracking).
+* `group_relative_advantages`: each sample against its group of one prompt (GRPO).
 * `kl_penalised_advantages`: per-step advantages of a return with a per-step KL penalty.
 * `ppo_clipped_loss` (DDPO-IS), `score_function_loss` (DDPO-SF): pure `jax.numpy`, per chosen
   timestep, on (B,) arrays.
@@ -11,6 +15,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -157,6 +162,63 @@ def group_relative_advantages(rewards, group_size: int, *, std: str = "group",
   factor = xp.broadcast_to(1.0 / (scale + eps), groups.shape)
   advantages = (centred * factor).reshape(-1)
   return (advantages, factor.reshape(-1)) if return_scale else advantages
+
+
+@dataclasses.dataclass(frozen=True)
+class AdvantageSettings:
+  """How the epoch's rewards become advantages (`advantages`).
+
+  group_size: G > 1: group-relative advantages (GRPO; `sample.group_size`), rows g G .. g G +
+    G - 1 one prompt's group; 1: none.
+  group_std: "group" or "global", the std of the group-relative advantages
+    (`sample.group_std`).
+  per_prompt: with group_size 1, per-prompt statistics (`per_prompt_stat_tracking.enabled`,
+    the caller's `PerPromptStatTracker`); else whole-batch normalisation.
+  """
+  group_size: int = 1
+  group_std: str = "group"
+  per_prompt: bool = False
+
+  @classmethod
+  def from_config(cls, config) -> "AdvantageSettings":
+    """From DDPO's config (`sample.group_size`, `sample.group_std`,
+    `per_prompt_stat_tracking.enabled`)."""
+    return cls(group_size=int(config.sample.group_size), group_std=str(config.sample.group_std),
+               per_prompt=bool(config.per_prompt_stat_tracking.enabled))
+
+
+def advantages(rewards: np.ndarray, prompts: Sequence[str] | None, settings: AdvantageSettings,
+               tracker: PerPromptStatTracker | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """The epoch's advantages and each sample's scale (the factor its reward was multiplied by),
+  one of three normalisations (docs/algorithms.md §2):
+
+    settings.group_size > 1: `group_relative_advantages` (GRPO), prompts unused;
+    settings.per_prompt: `tracker.update(prompts, rewards)` (the tracker's state moves on);
+    else: `normalize_advantages` over the whole batch, prompts unused.
+
+  Every process of a multi-host run calls it with the same (gathered) rewards and prompts.
+
+  Args:
+    rewards: (N,) the epoch's rewards (host NumPy).
+    prompts: N prompt strings (read only with per-prompt tracking; else may be None).
+    settings: `AdvantageSettings` (e.g. `AdvantageSettings.from_config(config)`).
+    tracker: the run's `PerPromptStatTracker` (needed with `settings.per_prompt`).
+
+  Returns:
+    (advantages, scales), both (N,) float64.
+
+  Raises:
+    ValueError: per-prompt tracking without a tracker.
+  """
+  if settings.group_size > 1:
+    return group_relative_advantages(rewards, settings.group_size, std=settings.group_std,
+                                     return_scale=True)
+  if settings.per_prompt:
+    if tracker is None:
+      raise ValueError("per-prompt advantages (per_prompt_stat_tracking.enabled) need the run's "
+                       "PerPromptStatTracker")
+    return tracker.update(prompts, rewards, return_scale=True)
+  return normalize_advantages(np.asarray(rewards), return_scale=True)
 
 
 def kl_penalised_advantages(advantages: Array, scales: Array, kl: Array, alpha: float) -> Array:

@@ -250,6 +250,28 @@ def test_group_relative_advantages_hand_computed():
   np.testing.assert_allclose(np.asarray(jitted), adv, rtol=1e-6, atol=1e-6)
 
 
+def test_advantages_is_the_one_entry_point_of_the_three_normalisations():
+  """`rl.advantages`: group-relative with group_size > 1, the tracker's with per_prompt, else
+  whole-batch; each exactly the function it dispatches to, (advantages, scales) float64."""
+  r = np.array([1.0, 2.0, 6.0, 4.0, 4.0, 3.0], np.float32)
+  prompts = ["a", "a", "a", "b", "b", "b"]
+  grouped = rl.advantages(r, prompts, rl.AdvantageSettings(group_size=3, group_std="global"))
+  for got, want in zip(grouped, rl.group_relative_advantages(r, 3, std="global",
+                                                             return_scale=True)):
+    np.testing.assert_array_equal(got, want)
+  tracker, same = rl.PerPromptStatTracker(4, 2), rl.PerPromptStatTracker(4, 2)
+  tracked = rl.advantages(r, prompts, rl.AdvantageSettings(per_prompt=True), tracker)
+  for got, want in zip(tracked, same.update(prompts, r, return_scale=True)):
+    np.testing.assert_array_equal(got, want)
+  assert tracker.state_dict() == same.state_dict()
+  whole = rl.advantages(r, None, rl.AdvantageSettings())
+  for got, want in zip(whole, rl.normalize_advantages(r, return_scale=True)):
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == np.float64
+  with pytest.raises(ValueError, match="need the run's PerPromptStatTracker"):
+    rl.advantages(r, prompts, rl.AdvantageSettings(per_prompt=True))
+
+
 def test_group_relative_advantages_bad_input():
   with pytest.raises(ValueError, match=r"multiple of group_size=4"):
     rl.group_relative_advantages(np.zeros(6), 4)
