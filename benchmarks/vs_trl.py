@@ -19,7 +19,7 @@ cross_attention_dim:
        Epsilon prediction and SD's DDIM schedule, as for sd1.
 Work per epoch (`SIZES` / `SD2_SIZES`, every knob overridable):
   tiny sd1: 16 prompts in 2 sampling calls of 8, 20 DDIM steps, CFG 5, minibatch 4, all
-            timesteps, 4 AdamW steps (the settings of the earlier measurements in BENCHMARKS.md,
+            timesteps, 4 AdamW steps (the settings of the earlier measurements in docs/benchmarks.md,
             kept so that they stay comparable).
   tiny sd2: the issue's reference measurement: 32 prompts in 4 sampling calls of 8, 20 DDIM
             steps, CFG 5, minibatch 8, all timesteps, 4 AdamW steps (grad_accum 1).

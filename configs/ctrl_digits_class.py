@@ -6,7 +6,7 @@ fine-tunes the UNet by backpropagating log p̂(y | x_0) − Σ_t KL_t through th
 chain, the KL mean-reduced over the 64 pixels (the reference code's reduction; α = 1 / 64 in
 the theory's terms, target p(x) p̂(y | x)^(1/α) / Z). The exact summed KL at α = 1 (target
 p(x | y); `--config.ctrl.kl_reduction=sum`) learns the class far less on this chain (see
-`ddpo_jax.config_base.ctrl_digits_base` and the README's digits results).
+`ddpo_jax.config_base.ctrl_digits_base` and the digits results in docs/results.md).
 p̂ is a SmallCNN trained on the labelled subset of the digits training split and
 temperature-calibrated; the judge is an SVC trained on the held-out split.
 

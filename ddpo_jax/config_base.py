@@ -315,7 +315,7 @@ def ctrl_digits_base() -> ml_collections.ConfigDict:
   alone; 0.40 with the UNet and `ctrl.control_min_timestep=200`): the eta = 1 step from
   t = 101 to t = 1 has std 0.015, so a change of eps there costs 271 nats per unit squared
   change per pixel (0.6-2.3 at the other steps), and a table added to the time embedding
-  shifts eps at every step (README, digits)."""
+  shifts eps at every step (docs/results.md, digits)."""
   config = new_config("ctrl", "digits")
   # two CPU devices, the batch split between them: on a 2-core host an epoch takes 0.72x the
   # time of one device (24.7 s vs 34.5 s for 10 steps, same metrics to 4 digits)

@@ -10,7 +10,7 @@ zero. The denoiser becomes
 so at initialisation it equals the pre-trained model exactly. With `ctrl.control_min_timestep`
 = t_min > 0 the tables are read only at t ≥ t_min (below it the control embedding is zero):
 an option for chains whose last, low-noise steps are so narrow that any change of eps there
-dominates the KL (see the digits results in README.md). `config.ctrl.method` picks:
+dominates the KL (see the digits results in docs/results.md). `config.ctrl.method` picks:
 - "ctrl": trainable params {"control": {name: E_i}} (+ "base": the base model's trainable tree,
   i.e. its LoRA factors or the full UNet, when `ctrl.train_base`);
 - "cfg" (baseline): the same augmented model trained by denoising on the labelled data with
