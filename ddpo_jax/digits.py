@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from ddpo_jax import checkpoints, classifier, diffusion, flow
+from ddpo_jax import checksums, classifier, diffusion, flow
 from ddpo_jax import lora as lora_lib
 from ddpo_jax.models import adapters
 from ddpo_jax.models.mmdit import MMDiTConfig, SD3Transformer2DModel
@@ -316,7 +316,7 @@ def _load_verified(path: str, abstract, what: str, log):
   if problem is None and os.path.isfile(sums_file):
     with open(sums_file) as f:
       saved = json.load(f)
-    bad = checkpoints.checksum_mismatches(saved, params)
+    bad = checksums.checksum_mismatches(saved, params)
     if bad:
       problem = f"{len(bad)} arrays differ from {sums_file}: {', '.join(bad[:3])}"
   elif problem is None:
@@ -334,7 +334,7 @@ def _load_or_make(path: str, abstract, make, what: str, log) -> dict:
 
   Restores onto this process's first device (not the device that saved it: in a multi-process
   run that device may belong to another process). The arrays' checksums
-  (`checkpoints.state_checksums`) are written to `path`/checksums.json after them and checked
+  (`checksums.state_checksums`) are written to `path`/checksums.json after them and checked
   on every load: a damaged cache is moved aside (`path`/params.damaged-TIME, never deleted),
   said, and made again. A cache from before checksums loads unverified (said).
 
@@ -373,7 +373,7 @@ def _load_or_make(path: str, abstract, make, what: str, log) -> dict:
       return params
     tmp = f"{sums_file}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"  # this writer's own
     with open(tmp, "w") as f:
-      json.dump(checkpoints.state_checksums(params), f)
+      json.dump(checksums.state_checksums(params), f)
     os.replace(tmp, sums_file)
   return params
 

@@ -15,13 +15,13 @@ import pytest
 from conftest import REPO
 from helpers import load_config
 
-from ddpo_jax import checkpoints, config_schema, train
+from ddpo_jax import checkpoints, checksums, config_schema, train
 from ddpo_jax.families import build_policy
 
 
 # ----------------------------------------------------------------------------- checksums
 def _python_checksum(x) -> list[int]:
-  """The checksum of `checkpoints._leaf_checksum`, computed independently of the package's
+  """The checksum of `checksums._leaf_checksum`, computed independently of the package's
   NumPy host path, with Python integers word by word: the array's little-endian words (its
   itemsize, bools as bytes), their sum mod 2**32, and the sum mod 2**32 of murmur3's fmix32 of
   each word XOR (its index · 0x9E3779B9 mod 2**32)."""
@@ -50,21 +50,21 @@ def test_checksums_match_python_and_change_with_any_bit():
           "u8": rng.integers(0, 256, size=(9,), dtype=np.uint8),
           "flag": np.array([True, False, True]), "scalar": np.float32(3.5),
           "key": np.asarray(jax.random.PRNGKey(7))}
-  got = checkpoints.state_checksums(jax.tree.map(jnp.asarray, tree))
+  got = checksums.state_checksums(jax.tree.map(jnp.asarray, tree))
   assert got == {k: _python_checksum(v) for k, v in tree.items()}
   # the compiled program (large or multi-process states) gives the same numbers
-  compiled = jax.device_get(checkpoints._checksums(jax.tree.map(jnp.asarray, tree)))
+  compiled = jax.device_get(checksums._checksums(jax.tree.map(jnp.asarray, tree)))
   assert {k: [int(v) for v in c] for k, c in compiled.items()} == got
   # Every single flipped bit changes the checksum; so does swapping two elements.
   x = tree["f32"]
-  base = checkpoints.state_checksums({"x": jnp.asarray(x)})["x"]
+  base = checksums.state_checksums({"x": jnp.asarray(x)})["x"]
   for flat_index, bit in zip(rng.integers(0, x.size, 40), rng.integers(0, 32, 40)):
     flipped = x.copy().reshape(-1).view(np.uint32)
     flipped[flat_index] ^= np.uint32(1 << int(bit))
-    assert checkpoints.state_checksums({"x": jnp.asarray(flipped.view(np.float32))})["x"] != base
+    assert checksums.state_checksums({"x": jnp.asarray(flipped.view(np.float32))})["x"] != base
   swapped = x.copy().reshape(-1)
   swapped[[0, 1]] = swapped[[1, 0]]
-  assert checkpoints.state_checksums({"x": jnp.asarray(swapped)})["x"] != base
+  assert checksums.state_checksums({"x": jnp.asarray(swapped)})["x"] != base
 
 
 # ----------------------------------------------------------------------------- a saved run
