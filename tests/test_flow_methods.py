@@ -150,7 +150,7 @@ def test_nft_loss_matches_numpy():
   key = jax.random.PRNGKey(5)
   batch = {"x0": jnp.asarray(x0), "times": jnp.asarray(sigma), "context": None,
            "optimality": jnp.asarray(r)}
-  loss, metrics = nft.loss(model, params, batch, key, config)
+  loss, metrics = nft.loss(model, params, batch, key, nft.hyperparameters(config))
   eps = np.asarray(jax.random.normal(key, x0.shape, jnp.float32), np.float64)
 
   def ref(a, b, fixed_weights=None):
@@ -161,7 +161,8 @@ def test_nft_loss_matches_numpy():
   value, weights = ref(1.1, 0.3)
   np.testing.assert_allclose(float(loss), value, rtol=1e-5)
   assert float(metrics["loss"]) == float(loss)
-  grad = jax.grad(lambda p: nft.loss(model, p, batch, key, config)[0])(params)
+  grad = jax.grad(lambda p: nft.loss(model, p, batch, key, nft.hyperparameters(config))[0])(
+      params)
   h = 1e-4  # the adaptive weights are constants of the gradient (stop-gradient)
   fd = (ref(1.1 + h, 0.3, weights)[0] - ref(1.1 - h, 0.3, weights)[0]) / (2 * h)
   np.testing.assert_allclose(float(grad["a"]), fd, rtol=1e-3)
@@ -170,7 +171,7 @@ def test_nft_loss_matches_numpy():
   # r from the advantages, as batch_fields computes it
   per_step, per_sample, _ = nft.batch_fields(
       type("T", (), {"times": jnp.zeros((4, 3)), "next_latents": jnp.zeros((4, 3, 2, 2, 1))}),
-      jnp.asarray(adv), None, None, config)
+      jnp.asarray(adv), None, None, nft.hyperparameters(config))
   np.testing.assert_allclose(np.asarray(per_sample["optimality"]), r, rtol=1e-6)
 
 
@@ -345,3 +346,12 @@ def test_trained_steps_are_the_first_of_the_window_for_flows_and_random_for_ddim
   inside = np.asarray(train.trained_step_indices(jax.random.PRNGKey(2), jnp.asarray(windows[3:]),
                                                  2, in_order=False))
   assert all(set(row) <= set(np.flatnonzero(w)) for row, w in zip(inside, windows[3:]))
+
+
+def test_ctrl_on_the_digits_flow_model_is_refused():
+  """CTRL's controls add to a UNet's time embedding: on the digits MMDiT the policy refuses
+  before anything is compiled (the README's support matrix marks it unsupported)."""
+  config = load_config("ctrl_digits_class", "runlocal", **{"model.denoiser": "mmdit"})
+  with pytest.raises(ValueError, match="model.denoiser='mmdit': CTRL's control embedding is the "
+                                       "UNet's"):
+    digits.make_policy(config)
