@@ -12,6 +12,7 @@ reference's are per GPU.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax
@@ -349,138 +350,198 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   """
   tc = config.train
   algorithm = algorithms.get(tc.algorithm)
+  hp = algorithm.hyperparameters(config)  # the algorithm's settings, fixed before tracing
   dynamics = dynamics_lib.make_dynamics(policy.denoiser, config.sample)
-  T = config.sample.num_steps
-  K = dynamics_lib.trained_steps_per_sample(config.sample, tc.timestep_fraction)
-  flow_steps_in_order = config.sample.sampler != "ddim" and algorithm.flow_timesteps_in_order
-  ema = tc.ema
-  ema_calls = algorithm.ema_calls_per_step(config)
-  accum, mb = tc.gradient_accumulation_steps, tc.batch_size
+  layout = MicroBatchLayout(
+      num_steps=config.sample.num_steps,
+      trained_steps=dynamics_lib.trained_steps_per_sample(config.sample, tc.timestep_fraction),
+      batch_size=tc.batch_size, accumulation=tc.gradient_accumulation_steps,
+      in_order=config.sample.sampler != "ddim" and algorithm.flow_timesteps_in_order)
+  ema, ema_calls = tc.ema, algorithm.ema_calls_per_step(config)
   guidance = float(config.sample.guidance_scale) if tc.cfg else 1.0
   _, frozen_sh, state_sh = model_shardings(policy, config, optimizer, mesh)
-  shards = parallel.num_batch_shards(mesh)
-  per_shard = shards > 1 and mesh.shape.get(parallel.FSDP_AXIS, 1) == 1
-  shard_spec = jax.sharding.NamedSharding(mesh, parallel.batch_spec(mesh))
+  per_shard = parallel.num_batch_shards(mesh) > 1 and mesh.shape.get(parallel.FSDP_AXIS, 1) == 1
+  grad_fn = _gradient_fn(policy, algorithm, hp, dynamics, guidance, mesh, per_shard)
 
-  def _constrain(grads):  # gradients laid out like the params (fsdp: reduce-scattered)
+  def like_params(grads):  # gradients laid out like the params (fsdp: reduce-scattered)
     if not isinstance(state_sh, TrainState):
       return grads
     return jax.lax.with_sharding_constraint(grads, state_sh.params)
-
-  def step_model(uncond, sampling_params=None, reference_params=None) -> algorithms.StepModel:
-    """The policy's step computations with the update's guidance (`train.cfg`)."""
-    def step_log_prob(unet_params, batch):
-      return dynamics.step_log_prob(policy.denoiser, unet_params, batch, uncond,
-                                    guidance_scale=guidance)
-
-    def guided_eps(p, x, t, context, labels):
-      return diffusion.guided_eps(policy.denoiser, p, x, t, context, uncond, guidance, labels,
-                                  policy.denoiser.null_labels)
-
-    def denoising_loss_terms(unet_params, batch, key):
-      return diffusion.denoising_loss_terms(guided_eps, unet_params, key, batch["x0"],
-                                            batch["context"], batch["class_labels"],
-                                            dynamics.schedule.alphas_cumprod)
-    def velocity(p, x, sigma, context):
-      return diffusion.guided_eps(policy.denoiser, p, x, sigma, context, uncond, guidance)
-    return algorithms.StepModel(step_log_prob, denoising_loss_terms, velocity, sampling_params,
-                                reference_params)
-
-  def micro_loss(unet_params, frozen, uncond, batch, key):
-    """`algorithm.loss` of one minibatch at one chosen timestep per sample: (loss, metrics)."""
-    unet_params = policy.assemble_denoiser(unet_params, frozen)  # e.g. LoRA factors beside the base
-    sampling = frozen["sampling_unet"] if algorithm.needs_sampling_params else None
-    return algorithm.loss(step_model(uncond, sampling, frozen.get("reference_assembled")),
-                          unet_params, batch, key, config)
-
-  local_grad_fn = jax.grad(micro_loss, has_aux=True)
-  if not per_shard:
-    grad_fn = local_grad_fn
-  else:  # each device: the gradient of its own rows -> (S, ...) laid out over devices
-    batch_spec = parallel.batch_spec(mesh)
-    P = jax.sharding.PartitionSpec
-
-    def local_grads(params, frozen, uncond, batch, key):
-      return jax.tree.map(lambda x: x[None], local_grad_fn(params, frozen, uncond, batch, key[0]))
-
-    shard_grad_fn = jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), P(), P(), batch_spec, batch_spec),
-                                  out_specs=batch_spec, check_vma=False)
-
-    def grad_fn(params, frozen, uncond, batch, key):
-      return shard_grad_fn(params, frozen, uncond, batch, jax.random.split(key, shards))
-
-  # One trace of the gradient: `opt_step` asks for its output shapes (`eval_shape`) and then
-  # calls it in the micro-step scan with the same input types; as a jitted function the second
-  # use reuses the first trace (about 1 s per trace of the tiny UNet's gradient on a CPU) and
-  # XLA inlines it, so the compiled program is the same.
-  grad_fn = jax.jit(grad_fn)
+  shard_spec = jax.sharding.NamedSharding(mesh, parallel.batch_spec(mesh))
+  accumulator_layout = ((lambda g: jax.lax.with_sharding_constraint(g, shard_spec))
+                        if per_shard else like_params)
 
   def update(state: TrainState, frozen, traj: diffusion.Trajectory, advantages, adv_scales,
              rewards, key):
-    n = traj.log_probs.shape[0]
     k_perm, k_time, k_loss = jax.random.split(key, 3)
-    perm = jax.random.permutation(k_perm, n)
-    per_step, per_sample, extra_metrics = algorithm.batch_fields(traj, advantages, adv_scales,
-                                                                 rewards, config)
-    per_sample = {**per_sample, "context": traj.context, "class_labels": traj.class_labels}
-    per_step = jax.tree.map(lambda x: x[perm], per_step)
-    per_sample = jax.tree.map(lambda x: x[perm], per_sample)
-    window = (jnp.ones((n, T), bool) if traj.trained_steps is None
-              else traj.trained_steps[perm])
-    t_idx = trained_step_indices(k_time, window, K, in_order=flow_steps_in_order)
-
-    def take_time(x):  # (N, T, ...) -> (N, K, ...)
-      idx = t_idx.reshape(t_idx.shape + (1,) * (x.ndim - 2))
-      return jnp.take_along_axis(x, idx, axis=1)
-    per_step = jax.tree.map(take_time, per_step)
-
-    steps = n // (mb * accum)
-    data_spec = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(None, None, parallel.batch_spec(mesh)[0]))
-
-    def to_micro(x, per_time):  # -> (steps, accum*K, mb, ...)
-      if per_time:  # (N, K, ...) -> (steps, accum, mb, K, ...) -> (steps, accum, K, mb, ...)
-        x = x.reshape((steps, accum, mb, K) + x.shape[2:])
-        x = jnp.moveaxis(x, 3, 2)
-      else:  # (N, ...) -> (steps, accum, K, mb, ...) by broadcasting over K
-        x = x.reshape((steps, accum, 1, mb) + x.shape[1:])
-        x = jnp.broadcast_to(x, (steps, accum, K, mb) + x.shape[4:])
-      x = x.reshape((steps, accum * K, mb) + x.shape[4:])
-      return jax.lax.with_sharding_constraint(x, data_spec)
-
-    batches = {**jax.tree.map(lambda x: to_micro(x, True), per_step),
-               **jax.tree.map(lambda x: to_micro(x, False), per_sample)}
+    batches, extra_metrics = _micro_batches(algorithm, hp, layout, mesh, traj, advantages,
+                                            adv_scales, rewards, k_perm, k_time)
     uncond = policy.encode_uncond({**frozen, "unet": state.params})
-    if algorithm.needs_sampling_params:  # the params the samples were drawn with, held fixed
-      # (assembled once here, e.g. LoRA merged, not in every micro-step): the old policy when
-      # the state keeps one (DiffusionNFT: fixed through the epoch's inner epochs)
-      if algorithm.keeps_old_params and state.old_params is None:
-        raise ValueError(f"train.algorithm={tc.algorithm!r} samples with an old policy: build "
-                         "the train state with train.new_train_state (old_params)")
-      frozen = {**frozen, "sampling_unet": policy.assemble_denoiser(sampling_params(state), frozen)}
-    if algorithm.needs_reference_params(config):  # the pre-trained model, assembled once
-      frozen = {**frozen, "reference_assembled": policy.assemble_denoiser(frozen["reference_unet"],
-                                                                       frozen)}
+    frozen = _update_frozen(policy, algorithm, config, state, frozen)
 
     def opt_step(state, xs):
       step_batches, step_key = xs
-      keys = jax.random.split(step_key, accum * K)
+      keys = jax.random.split(step_key, layout.accumulation * layout.trained_steps)
       state, metrics = accumulated_step(
           state, optimizer, lambda p, x: grad_fn(p, frozen, uncond, *x), (step_batches, keys),
-          accumulator_layout=(lambda g: jax.lax.with_sharding_constraint(g, shard_spec))
-          if per_shard else _constrain,
-          per_shard=per_shard, constrain=_constrain)
+          accumulator_layout=accumulator_layout, per_shard=per_shard, constrain=like_params)
       if ema.enabled:  # the weight EMA, in this program: no extra dispatch or host sync
         state = state.replace(ema_params=ema_update(state.ema_params, state.params, state.step,
                                                     ema.decay, ema.update_interval, ema_calls))
       return state, metrics
 
+    steps = jax.tree.leaves(batches)[0].shape[0]
     state, metrics = jax.lax.scan(opt_step, state, (batches, jax.random.split(k_loss, steps)))
     return state, {**jax.tree.map(jnp.mean, metrics), **extra_metrics}
 
   data, repl = parallel.data_sharding(mesh), parallel.replicated(mesh)
   return jax.jit(update, in_shardings=(state_sh, frozen_sh, data, data, data, data, repl),
                  out_shardings=(state_sh, repl), donate_argnums=(0,))
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroBatchLayout:
+  """How the update cuts an epoch's N trajectories into micro-batches (`_micro_batches`).
+
+  num_steps: T, the sampled steps per trajectory.
+  trained_steps: K, the steps trained per trajectory (`dynamics.trained_steps_per_sample`).
+  batch_size: mb, the trajectories of one minibatch (`train.batch_size`).
+  accumulation: minibatches per optimizer step (`train.gradient_accumulation_steps`).
+  in_order: train each trajectory's first K steps of its window in order (flow_grpo), else K
+    at random (`trained_step_indices`).
+  """
+  num_steps: int
+  trained_steps: int
+  batch_size: int
+  accumulation: int
+  in_order: bool
+
+
+def _micro_batches(algorithm, hp, layout: MicroBatchLayout, mesh, traj: diffusion.Trajectory,
+                   advantages, adv_scales, rewards, k_perm, k_time) -> tuple[dict, dict]:
+  """The update's micro-batches of one inner epoch: `algorithm.batch_fields` plus the
+  conditioning, shuffled (`k_perm`), each trajectory's K trained steps picked (`k_time`), cut
+  into S = N / (mb · accumulation) optimizer steps of accumulation · K micro-batches of mb.
+
+  Returns:
+    ({field: (S, accumulation · K, mb, ...)} sharded over mb on the batch axes, the
+    algorithm's epoch metrics).
+  """
+  T, K = layout.num_steps, layout.trained_steps
+  mb, accum = layout.batch_size, layout.accumulation
+  n = traj.log_probs.shape[0]
+  perm = jax.random.permutation(k_perm, n)
+  per_step, per_sample, extra_metrics = algorithm.batch_fields(traj, advantages, adv_scales,
+                                                               rewards, hp)
+  per_sample = {**per_sample, "context": traj.context, "class_labels": traj.class_labels}
+  per_step = jax.tree.map(lambda x: x[perm], per_step)
+  per_sample = jax.tree.map(lambda x: x[perm], per_sample)
+  window = (jnp.ones((n, T), bool) if traj.trained_steps is None
+            else traj.trained_steps[perm])
+  t_idx = trained_step_indices(k_time, window, K, in_order=layout.in_order)
+
+  def take_time(x):  # (N, T, ...) -> (N, K, ...)
+    idx = t_idx.reshape(t_idx.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1)
+  per_step = jax.tree.map(take_time, per_step)
+
+  steps = n // (mb * accum)
+  data_spec = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(None, None, parallel.batch_spec(mesh)[0]))
+
+  def to_micro(x, per_time):  # -> (steps, accum*K, mb, ...)
+    if per_time:  # (N, K, ...) -> (steps, accum, mb, K, ...) -> (steps, accum, K, mb, ...)
+      x = x.reshape((steps, accum, mb, K) + x.shape[2:])
+      x = jnp.moveaxis(x, 3, 2)
+    else:  # (N, ...) -> (steps, accum, K, mb, ...) by broadcasting over K
+      x = x.reshape((steps, accum, 1, mb) + x.shape[1:])
+      x = jnp.broadcast_to(x, (steps, accum, K, mb) + x.shape[4:])
+    x = x.reshape((steps, accum * K, mb) + x.shape[4:])
+    return jax.lax.with_sharding_constraint(x, data_spec)
+
+  batches = {**jax.tree.map(lambda x: to_micro(x, True), per_step),
+             **jax.tree.map(lambda x: to_micro(x, False), per_sample)}
+  return batches, extra_metrics
+
+
+def _update_frozen(policy: Policy, algorithm, config, state: TrainState, frozen: dict) -> dict:
+  """`frozen` plus the fixed denoisers the loss reads, assembled once per update (e.g. LoRA
+  merged), not in every micro-step: "sampling_unet" (`needs_sampling_params`: the params the
+  samples were drawn with, the old policy when the state keeps one) and
+  "reference_assembled" (`needs_reference_params`: the pre-trained model)."""
+  if algorithm.needs_sampling_params:
+    if algorithm.keeps_old_params and state.old_params is None:
+      raise ValueError(f"train.algorithm={algorithm.name!r} samples with an old policy: build "
+                       "the train state with train.new_train_state (old_params)")
+    frozen = {**frozen, "sampling_unet": policy.assemble_denoiser(sampling_params(state), frozen)}
+  if algorithm.needs_reference_params(config):
+    frozen = {**frozen, "reference_assembled": policy.assemble_denoiser(frozen["reference_unet"],
+                                                                       frozen)}
+  return frozen
+
+
+def _step_model(policy: Policy, dynamics, guidance: float, uncond, sampling_params=None,
+                reference_params=None) -> algorithms.StepModel:
+  """The policy's step computations with the update's guidance (`train.cfg`)."""
+  denoiser = policy.denoiser
+
+  def step_log_prob(unet_params, batch):
+    return dynamics.step_log_prob(denoiser, unet_params, batch, uncond, guidance_scale=guidance)
+
+  def guided_eps(p, x, t, context, labels):
+    return diffusion.guided_eps(denoiser, p, x, t, context, uncond, guidance, labels,
+                                denoiser.null_labels)
+
+  def denoising_loss_terms(unet_params, batch, key):
+    return diffusion.denoising_loss_terms(guided_eps, unet_params, key, batch["x0"],
+                                          batch["context"], batch["class_labels"],
+                                          dynamics.schedule.alphas_cumprod)
+
+  def velocity(p, x, sigma, context):
+    return diffusion.guided_eps(denoiser, p, x, sigma, context, uncond, guidance)
+  return algorithms.StepModel(step_log_prob, denoising_loss_terms, velocity, sampling_params,
+                              reference_params)
+
+
+def _gradient_fn(policy: Policy, algorithm, hp, dynamics, guidance: float, mesh,
+                 per_shard: bool):
+  """`grad(params, frozen, uncond, micro_batch, key) -> (grads, metrics)` of
+  `algorithm.loss` on one micro-batch (one trained timestep per sample), jitted.
+
+  per_shard (params replicated, S > 1 batch shards): each device takes the gradient of its own
+  rows, a leading (S, ...) axis laid out over the devices, reduced once per optimizer step
+  (`accumulated_step`); the key is split into one per shard.
+  """
+  def micro_loss(unet_params, frozen, uncond, batch, key):
+    unet_params = policy.assemble_denoiser(unet_params, frozen)  # e.g. LoRA factors beside the base
+    sampling = frozen["sampling_unet"] if algorithm.needs_sampling_params else None
+    model = _step_model(policy, dynamics, guidance, uncond, sampling,
+                        frozen.get("reference_assembled"))
+    return algorithm.loss(model, unet_params, batch, key, hp)
+
+  local_grad_fn = jax.grad(micro_loss, has_aux=True)
+  if not per_shard:
+    grad_fn = local_grad_fn
+  else:  # each device: the gradient of its own rows -> (S, ...) laid out over devices
+    shards = parallel.num_batch_shards(mesh)
+    batch_spec = parallel.batch_spec(mesh)
+    P = jax.sharding.PartitionSpec
+
+    def local_grads(params, frozen, uncond, batch, key):
+      return jax.tree.map(lambda x: x[None], local_grad_fn(params, frozen, uncond, batch, key[0]))
+
+    shard_grad_fn = jax.shard_map(local_grads, mesh=mesh,
+                                  in_specs=(P(), P(), P(), batch_spec, batch_spec),
+                                  out_specs=batch_spec, check_vma=False)
+
+    def grad_fn(params, frozen, uncond, batch, key):
+      return shard_grad_fn(params, frozen, uncond, batch, jax.random.split(key, shards))
+
+  # One trace of the gradient: `accumulated_step` asks for its output shapes (`eval_shape`) and
+  # then calls it in the micro-step scan with the same input types; as a jitted function the
+  # second use reuses the first trace (about 1 s per trace of the tiny UNet's gradient on a
+  # CPU) and XLA inlines it, so the compiled program is the same.
+  return jax.jit(grad_fn)
 
 
 def make_old_policy_fn(config, optimizer, policy: Policy, mesh):

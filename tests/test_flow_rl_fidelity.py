@@ -154,14 +154,14 @@ def test_nft_loss_with_an_ema_old_policy_over_two_inner_epochs():
                type("T", (), {"times": jnp.zeros((4, 3)),
                               "next_latents": jnp.broadcast_to(jnp.asarray(x0)[:, None],
                                                                (4, 3, 2, 2, 1))}),
-               jnp.asarray(adv), None, None, config)[1]["optimality"]}
+               jnp.asarray(adv), None, None, nft.hyperparameters(config))[1]["optimality"]}
   model = StepModel(None, None, velocity, train.sampling_params(state),
                     {k: jnp.float32(v) for k, v in base.items()})
   assert train.sampling_params(state) is state.old_params
   for inner, theta in enumerate(({"a": 1.0, "b": 0.1}, {"a": 1.3, "b": 0.25})):
     key = jax.random.PRNGKey(10 + inner)
     params = {k: jnp.float32(v) for k, v in theta.items()}
-    loss, metrics = nft.loss(model, params, batch, key, config)
+    loss, metrics = nft.loss(model, params, batch, key, nft.hyperparameters(config))
     eps = np.asarray(jax.random.normal(key, x0.shape, jnp.float32), np.float64)
     t = sigma.astype(np.float64)
     x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
@@ -314,12 +314,12 @@ def test_policy_gradient_adds_beta_times_flow_grpo_kl():
     return kl.mean()
 
   p = {"w": jnp.float32(0.7)}
-  with_kl, metrics = ppo.loss(model, p, batch, None, config)
-  plain, _ = ppo.loss(model, p, batch, None, without)
+  with_kl, metrics = ppo.loss(model, p, batch, None, ppo.hyperparameters(config))
+  plain, _ = ppo.loss(model, p, batch, None, ppo.hyperparameters(without))
   np.testing.assert_allclose(float(with_kl) - float(plain), 0.04 * numpy_term(0.7), rtol=1e-4)
   np.testing.assert_allclose(float(metrics["kl_loss"]), numpy_term(0.7), rtol=1e-5)
-  g = jax.grad(lambda q: ppo.loss(model, q, batch, None, config)[0] -
-               ppo.loss(model, q, batch, None, without)[0])(p)
+  g = jax.grad(lambda q: ppo.loss(model, q, batch, None, ppo.hyperparameters(config))[0] -
+               ppo.loss(model, q, batch, None, ppo.hyperparameters(without))[0])(p)
   h = 1e-4
   fd = 0.04 * (numpy_term(0.7 + h) - numpy_term(0.7 - h)) / (2 * h)
   np.testing.assert_allclose(float(g["w"]), fd, rtol=1e-3)
@@ -365,7 +365,8 @@ def test_drop_zero_advantage_is_the_mean_over_the_kept_samples():
                         for k in ("latents", "next_latents", "times", "next_times",
                                   "log_probs")})
   ppo = algorithms.get("ppo")
-  _, per_sample, metrics = ppo.batch_fields(traj, jnp.asarray(adv), jnp.ones(n), None, config)
+  _, per_sample, metrics = ppo.batch_fields(traj, jnp.asarray(adv), jnp.ones(n), None,
+                                            ppo.hyperparameters(config))
   assert float(metrics["kept_fraction"]) == 0.5
   rng = np.random.default_rng(4)
   log_prob = rng.normal(scale=1e-4, size=n).astype(np.float32)

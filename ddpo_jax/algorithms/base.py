@@ -2,22 +2,27 @@
 its loss at one trained step (docs/algorithms.md §3). `train.make_update_fn` runs any of them
 the same way and knows none by name.
 
-The update (one compiled program per inner epoch) does, for every algorithm:
-  1. `algorithm.batch_fields(traj, advantages, adv_scales, rewards, config)` -> (per_step,
+The trainer builds the algorithm's typed settings once, outside jit:
+`hp = algorithm.hyperparameters(config)`, a frozen dataclass of exactly what `batch_fields` and
+`loss` read (the whole config never enters the compiled program). The update (one compiled
+program per inner epoch) does, for every algorithm:
+  1. `algorithm.batch_fields(traj, advantages, adv_scales, rewards, hp)` -> (per_step,
      per_sample, metrics): arrays (N, T, ...) read at the trained timesteps and arrays (N, ...)
      shared by a sample's steps; the trainer adds the conditioning (`context`, `class_labels`).
   2. shuffles the samples, picks K = int(T · train.timestep_fraction) timesteps per sample
      (DDIM: K at random; flow samplers: the first K, as flow_grpo), cuts minibatches of
      `train.batch_size`;
-  3. differentiates `algorithm.loss(model, params, batch, key, config)` per micro-step (one
+  3. differentiates `algorithm.loss(model, params, batch, key, hp)` per micro-step (one
      timestep per sample of a minibatch) and takes one optimizer step per
      `gradient_accumulation_steps` minibatches × K timesteps.
 
-Adding an algorithm is one file: a subclass of `Algorithm` (or of `PolicyGradient`, for a new
-surrogate of the step log-prob), registered in `ddpo_jax.algorithms`.
+Adding an algorithm is one file: a subclass of `Algorithm` (its hyperparameters dataclass, its
+`hyperparameters`, `batch_fields` and `loss`; or of `PolicyGradient`, for a new surrogate of the
+step log-prob), registered in `ddpo_jax.algorithms`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -57,7 +62,8 @@ class StepModel(NamedTuple):
 
 
 class Algorithm:
-  """One RL algorithm of the update. Subclasses set `name` and implement the two methods."""
+  """One RL algorithm of the update. Subclasses set `name` and implement `hyperparameters`,
+  `batch_fields` and `loss`."""
 
   name: str = ""
   # Whether `train.kl_coef` > 0 (the KL-to-pre-trained penalty, docs/algorithms.md §3.5) applies.
@@ -88,16 +94,23 @@ class Algorithm:
     """Raises ValueError for a config the algorithm cannot run (before anything compiles).
     `samples_per_step` = train.batch_size × train.gradient_accumulation_steps."""
 
-  def batch_fields(self, traj: diffusion.Trajectory, advantages: Array, adv_scales: Array,
-                   rewards: Array, config) -> tuple[dict, dict, Metrics]:
-    """(per_step {name: (N, T, ...)}, per_sample {name: (N, ...)}, metrics of the epoch).
-
-    advantages, adv_scales, rewards: (N,) float32 (see `train.make_update_fn`)."""
+  def hyperparameters(self, config) -> Any:
+    """The settings `batch_fields` and `loss` read: a frozen (hashable) dataclass built from
+    the config once, outside jit."""
     raise NotImplementedError
 
-  def loss(self, model: StepModel, params, batch: dict, key: Array, config) -> tuple[Array, Metrics]:
+  def batch_fields(self, traj: diffusion.Trajectory, advantages: Array, adv_scales: Array,
+                   rewards: Array, hp) -> tuple[dict, dict, Metrics]:
+    """(per_step {name: (N, T, ...)}, per_sample {name: (N, ...)}, metrics of the epoch).
+
+    advantages, adv_scales, rewards: (N,) float32 (see `train.make_update_fn`); hp:
+    `self.hyperparameters(config)`."""
+    raise NotImplementedError
+
+  def loss(self, model: StepModel, params, batch: dict, key: Array, hp) -> tuple[Array, Metrics]:
     """(scalar loss, scalar metrics incl. "loss") of one micro-batch: every per-step field at one
-    trained timestep per sample, (mb, ...); every per-sample field, (mb, ...)."""
+    trained timestep per sample, (mb, ...); every per-sample field, (mb, ...). hp:
+    `self.hyperparameters(config)`."""
     raise NotImplementedError
 
 
@@ -130,6 +143,27 @@ def flow_grpo_kl(mean: Array, reference_mean: Array, std: Array, sigma: Array,
   return jnp.where(positive, sq / (2.0 * jnp.where(positive, s2, 1.0)), 0.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class PolicyGradientHyperparameters:
+  """What the policy-gradient family's `batch_fields` and `loss` read (`train.*` unless said).
+
+  clip_range: PPO's ratio clip epsilon (the surrogates that clip read it).
+  adv_clip_max: advantages are clipped to ±adv_clip_max.
+  kl_coef: α of the KL-to-pre-trained penalty (0: off), per unit of reward.
+  kl_reduction: "mean" or "sum" over the latent dims of that penalty's KL.
+  kl_beta: β of flow_grpo's KL term (0: off).
+  drop_zero_advantage: flow_grpo's zero-advantage sample filter.
+  sampler: `sample.sampler` (flow_grpo's KL term differs between 'sde' and 'cps').
+  """
+  clip_range: float
+  adv_clip_max: float
+  kl_coef: float
+  kl_reduction: str
+  kl_beta: float
+  drop_zero_advantage: bool
+  sampler: str
+
+
 class PolicyGradient(Algorithm):
   """DDPO's policy-gradient family (docs/algorithms.md §3.1–§3.5): a surrogate of the step
   log-prob recomputed under the current params against the one sampled, with the optional
@@ -139,17 +173,24 @@ class PolicyGradient(Algorithm):
 
   supports_kl_penalty = True
 
-  def surrogate(self, log_prob: Array, batch: dict, train_config) -> tuple[Array, Metrics]:
+  def hyperparameters(self, config) -> PolicyGradientHyperparameters:
+    t = config.train
+    return PolicyGradientHyperparameters(
+        clip_range=t.clip_range, adv_clip_max=t.adv_clip_max, kl_coef=t.kl_coef,
+        kl_reduction=t.kl_reduction, kl_beta=t.kl_beta,
+        drop_zero_advantage=bool(t.drop_zero_advantage), sampler=config.sample.sampler)
+
+  def surrogate(self, log_prob: Array, batch: dict,
+                hp: PolicyGradientHyperparameters) -> tuple[Array, Metrics]:
     """(loss, metrics) from the recomputed log-probs (mb,) and the batch (`log_probs` as sampled,
     `advantages`: (mb,) terminal or per-step KL-penalised; `sample_weights` (mb,) when
     `train.drop_zero_advantage`: each sample's term is weighted, a mean over the batch)."""
     raise NotImplementedError
 
-  def batch_fields(self, traj, advantages, adv_scales, rewards, config):
-    tc = config.train
+  def batch_fields(self, traj, advantages, adv_scales, rewards, hp):
     per_step = {k: getattr(traj, k) for k in STEP_FIELDS}
     per_sample, metrics = {}, {}
-    if tc.drop_zero_advantage:
+    if hp.drop_zero_advantage:
       # flow_grpo's train_sd3.py drops the samples whose advantages are all 0 (a group of equal
       # rewards) before the update; with static shapes they get weight 0 and the others
       # N / n_kept, so a mean over the N samples is the mean over the kept ones.
@@ -157,38 +198,37 @@ class PolicyGradient(Algorithm):
       kept = jnp.sum(keep)
       per_sample["sample_weights"] = keep * (keep.shape[0] / jnp.maximum(kept, 1.0))
       metrics["kept_fraction"] = kept / keep.shape[0]
-    if tc.kl_beta > 0:
+    if hp.kl_beta > 0:
       per_step["reference_means"] = traj.reference_means
-    if tc.kl_coef > 0:  # per-step advantages of r − α Σ KL, and the direct term's weight
+    if hp.kl_coef > 0:  # per-step advantages of r − α Σ KL, and the direct term's weight
       per_step["reference_means"] = traj.reference_means
       per_step["advantages"] = rl.kl_penalised_advantages(advantages, adv_scales, traj.kl,
-                                                          tc.kl_coef)
+                                                          hp.kl_coef)
       # `gaussian_log_prob` is mean-reduced over the D latent dims (DDPO's convention), so the
       # score-function part is 1/D of the exact one; the direct part gets the same 1/D.
       latent_dims = math.prod(traj.latents.shape[2:])
-      per_sample["kl_weights"] = tc.kl_coef * adv_scales / latent_dims
+      per_sample["kl_weights"] = hp.kl_coef * adv_scales / latent_dims
       metrics["path_kl"] = jnp.mean(jnp.sum(traj.kl, axis=1))
     else:
       per_sample["advantages"] = advantages
     return per_step, per_sample, metrics
 
-  def loss(self, model, params, batch, key, config):
-    tc = config.train
+  def loss(self, model, params, batch, key, hp):
     log_prob, mean, std = model.step_log_prob(params, batch)
-    loss, metrics = self.surrogate(log_prob, batch, tc)
+    loss, metrics = self.surrogate(log_prob, batch, hp)
     weights = batch.get("sample_weights")
     w = 1.0 if weights is None else weights
-    if tc.kl_coef > 0:  # the reference's step mean at this x_t, as the sampler computed it
+    if hp.kl_coef > 0:  # the reference's step mean at this x_t, as the sampler computed it
       kl = diffusion.gaussian_kl_shared_std(mean, batch["reference_means"], std,
-                                            reduction=tc.kl_reduction)
+                                            reduction=hp.kl_reduction)
       # a deterministic step (CPS's last): no KL
       kl = jnp.where(diffusion.per_sample_std(std, mean.shape) > 0, kl, 0.0)
       metrics["kl_to_pretrained"] = jnp.mean(kl)
       loss = loss + jnp.mean(w * batch["kl_weights"] * kl)
-    if tc.kl_beta > 0:  # flow_grpo's direct term, beta * its KL (docs/algorithms.md §3.5)
+    if hp.kl_beta > 0:  # flow_grpo's direct term, beta * its KL (docs/algorithms.md §3.5)
       kl_beta = flow_grpo_kl(mean, batch["reference_means"], std, batch["times"],
-                             batch["next_times"], config.sample.sampler)
+                             batch["next_times"], hp.sampler)
       metrics["kl_loss"] = jnp.mean(kl_beta)
-      loss = loss + tc.kl_beta * jnp.mean(w * kl_beta)
+      loss = loss + hp.kl_beta * jnp.mean(w * kl_beta)
     metrics["loss"] = loss
     return loss, metrics

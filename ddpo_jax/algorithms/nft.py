@@ -24,10 +24,25 @@ decay_type)` (`train.nft_decay_type`, `train.make_old_policy_fn`; type 0: the cu
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from ddpo_jax.algorithms.base import Algorithm
+
+
+@dataclasses.dataclass(frozen=True)
+class NFTHyperparameters:
+  """What DiffusionNFT's `batch_fields` and `loss` read.
+
+  beta: β of the implicit policies (`train.nft_beta`).
+  adv_clip_max: c, the advantage clip and the loss's scale (`train.adv_clip_max`).
+  kl_beta: β_KL of the regression to the pre-trained velocity (`train.kl_beta`; 0: off).
+  """
+  beta: float
+  adv_clip_max: float
+  kl_beta: float
 
 
 class NFT(Algorithm):
@@ -56,14 +71,18 @@ class NFT(Algorithm):
       raise ValueError(f"train.algorithm='nft' is CFG-free: set train.cfg=False (sampling may "
                        f"still use sample.guidance_scale={s.guidance_scale}) or guidance 1")
 
-  def batch_fields(self, traj, advantages, adv_scales, rewards, config):
-    c = config.train.adv_clip_max
+  def hyperparameters(self, config) -> NFTHyperparameters:
+    t = config.train
+    return NFTHyperparameters(beta=t.nft_beta, adv_clip_max=t.adv_clip_max, kl_beta=t.kl_beta)
+
+  def batch_fields(self, traj, advantages, adv_scales, rewards, hp):
+    c = hp.adv_clip_max
     r = jnp.clip(jnp.clip(advantages, -c, c) / c / 2.0 + 0.5, 0.0, 1.0)
     return ({"times": traj.times}, {"x0": traj.next_latents[:, -1], "optimality": r},
             {"nft_optimality_mean": jnp.mean(r)})
 
-  def loss(self, model, params, batch, key, config):
-    beta, c = config.train.nft_beta, config.train.adv_clip_max
+  def loss(self, model, params, batch, key, hp):
+    beta, c = hp.beta, hp.adv_clip_max
     x0 = batch["x0"].astype(jnp.float32)
     sigma = batch["times"].astype(jnp.float32)  # (mb,) the sampling step's sigma
     t = sigma.reshape((-1,) + (1,) * (x0.ndim - 1))
@@ -84,7 +103,7 @@ class NFT(Algorithm):
     negative = weighted_error((1.0 + beta) * v_old - beta * v)
     loss = c * jnp.mean(r * positive + (1.0 - r) * negative) / beta
     metrics = {"nft_old_deviation": jnp.mean((v - v_old) ** 2)}
-    kl_beta = config.train.kl_beta
+    kl_beta = hp.kl_beta
     if kl_beta > 0:  # train_nft_sd3.py's kl_div_loss against the pre-trained model
       v_ref = jax.lax.stop_gradient(
           model.velocity(model.reference_params, x_t, sigma, batch["context"]).astype(jnp.float32))

@@ -11,8 +11,8 @@ class PPO(PolicyGradient):
 
   name = "ppo"
 
-  def surrogate(self, log_prob, batch, train_config):
+  def surrogate(self, log_prob, batch, hp):
     loss, info = rl.ppo_clipped_loss(log_prob, batch["log_probs"], batch["advantages"],
-                                     train_config.clip_range, train_config.adv_clip_max,
+                                     hp.clip_range, hp.adv_clip_max,
                                      batch.get("sample_weights"))
     return loss, {"approx_kl": info["approx_kl"], "clipfrac": info["clipfrac"]}

@@ -5,10 +5,25 @@ by a function of the rewards; the trajectories' log-probs are not used.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
 from ddpo_jax import rl
 from ddpo_jax.algorithms.base import Algorithm
+
+
+@dataclasses.dataclass(frozen=True)
+class RWRHyperparameters:
+  """beta: the softmax temperature of the reward weights (`train.rwr_beta`)."""
+  beta: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseRWRHyperparameters:
+  """quantile: the batch's reward quantile a sample must reach to be kept
+  (`train.rwr_quantile`, in [0, 1])."""
+  quantile: float
 
 
 class RewardWeightedRegression(Algorithm):
@@ -20,14 +35,18 @@ class RewardWeightedRegression(Algorithm):
   name = "rwr"
   uses_denoising_loss = True
 
-  def weights(self, rewards, train_config):
-    return rl.rwr_weights(rewards, train_config.rwr_beta)
+  def hyperparameters(self, config) -> RWRHyperparameters:
+    return RWRHyperparameters(beta=config.train.rwr_beta)
 
-  def batch_fields(self, traj, advantages, adv_scales, rewards, config):
-    per_sample = {"x0": traj.next_latents[:, -1], "weights": self.weights(rewards, config.train)}
+  def weights(self, rewards, hp):
+    """(N,) float32 sample weights of the rewards (N,)."""
+    return rl.rwr_weights(rewards, hp.beta)
+
+  def batch_fields(self, traj, advantages, adv_scales, rewards, hp):
+    per_sample = {"x0": traj.next_latents[:, -1], "weights": self.weights(rewards, hp)}
     return {}, per_sample, {}
 
-  def loss(self, model, params, batch, key, config):
+  def loss(self, model, params, batch, key, hp):
     loss = jnp.mean(batch["weights"] * model.denoising_loss_terms(params, batch, key))
     return loss, {"loss": loss}
 
@@ -38,5 +57,8 @@ class SparseRewardWeightedRegression(RewardWeightedRegression):
 
   name = "rwr_sparse"
 
-  def weights(self, rewards, train_config):
-    return rl.rwr_sparse_weights(rewards, train_config.rwr_quantile)
+  def hyperparameters(self, config) -> SparseRWRHyperparameters:
+    return SparseRWRHyperparameters(quantile=config.train.rwr_quantile)
+
+  def weights(self, rewards, hp):
+    return rl.rwr_sparse_weights(rewards, hp.quantile)

@@ -26,8 +26,8 @@ class ScoreFunction(PolicyGradient):
           f"sample.num_batches_per_epoch={samples_per_epoch}) and train.num_inner_epochs=1 "
           f"(got {inner})")
 
-  def surrogate(self, log_prob, batch, train_config):
-    loss = rl.score_function_loss(log_prob, batch["advantages"], train_config.adv_clip_max,
+  def surrogate(self, log_prob, batch, hp):
+    loss = rl.score_function_loss(log_prob, batch["advantages"], hp.adv_clip_max,
                                   batch.get("sample_weights"))
     diff = log_prob - batch["log_probs"]  # 0 up to float error: SF is on-policy
     return loss, {"approx_kl": 0.5 * jnp.mean(diff ** 2), "clipfrac": jnp.zeros(())}
