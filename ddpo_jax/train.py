@@ -134,10 +134,29 @@ def validate_shared_config(config: ml_collections.ConfigDict) -> None:
 
 
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
-  """Raises ValueError for impossible values, before anything is compiled."""
+  """Raises ValueError for impossible values, before anything is compiled: DDPO's one
+  validation entry point (`loop.train_and_evaluate` calls it once, before building the model;
+  CTRL's "ddpo" solver through `ctrl.trainer.validate_config`). In order:
+
+    `validate_shared_config` (the schema, the reward terms, the DDPO-only keys);
+    `_check_sampler` (the sampler against the algorithm: log-probs, eps regression, SDE noise);
+    `_check_batches` (groups, device and optimizer-step divisibility);
+    `algorithm.validate` (the algorithm's own conditions, `ddpo_jax.algorithms`);
+    `_check_update_terms` (the KL penalty, flow_grpo's KL term, the zero-advantage filter);
+    `_check_sde_options` (SDE windows, shared group noise, the trained steps).
+  """
   validate_shared_config(config)
+  algorithm = algorithms.get(config.train.algorithm)
+  _check_sampler(config, algorithm)
+  samples_per_epoch, samples_per_step = _check_batches(config, mesh)
+  algorithm.validate(config, samples_per_epoch, samples_per_step)
+  _check_update_terms(config, algorithm)
+  _check_sde_options(config)
+
+
+def _check_sampler(config, algorithm) -> None:
+  """The sampler against the algorithm: step log-probs, eps regression, the flow SDE's noise."""
   s, t = config.sample, config.train
-  algorithm = algorithms.get(t.algorithm)
   if s.sampler == "ddim" and not s.eta > 0:
     raise ValueError(f"sample.eta={s.eta}: DDPO needs eta > 0 (the log-probability of a "
                      "deterministic DDIM step is undefined)")
@@ -155,6 +174,12 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
       raise ValueError(f"sample.sampler={s.sampler!r}: train.algorithm={t.algorithm!r} is an "
                        "eps regression, written for DDIM; the flow samplers train with 'ppo', "
                        "'sf' or 'nft'")
+
+
+def _check_batches(config, mesh) -> tuple[int, int]:
+  """Whole groups per batch, batches that divide over the devices, whole optimizer steps per
+  epoch; returns (samples per epoch, samples per optimizer step)."""
+  s, t = config.sample, config.train
   if s.batch_size % int(s.group_size):
     raise ValueError(f"sample.group_size={s.group_size} must divide "
                      f"sample.batch_size={s.batch_size} (each batch holds whole groups)")
@@ -170,7 +195,13 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     raise ValueError(
         f"samples per epoch (sample.batch_size*sample.num_batches_per_epoch={total}) must be a "
         f"multiple of train.batch_size*train.gradient_accumulation_steps={group}")
-  algorithm.validate(config, total, group)
+  return total, group
+
+
+def _check_update_terms(config, algorithm) -> None:
+  """The update's optional terms: the KL penalty, flow_grpo's KL term, the zero-advantage
+  filter."""
+  s, t = config.sample, config.train
   if t.kl_coef < 0 or (t.kl_coef > 0 and not algorithm.supports_kl_penalty):
     with_kl = [n for n in algorithms.names() if algorithms.get(n).supports_kl_penalty]
     raise ValueError(f"train.kl_coef={t.kl_coef}: the KL penalty needs kl_coef >= 0 and a "
@@ -197,6 +228,11 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
   if t.drop_zero_advantage and not isinstance(algorithm, algorithms.PolicyGradient):
     raise ValueError(f"train.drop_zero_advantage is flow_grpo's sample filter of the policy "
                      f"gradient (ppo / sf), not {t.algorithm!r}'s")
+
+
+def _check_sde_options(config) -> None:
+  """SDE windows, noise shared within a group, at least one trained step per sample."""
+  s, t = config.sample, config.train
   dynamics_lib.check_sde_window(s)
   if s.same_noise_per_group and (s.sampler == "ddim" or int(s.group_size) < 2):
     raise ValueError("sample.same_noise_per_group needs a flow sampler and sample.group_size > 1 "
