@@ -98,11 +98,25 @@ def test_update_at_unchanged_params_has_ratio_one(digits_cache):
   assert metrics["kl_to_pretrained"] < 1e-8
 
 
+# One sampled batch of 8 and one update call: 8 samples / (4 per minibatch * 2 accumulated) =
+# 1 optimizer step, on half of the 4 steps.
+ONE_STEP = {"sample.batch_size": 8, "train.gradient_accumulation_steps": 2,
+            "train.timestep_fraction": 0.5}
+
+
+@pytest.fixture(scope="module")
+def ppo_update(digits_cache):
+  """`one_update` of the digits runlocal config with ONE_STEP and "ppo", computed once for the
+  tests that need it (each compiles the sampler and the update: tens of seconds)."""
+  return one_update(_config(**ONE_STEP, **{"train.algorithm": "ppo"}))
+
+
 @pytest.mark.parametrize("algorithm", ["ppo", "sf", "rwr", "rwr_sparse"])
-def test_each_algorithm_takes_finite_steps(digits_cache, algorithm):
-  config = _config(**{"sample.batch_size": 8, "train.algorithm": algorithm,
-                      "train.gradient_accumulation_steps": 2, "train.timestep_fraction": 0.5})
-  policy, _, state, metrics = one_update(config)
+def test_each_algorithm_takes_finite_steps(digits_cache, algorithm, request):
+  if algorithm == "ppo":
+    policy, _, state, metrics = request.getfixturevalue("ppo_update")
+  else:
+    policy, _, state, metrics = one_update(_config(**ONE_STEP, **{"train.algorithm": algorithm}))
   assert all(np.isfinite(v) for v in metrics.values()), metrics
   assert int(state.step) == 1  # 8 samples / (4 per minibatch * 2 accumulated) = 1 step
   changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
@@ -110,7 +124,7 @@ def test_each_algorithm_takes_finite_steps(digits_cache, algorithm):
   assert any(jax.tree.leaves(changed))
 
 
-def test_an_algorithm_is_one_registered_unit(digits_cache):
+def test_an_algorithm_is_one_registered_unit(ppo_update):
   """A new algorithm plugs into the update as one class, without touching the trainer: one
   registered under a new name whose surrogate is PPO's clipped loss (plus a metric of its own)
   takes the very step "ppo" takes, bit for bit; names are unique."""
@@ -129,9 +143,8 @@ def test_an_algorithm_is_one_registered_unit(digits_cache):
     algorithms.register(algorithms.get("ppo"))
   algorithms.register(ClippedAgain())
   try:
-    overrides = {"sample.batch_size": 8, "train.gradient_accumulation_steps": 2}
-    _, _, ppo_state, ppo_metrics = one_update(_config(**overrides))
-    _, _, new_state, new_metrics = one_update(_config(**overrides, **{"train.algorithm": "ppo_again"}))
+    _, _, ppo_state, ppo_metrics = ppo_update
+    _, _, new_state, new_metrics = one_update(_config(**ONE_STEP, **{"train.algorithm": "ppo_again"}))
   finally:
     algorithms.unregister("ppo_again")
   assert set(new_metrics) == set(ppo_metrics) | {"ratio"} and new_metrics["ratio"] > 0
