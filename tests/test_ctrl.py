@@ -113,11 +113,12 @@ _DDPO_OVERRIDES = ("--config.ctrl.kl_weight=0.5", "--config.ctrl.reward_weight=2
                    "--config.ctrl.kl_reduction=sum")
 
 
-# Each run takes 2-5 minutes on the 2-core CPU: CTRL's own solver (class) is in the fast tier,
-# the baselines and the ddpo solver in the slow one (their configs are validated in the fast
-# tier by test_bad_input_errors_before_training and tests/test_config_schema.py).
+# Slow tier: 2-5 minutes per run (training, evaluation, sampling) on the 2-core CPU under load.
+# The fast tier checks CTRL's model and loss at init (test_augmented_model_equals_pretrained_at_init
+# and tests/test_ctrl_gmm.py), its data and classifiers (tests/test_ctrl_data.py) and its configs
+# (test_bad_input_errors_before_training, tests/test_config_schema.py).
 @pytest.mark.parametrize("config_name,variant,labels,overrides", [
-    ("ctrl_digits_class", "runlocal", "0,1,2,3", ()),
+    pytest.param("ctrl_digits_class", "runlocal", "0,1,2,3", (), marks=pytest.mark.slow),
     pytest.param("ctrl_digits_multi", "runlocal,cfg", "3:0,3:2", (), marks=pytest.mark.slow),
     pytest.param("ctrl_digits_thickness", "runlocal,cg", "0,2", (), marks=pytest.mark.slow),
     pytest.param("ctrl_digits_class", "runlocal,ddpo", "5", _DDPO_OVERRIDES,
