@@ -240,6 +240,8 @@ def test_algorithm_comparison_tabulates_and_plots(tmp_path):
     bench.run_one(root, "RWR", 0, 3)
 
 
+@pytest.mark.slow  # four rows compiled at the real depth: 244 s on the loaded 2-core CPU; the
+# fast tier runs memory.py's one-row smoke run (test_memory_tiny_runs, 35 s)
 def test_memory_table_tiny_is_consistent():
   """benchmarks/memory.py on the tiny SD3.5 config (compiled at its real depth, no weights):
   fp32 params are 4 B each and the LoRA base 2 B, the compiled gradients are 4 B per trainable
@@ -459,8 +461,6 @@ def test_update_vs_grads_runs(tmp_path):
   assert re.search(r"sd1 LoRA conv=ours.*update [\d.]+ s .* ratio [\d.]+$", out.strip()), out
 
 
-@pytest.mark.slow  # memory.measure_row, what it runs, is checked in the fast tier by
-# test_memory_table_tiny_is_consistent (four rows of the same tiny model)
 def test_memory_tiny_runs():
   """One row (tiny SD3.5, LoRA, no remat) compiled at its real depth only: both tables."""
   out = _run_script("memory.py", "--tiny", "--markdown", "--models=sd35_medium",
