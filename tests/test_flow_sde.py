@@ -314,8 +314,8 @@ def tiny_sd3(tmp_path_factory):
                                                   "sd3"))
 
 
-# CPS on the transformer is slow-tier (over a minute on the 2-core CPU); its step and log-prob
-# are checked fast above on the NumPy reference (the [cps] cases).
+# CPS on the transformer is slow-tier (the two cases took 152 s on the loaded 2-core CPU); its
+# step and log-prob are checked fast above against NumPy (the [cps] cases).
 @pytest.mark.parametrize("sde_type", ["sde", pytest.param("cps", marks=pytest.mark.slow)])
 def test_sampler_and_update_log_probs_agree_on_a_tiny_sd3_transformer(sde_type, tiny_sd3):
   """What Flow-GRPO's ratio needs: the tiny SD3.5-style pipeline's transformer (QK norm, dual
