@@ -103,5 +103,5 @@ def digits_cache(tmp_path_factory):
 
 def pytest_configure(config):
   config.addinivalue_line(
-      "markers", "slow: takes over about a minute on the 2-core CPU (a benchmark's smallest run "
-                 "end to end); deselect with -m 'not slow'")
+      "markers", "slow: the slow tier (docs/testing.md): over about 30 s on the idle 2-core CPU, "
+                 "its feature covered by a fast test; deselect with -m 'not slow'")
