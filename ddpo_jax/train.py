@@ -349,11 +349,14 @@ def make_update_fn(policy: Policy, config, optimizer, mesh):
   `frozen` holds the non-trained params (`frozen_params`; its `reference_unet` is the
   sampler's, unused here). `advantages` (N,) are the normalised terminal
   advantages, `adv_scales` (N,) the factor each sample's reward was scaled by to get them
-  (`rl.normalize_advantages` / `PerPromptStatTracker.update` with `return_scale`), `rewards`
-  (N,) the raw rewards (RWR weights).
+  (both from `rl.advantages`), `rewards` (N,) the raw rewards (RWR weights).
 
   The algorithm (`train.algorithm`, one of `ddpo_jax.algorithms`) says which trajectory fields
-  the batch carries and gives the loss of one micro-step (`algorithms.base`).
+  the batch carries and gives the loss of one micro-step (`algorithms.base`), reading its typed
+  hyperparameters (`Algorithm.hyperparameters(config)`, built here once, outside jit). The
+  pieces: `_micro_batches` (shuffle, trained steps, micro-batches), `_update_frozen` (the
+  fixed denoisers the loss reads), `_gradient_fn` (the micro-step gradient, per batch shard),
+  `accumulated_step` (one optimizer step), the weight EMA; one `lax.scan` over the steps.
 
   KL penalty (`train.kl_coef` = α > 0, `algorithms.PolicyGradient`: PPO / SF): the objective is E[r] − α E[Σ_t KL_t], KL_t
   between the policy's and the pre-trained model's step at the sampled x_t
