@@ -85,7 +85,8 @@ def model_evaluations_per_epoch(config) -> int:
   """Denoiser evaluations (one per sample per call; classifier-free guidance counts 2) of one
   epoch of `config`: sampling's T steps for every sample, plus the update's K trained steps per
   sample per inner epoch (DiffusionNFT evaluates the trained and the sampling params: 2)."""
-  from ddpo_jax import algorithms, dynamics
+  from ddpo_jax import algorithms
+  from ddpo_jax.tasks import dynamics
   s, t = config.sample, config.train
   n = s.batch_size * s.num_batches_per_epoch
   guided = 2 if float(s.guidance_scale) != 1.0 else 1

@@ -6,7 +6,7 @@ each task and label budget, on CPU. Produces the table in docs/results.md.
 
 Each run is `python -m ddpo_jax.main --config=configs/ctrl_digits_TASK.py:VARIANTS
 --workdir=ROOT/TASK_METHOD_BUDGET` (which trains and then writes eval.json: judge accuracy of
-the requested label and diversity, `ddpo_jax.ctrl.evaluate`); finished runs are not repeated.
+the requested label and diversity, `ddpo_jax.trainer.ctrl_evaluate`); finished runs are not repeated.
 Replicate r > 0 (`--replicates=N` runs r = 0 … N−1) is the same run in
 ROOT/TASK_METHOD_BUDGET_rR with every seed moved by r: `config.seed` (training, classifier
 guidance's noisy classifier, the evaluation samples), each control's `data.seed` (which

@@ -52,7 +52,7 @@ def _saves_in_progress(workdir) -> set:
 
 def _params(workdir):
   sys.path.insert(0, REPO)
-  from ddpo_jax import checkpoints
+  from ddpo_jax.trainer import checkpoints
   import jax
   step, state, _ = checkpoints.read_state(workdir)
   return step, [np.asarray(x) for x in jax.tree.leaves(state["params"])]

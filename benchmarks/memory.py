@@ -43,7 +43,7 @@ takes under `--max_row_compile_s` per row.
 
 Mesh: for `--num_devices` devices of `--device_gib` each and every (data, fsdp) shape, the
 per-device bytes are the state (weights + grads + mu + nu) with each leaf split over fsdp as
-`ddpo_jax.parallel.param_spec` splits it (kernels of >= 2^18 elements along their largest
+`ddpo_jax.numerics.parallel.param_spec` splits it (kernels of >= 2^18 elements along their largest
 divisible axis; vectors replicated), plus activations and inputs x the per-device batch (the
 batch is split over both axes, so the per-device batch does not depend on the shape).
 
@@ -69,8 +69,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from ddpo_jax import lora, parallel  # noqa: E402
-from ddpo_jax.models import adapters, flux, mmdit  # noqa: E402
+from ddpo_jax.models import lora, adapters, flux, mmdit  # noqa: E402
+from ddpo_jax.numerics import parallel  # noqa: E402
 
 GiB = float(1 << 30)
 # XLA:CPU's LLVM optimisation level changes code generation only, not buffer assignment; level

@@ -66,8 +66,9 @@ def main(argv=None):
   from jax import lax
 
   import ddpo_jax.models.unet as unet_lib
-  from ddpo_jax import diffusion, parallel, rl, train
-  from ddpo_jax.families import build_policy
+  from ddpo_jax.algorithms import train
+  from ddpo_jax.numerics import diffusion, parallel, rl
+  from ddpo_jax.trainer.families import build_policy
   if args.conv == "lax":
     unet_lib.conv_general_dilated = lax.conv_general_dilated
 

@@ -31,7 +31,7 @@ sampling / reward / update seconds per epoch.
 
 Both sides load ONE diffusers-format pipeline directory, created once with random weights and
 cached (`$DDPO_JAX_CACHE/bench/`, default ~/.cache/ddpo_jax/bench/): ddpo_jax through
-`config.model.pretrained_path` (`ddpo_jax.sd`), TRL through `DefaultDDPOStableDiffusionPipeline`.
+`config.model.pretrained_path` (`ddpo_jax.pipelines.sd`), TRL through `DefaultDDPOStableDiffusionPipeline`.
 Both then run the same work per epoch: N prompts (drawn from one list) in sampling calls of B,
 T DDIM steps with eta 1 and classifier-free guidance (one batched UNet call per step), the JPEG
 compressibility reward (`ddpo_jax.rewards.jpeg.jpeg_compressibility`, PIL quality 95, on the host),
@@ -48,7 +48,7 @@ bf16, LoRA params float32, diffusers' SDPA attention) — `--trl_precision=fp16`
 
 Timing: each side first runs `--warmup_epochs` epochs (setup + XLA compilation for ddpo_jax;
 setup + first-call allocation for TRL), reported separately, then `--epochs` timed epochs.
-ddpo_jax's epochs are `ddpo_jax.loop.train_and_evaluate` epochs (`samples_per_s` in
+ddpo_jax's epochs are `ddpo_jax.trainer.loop.train_and_evaluate` epochs (`samples_per_s` in
 metrics.jsonl: sampling, host reward, advantages, update); TRL's are `DDPOTrainer.step` calls,
 with CUDA synchronised around each, and its phases are its own methods timed from the outside
 (synchronised): `_generate_samples` (sampling), `compute_rewards` (reward),
@@ -442,7 +442,8 @@ def model_flops(policy, config, s, frozen, lora_or_unet):
   component programs (abstract inputs: nothing is allocated), times how often each runs."""
   import jax
   import jax.numpy as jnp
-  from ddpo_jax import diffusion, dynamics, rl
+  from ddpo_jax.numerics import diffusion, rl
+  from ddpo_jax.tasks import dynamics
   # The trainer's own DDIM dynamics of this config (its noise schedule and eta).
   dyn = dynamics.make_dynamics(policy.denoiser, config.sample)
   sched = dyn.schedule
@@ -544,9 +545,10 @@ class JaxSide:
     import concurrent.futures
     import jax
     import jax.numpy as jnp
-    from ddpo_jax import parallel, train
-    from ddpo_jax.families import build_policy
+    from ddpo_jax.algorithms import train
+    from ddpo_jax.numerics import parallel
     from ddpo_jax.rewards import make_rewards
+    from ddpo_jax.trainer.families import build_policy
 
     self.s, self.args, self.jax = s, args, jax
     self.config = config = ddpo_jax_config(s, pipe_dir, args)
@@ -598,7 +600,8 @@ class JaxSide:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from ddpo_jax import rl, train
+    from ddpo_jax.algorithms import train
+    from ddpo_jax.numerics import rl
     from ddpo_jax.rewards import to_uint8
     s, policy, config = self.s, self.policy, self.config
     B, nb = s["sample_batch_size"], s["num_batches"]
@@ -646,7 +649,7 @@ class JaxSide:
   def train_and_evaluate_check(self) -> dict:
     """`train_and_evaluate` itself for 1 + `epochs` epochs (epoch 0 loads the programs from
     the persistent cache and is dropped): samples/s from its metrics.jsonl."""
-    from ddpo_jax import loop
+    from ddpo_jax.trainer import loop
     config = self.config.copy_and_resolve_references()
     config.num_epochs = 1 + self.s["epochs"]
     workdir = os.path.join(self.workdir, "run")
@@ -661,7 +664,7 @@ class JaxSide:
 
   def close(self) -> dict:
     import jax
-    from ddpo_jax import lora as lora_lib
+    from ddpo_jax.models import lora as lora_lib
     s, config = self.s, self.config
     timed = [r for r in self.rows if not r["warmup"]]
     n = s["num_prompts"]

@@ -340,7 +340,7 @@ def ctrl_sd_base(prompt_set: str) -> ml_collections.ConfigDict:
   (docs/algorithms.md §4.4): AdamW with LoRA lr 1e-3 and control-table lr 1e-2, weight decay
   0.1, grad-norm clip 5, reward weight 0.1, KL weight 0.01 MEAN-reduced over latent dims,
   random truncation; 50 DDIM steps, eta 1, CFG 5 (as the SD DDPO configs); chains of 4 × 8
-  accumulated per step; prompts from the set `prompt_set` (ddpo_jax/prompts.py)."""
+  accumulated per step; prompts from the set `prompt_set` (ddpo_jax/tasks/prompts.py)."""
   config = new_config("ctrl", "sd")
   config.model.remat = True  # the backprop solver keeps one UNet step's activations at a time
   config.prompt_fn = prompt_set
@@ -379,7 +379,7 @@ def _cg_baseline(config) -> None:
 
 def _ddpo_solver(config) -> None:
   """The PPO route: contexts (c, y), terminal reward log p̂(y | x_0), per-step penalty
-  −α·KL_t (the train.* keys derived from ctrl.* at run time: ctrl.trainer), stat tracking per
+  −α·KL_t (the train.* keys derived from ctrl.* at run time: trainer.ctrl), stat tracking per
   (c, y)."""
   config.ctrl.solver = "ddpo"
   config.train.clip_range = 0.2

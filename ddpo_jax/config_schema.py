@@ -222,10 +222,10 @@ COMMON = _keys(
      "each batch over N CPU devices; accelerators are unaffected"),
     ("mesh.data", -1, "devices on the mesh's data axis; -1: all devices not used by fsdp"),
     ("mesh.fsdp", 1, "devices on the fsdp axis: > 1 also splits parameters and optimizer state "
-     "(ddpo_jax/parallel.py: PARAM_RULES)"),
+     "(ddpo_jax/numerics/parallel.py: PARAM_RULES)"),
     ("mesh.fsdp_min_size", 2 ** 18, "fsdp splits only arrays of at least this many elements"),
     ("model.kind", "digits", "the model family", MODEL_KINDS),
-    ("sample.sampler", "ddim", "the sampling dynamics (ddpo_jax/dynamics.py): 'ddim' (DDPO's, "
+    ("sample.sampler", "ddim", "the sampling dynamics (ddpo_jax/tasks/dynamics.py): 'ddim' (DDPO's, "
      "noise-predicting models) or the flow models' 'sde' (Flow-GRPO) / 'cps' / 'ode' / 'dpm2' "
      "(DiffusionNFT's DPM-Solver; 'ode' and 'dpm2' have no log-probs: train.algorithm 'nft' "
      "only)", ("ddim", "sde", "cps", "ode", "dpm2")),
@@ -248,7 +248,7 @@ COMMON = _keys(
      "step ('random'), [0, num_steps - 2) ('sliding', MixGRPO's)"),
     ("sample.prompt_sampling", "with_replacement", "how each sampling call's prompts are drawn: "
      "'with_replacement' (DDPO's) or 'epoch_unique' (no prompt twice in an epoch: flow_grpo's "
-     "DistributedKRepeatSampler; ddpo_jax/prompts.py)", ("with_replacement", "epoch_unique")),
+     "DistributedKRepeatSampler; ddpo_jax/tasks/prompts.py)", ("with_replacement", "epoch_unique")),
     ("sample.sde_window_shift_every", 1, "'sliding': epochs between moves of the window"),
     ("sample.guidance_scale", 5.0, "classifier-free guidance weight of the prompt (1: none)"),
     ("sample.batch_size", 8, "samples per sampling call (global)"),
@@ -312,7 +312,7 @@ COMMON = _keys(
      "(a slower one is a failed try, retried)"),
     ("reward.server_deadline_s", 600.0, "remote terms: seconds for one reward call (all its "
      "batches, tries and backoffs); past it the run stops naming the server"),
-    ("prompt_fn", "", "named prompt set (ddpo_jax/prompts.py); '' = the model family's own "
+    ("prompt_fn", "", "named prompt set (ddpo_jax/tasks/prompts.py); '' = the model family's own "
      "(digits: the ten class names; SD needs a set)"),
     ("prompt_fn_kwargs.path", "", "prompt file ('' = the set's file under $DDPO_JAX_ASSETS)"),
     ("prompt_fn_kwargs.prompts", (), "an explicit prompt list (overrides the file)"),

@@ -23,11 +23,11 @@ from absl import app, flags
 import jax
 import numpy as np
 
-from ddpo_jax import train
+from ddpo_jax.algorithms import train
 from ddpo_jax.models import adapters
 from ddpo_jax.models.pipeline import save_pipeline
 from ddpo_jax.models.pipeline_io import check_output_dir
-from ddpo_jax.runs import restore_run
+from ddpo_jax.trainer.runs import restore_run
 
 
 def export_pipeline(workdir: str, out: str, step: int | None = None,
@@ -68,7 +68,7 @@ def main(argv):
 
 
 def _define_flags():
-  # Defined only when run as a program: importing this module next to ddpo_jax.sample (which
+  # Defined only when run as a program: importing this module next to ddpo_jax.trainer.sample (which
   # defines flags of the same names) must not raise DuplicateFlagError.
   flags.DEFINE_string("workdir", None, "Run directory written by ddpo_jax.main.", required=True)
   flags.DEFINE_string("out", None, "Output diffusers pipeline directory.", required=True)

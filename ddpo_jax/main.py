@@ -14,8 +14,10 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpo_jax import config_schema, digits, loop, parallel
-from ddpo_jax.ctrl import trainer
+from ddpo_jax import config_schema
+from ddpo_jax.numerics import parallel
+from ddpo_jax.pipelines import digits
+from ddpo_jax.trainer import loop, ctrl as trainer
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG = config_flags.DEFINE_config_file(

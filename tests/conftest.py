@@ -31,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "ddpo_assets")
 LAION_MLP_PATH = os.path.join(SHARED_DATA, "sac+logos+ava1-l14-linearMSE.pth")
 
-# Synthetic prompt files in the format of the paper's (`ddpo_jax.prompts`): 1000 ImageNet-style
+# Synthetic prompt files in the format of the paper's (`ddpo_jax.tasks.prompts`): 1000 ImageNet-style
 # class lines ("name, synonym", the first 398 animals), 45 animals, 3 activities. The animals
 # start with "cat", "dog", "horse" and include "ant" (for "an") as the real file does.
 SYNTHETIC_IMAGENET = tuple(f"animal class {i}, Animalia synonym {i}" for i in range(398)) + \
@@ -91,7 +91,7 @@ def digits_cache(tmp_path_factory):
   """A fresh DDPO_JAX_CACHE so tests pre-train their own tiny digits models (and reward
   classifiers), once per test session: the pytest-xdist workers share it (the parent of their
   base temporary directories is the session's). Two workers needing the same entry at once
-  make it once: the other waits on its lock, then loads it (`ddpo_jax.digits._load_or_make`)."""
+  make it once: the other waits on its lock, then loads it (`ddpo_jax.pipelines.digits._load_or_make`)."""
   if os.environ.get("PYTEST_XDIST_WORKER"):
     path = str(tmp_path_factory.getbasetemp().parent / "ddpo_jax_cache")
     os.makedirs(path, exist_ok=True)

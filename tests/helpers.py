@@ -50,8 +50,10 @@ def load_config(name, variant=None, **overrides):
 def one_update(config, lr=None):
   """Samples one batch of `sample.batch_size` and takes one update call with advantages
   increasing with the sample index. Returns (policy, frozen, new state, metrics on the host)."""
-  from ddpo_jax import dynamics, parallel, rl, train
-  from ddpo_jax.families import build_policy
+  from ddpo_jax.algorithms import train
+  from ddpo_jax.numerics import parallel, rl
+  from ddpo_jax.tasks import dynamics
+  from ddpo_jax.trainer.families import build_policy
   if lr is not None:
     config.train.learning_rate = lr
   mesh = parallel.make_mesh()

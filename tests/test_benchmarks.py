@@ -374,11 +374,11 @@ def test_private_name_check_flags_what_broke():
             "  sched, timesteps, prev = train._schedule(policy, config.sample.num_steps)\n")
   assert private_ddpo_jax_names(broken) == ["3: train._schedule"]
   assert private_ddpo_jax_names(
-      "import ddpo_jax.models.unet as unet_lib\nfrom ddpo_jax.train import _schedule as s\n"
-      "import ddpo_jax._hidden\nx = unet_lib._conv(1)\ny = ddpo_jax.train._schedule\n"
+      "import ddpo_jax.models.unet as unet_lib\nfrom ddpo_jax.algorithms.train import _schedule as s\n"
+      "import ddpo_jax._hidden\nx = unet_lib._conv(1)\ny = ddpo_jax.algorithms.train._schedule\n"
       "z = getattr(unet_lib, '_conv')\n") == [
-          "2: ddpo_jax.train._schedule", "3: ddpo_jax._hidden", "4: unet_lib._conv",
-          "5: ddpo_jax.train._schedule", "6: getattr(unet_lib, '_conv')"]
+          "2: ddpo_jax.algorithms.train._schedule", "3: ddpo_jax._hidden", "4: unet_lib._conv",
+          "5: ddpo_jax.algorithms.train._schedule", "6: getattr(unet_lib, '_conv')"]
   assert private_ddpo_jax_names(
       "from ddpo_jax import dynamics, train\nfrom jax._src import core\nimport trl\n"
       "d = dynamics.make_dynamics(1, 2).schedule\ntr = trl.DDPOTrainer()\n"

@@ -15,8 +15,11 @@ import pytest
 from conftest import REPO
 from helpers import load_config
 
-from ddpo_jax import checkpoints, checksums, config_schema, train
-from ddpo_jax.families import build_policy
+from ddpo_jax import config_schema
+from ddpo_jax.algorithms import train
+from ddpo_jax.numerics import checksums
+from ddpo_jax.trainer import checkpoints
+from ddpo_jax.trainer.families import build_policy
 
 
 # ----------------------------------------------------------------------------- checksums
@@ -305,7 +308,7 @@ def test_a_damaged_model_cache_is_made_again(tmp_path):
   """The pre-trained digits model / reward classifier cache (`digits._load_or_make`): a cache
   whose arrays no longer match the checksums written beside them is moved aside and made again,
   not loaded."""
-  from ddpo_jax import digits
+  from ddpo_jax.pipelines import digits
   made, said = [], []
   rng = np.random.default_rng(0)
   value = {"w": rng.normal(size=(64, 32)).astype(np.float32), "b": np.arange(7, dtype=np.int32)}
@@ -336,7 +339,7 @@ def test_two_runs_making_the_same_model_cache_at_once(tmp_path):
   """Two runs started together (a seed sweep) both find no cache and make it: the one that
   saves second finds `params` already there, keeps it and goes on with its own, equal params
   (it used to crash with orbax's "Destination ... already exists")."""
-  from ddpo_jax import digits
+  from ddpo_jax.pipelines import digits
   import orbax.checkpoint as ocp
   value = {"w": np.arange(12, dtype=np.float32).reshape(3, 4)}
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), value)
@@ -392,7 +395,7 @@ def test_processes_making_the_same_model_cache_at_once(tmp_path):
   rename took them from the others, which crashed with FileExistsError or FileNotFoundError.
   Inside one multi-process run every process makes the entry, as Orbax's save is collective:
   test_multihost's kill-and-resume test starts from an empty cache for that.)"""
-  from ddpo_jax import digits
+  from ddpo_jax.pipelines import digits
   n = 3
   script, barrier, path = tmp_path / "make.py", tmp_path / "barrier", str(tmp_path / "cache")
   script.write_text(_MAKE_AT_ONCE)
@@ -418,7 +421,7 @@ def test_a_model_cache_from_before_checksums_loads_unverified(tmp_path):
   """An entry with params but no checksums.json (written by a version before checksums): it
   loads, through the lock (it might be an entry still being written), said to be unverified;
   it is not made again."""
-  from ddpo_jax import digits
+  from ddpo_jax.pipelines import digits
   import orbax.checkpoint as ocp
   value = {"w": np.arange(12, dtype=np.float32).reshape(3, 4)}
   path = tmp_path / "cache"
@@ -454,7 +457,7 @@ def test_base_weights_name_the_changed_files_of_a_pipeline_directory(tmp_path):
   """The fingerprint of an SD-family directory covers its weight, config and tokenizer files:
   another UNet at the same path is named; the same files moved elsewhere are the same base."""
   from tiny_models import save_tiny_pipeline
-  from ddpo_jax.families import base_weights
+  from ddpo_jax.trainer.families import base_weights
   path = save_tiny_pipeline(str(tmp_path / "base"), seed=0)
   config = config_schema.new_config("ddpo", "sd")
   config.model.pretrained_path = path
@@ -485,8 +488,9 @@ def test_a_changed_base_model_stops_resume_and_sample_naming_it(digits_cache, tm
   """A digits run's checkpoints written from `model.pretrained_dir`; that directory then holds
   another pre-trained model (another seed's): resuming and restoring (sample, export) refuse,
   naming the file; allowing the change resumes, saying so."""
-  from ddpo_jax import digits, runs
-  from ddpo_jax.families import base_weights
+  from ddpo_jax.pipelines import digits
+  from ddpo_jax.trainer import runs
+  from ddpo_jax.trainer.families import base_weights
   base = str(tmp_path / "base")
   config = load_config("default", "runlocal")
   digits.load_or_pretrain(config.model, 0, log=lambda m: None)

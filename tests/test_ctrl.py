@@ -12,11 +12,10 @@ import pytest
 from conftest import REPO
 from helpers import load_config
 
-from ddpo_jax import checkpoints, diffusion
-from ddpo_jax.ctrl import controls as ctrl_controls
-from ddpo_jax.ctrl import policy as ctrl_policy
-from ddpo_jax.ctrl import trainer
-from ddpo_jax.families import build_base_policy, build_policy
+from ddpo_jax.ctrl import controls as ctrl_controls, policy as ctrl_policy
+from ddpo_jax.numerics import diffusion
+from ddpo_jax.trainer import checkpoints, ctrl as trainer
+from ddpo_jax.trainer.families import build_base_policy, build_policy
 
 
 def test_contexts_and_label_specs():

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpo_jax import classifier as clf_lib
-from ddpo_jax import diffusion, digits
-from ddpo_jax.ctrl import classifiers, data
 from ddpo_jax.config_schema import new_config
+from ddpo_jax.ctrl import classifiers, data
+from ddpo_jax.models import classifier as clf_lib
+from ddpo_jax.numerics import diffusion
+from ddpo_jax.pipelines import digits
 
 
 def _arrays(n=30, k=3, size=8, seed=0):

@@ -15,13 +15,13 @@ import numpy as np
 import optax
 import pytest
 
-from ddpo_jax import diffusion, parallel, rl, train
+from ddpo_jax.algorithms import train
 from ddpo_jax.config_schema import new_config
-from ddpo_jax.ctrl import trainer
-from ddpo_jax.ctrl import controls as ctrl_controls
-from ddpo_jax.ctrl import policy as ctrl_policy
-from ddpo_jax.denoiser import Denoiser
-from ddpo_jax.policy import Policy
+from ddpo_jax.ctrl import controls as ctrl_controls, policy as ctrl_policy
+from ddpo_jax.numerics import diffusion, parallel, rl
+from ddpo_jax.pipelines.denoiser import Denoiser
+from ddpo_jax.pipelines.policy import Policy
+from ddpo_jax.trainer import ctrl as trainer
 from helpers import compile_optimized
 
 MEANS = np.asarray([[-1.0, 0.0], [1.0, 0.5]], np.float32)

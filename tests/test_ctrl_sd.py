@@ -1,6 +1,6 @@
 """CTRL on Stable Diffusion (configs/ctrl_sd_*.py :runlocal) on a tiny random pipeline: offline
 data sampled from the pre-trained model and labelled by JPEG size / aesthetic score (cached,
-not resampled), training (`ctrl.trainer.train_and_evaluate`, what `python -m ddpo_jax.main`
+not resampled), training (`trainer.ctrl.train_and_evaluate`, what `python -m ddpo_jax.main`
 runs for these configs), the sample CLI with --labels, the judges.
 
 The JPEG-size judge is checked against an independent PIL computation. Compiled programs go to
@@ -20,8 +20,8 @@ from conftest import REPO
 from helpers import load_config
 from test_sd import compile_cache, sd_cache_dir, subprocess_env, tiny_clip_768  # noqa: F401
 
-from ddpo_jax import checkpoints
 from ddpo_jax.ctrl import judges, sampled_data
+from ddpo_jax.trainer import checkpoints
 
 PROMPTS = ("a cat", "a dog")  # no prompt files needed
 
@@ -88,7 +88,7 @@ def test_quantile_levels():
 def test_compressibility_runlocal(tiny_sd, compile_cache, tmp_path):
   """The runlocal config trains (sampling 16 offline images first) and is evaluated with the
   real-JPEG judge; the sample CLI writes the requested labels."""
-  from ddpo_jax.ctrl import trainer
+  from ddpo_jax.trainer import ctrl as trainer
   workdir = tmp_path / "run"
   config = load_config("ctrl_sd_compressibility", "runlocal", **overrides(tiny_sd))
   assert config.model.kind == "sd" and config.model.lora.enabled
@@ -174,7 +174,7 @@ def test_multitask_runlocal(tiny_sd, tiny_clip_768, random_aesthetic_mlp, compil
                             tmp_path):
   """Two controls, each from its own sampled dataset, trained in-process; the judges recompute
   the stored levels (the aesthetic one with the real scorer)."""
-  from ddpo_jax.ctrl import trainer
+  from ddpo_jax.trainer import ctrl as trainer
   config = load_config("ctrl_sd_multitask", "runlocal", **overrides(
       tiny_sd, **{"reward.clip_path": tiny_clip_768,
                   "reward.aesthetic_mlp_path": random_aesthetic_mlp}))

@@ -1,4 +1,4 @@
-"""Tests of ddpo_jax.diffusion against NumPy float64 formulas (docs/algorithms.md §1) and
+"""Tests of ddpo_jax.numerics.diffusion against NumPy float64 formulas (docs/algorithms.md §1) and
 diffusers."""
 import functools
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpo_jax import diffusion
+from ddpo_jax.numerics import diffusion
 
 SD_CONFIG = {
     "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",

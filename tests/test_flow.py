@@ -11,7 +11,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402
 
-from ddpo_jax import flow  # noqa: E402
+from ddpo_jax.numerics import flow  # noqa: E402
 
 
 @pytest.mark.parametrize("num_steps", [1, 10, 28, 40])

@@ -23,9 +23,11 @@ torch = pytest.importorskip("torch")
 import tiny_models as tm  # noqa: E402
 from conftest import REPO  # noqa: E402
 import jax  # noqa: E402
-from ddpo_jax import (checkpoints, dynamics, families, loop, parallel, runs, sample,  # noqa: E402
-                      train)
+from ddpo_jax.algorithms import train  # noqa: E402
+from ddpo_jax.numerics import parallel  # noqa: E402
 from ddpo_jax.rewards import server as srv  # noqa: E402
+from ddpo_jax.tasks import dynamics  # noqa: E402
+from ddpo_jax.trainer import checkpoints, families, loop, runs, sample  # noqa: E402
 from helpers import committed_steps, kill_after_commit, xla_flags  # noqa: E402
 from test_clip_score import _write_model as write_tiny_clip_model  # noqa: E402
 from test_sd import (compile_cache, load_config, sd_cache_dir, sd_overrides,  # noqa: F401,E402
@@ -185,7 +187,9 @@ def _fsdp_check(flux, clip, prompts, min_size):
   import jax
   import numpy as np
   from helpers import load_config
-  from ddpo_jax import families, parallel, rl, train
+  from ddpo_jax.algorithms import train
+  from ddpo_jax.numerics import parallel, rl
+  from ddpo_jax.trainer import families
   assert jax.device_count() == 4, jax.devices()
 
   def config_for(fsdp):

@@ -10,9 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpo_jax import algorithms, digits, dynamics, flow, loop, parallel, train
+from ddpo_jax import algorithms
+from ddpo_jax.algorithms import train
 from ddpo_jax.algorithms.base import StepModel
-from ddpo_jax.sample import sample_from_checkpoint
+from ddpo_jax.numerics import flow, parallel
+from ddpo_jax.pipelines import digits
+from ddpo_jax.tasks import dynamics
+from ddpo_jax.trainer import loop
+from ddpo_jax.trainer.sample import sample_from_checkpoint
 from helpers import load_config, one_update
 from test_flow_sde import A, _toy_velocity  # noise level 0.7, a nonlinear stand-in velocity
 
@@ -327,7 +332,7 @@ def test_trained_steps_are_the_first_of_the_window_for_flows_and_random_for_ddim
   """flow_grpo's train_sd3.py trains `for j in range(int(T * timestep_fraction))` (in a
   window: its first steps); ddpo-pytorch draws K random steps per sample. Checked against those
   two rules written in NumPy."""
-  from ddpo_jax import train
+  from ddpo_jax.algorithms import train
   T, K = 10, 9
   windows = np.ones((6, T), bool)
   windows[3:] = False

@@ -11,9 +11,10 @@ import pytest
 
 from helpers import load_config, one_update
 
-from ddpo_jax import algorithms, config_schema, diffusion, flow, parallel, rl, train
-from ddpo_jax.algorithms import StepModel
+from ddpo_jax import algorithms, config_schema
+from ddpo_jax.algorithms import train, StepModel
 from ddpo_jax.algorithms.base import flow_grpo_kl
+from ddpo_jax.numerics import diffusion, flow, parallel, rl
 
 
 # ------------------------------------------------------------------------------- weight EMA
@@ -187,7 +188,7 @@ def test_nft_inner_epochs_keep_the_sampling_policy_as_v_old(digits_cache):
   config.train.batch_size = config.sample.batch_size
   config.train.gradient_accumulation_steps = config.sample.num_batches_per_epoch
   assert n == config.train.batch_size * config.train.gradient_accumulation_steps
-  from ddpo_jax.families import build_policy
+  from ddpo_jax.trainer.families import build_policy
   mesh = parallel.make_mesh()
   policy = build_policy(config, "")
   opt = train.make_optimizer(config.train)
@@ -397,7 +398,7 @@ def test_an_nft_checkpoint_without_an_old_policy_restores_with_old_equal_params(
   """A DiffusionNFT checkpoint written before the train state kept an old policy (old_params
   None) restores into a template that has one, with old = the saved params (what it sampled
   with), bit for bit; one that has it restores it as saved."""
-  from ddpo_jax import checkpoints
+  from ddpo_jax.trainer import checkpoints
   params = {"w": jnp.arange(6, dtype=jnp.float32).reshape(2, 3)}
   opt = train.make_optimizer(load_config("digits_flow", "nft,runlocal").train)
   old_style = train.TrainState(step=jnp.int32(3), params=params, opt_state=opt.init(params),
@@ -465,7 +466,7 @@ def test_dpm2_chain_is_diffusion_nft_solver(num_steps):
   """`dynamics.dpm2_chain` on a nonlinear velocity model against DiffusionNFT's dpm2 solver in
   float64 NumPy, every step's latents to 1e-5 (float32); with 10 steps it differs from the
   Euler ODE (a second-order method)."""
-  from ddpo_jax import dynamics
+  from ddpo_jax.tasks import dynamics
   sigmas = np.linspace(1.0, 0.0, num_steps + 1)
   sigmas = 3 * sigmas / (1 + 2 * sigmas)  # SD3's shift 3
   rng = np.random.default_rng(5)

@@ -14,8 +14,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import tiny_models as tm  # noqa: E402
-from ddpo_jax import diffusion, flow, sd  # noqa: E402
 from ddpo_jax.models import load_pipeline  # noqa: E402
+from ddpo_jax.numerics import diffusion, flow  # noqa: E402
+from ddpo_jax.pipelines import sd  # noqa: E402
 
 A = 0.7  # Flow-GRPO's default noise level
 

@@ -141,7 +141,7 @@ def test_flux_dev_flow_sampling_matches_the_diffusers_pipeline():
   """`flow.sample_ode` with the Flax FLUX transformer (guidance embedded, no CFG, the dynamic
   schedule of 12 image tokens) against `FluxPipeline` from the same packed latents and
   embeddings (no text encoders involved), output_type="latent"."""
-  from ddpo_jax import flow
+  from ddpo_jax.numerics import flow
   model, config, params = _models("dev_guidance")
   scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
       shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,

@@ -14,10 +14,11 @@ import optax
 import pytest
 
 from conftest import REPO
-from ddpo_jax import config_schema, digits, lora
-from ddpo_jax.models import adapters
+from ddpo_jax import config_schema
+from ddpo_jax.models import lora, adapters
 from ddpo_jax.models.mmdit import SD3Transformer2DModel
 from ddpo_jax.models.weights import host_random_params
+from ddpo_jax.pipelines import digits
 from test_sd import (compile_cache, load_config, one_update, sd_cache_dir,  # noqa: F401
                      sd_overrides, subprocess_env, tiny_sd)
 
@@ -26,7 +27,7 @@ PROJECTIONS = ("to_q", "to_k", "to_v", "to_out_0")
 
 @pytest.fixture(scope="module")
 def lora_policy(tiny_sd, prompt_assets):
-  from ddpo_jax import sd
+  from ddpo_jax.pipelines import sd
   return sd.make_policy(load_config("sd_compressibility", **sd_overrides(tiny_sd, prompt_assets)))
 
 
@@ -201,7 +202,7 @@ def test_target_errors():
 
 def test_update_trains_only_lora_base_bit_identical(tiny_sd, prompt_assets, compile_cache):
   config = load_config("sd_compressibility", **sd_overrides(tiny_sd, prompt_assets))
-  from ddpo_jax import sd
+  from ddpo_jax.pipelines import sd
   before = jax.tree.map(np.array, sd.make_policy(config).params["base_unet"])
   policy, frozen, state, metrics = one_update(config)
   assert all(np.isfinite(v) for v in metrics.values()), metrics
@@ -221,7 +222,9 @@ def test_export_merged_loads_in_diffusers_and_matches(tiny_sd, prompt_assets, co
   """One epoch of LoRA training, `python -m ddpo_jax.export`, diffusers UNet == merged UNet."""
   import torch
   from diffusers import StableDiffusionPipeline
-  from ddpo_jax import export, loop, runs, train
+  from ddpo_jax import export
+  from ddpo_jax.algorithms import train
+  from ddpo_jax.trainer import loop, runs
   import tiny_models
   workdir, out = str(tmp_path / "run"), str(tmp_path / "exported")
   config = load_config("sd_compressibility", **sd_overrides(tiny_sd, prompt_assets, num_epochs=1))
@@ -282,7 +285,7 @@ def test_sampling_with_merged_factors():
   import sys
   sys.path.insert(0, os.path.join(REPO, "configs"))
   import digits_flow
-  from ddpo_jax import families, sample
+  from ddpo_jax.trainer import families, sample
   for variant, max_levels, mean_levels in (("lora,runlocal", 1, 0.01),
                                            ("lora,bf16,runlocal", 4, 0.5)):
     config = digits_flow.get_config(variant)

@@ -141,7 +141,7 @@ def test_sd3_flow_sampling_matches_the_diffusers_pipeline():
   """`flow.sample_ode` with the Flax MMDiT (guided Euler, SD3's shift-3 schedule) against
   `StableDiffusion3Pipeline` from the same latents and embeddings (the pipeline's text
   encoders are not involved: embeddings are passed in), output_type="latent"."""
-  from ddpo_jax import flow
+  from ddpo_jax.numerics import flow
   model, config, params = _models("sd35_qk_norm_dual_attention")
   scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
   pipe = diffusers.StableDiffusion3Pipeline(

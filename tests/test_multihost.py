@@ -16,7 +16,9 @@ import pytest
 from conftest import REPO
 from helpers import load_config, xla_flags
 
-from ddpo_jax import checkpoints, parallel, train
+from ddpo_jax.algorithms import train
+from ddpo_jax.numerics import parallel
+from ddpo_jax.trainer import checkpoints
 
 LAUNCHER = os.path.join(REPO, "launch", "local_multiprocess.sh")
 

@@ -34,7 +34,7 @@ def import_graph() -> dict[str, set[str]]:
       else:
         continue
       for n in names:
-        # `from ddpo_jax import train` imports the module ddpo_jax.train; `from ddpo_jax.x
+        # `from ddpo_jax import train` imports the module ddpo_jax.algorithms.train; `from ddpo_jax.x
         # import f` imports ddpo_jax.x. Name the deepest module that exists.
         while n and n not in modules:
           n = n.rsplit(".", 1)[0] if "." in n else ""
@@ -82,7 +82,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_no_import_cycles():
   graph = import_graph()
-  assert "ddpo_jax.loop" in graph and "ddpo_jax.checkpoints" in graph["ddpo_jax.loop"]
+  assert "ddpo_jax.trainer.loop" in graph and "ddpo_jax.trainer.checkpoints" in graph["ddpo_jax.trainer.loop"]
   # a package's __init__ re-exporting its modules is not a cycle with them
   cycles = strongly_connected({m: {t for t in ts if not (m.startswith(t + ".") and
                                                          t == m.rsplit(".", 1)[0])}

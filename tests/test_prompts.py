@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DATA, SYNTHETIC_ACTIVITIES, SYNTHETIC_ANIMALS, SYNTHETIC_IMAGENET
-from ddpo_jax import prompts as P
+from ddpo_jax.tasks import prompts as P
 
 # What each source's files hold: the first ImageNet class, two "a(n) ANIMAL ACTIVITY" prompts.
 EXPECTED = {

@@ -26,11 +26,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from conftest import REPO
-from ddpo_jax import checkpoints, config_schema
-from ddpo_jax.rewards import check_remote_terms, make_rewards, remote_url
-from ddpo_jax.rewards import client as C
-from ddpo_jax.rewards import scorers as S
-from ddpo_jax.rewards import server as srv
+from ddpo_jax import config_schema
+from ddpo_jax.rewards import (check_remote_terms, make_rewards, remote_url, client as C,
+                              scorers as S, server as srv)
+from ddpo_jax.trainer import checkpoints
 
 TRIGGER = "BOOM"
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -12,7 +12,8 @@ import types
 import numpy as np
 import pytest
 
-from ddpo_jax import config_schema, rewards, train
+from ddpo_jax import config_schema, rewards
+from ddpo_jax.algorithms import train
 from ddpo_jax.rewards import jpeg
 
 NO_TASK = types.SimpleNamespace(rewards={})

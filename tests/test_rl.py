@@ -1,4 +1,4 @@
-"""Tests of ddpo_jax.rl on hand-computed cases (docs/algorithms.md §2–§3)."""
+"""Tests of ddpo_jax.numerics.rl on hand-computed cases (docs/algorithms.md §2–§3)."""
 import json
 import math
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpo_jax import rl
+from ddpo_jax.numerics import rl
 
 # ----------------------------------------------------------------------------- stat tracker
 
@@ -164,8 +164,8 @@ def test_rwr_sparse_weights():
 def _prompt_linear_policy():
   """A denoiser whose eps depends on the prompt: eps = a·x + b·mean(context), context a
   per-prompt constant (prompt i -> i + 1, "" -> 0), 2x2x1 latents."""
-  from ddpo_jax.denoiser import Denoiser
-  from ddpo_jax.policy import Policy
+  from ddpo_jax.pipelines.denoiser import Denoiser
+  from ddpo_jax.pipelines.policy import Policy
   scheduler = {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
                "num_train_timesteps": 1000, "steps_offset": 1, "set_alpha_to_one": False,
                "prediction_type": "epsilon"}
@@ -191,7 +191,8 @@ def test_rwr_regresses_the_guided_eps_with_train_cfg(algorithm):
   its loss equals that of train.cfg=False on a policy whose eps IS the guided one (same keys,
   so the same noise), and differs from the unguided loss."""
   import dataclasses
-  from ddpo_jax import diffusion, parallel, train
+  from ddpo_jax.algorithms import train
+  from ddpo_jax.numerics import diffusion, parallel
   from helpers import load_config
   policy = _prompt_linear_policy()
   w = 5.0

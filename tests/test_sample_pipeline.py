@@ -1,4 +1,4 @@
-"""The families' standard samplers (`ddpo_jax.sample.pipeline_sampler`) against the diffusers
+"""The families' standard samplers (`ddpo_jax.trainer.sample.pipeline_sampler`) against the diffusers
 pipelines' own outputs, and the `python -m ddpo_jax.sample --pipeline=DIR` command.
 
 For each family a tiny random diffusers pipeline is written by diffusers itself; both sides
@@ -21,8 +21,8 @@ diffusers = pytest.importorskip("diffusers")
 import jax  # noqa: E402
 
 import tiny_models as tm  # noqa: E402
-from ddpo_jax import sample as sample_lib  # noqa: E402
 from ddpo_jax.models import load_pipeline  # noqa: E402
+from ddpo_jax.trainer import sample as sample_lib  # noqa: E402
 
 SAMPLE_TOL = 1e-3  # max abs error of final latents / images after 4 guided steps, float32
 FAST_COMPILE = {"xla_backend_optimization_level": 0}

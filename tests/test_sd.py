@@ -94,7 +94,7 @@ def test_policy_matches_diffusers_components(tiny_sd, prompt_assets):
   """Tokenisation, prompt encoding and decoding equal the diffusers pipeline's."""
   import torch
   from diffusers import StableDiffusionPipeline
-  from ddpo_jax import sd
+  from ddpo_jax.pipelines import sd
   config = load_config("sd_compressibility", **sd_overrides(tiny_sd, prompt_assets))
   policy = sd.make_policy(config)
   tpipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
@@ -189,7 +189,7 @@ def tiny_clip_768(tmp_path_factory):
     for name in CONFIGS])
 def test_runlocal_trains_resumes_and_samples(name, tiny_sd, prompt_assets, compile_cache, request,
                                              tmp_path):
-  from ddpo_jax import checkpoints, loop
+  from ddpo_jax.trainer import checkpoints, loop
   extra = {}
   if name == "sd_aesthetic":  # a tiny CLIP tower and a random LAION-shaped MLP
     extra = {"reward.clip_path": request.getfixturevalue("tiny_clip_768"),
@@ -264,7 +264,9 @@ def test_full_finetune_bf16_compute_fp32_master(tiny_sd, prompt_assets, compile_
                                   "lora_bad_regex", "no_model_path", "missing_model",
                                   "resolution", "empty_list"])
 def test_bad_input_fails_before_anything_is_written(case, tiny_sd, prompt_assets, tmp_path):
-  from ddpo_jax import lora, loop, train
+  from ddpo_jax.algorithms import train
+  from ddpo_jax.models import lora
+  from ddpo_jax.trainer import loop
   empty = tmp_path / "empty.txt"
   empty.write_text("\n  \n")
   overrides, error, match = {

@@ -16,8 +16,11 @@ import jax.numpy as jnp  # noqa: E402
 
 import tiny_models as tm  # noqa: E402
 from helpers import edit_json, load_config  # noqa: E402
-from ddpo_jax import config_base, diffusion, export, loop, sd  # noqa: E402
+from ddpo_jax import config_base, export  # noqa: E402
 from ddpo_jax.models import pipeline as P  # noqa: E402
+from ddpo_jax.numerics import diffusion  # noqa: E402
+from ddpo_jax.pipelines import sd  # noqa: E402
+from ddpo_jax.trainer import loop  # noqa: E402
 
 TOL = 1e-4  # max abs error, float32: networks and prompt encoding
 SAMPLE_TOL = 1e-3  # max abs error of the final latents of a 4-step guided DDIM chain

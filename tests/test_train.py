@@ -14,7 +14,9 @@ import pytest
 from conftest import REPO
 from helpers import load_config, one_update, xla_flags
 
-from ddpo_jax import checkpoints, loop, parallel, train
+from ddpo_jax.algorithms import train
+from ddpo_jax.numerics import parallel
+from ddpo_jax.trainer import checkpoints, loop
 
 
 def _config(**overrides):
@@ -76,7 +78,7 @@ def test_train_and_evaluate_one_run(two_epoch_run, tmp_path):
   assert list(data["prompts"]) == ["a handwritten 3", "a handwritten 7"] * 3
   assert len(os.listdir(tmp_path / "png")) == 6
 
-  from ddpo_jax.sample import sample_from_checkpoint
+  from ddpo_jax.trainer.sample import sample_from_checkpoint
   again, _, step = sample_from_checkpoint(workdir, 6, prompts=["a handwritten 3", "a handwritten 7"], seed=1)
   np.testing.assert_array_equal(again, data["images"])  # deterministic for a seed
   assert step == 2
@@ -128,7 +130,8 @@ def test_an_algorithm_is_one_registered_unit(ppo_update):
   """A new algorithm plugs into the update as one class, without touching the trainer: one
   registered under a new name whose surrogate is PPO's clipped loss (plus a metric of its own)
   takes the very step "ppo" takes, bit for bit; names are unique."""
-  from ddpo_jax import algorithms, rl
+  from ddpo_jax import algorithms
+  from ddpo_jax.numerics import rl
 
   class ClippedAgain(algorithms.PolicyGradient):
     name = "ppo_again"
@@ -190,7 +193,7 @@ def test_resume_after_kill_equals_uninterrupted(digits_cache, tmp_path):
   # the EMA is not the trained params, and a finished run's reader (sample, export) gets it
   differs = jax.tree.map(lambda a, b: bool(np.any(a != b)), ema_a, params_a)
   assert any(jax.tree.leaves(differs))
-  from ddpo_jax import runs
+  from ddpo_jax.trainer import runs
   _, _, restored, step = runs.restore_run(str(killed))
   assert step == 3
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored), ema_a)
@@ -406,7 +409,7 @@ def test_a_failed_save_stops_the_run(digits_cache, tmp_path):
 
 
 def test_sample_without_checkpoint_fails_clearly(tmp_path):
-  from ddpo_jax.sample import sample_from_checkpoint
+  from ddpo_jax.trainer.sample import sample_from_checkpoint
   with pytest.raises(FileNotFoundError, match="no checkpoints"):
     sample_from_checkpoint(str(tmp_path), 2)
 
@@ -417,7 +420,7 @@ sys.path[:0] = [{repo!r}, {tests!r}]
 import jax, jax.numpy as jnp, numpy as np
 from helpers import load_config
 from ddpo_jax import diffusion, parallel, train
-from ddpo_jax.families import build_policy
+from ddpo_jax.trainer.families import build_policy
 config = load_config("default", "runlocal", **{{"sample.num_steps": 10}})
 mesh = parallel.make_mesh()
 policy = build_policy(config, "")

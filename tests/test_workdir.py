@@ -18,7 +18,8 @@ import pytest
 from conftest import REPO
 from helpers import load_config
 
-from ddpo_jax import checkpoints, loop, train, workdir as workdir_lib
+from ddpo_jax.algorithms import train
+from ddpo_jax.trainer import checkpoints, loop, workdir as workdir_lib
 
 
 def _state(seed: int = 0) -> train.TrainState:
@@ -53,7 +54,7 @@ def test_an_empty_workdir_is_refused_before_anything_is_written(workdir, tmp_pat
   config = load_config("default", "runlocal")
   with pytest.raises(ValueError, match="--workdir is empty"):
     loop.train_and_evaluate(config, workdir)
-  from ddpo_jax.runs import restore_run
+  from ddpo_jax.trainer.runs import restore_run
   with pytest.raises(ValueError, match="--workdir is empty"):
     restore_run(workdir)
   assert os.listdir(tmp_path) == []

@@ -29,7 +29,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ddpo_jax import diffusion, rl
+from ddpo_jax.numerics import diffusion, rl
 
 Array = jax.Array
 Metrics = dict[str, Array]

@@ -1,8 +1,8 @@
 """DDPO-IS: the PPO-clipped importance-sampling surrogate (docs/algorithms.md §3.2)."""
 from __future__ import annotations
 
-from ddpo_jax import rl
 from ddpo_jax.algorithms.base import PolicyGradient
+from ddpo_jax.numerics import rl
 
 
 class PPO(PolicyGradient):

@@ -9,8 +9,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from ddpo_jax import rl
 from ddpo_jax.algorithms.base import Algorithm
+from ddpo_jax.numerics import rl
 
 
 @dataclasses.dataclass(frozen=True)

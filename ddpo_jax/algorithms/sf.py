@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from ddpo_jax import rl
 from ddpo_jax.algorithms.base import PolicyGradient
+from ddpo_jax.numerics import rl
 
 
 class ScoreFunction(PolicyGradient):

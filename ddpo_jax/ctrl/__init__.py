@@ -9,10 +9,10 @@ Pieces:
 - `ctrl.policy`: the augmented model (zero-initialised control-embedding tables, one per
   control, each with a null row, added to the UNet's time embedding) as a `Policy`, plus the two
   baselines (classifier-free guidance on the labels, classifier guidance) as policies;
-- `ctrl.trainer`: the solvers (direct backpropagation through the DDIM chain, or DDPO's PPO
+- `trainer.ctrl`: the solvers (direct backpropagation through the DDIM chain, or DDPO's PPO
   update with terminal reward log p̂(y | x_0) and a per-step KL penalty) and the baselines'
   training, all writing the same Orbax checkpoints as DDPO runs;
-- `ctrl.evaluate`: accuracy of the requested label by a judge that is never the training
+- `trainer.ctrl_evaluate`: accuracy of the requested label by a judge that is never the training
   classifier, and sample diversity.
 
 Contexts: a CTRL sample is conditioned on a prompt c and labels y = (y_1, ..., y_M), one per

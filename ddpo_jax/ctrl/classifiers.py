@@ -1,7 +1,7 @@
 """CTRL's classifiers (docs/algorithms.md §4.3): the offline p̂(y | x) and the noisy classifier
 of the classifier-guidance baseline, with Orbax save/load.
 
-- `train_offline_classifier`: a `SmallCNN` (ddpo_jax/classifier.py) trained by cross-entropy on
+- `train_offline_classifier`: a `SmallCNN` (ddpo_jax/models/classifier.py) trained by cross-entropy on
   a `LabelledDataset`, temperature-calibrated on a stratified validation part; returns the
   calibrated `Classifier` (log p̂(y | x) on images (B, H, W, C) in [0, 1]) and a report.
 - `NoisyClassifier` / `train_noisy_classifier`: p̂(y | x_t, t) on the diffusion variable x_t
@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ddpo_jax import classifier as clf_lib
-from ddpo_jax.classifier import Classifier, SmallCNN, resize_images
 from ddpo_jax.ctrl.data import LabelledDataset
+from ddpo_jax.models import classifier as clf_lib
+from ddpo_jax.models.classifier import Classifier, SmallCNN, resize_images
 from ddpo_jax.models.conv import conv_general_dilated
 from ddpo_jax.models.weights import host_init
 
@@ -62,7 +62,7 @@ def train_offline_classifier(dataset: LabelledDataset, *, seed: int = 0, steps: 
 
   A stratified `val_fraction` of the data is held out (`LabelledDataset.split`: every class
   keeps ≥ 1 training example); the `SmallCNN` is trained on the rest by cross-entropy
-  (`ddpo_jax.classifier.train_classifier`), then temperature-scaled on the held-out part.
+  (`ddpo_jax.models.classifier.train_classifier`), then temperature-scaled on the held-out part.
 
   Args:
     dataset: images (N, H, W, C) float32 in [0, 1], labels (N,) int32.
@@ -70,7 +70,7 @@ def train_offline_classifier(dataset: LabelledDataset, *, seed: int = 0, steps: 
     steps / batch_size / learning_rate: AdamW steps (cosine decay) and their batch and peak lr.
     augment_noise: std of Gaussian pixel noise added to training images.
     augment_shift: translate each training image by up to this many pixels per axis
-      (`ddpo_jax.classifier.random_shift`; 0: none).
+      (`ddpo_jax.models.classifier.random_shift`; 0: none).
     input_size: resize images to input_size × input_size inside the CNN (None: as they are).
 
   Returns:

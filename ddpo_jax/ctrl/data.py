@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from ddpo_jax.digits import NUM_CLASSES, load_digits_split
+from ddpo_jax.pipelines.digits import NUM_CLASSES, load_digits_split
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 SOURCES = ("digits_class", "digits_thickness", "npz", "folder", "tfds")
@@ -561,7 +561,7 @@ def from_tfds(name: str, data_dir: str, split: str = "train", image_key: str = "
 
 def digits_class(split: str = "train") -> LabelledDataset:
   """scikit-learn digits with the digit class (10 classes); split "train" / "heldout" / "all"
-  as in `ddpo_jax.digits.load_digits_split`. Images (N, 8, 8, 1) float32 = pixel / 16."""
+  as in `ddpo_jax.pipelines.digits.load_digits_split`. Images (N, 8, 8, 1) float32 = pixel / 16."""
   images, labels = load_digits_split(split)
   return LabelledDataset(images, labels.astype(np.int32), NUM_CLASSES, f"digits_class[{split}]")
 

@@ -13,8 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from ddpo_jax import digits
 from ddpo_jax.ctrl import data, sampled_data
+from ddpo_jax.pipelines import digits
 from ddpo_jax.rewards import Reward
 
 

@@ -30,13 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpo_jax import diffusion
 from ddpo_jax.config_schema import CTRL_METHODS as METHODS
 from ddpo_jax.ctrl import classifiers, data, judges, sampled_data
 from ddpo_jax.models.weights import host_init
+from ddpo_jax.numerics import diffusion
 from ddpo_jax.ctrl.controls import (Control, ControlledModel, check_labels, controls_from_config,
                                     format_context, parse_context)
-from ddpo_jax.policy import Policy
+from ddpo_jax.pipelines.policy import Policy
 from ddpo_jax.rewards import Reward
 
 # ----------------------------------------------------------------------------- the tables

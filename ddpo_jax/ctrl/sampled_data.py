@@ -19,7 +19,7 @@ evaluate CLIs): the base model is sampled once per dataset. Fields of the data c
 `num_images` (N), `sample_seed`, `batch_size` (0 = `sample.batch_size`), `name`, `path`,
 `quality` (JPEG), plus the usual `num_labelled` / `seed` (label budget drawn from the cache).
 
-The judges of these controls (`ddpo_jax.ctrl.evaluate.JUDGES`) recompute the ground truth on
+The judges of these controls (`ddpo_jax.trainer.ctrl_evaluate.JUDGES`) recompute the ground truth on
 a new sample (its real JPEG size / real aesthetic score) and bucket it with the cached cut
 points, so "accuracy" means the sample's measured level is the one asked for.
 
@@ -40,10 +40,11 @@ import uuid
 import jax
 import numpy as np
 
-from ddpo_jax import parallel, train
+from ddpo_jax.algorithms import train
 from ddpo_jax.ctrl import data as data_lib
 from ddpo_jax.models.clip import load_clip_vision
-from ddpo_jax.policy import Policy
+from ddpo_jax.numerics import parallel
+from ddpo_jax.pipelines.policy import Policy
 from ddpo_jax.rewards import aesthetic, to_uint8
 from ddpo_jax.rewards.jpeg import jpeg_size_kb
 
@@ -254,7 +255,7 @@ def sample_base_images(config, base: Policy, num: int, seed: int, batch_size: in
 
   Prompts come from `config.ctrl.prompts` when set, else the task's prompt function (as CTRL
   training draws them), from `np.random.default_rng(seed)`; the sampler is the compiled DDPO
-  sampling program (`ddpo_jax.train.make_sample_fn`: `sample.num_steps` DDIM steps, `sample.eta`,
+  sampling program (`ddpo_jax.algorithms.train.make_sample_fn`: `sample.num_steps` DDIM steps, `sample.eta`,
   `sample.guidance_scale`) over all local devices, in batches of `batch_size` (0 =
   `sample.batch_size`; rounded to a multiple of the device count), keys
   fold_in(PRNGKey(seed), batch).

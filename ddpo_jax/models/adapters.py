@@ -25,7 +25,7 @@ into the kernels (for export; float32 kernels where the factors are float32).
 Trees:
   base: the Flax params dict of the module (inner dict, without {"params": ...}).
   factors: a sparse tree with the same nesting down to each adapted module, whose leaf dict
-    is {"a": (fan_in, r) float32, "b": (r, out) float32} (`ddpo_jax.lora.init_lora`).
+    is {"a": (fan_in, r) float32, "b": (r, out) float32} (`ddpo_jax.models.lora.init_lora`).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Stable Diffusion 3 / 3.5 and FLUX.1 pipelines in diffusers format: load, save, encode, denoise.
 
 The flow-matching families: a transformer predicts the velocity v = eps - x0 of
-x_sigma = (1 - sigma) x0 + sigma eps (`ddpo_jax.flow`), in the latent space of a 16-channel VAE
+x_sigma = (1 - sigma) x0 + sigma eps (`ddpo_jax.numerics.flow`), in the latent space of a 16-channel VAE
 with `scaling_factor` and `shift_factor`.
 
 A `FlowPipeline` offers the interface every pipeline of this package offers the trainer and
@@ -61,14 +61,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpo_jax import flow
-from ddpo_jax.models import adapters
-from ddpo_jax.models import clip as clip_lib
-from ddpo_jax.models import flux as flux_lib
-from ddpo_jax.models import mmdit as mmdit_lib
-from ddpo_jax.models import pipeline_io, t5 as t5_lib
+from ddpo_jax.models import (adapters, clip as clip_lib, flux as flux_lib, mmdit as mmdit_lib,
+                             pipeline_io, t5 as t5_lib)
 from ddpo_jax.models.pipeline_io import PipelineLoadError
 from ddpo_jax.models.vae import AutoencoderKL, VAEConfig, vae_from_torch, vae_to_torch
+from ddpo_jax.numerics import flow
 
 Dtype = Any
 

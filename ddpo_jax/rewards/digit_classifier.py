@@ -1,4 +1,4 @@
-"""The digits task's rewards (the task: ddpo_jax/digits.py), both reading the prompted class
+"""The digits task's rewards (the task: ddpo_jax/pipelines/digits.py), both reading the prompted class
 `metadata["class_label"]` (B,) int32 that `digits.prompt_metadata` provides:
 
   "digit_class_logprob"      device reward log p̂(prompted class | image) under the digits
@@ -14,7 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from ddpo_jax import digits
+from ddpo_jax.pipelines import digits
 from ddpo_jax.rewards.base import Reward
 from ddpo_jax.rewards.registry import register
 

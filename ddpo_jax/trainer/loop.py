@@ -7,7 +7,7 @@ metrics row (WORKDIR/metrics.jsonl and TensorBoard, `MetricsWriter`, process 0 o
 once the saves before it have committed, image grids every `log_image_freq` epochs, a
 checkpoint every `save_freq` epochs; on any error, saves are stopped and metrics.jsonl is cut
 back to the last committed step. DDPO (`train_and_evaluate` below) and CTRL's solvers and
-baselines (`ddpo_jax.ctrl.trainer`) give it their epoch function.
+baselines (`ddpo_jax.trainer.ctrl`) give it their epoch function.
 
 DDPO's epoch (`DDPOEpoch.run_epoch`) = `sample.num_batches_per_epoch` calls of the compiled
 sampling program (`train.make_sample_fn`), host rewards on a thread pool overlapping with
@@ -37,12 +37,12 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from ddpo_jax import checkpoints, dynamics, parallel, rl
-from ddpo_jax import prompts as prompts_lib
-from ddpo_jax import workdir as workdir_lib
-from ddpo_jax.families import base_weights, build_policy
+from ddpo_jax.numerics import parallel, rl
 from ddpo_jax.rewards import Reward, make_rewards, to_uint8
-from ddpo_jax.train import (TrainState, frozen_params, keeps_old_params, make_old_policy_fn,
+from ddpo_jax.tasks import dynamics, prompts as prompts_lib
+from ddpo_jax.trainer import checkpoints, workdir as workdir_lib
+from ddpo_jax.trainer.families import base_weights, build_policy
+from ddpo_jax.algorithms.train import (TrainState, frozen_params, keeps_old_params, make_old_policy_fn,
                             make_optimizer, make_sample_fn, make_update_fn, model_shardings,
                             params_finite, sampling_params, validate_config)
 
@@ -319,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   config must equal `config` except in `checkpoints.CHANGEABLE_ON_RESUME` and the keys (or
   fnmatch patterns) of `allow_config_change`, checked before the model is built. If the run
   stops on an error (a failed save included), metrics.jsonl is cut back to the epochs of the
-  last committed checkpoint. The run holds WORKDIR's lock (`ddpo_jax.workdir`) throughout: a
+  last committed checkpoint. The run holds WORKDIR's lock (`ddpo_jax.trainer.workdir`) throughout: a
   second run on the same WORKDIR stops before touching anything.
 
   In a multi-process run every process calls this with the same config and workdir (on a

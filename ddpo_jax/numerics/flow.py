@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpo_jax import diffusion
+from ddpo_jax.numerics import diffusion
 
 Array = jax.Array
 

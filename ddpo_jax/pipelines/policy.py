@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpo_jax.denoiser import Denoiser
+from ddpo_jax.pipelines.denoiser import Denoiser
 
 
 @dataclasses.dataclass(frozen=True)

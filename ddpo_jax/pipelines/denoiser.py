@@ -1,9 +1,9 @@
 """The Denoiser: the one interface every model family gives the samplers and the update.
 
-A model family (the digits UNet and MMDiT in `ddpo_jax.digits`; SD 1.x/2.x, SDXL, SD3/3.5 and
-FLUX.1 in `ddpo_jax.sd`) wraps its network in a `Denoiser`, which declares what the network
+A model family (the digits UNet and MMDiT in `ddpo_jax.pipelines.digits`; SD 1.x/2.x, SDXL, SD3/3.5 and
+FLUX.1 in `ddpo_jax.pipelines.sd`) wraps its network in a `Denoiser`, which declares what the network
 predicts and converts the dynamics' time into the network's own convention inside. The
-dynamics (`ddpo_jax.dynamics`: DDIM chains for "eps", flow chains for "velocity"), the trainer
+dynamics (`ddpo_jax.tasks.dynamics`: DDIM chains for "eps", flow chains for "velocity"), the trainer
 and CTRL's augmentation (`ddpo_jax.ctrl.policy`, a Denoiser wrapping another) only ever call a
 Denoiser: none of them names a UNet, a transformer, a timestep scale or a family.
 

@@ -1,6 +1,6 @@
 """DDPO's compiled programs: sample trajectories (with log-probs and device rewards), and update
 with any of `ddpo_jax.algorithms` (PPO, SF, RWR, ...); the train state, the optimizer, the shardings (the loop that runs them
-epoch by epoch is `ddpo_jax.loop`).
+epoch by epoch is `ddpo_jax.trainer.loop`).
 
 `make_sample_fn`: one program per batch of `sample.batch_size`: prompt encoding, the DDIM chain
 with log-probs, decoding and device rewards. `make_update_fn`: one program per epoch: shuffle,
@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ddpo_jax import algorithms, config_schema, diffusion, dynamics as dynamics_lib, flow
-from ddpo_jax import parallel
-from ddpo_jax.policy import Policy
+from ddpo_jax import algorithms, config_schema
+from ddpo_jax.numerics import diffusion, flow, parallel
+from ddpo_jax.pipelines.policy import Policy
 from ddpo_jax.rewards import Reward, check_terms
+from ddpo_jax.tasks import dynamics as dynamics_lib
 
 @flax.struct.dataclass
 class TrainState:
@@ -136,7 +137,7 @@ def validate_shared_config(config: ml_collections.ConfigDict) -> None:
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
   """Raises ValueError for impossible values, before anything is compiled: DDPO's one
   validation entry point (`loop.train_and_evaluate` calls it once, before building the model;
-  CTRL's "ddpo" solver through `ctrl.trainer.validate_config`). In order:
+  CTRL's "ddpo" solver through `trainer.ctrl.validate_config`). In order:
 
     `validate_shared_config` (the schema, the reward terms, the DDPO-only keys);
     `_check_sampler` (the sampler against the algorithm: log-probs, eps regression, SDE noise);

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpo_jax import parallel
+from ddpo_jax.numerics import parallel
 
 
 def _fmix32(h: jax.Array) -> jax.Array:

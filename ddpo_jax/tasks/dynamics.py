@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpo_jax import diffusion, flow
+from ddpo_jax.numerics import diffusion, flow
 
 # sampler -> the `denoiser.Denoiser.prediction` it moves
 SAMPLERS = {"ddim": "eps", "sde": "velocity", "cps": "velocity", "ode": "velocity",

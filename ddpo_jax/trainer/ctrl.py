@@ -17,7 +17,7 @@ Solvers (`ctrl.solver`):
   keep it) or "none". Gradients are accumulated over `ctrl.gradient_accumulation_steps`
   batches, clipped to global norm `train.max_grad_norm`, AdamW with the control tables at
   `train.control_learning_rate`.
-- "ddpo": DDPO's PPO update (ddpo_jax.train) on contexts (c, y) with terminal reward
+- "ddpo": DDPO's PPO update (ddpo_jax.algorithms.train) on contexts (c, y) with terminal reward
   `ctrl_log_likelihood` and the per-step penalty −α·KL_t (`train.kl_coef`): the later steps'
   KL in each step's return plus the direct ∇KL_t term, the same gradient as "backprop" in
   expectation (tests/test_ctrl_gmm.py).
@@ -38,12 +38,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpo_jax import checkpoints, config_schema, diffusion, loop, parallel, train
-from ddpo_jax import workdir as workdir_lib
-from ddpo_jax.ctrl import classifiers, evaluate
-from ddpo_jax.families import base_weights, build_policy
-from ddpo_jax.policy import Policy
+from ddpo_jax import config_schema
+from ddpo_jax.algorithms import train
+from ddpo_jax.ctrl import classifiers
+from ddpo_jax.numerics import diffusion, parallel
+from ddpo_jax.pipelines.policy import Policy
 from ddpo_jax.rewards import make_rewards
+from ddpo_jax.trainer import checkpoints, loop, workdir as workdir_lib, ctrl_evaluate as evaluate
+from ddpo_jax.trainer.families import base_weights, build_policy
 
 
 

@@ -16,10 +16,11 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from ddpo_jax import checkpoints, config_schema, train
-from ddpo_jax import workdir as workdir_lib
-from ddpo_jax.families import base_weights, build_policy
-from ddpo_jax.policy import Policy
+from ddpo_jax import config_schema
+from ddpo_jax.algorithms import train
+from ddpo_jax.pipelines.policy import Policy
+from ddpo_jax.trainer import checkpoints, workdir as workdir_lib
+from ddpo_jax.trainer.families import base_weights, build_policy
 
 
 def _checked_step(mngr: ocp.CheckpointManager, workdir: str, step: int | None) -> int:

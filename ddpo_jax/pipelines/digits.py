@@ -31,14 +31,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from ddpo_jax import checksums, classifier, diffusion, flow
-from ddpo_jax import lora as lora_lib
-from ddpo_jax.models import adapters
+from ddpo_jax.models import classifier, lora as lora_lib, adapters
 from ddpo_jax.models.mmdit import MMDiTConfig, SD3Transformer2DModel
 from ddpo_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ddpo_jax.models.weights import host_random_params
-from ddpo_jax.denoiser import Denoiser
-from ddpo_jax.policy import Policy
+from ddpo_jax.numerics import checksums, diffusion, flow
+from ddpo_jax.pipelines.denoiser import Denoiser
+from ddpo_jax.pipelines.policy import Policy
 
 NUM_CLASSES = 10
 PROMPTS = ("",) + tuple(f"a handwritten {d}" for d in range(NUM_CLASSES))

@@ -35,8 +35,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from ddpo_jax import config_schema, parallel
-from ddpo_jax.checksums import checksum_mismatches, state_checksums
+from ddpo_jax import config_schema
+from ddpo_jax.numerics import parallel
+from ddpo_jax.numerics.checksums import checksum_mismatches, state_checksums
 
 DAMAGED_DIR = "damaged_checkpoints"
 

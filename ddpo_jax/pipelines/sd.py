@@ -17,7 +17,7 @@ Two fine-tuning modes:
   `model.dtype` (float32 master weights), activations in `model.compute_dtype` (bfloat16);
   optionally Adam's first moment in bfloat16 (`train.adam_mu_dtype`), as the JAX original.
 - LoRA (`model.lora.enabled = True`, the PyTorch port's default): `params["unet"]` holds only
-  the LoRA factors (`ddpo_jax.lora`), the base UNet sits frozen in `params["base_unet"]` (in
+  the LoRA factors (`ddpo_jax.models.lora`), the base UNet sits frozen in `params["base_unet"]` (in
   `model.dtype`), and `Policy.assemble_denoiser(lora, frozen)` pairs them
   (`models.adapters.LoraAdapted`): sampling and the update both run each adapted layer as
   x W + s (x A) B, unmerged, the adapter branch in float32 (no merged copy of the kernels). At
@@ -25,7 +25,7 @@ Two fine-tuning modes:
 
 Config (`config.model`, docs/config.md): pretrained_path, resolution, dtype,
 compute_dtype, attention_implementation, remat, lora.{enabled, rank, alpha, targets, init_std,
-seed}. Prompts: `config.prompt_fn` (a `ddpo_jax.prompts` set name) with
+seed}. Prompts: `config.prompt_fn` (a `ddpo_jax.tasks.prompts` set name) with
 `config.prompt_fn_kwargs.{path, prompts, activities_path}` ("" / () = unset).
 """
 from __future__ import annotations
@@ -38,11 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpo_jax import lora as lora_lib
-from ddpo_jax import prompts as prompts_lib
-from ddpo_jax.denoiser import Denoiser
-from ddpo_jax.policy import Policy
+from ddpo_jax.models import lora as lora_lib
 from ddpo_jax.models.pipeline import load_pipeline
+from ddpo_jax.pipelines.denoiser import Denoiser
+from ddpo_jax.pipelines.policy import Policy
+from ddpo_jax.tasks import prompts as prompts_lib
 
 
 def make_prompt_fn(config):

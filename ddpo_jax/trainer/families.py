@@ -1,7 +1,7 @@
 """Model families: the one place that maps a config to its `Policy`.
 
 `FAMILIES` is the registry, `config.model.kind` -> `Family`: the built-in digits model
-(`ddpo_jax.digits`: a UNet or an MMDiT) and the diffusers pipelines (`ddpo_jax.sd`: SD 1.x/2.x,
+(`ddpo_jax.pipelines.digits`: a UNet or an MMDiT) and the diffusers pipelines (`ddpo_jax.pipelines.sd`: SD 1.x/2.x,
 SDXL, SD3/3.5, FLUX.1). Each family module provides the two functions of its entry: the policy
 (with its `denoiser.Denoiser`) and the files of the pre-trained weights a run starts from.
 `build_base_policy(config)` builds the family of `config.model.kind`; `build_policy(config,
@@ -16,10 +16,10 @@ import dataclasses
 import os
 from typing import Callable
 
-from ddpo_jax import digits, sd
 from ddpo_jax.ctrl import policy as ctrl_policy
 from ddpo_jax.models import pipeline_io
-from ddpo_jax.policy import Policy
+from ddpo_jax.pipelines import digits, sd
+from ddpo_jax.pipelines.policy import Policy
 
 
 @dataclasses.dataclass(frozen=True)
