@@ -73,7 +73,15 @@ def _diffusers_call(name, directory, latents, output_type):
   return tm.to_nhwc(out)
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+# sdxl and flux_schnell run in the slow tier: SDXL's sampler is checked against diffusers in the
+# fast tier by tests/test_sdxl_pipeline.py (test_policy_sampler_matches_diffusers_pipeline), and
+# flux_schnell differs from flux_dev only by the guidance embedding it lacks.
+SLOW_FAMILIES = ("sdxl", "flux_schnell")
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.slow) if name in SLOW_FAMILIES else name
+    for name in FAMILIES])
 def test_standard_sampler_matches_diffusers_pipeline(name, pipe_dirs):
   """`pipeline_sampler` (the sampler `python -m ddpo_jax.sample --pipeline` runs) reproduces
   the diffusers pipeline from the same initial latents: final latents and decoded images."""
