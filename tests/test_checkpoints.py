@@ -364,7 +364,7 @@ def test_two_runs_making_the_same_model_cache_at_once(tmp_path):
 _MAKE_AT_ONCE = """
 import os, sys, time
 import numpy as np
-from ddpo_jax import digits
+from ddpo_jax.pipelines import digits
 import jax
 path, barrier, me, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 value = {"w": np.arange(4096, dtype=np.float32).reshape(64, 64), "b": np.arange(7, dtype=np.int32)}

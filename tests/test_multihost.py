@@ -138,7 +138,7 @@ import jax
 import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
-from ddpo_jax import parallel
+from ddpo_jax.numerics import parallel
 
 pid, port = int(sys.argv[1]), sys.argv[2]
 assert parallel.initialize_distributed("auto", "127.0.0.1:" + port, 2, pid, 30)

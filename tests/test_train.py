@@ -419,7 +419,8 @@ import json, re, sys
 sys.path[:0] = [{repo!r}, {tests!r}]
 import jax, jax.numpy as jnp, numpy as np
 from helpers import load_config
-from ddpo_jax import diffusion, parallel, train
+from ddpo_jax.algorithms import train
+from ddpo_jax.numerics import diffusion, parallel
 from ddpo_jax.trainer.families import build_policy
 config = load_config("default", "runlocal", **{{"sample.num_steps": 10}})
 mesh = parallel.make_mesh()

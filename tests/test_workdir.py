@@ -74,7 +74,7 @@ def test_the_cli_refuses_an_empty_workdir(tmp_path):
 # ----------------------------------------------------------------------------- one run per WORKDIR
 _HOLD = """
 import sys, time
-from ddpo_jax import workdir
+from ddpo_jax.trainer import workdir
 with workdir.lock(sys.argv[1]):
   print("locked", flush=True)
   time.sleep(120)
