@@ -1,8 +1,7 @@
-"""Pipelines: the model families' seams: the `Policy` interface a family fills in
-(`policy`), the Stable Diffusion family (`sd`), and `families.build_policy`, the one place a
-config becomes a policy.
+"""Pipelines: the model families' seams and the families themselves: the `Policy` a family fills
+in (`policy`), the `Denoiser` every network is wrapped in (`denoiser`), the diffusers families
+SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1 (`sd`) and the built-in digits family (`digits`).
 
-Layering: a middle-layer sibling of algorithms/, rewards/, tasks/ and ctrl/ (they may import
-each other); may import models/, numerics/ and the config modules; never trainer/ or the command
-lines (main, sample, export).
+Layering (docs/architecture.md, checked by tests/test_architecture.py): may import tasks/,
+models/, numerics/ and the config modules; rewards/, algorithms/, ctrl/ and trainer/ build on it.
 """

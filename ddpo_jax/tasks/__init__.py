@@ -1,7 +1,6 @@
-"""Tasks: what is sampled and how (the digits task and model family, the prompt sets, the
-trainer's sampling dynamics).
+"""Tasks: what is sampled and how: the sampling dynamics behind one signature (`dynamics`: DDIM,
+flow SDE / CPS / ODE / DPM2, SDE windows) and the prompt sets (`prompts`).
 
-Layering: a middle-layer sibling of algorithms/, rewards/, pipelines/ and ctrl/ (they may import
-each other); may import models/, numerics/ and the config modules; never trainer/ or the command
-lines (main, sample, export).
+Layering (docs/architecture.md, checked by tests/test_architecture.py): may import models/,
+numerics/ and the config modules; pipelines/ and everything above build on it.
 """
