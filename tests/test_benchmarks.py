@@ -59,6 +59,7 @@ def test_settings_match_trl_rules():
     vs_trl.resolve_settings(args)
 
 
+@pytest.mark.slow  # 38 s in CI; a benchmark's smallest run
 def test_ctrl_classifier_table_runs():
   """benchmarks/ctrl_classifiers.py trains the thickness config's 100-label classifier as the
   config does and scores it on the held-out split: one table row, above chance (1/3)."""
@@ -461,6 +462,7 @@ def test_update_vs_grads_runs(tmp_path):
   assert re.search(r"sd1 LoRA conv=ours.*update [\d.]+ s .* ratio [\d.]+$", out.strip()), out
 
 
+@pytest.mark.slow  # 45 s in CI; a benchmark's smallest run
 def test_memory_tiny_runs():
   """One row (tiny SD3.5, LoRA, no remat) compiled at its real depth only: both tables."""
   out = _run_script("memory.py", "--tiny", "--markdown", "--models=sd35_medium",
@@ -468,6 +470,7 @@ def test_memory_tiny_runs():
   assert out.count("| tiny SD3.5 ") == 2, out
 
 
+@pytest.mark.slow  # 24 s in CI; a benchmark's smallest run
 def test_reward_server_load_runs():
   out = _run_script("reward_server_load.py", "--clients=1,20", "--seconds=0.5", "--images=2",
                     "--size=16")

@@ -284,6 +284,7 @@ def make_scorer(die_on_call):
 '''
 
 
+@pytest.mark.slow  # 27 s in CI; every flow method's update stays fast
 def test_a_reward_server_dying_mid_epoch_stops_the_run_cleanly(tmp_path, monkeypatch):
   """configs/digits_flow.py:runlocal (the digits MMDiT, Flow-GRPO) on a remote reward whose
   server process exits during epoch 1: the run raises the client's error naming the server,

@@ -277,6 +277,7 @@ def test_export_merged_loads_in_diffusers_and_matches(tiny_sd, prompt_assets, co
   assert sorted(os.listdir(tmp_path)) == ["exported", "run"]
 
 
+@pytest.mark.slow  # 17 s in CI; merged == unmerged is checked fast on the adapted layers
 def test_sampling_with_merged_factors():
   """`sample_images(merge_lora=True)` (the sampling speed-up) gives the unmerged sampler's
   images: the same uint8 images in float32 (up to one level); with bfloat16 weights the merged

@@ -2,11 +2,13 @@
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from conftest import REPO
 
 
+@pytest.mark.slow  # 70 s in CI; README command 1 trains the same digits default
 def test_quickstart_digits_notebook_runs(digits_cache, tmp_path, monkeypatch):
   monkeypatch.setenv("QUICKSTART_VARIANT", "runlocal")
   monkeypatch.setenv("QUICKSTART_WORKDIR", str(tmp_path / "run"))

@@ -118,6 +118,7 @@ def test_standard_sampler_bad_input(pipe_dirs):
                                latents=np.zeros((1, 8, 8, 16), np.float32))
 
 
+@pytest.mark.slow  # 32 s in CI; the samplers' parity with diffusers stays fast
 def test_sample_command_on_a_pipeline(pipe_dirs, tmp_path):
   """`python -m ddpo_jax.sample --pipeline=DIR` writes the npz and PNGs, and its images are
   `sample_pipeline`'s (seeded noise, 3 images in batches of 2); bad flag combinations are

@@ -238,6 +238,7 @@ def test_runlocal_trains_resumes_and_samples(name, tiny_sd, prompt_assets, compi
 # ------------------------------------------------------------------------------------------
 # Full fine-tuning: fp32 master weights, bf16 compute, Adam first moment in bf16
 # ------------------------------------------------------------------------------------------
+@pytest.mark.slow  # 41 s in CI; SD's LoRA run stays fast
 def test_full_finetune_bf16_compute_fp32_master(tiny_sd, prompt_assets, compile_cache):
   config = load_config("sd_compressibility", "runlocal,full", **sd_overrides(
       tiny_sd, prompt_assets, **{"model.compute_dtype": "bfloat16", "sample.num_steps": 2,

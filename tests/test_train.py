@@ -303,6 +303,7 @@ def test_nan_reward_stops_without_saving(digits_cache, tmp_path, monkeypatch):
   assert real is not jpeg.jpeg_compressibility
 
 
+@pytest.mark.slow  # 19 s in CI; the NaN-reward stop stays fast
 def test_nan_in_a_logged_only_info_field_is_named_and_the_run_goes_on(digits_cache, tmp_path,
                                                                       monkeypatch):
   """A scorer's info values are logged, not trained on: a NaN there is named (reward and field)

@@ -250,6 +250,7 @@ def test_sdxl_config_and_input_errors():
                    *_inputs(sd1[1])[:3], text_embeds=text, time_ids=time_ids)
 
 
+@pytest.mark.slow  # 28 s in CI; the UNet's parity with diffusers stays fast
 def test_remat_identical_and_bf16_runs():
   # A one-level UNet (CrossAttnDownBlock2D, mid block, CrossAttnUpBlock2D): compiling two
   # backward passes on CPU is the slow part of this file. (DownBlock2D / UpBlock2D under remat:
