@@ -251,6 +251,7 @@ def _fsdp_check(flux, clip, prompts, min_size):
   return jax.device_get(policy.params["unet"]), one.train.learning_rate, out
 
 
+@pytest.mark.slow  # 25 s in CI; FLUX's parity and Flow-GRPO's SD3 run stay fast
 def test_fsdp_shards_the_flux_transformer_and_updates_as_one_device(tiny_flux, tiny_pickscore,
                                                                     tmp_path):
   """mesh (data 1, fsdp 4) on 4 CPU devices, configs/flux_pickscore.py:full,runlocal with

@@ -50,6 +50,7 @@ def two_epoch_run(digits_cache, tmp_path_factory):
   return workdir, loop.train_and_evaluate(_config(), workdir)
 
 
+@pytest.mark.slow  # 49 s in CI; the kill-and-resume test trains the same digits DDPO run end to end
 def test_train_and_evaluate_one_run(two_epoch_run, tmp_path):
   """Two epochs: metrics rows, checkpoints 0..2, the sample CLI from step 0 and the latest."""
   workdir, metrics = two_epoch_run
@@ -113,7 +114,9 @@ def ppo_update(digits_cache):
   return one_update(_config(**ONE_STEP, **{"train.algorithm": "ppo"}))
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "sf", "rwr", "rwr_sparse"])
+@pytest.mark.parametrize("algorithm", [  # sf and rwr_sparse in the slow tier: their losses are
+    "ppo", pytest.param("sf", marks=pytest.mark.slow), "rwr",  # checked fast in test_rl.py
+    pytest.param("rwr_sparse", marks=pytest.mark.slow)])
 def test_each_algorithm_takes_finite_steps(digits_cache, algorithm, request):
   if algorithm == "ppo":
     policy, _, state, metrics = request.getfixturevalue("ppo_update")
@@ -335,6 +338,7 @@ def test_nan_in_a_logged_only_info_field_is_named_and_the_run_goes_on(digits_cac
   assert any("info field 'always_nan' has" in line for line in said)
 
 
+@pytest.mark.slow  # 30 s in CI; the NaN-reward stop stays fast
 def test_nan_loss_stops_without_saving(digits_cache, tmp_path):
   """A learning rate that blows the parameters up: clear error, the bad epoch is not saved."""
   workdir = str(tmp_path / "nan_loss")
@@ -384,6 +388,7 @@ def test_resume_checks_the_config_and_skips_a_damaged_step(two_epoch_run, tmp_pa
   assert [json.loads(l)["epoch"] for l in open(os.path.join(workdir, "metrics.jsonl"))] == [0, 1, 2]
 
 
+@pytest.mark.slow  # 25 s in CI; the kill-and-resume test stays fast
 def test_a_failed_save_stops_the_run(digits_cache, tmp_path):
   """The checkpoint directory replaced by a file once the first epoch is recorded: the next
   save fails, the run exits non-zero at once with the error (no minutes-long hang in Orbax's
@@ -456,6 +461,7 @@ print("LOOPS", json.dumps(out))
 """
 
 
+@pytest.mark.slow  # 17 s in CI; a 4-device compile; the update's numerics stay fast
 def test_gradient_is_reduced_once_per_optimizer_step(tmp_path):
   """4 devices, mesh (data 4, fsdp 1), K = 10 timesteps per optimizer step: the compiled update's
   micro-step loop (10 trips) holds no collective; the optimizer-step loop (2 trips) holds the

@@ -94,7 +94,8 @@ def test_attention_implementations_agree_on_cpu():
     attention.dot_product_attention(q, k, v, implementation="flash")
 
 
-@pytest.mark.parametrize("block_logits", [1 << 20, 2 * 7 * 5])  # one block; 3 blocks of 2 pairs
+@pytest.mark.parametrize("block_logits", [  # one block (slow tier: 8 s); 3 blocks of 2 pairs
+    pytest.param(1 << 20, marks=pytest.mark.slow), 2 * 7 * 5])
 def test_xla_attention_gradients_match_reference(monkeypatch, block_logits):
   """The blocked, recomputing custom VJP of the XLA path against autodiff of
   `jax.nn.dot_product_attention` (f32, atol 1e-5), and it keeps no (B, H, Lq, Lk) residual."""
@@ -125,7 +126,8 @@ def test_xla_attention_gradients_match_reference(monkeypatch, block_logits):
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2_linear_per_block_heads", "pixel_class_labels",
-                                  "variants", "sdxl", "sdxl_nested_layers"])
+                                  "variants", "sdxl",
+                                  pytest.param("sdxl_nested_layers", marks=pytest.mark.slow)])
 def test_unet_parity_with_diffusers(name):
   model, kw, config, params = _models(name)
   x, t, ctx, labels = _inputs(kw)
