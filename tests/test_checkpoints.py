@@ -185,6 +185,7 @@ DAMAGES = {
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.slow  # a 36 s training fixture + 7 cases; checksum mismatches are named fast (test_checksum_mismatch_names_the_arrays)
 def test_resume_restores_the_newest_intact_step_and_sets_the_damaged_one_aside(
     saved_run, tmp_path, damage):
   config, _, template, saved = saved_run

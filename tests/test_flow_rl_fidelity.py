@@ -63,6 +63,7 @@ def test_ema_update_is_flow_grpo_train_loop(accum, interval):
     assert np.abs(np.asarray(once) - ref.ema[0]).max() > 1e-3
 
 
+@pytest.mark.slow  # 32 s in CI (cold cache); ema_update's formula stays fast
 def test_update_program_applies_the_ema(digits_cache):
   """One update call (one optimizer step of 2 accumulated minibatches) leaves ema = theta_1 +
   d^2 (theta_0 - theta_1), d = min(2 / 11, 0.9): flow_grpo's two `ema.step` calls at
@@ -176,6 +177,7 @@ def test_nft_loss_with_an_ema_old_policy_over_two_inner_epochs():
                                ((v_of(theta) - v_of(base)) ** 2).mean(), rtol=1e-5)
 
 
+@pytest.mark.slow  # 16 s in CI; NFT's loss against NumPy stays fast
 def test_nft_inner_epochs_keep_the_sampling_policy_as_v_old(digits_cache):
   """digits_flow:nft with two inner epochs of one optimizer step each: the second inner epoch's
   v_old is still the sampling (old) policy, so v_theta - v_old is nonzero from its first

@@ -318,6 +318,7 @@ def tiny_sd3(tmp_path_factory):
 # CPS on the transformer is slow-tier (the two cases took 152 s on the loaded 2-core CPU); its
 # step and log-prob are checked fast above against NumPy (the [cps] cases).
 @pytest.mark.parametrize("sde_type", ["sde", pytest.param("cps", marks=pytest.mark.slow)])
+@pytest.mark.slow  # 19 s in CI; the chain/re-score agreement stays fast on the toy velocity
 def test_sampler_and_update_log_probs_agree_on_a_tiny_sd3_transformer(sde_type, tiny_sd3):
   """What Flow-GRPO's ratio needs: the tiny SD3.5-style pipeline's transformer (QK norm, dual
   attention), CFG 4.5, 4 SDE / CPS steps of the chain (`flow_chain`, one compiled program),

@@ -169,6 +169,7 @@ def _output_change_after_adamw(dtype, apply_merged: bool, steps=5, lr=3e-5, seed
   return np.asarray(jax.jit(forward)(f) - jax.jit(forward)(f0))
 
 
+@pytest.mark.slow  # 27 s in CI (cold cache); merged == unmerged stays fast
 def test_bfloat16_lora_keeps_small_updates():
   """Five small AdamW steps (lr 3e-5) on a bfloat16 denoiser: the fraction of the float32 run's
   output change that the bfloat16 run reproduces, <d_bf16, d_f32> / |d_f32|², is 1 within the
@@ -217,6 +218,7 @@ def test_update_trains_only_lora_base_bit_identical(tiny_sd, prompt_assets, comp
   assert all(np.any(b != 0) for b in bs)  # every B left zero
 
 
+@pytest.mark.slow  # 42 s in CI (cold cache); the SD run's save/load round trip stays fast
 def test_export_merged_loads_in_diffusers_and_matches(tiny_sd, prompt_assets, compile_cache,
                                                       tmp_path):
   """One epoch of LoRA training, `python -m ddpo_jax.export`, diffusers UNet == merged UNet."""

@@ -89,6 +89,7 @@ def test_train_and_evaluate_one_run(two_epoch_run, tmp_path):
     sample_from_checkpoint(workdir, 2, step=7)
 
 
+@pytest.mark.slow  # 28 s in CI; ratio 1 at init is checked fast for the flow methods (test_flow_methods)
 def test_update_at_unchanged_params_has_ratio_one(digits_cache):
   """Log-probs from the sampler equal those the update recomputes (same params, CFG in both),
   and the KL-to-pre-trained penalty is zero at the pre-trained params, to float rounding: the
@@ -114,8 +115,9 @@ def ppo_update(digits_cache):
   return one_update(_config(**ONE_STEP, **{"train.algorithm": "ppo"}))
 
 
-@pytest.mark.parametrize("algorithm", [  # sf and rwr_sparse in the slow tier: their losses are
-    "ppo", pytest.param("sf", marks=pytest.mark.slow), "rwr",  # checked fast in test_rl.py
+@pytest.mark.parametrize("algorithm", [  # sf, rwr, rwr_sparse in the slow tier: their losses
+    "ppo", pytest.param("sf", marks=pytest.mark.slow),  # are checked fast in test_rl.py
+    pytest.param("rwr", marks=pytest.mark.slow),
     pytest.param("rwr_sparse", marks=pytest.mark.slow)])
 def test_each_algorithm_takes_finite_steps(digits_cache, algorithm, request):
   if algorithm == "ppo":
@@ -293,6 +295,7 @@ def test_sf_with_one_step_per_collection_is_accepted():
                         _FakeMesh())
 
 
+@pytest.mark.slow  # 30 s in CI (cold cache); the NaN stops (reward, loss, info field) all run in the slow tier
 def test_nan_reward_stops_without_saving(digits_cache, tmp_path, monkeypatch):
   from ddpo_jax.rewards import jpeg
   real = jpeg.jpeg_compressibility
