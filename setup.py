@@ -6,6 +6,9 @@ setup(
     version="0.1.0",
     description="DDPO and CTRL fine-tuning of diffusion models in JAX/Flax (TPU, GPU, CPU).",
     packages=find_packages(include=["ddpo_jax", "ddpo_jax.*"]),
+    # the published models' configs (no weights) that `python -m ddpo_jax.plan` compiles from
+    package_data={"ddpo_jax.models": ["published/*/*.json", "published/*/*/*.json",
+                                      "published/SOURCES.md"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7,<0.11",
@@ -40,6 +43,9 @@ setup(
         # CTRL offline data from tensorflow-datasets: array_record data sets are read without
         # TensorFlow; TFRecord-stored ones also need `pip install tensorflow-cpu`.
         "tfds": ["tensorflow-datasets>=4.9.10"],
+        # `python -m ddpo_jax.plan --topology=v5e-8`: compiling for TPUs on a machine without
+        # one (libtpu's compile-only devices); the version pairs with the installed jax's.
+        "tpu-plan": ["jax[tpu]>=0.7,<0.11"],
         # benchmarks/vs_trl.py: TRL's DDPOTrainer (trl 0.23.1 is the last release shipping it).
         "bench": [
             "trl==0.23.1",

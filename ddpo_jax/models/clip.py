@@ -481,6 +481,12 @@ def init_clip_text_params(config: CLIPTextConfig, key: jax.Array,
   return model.init(key, ids)["params"]
 
 
+def abstract_clip_text_params(config: CLIPTextConfig, dtype: Dtype = jnp.float32) -> Params:
+  """The text encoder's "params" tree as `jax.ShapeDtypeStruct`s (no allocation)."""
+  return jax.eval_shape(lambda k: init_clip_text_params(config, k, dtype),
+                        jax.ShapeDtypeStruct((2,), jnp.uint32))
+
+
 def init_clip_vision_params(config: CLIPVisionConfig, key: jax.Array,
                             dtype: Dtype = jnp.float32) -> Params:
   """Random vision-tower "params" tree of `dtype` arrays; works under `jax.eval_shape`."""

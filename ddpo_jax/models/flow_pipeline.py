@@ -64,7 +64,8 @@ import numpy as np
 from ddpo_jax.models import (adapters, clip as clip_lib, flux as flux_lib, mmdit as mmdit_lib,
                              pipeline_io, t5 as t5_lib)
 from ddpo_jax.models.pipeline_io import PipelineLoadError
-from ddpo_jax.models.vae import AutoencoderKL, VAEConfig, vae_from_torch, vae_to_torch
+from ddpo_jax.models.vae import (AutoencoderKL, VAEConfig, abstract_vae_params, vae_from_torch,
+                                 vae_to_torch)
 from ddpo_jax.numerics import flow
 
 Dtype = Any
@@ -133,6 +134,8 @@ class FlowPipeline:
     dtype / compute_dtype / attention_implementation / remat: as `pipeline.Pipeline`.
     model_index: the model_index.json it was loaded from (kept on save), or None.
     max_sequence_length: T5 tokens (default: the family's, 256 for SD3, 512 for FLUX).
+    abstract: params are `jax.ShapeDtypeStruct`s and there are no tokenizers (`load_pipeline(
+      ..., abstract=True)`): traced and compiled, not run; `tokenize` gives placeholder ids.
   """
   params: dict
   pipeline_class: str
@@ -147,6 +150,7 @@ class FlowPipeline:
   remat: bool = False
   model_index: dict | None = None
   max_sequence_length: int | None = None
+  abstract: bool = False
 
   prediction_type = "flow"
   denoiser = "transformer"
@@ -260,9 +264,9 @@ class FlowPipeline:
 
   # ------------------------------------------------------------------------------- prompts
   def clip_length(self, enc: TextEncoderSpec) -> int:
-    tokenizer = self.tokenizers[enc.tokenizer]
-    return min(int(self.text_configs[enc.component].max_position_embeddings),
-               int(tokenizer.model_max_length))
+    length = int(self.text_configs[enc.component].max_position_embeddings)
+    tokenizer = self.tokenizers.get(enc.tokenizer)
+    return length if tokenizer is None else min(length, int(tokenizer.model_max_length))
 
   @property
   def token_segments(self) -> dict[str, tuple[int, int]]:
@@ -278,6 +282,9 @@ class FlowPipeline:
     """Prompts -> (B, L) int32: each present encoder's tokenizer's ids (padded to its length,
     truncated, as diffusers), side by side in `FAMILIES` order."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if self.abstract:  # shapes only: placeholder ids
+      return np.zeros((len(prompts), max(stop for _, stop in self.token_segments.values())),
+                      np.int32)
     ids = []
     for enc in self.present_encoders:
       start, stop = self.token_segments[enc.component]
@@ -370,8 +377,10 @@ def _vae_functions(vae: AutoencoderKL, config: VAEConfig):
 # ================================================================================================
 def load_flow_pipeline(root: str, model_index: dict, *, dtype=jnp.float32,
                        attention_implementation: str = "auto", remat: bool = False,
-                       compute_dtype=None, placement=None) -> FlowPipeline:
-  """Loads an SD3 / FLUX.1 pipeline directory (`pipeline.load_pipeline` dispatches here).
+                       compute_dtype=None, placement=None, abstract: bool = False
+                       ) -> FlowPipeline:
+  """Loads an SD3 / FLUX.1 pipeline directory (`pipeline.load_pipeline` dispatches here);
+  `abstract`: configs only, parameter shapes instead of weights, no tokenizers.
 
   Raises:
     PipelineLoadError: a missing or unsupported component, an encoder without its tokenizer,
@@ -384,11 +393,12 @@ def load_flow_pipeline(root: str, model_index: dict, *, dtype=jnp.float32,
               "scheduler": ()}
   for enc in spec.encoders:
     accepted[enc.component] = (enc.class_name,)
-    accepted[enc.tokenizer] = _TOKENIZER_CLASSES["t5" if enc.kind == "t5" else "clip"]
+    if not abstract:
+      accepted[enc.tokenizer] = _TOKENIZER_CLASSES["t5" if enc.kind == "t5" else "clip"]
   dirs = pipeline_io.component_dirs(root, model_index, accepted, PIPELINE_CLASSES[pipeline_class])
   encoders = [e for e in spec.encoders if e.component in dirs]
   for enc in encoders:
-    if enc.tokenizer not in dirs:
+    if enc.tokenizer not in dirs and not abstract:
       raise PipelineLoadError(
           f"{root}: component '{enc.component}' ({enc.class_name}) has no tokenizer: "
           f"'{enc.tokenizer}' is missing from model_index.json or has no directory "
@@ -419,10 +429,18 @@ def load_flow_pipeline(root: str, model_index: dict, *, dtype=jnp.float32,
   for enc in encoders:
     convert = t5_lib.t5_from_torch if enc.kind == "t5" else clip_lib.clip_text_from_torch
     converters[enc.component] = (convert, text_configs[enc.component])
-  params = pipeline_io.load_components(dirs, converters, WEIGHT_BASENAMES, dtype, placement)
+  if abstract:
+    shapes = {mmdit_lib.mmdit_from_torch: mmdit_lib.abstract_mmdit_params,
+              flux_lib.flux_from_torch: flux_lib.abstract_flux_params,
+              vae_from_torch: abstract_vae_params, t5_lib.t5_from_torch: t5_lib.abstract_t5_params,
+              clip_lib.clip_text_from_torch: clip_lib.abstract_clip_text_params}
+    params = {name: shapes[convert](config, dtype)
+              for name, (convert, config) in converters.items()}
+  else:
+    params = pipeline_io.load_components(dirs, converters, WEIGHT_BASENAMES, dtype, placement)
 
   # 3. Tokenizers (one per present encoder).
-  tokenizers = {e.tokenizer: pipeline_io.load_tokenizer(
+  tokenizers = {} if abstract else {e.tokenizer: pipeline_io.load_tokenizer(
       dirs[e.tokenizer], "T5TokenizerFast" if e.kind == "t5" else "CLIPTokenizer")
       for e in encoders}
   return FlowPipeline(params=params, pipeline_class=pipeline_class,
@@ -430,7 +448,7 @@ def load_flow_pipeline(root: str, model_index: dict, *, dtype=jnp.float32,
                       text_configs=text_configs, tokenizers=tokenizers,
                       scheduler_config=scheduler_config, dtype=dtype, compute_dtype=compute_dtype,
                       attention_implementation=attention_implementation, remat=remat,
-                      model_index=model_index)
+                      model_index=model_index, abstract=abstract)
 
 
 def _check_configs(root, spec: FamilySpec, transformer_config, vae_config, text_configs,

@@ -137,7 +137,8 @@ def adapted_policy_params(params: dict, model_config) -> tuple[dict, Any]:
   `model_config.lora.enabled`: ({"unet": factors, "base_unet": the denoiser as given (its
   dtype is the family's `model.dtype`), ...}, assemble) with assemble(trainable, frozen) =
   `LoraAdapted(frozen["base_unet"], trainable, scale)`, the `Policy.assemble_denoiser` the
-  denoiser function takes unmerged. Without LoRA: (params, identity).
+  denoiser function takes unmerged. Without LoRA: (params, identity). Abstract params
+  (`jax.ShapeDtypeStruct` leaves) give abstract factors.
 
   Raises:
     LoraTargetError, ValueError: see `init_lora`.
@@ -145,7 +146,10 @@ def adapted_policy_params(params: dict, model_config) -> tuple[dict, Any]:
   if not model_config.get("lora") or not model_config.lora.enabled:
     return params, _trainable_tree
   config = LoraConfig.from_config(model_config.lora)
-  factors = init_lora(params["unet"], config, jax.random.PRNGKey(int(model_config.lora.seed)))
+  def init():
+    return init_lora(params["unet"], config, jax.random.PRNGKey(int(model_config.lora.seed)))
+  abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params["unet"]))
+  factors = jax.eval_shape(init) if abstract else init()  # shapes only for an abstract denoiser
   return ({**params, "unet": factors, "base_unet": params["unet"]},
           functools.partial(_adapt, scale=config.scale))
 

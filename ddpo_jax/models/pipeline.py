@@ -102,6 +102,9 @@ class Pipeline:
     unet_config / vae_config / text_config: the architectures.
     scheduler_config: scheduler/scheduler_config.json as a dict.
     tokenizer: a `transformers.CLIPTokenizer`, or None.
+    abstract: params are `jax.ShapeDtypeStruct`s (`load_pipeline(..., abstract=True)`): the
+      pipeline can be traced and compiled, not run; `tokenize` gives placeholder ids (zeros)
+      of the right shape.
     dtype: parameter dtype. compute_dtype: activation dtype (None: `dtype`).
     attention_implementation: "auto" | "xla" | "cudnn". remat: gradient checkpointing of the
       UNet blocks.
@@ -126,6 +129,7 @@ class Pipeline:
   model_index: dict | None = None
   text_config_2: Any = None  # clip.CLIPTextConfig with with_projection
   tokenizer_2: Any = None
+  abstract: bool = False
 
   unet: UNet2DConditionModel = dataclasses.field(init=False, repr=False)
   vae: AutoencoderKL = dataclasses.field(init=False, repr=False)
@@ -245,9 +249,12 @@ class Pipeline:
   def tokenize(self, prompts: str | list[str]) -> np.ndarray:
     """Prompts -> int32 ids, padded and truncated like diffusers: (B, max_length), or for SDXL
     (B, 2, max_length), the ids of `tokenizer` and of `tokenizer_2`."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if self.abstract:  # shapes only: placeholder ids
+      return np.zeros((len(prompts),) + ((2,) if self.is_sdxl else ()) + (self.max_length,),
+                      np.int32)
     if self.tokenizer is None or (self.is_sdxl and self.tokenizer_2 is None):
       raise ValueError("this pipeline has no tokenizer" + ("_2" if self.tokenizer else ""))
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     tokenizers = (self.tokenizer, self.tokenizer_2) if self.is_sdxl else (self.tokenizer,)
     ids = [np.asarray(t(prompts, padding="max_length", max_length=self.max_length,
                         truncation=True, return_tensors="np").input_ids, np.int32)
@@ -366,11 +373,9 @@ def sd15_configs():
 
 def abstract_pipeline_params(unet_config, vae_config, text_config, dtype=jnp.float32) -> dict:
   """{"unet","vae","text_encoder"} parameter trees of `jax.ShapeDtypeStruct` (no allocation)."""
-  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   return {"unet": abstract_unet_params(unet_config, dtype),
           "vae": abstract_vae_params(vae_config, dtype),
-          "text_encoder": jax.eval_shape(
-              lambda k: clip_lib.init_clip_text_params(text_config, k, dtype), key)}
+          "text_encoder": clip_lib.abstract_clip_text_params(text_config, dtype)}
 
 
 def init_pipeline(unet_config: UNetConfig, vae_config: VAEConfig, text_config, key: jax.Array,
@@ -409,7 +414,8 @@ _HUB_PATTERNS = pipeline_io.hub_patterns(
 
 
 def load_pipeline(path, dtype: Dtype = jnp.float32, *, attention_implementation: str = "auto",
-                  remat: bool = False, compute_dtype: Dtype = None, placement=None):
+                  remat: bool = False, compute_dtype: Dtype = None, placement=None,
+                  abstract: bool = False):
   """Loads a diffusers-format pipeline (local directory or Hub id) of any supported family.
 
   model_index.json's `_class_name` picks the family: `StableDiffusionPipeline` and
@@ -429,6 +435,10 @@ def load_pipeline(path, dtype: Dtype = jnp.float32, *, attention_implementation:
     placement: (component name, Flax path tuple, shape) -> a `jax.sharding.Sharding` (or None:
       the default device) for every parameter, which is then read and placed one tensor at a
       time (each device receives only its shard; the host never holds a component twice).
+    abstract: read the configs only (every check above runs); the params are
+      `jax.ShapeDtypeStruct`s of the shapes and `dtype` the weights would have, tokenizers are
+      not read (`Pipeline.abstract`): for compiling the programs without weights
+      (`ddpo_jax.plan`).
 
   Raises:
     PipelineLoadError: not a directory / no model_index.json / a pipeline class other than
@@ -444,19 +454,20 @@ def load_pipeline(path, dtype: Dtype = jnp.float32, *, attention_implementation:
   index_path, model_index = pipeline_io.read_model_index(root, PIPELINE_CLASSES)
   pipeline_class = model_index.get("_class_name", "StableDiffusionPipeline")
   options = dict(dtype=dtype, attention_implementation=attention_implementation, remat=remat,
-                 compute_dtype=compute_dtype, placement=placement)
+                 compute_dtype=compute_dtype, placement=placement, abstract=abstract)
   if pipeline_class in flow_pipeline.PIPELINE_CLASSES:
     return flow_pipeline.load_flow_pipeline(root, model_index, **options)
   return _load_unet_pipeline(root, index_path, model_index, **options)
 
 
 def _load_unet_pipeline(root, index_path, model_index, *, dtype, attention_implementation,
-                        remat, compute_dtype, placement) -> Pipeline:
+                        remat, compute_dtype, placement, abstract) -> Pipeline:
   pipeline_class = model_index.get("_class_name", "StableDiffusionPipeline")
   required = PIPELINE_CLASSES[pipeline_class]
   sdxl = "text_encoder_2" in required
   accepted = {name: _ACCEPTED_CLASSES.get(name, ()) for name in COMPONENTS
-              if sdxl or not name.endswith("_2")}
+              if (sdxl or not name.endswith("_2"))
+              and not (abstract and name.startswith("tokenizer"))}
   dirs = pipeline_io.component_dirs(root, model_index, accepted, required)
 
   # 1. All configs (cheap, catches unsupported architectures before reading weights).
@@ -494,12 +505,18 @@ def _load_unet_pipeline(root, index_path, model_index, *, dtype, attention_imple
         f"{unet_file}: in_channels={unet_config.in_channels} "
         f"does not match the VAE's latent_channels={vae_config.latent_channels}")
 
-  # 2. Weights, converted one component at a time (keys and shapes checked).
+  # 2. Weights, converted one component at a time (keys and shapes checked), or their shapes.
   converters = {"unet": (unet_from_torch, unet_config), "vae": (vae_from_torch, vae_config),
                 "text_encoder": (clip_lib.clip_text_from_torch, text_config)}
   if sdxl:
     converters["text_encoder_2"] = (clip_lib.clip_text_from_torch, text_config_2)
-  params = pipeline_io.load_components(dirs, converters, _WEIGHT_BASENAMES, dtype, placement)
+  if abstract:
+    shapes = {"unet": abstract_unet_params, "vae": abstract_vae_params,
+              "text_encoder": clip_lib.abstract_clip_text_params,
+              "text_encoder_2": clip_lib.abstract_clip_text_params}
+    params = {name: shapes[name](config, dtype) for name, (_, config) in converters.items()}
+  else:
+    params = pipeline_io.load_components(dirs, converters, _WEIGHT_BASENAMES, dtype, placement)
 
   # 3. Tokenizers (optional).
   tokenizers = {name: pipeline_io.load_tokenizer(dirs[name], "CLIPTokenizer")
@@ -509,7 +526,7 @@ def _load_unet_pipeline(root, index_path, model_index, *, dtype, attention_imple
                   tokenizer=tokenizers.get("tokenizer"), dtype=dtype,
                   compute_dtype=compute_dtype, attention_implementation=attention_implementation,
                   remat=remat, model_index=model_index, text_config_2=text_config_2,
-                  tokenizer_2=tokenizers.get("tokenizer_2"))
+                  tokenizer_2=tokenizers.get("tokenizer_2"), abstract=abstract)
 
 
 

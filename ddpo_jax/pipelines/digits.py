@@ -418,16 +418,20 @@ def load_or_pretrain(model_config, seed: int, log=print) -> dict:
   return _load_or_make(path, abstract_params(model_config), make, "pre-trained digits model", log)
 
 
-def make_policy(config) -> Policy:
+def make_policy(config, abstract: bool = False) -> Policy:
   """The digits policy: the pre-trained denoiser in `model.dtype` (trained whole, or frozen
-  beside LoRA factors when `model.lora.enabled`), activations in `model.compute_dtype`."""
+  beside LoRA factors when `model.lora.enabled`), activations in `model.compute_dtype`.
+  `abstract`: params are `jax.ShapeDtypeStruct`s (nothing is pre-trained or loaded)."""
   model_config = config.model
   # .get: runs saved before these keys existed are float32 without LoRA
   _, enc, denoiser = _denoiser(model_config, jnp.dtype(model_config.get("compute_dtype",
                                                                        "float32")))
-  params = load_or_pretrain(model_config, model_config.pretrain.seed)
+  params = (abstract_params(model_config) if abstract
+            else load_or_pretrain(model_config, model_config.pretrain.seed))
   dtype = jnp.dtype(model_config.get("dtype", "float32"))
-  params = {**params, "unet": jax.tree.map(lambda x: x.astype(dtype), params["unet"])}
+  params = {**params, "unet": jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, dtype) if abstract else x.astype(dtype),
+      params["unet"])}
   params, assemble = lora_lib.adapted_policy_params(params, model_config)
   flow_model = is_flow(model_config)
   if flow_model and config.mode == "ctrl":

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpo_jax.models import lora as lora_lib
+from ddpo_jax.models import lora as lora_lib, published_configs
 from ddpo_jax.models.pipeline import load_pipeline
 from ddpo_jax.pipelines.denoiser import Denoiser
 from ddpo_jax.pipelines.policy import Policy
@@ -59,6 +59,12 @@ def make_prompt_fn(config):
                                     activities_path=activities)
 
 
+def _no_prompts(rng, n: int) -> list[str]:
+  """An abstract policy's prompt function: n empty prompts (only the ids' shape matters)."""
+  del rng
+  return [""] * n
+
+
 def _dtype(name: str):
   try:
     return jnp.dtype(name)
@@ -67,12 +73,13 @@ def _dtype(name: str):
 
 
 @functools.lru_cache(maxsize=2)
-def _load(path: str, stamp, dtype: str, compute_dtype: str, attention: str, remat: bool):
+def _load(path: str, stamp, dtype: str, compute_dtype: str, attention: str, remat: bool,
+          abstract: bool):
   """Loads (and caches) a pipeline: the sample CLI and the exporter build policies repeatedly.
   `stamp` (model_index.json's mtime for a directory) makes a rewritten directory load again."""
   del stamp
   return load_pipeline(path, _dtype(dtype), compute_dtype=_dtype(compute_dtype),
-                       attention_implementation=attention, remat=remat)
+                       attention_implementation=attention, remat=remat, abstract=abstract)
 
 
 def pretrained_directory(model_config) -> str:
@@ -103,20 +110,26 @@ def weight_files(model_config) -> tuple[str, list[str]]:
   return directory, files
 
 
-def load_model_pipeline(model_config):
-  """The `Pipeline` of `config.model` (raises `PipelineLoadError` for a bad path)."""
+def load_model_pipeline(model_config, abstract: bool = False):
+  """The `Pipeline` of `config.model` (raises `PipelineLoadError` for a bad path).
+
+  `abstract`: parameter shapes from the configs only (`load_pipeline(..., abstract=True)`); a
+  Hub id that is not a local directory reads the configs shipped with the package
+  (`published_configs`), so nothing is downloaded."""
   path = model_config.pretrained_path
   if not path:
     raise ValueError("config.model.pretrained_path is empty: give a diffusers Stable Diffusion "
                      "directory or a Hub id (e.g. --config.model.pretrained_path=DIR)")
   path = os.path.expanduser(path)
   stamp = None
+  if abstract and not os.path.isdir(path):
+    path = published_configs.directory(path)
   if os.path.isdir(path):
     path = os.path.abspath(path)
     index = os.path.join(path, "model_index.json")
     stamp = os.path.getmtime(index) if os.path.exists(index) else None
   return _load(path, stamp, model_config.dtype, model_config.compute_dtype,
-               model_config.attention_implementation, bool(model_config.remat))
+               model_config.attention_implementation, bool(model_config.remat), abstract)
 
 
 def make_denoiser(pipe, latent_shape, embedded_guidance: float | None = None) -> Denoiser:
@@ -146,12 +159,15 @@ def make_denoiser(pipe, latent_shape, embedded_guidance: float | None = None) ->
                   time_embed_dim=getattr(getattr(pipe, "unet_config", None), "time_embed_dim", 0))
 
 
-def make_policy(config) -> Policy:
+def make_policy(config, abstract: bool = False) -> Policy:
   """The SD policy of `config` (see the module docstring). Errors are raised here, before any
-  compilation: bad prompt set / file, bad model path, resolution, LoRA targets."""
+  compilation: bad prompt set / file, bad model path, resolution, LoRA targets. `abstract`:
+  its params are `jax.ShapeDtypeStruct`s read from the configs alone (`load_model_pipeline`),
+  for compiling, not running."""
   mc = config.model
-  prompt_fn = make_prompt_fn(config)  # cheap checks first
-  pipe = load_model_pipeline(mc)
+  # cheap checks first; an abstract policy draws no prompts (its token ids are placeholders)
+  prompt_fn = _no_prompts if abstract else make_prompt_fn(config)
+  pipe = load_model_pipeline(mc, abstract)
   try:
     pipe.tokenize([""])
   except ValueError as e:

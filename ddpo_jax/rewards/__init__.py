@@ -77,7 +77,7 @@ def remote_url(name: str, reward_config) -> str:
   return url
 
 
-def _term_names(config) -> dict[str, float]:
+def term_names(config) -> dict[str, float]:
   """{term name: weight} of `config.reward.weights`, then each `config.reward.metrics` name not
   already there at weight 0."""
   terms = dict(config.reward.weights)
@@ -90,7 +90,7 @@ def check_remote_terms(config, task_rewards=()) -> dict[str, str]:
   """{term: URL} of every remote term of `config.reward` (weights and metrics), without
   contacting any server; names in `task_rewards` (a task's own rewards) are not remote.
   Raises the ValueError of `remote_url` for a term without a URL (`check_terms` calls it)."""
-  return {name: remote_url(name, config.reward) for name in _term_names(config)
+  return {name: remote_url(name, config.reward) for name in term_names(config)
           if is_remote(name) and name not in task_rewards}
 
 
@@ -122,7 +122,7 @@ def check_terms(config, task_rewards=None) -> None:
       key is not a non-empty string (naming the key); a remote term without a URL
       (`remote_url`'s message).
   """
-  terms = _term_names(config)
+  terms = term_names(config)
   if not any(w != 0 for w in terms.values()):
     raise ValueError("config.reward.weights must give at least one term a non-zero weight")
   own = () if task_rewards is None else tuple(task_rewards)
@@ -157,11 +157,12 @@ def make_rewards(config, policy, log=print) -> list[tuple[float, Reward]]:
   """
   task_rewards = policy.rewards  # rewards a task defines (e.g. CTRL's)
   check_terms(config, task_rewards)
-  return [(float(weight), _build(name, config, task_rewards, log))
-          for name, weight in _term_names(config).items()]
+  return [(float(weight), build_term(name, config, task_rewards, log))
+          for name, weight in term_names(config).items()]
 
 
-def _build(name: str, config, task_rewards, log) -> Reward:
+def build_term(name: str, config, task_rewards, log=print) -> Reward:
+  """The `Reward` of term `name` of `config.reward` (`make_rewards` builds each term here)."""
   if name in task_rewards:
     return task_rewards[name]
   if is_remote(name):
@@ -180,6 +181,6 @@ def _build(name: str, config, task_rewards, log) -> Reward:
   return reward
 
 
-__all__ = ["REMOTE", "REMOTE_PREFIX", "RegisteredReward", "Reward", "check_remote_terms",
-           "check_terms", "get", "is_remote", "make_rewards", "names", "register", "remote_url",
-           "to_uint8", "unregister"]
+__all__ = ["REMOTE", "REMOTE_PREFIX", "RegisteredReward", "Reward", "build_term",
+           "check_remote_terms", "check_terms", "get", "is_remote", "make_rewards", "names",
+           "register", "remote_url", "term_names", "to_uint8", "unregister"]

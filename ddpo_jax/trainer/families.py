@@ -27,8 +27,8 @@ class Family:
   """A model family's entry in `FAMILIES`.
 
   Attributes:
-    make_policy: config -> `Policy` (raises ValueError / FileNotFoundError for bad settings
-      before anything is compiled).
+    make_policy: (config, abstract=False) -> `Policy` (raises ValueError / FileNotFoundError
+      for bad settings before anything is compiled); `abstract=True`: parameter shapes only.
     weight_files: config.model -> (directory, [paths relative to it]) of the pre-trained
       weights, configs and tokenizers a run starts from (the directory exists once the model
       has been loaded or pre-trained).
@@ -52,9 +52,11 @@ def family(config) -> Family:
   return FAMILIES[kind]
 
 
-def build_base_policy(config) -> Policy:
-  """The policy of the model family `config.model.kind` alone."""
-  return family(config).make_policy(config)
+def build_base_policy(config, abstract: bool = False) -> Policy:
+  """The policy of the model family `config.model.kind` alone; `abstract`: its params are
+  `jax.ShapeDtypeStruct`s from the model's configs alone (no weights read, nothing
+  pre-trained), for compiling its programs (`ddpo_jax.plan`)."""
+  return family(config).make_policy(config, abstract=abstract)
 
 
 def build_policy(config, workdir: str, log=print) -> Policy:

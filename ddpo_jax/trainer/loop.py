@@ -475,9 +475,10 @@ class DDPOEpoch:
     trajs = []
     for b in tqdm.trange(self.num_batches, desc=f"epoch {epoch} sampling", leave=False,
                          disable=not (self.config.progress and parallel.is_main_process())):
-      prompts, local, meta = self.batch_prompts(epoch, b)
-      ids = parallel.to_global(self.policy.tokenize(local), self.mesh)
-      meta_dev = parallel.to_global(self.sampler_inputs(epoch, b, meta), self.mesh)
+      prompts, local = self.batch_prompts(epoch, b)
+      ids, meta = prompt_inputs(self.policy, self.device_terms, local)
+      meta_dev = with_sde_window(self.config, meta, len(local), epoch, b)
+      ids, meta_dev = parallel.to_global((ids, meta_dev), self.mesh)
       traj, images, rewards = self.sample_fn(sampling_params(state), self.frozen,
                                              self.put_key(epoch, b), ids, meta_dev)
       # Host rewards of this process's rows run on the pool while the device samples on.
@@ -535,7 +536,7 @@ class DDPOEpoch:
 
   # ----------------------------------------------------------------------- the inputs
   def batch_prompts(self, epoch: int, b: int):
-    """(global prompts, this process's prompts, their metadata) of batch b of `epoch`."""
+    """(global prompts, this process's prompts) of batch b of `epoch`."""
     config, policy, group = self.config, self.policy, int(self.config.sample.group_size)
     rng = np.random.default_rng([config.seed, epoch, b])
     if config.sample.prompt_sampling == "epoch_unique":  # flow_grpo: no repeats in an epoch
@@ -545,20 +546,7 @@ class DDPOEpoch:
       drawn = policy.prompt_fn(rng, self.B // group)
     # GRPO: B / G prompts, each G times in a row (whole groups per batch)
     prompts = np.repeat(np.asarray(drawn, object), group) if group > 1 else drawn
-    local = list(prompts[self.rows])
-    meta = dict(policy.prompt_metadata(local))
-    for _, r in self.device_terms:  # e.g. a CLIP reward's own token ids
-      if r.prompt_metadata is not None:
-        meta.update(r.prompt_metadata(local))
-    return prompts, local, {k: np.asarray(v) for k, v in meta.items()}
-
-  def sampler_inputs(self, epoch: int, b: int, meta: dict) -> dict:
-    """The sampling program's metadata: the prompts', plus the SDE window (B, T) if any."""
-    window = dynamics.sde_window_steps(self.config.sample, self.config.seed, epoch, b)
-    if window is None:
-      return meta
-    rows = self.rows.stop - self.rows.start
-    return {**meta, "sde_steps": np.broadcast_to(window, (rows,) + window.shape).copy()}
+    return prompts, list(prompts[self.rows])
 
   def put_key(self, *folds: int):
     """The run's initial key folded with `folds`, replicated on the devices."""
@@ -569,26 +557,75 @@ class DDPOEpoch:
 
   def _compile(self, state: TrainState, start_epoch: int) -> None:
     """Compiles `sample_fn`, `update_fn` and `old_policy_fn` (DiffusionNFT, else None)."""
-    config, policy, mesh, B = self.config, self.policy, self.mesh, self.B
-    repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-    _, local0, meta0 = self.batch_prompts(start_epoch, 0)
-    meta0 = self.sampler_inputs(start_epoch, 0, meta0)
-    ids0 = policy.tokenize(local0)
-    key_abs = _abstract(self.rng_host, repl)
+    data = parallel.data_sharding(self.mesh)
+    _, local0 = self.batch_prompts(start_epoch, 0)
+    ids0, meta0 = prompt_inputs(self.policy, self.device_terms, local0)
+    meta0 = with_sde_window(self.config, meta0, len(local0), start_epoch, 0)
     t0 = time.time()
-    self.sample_fn = make_sample_fn(policy, config, self.device_terms, mesh).lower(
-        sampling_params(state), self.frozen, key_abs, _abstract(ids0, data, B),
-        {k: _abstract(v, data, B) for k, v in meta0.items()}).compile()
+    programs = trace_programs(self.config, self.policy, self.optimizer, self.mesh,
+                              self.device_terms, state, self.frozen,
+                              _abstract(ids0, data, self.B),
+                              {k: _abstract(v, data, self.B) for k, v in meta0.items()})
+    self.sample_fn = programs["sample"].lower().compile()
     t_compile_sample = time.time() - t0
-    N = B * self.num_batches
-    traj_abs = jax.tree.map(lambda x: _abstract(x, data, N), self.sample_fn.out_info[0])
     t0 = time.time()
-    self.update_fn = make_update_fn(policy, config, self.optimizer, mesh).lower(
-        state, self.frozen, traj_abs, *[jax.ShapeDtypeStruct((N,), jnp.float32, sharding=data)] * 3,
-        key_abs).compile()
-    self.old_policy_fn = make_old_policy_fn(config, self.optimizer, policy, mesh)
-    if self.old_policy_fn is not None:
-      self.old_policy_fn = self.old_policy_fn.lower(state).compile()
+    self.update_fn = programs["update"].lower().compile()
+    self.old_policy_fn = (programs["old_policy"].lower().compile() if "old_policy" in programs
+                          else None)
     t_compile_update = time.time() - t0
     self.log(f"compiled the sample step in {t_compile_sample:.1f} s and the update step in "
              f"{t_compile_update:.1f} s")
+
+
+def prompt_inputs(policy, device_terms, prompts: list[str]) -> tuple[np.ndarray, dict]:
+  """(token ids (n, ...) int32, metadata {name: (n, ...) array}) of `prompts` for the sampling
+  program: the policy's ids and prompt metadata, and each device reward's own (e.g. a CLIP
+  reward's token ids). Host rewards read the same metadata."""
+  meta = dict(policy.prompt_metadata(prompts))
+  for _, r in device_terms:
+    if r.prompt_metadata is not None:
+      meta.update(r.prompt_metadata(prompts))
+  return policy.tokenize(prompts), {k: np.asarray(v) for k, v in meta.items()}
+
+
+def with_sde_window(config, meta: dict, n: int, epoch: int, batch: int) -> dict:
+  """The sampling program's metadata: `meta`, plus the SDE window's steps "sde_steps" (n, T)
+  bool of sampling call `batch` of `epoch` when the sampler has one
+  (`dynamics.sde_window_steps`)."""
+  window = dynamics.sde_window_steps(config.sample, config.seed, epoch, batch)
+  if window is None:
+    return meta
+  return {**meta, "sde_steps": np.broadcast_to(window, (n,) + window.shape).copy()}
+
+
+def trace_programs(config, policy, optimizer, mesh, device_terms, state, frozen, ids,
+                   metadata) -> dict[str, jax.stages.Traced]:
+  """The run's compiled phases, traced for `mesh` (`.lower().compile()` compiles one):
+
+    "sample": one sampling call (`train.make_sample_fn`: the prompts' encoding, the whole
+      trajectory scan, the decoder and the device rewards) of `sample.batch_size` samples;
+    "update": one inner epoch over the epoch's N = batch_size x num_batches_per_epoch
+      trajectories (`train.make_update_fn`: every micro-batch, gradient accumulation and
+      optimizer step);
+    "old_policy": DiffusionNFT's old-policy refresh (`train.make_old_policy_fn`), when the
+      algorithm keeps one.
+
+  The training loop (`DDPOEpoch`) and `ddpo_jax.plan` both build their programs here: `state`
+  (`TrainState`) and `frozen` are arrays or `jax.ShapeDtypeStruct`s with their shardings; `ids`
+  and `metadata` are one sampling call's ShapeDtypeStructs (leading axis `sample.batch_size`,
+  the data sharding), e.g. from `prompt_inputs` / `with_sde_window`.
+  """
+  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  key = jax.ShapeDtypeStruct(state.rng.shape, state.rng.dtype, sharding=repl)
+  sample = make_sample_fn(policy, config, device_terms, mesh).trace(
+      sampling_params(state), frozen, key, ids, metadata)
+  n = int(config.sample.batch_size) * int(config.sample.num_batches_per_epoch)
+  trajectories = jax.tree.map(lambda x: _abstract(x, data, n), sample.out_info[0])
+  per_sample = jax.ShapeDtypeStruct((n,), jnp.float32, sharding=data)
+  programs = {"sample": sample,
+              "update": make_update_fn(policy, config, optimizer, mesh).trace(
+                  state, frozen, trajectories, per_sample, per_sample, per_sample, key)}
+  old_policy_fn = make_old_policy_fn(config, optimizer, policy, mesh)
+  if old_policy_fn is not None:
+    programs["old_policy"] = old_policy_fn.trace(state)
+  return programs
