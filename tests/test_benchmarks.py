@@ -15,6 +15,7 @@ the train_and_evaluate cross-check) runs without it.
 import ast
 import glob
 import importlib
+import importlib.util
 import re
 import os
 import subprocess
@@ -499,3 +500,16 @@ def test_ctrl_digits_runs(tmp_path, digits_cache):
                     "--methods=cfg", f"--root={tmp_path}")
   assert "| class | 100 | classifier-free guidance | digit " in out, out
   assert os.path.exists(tmp_path / "class_cfg_100" / "eval.json")
+
+
+@pytest.mark.slow  # one TPU compile of the tiny digits run (the plan CLI's fast test does one)
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu not installed (pip install -e '.[tpu-plan]')")
+def test_plan_table_smoke_row(tmp_path, digits_cache):
+  """benchmarks/plan_table.py's smallest row: the digits run compiled for v5e:2x2; its JSON is
+  kept and a second call reads it back instead of compiling."""
+  out = _run_script("plan_table.py", "--rows=tiny", f"--out={tmp_path}", timeout=900)
+  row = [line for line in out.splitlines() if line.startswith("| digits DDPO")]
+  assert len(row) == 1 and "| v5e:2x2 |" in row[0] and "does not fit" not in row[0], out
+  assert (tmp_path / "tiny.json").exists()
+  assert _run_script("plan_table.py", "--rows=tiny", f"--out={tmp_path}").splitlines()[2] == row[0]

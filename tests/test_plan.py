@@ -222,3 +222,20 @@ def test_a_run_that_does_not_fit_says_so_with_exit_1_and_still_writes_json(tmp_p
   assert not plan["fits"] and not all(p["fits"] for p in plan["programs"])
   assert "DOES NOT FIT" in out.stdout and "fits: NO" in out.stdout
   assert sorted(os.listdir(tmp_path)) == ["plan.json"]
+
+
+@needs_libtpu
+@pytest.mark.slow  # two more TPU compiles of the tiny run
+def test_max_batch_search_compiles_upward_until_the_limit(digits_cache):
+  from helpers import load_config
+  config = load_config("default")
+  config.sample.num_batches_per_epoch = 1
+  config.sample.num_steps = 2
+  config.train.gradient_accumulation_steps = 1
+  topology = plan_lib.make_topology("v5e:2x2")
+  seen = []
+  best, plan, refused = plan_lib.max_batch(config, topology, log=seen.append, limit=2)
+  assert best == 2 and plan.fits and not refused
+  assert [line for line in seen if line.startswith("batch ")] == [
+      "batch 1 per device: fits", "batch 2 per device: fits"]
+  assert plan.samples_per_epoch == 8  # 2 per device x 4 devices

@@ -312,12 +312,11 @@ def plan_run(config, topology: Topology, log=lambda msg: None) -> Plan:
   policy = build_base_policy(config, abstract=True)
   device_terms = _device_terms(config, policy, notes, log)
   optimizer = make_optimizer(config.train, policy.learning_rates)
-  params_sh, frozen_sh, state_sh = model_shardings(policy, config, optimizer, mesh)
+  _, frozen_sh, state_sh = model_shardings(policy, config, optimizer, mesh)
   unet = policy.params["unet"]
   state = jax.eval_shape(lambda p: new_train_state(
       config, p, optimizer.init(p), jax.random.PRNGKey(0)), unet)
-  state = _with_shardings(state, state_sh if not isinstance(params_sh, jax.sharding.Sharding)
-                          else parallel.replicated(mesh))
+  state = _with_shardings(state, state_sh)
   frozen = _with_shardings(frozen_params(policy, config), frozen_sh)
   B = int(config.sample.batch_size)
   prompts = list(policy.prompt_fn(np.random.default_rng(int(config.seed)), B))
