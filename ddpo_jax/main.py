@@ -14,10 +14,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpo_jax import config_schema
+from ddpo_jax import api
 from ddpo_jax.numerics import parallel
-from ddpo_jax.pipelines import digits
-from ddpo_jax.trainer import loop, ctrl as trainer
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG = config_flags.DEFINE_config_file(
@@ -43,21 +41,11 @@ _DIST_TIMEOUT = flags.DEFINE_integer(
     "distributed_timeout", 300, "Seconds to wait for the coordinator and for all processes.")
 
 
-def set_cpu_devices(num: int) -> None:
-  """Splits the CPU backend into `num` devices (`config.cpu_devices`; 0: leave JAX's default).
-  Must run before JAX starts a backend: a later call with a different count raises."""
-  if num < 0:
-    raise ValueError(f"config.cpu_devices={num} must be >= 0 (0: JAX's default)")
-  if num:
-    import jax
-    jax.config.update("jax_num_cpu_devices", num)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  set_cpu_devices(int(config.cpu_devices))
+  api.use_cpu_devices(int(config.cpu_devices))
   parallel.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value, _DIST_TIMEOUT.value)
   # After an uncaught error, exit at once: Orbax's background threads of a failed save (and, in
@@ -65,19 +53,7 @@ def main(argv):
   # for minutes.
   parallel.exit_on_uncaught_exception()
   logging.set_verbosity(logging.WARNING)
-  allow = tuple(_ALLOW_CONFIG_CHANGE.value)
-  if config.mode == "pretrain":
-    config_schema.validate(config)
-    if config.model.kind != "digits":
-      raise ValueError("mode='pretrain' exists for the built-in digits model only")
-    digits.load_or_pretrain(config.model, config.model.pretrain.seed)
-    return
-  if config.mode == "ctrl":
-    trainer.train_and_evaluate(config, _WORKDIR.value, allow_config_change=allow)
-    return
-  if config.mode != "ddpo":
-    raise ValueError(f"config.mode={config.mode!r}; use 'ddpo', 'ctrl' or 'pretrain'")
-  loop.train_and_evaluate(config, _WORKDIR.value, allow_config_change=allow)
+  api.run_mode(config, _WORKDIR.value, allow_config_change=tuple(_ALLOW_CONFIG_CHANGE.value))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import optax
 from ddpo_jax import algorithms, config_schema
 from ddpo_jax.numerics import diffusion, flow, parallel
 from ddpo_jax.pipelines.policy import Policy
-from ddpo_jax.rewards import Reward, check_terms
+from ddpo_jax.rewards import Reward, call_reward, check_terms
 from ddpo_jax.tasks import dynamics as dynamics_lib
 
 @flax.struct.dataclass
@@ -296,7 +296,8 @@ def make_sample_fn(policy: Policy, config, device_rewards: list[tuple[float, Rew
                           if use_kl else None),
         kl_reduction=config.train.kl_reduction, sde_steps=metadata.get("sde_steps"))
     images = policy.decode(params, traj.next_latents[:, -1])
-    rewards = {r.name: r.fn(images, prompt_ids, metadata) for _, r in device_rewards}
+    # checked here, while traced: each (rewards (B,), info dict), or an error naming the reward
+    rewards = {r.name: call_reward(r, images, prompt_ids, metadata) for _, r in device_rewards}
     return traj, images, rewards
 
   data, repl = parallel.data_sharding(mesh), parallel.replicated(mesh)

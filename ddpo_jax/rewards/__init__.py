@@ -11,8 +11,10 @@ A training reward is a weighted sum of named terms (`config.reward.weights`); te
 `config.reward.metrics` are computed and logged only. `make_rewards` builds them by name, looking
 each up in this order:
 - the task's own rewards (`Policy.rewards`, e.g. CTRL's log-likelihood and judge accuracies);
-- the registry (`register`, `names`, `get`: ddpo_jax/rewards/registry.py), where each reward
-  module registers its names; this package imports the built-in ones:
+- the registry (`reward`, `register`, `names`, `get`: ddpo_jax/rewards/registry.py): `reward`
+  registers a plain function (a user's reward, docs/rewards.md "Your own reward in Python"),
+  `register` a factory reading the config; each built-in reward module registers its names,
+  and this package imports them:
     jpeg.py             "jpeg_compressibility", "jpeg_incompressibility"   (host)
     digit_classifier.py "digit_class_logprob" (device), "digits_heldout_accuracy" (host)
     aesthetic.py        "aesthetic"                                        (device)
@@ -22,6 +24,9 @@ each up in this order:
   `config.reward.server_urls.NAME`, so one config can weight scorers hosted on several servers
   (e.g. "remote_ocr" and "remote_geneval"). `remote_url` finds a term's URL and refuses a term
   without one.
+The trainer calls every reward through `call_reward`, which stops naming the reward when it
+returns anything but (an array of shape (B,), a dict) (`check_result`; device rewards when the
+sampling program is traced); NaN/inf rewards stop the epoch before the update.
 `check_terms` refuses a config whose terms cannot be built (an unknown name, an empty path key a
 reward needs, a remote term without a URL) before anything is loaded; docs/rewards.md, "Adding
 a reward", shows how to add one.
@@ -32,10 +37,10 @@ import numpy as np
 
 # The built-in reward modules, imported for their registrations (in this order in `names()`).
 from ddpo_jax.rewards import jpeg, digit_classifier, aesthetic, clip_score  # noqa: F401
-from ddpo_jax.rewards.base import Reward
+from ddpo_jax.rewards.base import Reward, call_reward, check_result
 from ddpo_jax.rewards.client import remote_reward
 from ddpo_jax.rewards.registry import (REMOTE, REMOTE_PREFIX, RegisteredReward, get, is_remote,
-                                       names, register, unregister)
+                                       names, register, reward, unregister)
 
 
 def to_uint8(images) -> np.ndarray:
@@ -136,7 +141,8 @@ def check_terms(config, task_rewards=None) -> None:
       raise ValueError(f"unknown reward {name!r} (config.reward.weights / metrics); known: "
                        f"{known} (remote_NAME: any NAME with a URL in "
                        "config.reward.server_urls; a new reward registers its name with "
-                       "ddpo_jax.rewards.register, docs/rewards.md)")
+                       "@ddpo_jax.rewards.reward (a function) or ddpo_jax.rewards.register (a "
+                       "factory), docs/rewards.md)")
     for key in get(name).needs:
       value = _config_value(config, key)
       if not isinstance(value, str) or not value:
@@ -172,15 +178,16 @@ def build_term(name: str, config, task_rewards, log=print) -> Reward:
         timeout=float(config.reward.server_timeout_s), retries=3, backoff=1.0,
         deadline_s=float(config.reward.server_deadline_s)), on_device=False)
   registered = get(name)
-  reward = registered.make(config, log)
-  if not isinstance(reward, Reward) or reward.name != name or \
-      reward.on_device != registered.on_device:
+  built = registered.make(config, log)
+  if not isinstance(built, Reward) or built.name != name or \
+      built.on_device != registered.on_device:
     raise ValueError(f"reward {name!r}: its registered builder {registered.make.__qualname__} "
-                     f"returned {reward!r}; expected a Reward named {name!r} with on_device="
+                     f"returned {built!r}; expected a Reward named {name!r} with on_device="
                      f"{registered.on_device} (as registered)")
-  return reward
+  return built
 
 
-__all__ = ["REMOTE", "REMOTE_PREFIX", "RegisteredReward", "Reward", "build_term",
-           "check_remote_terms", "check_terms", "get", "is_remote", "make_rewards", "names",
-           "register", "remote_url", "term_names", "to_uint8", "unregister"]
+__all__ = ["REMOTE", "REMOTE_PREFIX", "RegisteredReward", "Reward", "build_term", "call_reward",
+           "check_remote_terms", "check_result", "check_terms", "get", "is_remote",
+           "make_rewards", "names", "register", "remote_url", "reward", "term_names",
+           "to_uint8", "unregister"]

@@ -38,7 +38,7 @@ import numpy as np
 import tqdm
 
 from ddpo_jax.numerics import parallel, rl
-from ddpo_jax.rewards import Reward, make_rewards, to_uint8
+from ddpo_jax.rewards import Reward, call_reward, make_rewards, to_uint8
 from ddpo_jax.tasks import dynamics, prompts as prompts_lib
 from ddpo_jax.trainer import checkpoints, workdir as workdir_lib
 from ddpo_jax.trainer.families import base_weights, build_policy
@@ -168,7 +168,7 @@ def image_grid(images: np.ndarray, pad: int = 1, cols: int | None = None) -> np.
 
 def _host_reward(reward: Reward, images, prompts, metadata):
   """A host reward of this process's rows; `images` is a global array (read locally here)."""
-  rewards, info = reward.fn(to_uint8(parallel.local_rows(images)), prompts, metadata)
+  rewards, info = call_reward(reward, to_uint8(parallel.local_rows(images)), prompts, metadata)
   numeric = {k: np.atleast_1d(np.asarray(v)) for k, v in info.items()}
   # Only numeric info is logged (a remote scorer may also return e.g. the VLM's answers).
   return np.asarray(rewards, np.float32), {k: v for k, v in numeric.items()
