@@ -33,6 +33,7 @@ setup(
             "pytest-xdist>=3.5",  # the suite runs on two workers (README, .ci/run)
             "torch==2.13.0",
             "diffusers>=0.40",
+            "peft>=0.17",  # diffusers' load_lora_weights: the LoRA export's parity oracle
             "nbformat>=5.9",
             "nbclient>=0.10",
             "ipykernel>=6.29",

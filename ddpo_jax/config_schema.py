@@ -330,6 +330,9 @@ def _lora_keys(enabled: bool) -> tuple[tuple, ...]:
        "paths"),
       ("model.lora.init_std", 0.0, "std of A at init; 0 = 1 / rank"),
       ("model.lora.seed", 0, "seed of the LoRA init"),
+      ("model.lora.init_path", "", "a diffusers / PEFT LoRA file (or a directory holding "
+       "pytorch_lora_weights.safetensors, e.g. an export) to start the factors from; '' = "
+       "the random init"),
   )
 
 

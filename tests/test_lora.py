@@ -221,7 +221,8 @@ def test_update_trains_only_lora_base_bit_identical(tiny_sd, prompt_assets, comp
 @pytest.mark.slow  # 42 s in CI (cold cache); the SD run's save/load round trip stays fast
 def test_export_merged_loads_in_diffusers_and_matches(tiny_sd, prompt_assets, compile_cache,
                                                       tmp_path):
-  """One epoch of LoRA training, `python -m ddpo_jax.export`, diffusers UNet == merged UNet."""
+  """One epoch of LoRA training, `python -m ddpo_jax.export --merged`, diffusers UNet == merged
+  UNet (the LoRA-file export: tests/test_lora_export.py)."""
   import torch
   from diffusers import StableDiffusionPipeline
   from ddpo_jax import export
@@ -232,7 +233,7 @@ def test_export_merged_loads_in_diffusers_and_matches(tiny_sd, prompt_assets, co
   config = load_config("sd_compressibility", **sd_overrides(tiny_sd, prompt_assets, num_epochs=1))
   loop.train_and_evaluate(config, workdir)
   result = subprocess.run([sys.executable, "-m", "ddpo_jax.export", f"--workdir={workdir}",
-                           f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                           f"--out={out}", "--merged"], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=subprocess_env(compile_cache))
   assert result.returncode == 0, result.stderr[-3000:]
   assert sorted(os.listdir(tmp_path)) == ["exported", "run"]  # no temporary directory left
@@ -261,20 +262,20 @@ def test_export_merged_loads_in_diffusers_and_matches(tiny_sd, prompt_assets, co
   assert pipe.tokenizer("a cat").input_ids == base_pipe.tokenizer("a cat").input_ids
 
   with pytest.raises(FileNotFoundError, match="no checkpoints"):
-    export.export_pipeline(str(tmp_path / "nothing"), str(tmp_path / "new"))
+    export.export_pipeline(str(tmp_path / "nothing"), str(tmp_path / "new"), merged=True)
 
   # Nothing is replaced that should not be: the run's own directory (or one inside or above
   # it), an existing export without --overwrite; with it, the export is written again.
   for target in (workdir, os.path.join(workdir, "checkpoints"), str(tmp_path)):
     bad = subprocess.run([sys.executable, "-m", "ddpo_jax.export", f"--workdir={workdir}",
-                          f"--out={target}", "--overwrite"], cwd=REPO, capture_output=True,
+                          f"--out={target}", "--overwrite", "--merged"], cwd=REPO, capture_output=True,
                          text=True, timeout=300, env=subprocess_env(compile_cache))
     assert bad.returncode != 0 and "would replace the run's checkpoints" in bad.stderr, target
   assert runs.restore_run(workdir)[3] == 1  # the checkpoints are still there
   with pytest.raises(FileExistsError, match=r"already holds an exported pipeline: pass"):
-    export.export_pipeline(workdir, out)
+    export.export_pipeline(workdir, out, merged=True)
   before = os.path.getmtime(os.path.join(out, "model_index.json"))
-  export.export_pipeline(workdir, out, overwrite=True)
+  export.export_pipeline(workdir, out, overwrite=True, merged=True)
   assert os.path.getmtime(os.path.join(out, "model_index.json")) >= before
   assert sorted(os.listdir(tmp_path)) == ["exported", "run"]
 

@@ -36,6 +36,7 @@ from flax import traverse_util
 
 # The attention projections of diffusers' UNet (self- and cross-attention).
 from ddpo_jax.config_schema import LORA_DEFAULT_TARGETS as DEFAULT_TARGETS
+from ddpo_jax.models import lora_io
 from ddpo_jax.models.adapters import LoraAdapted
 
 Params = Any
@@ -47,11 +48,13 @@ class LoraTargetError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-  """rank r, alpha (scale = alpha / r), target regexes, A's init std (None: 1 / r)."""
+  """rank r, alpha (scale = alpha / r), target regexes, A's init std (None: 1 / r), and a
+  diffusers / PEFT LoRA file to start from instead ("": the random init; `load_lora`)."""
   rank: int = 4
   alpha: float = 4.0
   targets: tuple[str, ...] = DEFAULT_TARGETS
   init_std: float | None = None
+  init_path: str = ""
 
   @property
   def scale(self) -> float:
@@ -59,10 +62,12 @@ class LoraConfig:
 
   @classmethod
   def from_config(cls, cfg) -> "LoraConfig":
-    """From an ml_collections `model.lora` node (rank, alpha, targets, init_std; 0 = 1/rank)."""
+    """From an ml_collections `model.lora` node (rank, alpha, targets, init_std: 0 = 1/rank,
+    init_path)."""
     init_std = float(cfg.get("init_std", 0.0) or 0.0)
     return cls(rank=int(cfg.rank), alpha=float(cfg.alpha), targets=tuple(cfg.targets),
-               init_std=init_std if init_std > 0 else None)
+               init_std=init_std if init_std > 0 else None,
+               init_path=str(cfg.get("init_path", "") or ""))
 
 
 def module_paths(params: Params) -> list[str]:
@@ -132,16 +137,33 @@ def init_lora(base_params: Params, config: LoraConfig, key: jax.Array) -> Params
   return traverse_util.unflatten_dict(out)
 
 
+def load_lora(path: str, base_params: Params, config: LoraConfig) -> Params:
+  """The factors of the diffusers / PEFT LoRA file at `path` (a file, or a directory holding
+  `pytorch_lora_weights.safetensors`, e.g. one `python -m ddpo_jax.export` wrote) for the
+  modules of `base_params` that `config.targets` select, at `config.rank`, converted to
+  `config.scale` (`models.lora_io.read_lora_file`); float32 device arrays.
+
+  Raises:
+    FileNotFoundError: no file; LoraTargetError: see `select_targets`;
+    lora_io.LoraFileError: missing / extra keys (all listed, naming the file), wrong shapes.
+  """
+  modules = select_targets(base_params, config.targets)
+  factors = lora_io.read_lora_file(path, base_params, modules, int(config.rank), config.scale)
+  return jax.tree.map(lambda x: jax.device_put(np.asarray(x, np.float32)), factors)
+
+
 def adapted_policy_params(params: dict, model_config) -> tuple[dict, Any]:
   """A family's {"unet": denoiser, ...frozen} params set up for LoRA training when
   `model_config.lora.enabled`: ({"unet": factors, "base_unet": the denoiser as given (its
   dtype is the family's `model.dtype`), ...}, assemble) with assemble(trainable, frozen) =
   `LoraAdapted(frozen["base_unet"], trainable, scale)`, the `Policy.assemble_denoiser` the
-  denoiser function takes unmerged. Without LoRA: (params, identity). Abstract params
-  (`jax.ShapeDtypeStruct` leaves) give abstract factors.
+  denoiser function takes unmerged. Without LoRA: (params, identity). The factors start
+  from `init_lora`, or with `model.lora.init_path` from that LoRA file (`load_lora`). Abstract
+  params (`jax.ShapeDtypeStruct` leaves) give abstract factors (the file is not read).
 
   Raises:
-    LoraTargetError, ValueError: see `init_lora`.
+    LoraTargetError, ValueError: see `init_lora`; FileNotFoundError, lora_io.LoraFileError:
+      see `load_lora`.
   """
   if not model_config.get("lora") or not model_config.lora.enabled:
     return params, _trainable_tree
@@ -149,7 +171,12 @@ def adapted_policy_params(params: dict, model_config) -> tuple[dict, Any]:
   def init():
     return init_lora(params["unet"], config, jax.random.PRNGKey(int(model_config.lora.seed)))
   abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params["unet"]))
-  factors = jax.eval_shape(init) if abstract else init()  # shapes only for an abstract denoiser
+  if abstract:
+    factors = jax.eval_shape(init)  # shapes only for an abstract denoiser
+  elif config.init_path:
+    factors = load_lora(config.init_path, params["unet"], config)
+  else:
+    factors = init()
   return ({**params, "unet": factors, "base_unet": params["unet"]},
           functools.partial(_adapt, scale=config.scale))
 

@@ -17,7 +17,7 @@ import os
 from typing import Callable
 
 from ddpo_jax.ctrl import policy as ctrl_policy
-from ddpo_jax.models import pipeline_io
+from ddpo_jax.models import lora_io, pipeline_io
 from ddpo_jax.pipelines import digits, sd
 from ddpo_jax.pipelines.policy import Policy
 
@@ -81,7 +81,14 @@ def fingerprint_files(directory: str, relpaths) -> dict[str, list]:
 
 def base_weights(config) -> dict:
   """{"path": directory, "files": {relative path: [size, SHA-256]}} of the pre-trained weights
-  `config` starts from (`Family.weight_files`). Call after the model has been loaded or
-  pre-trained once."""
+  `config` starts from (`Family.weight_files`), and "lora_init": {"path", file: [size,
+  SHA-256]} of the LoRA file it starts from when `model.lora.init_path` is set. Call after the
+  model has been loaded or pre-trained once."""
   directory, files = family(config).weight_files(config.model)
-  return {"path": directory, "files": fingerprint_files(directory, files)}
+  weights = {"path": directory, "files": fingerprint_files(directory, files)}
+  lora = config.model.get("lora")
+  if lora is not None and lora.enabled and lora.get("init_path"):  # the adapter it starts from
+    path = os.path.realpath(lora_io.find_lora_file(os.path.expanduser(lora.init_path)))
+    weights["lora_init"] = {"path": path, **fingerprint_files(os.path.dirname(path),
+                                                              [os.path.basename(path)])}
+  return weights
