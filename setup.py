@@ -5,10 +5,17 @@ setup(
     name="ddpo_jax",
     version="0.1.0",
     description="DDPO and CTRL fine-tuning of diffusion models in JAX/Flax (TPU, GPU, CPU).",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    # ddpo_jax.configs (the shipped run configs, `--config=NAME`) is a package: its files install
+    # as modules.
     packages=find_packages(include=["ddpo_jax", "ddpo_jax.*"]),
-    # the published models' configs (no weights) that `python -m ddpo_jax.plan` compiles from
-    package_data={"ddpo_jax.models": ["published/*/*.json", "published/*/*/*.json",
-                                      "published/SOURCES.md"]},
+    package_data={
+        # the published models' configs (no weights) that `python -m ddpo_jax.plan` compiles from
+        "ddpo_jax.models": ["published/*/*.json", "published/*/*/*.json", "published/SOURCES.md"],
+        # the GPU topologies `python -m ddpo_jax.plan --topology=h100-8` compiles for
+        "ddpo_jax.trainer": ["gpu_targets/*.txtpb"],
+    },
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7,<0.11",
@@ -25,6 +32,8 @@ setup(
         "tqdm>=4.60",
         "tensorboardX>=2.6",
         "msgpack>=1.0",  # reward-server protocol
+        "tenacity>=8.3",  # the reward client's retries (stop_before_delay: 8.3)
+        "rapidfuzz>=3.0",  # the OCR reward's edit distance
     ],
     extras_require={
         # PyTorch is a test-only dependency: parity oracles for the model stack.

@@ -3,18 +3,18 @@ docs/results.md.
 
 `--suite=ddpo` (default): the DDPO paper's central comparison (Black et al. 2023, Fig. 4):
 DDPO-IS (PPO-clipped importance sampling), DDPO-SF (score function), RWR and RWR-sparse at the
-same number of samples, on the UNet digits model (configs/default.py).
+same number of samples, on the UNet digits model (ddpo_jax/configs/default.py).
 
   python benchmarks/algorithms_digits.py --root=/tmp/algorithms_digits --epochs=30 --seeds=0,1,2
 
-Each run is `python -m ddpo_jax.main --config=configs/default.py --workdir=ROOT/ALGO_sSEED
+Each run is `python -m ddpo_jax.main --config=default --workdir=ROOT/ALGO_sSEED
 --config.train.algorithm=ALGO --config.seed=SEED --config.num_epochs=EPOCHS` (256 samples per
 epoch for every algorithm; the pre-trained digits model is the same for all runs, its seed is
 `model.pretrain.seed`). DDPO-SF takes one optimizer step per data collection
 (docs/algorithms.md §3.3), so its run accumulates the epoch's 8 minibatches into one step
 (`train.gradient_accumulation_steps=8`); the others take the default's 8 steps per epoch.
 
-`--suite=flow`: the flow-matching methods on the digits MMDiT (configs/digits_flow.py and its
+`--suite=flow`: the flow-matching methods on the digits MMDiT (ddpo_jax/configs/digits_flow.py and its
 variants): Flow-GRPO (SDE), CPS, MixGRPO, Flow-GRPO-Fast and DiffusionNFT, compared at the same
 wall-clock budget: with `--budget_s=B` each run's rows are cut at the last epoch whose summed
 `epoch_time_s` (sampling + reward + update, compilation and pre-training excluded) is at most B,
@@ -25,7 +25,7 @@ denoiser evaluations per epoch (`model_evaluations_per_epoch`, counted from the 
       --budget_s=60 --seeds=0,1,2
 
 `--suite=lora`: Flow-GRPO on the digits MMDiT with LoRA factors beside the frozen base, the
-base and activations in float32 or in bfloat16 (configs/digits_flow.py variants `lora`,
+base and activations in float32 or in bfloat16 (ddpo_jax/configs/digits_flow.py variants `lora`,
 `lora,bf16`), the same epochs: the bfloat16 curve should match the float32 one within seeds.
 
   python benchmarks/algorithms_digits.py --suite=lora --root=/tmp/lora_digits --epochs=20 \
@@ -55,11 +55,11 @@ ALGORITHMS = {  # name in the table -> ddpo_jax.main flags
     "RWR": ["--config.train.algorithm=rwr"],
     "RWR-sparse": ["--config.train.algorithm=rwr_sparse"],
 }
-FLOW_METHODS = {  # name in the table -> configs/digits_flow.py variant
+FLOW_METHODS = {  # name in the table -> ddpo_jax/configs/digits_flow.py variant
     "Flow-GRPO": "", "CPS": "cps", "MixGRPO": "mixgrpo", "Flow-GRPO-Fast": "fast",
     "DiffusionNFT": "nft",
 }
-LORA_PRECISIONS = {  # name in the table -> configs/digits_flow.py variants (Flow-GRPO, SDE)
+LORA_PRECISIONS = {  # name in the table -> ddpo_jax/configs/digits_flow.py variants (Flow-GRPO, SDE)
     "LoRA float32": "lora", "LoRA bfloat16": "lora,bf16",
 }
 SUITES = {"ddpo": ALGORITHMS, "flow": FLOW_METHODS, "lora": LORA_PRECISIONS}
@@ -76,9 +76,9 @@ def _command(suite: str, name: str, variants: str = "") -> list[str]:
   the method's (e.g. "runlocal")."""
   if suite == "ddpo":
     arg = _variant_arg(variants)
-    return [f"--config={REPO}/configs/default.py" + (f":{arg}" if arg else ""), *ALGORITHMS[name]]
+    return [f"--config={REPO}/ddpo_jax/configs/default.py" + (f":{arg}" if arg else ""), *ALGORITHMS[name]]
   arg = _variant_arg(SUITES[suite][name], variants)
-  return [f"--config={REPO}/configs/digits_flow.py" + (f":{arg}" if arg else "")]
+  return [f"--config={REPO}/ddpo_jax/configs/digits_flow.py" + (f":{arg}" if arg else "")]
 
 
 def model_evaluations_per_epoch(config) -> int:
@@ -221,8 +221,7 @@ def main(argv=None):
                                           if args.budget_s > 0 else rows)
   evaluations = None
   if args.suite == "flow":
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    import digits_flow
+    from ddpo_jax.configs import digits_flow
     evaluations = {name: model_evaluations_per_epoch(digits_flow.get_config(
         _variant_arg(FLOW_METHODS[name], args.variants))) for name in names}
   md = table(results, evaluations)

@@ -5,25 +5,26 @@ label budget and random-shift augmentation. Produces the classifier table in doc
   python benchmarks/ctrl_classifiers.py --tasks=class,thickness,multi --budgets=100,300,all \
       --shifts=0,1
 
-Each classifier is trained exactly as `python -m ddpo_jax.main --config=configs/ctrl_digits_TASK.py`
+Each classifier is trained exactly as `python -m ddpo_jax.main --config=ctrl_digits_TASK`
 trains it (`ddpo_jax.ctrl.policy.classifier_kwargs` of the config's condition; the data and label
 budget of `ddpo_jax.ctrl.data.load_dataset`), with `classifier.augment_shift` set as given; the
 validation part is the 20% held out of the labelled data, the test set the 359 images of the
 digits "heldout" split (never used to train or calibrate). A few seconds per classifier on a CPU.
 """
 import argparse
+import importlib
 import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "configs")]
+sys.path.insert(0, REPO)
 
 from ddpo_jax.ctrl import classifiers, data  # noqa: E402
 from ddpo_jax.ctrl.policy import classifier_kwargs  # noqa: E402
 
 
 def load_config(task: str, budget: str):
-  module = __import__(f"ctrl_digits_{task}")
+  module = importlib.import_module(f"ddpo_jax.configs.ctrl_digits_{task}")
   return module.get_config("" if budget == "all" else f"n{budget}")
 
 

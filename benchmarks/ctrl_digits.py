@@ -4,7 +4,7 @@ each task and label budget, on CPU. Produces the table in docs/results.md.
   python benchmarks/ctrl_digits.py --root=/tmp/ctrl_digits \
       --tasks=class,thickness,multi --budgets=100,300,all --methods=ctrl,cfg,cg [--replicates=3]
 
-Each run is `python -m ddpo_jax.main --config=configs/ctrl_digits_TASK.py:VARIANTS
+Each run is `python -m ddpo_jax.main --config=ctrl_digits_TASK:VARIANTS
 --workdir=ROOT/TASK_METHOD_BUDGET` (which trains and then writes eval.json: judge accuracy of
 the requested label and diversity, `ddpo_jax.trainer.ctrl_evaluate`); finished runs are not repeated.
 Replicate r > 0 (`--replicates=N` runs r = 0 … N−1) is the same run in
@@ -17,6 +17,7 @@ Prints one markdown table, and with replicates a second one of means ± sample s
 deviations (and writes ROOT/results.md and ROOT/results.jsonl).
 """
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -25,7 +26,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "configs")]
+sys.path.insert(0, REPO)
 METHOD_VARIANT = {"ctrl": "", "cfg": "cfg", "cg": "cg", "ctrl_ddpo": "ddpo"}
 METHOD_NAME = {"ctrl": "CTRL (backprop)", "ctrl_ddpo": "CTRL (DDPO solver)",
                "cfg": "classifier-free guidance", "cg": "classifier guidance"}
@@ -35,7 +36,7 @@ def replicate_flags(task: str, replicate: int) -> list[str]:
   """ddpo_jax.main flags that move every seed of the task's config by `replicate` (none for 0)."""
   if replicate == 0:
     return []
-  config = __import__(f"ctrl_digits_{task}").get_config()
+  config = importlib.import_module(f"ddpo_jax.configs.ctrl_digits_{task}").get_config()
   flags = [f"--config.seed={config.seed + replicate}"]
   for name in config.ctrl.controls:
     cond = config.ctrl.conditions[name]
@@ -52,7 +53,7 @@ def run_one(root: str, task: str, method: str, budget: str, extra: list[str],
   eval_path = os.path.join(workdir, "eval.json")
   variants = [v for v in (METHOD_VARIANT[method], "" if budget == "all" else f"n{budget}",
                           *variants.split(",")) if v.strip()]
-  config = f"{REPO}/configs/ctrl_digits_{task}.py" + (":" + ",".join(variants) if variants else "")
+  config = f"{REPO}/ddpo_jax/configs/ctrl_digits_{task}.py" + (":" + ",".join(variants) if variants else "")
   cmd = [sys.executable, "-m", "ddpo_jax.main", f"--config={config}", f"--workdir={workdir}",
          "--config.progress=False", *replicate_flags(task, replicate), *extra]
   timing_path = os.path.join(workdir, "wall_time_s.txt")

@@ -4,7 +4,7 @@ an intact step, and are the final parameters bit-identical to an uninterrupted r
     python benchmarks/kill_resume.py [--kills=20] [--epochs=60] [--window_epochs=12] [--seed=0]
         [--workdir=DIR]
 
-Runs `python -m ddpo_jax.main --config=configs/default.py:runlocal` (the tiny digits config,
+Runs `python -m ddpo_jax.main --config=default:runlocal` (the tiny digits config,
 CPU, save_freq 1) once uninterrupted for `--epochs` epochs, and times a run of
 `--window_epochs` epochs (start-up and compilation included). Then launches the `--epochs` run
 in another directory and SIGKILLs it `--kills` times: odd-numbered kills at a moment drawn
@@ -36,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cmd(workdir, epochs):
-  return [sys.executable, "-m", "ddpo_jax.main", f"--config={REPO}/configs/default.py:runlocal",
+  return [sys.executable, "-m", "ddpo_jax.main", f"--config={REPO}/ddpo_jax/configs/default.py:runlocal",
           f"--workdir={workdir}", f"--config.num_epochs={epochs}", "--config.save_freq=1"]
 
 

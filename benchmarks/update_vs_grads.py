@@ -72,8 +72,7 @@ def main(argv=None):
   if args.conv == "lax":
     unet_lib.conv_general_dilated = lax.conv_general_dilated
 
-  sys.path.insert(0, os.path.join(REPO, "configs"))
-  import sd_compressibility
+  from ddpo_jax.configs import sd_compressibility
   config = sd_compressibility.get_config(None if args.lora else "full")
   config.model.pretrained_path = tiny_pipeline(
       args.style, os.path.join(args.cache_dir, f"update_vs_grads_{args.style}"))

@@ -3,7 +3,7 @@
 For notebooks and scripts (ddpo_jax/api.py; docs/rewards.md, "Your own reward in Python"):
 
   import ddpo_jax
-  config = ddpo_jax.get_config("default")     # as --config=configs/default.py; "NAME:VARIANTS"
+  config = ddpo_jax.get_config("default")     # as --config=default; "NAME:VARIANTS"
   metrics = ddpo_jax.train(config, "workdirs/mine")   # the last epoch's metrics row
 
 `ddpo_jax.rewards.reward` registers a reward function, `ddpo_jax.algorithms.register` an

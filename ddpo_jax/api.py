@@ -21,45 +21,20 @@ import os
 import jax
 import ml_collections
 
-from ddpo_jax import config_schema
+from ddpo_jax import config_schema, configs
 from ddpo_jax.pipelines import digits
 from ddpo_jax.trainer import ctrl as ctrl_trainer
 from ddpo_jax.trainer import loop
 
-# The repository's configs/ folder, beside the package (as ddpo_jax/main.py finds it).
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-
-def config_names() -> tuple[str, ...]:
-  """The configs in the repository's configs/ folder ("default", "sd3_pickscore", ...)."""
-  if not os.path.isdir(CONFIGS):
-    return ()
-  return tuple(sorted(f[:-len(".py")] for f in os.listdir(CONFIGS)
-                      if f.endswith(".py") and not f.startswith("_")))
-
-
-def config_path(name: str) -> str:
-  """The file of config `name`: a path if it ends in ".py" (relative to the working directory,
-  as the CLI's --config), else configs/NAME.py of the repository.
-
-  Raises:
-    FileNotFoundError: no such file (listing the repository's configs for a name).
-  """
-  if name.endswith(".py"):
-    path = os.path.abspath(os.path.expanduser(name))
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"config file {name!r} ({path}) does not exist")
-    return path
-  path = os.path.join(CONFIGS, f"{name}.py")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no config {name!r} in {CONFIGS}; known: "
-                            f"{', '.join(config_names()) or '(none)'} (or a path to a .py file)")
-  return path
+# The shipped configs (ddpo_jax/configs/NAME.py); `--config=NAME` of the CLIs resolves there too.
+CONFIGS = configs.DIR
+config_names = configs.names
+config_path = configs.path
 
 
 def get_config(spec: str = "default") -> ml_collections.ConfigDict:
   """The config the CLI's `--config=SPEC` would train with: SPEC is "NAME[:VARIANTS]" (a file
-  of the repository's configs/, e.g. "default", "sd3_pickscore:full", "default:runlocal") or
+  of ddpo_jax/configs/, e.g. "default", "sd3_pickscore:full", "default:runlocal") or
   "PATH.py[:VARIANTS]"; the file's `get_config(VARIANTS)` (no argument without VARIANTS),
   locked as the CLI locks it (existing keys may be set, e.g. `config.reward.weights = {...}`;
   new ones may not be added).

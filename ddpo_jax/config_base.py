@@ -1,4 +1,4 @@
-"""What several configs/*.py share: the variant parser (`apply_variants`: `--config=FILE.py:V1,V2`),
+"""What several ddpo_jax/configs/*.py share: the variant parser (`apply_variants`: `--config=FILE.py:V1,V2`),
 the variants of more than one config (`runlocal` for every run kind and model family, `full`),
 the LoRA targets of SD3 and FLUX, and the values that the configs of one reference family share
 (SD3.5-Medium Flow-GRPO, Flow-GRPO-Fast and DiffusionNFT; the digits and the Stable Diffusion
@@ -170,7 +170,7 @@ FLOW_VARIANTS = (Variant("full", full_finetuning, "full transformer fine-tuning"
 def sd3_flow_grpo_base() -> ml_collections.ConfigDict:
   """Flow-GRPO on SD3.5-Medium: what flow_grpo's config/grpo.py `pickscore_sd3`,
   `general_ocr_sd3` and `geneval_sd3` (32 GPUs) share, translated to GLOBAL batch sizes. The
-  configs configs/sd3_{pickscore,ocr,geneval}.py add the reward and flow_grpo's KL weight beta
+  configs ddpo_jax/configs/sd3_{pickscore,ocr,geneval}.py add the reward and flow_grpo's KL weight beta
   (`train.kl_beta`, in its units: beta · KL, mean over latent dims, added to a loss in advantage
   units; ddpo_jax's own `train.kl_coef`, in reward units, docs/algorithms.md §3.5, stays 0);
   the Fast, DiffusionNFT and FLUX configs start from it too.
@@ -238,7 +238,7 @@ def sd3_flow_grpo_fast_base() -> ml_collections.ConfigDict:
   `geneval_sd3_fast_nocfg` (config/grpo.py, 32 GPUs, trained by scripts/train_sd3_fast.py)
   share, at GLOBAL batch sizes, on top of `sd3_flow_grpo_base` (its 10 steps, 4 sampling calls
   of 288 (9 per GPU) per epoch, optimizer steps of 288 x 2 accumulated, 2 per epoch, advantages
-  (r - group mean) / std of the whole batch). The configs configs/sd3_fast_{pickscore,geneval}.py
+  (r - group mean) / std of the whole batch). The configs ddpo_jax/configs/sd3_fast_{pickscore,geneval}.py
   add the reward and the group size.
 
   Ours, not the reference's: the window is drawn per global sampling call from (seed, epoch,
@@ -274,7 +274,7 @@ def sd3_nft_base() -> ml_collections.ConfigDict:
   `sd3_ocr` and `sd3_geneval` (`_get_config`, 8 GPUs; trained by scripts/train_nft_sd3.py)
   share, at GLOBAL batch sizes, on top of `sd3_flow_grpo_base` (its 512 px, 10 steps, LoRA rank
   32, alpha 64 on the joint-attention projections, lr 3e-4, advantages (r - group mean) / std
-  of the whole batch, clipped to 5). The configs configs/sd3_nft_{pickscore,ocr,geneval}.py add
+  of the whole batch, clipped to 5). The configs ddpo_jax/configs/sd3_nft_{pickscore,ocr,geneval}.py add
   the reward, the accumulation, NFT's beta and the old policy's decay type.
   """
   config = sd3_flow_grpo_base()
@@ -300,7 +300,7 @@ def sd3_nft_base() -> ml_collections.ConfigDict:
 
 
 def ctrl_digits_base() -> ml_collections.ConfigDict:
-  """What the digits CTRL configs (configs/ctrl_digits_*.py) share: the DDPO default's
+  """What the digits CTRL configs (ddpo_jax/configs/ctrl_digits_*.py) share: the DDPO default's
   pre-trained digits model, 10 DDIM steps (eta 1, no prompt guidance; 10 rather than 20 halves
   the cost of backpropagating through the chain on a CPU), 6 epochs × 50 optimizer steps of 32
   chains; baselines: CFG fine-tuned for 300 steps of 64 labelled images, noisy classifiers for
@@ -335,7 +335,7 @@ def ctrl_digits_base() -> ml_collections.ConfigDict:
 
 
 def ctrl_sd_base(prompt_set: str) -> ml_collections.ConfigDict:
-  """What configs/ctrl_sd_*.py share: Stable Diffusion (LoRA rank 4 on the attention
+  """What ddpo_jax/configs/ctrl_sd_*.py share: Stable Diffusion (LoRA rank 4 on the attention
   projections, gradient checkpointing) and the reference's direct-backprop recipe
   (docs/algorithms.md §4.4): AdamW with LoRA lr 1e-3 and control-table lr 1e-2, weight decay
   0.1, grad-norm clip 5, reward weight 0.1, KL weight 0.01 MEAN-reduced over latent dims,

@@ -1,26 +1,27 @@
-r"""Trains with DDPO: `python -m ddpo_jax.main --config=configs/NAME.py --workdir=DIR [--config.key=value]`.
+r"""Trains with DDPO: `python -m ddpo_jax.main --config=NAME[:VARIANTS] --workdir=DIR [--config.key=value]`.
 
-With no --config it uses configs/default.py (digits prompt alignment). Re-running the same
-command resumes from the newest intact checkpoint in DIR/checkpoints, with the config it was
-saved with (`--allow_config_change=KEY,...` to resume with other values of those keys).
+NAME is a config shipped in ddpo_jax/configs/ (or give PATH.py[:VARIANTS], any config file; see
+ddpo_jax/configs/__init__.py). With no --config it uses `default` (digits prompt alignment).
+Re-running the same command resumes from the newest intact checkpoint in DIR/checkpoints, with
+the config it was saved with (`--allow_config_change=KEY,...` to resume with other values of
+those keys).
 
 Several processes (hosts): start one per host (or per GPU) with the same arguments; they find
 each other through SLURM's or a TPU VM pod's environment, or through
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (HOST:PORT of process 0).
 See launch/ and docs/operations.md ("Multi-host and launch").
 """
-import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpo_jax import api
+from ddpo_jax import api, configs
 from ddpo_jax.numerics import parallel
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_REPO, "configs", "default.py"), "ml_collections config file.",
-    lock_config=True)
+    "config", configs.default_file(), "A config: NAME[:VARIANTS] (ddpo_jax/configs/NAME.py) or "
+    "PATH.py[:VARIANTS].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "Run directory (checkpoints, metrics).")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
@@ -57,4 +58,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  sys.argv[:] = configs.resolve_argv(sys.argv)  # --config=NAME: the shipped file
   app.run(main)

@@ -1,7 +1,7 @@
 r"""Compiles a run's programs for a TPU or GPU topology on a machine without one and prints
 per-device memory against HBM, FLOPs, collectives and projected samples/s per chip:
 
-  python -m ddpo_jax.plan --config=configs/NAME.py --topology=v5e-8 [--json=FILE]
+  python -m ddpo_jax.plan --config=NAME[:VARIANTS] --topology=v5e-8 [--json=FILE]
       [--max_batch] [--config.key=value ...]
 
 Topologies: get_topology_desc names (v5e:2x4, v5p:2x2x1, v5p:4x4x4, v6e:2x4, ...), GPU ones
@@ -29,11 +29,12 @@ import sys  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from ddpo_jax import configs  # noqa: E402
 from ddpo_jax.trainer import plan as plan_lib  # noqa: E402
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_REPO, "configs", "default.py"), "ml_collections config file.",
+    "config", configs.default_file(), "A config: NAME[:VARIANTS] (ddpo_jax/configs/NAME.py) or "
+    "PATH.py[:VARIANTS].",
     lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Topology name or alias, e.g. v5e-8.")
 _JSON = flags.DEFINE_string("json", None, "Write the plan as JSON to this file.")
@@ -73,4 +74,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  sys.argv[:] = configs.resolve_argv(sys.argv)  # --config=NAME: the shipped file
   app.run(lambda argv: sys.exit(main(argv)))

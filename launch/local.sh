@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs ddpo_jax.main on this machine (all local devices), resuming if WORKDIR has checkpoints.
 #   launch/local.sh WORKDIR [CONFIG] [--config.key=value ...]
-#   launch/local.sh /tmp/ddpo_digits configs/default.py --config.num_epochs=20
+#   launch/local.sh /tmp/ddpo_digits default --config.num_epochs=20
 # Several processes: launch/local_multiprocess.sh (CPU, this machine), launch/tpu_vm.sh (TPU VM
 # pods), launch/slurm.sbatch (multi-node GPUs); see docs/operations.md "Multi-host and launch".
 set -euo pipefail
@@ -10,7 +10,7 @@ if [ $# -lt 1 ]; then
   exit 2
 fi
 workdir=$1; shift
-config=configs/default.py
+config=default
 if [ $# -gt 0 ] && [[ $1 != --* ]]; then config=$1; shift; fi
 cd "$(dirname "$0")/.."
 exec python3 -m ddpo_jax.main --config="$config" --workdir="$workdir" "$@"

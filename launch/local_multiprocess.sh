@@ -2,7 +2,7 @@
 # Runs N ddpo_jax.main processes on this machine (CPU, 127.0.0.1) as one multi-process job:
 # what a multi-host run does, for testing multi-host code paths without a cluster.
 #   launch/local_multiprocess.sh N [ARGS for python -m ddpo_jax.main ...]
-#   launch/local_multiprocess.sh 2 --config=configs/default.py:runlocal --workdir=/tmp/mp
+#   launch/local_multiprocess.sh 2 --config=default:runlocal --workdir=/tmp/mp
 # Environment:
 #   DEVICES_PER_PROCESS  fake CPU devices per process (default 2)
 #   COORDINATOR_PORT     port of process 0's coordinator (default: a free port)

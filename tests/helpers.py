@@ -1,7 +1,7 @@
 """Helpers shared by the training tests: configs with overrides, one sample + update."""
+import importlib
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +35,8 @@ def xla_flags(*flags: str) -> str:
 
 
 def load_config(name, variant=None, **overrides):
-  """configs/NAME.py's get_config(variant) with dotted-key overrides ("train.batch_size")."""
-  sys.path.insert(0, os.path.join(REPO, "configs"))
-  config = __import__(name).get_config(variant)
+  """ddpo_jax/configs/NAME.py's get_config(variant) with dotted-key overrides ("train.batch_size")."""
+  config = importlib.import_module(f"ddpo_jax.configs.{name}").get_config(variant)
   for key, value in overrides.items():
     node = config
     *path, leaf = key.split(".")

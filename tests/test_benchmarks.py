@@ -77,7 +77,7 @@ def test_ctrl_digits_replicate_moves_every_seed(task):
   """Replicate r adds r to config.seed and to each control's data and classifier seed, through
   flags whose paths exist in the task's config; replicate 0 is the config as it is."""
   ctrl_digits = _module("ctrl_digits")
-  config = importlib.import_module(f"ctrl_digits_{task}").get_config()
+  config = importlib.import_module(f"ddpo_jax.configs.ctrl_digits_{task}").get_config()
   assert ctrl_digits.replicate_flags(task, 0) == []
   moved = {}
   for flag in ctrl_digits.replicate_flags(task, 3):
@@ -304,8 +304,7 @@ def test_flow_comparison_budget_and_model_evaluations():
   rows = [{"epoch": e, "epoch_time_s": t} for e, t in enumerate([3.0, 2.0, 2.0, 4.0])]
   assert [r["epoch"] for r in bench.within_budget(rows, 7.0)] == [0, 1, 2]
   assert [r["epoch"] for r in bench.within_budget(rows, 1.0)] == [0]  # at least one row
-  sys.path.insert(0, os.path.join(bench.REPO, "configs"))
-  import digits_flow
+  from ddpo_jax.configs import digits_flow
   counts = {name: bench.model_evaluations_per_epoch(digits_flow.get_config(variant))
             for name, variant in bench.FLOW_METHODS.items()}
   sampling = 256 * 10

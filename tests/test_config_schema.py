@@ -9,9 +9,9 @@ import pytest
 
 from conftest import REPO
 from helpers import load_config
-from ddpo_jax import config_base, config_schema
+from ddpo_jax import config_base, config_schema, configs
 
-CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py"))
+CONFIGS = configs.names()  # ddpo_jax/configs/NAME.py
 # One config of each run kind and model family.
 KINDS = {"ddpo/digits": "default", "ddpo/sd": "sd_compressibility",
          "ctrl/digits": "ctrl_digits_class", "ctrl/sd": "ctrl_sd_compressibility",
@@ -36,7 +36,7 @@ def test_every_recipe_fits_the_schema(name, variant):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_variant_loads_from_the_command_line_form(name):
   """Each variant a config knows (listed by its unknown-variant error), alone and with
-  `runlocal`, through ml_collections' `--config=configs/NAME.py:VARIANTS` and valid."""
+  `runlocal`, through ml_collections' `--config=ddpo_jax/configs/NAME.py:VARIANTS` and valid."""
   from absl import flags
   from ml_collections import config_flags
   with pytest.raises(ValueError, match="config variant 'no_such_variant'; known: ") as error:
@@ -48,7 +48,7 @@ def test_every_variant_loads_from_the_command_line_form(name):
     for arg in {variant, f"{variant},runlocal"}:
       flag_values = flags.FlagValues()
       config_flags.DEFINE_config_file("config", flag_values=flag_values)
-      flag_values(["main", f"--config={REPO}/configs/{name}.py:{arg}"])
+      flag_values(["main", f"--config={REPO}/ddpo_jax/configs/{name}.py:{arg}"])
       config_schema.validate(flag_values.config)
 
 
@@ -137,7 +137,7 @@ def test_command_line_unknown_key_fails_before_anything_runs(kind, tmp_path):
   """`--config.KEY` that the schema lacks: an error naming the key, no workdir written."""
   workdir = tmp_path / "run"
   result = subprocess.run([sys.executable, "-m", "ddpo_jax.main",
-                           f"--config={REPO}/configs/{KINDS[kind]}.py:runlocal",
+                           f"--config={REPO}/ddpo_jax/configs/{KINDS[kind]}.py:runlocal",
                            f"--workdir={workdir}", "--config.train.lerning_rate=0.1"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0 and "lerning_rate" in result.stderr, result.stderr[-2000:]

@@ -129,7 +129,7 @@ def test_train_sample_evaluate_cli(digits_cache, tmp_path, config_name, variant,
   (`cpu_devices`); the sample CLI cycles --labels and stores them in the npz. The ddpo solver
   trains with the ctrl weights given on the command line, and its saved config says so."""
   workdir = tmp_path / "run"
-  train_run = _run(["-m", "ddpo_jax.main", f"--config={REPO}/configs/{config_name}.py:{variant}",
+  train_run = _run(["-m", "ddpo_jax.main", f"--config={REPO}/ddpo_jax/configs/{config_name}.py:{variant}",
                     f"--workdir={workdir}", *overrides])
   if overrides:
     saved = json.loads(checkpoints.read_state(str(workdir))[2]["config"])
@@ -228,7 +228,7 @@ def test_offline_images_are_encoded_in_bounded_chunks():
 
 def test_cpu_devices_must_not_be_negative(tmp_path):
   result = subprocess.run([sys.executable, "-m", "ddpo_jax.main",
-                           f"--config={REPO}/configs/ctrl_digits_class.py:runlocal",
+                           f"--config={REPO}/ddpo_jax/configs/ctrl_digits_class.py:runlocal",
                            f"--workdir={tmp_path}", "--config.cpu_devices=-1"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0 and "config.cpu_devices=-1 must be >= 0" in result.stderr, \

@@ -1,4 +1,4 @@
-"""CTRL on Stable Diffusion (configs/ctrl_sd_*.py :runlocal) on a tiny random pipeline: offline
+"""CTRL on Stable Diffusion (ddpo_jax/configs/ctrl_sd_*.py :runlocal) on a tiny random pipeline: offline
 data sampled from the pre-trained model and labelled by JPEG size / aesthetic score (cached,
 not resampled), training (`trainer.ctrl.train_and_evaluate`, what `python -m ddpo_jax.main`
 runs for these configs), the sample CLI with --labels, the judges.

@@ -5,7 +5,7 @@ import re
 from conftest import REPO
 
 ALGORITHMS = os.path.join(REPO, "docs", "algorithms.md")
-CITED_DIRS = ("ddpo_jax", "configs", "launch", "benchmarks", "tests", "docs")
+CITED_DIRS = ("ddpo_jax", "launch", "benchmarks", "tests", "docs")
 CITED_FILES = ("README.md",)
 
 

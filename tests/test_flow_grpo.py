@@ -1,5 +1,5 @@
-"""Flow-GRPO through the one training core: configs/sd3_pickscore.py and
-configs/flux_pickscore.py (:runlocal, LoRA, and :full,runlocal) on tiny random SD3.5- and
+"""Flow-GRPO through the one training core: ddpo_jax/configs/sd3_pickscore.py and
+ddpo_jax/configs/flux_pickscore.py (:runlocal, LoRA, and :full,runlocal) on tiny random SD3.5- and
 FLUX.1-dev-style pipelines, trained by `loop.train_and_evaluate` with the flow SDE
 (`sample.sampler="sde"`), groups of prompts, group-relative advantages and the PickScore reward
 of a tiny random CLIPModel: `python -m ddpo_jax.main` killed after its first update's
@@ -73,7 +73,7 @@ RUNLOCAL_RUNS = [
 @pytest.mark.parametrize("name, variant, pipeline", RUNLOCAL_RUNS)
 def test_runlocal_trains_resumes_after_a_kill_and_samples(name, variant, pipeline, request,
                                                           tiny_pickscore, compile_cache, tmp_path):
-  """configs/NAME.py:VARIANT on its tiny pipeline: `python -m ddpo_jax.main` is SIGKILLed as soon
+  """ddpo_jax/configs/NAME.py:VARIANT on its tiny pipeline: `python -m ddpo_jax.main` is SIGKILLed as soon
   as checkpoint step 1 (epoch 0's update) is committed (started with num_epochs=50 so that it
   cannot end first), then `loop.train_and_evaluate` resumes from the newest committed step and
   trains to the end (runlocal's 2 epochs when the kill came before step 2, as it nearly always
@@ -87,7 +87,7 @@ def test_runlocal_trains_resumes_after_a_kill_and_samples(name, variant, pipelin
   path = request.getfixturevalue(pipeline)
   overrides = _flow_overrides(path, tiny_pickscore)
   workdir = str(tmp_path / "run")
-  cmd = [sys.executable, "-m", "ddpo_jax.main", f"--config={REPO}/configs/{name}.py:{variant}",
+  cmd = [sys.executable, "-m", "ddpo_jax.main", f"--config={REPO}/ddpo_jax/configs/{name}.py:{variant}",
          f"--workdir={workdir}", "--config.num_epochs=50",
          *[f"--config.{k}={v}" for k, v in overrides.items()]]
   committed, out = kill_after_commit(cmd, workdir, step=1, env=subprocess_env(compile_cache))
@@ -163,7 +163,7 @@ def tiny_flux(tmp_path_factory):
 
 
 def test_flux_dev_guidance_and_cfg_refused(tiny_flux, tiny_pickscore):
-  """configs/flux_pickscore.py:runlocal on a tiny FLUX.1-dev-style pipeline feeds the embedded
+  """ddpo_jax/configs/flux_pickscore.py:runlocal on a tiny FLUX.1-dev-style pipeline feeds the embedded
   guidance (model.embedded_guidance) and no CFG (the ratio-1 check of both programs with it:
   `test_runlocal_trains_resumes_after_a_kill_and_samples`); CFG on FLUX is refused."""
   config = load_config("flux_pickscore", "runlocal", **_flow_overrides(tiny_flux, tiny_pickscore))
@@ -178,7 +178,7 @@ FSDP_MIN_SIZE = 256  # elements: every kernel of the tiny FLUX transformer is at
 
 
 def _fsdp_check(flux, clip, prompts, min_size):
-  """Runs in a process with 4 CPU devices: configs/flux_pickscore.py:full,runlocal; one sampled
+  """Runs in a process with 4 CPU devices: ddpo_jax/configs/flux_pickscore.py:full,runlocal; one sampled
   batch (one device), then one update on a (data 1, fsdp 4) mesh and one on a single device
   (fsdp 1) from the same trajectory, keys and initial state. Returns, for each mesh, the update's
   metrics, the parameter arrays (ndim >= 2, >= `min_size` elements) of the train state's params,
@@ -254,7 +254,7 @@ def _fsdp_check(flux, clip, prompts, min_size):
 @pytest.mark.slow  # 25 s in CI; FLUX's parity and Flow-GRPO's SD3 run stay fast
 def test_fsdp_shards_the_flux_transformer_and_updates_as_one_device(tiny_flux, tiny_pickscore,
                                                                     tmp_path):
-  """mesh (data 1, fsdp 4) on 4 CPU devices, configs/flux_pickscore.py:full,runlocal with
+  """mesh (data 1, fsdp 4) on 4 CPU devices, ddpo_jax/configs/flux_pickscore.py:full,runlocal with
   mesh.fsdp_min_size=256 (the tiny transformer's kernels are 16 x 16 to 256 x 16):
   `parallel.PARAM_RULES` split every kernel of the FLUX transformer, its Adam moments and the
   frozen VAE / text encoders' matrices in 4 over `fsdp` (each device holds a quarter), and the
@@ -316,7 +316,7 @@ def test_fsdp_shards_the_flux_transformer_and_updates_as_one_device(tiny_flux, t
 @pytest.mark.filterwarnings("ignore:Mean of empty slice", "ignore:invalid value encountered")
 def test_multi_reward_runlocal_trains_on_pickscore_ocr_and_geneval(tiny_sd3, tiny_pickscore,
                                                                    compile_cache, tmp_path):
-  """configs/sd3_multi_reward.py:runlocal: PickScore on device plus the OCR and GenEval scorers
+  """ddpo_jax/configs/sd3_multi_reward.py:runlocal: PickScore on device plus the OCR and GenEval scorers
   (tests/test_reward_plugins.py's deterministic engines) on two reward servers, 2 epochs
   through `loop.train_and_evaluate`: every term is logged, and reward_mean is the weighted sum
   1.0 pickscore + 0.5 remote_ocr + 0.5 remote_geneval of the terms' means; each server was
@@ -381,7 +381,7 @@ def _start_thread_server(name, scorer, servers, seen):
 @pytest.mark.parametrize("name", ["sd3_ocr", "sd3_geneval"])
 def test_remote_reward_runlocal_resumes_after_a_kill_and_samples(name, tiny_sd3, compile_cache,
                                                                  tmp_path):
-  """configs/sd3_ocr.py and sd3_geneval.py :runlocal with their scorer (the OCR / GenEval
+  """ddpo_jax/configs/sd3_ocr.py and sd3_geneval.py :runlocal with their scorer (the OCR / GenEval
   plug-in with tests/test_reward_plugins.py's engines) behind a reward server: the training
   process is SIGKILLed once checkpoint step 1 is committed, the resumed run finishes with each
   epoch logged once (the remote reward's mean finite, the ratio 1 at the sampling params), and
@@ -396,7 +396,7 @@ def test_remote_reward_runlocal_resumes_after_a_kill_and_samples(name, tiny_sd3,
     overrides = {"model.pretrained_path": tiny_sd3,
                  "prompt_fn_kwargs.path": str(tmp_path / "prompts.txt"), "reward.server_url": url}
     workdir = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "ddpo_jax.main", f"--config={REPO}/configs/{name}.py:runlocal",
+    cmd = [sys.executable, "-m", "ddpo_jax.main", f"--config={REPO}/ddpo_jax/configs/{name}.py:runlocal",
            f"--workdir={workdir}", "--config.num_epochs=50",
            *[f"--config.{k}={v}" for k, v in overrides.items()]]
     committed, _ = kill_after_commit(cmd, workdir, step=1, env=subprocess_env(compile_cache))

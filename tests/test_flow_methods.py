@@ -1,6 +1,6 @@
 """The flow-matching methods beside Flow-GRPO: per-sample SDE windows (MixGRPO,
 Flow-GRPO-Fast), the shared noise of Fast's groups, DiffusionNFT's loss against NumPy, the
-rectified-flow digits MMDiT, and configs/digits_flow.py with its variants through the one
+rectified-flow digits MMDiT, and ddpo_jax/configs/digits_flow.py with its variants through the one
 training core, plus the bad combinations refused before anything compiles."""
 import json
 import os
@@ -286,7 +286,7 @@ def make_scorer(die_on_call):
 
 @pytest.mark.slow  # 27 s in CI; every flow method's update stays fast
 def test_a_reward_server_dying_mid_epoch_stops_the_run_cleanly(tmp_path, monkeypatch):
-  """configs/digits_flow.py:runlocal (the digits MMDiT, Flow-GRPO) on a remote reward whose
+  """ddpo_jax/configs/digits_flow.py:runlocal (the digits MMDiT, Flow-GRPO) on a remote reward whose
   server process exits during epoch 1: the run raises the client's error naming the server,
   the checkpoint directory holds only the committed steps (0 and 1, nothing half-written),
   metrics.jsonl only epoch 0 (with the held-out judge logged); with a new server (another URL:

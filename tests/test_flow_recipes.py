@@ -1,5 +1,5 @@
 """The flow configs' key values against the reference repositories' configs, written here as
-literals with the file and function each comes from (configs/sd3_*.py, configs/flux_pickscore.py,
+literals with the file and function each comes from (ddpo_jax/configs/sd3_*.py, ddpo_jax/configs/flux_pickscore.py,
 ddpo_jax/config_base.py)."""
 import re
 

@@ -286,9 +286,7 @@ def test_sampling_with_merged_factors():
   images: the same uint8 images in float32 (up to one level); with bfloat16 weights the merged
   kernels are rounded (a few levels at most, on average a small fraction of one). A run without
   LoRA is refused."""
-  import sys
-  sys.path.insert(0, os.path.join(REPO, "configs"))
-  import digits_flow
+  from ddpo_jax.configs import digits_flow
   from ddpo_jax.trainer import families, sample
   for variant, max_levels, mean_levels in (("lora,runlocal", 1, 0.01),
                                            ("lora,bf16,runlocal", 4, 0.5)):

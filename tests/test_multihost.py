@@ -30,7 +30,7 @@ def _free_port() -> int:
 
 
 def _main_cmd(*args):
-  return [sys.executable, "-m", "ddpo_jax.main", f"--config={REPO}/configs/default.py:runlocal",
+  return [sys.executable, "-m", "ddpo_jax.main", f"--config={REPO}/ddpo_jax/configs/default.py:runlocal",
           *args]
 
 
@@ -45,7 +45,7 @@ def _params(workdir):
 # take `parallel.to_host`, covered by test_multiprocess_batch_helpers.)
 _HOST_REWARD_CONFIG = """
 import importlib.util
-spec = importlib.util.spec_from_file_location("default_config", "{repo}/configs/default.py")
+spec = importlib.util.spec_from_file_location("default_config", "{repo}/ddpo_jax/configs/default.py")
 default = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(default)
 

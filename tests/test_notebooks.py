@@ -12,7 +12,6 @@ from conftest import REPO
 def test_quickstart_digits_notebook_runs(digits_cache, tmp_path, monkeypatch):
   monkeypatch.setenv("QUICKSTART_VARIANT", "runlocal")
   monkeypatch.setenv("QUICKSTART_WORKDIR", str(tmp_path / "run"))
-  monkeypatch.setenv("DDPO_JAX_REPO", REPO)
   nb = nbformat.read(os.path.join(REPO, "notebooks", "quickstart_digits.ipynb"), as_version=4)
   NotebookClient(nb, timeout=600, kernel_name="python3",
                  resources={"metadata": {"path": str(tmp_path)}}).execute()

@@ -112,6 +112,20 @@ def test_matmul_flops_closed_forms():
   assert flops.matmul_flops(both, img, kernel).flops == 3 * 2 * (2 * 16 * 16 * 8) * 27
 
 
+def test_a_shard_map_body_counts_once_per_device():
+  """shard_map's body has per-device shapes (the update's gradient function is one): it runs on
+  each of the mesh's 4 devices, so the count is the global matmul's, not a quarter of it."""
+  from jax.sharding import AbstractMesh, PartitionSpec as P
+  mesh = AbstractMesh((4,), ("d",))
+
+  def sharded(x, w):
+    return jax.shard_map(lambda a, b: jax.lax.psum(a @ b, "d"), mesh=mesh, check_vma=False,
+                         in_specs=(P(None, "d"), P("d", None)), out_specs=P())(x, w)
+  x = jax.ShapeDtypeStruct((8, 64), jnp.float32)
+  w = jax.ShapeDtypeStruct((64, 32), jnp.float32)
+  assert flops.matmul_flops(sharded, x, w).flops == 2 * 8 * 64 * 32
+
+
 def test_matmul_flops_agree_with_xla_on_a_loop_free_unet_step():
   """One tiny UNet forward (no loops): XLA's count (which adds elementwise work and leaves out
   the padding's products) and the jaxpr count agree to 25%; with the step in a 4-step scan XLA

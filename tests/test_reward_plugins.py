@@ -102,20 +102,36 @@ def test_the_fake_engines_read_back_what_was_drawn_through_jpeg():
 
 
 # ------------------------------------------------------------------------------------------
-# OCR: Levenshtein distance and the reward, hand-computed
+# OCR: the reward, hand-computed and against the reference's formula
 # ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("a, b, distance", [
-    ("kitten", "sitting", 3),  # k->s, e->i, +g
-    ("flaw", "lawn", 2),  # -f, +n
-    ("intention", "execution", 5),
-    ("ab", "ba", 2),  # no transpositions: two substitutions
-    ("", "abc", 3), ("abc", "", 3), ("", "", 0), ("same", "same", 0),
-    ("hell0", "hello", 1), ("stop", "stopsign", 4),
+def _reference_edit_distance(a: str, b: str) -> int:
+  """Unit-cost Levenshtein distance by the textbook dynamic programme (the test's own oracle
+  for the rapidfuzz distance the reward uses)."""
+  table = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+  for i in range(1, len(a) + 1):
+    for j in range(1, len(b) + 1):
+      table[i][j] = min(table[i - 1][j] + 1, table[i][j - 1] + 1,
+                        table[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+  return table[-1][-1]
+
+
+@pytest.mark.parametrize("read, target", [
+    ("kitten", "sitting"), ("flaw", "lawn"), ("intention", "execution"),
+    ("ab", "ba"),  # no transpositions: two substitutions
+    ("", "abc"), ("abc", "a"), ("same", "same"), ("hell0", "hello"), ("stop", "stopsign"),
+    ("A Sign SAYS hi", "hi there"), ("xyzxyzxyz", "ab"), ("Caf\u00e9 OPEN", "cafe open"),
+    ("tab\there", "tab here"),
 ])
-def test_levenshtein(a, b, distance):
-  assert O.levenshtein(a, b) == distance
-  assert O.levenshtein(b, a) == distance
+def test_ocr_reward_equals_the_reference_formula(read, target):
+  """reward = 1 - d / len(target), d = 0 if the normalised target is in the normalised read,
+  else min(edit distance, len(target)) (flow_grpo's `ocr` reward), with the distance from a DP
+  written here."""
+  r, t = read.replace(" ", "").lower(), target.replace(" ", "").lower()
+  want_d = 0 if t in r else min(_reference_edit_distance(r, t), len(t))
+  got, d = O.ocr_reward(read, target)
+  assert d == want_d
+  assert got == pytest.approx(1 - want_d / len(t), abs=1e-12)
 
 
 def test_target_text_is_the_first_quoted_span():

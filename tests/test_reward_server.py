@@ -296,7 +296,7 @@ def test_server_urls_in_saved_configs_and_on_the_command_line():
       "reward.server_urls.ocr": ("http://a:1", "http://b:2")}
 
   def parse(*overrides):
-    argv = ["main", f"--config={REPO}/configs/sd3_multi_reward.py:runlocal", *overrides]
+    argv = ["main", f"--config={REPO}/ddpo_jax/configs/sd3_multi_reward.py:runlocal", *overrides]
     values = flags.FlagValues()
     holder = config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv,
                                              lock_config=True)  # as ddpo_jax/main.py
@@ -379,6 +379,26 @@ def test_retries_on_500_then_fails_clearly(scripted):
   with pytest.raises(C.RewardServerError, match=r"rejected the request \(HTTP 400\): malformed"):
     client(_images(1), ["a"])
   assert len(httpd.requests) == 1
+
+
+def test_backoff_doubles_from_the_first_retry_and_is_not_slept_past_the_deadline(scripted):
+  """backoff, then 2 x backoff between tries (urllib3's Retry would skip the first pause); a
+  pause that would end past the call's deadline ends the call at once."""
+  httpd, url = scripted
+  times = []
+  httpd.answer = lambda req: times.append(time.monotonic()) or (500, b"down")
+  client = C.RewardClient(url, retries=3, backoff=0.2, timeout=5)
+  with pytest.raises(C.RewardServerError, match="failed after 3 tries: HTTP 500: down"):
+    client(_images(1, h=8, w=8), ["a"])
+  gaps = np.diff(times)
+  assert len(times) == 3 and 0.18 < gaps[0] < 1.0 and 0.38 < gaps[1] < 1.5, gaps  # loaded CI
+  times.clear()
+  client = C.RewardClient(url, retries=3, backoff=5.0, timeout=5, deadline_s=1.0)
+  t0 = time.monotonic()
+  with pytest.raises(C.RewardServerError, match=r"deadline of 1.0 s .*try 1/3; last error: "
+                                                r"HTTP 500: down\)"):
+    client(_images(1, h=8, w=8), ["a"])
+  assert len(times) == 1 and time.monotonic() - t0 < 0.9
 
 
 def test_unreachable_server():

@@ -135,7 +135,7 @@ def test_sample_command_on_a_pipeline(pipe_dirs, tmp_path):
   data = np.load(out)
   assert data["images"].shape == (3, 16, 16, 3) and data["images"].dtype == np.uint8
   assert list(data["prompts"]) == ["a cat", "the dog", "a cat"]
-  assert sorted(os.listdir(pngs)) == ["00000.png", "00001.png", "00002.png"]
+  assert sorted(os.listdir(pngs)) == ["0000_a-cat.png", "0001_the-dog.png", "0002_a-cat.png"]
   pipe = load_pipeline(pipe_dirs["sd3"])
   images, latents, prompts = sample_lib.sample_pipeline(
       pipe, ["a cat", "the dog"], 3, num_steps=2, guidance_scale=3.0, resolution=16, seed=5,

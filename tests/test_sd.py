@@ -1,4 +1,4 @@
-"""Stable Diffusion DDPO on a tiny random diffusers pipeline: the policy, each configs/sd_*.py
+"""Stable Diffusion DDPO on a tiny random diffusers pipeline: the policy, each ddpo_jax/configs/sd_*.py
 `runlocal` variant (train, resume, sample CLI), full fine-tuning in bf16, bad inputs. Prompts come
 from synthetic files in the paper's format (the `prompt_assets` fixture), the aesthetic reward
 from a tiny CLIP tower and a random LAION-shaped MLP: nothing outside the checkout is needed.

@@ -28,7 +28,7 @@ def _cli_overrides(**overrides):
 
 
 def _run_main(workdir, *args, env=None, wait=True):
-  cmd = [sys.executable, "-m", "ddpo_jax.main", f"--config={REPO}/configs/default.py:runlocal",
+  cmd = [sys.executable, "-m", "ddpo_jax.main", f"--config={REPO}/ddpo_jax/configs/default.py:runlocal",
          f"--workdir={workdir}", *args]
   full_env = {**os.environ, **(env or {})}
   if not wait:

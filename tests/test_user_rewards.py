@@ -68,7 +68,7 @@ def _cli_config(spec):
 
 @pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # config_flags' own
 def test_get_config_is_what_the_cli_loads():
-  configs = os.path.join(REPO, "configs")
+  configs = os.path.join(REPO, "ddpo_jax", "configs")
   for name, spec in [("default", "default.py"), ("default:runlocal", "default.py:runlocal"),
                      ("sd3_pickscore:full", "sd3_pickscore.py:full")]:
     assert ddpo_jax.get_config(name).to_dict() == \

@@ -62,7 +62,7 @@ def test_an_empty_workdir_is_refused_before_anything_is_written(workdir, tmp_pat
 
 def test_the_cli_refuses_an_empty_workdir(tmp_path):
   result = subprocess.run([sys.executable, "-m", "ddpo_jax.main",
-                           f"--config={REPO}/configs/default.py:runlocal", "--workdir="],
+                           f"--config={REPO}/ddpo_jax/configs/default.py:runlocal", "--workdir="],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1] == (

@@ -25,7 +25,7 @@ points, so "accuracy" means the sample's measured level is the one asked for.
 
 Pre-generate the data of a config (e.g. once, on one process, before a multi-host run):
 
-  python -m ddpo_jax.ctrl.make_sampled_data --config=configs/ctrl_sd_compressibility.py \
+  python -m ddpo_jax.ctrl.make_sampled_data --config=ctrl_sd_compressibility \
       --workdir=/tmp/ctrl_sd_jpeg --config.model.pretrained_path=/data/stable-diffusion-v1-5
 """
 from __future__ import annotations

@@ -352,7 +352,8 @@ def guided_eps(eps_fn: EpsFn, params: Any, x: Array, t: Array, context: Array,
   """Noise prediction with classifier-free guidance on the prompt.
 
   If `guidance_scale == 1.0` (a static Python float) calls `eps_fn(params, x, t, context,
-  class_labels)`. Otherwise calls `eps_fn` ONCE on the 2B batch [uncond; cond] and returns
+  class_labels)`. Otherwise calls `eps_fn` ONCE on the 2B batch of interleaved pairs
+  (uncond_0, cond_0, uncond_1, ...: a batch split over devices stays on its devices) and returns
   eps_u + w (eps_c - eps_u): eps_c = eps(c, y) with `class_labels`, eps_u = eps(∅, y_u) with
   `uncond_class_labels` (None: the same labels as eps_c). CTRL passes its null labels as y_u,
   as its reference code does, so w scales the control's effect as it scales the prompt's:
@@ -374,20 +375,24 @@ def guided_eps(eps_fn: EpsFn, params: Any, x: Array, t: Array, context: Array,
   if uncond_context is None:
     raise ValueError("guidance_scale != 1 needs an uncond_context.")
   b = x.shape[0]
-  x2 = jnp.concatenate([x, x], axis=0)
-  t2 = jnp.concatenate([t, t], axis=0)
-  c2 = jax.tree.map(
-      lambda u, c: jnp.concatenate(
-          [jnp.broadcast_to(u.astype(c.dtype), (b,) + tuple(u.shape[1:])), c], axis=0),
-      uncond_context, context)
+
+  def pair(u, c):  # rows u_0, c_0, u_1, c_1, ...: (B, ...) x 2 -> (2B, ...)
+    u = jnp.broadcast_to(u.astype(c.dtype), c.shape)
+    return jnp.stack([u, c], axis=1).reshape((2 * b,) + tuple(c.shape[1:]))
+  # Interleaved, not [uncond; cond]: with the batch split over devices, each device's rows of
+  # the 2B batch are the pairs of its own B rows, so no device needs another's (concatenating
+  # the halves made XLA all-gather the latents and contexts at every sampling step).
+  x2, t2 = pair(x, x), pair(t, t)
+  c2 = jax.tree.map(pair, uncond_context, context)
   if class_labels is None:
     y2 = None
   else:
     y_u = class_labels if uncond_class_labels is None else jnp.broadcast_to(
         jnp.asarray(uncond_class_labels, class_labels.dtype), class_labels.shape)
-    y2 = jnp.concatenate([y_u, class_labels], axis=0)
+    y2 = pair(y_u, class_labels)
   eps = eps_fn(params, x2, t2, c2, y2).astype(dtype)
-  eps_u, eps_c = eps[:b], eps[b:]
+  eps = eps.reshape((b, 2) + tuple(eps.shape[1:]))
+  eps_u, eps_c = eps[:, 0], eps[:, 1]
   return eps_u + guidance_scale * (eps_c - eps_u)
 
 

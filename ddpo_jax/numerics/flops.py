@@ -5,8 +5,9 @@ with jax 0.10.2 for TPU: a 10-step `lax.scan` of a matmul reports the FLOPs of o
 cannot count a sampling scan over 50 denoising steps or the update's scan over micro-batches.
 `matmul_flops` walks the jaxpr instead: every `dot_general` and `conv_general_dilated` counts
 2 x (output elements) x (contracted elements per output), scans multiply their body by their
-length, calls and checkpoints (`jit`, `remat`, custom derivatives) recurse, and a `cond` counts
-its most expensive branch. Elementwise work, reductions and transcendentals are not counted
+length, a `shard_map` body (per-device shapes) counts once per device of its mesh, calls and
+checkpoints (`jit`, `remat`, custom derivatives) recurse, and a `cond` counts its most
+expensive branch. Elementwise work, reductions and transcendentals are not counted
 (a few percent of a diffusion model's FLOPs). A `while` loop of unknown trip count (none in this
 package's programs) counts once and is reported in `unbounded_loops`.
 """
@@ -52,6 +53,10 @@ def _sub_jaxprs(eqn) -> list[Any]:
           for j in jax_core.jaxprs_in_params(eqn.params)]
 
 
+def _mesh_size(mesh) -> int:
+  return int(math.prod(dict(mesh.shape).values()))
+
+
 def _count(jaxpr, acc: FlopCount) -> float:
   total = 0.0
   for eqn in jaxpr.eqns:
@@ -64,6 +69,8 @@ def _count(jaxpr, acc: FlopCount) -> float:
       total += int(eqn.params["length"]) * _count(eqn.params["jaxpr"].jaxpr, acc)
     elif name == "cond":
       total += max(_count(b.jaxpr, acc) for b in eqn.params["branches"])
+    elif name == "shard_map":  # the body is per device: it runs once on each of the mesh's
+      total += _mesh_size(eqn.params["mesh"]) * sum(_count(sub, acc) for sub in _sub_jaxprs(eqn))
     elif name == "while":
       acc.unbounded_loops += 1
       total += _count(eqn.params["body_jaxpr"].jaxpr, acc)

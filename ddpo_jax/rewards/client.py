@@ -18,6 +18,18 @@ the reference (1000 retries), retries are bounded and end in a `RewardServerErro
 the server and the last error, every response is validated, a whole call (all its batches and
 retries) has a deadline (600 s), and a wait is logged every 30 s (a frozen server used to stall
 training for 3 x 120 s without a word).
+
+Retrying is tenacity's (`tenacity.Retrying`: `stop_after_attempt(retries)`, `wait_exponential(
+backoff, max=max_backoff)`, i.e. backoff, 2 backoff, 4 backoff, ... before the 2nd, 3rd, 4th try,
+and `stop_before_delay` for the part of the call's deadline left to a batch, so a backoff that
+would end past the deadline is not slept). tenacity rather than urllib3's `Retry`, because
+urllib3 runs the tries inside one `urlopen` call, out of this module's reach: its backoff skips
+the pause before the 2nd try (urllib3 2: 0, then 2 x factor, ...), it has no deadline across
+tries, and a try could neither be logged while it waits, nor have its timeout cut to what is
+left of the deadline, nor be given up when a server drips its answer (each byte within the socket
+timeout). With tenacity one try stays one `_open` here. What this module keeps: which failures
+are retried (connection errors, timeouts, HTTP 5xx; not 4xx nor an invalid answer), the call's
+deadline, the progress lines, batching, and the `RewardServerError` messages.
 """
 from __future__ import annotations
 
@@ -31,6 +43,7 @@ import urllib.request
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import tenacity
 from PIL import Image
 
 JPEG_QUALITY = 80
@@ -219,43 +232,51 @@ class RewardClient:
     return outcome["body"]
 
   def _post(self, body: bytes, call: "_Call") -> bytes:
-    """POSTs to /score with bounded retries within `call`'s deadline; returns the body of a
-    200 answer."""
-    last_error, reachable = "no attempt", False
+    """POSTs to /score with bounded retries (tenacity) within `call`'s deadline; returns the
+    body of a 200 answer."""
     self.last_attempts = 0
-    for attempt in range(self.retries):
-      if attempt:
-        pause = min(self.backoff * 2 ** (attempt - 1), self.max_backoff)
-        if time.monotonic() + pause >= call.end:
-          raise self._deadline_error(call, attempt, last_error)
-        time.sleep(pause)
-      left = call.end - time.monotonic()
-      if left <= 0:
-        raise self._deadline_error(call, attempt, last_error)
-      self.last_attempts = attempt + 1
-      request = urllib.request.Request(self.url + "/score", data=body, method="POST",
-                                       headers={"Content-Type": CONTENT_TYPE})
-      cut = left < self.timeout  # this try's timeout is what is left of the deadline
-      try:
-        return self._open(request, min(self.timeout, left), call, attempt + 1)
-      except urllib.error.HTTPError as e:
-        reachable = True
-        message = _error_message(e.read())
-        if e.code < 500:
-          raise RewardServerError(f"reward server at {self.url} rejected the request "
-                                  f"(HTTP {e.code}): {message}") from None
-        last_error = f"HTTP {e.code}: {message}"
-      except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
-              socket.timeout, TimeoutError, OSError) as e:
-        reason = getattr(e, "reason", None) or e
-        last_error = f"{type(reason).__name__}: {reason}"
-        if cut and isinstance(reason, TimeoutError):
-          raise self._deadline_error(call, attempt + 1, last_error) from None
-      if time.monotonic() >= call.end:
-        raise self._deadline_error(call, attempt + 1, last_error)
-    what = "failed" if reachable else "is not reachable"
-    raise RewardServerError(f"reward server at {self.url} {what} after {self.retries} tries: "
-                            f"{last_error}")
+    last_error, reachable = "no attempt", False  # reachable: some try got an HTTP answer
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(_Retryable),
+        stop=(tenacity.stop_after_attempt(self.retries)
+              | tenacity.stop_before_delay(call.end - time.monotonic())),
+        wait=tenacity.wait_exponential(multiplier=self.backoff, max=self.max_backoff))
+    try:
+      for attempt in retrying:
+        with attempt:
+          tried = attempt.retry_state.attempt_number - 1
+          left = call.end - time.monotonic()
+          if left <= 0:
+            raise self._deadline_error(call, tried, last_error)
+          self.last_attempts = tried + 1
+          request = urllib.request.Request(self.url + "/score", data=body, method="POST",
+                                           headers={"Content-Type": CONTENT_TYPE})
+          cut = left < self.timeout  # this try's timeout is what is left of the deadline
+          try:
+            return self._open(request, min(self.timeout, left), call, tried + 1)
+          except urllib.error.HTTPError as e:
+            reachable = True
+            message = _error_message(e.read())
+            if e.code < 500:
+              raise RewardServerError(f"reward server at {self.url} rejected the request "
+                                      f"(HTTP {e.code}): {message}") from None
+            last_error = f"HTTP {e.code}: {message}"
+            raise _Retryable(last_error) from None
+          except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
+                  socket.timeout, TimeoutError, OSError) as e:
+            reason = getattr(e, "reason", None) or e
+            last_error = f"{type(reason).__name__}: {reason}"
+            if cut and isinstance(reason, TimeoutError):
+              raise self._deadline_error(call, tried + 1, last_error) from None
+            raise _Retryable(last_error) from None
+    except tenacity.RetryError as e:  # out of tries, or the next backoff ends past the deadline
+      tries = e.last_attempt.attempt_number
+      if tries < self.retries or time.monotonic() >= call.end:
+        raise self._deadline_error(call, tries, last_error) from None
+      what = "failed" if reachable else "is not reachable"
+      raise RewardServerError(f"reward server at {self.url} {what} after {self.retries} tries: "
+                              f"{last_error}") from None
+    raise AssertionError("unreachable: tenacity ends with an answer or an error")
 
   # -- scoring ----------------------------------------------------------------------------------
 
@@ -351,6 +372,11 @@ class RewardClient:
       merged[key] = np.asarray([x for v in values for x in v] if per_sample else values)
     out = np.concatenate(rewards) if rewards else np.zeros((0,), np.float32)
     return out, merged
+
+
+class _Retryable(Exception):
+  """A failed try that is worth another (connection error, timeout, HTTP 5xx); its text is the
+  error the final `RewardServerError` names."""
 
 
 class _Call:

@@ -15,8 +15,9 @@ The reward is flow_grpo's OCR reward (its `flow_grpo/ocr.py`, the `ocr` reward o
   reward  = 1 - d / len(target),  in [0, 1].
 
 So extra text around the target costs nothing, and an image with no text scores 0. The
-Levenshtein distance is computed here (`levenshtein`; unit-cost insertions, deletions and
-substitutions), not taken from the python-Levenshtein package the reference imports.
+Levenshtein distance (unit-cost insertions, deletions and substitutions) is rapidfuzz's
+`rapidfuzz.distance.Levenshtein.distance`, the same distance as the python-Levenshtein package
+the reference imports (rapidfuzz is the maintained library that package now wraps).
 
 The OCR engine is pluggable: any callable `images -> list[str]` (one text per image; images a
 list of (H, W, 3) uint8 RGB arrays), given as `engine="MODULE:ATTR"` (with `engine_kwargs`, the
@@ -29,6 +30,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from rapidfuzz.distance import Levenshtein
 
 from ddpo_jax.rewards.plugins import load_plugin
 
@@ -42,22 +44,6 @@ PADDLE_MISSING = (
 # ----------------------------------------------------------------------------------------------
 # The reward
 # ----------------------------------------------------------------------------------------------
-
-def levenshtein(a: str, b: str) -> int:
-  """Edit distance between `a` and `b`: the fewest single-character insertions, deletions and
-  substitutions turning one into the other (symmetric; `levenshtein(a, "") == len(a)`)."""
-  if len(a) < len(b):
-    a, b = b, a
-  previous = list(range(len(b) + 1))  # distances from a[:0] to each prefix of b
-  for i, ca in enumerate(a, 1):
-    current = [i]
-    for j, cb in enumerate(b, 1):
-      current.append(min(previous[j] + 1,  # delete ca
-                         current[j - 1] + 1,  # insert cb
-                         previous[j - 1] + (ca != cb)))  # substitute (or match)
-    previous = current
-  return previous[-1]
-
 
 def target_text(prompt: str) -> str:
   """The text a prompt asks to be written: after its first '"', up to the next '"' or the end
@@ -88,7 +74,7 @@ def ocr_reward(read: str, target: str) -> tuple[float, int]:
   target, read = normalize_text(target), normalize_text(read)
   if not target:
     raise ValueError("OCR reward: the quoted target text is empty (or only spaces)")
-  distance = 0 if target in read else min(levenshtein(read, target), len(target))
+  distance = 0 if target in read else min(Levenshtein.distance(read, target), len(target))
   return 1.0 - distance / len(target), distance
 
 

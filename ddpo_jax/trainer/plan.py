@@ -123,6 +123,9 @@ def make_topology(name: str) -> Topology:
   """
   from jax.experimental import topologies
   kind, full, shape = resolve_topology_name(name)
+  # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) so that one process drives the
+  # TPUs; compile-only devices drive nothing, and plans (or test workers) may run side by side.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   if kind in ("h100", "h200"):
     with open(os.path.join(GPU_TARGETS, f"{kind}.txtpb")) as f:
       target = f.read()

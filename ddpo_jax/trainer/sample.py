@@ -3,6 +3,11 @@ r"""Samples images from a training run's checkpoint or from a diffusers-format p
   python -m ddpo_jax.sample --workdir=DIR [--step=S] --num=K --out=FILE.npz
   python -m ddpo_jax.sample --pipeline=DIR_OR_HUB_ID --prompts="a cat,a dog" --num=K \
       [--steps=N] [--guidance=W] [--resolution=PX] --out=FILE.npz
+  python -m ddpo_jax.sample ... --prompts_file=PROMPTS.txt --grid=GRID.png --png_dir=DIR
+
+Prompts: `--prompts` splits on commas ("a cat,a dog" is two prompts); `--prompts_file` reads one
+prompt per line (blank lines skipped), for prompts that contain commas. Either is cycled over
+--num.
 
 `--workdir`: loads the run's config from its checkpoint, the params of `--step` (default: the
 latest; step 0 is the pre-trained model before fine-tuning) and samples with the run's own
@@ -11,11 +16,13 @@ FLUX.1) sampled with its standard sampler (`pipeline_sampler`): deterministic DD
 families, the Euler flow ODE for SD3 / FLUX (FLUX.1-dev with its embedded guidance), with the
 diffusers pipelines' default steps, guidance and resolution unless given.
 
-Writes `images` (uint8, NHWC) and `prompts` to the npz (and PNGs to --png_dir if given).
-Deterministic for a given --seed.
+Writes `images` (uint8, NHWC) and `prompts` to the npz; with --png_dir also one PNG per image,
+named by its index and prompt (`0003_a-photo-of-a-cat.png`: `png_name`), and with --grid one PNG
+of all of them in a grid (row-major, as sampled). Deterministic for a given --seed.
 """
 import dataclasses
 import os
+import re
 
 from absl import app, flags
 import jax
@@ -28,6 +35,7 @@ from ddpo_jax.models import adapters, load_pipeline
 from ddpo_jax.numerics import diffusion, flow, parallel
 from ddpo_jax.pipelines import sd
 from ddpo_jax.rewards import to_uint8
+from ddpo_jax.trainer.loop import image_grid
 from ddpo_jax.trainer.runs import restore_run
 
 
@@ -230,10 +238,59 @@ def _ctrl_contexts(prompts, label_tuples, offset, policy, rng):
   return out
 
 
+def read_prompts_file(path: str) -> list[str]:
+  """The prompts of a text file, one per line (surrounding whitespace and blank lines dropped).
+
+  Raises:
+    ValueError: the file has no prompt.
+  """
+  with open(path, encoding="utf-8") as f:
+    prompts = [line.strip() for line in f if line.strip()]
+  if not prompts:
+    raise ValueError(f"{path}: no prompts (one per line)")
+  return prompts
+
+
+def slug(prompt: str, max_len: int = 60) -> str:
+  """`prompt` as a file-name part: lower case, each run of characters other than letters and
+  digits one '-', at most `max_len` characters, cut at a word boundary where there is one
+  ("A photo of a cat, sleeping!" -> "a-photo-of-a-cat-sleeping"); "prompt" if nothing is left."""
+  s = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+  if len(s) > max_len:
+    cut = s[:max_len + 1].rfind("-")
+    s = s[:cut if cut > max_len // 2 else max_len].strip("-")
+  return s or "prompt"
+
+
+def png_name(index: int, prompt: str, num: int) -> str:
+  """The --png_dir file of image `index` of `num`: "0003_a-photo-of-a-cat.png" (the index
+  zero-padded to at least 4 digits, so the names sort in sampling order)."""
+  return f"{index:0{max(4, len(str(num - 1)))}d}_{slug(prompt)}.png"
+
+
+def write_pngs(images: np.ndarray, prompts, png_dir: str | None = None,
+               grid: str | None = None) -> None:
+  """(N,H,W,C) uint8 `images` to one PNG each in `png_dir` (`png_name`) and / or all of them to
+  one grid PNG `grid` (`loop.image_grid`: ceil(sqrt(N)) columns, row-major)."""
+  from PIL import Image
+
+  def save(img, path):
+    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(path)
+
+  if png_dir:
+    os.makedirs(png_dir, exist_ok=True)
+    for i, (img, prompt) in enumerate(zip(images, prompts)):
+      save(img, os.path.join(png_dir, png_name(i, str(prompt), len(images))))
+  if grid:
+    os.makedirs(os.path.dirname(os.path.abspath(grid)), exist_ok=True)
+    save(image_grid(np.asarray(images)), grid)
+
+
 def _define_flags():
   """The CLI's flags (defined only when run as a program, so importing this module from
   another absl program does not clash with its flags)."""
-  global _WORKDIR, _STEP, _NUM, _OUT, _PROMPTS, _SEED, _BATCH, _PNG_DIR, _LABELS
+  global _WORKDIR, _STEP, _NUM, _OUT, _PROMPTS, _PROMPTS_FILE, _SEED, _BATCH, _PNG_DIR, _GRID
+  global _LABELS
   global _PIPELINE, _STEPS, _GUIDANCE, _RESOLUTION, _DTYPE, _MERGE_LORA
   _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by ddpo_jax.main "
                                  "(or give --pipeline).")
@@ -253,11 +310,16 @@ def _define_flags():
   _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest; 0 = pre-trained).")
   _NUM = flags.DEFINE_integer("num", 16, "Number of images.")
   _OUT = flags.DEFINE_string("out", "samples.npz", "Output .npz path.")
-  _PROMPTS = flags.DEFINE_list("prompts", None, "Prompts, cycled over --num (default: drawn by the task).")
+  _PROMPTS = flags.DEFINE_list("prompts", None, "Comma-separated prompts, cycled over --num "
+                               "(default: drawn by the task; prompts with commas: --prompts_file).")
+  _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A text file of prompts, one per line "
+                                      "(instead of --prompts), cycled over --num.")
   _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
   _BATCH = flags.DEFINE_integer("batch_size", None, "Images per compiled sampling call "
                                 "(default: 64 with --workdir, 8 with --pipeline).")
-  _PNG_DIR = flags.DEFINE_string("png_dir", None, "Also write one PNG per image here.")
+  _PNG_DIR = flags.DEFINE_string("png_dir", None, "Also write one PNG per image here, named by "
+                                 "index and prompt (0003_a-photo-of-a-cat.png).")
+  _GRID = flags.DEFINE_string("grid", None, "Also write all images as one grid PNG to this file.")
   _MERGE_LORA = flags.DEFINE_bool("merge_lora", False, "--workdir LoRA runs: sample with the "
                                   "factors merged into the kernels (faster; with bfloat16 "
                                   "weights not exactly the trained model: docs/models.md).")
@@ -271,15 +333,18 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if (_WORKDIR.value is None) == (_PIPELINE.value is None):
     raise app.UsageError("give exactly one of --workdir (a training run) and --pipeline")
+  if _PROMPTS.value and _PROMPTS_FILE.value:
+    raise app.UsageError("give at most one of --prompts and --prompts_file")
+  given = read_prompts_file(_PROMPTS_FILE.value) if _PROMPTS_FILE.value else _PROMPTS.value
   extra = {}
   if _PIPELINE.value is not None:
     if _STEP.value is not None or _LABELS.value:
       raise app.UsageError("--step and --labels belong to --workdir runs")
-    if not _PROMPTS.value:
-      raise app.UsageError("--pipeline needs --prompts")
+    if not given:
+      raise app.UsageError("--pipeline needs --prompts or --prompts_file")
     pipe = load_pipeline(_PIPELINE.value, dtype=jnp.dtype(_DTYPE.value))
     images, _, prompts = sample_pipeline(
-        pipe, _PROMPTS.value, _NUM.value, num_steps=_STEPS.value,
+        pipe, given, _NUM.value, num_steps=_STEPS.value,
         guidance_scale=_GUIDANCE.value, resolution=_RESOLUTION.value, seed=_SEED.value,
         batch_size=_BATCH.value or 8)
     source = _PIPELINE.value
@@ -288,7 +353,7 @@ def main(argv):
     if _RESOLUTION.value is not None:
       raise app.UsageError("--resolution belongs to --pipeline (a run samples at its config's)")
     images, prompts, step = sample_from_checkpoint(_WORKDIR.value, _NUM.value, _STEP.value,
-                                                   _PROMPTS.value, _SEED.value,
+                                                   given, _SEED.value,
                                                    _BATCH.value or 64, _LABELS.value,
                                                    num_steps=_STEPS.value,
                                                    guidance_scale=_GUIDANCE.value,
@@ -301,12 +366,7 @@ def main(argv):
     prompts = [p for p, _ in pairs]
     extra["labels"] = np.asarray([l for _, l in pairs], np.int32)
   np.savez(_OUT.value, images=images, prompts=np.asarray(prompts), **extra)
-  if _PNG_DIR.value:
-    from PIL import Image
-    os.makedirs(_PNG_DIR.value, exist_ok=True)
-    for i, img in enumerate(images):
-      Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(
-          os.path.join(_PNG_DIR.value, f"{i:05d}.png"))
+  write_pngs(images, prompts, _PNG_DIR.value, _GRID.value)
   print(f"wrote {len(images)} images from {source} to {_OUT.value}")
 
 

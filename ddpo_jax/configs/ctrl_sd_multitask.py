@@ -12,18 +12,18 @@ WORKDIR/offline_data/{aesthetic,jpeg}.npz). Reward: log p̂_a(y1 | x) + log p̂_
 SmallCNN on 64×64 resized images trained on its own dataset. Judges: the real aesthetic score
 and the real JPEG size, bucketed by each dataset's cut points (`joint_accuracy` in eval.json).
 
-Solver and hyperparameters as configs/ctrl_sd_compressibility.py: direct backpropagation with
+Solver and hyperparameters as ddpo_jax/configs/ctrl_sd_compressibility.py: direct backpropagation with
 random truncation, LoRA lr 1e-3 + table lr 1e-2, weight decay 0.1, clip 5, reward weight 0.1, KL
 weight 0.01 MEAN-reduced over the latent dims (α = 0.1 per mean-reduced KL ≈ 6.1e-6 on the exact
 KL; --config.ctrl.kl_reduction=sum for the exact KL).
 
   DDPO_JAX_ASSETS=/path/to/assets python -m ddpo_jax.main \
-      --config=configs/ctrl_sd_multitask.py --workdir=/tmp/ctrl_sd_multi \
+      --config=ctrl_sd_multitask --workdir=/tmp/ctrl_sd_multi \
       --config.model.pretrained_path=/data/stable-diffusion-v1-5 \
       --config.reward.aesthetic_mlp_path=/path/to/sac+logos+ava1-l14-linearMSE.pth
   python -m ddpo_jax.sample --workdir=/tmp/ctrl_sd_multi --labels=3:0,0:3 --num=16
 
-Variants as configs/ctrl_sd_compressibility.py (`nN`, `cfg`, `cg`, `ddpo`, `runlocal`; the
+Variants as ddpo_jax/configs/ctrl_sd_compressibility.py (`nN`, `cfg`, `cg`, `ddpo`, `runlocal`; the
 latter also needs --config.reward.clip_path=DIR of a CLIP vision tower with projection_dim 768).
 """
 from ddpo_jax import config_base

@@ -17,11 +17,11 @@ KL, i.e. α = 0.1 / 16384 ≈ 6.1e-6 on the exact (summed) KL, nearly unregulari
 optimizer steps of 32 chains (4 × 8 accumulated); UNet blocks rematerialised.
 
   DDPO_JAX_ASSETS=/path/to/assets python -m ddpo_jax.main \
-      --config=configs/ctrl_sd_compressibility.py --workdir=/tmp/ctrl_sd_jpeg \
+      --config=ctrl_sd_compressibility --workdir=/tmp/ctrl_sd_jpeg \
       --config.model.pretrained_path=/data/stable-diffusion-v1-5
   python -m ddpo_jax.sample --workdir=/tmp/ctrl_sd_jpeg --labels=0,1,2,3 --num=16
 
-Variants (`--config=configs/ctrl_sd_compressibility.py:VARIANT`, comma-separated): `n512` etc.
+Variants (`--config=ctrl_sd_compressibility:VARIANT`, comma-separated): `n512` etc.
 (label budget), `cfg` / `cg` (the baselines on the same sampled data), `ddpo` (the PPO solver),
 `runlocal` (seconds on a CPU against a tiny pipeline: add --config.model.pretrained_path=DIR).
 """

@@ -4,7 +4,7 @@ values the three NFT configs share (the dpm2 sampler without CFG, groups of 24 i
 of 72, KL beta 1e-4, the weight EMA; each with its source) are `ddpo_jax.config_base.sd3_nft_base`;
 this task's own are below.
 
-  python -m ddpo_jax.main --config=configs/sd3_nft_ocr.py --workdir=/tmp/sd3_nft_ocr \
+  python -m ddpo_jax.main --config=sd3_nft_ocr --workdir=/tmp/sd3_nft_ocr \
       --config.prompt_fn_kwargs.path=PROMPTS.txt --config.reward.server_url=URL
 
 Variants: `:full` (full transformer fine-tuning), `:runlocal` (seconds on a CPU; add

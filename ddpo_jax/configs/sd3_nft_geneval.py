@@ -4,7 +4,7 @@ batch sizes. The values the three NFT configs share (the dpm2 sampler without CF
 16 sampling calls of 72, KL beta 1e-4, the weight EMA; each with its source) are
 `ddpo_jax.config_base.sd3_nft_base`; this task's own are below.
 
-  python -m ddpo_jax.main --config=configs/sd3_nft_geneval.py --workdir=/tmp/sd3_nft_geneval \
+  python -m ddpo_jax.main --config=sd3_nft_geneval --workdir=/tmp/sd3_nft_geneval \
       --config.prompt_fn_kwargs.path=PROMPTS.txt --config.reward.server_url=URL
 
 Variants: `:full` (full transformer fine-tuning), `:runlocal` (seconds on a CPU; add

@@ -1,7 +1,7 @@
 r"""Digits with the JPEG compressibility reward (−JPEG size in kB, PIL quality 95); otherwise the
-sampling and update of configs/default.py, without per-prompt stat tracking.
+sampling and update of ddpo_jax/configs/default.py, without per-prompt stat tracking.
 
-  python -m ddpo_jax.main --config=configs/digits_compressibility.py --workdir=/tmp/ddpo_digits_jpeg
+  python -m ddpo_jax.main --config=digits_compressibility --workdir=/tmp/ddpo_digits_jpeg
 
 Variant: `:runlocal` (seconds, for tests).
 """
@@ -20,7 +20,7 @@ def get_config(arg=None):
   config.sample.num_batches_per_epoch = 1
   config.train.batch_size = 32  # 8 optimizer steps per epoch
   config.train.timestep_fraction = 0.5
-  config.train.clip_range = 0.2  # not the reference's 1e-4: configs/default.py says why
+  config.train.clip_range = 0.2  # not the reference's 1e-4: ddpo_jax/configs/default.py says why
   config.reward.weights = {"jpeg_compressibility": 1.0}
   config.reward.metrics = ()
   config.per_prompt_stat_tracking.enabled = False

@@ -4,7 +4,7 @@ global batch sizes. The values the three NFT configs share (the dpm2 sampler wit
 24 in 16 sampling calls of 72, KL beta 1e-4, the weight EMA; each with its source) are
 `ddpo_jax.config_base.sd3_nft_base`; this task's own are below.
 
-  python -m ddpo_jax.main --config=configs/sd3_nft_pickscore.py --workdir=/tmp/sd3_nft_pickscore \
+  python -m ddpo_jax.main --config=sd3_nft_pickscore --workdir=/tmp/sd3_nft_pickscore \
       --config.prompt_fn_kwargs.path=PROMPTS.txt --config.reward.pickscore_path=DIR
 
 Variants: `:full` (full transformer fine-tuning), `:runlocal` (seconds on a CPU; add

@@ -3,7 +3,7 @@ r"""Pre-trains the class-conditional digits model only (what the default run doe
 Writes the EMA parameters to `model.pretrained_dir` (default: the cache directory,
 ~/.cache/ddpo_jax/digits_pretrained_<hash>, or $DDPO_JAX_CACHE) and stops. ~1-2 min on 2 CPU cores.
 
-  python -m ddpo_jax.main --config=configs/digits_pretrain.py --workdir=/tmp/digits_pretrain
+  python -m ddpo_jax.main --config=digits_pretrain --workdir=/tmp/digits_pretrain
 
 Variant: `:runlocal` (the tiny model of the runlocal tests).
 """

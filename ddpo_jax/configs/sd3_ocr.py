@@ -3,7 +3,7 @@ r"""Flow-GRPO on Stable Diffusion 3.5 Medium, OCR reward: flow_grpo's config/grp
 (sampler, groups, batches, LoRA, weight EMA; each with its source) are
 `ddpo_jax.config_base.sd3_flow_grpo_base`; this task's own are below.
 
-  python -m ddpo_jax.main --config=configs/sd3_ocr.py --workdir=/tmp/sd3_ocr \
+  python -m ddpo_jax.main --config=sd3_ocr --workdir=/tmp/sd3_ocr \
       --config.prompt_fn_kwargs.path=PROMPTS.txt --config.reward.server_url=http://HOST:PORT
 
 Variants: `:full` (full transformer fine-tuning), `:runlocal` (seconds on a CPU; add

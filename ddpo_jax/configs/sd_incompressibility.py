@@ -1,12 +1,12 @@
 r"""Stable Diffusion DDPO, JPEG incompressibility (paper §6.1; the torch port's
 `incompressibility`).
 
-As configs/sd_compressibility.py with reward +JPEG size in kB.
+As ddpo_jax/configs/sd_compressibility.py with reward +JPEG size in kB.
 
   DDPO_JAX_ASSETS=/path/to/assets python -m ddpo_jax.main \
-      --config=configs/sd_incompressibility.py --workdir=/tmp/sd_incompressibility
+      --config=sd_incompressibility --workdir=/tmp/sd_incompressibility
 
-Variants: `:full`, `:runlocal` (see configs/sd_compressibility.py).
+Variants: `:full`, `:runlocal` (see ddpo_jax/configs/sd_compressibility.py).
 """
 
 import ml_collections

@@ -4,7 +4,7 @@ at global batch sizes, on top of what it shares with the SD3 Flow-GRPO configs
 std, timestep fraction 0.99, PPO clip 1e-4, lr 3e-4, the weight EMA and the zero-advantage
 filter); FLUX's own values are below.
 
-  python -m ddpo_jax.main --config=configs/flux_pickscore.py --workdir=/tmp/flux_pickscore \
+  python -m ddpo_jax.main --config=flux_pickscore --workdir=/tmp/flux_pickscore \
       --config.prompt_fn_kwargs.path=PROMPTS.txt --config.reward.pickscore_path=DIR
 
 Variants: `:full` (full transformer fine-tuning), `:runlocal` (seconds on a CPU; add

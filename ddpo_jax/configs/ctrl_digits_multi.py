@@ -5,7 +5,7 @@ disjoint halves of the digits training split, so no image carries both labels) a
 classifier; the reward is log p̂_class(y1 | x) + log p̂_thick(y2 | x) (y1 ⊥ y2 | x), the
 prompt is "" (the unconditional model). Labels are written `class:thickness`.
 
-  python -m ddpo_jax.main --config=configs/ctrl_digits_multi.py --workdir=/tmp/ctrl_multi
+  python -m ddpo_jax.main --config=ctrl_digits_multi --workdir=/tmp/ctrl_multi
   python -m ddpo_jax.sample --workdir=/tmp/ctrl_multi --labels=3:0,3:2,8:0,8:2 --num=16
 
 Variants: `n100`, `n300`, `cfg`, `cg`, `ddpo`, `runlocal`

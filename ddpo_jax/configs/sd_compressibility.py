@@ -8,9 +8,9 @@ sampling call × 8 calls), 50 DDIM steps, eta 1, CFG 5; optimizer steps of 64 sa
 per epoch; per-prompt stat tracking (buffer 16, min 16). Batch sizes are global.
 
   DDPO_JAX_ASSETS=/path/to/assets python -m ddpo_jax.main \
-      --config=configs/sd_compressibility.py --workdir=/tmp/sd_compressibility
+      --config=sd_compressibility --workdir=/tmp/sd_compressibility
 
-Variants: `--config=configs/sd_compressibility.py:full` (full UNet, lr 1e-5, fp32 master
+Variants: `--config=sd_compressibility:full` (full UNet, lr 1e-5, fp32 master
 weights, bf16 compute, Adam first moment in bf16: the JAX original), `:runlocal` (seconds on a
 CPU; add --config.model.pretrained_path=TINY_PIPELINE_DIR). Export the fine-tuned model:
 `python -m ddpo_jax.export --workdir=/tmp/sd_compressibility --out=/tmp/sd_compressed`.

@@ -4,7 +4,7 @@ the two Fast configs share (CPS in a random window of 3 of the 10 steps, no CFG,
 beta 0; each with its source) are `ddpo_jax.config_base.sd3_flow_grpo_fast_base`; this task's own
 are below.
 
-  python -m ddpo_jax.main --config=configs/sd3_fast_geneval.py --workdir=/tmp/sd3_fast_geneval \
+  python -m ddpo_jax.main --config=sd3_fast_geneval --workdir=/tmp/sd3_fast_geneval \
       --config.prompt_fn_kwargs.path=PROMPTS.txt --config.reward.server_url=URL
 
 Variants: `:full` (full transformer fine-tuning), `:runlocal` (seconds on a CPU; add

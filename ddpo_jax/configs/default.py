@@ -15,7 +15,7 @@ from ddpo_jax.config_schema import new_config
 
 def get_config(arg=None):
   config = new_config("ddpo", "digits")
-  # 40 epochs: held-out-judge accuracy 52.3% -> 86.3%, at least 84% from epoch 30 on
+  # 40 epochs: held-out-judge accuracy 52.3% -> 86.7%, 87.5% mean of the last 3
   # (docs/results.md).
   config.num_epochs = 40
   config.save_freq = 5

@@ -11,7 +11,7 @@ accumulated, as the torch port's 6 GPUs × 4 × 6), 2 per epoch; stat tracking b
   python -m ddpo_jax.rewards.server --scorer=llava_bertscore --port=8000 \
       --scorer_kwargs='{"model": "llava-hf/llava-1.5-7b-hf"}' &   # on a GPU host (docs/rewards.md)
   DDPO_JAX_ASSETS=/path/to/assets python -m ddpo_jax.main \
-      --config=configs/sd_alignment.py --workdir=/tmp/sd_alignment \
+      --config=sd_alignment --workdir=/tmp/sd_alignment \
       --config.reward.server_url=http://127.0.0.1:8000
 
 Variants: `:full`, `:runlocal` (the tests run the latter against a `--scorer=brightness` server).

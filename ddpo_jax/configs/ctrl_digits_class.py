@@ -10,10 +10,10 @@ p(x | y); `--config.ctrl.kl_reduction=sum`) learns the class far less on this ch
 p̂ is a SmallCNN trained on the labelled subset of the digits training split and
 temperature-calibrated; the judge is an SVC trained on the held-out split.
 
-  python -m ddpo_jax.main --config=configs/ctrl_digits_class.py --workdir=/tmp/ctrl_class
+  python -m ddpo_jax.main --config=ctrl_digits_class --workdir=/tmp/ctrl_class
   python -m ddpo_jax.sample --workdir=/tmp/ctrl_class --labels=0,1,2,3,4,5,6,7,8,9 --num=40
 
-Variants (`--config=configs/ctrl_digits_class.py:VARIANT`, comma-separated): `n100` / `n300`
+Variants (`--config=ctrl_digits_class:VARIANT`, comma-separated): `n100` / `n300`
 (label budget), `cfg` / `cg` (the baselines on the same labelled data), `ddpo` (the PPO
 solver), `runlocal` (seconds, for tests).
 """

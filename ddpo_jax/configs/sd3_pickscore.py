@@ -3,7 +3,7 @@ r"""Flow-GRPO on Stable Diffusion 3.5 Medium, PickScore reward: flow_grpo's conf
 groups, batches, LoRA, weight EMA; each with its source) are
 `ddpo_jax.config_base.sd3_flow_grpo_base`; this task's own are below.
 
-  python -m ddpo_jax.main --config=configs/sd3_pickscore.py --workdir=/tmp/sd3_pickscore \
+  python -m ddpo_jax.main --config=sd3_pickscore --workdir=/tmp/sd3_pickscore \
       --config.prompt_fn_kwargs.path=PROMPTS.txt --config.reward.pickscore_path=DIR
 
 Variants: `:full` (full transformer fine-tuning), `:runlocal` (seconds on a CPU; add

@@ -5,7 +5,7 @@ rectified flow matching on scikit-learn's digits (first run only; cached), then 
 Flow-GRPO (the SDE sampler, groups of 8 per prompt, group-relative advantages, PPO clip) on the
 digits alignment reward log p(prompted class | image); the held-out SVC judge is logged.
 
-  python -m ddpo_jax.main --config=configs/digits_flow.py --workdir=/tmp/digits_flow
+  python -m ddpo_jax.main --config=digits_flow --workdir=/tmp/digits_flow
 
 Variants (comma-separated, e.g. `:lora,bf16`): `:cps` (coefficients-preserving sampling),
 `:mixgrpo` (a sliding SDE window), `:fast` (Flow-GRPO-Fast), `:nft` (DiffusionNFT), `:lora`

@@ -1,6 +1,6 @@
 r"""Flow-GRPO on Stable Diffusion 3.5 Medium with three rewards: PickScore (weight 1.0, on device),
 the OCR reward (0.5) and the GenEval reward (0.5), each behind its own reward server; otherwise
-configs/sd3_pickscore.py (`ddpo_jax.config_base.sd3_flow_grpo_base` lists the shared
+ddpo_jax/configs/sd3_pickscore.py (`ddpo_jax.config_base.sd3_flow_grpo_base` lists the shared
 hyperparameters and their source; the KL weight is pickscore's). The trained reward is 1.0 *
 pickscore + 0.5 * remote_ocr + 0.5 * remote_geneval (flow_grpo's multi-reward weighted sum);
 metrics.jsonl logs each term (pickscore_mean, remote_ocr_mean, remote_geneval_mean), their numeric
@@ -17,7 +17,7 @@ specs).
                         "engine_kwargs": {"checkpoint": "/data/MASK2FORMER.pth"}}'
   # the trainer; every prompt must suit both scorers: quote the text to render (OCR) and have
   # its GenEval spec in the server's JSONL, e.g. 'a photo of a red car and a sign that says "OPEN"'
-  python -m ddpo_jax.main --config=configs/sd3_multi_reward.py --workdir=/tmp/sd3_multi \
+  python -m ddpo_jax.main --config=sd3_multi_reward --workdir=/tmp/sd3_multi \
       --config.prompt_fn_kwargs.path=/data/multi_reward_prompts.txt \
       --config.reward.pickscore_path=/data/PickScore_v1 \
       --config.reward.clip_tokenizer_path=/data/CLIP-ViT-H-14-laion2B-s32B-b79K \
