@@ -43,6 +43,7 @@ setup(
             "torch==2.13.0",
             "diffusers>=0.40",
             "peft>=0.17",  # diffusers' load_lora_weights: the LoRA export's parity oracle
+            "wandb>=0.16",  # logging.wandb's offline run (tests/test_logging.py)
             "nbformat>=5.9",
             "nbclient>=0.10",
             "ipykernel>=6.29",
@@ -50,6 +51,8 @@ setup(
             # CTRL's tfds source is tested offline with tfds.testing.mock_data (no TensorFlow).
             "tensorflow-datasets>=4.9.10",
         ],
+        # logging.wandb: Weights & Biases (online, or offline without a network)
+        "wandb": ["wandb>=0.16"],
         # CTRL offline data from tensorflow-datasets: array_record data sets are read without
         # TensorFlow; TFRecord-stored ones also need `pip install tensorflow-cpu`.
         "tfds": ["tensorflow-datasets>=4.9.10"],

@@ -1,7 +1,7 @@
 """The one config schema: every key of every run kind, its default and a one-line meaning.
 
 `new_config(mode, model)` builds a complete config from the tables below; the configs
-(configs/*.py; what several of them share: ddpo_jax/config_base.py) override it; `validate`
+(ddpo_jax/configs/*.py; what several of them share: ddpo_jax/config_base.py) override it; `validate`
 checks a config against it (no unknown or missing key, enumerated values among their choices)
 before anything is built or compiled; `complete` fills a saved config of an older version up
 to the current keys. docs/config.md is `markdown()` (a test keeps them equal).
@@ -214,8 +214,18 @@ COMMON = _keys(
     ("num_epochs", 100, "epochs (DDPO: one data collection and its updates each)"),
     ("save_freq", 20, "epochs between checkpoints (the last epoch is always saved)"),
     ("keep_checkpoints", 0, "keep step 0 and this many latest steps; 0 keeps all"),
-    ("log_image_freq", 5, "epochs between image grids in WORKDIR/samples and TensorBoard (0: never)"),
-    ("progress", True, "tqdm progress bars"),
+    ("log_image_freq", 5, "epochs between captioned image grids (prompt and reward under each "
+     "image) in WORKDIR/samples, TensorBoard and wandb (0: never; else the last epoch too)"),
+    ("progress", True, "tqdm progress bars (process 0): epochs (ETA, latest reward) and each "
+     "epoch's sampling batches"),
+    ("logging.wandb", "", "Weights & Biases: '' off, 'online' or 'offline' (files in "
+     "WORKDIR/wandb; `pip install wandb`); process 0 logs the metrics rows, the captioned grids "
+     "and the config", ("", "online", "offline")),
+    ("logging.wandb_project", "ddpo_jax", "wandb project"),
+    ("logging.wandb_entity", "", "wandb entity (team or user; '' = your default)"),
+    ("logging.wandb_run_name", "", "wandb run name ('' = WORKDIR's base name)"),
+    ("logging.wandb_run_id", "", "wandb run id ('' = a new one, kept in WORKDIR/wandb/run_id "
+     "and continued when the run resumes)"),
     ("compilation_cache_dir", "", "persistent XLA compilation cache shared by runs ('' = off), e.g. "
      "~/.cache/ddpo_jax/xla"),
     ("cpu_devices", 0, "CPU devices per process (jax_num_cpu_devices; 0 = JAX's own): N > 0 splits "
@@ -574,11 +584,13 @@ def markdown() -> str:
     return lines + [""]
   out = ["# Config keys", "",
          "Generated from `ddpo_jax/config_schema.py` (`python -c \"from ddpo_jax import "
-         "config_schema; print(config_schema.markdown())\" > docs/config.md`). Every config is "
+         "config_schema; print(config_schema.markdown(), end='')\" > docs/config.md`). Every "
+         "config is "
          "`config_schema.new_config(mode, model)` overridden by the `get_config(arg)` of a file in "
-         "`configs/` (what several configs share: `ddpo_jax/config_base.py`) and by the command "
-         "line (`--config.KEY=VALUE`); `validate` rejects a key not listed here. A config's "
-         "variants follow its path, comma-separated: `--config=configs/FILE.py:V1,V2` (e.g. "
+         "`ddpo_jax/configs/` (what several configs share: `ddpo_jax/config_base.py`) and by the "
+         "command line (`--config.KEY=VALUE`); `validate` rejects a key not listed here. A "
+         "config's variants follow its name or path, comma-separated: `--config=NAME:V1,V2` or "
+         "`--config=path/to/FILE.py:V1,V2` (e.g. "
          "`:runlocal`, `:full,runlocal`, `:lora,bf16`); they apply in the order of the config's "
          "variant table whatever their order there, and an unknown name is an error listing "
          "the known ones (each config's docstring lists its variants).", ""]

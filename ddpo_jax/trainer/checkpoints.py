@@ -26,6 +26,7 @@ import datetime
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 from typing import Any, Callable, Sequence
 
@@ -46,7 +47,7 @@ DAMAGED_DIR = "damaged_checkpoints"
 # caches and reward server are, and the device layout (a restore reshards onto any mesh). None
 # of them changes what an epoch already trained would have computed.
 CHANGEABLE_ON_RESUME = ("num_epochs", "save_freq", "keep_checkpoints", "log_image_freq",
-                        "progress", "compilation_cache_dir", "cpu_devices", "mesh.*",
+                        "progress", "logging.*", "compilation_cache_dir", "cpu_devices", "mesh.*",
                         "reward.server_url", "reward.server_urls.*", "reward.server_timeout_s",
                         "reward.server_deadline_s", "ctrl.eval_*")
 
@@ -104,8 +105,41 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+class _OrbaxInfoFilter(logging.Filter):
+  """Drops Orbax's INFO/DEBUG records (dozens per save or restore) from absl's logger, and its
+  two warnings that a read-only manager (how every restore here opens one) is read-only."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if f"{os.sep}orbax{os.sep}" not in (record.pathname or ""):
+      return True
+    if record.levelno < logging.WARNING:
+      return False
+    try:
+      message = record.getMessage()
+    except Exception:  # noqa: BLE001  (a bad format is the record's own problem: keep it)
+      return True
+    return not ("read_only=True, setting save_interval_steps" in message
+                or "Given directory is read only" in message)
+
+
+def quiet_orbax() -> None:
+  """Orbax logs through absl at INFO, which an absl `app.run` program (the sample and export
+  CLIs) prints: this hides Orbax's records below WARNING (others' are kept), unless the
+  command line set absl's --verbosity / -v itself. Idempotent."""
+  try:
+    from absl import flags
+    if flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present:
+      return
+  except (ImportError, KeyError):
+    pass
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _OrbaxInfoFilter) for f in absl_logger.filters):
+    absl_logger.addFilter(_OrbaxInfoFilter())
+
+
 def manager(workdir: str, keep: int = 0, read_only: bool = False) -> ocp.CheckpointManager:
   """The run's CheckpointManager; keeps step 0 and the `keep` latest steps (0: keep all)."""
+  quiet_orbax()
   policy = None
   if keep > 0:
     policy = checkpoint_managers.AnyPreservationPolicy(
@@ -166,16 +200,18 @@ def _refuse_config_changes(step: int, meta: dict, config, allowed: Sequence[str]
   return changes
 
 
-def check_saved_config(workdir: str, config, allow_config_change: Sequence[str] = ()) -> None:
+def check_saved_config(workdir: str, config, allow_config_change: Sequence[str] = ()
+                       ) -> int | None:
   """Before anything is built: the config check of a resume (`RunCheckpoints.start` repeats it
   for the step it restores), against the newest step whose meta reads back intact (damaged
-  steps are left for `start` to set aside). Nothing when WORKDIR has no checkpoint.
+  steps are left for `start` to set aside). Returns that step's epoch (the first epoch a
+  resume would run), None when WORKDIR has no checkpoint.
 
   Raises:
     ConfigChangedError: as `RunCheckpoints.start`, naming every refused key.
   """
   if not os.path.isdir(checkpoint_dir(workdir)):
-    return
+    return None
   mngr = manager(workdir, read_only=True)
   try:
     for step in sorted(mngr.all_steps(), reverse=True):
@@ -186,7 +222,8 @@ def check_saved_config(workdir: str, config, allow_config_change: Sequence[str] 
       _refuse_config_changes(step, meta, config,
                              tuple(CHANGEABLE_ON_RESUME) + tuple(allow_config_change),
                              str(mngr.directory))
-      return
+      return int(meta["epoch"])
+    return None
   finally:
     mngr.close()
 

@@ -40,23 +40,34 @@ import tqdm
 from ddpo_jax.numerics import parallel, rl
 from ddpo_jax.rewards import Reward, call_reward, make_rewards, to_uint8
 from ddpo_jax.tasks import dynamics, prompts as prompts_lib
-from ddpo_jax.trainer import checkpoints, workdir as workdir_lib
+from ddpo_jax.trainer import checkpoints, logging_sinks, workdir as workdir_lib
 from ddpo_jax.trainer.families import base_weights, build_policy
 from ddpo_jax.algorithms.train import (TrainState, frozen_params, keeps_old_params, make_old_policy_fn,
                             make_optimizer, make_sample_fn, make_update_fn, model_shardings,
                             params_finite, sampling_params, validate_config)
 
 
+def _wandb_mode(config) -> str:
+  return str((config.get("logging") or {}).get("wandb", "") or "") if config is not None else ""
+
+
 class MetricsWriter:
-  """WORKDIR/metrics.jsonl (one object per epoch) plus TensorBoard summaries.
+  """WORKDIR/metrics.jsonl (one object per epoch) plus TensorBoard summaries (grouped tags,
+  `logging_sinks.tag_of`; the learning rate; hparams with the final metrics), captioned sample
+  grids (WORKDIR/samples/epoch_N.png, TensorBoard "samples/grid") and, with
+  `config.logging.wandb`, a wandb run (`logging_sinks.WandbRun`).
 
   Opening it drops the rows of epochs from `resume_epoch` on (they are recomputed). A new run
   (`fresh`: the workdir had no checkpoint) never drops an old file's rows: a metrics.jsonl with
   rows is moved aside to metrics.jsonl.before-TIMESTAMP, and said."""
 
-  def __init__(self, workdir: str, resume_epoch: int, log=print, fresh: bool = False):
+  def __init__(self, workdir: str, resume_epoch: int, log=print, fresh: bool = False,
+               config: ml_collections.ConfigDict | None = None):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.log = log
+    self.config = config
+    self.wandb = (logging_sinks.WandbRun(config, workdir, fresh, log) if _wandb_mode(config)
+                  else None)
     if os.path.exists(self.path):
       if fresh and self._rows():
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -125,25 +136,73 @@ class MetricsWriter:
   def tb(self):
     return self._tb.result()
 
-  def write(self, epoch: int, metrics: dict) -> None:
+  def write(self, epoch: int, metrics: dict, reward_keys=()) -> None:
+    """Appends the row of `epoch` to metrics.jsonl; TensorBoard and wandb get it under the
+    grouped names (reward/…, train/…, time/…) plus train/learning_rate."""
     row = {"epoch": epoch, **{k: float(v) for k, v in metrics.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
-    for k, v in row.items():
-      if k != "epoch":
-        self.tb.add_scalar(k, v, epoch)
+    named = {logging_sinks.tag_of(k, reward_keys): v for k, v in row.items() if k != "epoch"}
+    train = (self.config or {}).get("train") or {}
+    if "learning_rate" in train:  # constant: the optimizer has no schedule
+      named["train/learning_rate"] = float(train["learning_rate"])
+    for k, v in named.items():
+      self.tb.add_scalar(k, v, epoch)
     self.tb.flush()
+    if self.wandb is not None:
+      self.wandb.metrics(epoch, named)
 
-  def images(self, epoch: int, images_uint8: np.ndarray, workdir: str) -> str:
-    grid = image_grid(images_uint8[:64])
+  def images(self, epoch: int, samples, workdir: str) -> str:
+    """Writes the grid of `samples` (uint8 NHWC images, or (images, prompts, rewards) for a
+    captioned grid grouped by prompt; the first 64) to WORKDIR/samples/epoch_N.png,
+    TensorBoard and wandb; returns the PNG's path."""
+    images, prompts, rewards = samples if isinstance(samples, tuple) else (samples, None, None)
+    images = np.asarray(images)[:64]
+    if prompts is not None:
+      prompts = [str(p) for p in list(prompts)[:64]]
+      rewards = None if rewards is None else np.asarray(rewards, np.float64)[:64]
+      grid = logging_sinks.captioned_grid(images, prompts, rewards)
+    else:
+      h, w = logging_sinks.cell_side(*images.shape[1:3])
+      grid = image_grid(np.stack([_resized(x, h, w) for x in images]), pad=logging_sinks.PAD)
     path = os.path.join(workdir, "samples", f"epoch_{epoch:05d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     from PIL import Image
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).resize(
-        (grid.shape[1] * max(1, 256 // grid.shape[1]), grid.shape[0] * max(1, 256 // grid.shape[1])),
-        Image.NEAREST).save(path)
-    self.tb.add_image("samples", grid, epoch, dataformats="HWC")
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    self.tb.add_image("samples/grid", grid, epoch, dataformats="HWC")
+    self.tb.flush()
+    if self.wandb is not None:
+      self.wandb.images(epoch, grid, images, prompts or [""] * len(images), rewards)
     return path
+
+  def hparams(self, final: dict) -> None:
+    """TensorBoard's hparams (the config's leaves) with the final metrics ("final/KEY"), in
+    WORKDIR/tensorboard/hparams; wandb's summary gets the final metrics."""
+    if self.config is None:
+      return
+    metrics = {f"final/{k}": float(v) for k, v in final.items()}
+    self.tb.add_hparams(logging_sinks.flat_hparams(self.config), metrics, name="hparams")
+    self.tb.flush()
+    if self.wandb is not None:
+      self.wandb.summary(metrics)
+
+  def close(self, failed: bool = False) -> None:
+    """Flushes TensorBoard and ends the wandb run."""
+    try:
+      self.tb.flush()
+    finally:
+      if self.wandb is not None:
+        self.wandb.finish(failed)
+        self.wandb = None
+
+
+def _resized(image: np.ndarray, h: int, w: int) -> np.ndarray:
+  from PIL import Image
+  if image.shape[:2] == (h, w):
+    return image
+  img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+  out = np.asarray(img.resize((w, h), Image.NEAREST if h >= image.shape[0] else Image.BILINEAR))
+  return out[..., None] if out.ndim == 2 else out
 
 
 def _summary_writer(logdir: str):
@@ -197,7 +256,9 @@ def _abstract(x, sharding=None, batch: int | None = None):
 
 # An epoch function: (epoch, state) -> (state, metrics row, images or None). The row holds
 # numbers the epoch measured (converted to float); images, when given, is a function returning
-# this process's rows of uint8 NHWC samples for the grid (called only for epochs with a grid).
+# this process's rows of uint8 NHWC samples for the grid, or (those images, their prompts, their
+# rewards or None) for a captioned grid (called only for epochs with a grid). An epoch function
+# may name the row keys that are rewards in `reward_keys` (TensorBoard's "reward/" group).
 EpochFn = Callable[[int, TrainState],
                    tuple[TrainState, dict, "Callable[[], np.ndarray] | None"]]
 
@@ -230,25 +291,44 @@ class TrainingRun:
     raises FloatingPointError before anything of that epoch is saved), the metrics row once
     the saves before it have committed, the log line (`describe(row)`), the image grid every
     `config.log_image_freq` epochs and at the last, and a checkpoint of the state with
-    {"epoch": epoch + 1, **save_meta()} every `config.save_freq` epochs and at the last."""
+    {"epoch": epoch + 1, **save_meta()} every `config.save_freq` epochs and at the last. After
+    the last epoch, TensorBoard's hparams get the last row. With `config.progress`, process 0
+    shows a bar over the epochs (ETA, the latest reward)."""
     config, last = self.config, {}
-    for epoch in range(self.start_epoch, num_epochs):
-      self.state, row, images = epoch_fn(epoch, self.state)
-      row = {k: float(v) for k, v in row.items()}
-      if not all(np.isfinite(v) for v in row.values()) or not params_finite(self.state.params):
-        raise FloatingPointError(f"epoch {epoch}: non-finite metrics or parameters ({row}); "
-                                 "stopping without saving this epoch")
-      self.ckpts.wait()  # a row is written only once the saves before it have committed
-      if self.writer is not None:
-        self.writer.write(epoch, row)
-      self.log(f"epoch {epoch}: {describe(row)}")
-      last_epoch = epoch + 1 == num_epochs
-      if self.writer is not None and images is not None and config.log_image_freq and (
-          epoch % config.log_image_freq == 0 or last_epoch):
-        self.writer.images(epoch, images(), self.workdir)
-      if (epoch + 1) % config.save_freq == 0 or last_epoch:
-        self.ckpts.save(epoch + 1, self.state, {"epoch": epoch + 1, **save_meta()})
-      last = row
+    bar = tqdm.tqdm(total=num_epochs, initial=min(self.start_epoch, num_epochs), desc="epochs",
+                    unit="epoch", position=0, dynamic_ncols=True,
+                    disable=not (config.get("progress", True) and self.writer is not None))
+    def say(text):
+      if bar.disable:
+        self.log(text)
+      else:
+        with tqdm.tqdm.external_write_mode():
+          self.log(text)
+    try:
+      for epoch in range(self.start_epoch, num_epochs):
+        self.state, row, images = epoch_fn(epoch, self.state)
+        row = {k: float(v) for k, v in row.items()}
+        if not all(np.isfinite(v) for v in row.values()) or not params_finite(self.state.params):
+          raise FloatingPointError(f"epoch {epoch}: non-finite metrics or parameters ({row}); "
+                                   "stopping without saving this epoch")
+        self.ckpts.wait()  # a row is written only once the saves before it have committed
+        if self.writer is not None:
+          self.writer.write(epoch, row, getattr(epoch_fn, "reward_keys", ()))
+        say(f"epoch {epoch}: {describe(row)}")
+        last_epoch = epoch + 1 == num_epochs
+        if self.writer is not None and images is not None and config.log_image_freq and (
+            epoch % config.log_image_freq == 0 or last_epoch):
+          self.writer.images(epoch, images(), self.workdir)
+        if (epoch + 1) % config.save_freq == 0 or last_epoch:
+          self.ckpts.save(epoch + 1, self.state, {"epoch": epoch + 1, **save_meta()})
+        if self.writer is not None and last_epoch:
+          self.writer.hparams(row)
+        if "reward_mean" in row:
+          bar.set_postfix(reward=f"{row['reward_mean']:.4g}", refresh=False)
+        bar.update(1)
+        last = row
+    finally:
+      bar.close()
     return last
 
 
@@ -272,11 +352,19 @@ def training_run(config: ml_collections.ConfigDict, workdir: str, state: TrainSt
   try:
     state, meta = ckpts.start(state, meta)
     if parallel.is_main_process():
-      writer = MetricsWriter(workdir, int(meta["epoch"]), log, fresh=ckpts.fresh)
+      logging_sinks.write_config_json(workdir, config)
+      writer = MetricsWriter(workdir, int(meta["epoch"]), log, fresh=ckpts.fresh, config=config)
     yield TrainingRun(config, workdir, ckpts, writer, state, meta, log)
     ckpts.close()
+    if writer is not None:
+      writer.close()
   except BaseException as e:
     committed = ckpts.abort()
+    if writer is not None:
+      try:
+        writer.close(failed=True)
+      except Exception as closing:  # noqa: BLE001  (the run's own error is the one to report)
+        log(f"could not close the metrics writer: {type(closing).__name__}: {closing}")
     if writer is not None:
       try:
         writer.keep_epochs_before(0 if committed is None else committed)
@@ -330,9 +418,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     log = lambda *a, **k: None  # noqa: E731
   mesh = parallel.make_mesh(config.mesh)
   validate_config(config, mesh)
+  if _wandb_mode(config) and parallel.is_main_process():
+    logging_sinks.import_wandb()  # not installed: say so now, not after compiling
   with workdir_lib.lock(workdir, log):
-    checkpoints.check_saved_config(workdir, config, allow_config_change)
+    done = checkpoints.check_saved_config(workdir, config, allow_config_change)
+    if done is not None and done >= int(config.num_epochs):
+      return finished_run(workdir, done, int(config.num_epochs), log)
     return _train_and_evaluate(config, workdir, mesh, log, allow_config_change)
+
+
+def finished_run(workdir: str, epochs_done: int, num_epochs: int, log=print) -> dict:
+  """A run whose checkpoints already hold `num_epochs` epochs: says so, and returns the last
+  row of its metrics.jsonl (without "epoch"; {} if none). Nothing is built or compiled."""
+  log(f"{workdir} is finished: its checkpoints hold {epochs_done} epochs and num_epochs is "
+      f"{num_epochs}, so there is nothing to train. To train on, raise num_epochs (e.g. "
+      f"--config.num_epochs={epochs_done + max(1, num_epochs)}); to start afresh, give another "
+      "--workdir")
+  path = os.path.join(workdir, "metrics.jsonl")
+  last = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        if row.get("epoch", -1) < epochs_done:
+          last = row
+  return {k: v for k, v in last.items() if k != "epoch"}
 
 
 def _train_and_evaluate(config, workdir, mesh, log, allow_config_change) -> dict:
@@ -436,6 +549,7 @@ class DDPOEpoch:
                           out_shardings=parallel.data_sharding(mesh))
     # one thread per host reward term (each its own server or scorer), at least 2
     self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, len(self.host_terms)))
+    self.reward_keys: set[str] = set()  # the row's reward-term keys (TensorBoard's reward/)
 
   def __call__(self, epoch: int, state: TrainState):
     return self.run_epoch(epoch, state)
@@ -446,6 +560,7 @@ class DDPOEpoch:
     sampled = self.sample_batches(epoch, state)
     t_sampled = time.time()
     rewards, reward_metrics = self.gather_rewards(epoch, sampled)
+    self.reward_keys = set(reward_metrics)
     advantages, scales = rl.advantages(rewards, sampled.prompts, self.advantage_settings,
                                        self.tracker)
     # this process's rows of the advantages, their scales and the rewards, on the devices
@@ -465,7 +580,11 @@ class DDPOEpoch:
            "optimizer_step": int(parallel.to_host(state.step))}
     for k in ("approx_kl", "clipfrac"):
       row.setdefault(k, 0.0)
-    return state, row, lambda: to_uint8(parallel.local_rows(sampled.grid_images))
+    # the grid: this process's rows of the first batch, with their prompts and rewards
+    grid_prompts = list(np.asarray(sampled.prompts[:self.B], object)[self.rows])
+    grid_rewards = np.asarray(rewards[:self.B])[self.rows]
+    return state, row, lambda: (to_uint8(parallel.local_rows(sampled.grid_images)),
+                                grid_prompts, grid_rewards)
 
   # ------------------------------------------------------------------------ the phases
   def sample_batches(self, epoch: int, state: TrainState) -> SampledEpoch:
@@ -474,6 +593,7 @@ class DDPOEpoch:
     sampled = SampledEpoch(None, [], [], [], None)
     trajs = []
     for b in tqdm.trange(self.num_batches, desc=f"epoch {epoch} sampling", leave=False,
+                         position=1, dynamic_ncols=True,
                          disable=not (self.config.progress and parallel.is_main_process())):
       prompts, local = self.batch_prompts(epoch, b)
       ids, meta = prompt_inputs(self.policy, self.device_terms, local)
