@@ -36,6 +36,13 @@ WANDB_MODES = ("", "online", "offline")
 
 
 # ------------------------------------------------------------------------------ tags
+
+def format_reward(value) -> str:
+  """A reward for a caption: 3 decimals (no exponents for values near 0), 4 significant digits
+  from 1000 on."""
+  value = float(value)
+  return f"{value:.4g}" if abs(value) >= 1000 else f"{value:.3f}"
+
 def tag_of(key: str, reward_keys: Sequence[str] = ()) -> str:
   """The grouped TensorBoard / wandb name of a metrics row's `key`."""
   if key.startswith("reward") or key in reward_keys:
@@ -132,14 +139,14 @@ def captioned_grid(images: np.ndarray, prompts: Sequence[str], rewards: Sequence
     canvas.paste(tile.resize((cw, ch), resample), (x, y))
     lines = _wrap(str(prompts[i]), font, cw, CAPTION_LINES - (rewards is not None))
     if rewards is not None:
-      lines.append(f"reward {float(rewards[i]):.4g}")
+      lines.append(f"reward {format_reward(rewards[i])}")
     for k, line in enumerate(lines):
       draw.text((x + 1, y + ch + k * LINE_HEIGHT), line, fill=(255, 255, 255), font=font)
   return np.asarray(canvas)
 
 
 def caption(prompt: str, reward: float | None) -> str:
-  return str(prompt) if reward is None else f"{prompt} | reward {float(reward):.4g}"
+  return str(prompt) if reward is None else f"{prompt} | reward {format_reward(reward)}"
 
 
 # ------------------------------------------------------------------------------ config.json
