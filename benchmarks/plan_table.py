@@ -58,21 +58,23 @@ ROWS = {
 }
 
 
-def command(row: str, json_path: str) -> list[str]:
+def command(row: str, json_path: str, trace_only: bool = False) -> list[str]:
   _, config, topology, overrides = ROWS[row]
   return [sys.executable, "-m", "ddpo_jax.plan", f"--config={config}",
-          f"--topology={topology}", f"--json={json_path}", *overrides]
+          f"--topology={topology}", f"--json={json_path}", *overrides,
+          *(["--trace_only"] if trace_only else [])]
 
 
-def run_row(row: str, out: str, recompile: bool) -> dict | None:
-  """The row's plan JSON (compiled now unless already in `out`), or None if the plan failed."""
-  json_path = os.path.join(out, f"{row}.json")
+def run_row(row: str, out: str, recompile: bool, trace_only: bool = False) -> dict | None:
+  """The row's plan JSON (compiled now unless already in `out`), or None if the plan failed.
+  `trace_only`: FLOPs only, kept apart (ROW.trace.json) from the compiled plan."""
+  json_path = os.path.join(out, f"{row}{'.trace' if trace_only else ''}.json")
   if os.path.exists(json_path) and not recompile:
     with open(json_path) as f:
       return json.load(f)
   t0 = time.time()
   with open(os.path.join(out, f"{row}.log"), "w") as log:
-    rc = subprocess.run(command(row, json_path), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+    rc = subprocess.run(command(row, json_path, trace_only), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"}).returncode
   print(f"{row}: exit {rc} after {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
   if rc not in (0, 1) or not os.path.exists(json_path):
@@ -88,12 +90,15 @@ def markdown_row(row: str, plan: dict | None) -> str:
   if plan is None:
     return f"| {description} | {topology} | plan failed (see its log) | | | | `{shown}` |"
   hbm = plan["hbm_bytes_per_device"]
-  per_device = max(p["bytes"]["total"] for p in plan["programs"])
-  per_chip_gib = per_device * plan["num_devices"] / plan["num_chips"] / 2 ** 30
-  memory = (f"{per_chip_gib:.1f} ({per_device / hbm:.0%})"
-            + ("" if plan["fits"] else " **does not fit**"))
   update = next(p for p in plan["programs"] if p["name"] == "update")
-  collectives = ", ".join(f"{c['kind']} ×{c['count']}" for c in update["collectives"]) or "none"
+  if plan["fits"] is None:  # traced only
+    memory, collectives = "not compiled yet", "–"
+  else:
+    per_device = max(p["bytes"]["total"] for p in plan["programs"])
+    per_chip_gib = per_device * plan["num_devices"] / plan["num_chips"] / 2 ** 30
+    memory = (f"{per_chip_gib:.1f} ({per_device / hbm:.0%})"
+              + ("" if plan["fits"] else " **does not fit**"))
+    collectives = ", ".join(f"{c['kind']} ×{c['count']}" for c in update["collectives"]) or "none"
   return (f"| {description} | {plan['topology']} | {memory} | "
           f"{plan['flops_per_sample'] / 1e12:.2f} T | "
           f"{plan['projected_samples_per_s_per_chip']['0.4']:.3g} | {collectives} | `{shown}` |")
@@ -105,6 +110,8 @@ def main(argv=None):
                       help=f"comma-separated rows of: {', '.join(ROWS)}")
   parser.add_argument("--out", required=True, help="directory for each row's JSON and log")
   parser.add_argument("--recompile", action="store_true")
+  parser.add_argument("--trace_only", action="store_true",
+                      help="FLOPs and projections only (no compile; rows' memory: not compiled)")
   args = parser.parse_args(argv)
   rows = [r for r in args.rows.split(",") if r]
   unknown = [r for r in rows if r not in ROWS]
@@ -116,7 +123,7 @@ def main(argv=None):
   print("|---|---|---|---|---|---|---|")
   failed = 0
   for row in rows:
-    plan = run_row(row, args.out, args.recompile)
+    plan = run_row(row, args.out, args.recompile, args.trace_only)
     failed += plan is None
     print(markdown_row(row, plan), flush=True)
   return 1 if failed else 0

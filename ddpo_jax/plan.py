@@ -38,6 +38,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Topology name or alias, e.g. v5e-8.")
 _JSON = flags.DEFINE_string("json", None, "Write the plan as JSON to this file.")
+_TRACE_ONLY = flags.DEFINE_bool(
+    "trace_only", False, "Trace the programs without compiling them: FLOPs and the projected "
+    "samples/s only (seconds instead of minutes), no memory, collectives or verdict.")
 _MAX_BATCH = flags.DEFINE_bool(
     "max_batch", False, "Also search the largest per-device batch (sampling call and training "
     "micro-batch) that fits, by compiling.")
@@ -52,13 +55,13 @@ def main(argv):
   try:
     plan_lib.resolve_topology_name(_TOPOLOGY.value)
     topology = plan_lib.make_topology(_TOPOLOGY.value)
-    plan = plan_lib.plan_run(_CONFIG.value, topology, log)
+    plan = plan_lib.plan_run(_CONFIG.value, topology, log, compile=not _TRACE_ONLY.value)
   except (ValueError, RuntimeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(plan_lib.format_plan(plan))
   out = plan.as_json()
-  if _MAX_BATCH.value:
+  if _MAX_BATCH.value and not _TRACE_ONLY.value:
     best, best_plan, refused = plan_lib.max_batch(_CONFIG.value, topology, log)
     print(f"largest batch per device that fits: {best}"
           + (f" ({best_plan.samples_per_s_per_chip(0.4):.3g} samples/s/chip at 40% MFU)"
@@ -70,7 +73,7 @@ def main(argv):
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(out, f, indent=1)
-  return 0 if plan.fits else 1
+  return 1 if plan.fits is False else 0
 
 
 if __name__ == "__main__":

@@ -253,3 +253,17 @@ def test_max_batch_search_compiles_upward_until_the_limit(digits_cache):
   assert [line for line in seen if line.startswith("batch ")] == [
       "batch 1 per device: fits", "batch 2 per device: fits"]
   assert plan.samples_per_epoch == 8  # 2 per device x 4 devices
+
+
+@needs_libtpu
+def test_trace_only_counts_flops_without_compiling(tmp_path, digits_cache):
+  """--trace_only: the FLOPs and the projection from the traced programs, no compile (so no
+  memory, collectives or verdict: null in the JSON), exit 0."""
+  path = tmp_path / "plan.json"
+  out = _plan("--topology=v5e:2x2", f"--json={path}", "--trace_only", *TINY)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "compiling" not in out.stderr and "fits: not compiled" in out.stdout
+  plan = json.loads(path.read_text())
+  assert plan["fits"] is None and plan["flops_per_sample"] > 0
+  for p in plan["programs"]:
+    assert p["bytes"] is None and p["collectives"] is None and p["flops"] > 0

@@ -43,7 +43,7 @@ from ddpo_jax.algorithms import train
 from ddpo_jax.ctrl import classifiers
 from ddpo_jax.numerics import diffusion, parallel
 from ddpo_jax.pipelines.policy import Policy
-from ddpo_jax.rewards import make_rewards
+from ddpo_jax.rewards import call_reward, make_rewards
 from ddpo_jax.trainer import checkpoints, loop, workdir as workdir_lib, ctrl_evaluate as evaluate
 from ddpo_jax.trainer.families import base_weights, build_policy
 
@@ -278,7 +278,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
       last = loop.train_and_evaluate(ddpo_solver_config(config), workdir, log=log,
                                     allow_config_change=allow_config_change)
     else:
-      checkpoints.check_saved_config(workdir, config, allow_config_change)
+      done = checkpoints.check_saved_config(workdir, config, allow_config_change)
+      if done is not None and done >= int(config.num_epochs):  # nothing to train: say so now
+        return loop.finished_run(workdir, done, int(config.num_epochs), log)
       last = _train_loop(config, workdir, mesh, log, allow_config_change)
     if int(c.eval_num_samples) > 0:
       result = evaluate.evaluate_run(workdir, num=int(c.eval_num_samples), seed=int(config.seed))
@@ -330,7 +332,8 @@ def _solver_epoch_fn(config, policy, frozen, optimizer, mesh):
   data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
   if c.method == "ctrl":
     reward = dict((r.name, r) for _, r in make_rewards(config, policy))["ctrl_log_likelihood"]
-    loss_fn = make_backprop_loss(policy, config, reward.fn)
+    loss_fn = make_backprop_loss(  # the reward checked as every reward is (shape, info dict)
+        policy, config, lambda images, ids, meta: call_reward(reward, images, ids, meta))
   else:
     loss_fn = make_cfg_loss(policy, config)
   step_fn = make_train_step(loss_fn, optimizer, mesh)

@@ -209,10 +209,16 @@ def _largest_arguments(args, n: int = 5) -> list[dict]:
   return sorted(rows, key=lambda r: -r["bytes"])[:n]
 
 
-def plan_program(name: str, traced, args, topology: Topology) -> ProgramPlan:
-  """Compiles one traced program for `topology` and reads its numbers."""
+def plan_program(name: str, traced, args, topology: Topology,
+                 compile: bool = True) -> ProgramPlan:
+  """Compiles one traced program for `topology` and reads its numbers; `compile=False`: the
+  FLOPs only (from the jaxpr; bytes, collectives and the verdict are None)."""
   num_devices = len(topology.devices)
   count = flops_lib.jaxpr_matmul_flops(traced.jaxpr)
+  if not compile:
+    return ProgramPlan(name=name, bytes=None, fits=None, flops=count.flops / num_devices,
+                       xla_flops=None, bytes_accessed=None, collectives=None, compile_s=None,
+                       largest_arguments=_largest_arguments(args))
   t0 = time.time()
   compiled = traced.lower().compile()
   compile_s = time.time() - t0
@@ -247,7 +253,10 @@ class Plan:
   notes: list
 
   @property
-  def fits(self) -> bool:
+  def fits(self) -> bool | None:
+    """Whether every program fits; None when they were not compiled (`compile=False`)."""
+    if any(p.fits is None for p in self.programs):
+      return None
     return all(p.fits for p in self.programs)
 
   def samples_per_s_per_chip(self, mfu: float) -> float:
@@ -299,8 +308,9 @@ def _device_terms(config, policy, notes: list, log) -> list:
   return terms
 
 
-def plan_run(config, topology: Topology, log=lambda msg: None) -> Plan:
-  """Builds and compiles `config`'s programs for `topology` (see the module docstring).
+def plan_run(config, topology: Topology, log=lambda msg: None, compile: bool = True) -> Plan:
+  """Builds and compiles `config`'s programs for `topology` (see the module docstring);
+  `compile=False` traces them only: FLOPs and the projection, no memory (seconds, not minutes).
 
   Raises:
     ValueError: a config the trainer refuses for this topology's devices (a mesh that does not
@@ -334,9 +344,11 @@ def plan_run(config, topology: Topology, log=lambda msg: None) -> Plan:
           "old_policy": (state,)}
   programs = []
   for name, program in traced.items():
-    log(f"compiling {name} for {topology.name} ({len(topology.devices)} devices)")
-    programs.append(plan_program(name, program, args[name], topology))
-    log(f"  {name}: {programs[-1].compile_s:.1f} s")
+    if compile:
+      log(f"compiling {name} for {topology.name} ({len(topology.devices)} devices)")
+    programs.append(plan_program(name, program, args[name], topology, compile))
+    if compile:
+      log(f"  {name}: {programs[-1].compile_s:.1f} s")
   num_batches = int(config.sample.num_batches_per_epoch)
   calls = {"sample": num_batches, "update": int(config.train.num_inner_epochs),
            "old_policy": 1}
@@ -356,6 +368,9 @@ def format_plan(plan: Plan) -> str:
            f"{'program':<11} {'args':>7} {'outputs':>7} {'temps':>7} {'code':>6} {'total':>7} "
            f"{'of HBM':>7} {'TFLOP':>8} {'GB accessed':>11} {'compile s':>9}  collectives"]
   for p in plan.programs:
+    if p.bytes is None:
+      lines.append(f"{p.name:<11} {'not compiled (traced only)':>46} {p.flops / 1e12:8.4g}")
+      continue
     b = {k: v / GiB for k, v in p.bytes.items()}
     coll = ", ".join(f"{c['kind']} x{c['count']} ({c['bytes'] / 2 ** 20:.1f} MiB)"
                      for c in p.collectives) or "none"
@@ -366,13 +381,13 @@ def format_plan(plan: Plan) -> str:
   lines.append("(bytes per device in GiB; TFLOP per device per call: matmuls and convolutions, "
                "loops x trip counts; GB accessed: XLA's, loop bodies once)")
   for p in plan.programs:
-    if not p.fits:
+    if p.fits is False:
       big = "; ".join(f"{a['path']} {a['dtype']}{a['shape']} {a['bytes'] / GiB:.2f} GiB"
                       for a in p.largest_arguments)
       lines.append(f"DOES NOT FIT: {p.name} needs {p.bytes['total'] / GiB:.2f} GiB of "
                    f"{hbm / GiB:.1f} GiB (temporaries {p.bytes['temporaries'] / GiB:.2f} GiB); "
                    f"largest arguments per device: {big}")
-  lines.append(f"fits: {'yes' if plan.fits else 'NO'}")
+  lines.append(f"fits: {({True: 'yes', False: 'NO', None: 'not compiled'})[plan.fits]}")
   lines.append(f"FLOPs per sample (sampling + update, one epoch / {plan.samples_per_epoch} "
                f"samples): {plan.flops_per_sample:.4g}")
   lines.append("projected samples/s per chip (compile-time projection, not a measurement; "
