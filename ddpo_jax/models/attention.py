@@ -25,6 +25,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from ddpo_jax.models import backend
+
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 _LOW_PRECISION = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
@@ -136,7 +138,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if implementation == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
   # "auto"
-  if jax.default_backend() == "gpu" and jnp.dtype(q.dtype) in _LOW_PRECISION:
+  if backend.target_platform() == "gpu" and jnp.dtype(q.dtype) in _LOW_PRECISION:
     try:
       return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
     except Exception as e:  # cuDNN rejects the shape / dtype / version: use the XLA path.

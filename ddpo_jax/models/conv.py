@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ddpo_jax.models import backend
+
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
                                  out_spec=(0, 3, 1, 2))
 
@@ -115,7 +117,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
   """`lax.conv_general_dilated`, with `conv2d_nhwc`'s canonical gradient on the CPU backend.
 
   Same arguments and result as `lax.conv_general_dilated`. The custom gradient is used when
-  the default backend is CPU and the convolution is 2-D NHWC/HWIO ("SAME", "VALID" or explicit
+  the target platform is CPU (`backend.target_platform`) and the convolution is 2-D NHWC/HWIO ("SAME", "VALID" or explicit
   (lo, hi) padding) with no lhs/rhs dilation, one feature and batch group, default precision
   and result type; otherwise this is `lax.conv_general_dilated` itself.
   """
@@ -124,7 +126,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count, batch_group_count=batch_group_count,
       precision=precision, preferred_element_type=preferred_element_type)
-  if (jax.default_backend() != "cpu" or not _is_nhwc(dimension_numbers, lhs.ndim)
+  if (backend.target_platform() != "cpu" or not _is_nhwc(dimension_numbers, lhs.ndim)
       or feature_group_count != 1 or batch_group_count != 1
       or precision is not None or preferred_element_type is not None
       or any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ()))

@@ -35,6 +35,7 @@ import numpy as np
 
 from ddpo_jax.algorithms.train import (frozen_params, make_optimizer, model_shardings,
                                        new_train_state, validate_config)
+from ddpo_jax.models import backend
 from ddpo_jax.numerics import flops as flops_lib, parallel
 from ddpo_jax.rewards import build_term, is_remote, term_names
 from ddpo_jax.trainer.families import build_base_policy
@@ -92,6 +93,11 @@ class Topology:
   @property
   def chip(self) -> Chip:
     return CHIPS[self.chip_kind]
+
+  @property
+  def platform(self) -> str:
+    """"tpu" or "gpu": the platform the programs are traced for (`models.backend`)."""
+    return "gpu" if self.chip_kind in ("h100", "h200") else "tpu"
 
   @property
   def hbm_bytes_per_device(self) -> int:
@@ -338,8 +344,9 @@ def plan_run(config, topology: Topology, log=lambda msg: None, compile: bool = T
   data = parallel.data_sharding(mesh)
   ids, meta = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=data),
                            (np.asarray(ids), meta))
-  traced = trace_programs(config, policy, optimizer, mesh, device_terms, state, frozen, ids,
-                          meta)
+  with backend.compiling_for(topology.platform):  # the target's implementation choices
+    traced = trace_programs(config, policy, optimizer, mesh, device_terms, state, frozen, ids,
+                            meta)
   args = {"sample": (state.params, frozen, ids, meta), "update": (state, frozen),
           "old_policy": (state,)}
   programs = []
