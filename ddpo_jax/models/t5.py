@@ -1,18 +1,29 @@
 """T5 encoder (transformers `T5EncoderModel`) in Flax: the text encoder of SD3 and FLUX (T5 v1.1
-XXL), loaded from transformers-format checkpoints.
+XXL), and UMT5 (transformers `UMT5EncoderModel`), the text encoder of Wan2.1 (umt5-xxl), loaded
+from transformers-format checkpoints.
 
 Numerics follow transformers (`modeling_t5.py`): pre-norm blocks with T5's RMS "LayerNorm"
 (`norms.RMSNorm`: no mean, no bias; statistics in float32), unscaled dot-product attention plus
 a learned bucketed relative position bias (computed by the first block's attention, shared by all
 blocks), a feed-forward that is gated GELU (tanh approximation) for v1.1 (`feed_forward_proj =
-"gated-gelu"`) or ReLU for the original T5, and a final RMS norm. No attention mask: SD3 and
-FLUX encode max-length padded ids without one, as diffusers' pipelines do.
+"gated-gelu"`) or ReLU for the original T5, and a final RMS norm. Optional key-padding
+`attention_mask` (B, L): SD3 and FLUX encode max-length padded ids without one (None: no mask),
+as diffusers' pipelines do; Wan passes the prompt's mask (then masked keys get the float32
+minimum as the score, like transformers' SDPA path) and zeroes the states past each prompt's
+length (`zero_past_length`, as `WanPipeline._get_t5_prompt_embeds`).
+
+UMT5 (`T5Config.relative_attention_bias_per_layer`, set by `from_dict` for model_type "umt5") is
+T5 v1.1 except that EVERY block's self-attention owns a `relative_attention_bias` table and
+computes its own position bias (T5 computes it in block 0 and shares it); everything else
+(unscaled attention, RMS norms, gated GELU-tanh, no embedding scale, tied embedding, final norm;
+dropout is inactive at inference) is the same, so the parameter keys are too.
 
 Parameter tree (Flax names = transformers module names, lists `block_I` / `layer_I`):
 
   {'shared': {'embedding'},
    'encoder': {'block_0': {'layer_0': {'SelfAttention': {'q','k','v','o',
-                                                         'relative_attention_bias' (block 0)},
+                                                         'relative_attention_bias' (block 0;
+                                                          every block for UMT5)},
                                        'layer_norm'},
                            'layer_1': {'DenseReluDense': {'wi_0','wi_1','wo'} or {'wi','wo'},
                                        'layer_norm'}}, ...,
@@ -40,6 +51,10 @@ Dtype = Any
 T5_LIST_NAMES = frozenset({"block", "layer"})
 TIED_KEY = "encoder.embed_tokens.weight"
 FEED_FORWARD = ("gated-gelu", "relu")
+# transformers' `UMT5Config` defaults where they differ from `T5Config`'s (used by `from_dict` for
+# model_type "umt5" keys a config.json leaves out).
+UMT5_DEFAULTS = {"vocab_size": 250112, "d_ff": 1024, "num_layers": 8, "num_heads": 6,
+                 "feed_forward_proj": "gated-gelu"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +71,8 @@ class T5Config:
   relative_attention_max_distance: int = 128
   layer_norm_epsilon: float = 1e-6
   feed_forward_proj: str = "relu"
+  # UMT5: every block has its own relative_attention_bias (T5: block 0's, shared).
+  relative_attention_bias_per_layer: bool = False
 
   def __post_init__(self):
     if self.feed_forward_proj not in FEED_FORWARD:
@@ -68,21 +85,28 @@ class T5Config:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "T5Config":
-    """From a transformers config.json dict of a T5 / T5EncoderModel (other keys ignored).
+    """From a transformers config.json dict of a T5 / T5EncoderModel, or of a UMT5 /
+    UMT5EncoderModel (model_type "umt5": per-layer relative bias, `UMT5_DEFAULTS` for missing
+    keys). Other keys are ignored.
 
     Raises:
-      ValueError: not a T5 config (`model_type`), or an unsupported feed-forward.
+      ValueError: not a T5 / UMT5 config (`model_type`), or an unsupported feed-forward.
     """
     model_type = d.get("model_type", "t5")
     if model_type not in ("t5", "umt5"):
-      raise ValueError(f"T5Config.from_dict: model_type {model_type!r} is not 't5'")
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
+      raise ValueError(f"T5Config.from_dict: model_type {model_type!r} is not 't5' or 'umt5'")
+    names = {f.name for f in dataclasses.fields(cls)} - {"relative_attention_bias_per_layer"}
+    umt5 = model_type == "umt5"
+    fields = {**(UMT5_DEFAULTS if umt5 else {}), **{k: v for k, v in d.items() if k in names}}
+    return cls(**fields, relative_attention_bias_per_layer=umt5)
 
   def to_dict(self) -> dict:
-    """A config.json dict that `transformers.T5EncoderModel.from_pretrained` loads."""
-    return {"architectures": ["T5EncoderModel"], "model_type": "t5",
-            "is_encoder_decoder": True, **dataclasses.asdict(self)}
+    """A config.json dict that `transformers.T5EncoderModel.from_pretrained` (or
+    `UMT5EncoderModel`'s, for a per-layer-bias config) loads."""
+    fields = dataclasses.asdict(self)
+    umt5 = fields.pop("relative_attention_bias_per_layer")
+    return {"architectures": ["UMT5EncoderModel" if umt5 else "T5EncoderModel"],
+            "model_type": "umt5" if umt5 else "t5", "is_encoder_decoder": True, **fields}
 
 
 def relative_position_bucket(relative_position: np.ndarray, num_buckets: int,
@@ -104,14 +128,15 @@ def relative_position_bucket(relative_position: np.ndarray, num_buckets: int,
 
 class T5SelfAttention(nn.Module):
   """Unscaled multi-head self-attention with an additive (1, H, L, L) position bias; the block
-  that owns `relative_attention_bias` computes the bias and returns it for the others."""
+  that owns `relative_attention_bias` computes the bias and returns it for the others (T5), or
+  every block owns one (UMT5). `mask`: None or a bool (B, 1, 1, L) key mask."""
   config: T5Config
   has_relative_bias: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, position_bias=None):
+  def __call__(self, x, position_bias=None, mask=None):
     c = self.config
     kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
     b, n, _ = x.shape
@@ -126,8 +151,11 @@ class T5SelfAttention(nn.Module):
       table = nn.Embed(c.relative_attention_num_buckets, c.num_heads,
                        name="relative_attention_bias", param_dtype=self.param_dtype)
       position_bias = jnp.transpose(table(jnp.asarray(buckets)), (2, 0, 1))[None]
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-    weights_ = jax.nn.softmax(scores + position_bias.astype(jnp.float32), axis=-1)
+    scores = (jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+              + position_bias.astype(jnp.float32))
+    if mask is not None:
+      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    weights_ = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights_.astype(v.dtype), v).reshape(b, n, inner)
     return nn.Dense(c.d_model, name="o", **kw)(out), position_bias
 
@@ -140,11 +168,11 @@ class T5Block(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, position_bias=None):
+  def __call__(self, x, position_bias=None, mask=None):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn_out, position_bias = _AttentionLayer(c, self.has_relative_bias, name="layer_0", **kw)(
-        x, position_bias)
+        x, position_bias, mask)
     x = x + attn_out
     return x + _FeedForwardLayer(c, name="layer_1", **kw)(x), position_bias
 
@@ -156,11 +184,11 @@ class _AttentionLayer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, position_bias):
+  def __call__(self, x, position_bias, mask=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(self.config.layer_norm_epsilon, self.param_dtype, name="layer_norm")(x)
     return T5SelfAttention(self.config, self.has_relative_bias, name="SelfAttention", **kw)(
-        h, position_bias)
+        h, position_bias, mask)
 
 
 class _FeedForwardLayer(nn.Module):
@@ -196,10 +224,11 @@ class _DenseReluDense(nn.Module):
 
 
 class T5EncoderModel(nn.Module):
-  """Port of transformers' `T5EncoderModel`.
+  """Port of transformers' `T5EncoderModel` (and `UMT5EncoderModel`, per the config).
 
-  Call: input_ids (B, L) int32 -> last_hidden_state (B, L, d_model) in `dtype` (after the final
-  norm: SD3's and FLUX's T5 conditioning).
+  Call: input_ids (B, L) int32, optional attention_mask (B, L) (nonzero = real token; None = all
+  keys attended, unchanged T5 behaviour) -> last_hidden_state (B, L, d_model) in `dtype` (after
+  the final norm: SD3's and FLUX's T5 conditioning; Wan's after `zero_past_length`).
   """
   config: T5Config
   dtype: Dtype = jnp.float32
@@ -207,11 +236,18 @@ class T5EncoderModel(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, input_ids):
+  def __call__(self, input_ids, attention_mask=None):
     c = self.config
     x = nn.Embed(c.vocab_size, c.d_model, name="shared", dtype=self.dtype,
                  param_dtype=self.param_dtype)(jnp.asarray(input_ids, jnp.int32))
-    return _Encoder(c, self.dtype, self.param_dtype, self.remat, name="encoder")(x)
+    mask = None
+    if attention_mask is not None:
+      attention_mask = jnp.asarray(attention_mask)
+      if attention_mask.shape != x.shape[:2]:
+        raise ValueError(f"T5EncoderModel: attention_mask shape {attention_mask.shape} != "
+                         f"input_ids shape {x.shape[:2]}")
+      mask = (attention_mask != 0)[:, None, None, :]
+    return _Encoder(c, self.dtype, self.param_dtype, self.remat, name="encoder")(x, mask)
 
 
 class _Encoder(nn.Module):
@@ -221,14 +257,24 @@ class _Encoder(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, mask=None):
     c = self.config
     block = nn.remat(T5Block) if self.remat else T5Block
     position_bias = None
     for i in range(c.num_layers):
-      x, position_bias = block(c, i == 0, self.dtype, self.param_dtype, name=f"block_{i}")(
-          x, position_bias)
+      own_bias = c.relative_attention_bias_per_layer or i == 0
+      x, position_bias = block(c, own_bias, self.dtype, self.param_dtype, name=f"block_{i}")(
+          x, position_bias, mask)
     return RMSNorm(c.layer_norm_epsilon, self.param_dtype, name="final_layer_norm")(x)
+
+
+def zero_past_length(hidden_states, attention_mask):
+  """`WanPipeline._get_t5_prompt_embeds`' post-processing: per prompt, keep the first
+  `sum(attention_mask)` positions of `hidden_states` (B, L, D) and zero the rest (the tokenizer
+  pads on the right, so this is every padded position)."""
+  lengths = jnp.sum(jnp.asarray(attention_mask) != 0, axis=-1)
+  keep = jnp.arange(hidden_states.shape[1])[None, :] < lengths[:, None]
+  return jnp.where(keep[..., None], hidden_states, jnp.zeros((), hidden_states.dtype))
 
 
 # ================================================================================================
@@ -260,7 +306,29 @@ def t5_from_torch(state_dict: Mapping[str, Any], config: T5Config, source: str =
 
 
 def t5_to_torch(params) -> dict[str, np.ndarray]:
-  """Flax params -> a `T5EncoderModel.state_dict()` (float32 NumPy arrays, tied key included)."""
+  """Flax params -> a `T5EncoderModel.state_dict()` (float32 NumPy arrays, tied key included);
+  for UMT5 params, a `UMT5EncoderModel.state_dict()`."""
   out = weights.flax_to_torch(params, T5_LIST_NAMES)
   out[TIED_KEY] = out["shared.weight"]
   return out
+
+
+def umt5_from_torch(state_dict: Mapping[str, Any], config: T5Config,
+                    source: str = "<state dict>", dtype: Dtype = jnp.float32,
+                    placement=None) -> dict:
+  """transformers `UMT5EncoderModel` state dict -> Flax params (`t5_from_torch`; the keys are
+  T5's with `encoder.block.I.layer.0.SelfAttention.relative_attention_bias.weight` in every
+  block).
+
+  Raises:
+    ValueError: `config` is not a UMT5 one (`relative_attention_bias_per_layer`).
+    weights.WeightLoadingError: as `t5_from_torch` (e.g. a block's missing bias, by key).
+  """
+  if not config.relative_attention_bias_per_layer:
+    raise ValueError("umt5_from_torch: config is not a UMT5 config "
+                     "(relative_attention_bias_per_layer=False); use T5Config.from_dict on a "
+                     "model_type 'umt5' config")
+  return t5_from_torch(state_dict, config, source, dtype, placement)
+
+
+umt5_to_torch = t5_to_torch
