@@ -94,8 +94,8 @@ def test_attention_implementations_agree_on_cpu():
     attention.dot_product_attention(q, k, v, implementation="flash")
 
 
-@pytest.mark.parametrize("block_logits", [  # one block (slow tier: 8 s); 3 blocks of 2 pairs
-    pytest.param(1 << 20, marks=pytest.mark.slow), 2 * 7 * 5])
+@pytest.mark.parametrize("block_logits", [  # one block (slow tier: 8 s); 3 blocks of 1 head;
+    pytest.param(1 << 20, marks=pytest.mark.slow), 2 * 7 * 5, 1])  # each head in 7 query chunks
 def test_xla_attention_gradients_match_reference(monkeypatch, block_logits):
   """The blocked, recomputing custom VJP of the XLA path against autodiff of
   `jax.nn.dot_product_attention` (f32, atol 1e-5), and it keeps no (B, H, Lq, Lk) residual."""
