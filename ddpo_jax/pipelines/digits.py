@@ -38,34 +38,12 @@ from ddpo_jax.models.weights import host_random_params
 from ddpo_jax.numerics import checksums, diffusion, flow
 from ddpo_jax.pipelines.denoiser import Denoiser
 from ddpo_jax.pipelines.policy import Policy
+from ddpo_jax.tasks.digits_data import load_digits_split
 
 NUM_CLASSES = 10
 PROMPTS = ("",) + tuple(f"a handwritten {d}" for d in range(NUM_CLASSES))
 _PROMPT_IDS = {p: i for i, p in enumerate(PROMPTS)}
 IMAGE_SHAPE = (8, 8, 1)
-HELD_OUT_FRACTION = 0.2
-
-
-def load_digits_split(split: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """Returns (images (N,8,8,1) float32 in [0,1], labels (N,) int32) of a fixed split.
-
-  `split` is "train" (80%, used for pre-training and the reward classifier), "heldout" (20%,
-  used only for evaluation classifiers) or "all".
-  """
-  from sklearn.datasets import load_digits
-  data = load_digits()
-  images = (data.images / 16.0).astype(np.float32)[..., None]
-  labels = data.target.astype(np.int32)
-  if split == "all":
-    return images, labels
-  perm = np.random.default_rng(seed).permutation(len(labels))
-  n_held = int(round(HELD_OUT_FRACTION * len(labels)))
-  idx = {"heldout": perm[:n_held], "train": perm[n_held:]}.get(split)
-  if idx is None:
-    raise ValueError(f"unknown digits split {split!r}; use 'train', 'heldout' or 'all'")
-  return images[idx], labels[idx]
-
-
 def tokenize(prompts: Sequence[str]) -> np.ndarray:
   """Prompts -> ids (N, 1) int32 into `PROMPTS`; raises on a prompt the model does not know."""
   unknown = sorted({p for p in prompts if p not in _PROMPT_IDS})
