@@ -143,7 +143,6 @@ def make_topology(name: str) -> Topology:
           f"{str(e).splitlines()[0] if str(e) else ''}); install the CUDA plugin "
           "(pip install \"jax-cuda12-plugin[with-cuda]\", the jax version's) and set "
           "JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 (`python -m ddpo_jax.plan` does)") from e
-    num_chips = math.prod(int(d) for d in shape.split("x"))
   else:
     try:
       desc = topologies.get_topology_desc(topology_name=full, platform="tpu")
@@ -152,7 +151,7 @@ def make_topology(name: str) -> Topology:
           f"cannot make compile-only TPU devices for {full} ({type(e).__name__}: "
           f"{str(e).splitlines()[0] if str(e) else ''}); install libtpu: "
           "pip install -e \".[tpu-plan]\"") from e
-    num_chips = math.prod(int(d) for d in shape.split("x"))
+  num_chips = math.prod(int(d) for d in shape.split("x"))
   return Topology(full, kind, num_chips, tuple(desc.devices))
 
 
